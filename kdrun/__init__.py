@@ -1,0 +1,1 @@
+"""kdrun: a knowledge-distillation experiment runner for image classifiers."""

@@ -1,0 +1,91 @@
+"""The teacher's logit cache: run the teacher once, distil from the file.
+
+``logits[i, v]`` are the teacher's logits (fp16) for training sample ``i``
+under augmentation view ``v`` (``views=0``: one un-augmented view). The file
+carries a header (format, key, shape, dtype, checksum) that is checked on
+load, so a truncated or foreign file is detected instead of silently used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kdrun.data.base import ImageSet
+from kdrun.data.loader import Augment, Normalize
+from kdrun.engine import atomic_save
+
+log = logging.getLogger("kdrun")
+FORMAT = 1
+
+
+def checksum(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+@torch.inference_mode()
+def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, augment: Augment,
+                      views: int, batch_size: int, device) -> torch.Tensor:
+    """Teacher logits [N, max(views, 1), C] in fp16, for every training image and view."""
+    teacher.eval()
+    n, nv = len(data), max(views, 1)
+    out = None
+    bar = tqdm(total=n * nv, desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0)
+    for v in range(nv):
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n))
+            images = data.images[idx].to(device)
+            if views > 0:
+                images = augment(images, idx.to(device), torch.full_like(idx, v).to(device))
+            logits = teacher(normalize(images)).float().cpu()
+            if out is None:
+                out = torch.empty(n, nv, logits.shape[1], dtype=torch.float16)
+            out[idx, v] = logits.half()
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def save_logit_cache(logits: torch.Tensor, path: str, key: str) -> None:
+    header = {"format": FORMAT, "key": key, "shape": list(logits.shape), "dtype": str(logits.dtype),
+              "checksum": checksum(logits)}
+    atomic_save({"header": header, "logits": logits}, path)
+
+
+def load_logit_cache(path: str, key: str) -> torch.Tensor | None:
+    """The cached logits if the file is complete and made for ``key``; None (with a warning) otherwise."""
+    if not os.path.exists(path):
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        h, logits = blob["header"], blob["logits"]
+        ok = (h["format"] == FORMAT and h["key"] == key and list(logits.shape) == h["shape"]
+              and str(logits.dtype) == h["dtype"] and checksum(logits) == h["checksum"])
+    except Exception as e:  # truncated or not a cache at all
+        log.warning("logit cache %s is unreadable (%s); rebuilding", path, e)
+        return None
+    if not ok:
+        log.warning("logit cache %s does not match this teacher/data (or is corrupt); rebuilding", path)
+        return None
+    return logits
+
+
+def cached_teacher_logits(path: str, key: str, build) -> tuple[torch.Tensor, dict]:
+    """Load the cache at ``path`` or build it with ``build()`` and save it; returns (logits, info)."""
+    logits = load_logit_cache(path, key)
+    if logits is not None:
+        log.info("cache: reusing %s", path)
+        return logits, {"reused": True, "seconds": 0.0, "size_mb": os.path.getsize(path) / 2**20}
+    t0 = time.perf_counter()
+    logits = build()
+    save_logit_cache(logits, path, key)
+    secs = time.perf_counter() - t0
+    size = os.path.getsize(path) / 2**20
+    log.info("cache: built %s in %.1fs (%.2f MB, %d images x %d views)", path, secs, size,
+             logits.shape[0], logits.shape[1])
+    return logits, {"reused": False, "seconds": secs, "size_mb": size}

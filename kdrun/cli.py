@@ -1,0 +1,187 @@
+"""The ``kdrun`` command: ``kdrun COMMAND [hydra overrides...]``.
+
+``kdrun train`` composes the config and validates it (every value of a sweep
+too) *before* Hydra creates a run directory, so bad input exits with code 2,
+one line and nothing on disk. Errors print a traceback only with
+HYDRA_FULL_ERROR=1.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+USAGE = """usage: kdrun COMMAND [ARGS...]
+
+commands:
+  train [OVERRIDES...]      teacher -> logit cache -> distilled student -> report
+                            (e.g. kdrun train teacher=resnet50 student=mbv2 loss.temperature=8;
+                             add -m to sweep: kdrun train -m loss.temperature=1,4,8)
+  models [NAME] [dataset=D] list the model zoo, or one model's report
+
+`kdrun train --help` shows the config groups and their options."""
+
+CONFIG_MODULE = "kdrun.configs"
+# Hydra flags that take a value (skipped when collecting overrides)
+_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
+                     "--package", "-p", "--info", "-i", "--experimental-rerun", "--shell-completion", "-sc"}
+
+
+def fail(msg: str, code: int = 2) -> int:
+    print(f"kdrun: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def split_args(args: list[str]) -> tuple[list[str], str]:
+    """(overrides, config name) from ``kdrun train`` arguments."""
+    overrides, config_name, skip = [], "train", False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if a in ("-cn", "--config-name") and i + 1 < len(args):
+            config_name = args[i + 1]
+        if a in _FLAGS_WITH_VALUE:
+            skip = True
+        elif a.startswith("--config-name="):
+            config_name = a.split("=", 1)[1]
+        elif not a.startswith("-"):
+            overrides.append(a)
+    return overrides, config_name
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """Override lists to check: each value of each sweep once (others at their first value)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices: list[list[str]] = []
+    for o in parsed:
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # interval/glob sweeps (Optuna): checked by the sweeper
+                continue
+            choices.append([f"{o.get_key_element()}={v}" for v in values])
+        else:
+            choices.append([o.input_line])
+    points = [[c[0] for c in choices]]
+    for i, c in enumerate(choices):
+        for v in c[1:]:
+            points.append([x[0] if j != i else v for j, x in enumerate(choices)])
+    return points
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
+    """A Hydra composition error as one line naming the key and what is valid."""
+    from hydra.errors import MissingConfigException
+
+    msg = str(e)
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+        group, _, option = str(e.missing_cfg_file).rpartition("/")
+        if group and e.options:
+            return f"{group}={option}: unknown option; valid: {', '.join(sorted(e.options))}"
+    m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Could not append to config\. An item is already at '([^']+)'", msg)
+    if m and "not in struct" in msg:
+        key = m.group(1)
+        parent, _, leaf = key.rpartition(".")
+        valid = _keys_of(parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(key)],
+                         config_name)
+        where = f" of {parent}" if parent else ""
+        return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
+    m = re.search(r"Key '([^']+)' is not in struct", msg)
+    first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    return " ".join(first[:2]) if first else type(e).__name__
+
+
+def _keys_of(parent: str, overrides: list[str], config_name: str) -> str:
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        cfg = compose(overrides, config_name)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig):
+            return ", ".join(sorted(str(k) for k in node.keys()))
+    except Exception:
+        pass
+    return "?"
+
+
+def precheck(overrides: list[str], config_name: str) -> None:
+    """Compose and validate every point of the requested run or sweep; raise KdrunError on bad input."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from kdrun.config import validate
+    from kdrun.errors import ConfigError
+
+    try:
+        points = sweep_points(overrides)
+    except HydraException as e:
+        raise ConfigError(one_line(e, overrides, config_name)) from e
+    for point in points:
+        try:
+            cfg = compose(point, config_name)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(one_line(e, point, config_name)) from e
+        validate(cfg)
+
+
+def train_command(args: list[str]) -> int:
+    from kdrun.errors import KdrunError
+
+    overrides, config_name = split_args(args)
+    if not any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in args):
+        try:
+            precheck(overrides, config_name)
+        except KdrunError as e:
+            if _full_error():
+                raise
+            return fail(str(e), e.exit_code)
+    from kdrun.task import hydra_train
+
+    sys.argv = ["kdrun-train", *args]
+    hydra_train()
+    return 0
+
+
+def models_command(args: list[str]) -> int:
+    from kdrun.errors import KdrunError
+    from kdrun.models_cli import models_main
+
+    try:
+        return models_main(args)
+    except KdrunError as e:
+        if _full_error():
+            raise
+        return fail(str(e), e.exit_code)
+
+
+COMMANDS = {"train": train_command, "models": models_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd = COMMANDS.get(argv[0])
+    if cmd is None:
+        return fail(f"unknown command '{argv[0]}'; valid: {', '.join(COMMANDS)}")
+    return cmd(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Validation of a composed config: every rule names its key and what is valid.
+
+Runs before anything is written (the CLI composes the config once up front),
+so bad input never leaves a half-made run directory behind.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.errors import ConfigError
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# key, type check, range check, what is valid
+RULES = [
+    ("trainer.teacher_epochs", _int, lambda v: v >= 0, "an integer >= 0"),
+    ("trainer.epochs", _int, lambda v: v >= 0, "an integer >= 0"),
+    ("trainer.batch_size", _int, lambda v: v > 0, "an integer > 0"),
+    ("trainer.eval_batch_size", _int, lambda v: v > 0, "an integer > 0"),
+    ("trainer.seed", _int, lambda v: v >= 0, "an integer >= 0"),
+    ("trainer.val_fraction", _num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("trainer.log_every", _int, lambda v: v > 0, "an integer > 0"),
+    ("trainer.device", lambda v: isinstance(v, str), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v),
+     "auto, cpu, cuda or cuda:N"),
+    ("cache.views", _int, lambda v: v >= 0, "an integer >= 0"),
+    ("optim.lr", _num, lambda v: v > 0, "a number > 0"),
+    ("optim.weight_decay", _num, lambda v: v >= 0, "a number >= 0"),
+    ("optim.schedule", lambda v: isinstance(v, str), lambda v: v in ("cosine", "step", "constant"),
+     "cosine, step or constant"),
+    ("loss.temperature", _num, lambda v: v > 0, "a number > 0"),
+    ("loss.alpha", _num, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("loss.ce_weight", _num, lambda v: v >= 0, "a number >= 0"),
+    ("loss.weight", _num, lambda v: v >= 0, "a number >= 0"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first bad value; returns None when the config is usable."""
+    for key, type_ok, range_ok, valid in RULES:
+        v = OmegaConf.select(cfg, key, default=None)
+        if v is None:
+            continue
+        if not type_ok(v) or not range_ok(v):
+            raise ConfigError(f"{key}={v}: must be {valid}")
+    _validate_names(cfg)
+    _validate_loss(cfg)
+    ckpt = cfg.teacher.get("checkpoint")
+    if ckpt and not os.path.isfile(ckpt):
+        raise ConfigError(f"teacher.checkpoint={ckpt}: file not found (give the path of a kdrun teacher "
+                          "checkpoint, e.g. RUN_DIR/checkpoints/teacher.pt)")
+    for who in ("teacher", "student"):
+        pre = cfg[who].get("pretrained")
+        if pre and not os.path.isfile(pre):
+            raise ConfigError(f"{who}.pretrained={pre}: file not found")
+    dev = cfg.trainer.device
+    if dev.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={dev}: no CUDA GPU is available here; use trainer.device=cpu or auto")
+
+
+def _validate_names(cfg: DictConfig) -> None:
+    from kdrun.data import DATASETS
+    from kdrun.models import MODELS
+
+    for who in ("teacher", "student"):
+        MODELS.get(cfg[who].name, f"{who}.name")
+    DATASETS.get(cfg.dataset.name, "dataset.name")
+
+
+def loss_kwargs(loss_cfg) -> dict:
+    """The loss config as constructor kwargs (without ``name``)."""
+    kw = OmegaConf.to_container(loss_cfg, resolve=True)
+    kw.pop("name", None)
+    return kw
+
+
+def _validate_loss(cfg: DictConfig) -> None:
+    from kdrun.losses import LOSSES
+
+    cls = LOSSES.get(cfg.loss.name, "loss.name")
+    params = {}
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            params.update(inspect.signature(klass.__init__).parameters)
+    valid = sorted(p for p in params if p not in ("self", "kw", "kwargs"))
+    for k in loss_kwargs(cfg.loss):
+        if k not in valid:
+            raise ConfigError(f"loss.{k}: not a parameter of loss '{cfg.loss.name}'; valid: {', '.join(valid)}")

@@ -1,0 +1,101 @@
+"""In-memory image datasets: uint8 tensors decoded once.
+
+Every dataset factory returns a :class:`DataBundle` whose splits are
+``ImageSet(images uint8 [N, C, H, W], labels int64 [N])``. Training samples
+batches straight from these tensors (:mod:`kdrun.data.loader`), so files are
+read and decoded once, not every epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kdrun.errors import ConfigError
+from kdrun.registry import Registry
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[idx], self.labels[idx])
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+@dataclass
+class FileSet:
+    """A split kept on disk (``dataset.mode=stream``): image files decoded batch by batch.
+
+    Same ``labels``/``subset``/``__len__`` as :class:`ImageSet`; read it with
+    :class:`kdrun.data.stream.StreamLoader` instead of ``TensorLoader``.
+    """
+
+    files: list[str]
+    labels: torch.Tensor  # int64 [N]
+    image_size: int
+    in_chans: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: torch.Tensor) -> "FileSet":
+        return FileSet([self.files[i] for i in idx.tolist()], self.labels[idx], self.image_size, self.in_chans)
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: ImageSet | FileSet
+    test: ImageSet | FileSet
+    classes: list[str]
+    identity: str  # stable string naming exactly this data (used in cache keys)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return self.train.in_chans
+
+    @property
+    def image_size(self) -> int:
+        return self.train.image_size
+
+    def check(self, num_classes: int | None = None, image_size: int | None = None,
+              in_chans: int | None = None) -> "DataBundle":
+        """Raise ConfigError when the config's num_classes/image_size/in_chans disagree with the data."""
+        for key, want, have in (("num_classes", num_classes, self.num_classes),
+                                ("image_size", image_size, self.image_size), ("in_chans", in_chans, self.in_chans)):
+            if want is not None and int(want) != have:
+                raise ConfigError(f"dataset.{key}={want}: the {self.name} data has {key}={have}; "
+                                  f"set dataset.{key}={have}")
+        return self
+
+
+DatasetFn = Callable[..., DataBundle]
+DATASETS: Registry[DatasetFn] = Registry("dataset", "dataset.name")
+register_dataset = DATASETS.register
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """Short content hash of tensors (identity of in-memory data)."""
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,121 @@
+"""Decode image files once into uint8 tensors, and keep them in a cache file.
+
+:func:`decode_files` turns a list of image files into one uint8 tensor
+``[N, C, H, W]`` with a process pool and a progress bar. :func:`save_cached`
+/ :func:`load_cached` store such tensors in a file whose header (format, key,
+shapes, dtypes, checksum) is checked on load: a truncated, corrupt or foreign
+file is reported with a warning and rebuilt, never silently used.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from kdrun.errors import ConfigError
+
+log = logging.getLogger("kdrun")
+FORMAT = 1
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_CHUNK = 1024  # files per pool task
+
+
+def cache_dir(path: str | None = None) -> str:
+    """The decode-cache folder: ``path`` if given, else ``$KDRUN_CACHE_DIR``, else ``~/.cache/kdrun/data``."""
+    return os.path.expanduser(path or os.environ.get("KDRUN_CACHE_DIR") or "~/.cache/kdrun/data")
+
+
+def files_key(root: str, files: list[str], *extra) -> str:
+    """A short hash of the files' relative paths, sizes and mtimes plus ``extra`` (e.g. image size)."""
+    h = hashlib.sha1(repr((FORMAT, extra)).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def decode_image(path: str, image_size: int, in_chans: int) -> np.ndarray:
+    """One image file -> uint8 ``[C, image_size, image_size]`` (grey or RGB; resized when it differs)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if in_chans == 1 else "RGB")
+            if im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            a = np.asarray(im)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return a[None] if in_chans == 1 else a.transpose(2, 0, 1)
+
+
+def _decode_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
+    files, image_size, in_chans = args
+    return np.stack([decode_image(f, image_size, in_chans) for f in files])
+
+
+def decode_files(files: list[str], image_size: int, in_chans: int, workers: int | None = None,
+                 desc: str = "decode") -> torch.Tensor:
+    """Decode ``files`` into uint8 ``[N, C, S, S]``, in ``workers`` processes (default: all CPUs)."""
+    out = np.empty((len(files), in_chans, image_size, image_size), dtype=np.uint8)
+    tasks = [(files[i:i + _CHUNK], image_size, in_chans) for i in range(0, len(files), _CHUNK)]
+    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    with tqdm(total=len(files), desc=desc, unit="img", leave=False, dynamic_ncols=True, mininterval=1.0) as bar:
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                results = pool.map(_decode_chunk, tasks)
+                for i, chunk in enumerate(results):
+                    out[i * _CHUNK:i * _CHUNK + len(chunk)] = chunk
+                    bar.update(len(chunk))
+        else:
+            for i, task in enumerate(tasks):
+                chunk = _decode_chunk(task)
+                out[i * _CHUNK:i * _CHUNK + len(chunk)] = chunk
+                bar.update(len(chunk))
+    return torch.from_numpy(out)
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> int:
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def _header(key: str, tensors: dict[str, torch.Tensor]) -> dict:
+    return {"format": FORMAT, "key": key, "checksum": _checksum(tensors),
+            "shapes": {k: list(t.shape) for k, t in tensors.items()},
+            "dtypes": {k: str(t.dtype) for k, t in tensors.items()}}
+
+
+def save_cached(path: str, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """Write ``tensors`` (+ JSON-like ``meta``) to ``path`` atomically: a temp file, then a rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save({"header": _header(key, tensors), "meta": meta or {}, "tensors": tensors}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_cached(path: str, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """``(tensors, meta)`` if ``path`` is a complete cache made for ``key``; None (with a warning) otherwise."""
+    if not os.path.exists(path):
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        ok = blob["header"] == _header(key, blob["tensors"])
+    except Exception as e:  # truncated, or not a cache at all
+        log.warning("decode cache %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
+        return None
+    if not ok:
+        log.warning("decode cache %s is corrupt or was made for other data; rebuilding it", path)
+        return None
+    return blob["tensors"], blob["meta"]

@@ -1,0 +1,100 @@
+"""``dataset=imagefolder``: ``root/<train_split>/<class>/*`` and ``root/<test_split>/<class>/*``.
+
+Classes are the sorted folder names of the training split; every class needs
+images in both splits. Images are decoded once into uint8 tensors and cached
+(:mod:`kdrun.data.decode`) under a key made of the file list, sizes, mtimes
+and image size, so a second run reads one file instead of decoding again.
+Folders too big for memory (``dataset.mode``, ``dataset.max_memory_gb``)
+come back as :class:`~kdrun.data.base.FileSet` splits for
+:class:`~kdrun.data.stream.StreamLoader`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from PIL import Image
+
+from kdrun.data.base import DataBundle, FileSet, ImageSet, register_dataset
+from kdrun.data.decode import IMG_EXTENSIONS, cache_dir as resolve_cache_dir, decode_files, files_key, \
+    load_cached, save_cached
+from kdrun.data.stream import select_mode
+from kdrun.errors import ConfigError
+
+log = logging.getLogger("kdrun")
+
+
+def _subdirs(path: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Sorted image files of ``root/split/<class>/`` for every class, and their labels."""
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        d = os.path.join(root, split, c)
+        if not os.path.isdir(d):
+            raise ConfigError(f"dataset.root={root}: class '{c}' of the training split has no folder {d} "
+                              f"(every class needs images in dataset.train_split and dataset.test_split)")
+        found = sorted(e.path for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        if not found:
+            raise ConfigError(f"dataset.root={root}: {d} has no images (expected files ending in "
+                              f"{', '.join(IMG_EXTENSIONS)})")
+        files += found
+        labels += [label] * len(found)
+    return files, torch.tensor(labels, dtype=torch.long)
+
+
+@register_dataset("imagefolder")
+def imagefolder(root: str | None = None, train_split: str = "train", test_split: str = "test",
+                image_size: int | None = None, in_chans: int = 3, num_classes: int | None = None,
+                cache_dir: str | None = None, max_memory_gb: float = 8.0, mode: str = "auto",
+                workers: int | None = None, **_) -> DataBundle:
+    """Images from class folders; ``image_size`` None takes the first training image's height."""
+    if not root:
+        raise ConfigError("dataset.root is not set: give the folder holding <train_split>/<class>/<image> "
+                          "and <test_split>/<class>/<image>, e.g. dataset.root=/data/myset")
+    if in_chans not in (1, 3):
+        raise ConfigError(f"dataset.in_chans={in_chans}: valid: 1 (grey) or 3 (RGB)")
+    root = os.path.abspath(os.path.expanduser(root))
+    for key, split in (("train_split", train_split), ("test_split", test_split)):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise ConfigError(f"dataset.{key}={split}: no folder {os.path.join(root, split)} "
+                              f"(expected {root}/<split>/<class>/<image>)")
+    classes = _subdirs(os.path.join(root, train_split))
+    if not classes:
+        raise ConfigError(f"dataset.root={root}: {os.path.join(root, train_split)} has no class folders")
+    extra = sorted(set(_subdirs(os.path.join(root, test_split))) - set(classes))
+    if extra:
+        raise ConfigError(f"dataset.root={root}: {test_split}/ has classes not in {train_split}/: {', '.join(extra)}")
+    if num_classes is not None and int(num_classes) != len(classes):
+        raise ConfigError(f"dataset.num_classes={num_classes}: {os.path.join(root, train_split)} has "
+                          f"{len(classes)} class folders; set dataset.num_classes={len(classes)}")
+    train_files, train_labels = scan_split(root, train_split, classes)
+    test_files, test_labels = scan_split(root, test_split, classes)
+    if image_size is None:
+        with Image.open(train_files[0]) as im:
+            image_size = im.size[1]
+    image_size = int(image_size)
+    key = files_key(root, train_files + test_files, train_split, test_split, image_size, in_chans)
+    identity = f"imagefolder-{key}"
+    n = len(train_files) + len(test_files)
+    if select_mode(mode, n * in_chans * image_size ** 2, max_memory_gb) == "stream":
+        log.info("data: %d images > dataset.max_memory_gb=%s decoded: streaming from files", n, max_memory_gb)
+        return DataBundle("imagefolder", FileSet(train_files, train_labels, image_size, in_chans),
+                          FileSet(test_files, test_labels, image_size, in_chans), classes, identity)
+    path = os.path.join(resolve_cache_dir(cache_dir), f"{identity}.pt")
+    cached = load_cached(path, key)
+    if cached is None:
+        t0 = time.perf_counter()
+        tensors = {"train": decode_files(train_files, image_size, in_chans, workers, f"decode {train_split}"),
+                   "test": decode_files(test_files, image_size, in_chans, workers, f"decode {test_split}")}
+        save_cached(path, key, tensors, {"classes": classes, "root": root})
+        log.info("data: decoded %d images in %.1fs, cached in %s", n, time.perf_counter() - t0, path)
+    else:
+        tensors = cached[0]
+        log.info("data: %d decoded images from the cache %s", n, path)
+    return DataBundle("imagefolder", ImageSet(tensors["train"], train_labels), ImageSet(tensors["test"], test_labels),
+                      classes, identity)

@@ -1,0 +1,153 @@
+"""Batches straight from in-memory uint8 tensors, augmented in batch, replayably.
+
+Every augmented image is a pure function of (seed, sample index, view): the
+crop offsets and flip are hashed from those three integers, never drawn from a
+stateful RNG. So the exact pixels a teacher saw when its logits were cached
+can be rebuilt in the student stage (``cache.views=K``), and a resumed run
+sees the same batches as an uninterrupted one.
+
+On a GPU the whole uint8 tensor sits on the device and crop/flip/normalise run
+there; on a CPU the same code runs on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from kdrun.data.base import ImageSet
+
+_M31 = 0x7FFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer hash (products stay below 2^62: no int64 overflow)."""
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _M31
+    x = ((x ^ (x >> 12)) * 0x297A2D39) & _M31
+    return x ^ (x >> 15)
+
+
+def hash3(seed: int, index: torch.Tensor, view: torch.Tensor, salt: int) -> torch.Tensor:
+    """Deterministic pseudo-random 31-bit integers for each (seed, index, view, salt)."""
+    h = _mix(torch.full_like(index, (seed * 7919 + salt) & _M31))
+    h = _mix(h ^ (index & _M31))
+    return _mix(h ^ (view & _M31))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Pad-and-random-crop plus horizontal flip, parameters hashed from (seed, index, view)."""
+
+    crop_pad: int = 0
+    flip: bool = False
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop_pad > 0 or self.flip
+
+    def params(self, index: torch.Tensor, view: torch.Tensor):
+        span = 2 * self.crop_pad + 1
+        dy = hash3(self.seed, index, view, 1) % span
+        dx = hash3(self.seed, index, view, 2) % span
+        flip = (hash3(self.seed, index, view, 3) & 1).bool() & self.flip
+        return dy, dx, flip
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """Augment a uint8 batch [B, C, H, W]; returns uint8 of the same shape."""
+        if not self.enabled:
+            return images
+        dy, dx, flip = self.params(index.to(images.device), view.to(images.device))
+        B, C, H, W = images.shape
+        p = self.crop_pad
+        if p:
+            padded = F.pad(images, (p, p, p, p))
+            rows = (dy[:, None] + torch.arange(H, device=images.device))[:, :, None]  # [B, H, 1]
+            cols = (dx[:, None] + torch.arange(W, device=images.device))[:, None, :]  # [B, 1, W]
+            b = torch.arange(B, device=images.device)[:, None, None]
+            images = padded.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)  # [B, C, H, W]
+        if self.flip:
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images.contiguous()
+
+
+class Normalize:
+    """uint8 [B, C, H, W] -> float, (x / 255 - mean) / std, on the tensor's device."""
+
+    def __init__(self, mean, std, in_chans: int, device):
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        if self.mean.shape[1] not in (1, in_chans):
+            raise ValueError(f"mean has {self.mean.shape[1]} channels, data has {in_chans}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float().div_(255.0) - self.mean) / self.std
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # normalised float images [B, C, H, W]
+    y: torch.Tensor  # labels [B]
+    index: torch.Tensor  # positions in the split [B]
+    view: torch.Tensor  # augmentation view of each sample [B]
+
+
+def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, views: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample order and augmentation view of every sample for one epoch: a pure function of (seed, epoch).
+
+    ``views`` None: a fresh view per sample; K > 0: one of K cached views; 0: view 0 (no augmentation).
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    if views is None:
+        v = torch.randint(0, _M31, (n,), generator=g)
+    elif views > 0:
+        v = torch.randint(0, views, (n,), generator=g)
+    else:
+        v = torch.zeros(n, dtype=torch.long)
+    return order, v
+
+
+class TensorLoader:
+    """Epochs of batches sampled from an :class:`ImageSet` held in (device) memory.
+
+    ``views``: None draws a fresh augmentation per sample per epoch; an int K > 0
+    draws one of the K cached views per sample per step (replay of the logit
+    cache); 0 means un-augmented images. Order and views of epoch e depend only
+    on (seed, e), so ``epoch(e, start_step=k)`` resumes exactly.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, normalize: Normalize, augment: Augment | None = None,
+                 shuffle: bool = True, seed: int = 0, device="cpu", views: int | None = None,
+                 drop_last: bool = False):
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.augment = augment if (augment is not None and augment.enabled and views != 0) else None
+        self.shuffle = shuffle
+        self.seed = seed
+        self.device = torch.device(device)
+        self.views = views
+        self.drop_last = drop_last
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self.batch_size
+        return n // b if self.drop_last else (n + b - 1) // b
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        order, views = epoch_plan(self.num_samples, self.seed, epoch, self.shuffle, self.views)
+        order, views = order.to(self.device), views.to(self.device)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            view = views[idx]
+            images = self.images[idx]
+            if self.augment is not None:
+                images = self.augment(images, idx, view)
+            yield Batch(self.normalize(images), self.labels[idx], idx, view)

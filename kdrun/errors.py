@@ -1,0 +1,15 @@
+"""Errors that the CLI turns into one clear line and exit code 2."""
+
+
+class KdrunError(Exception):
+    """A user-facing error: bad config, missing file, impossible request.
+
+    The CLI prints ``kdrun: error: <message>`` on one line and exits with code 2
+    (a traceback only with HYDRA_FULL_ERROR=1).
+    """
+
+    exit_code = 2
+
+
+class ConfigError(KdrunError):
+    """A config value or key that cannot be used; the message names the key."""

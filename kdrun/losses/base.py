@@ -1,0 +1,166 @@
+"""What a KD method is, for the student stage.
+
+A method is one module in ``kdrun/losses/`` holding a subclass of
+:class:`DistillLoss` registered with ``@register_loss("name")``, plus one YAML
+in ``configs/loss/``. The student stage computes
+
+    total = ce_weight * CE(y, student_logits) + sum(method terms)
+
+where each method returns its already-weighted terms by name (each one is
+logged in the per-epoch CSV). Methods that need features name them in
+``teacher_layers`` / ``student_layers`` (feature-point names such as
+``stage3`` or module paths); the stage captures them with hooks in the same
+forward pass and hands them over in that order. A method whose
+``needs_teacher_features`` is False only sees teacher logits, which then come
+from the logit cache and the teacher never runs during distillation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kdrun.errors import ConfigError
+from kdrun.registry import Registry
+
+
+@dataclass
+class Outputs:
+    """One network's outputs for a batch: logits and the requested features."""
+
+    logits: torch.Tensor
+    feats: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class StepContext:
+    """What a loss may know besides the outputs."""
+
+    target: torch.Tensor  # [B] int64 labels
+    index: torch.Tensor  # [B] int64 positions of the samples in the training set
+    epoch: int  # 0-based
+    epochs: int  # total epochs of the stage
+    num_samples: int = 0  # size of the training set (memory banks)
+
+
+def _names(value) -> list[str]:
+    """A layer list from config: one name or a list of names."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+class DistillLoss(nn.Module):
+    """Base class of every KD method. Parameters (adapters) it owns train with the student."""
+
+    needs_teacher_features: bool = False
+
+    def __init__(self, ce_weight: float = 1.0, layers: dict | None = None):
+        super().__init__()
+        self._ce_weight = float(ce_weight)
+        check("ce_weight", ce_weight, ce_weight >= 0, "a number >= 0")
+        layers = dict(layers or {})
+        unknown = sorted(set(layers) - {"teacher", "student"})
+        if unknown:
+            raise ConfigError(f"loss.layers.{unknown[0]}: unknown key; valid: student, teacher")
+        self.teacher_layers: list[str] = _names(layers.get("teacher"))
+        self.student_layers: list[str] = _names(layers.get("student"))
+
+    @property
+    def ce_weight(self) -> float:
+        """Weight of the hard-label CE term in the student's total loss."""
+        return self._ce_weight
+
+    def default_layers(self, teacher_points: list[str], student_points: list[str]) -> tuple[list[str], list[str]]:
+        """Layers used when the config names none: by default the last stage both models share by name."""
+        stages = [n for n in teacher_points if n.startswith("stage") and n in student_points]
+        if not stages:
+            raise ConfigError("loss.layers: the models share no stage name; set loss.layers.teacher=[...] and loss.layers.student=[...]")
+        return [stages[-1]], [stages[-1]]
+
+    def build(self, t_shapes: list[torch.Size], s_shapes: list[torch.Size], num_samples: int) -> None:
+        """Create adapters once the feature shapes are known (called before training)."""
+
+    def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+LOSSES: Registry[type[DistillLoss]] = Registry("KD method", "loss.name")
+
+
+def register_loss(name: str | None = None):
+    """Register a method under ``name``; the name is also the key of its logged term (``cls.term``)."""
+    def deco(cls):
+        if "term" not in vars(cls):
+            cls.term = name or cls.__name__
+        return LOSSES.register(name)(cls)
+
+    return deco
+
+
+def check(key: str, value, ok: bool, valid: str) -> None:
+    """Raise ConfigError ``loss.KEY=VALUE: must be VALID`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"loss.{key}={value}: must be {valid}")
+
+
+def shape_str(name: str, shape) -> str:
+    """``stage3 [64,8,8]``: a feature's name and per-sample shape, for error messages."""
+    return f"{name} [{','.join(str(d) for d in tuple(shape)[1:])}]"
+
+
+class FeatureLoss(DistillLoss):
+    """A method on (teacher, student) feature pairs: ``weight * sum over pairs of pair_loss``.
+
+    Subclasses implement ``pair_loss(i, f_s, f_t, ctx)`` and may override
+    ``build_pair`` to check a pair's shapes and return its trainable adapter
+    (or None). Teacher features are detached before ``pair_loss`` sees them.
+    """
+
+    needs_teacher_features = True
+    max_pairs: int | None = None  # None: any number of pairs
+
+    def __init__(self, weight: float = 1.0, **kw):
+        super().__init__(**kw)
+        check("weight", weight, weight >= 0, "a number >= 0")
+        self.weight = float(weight)
+        self.adapters = nn.ModuleList()
+
+    def build(self, t_shapes, s_shapes, num_samples):
+        nt, ns = len(self.teacher_layers), len(self.student_layers)
+        if nt != ns or nt == 0:
+            raise ConfigError(f"loss.layers: {nt} teacher and {ns} student layers; give loss.layers.teacher=[...] "
+                              "and loss.layers.student=[...] of the same non-zero length")
+        if self.max_pairs is not None and nt > self.max_pairs:
+            raise ConfigError(f"loss.layers: {nt} layer pairs; {self.term} takes at most {self.max_pairs}")
+        self.adapters = nn.ModuleList()
+        for i, (ts, ss) in enumerate(zip(t_shapes, s_shapes)):
+            adapter = self.build_pair(i, torch.Size(ts), torch.Size(ss), num_samples)
+            self.adapters.append(adapter if adapter is not None else nn.Identity())
+
+    def build_pair(self, i: int, t_shape: torch.Size, s_shape: torch.Size, num_samples: int) -> nn.Module | None:
+        return None
+
+    def shape_error(self, i: int, t_shape, s_shape, why: str) -> ConfigError:
+        """The ConfigError for an unusable pair: names both layers with their shapes."""
+        return ConfigError(f"loss.layers: teacher {shape_str(self.teacher_layers[i], t_shape)} and student "
+                           f"{shape_str(self.student_layers[i], s_shape)}: {why}")
+
+    def pair_loss(self, i: int, f_s: torch.Tensor, f_t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
+        total = sum(self.pair_loss(i, f_s.float(), f_t.detach().float(), ctx)
+                    for i, (f_s, f_t) in enumerate(zip(s.feats, t.feats)))
+        return {self.term: self.weight * total}
+
+
+class RelationLoss(FeatureLoss):
+    """A feature method whose default layer is the penultimate vector (``pre_logits``) of both models."""
+
+    def default_layers(self, teacher_points, student_points):
+        if "pre_logits" not in teacher_points or "pre_logits" not in student_points:
+            raise ConfigError(f"loss.layers: {self.term} uses pre_logits by default but a model has none; "
+                              "set loss.layers.teacher=[...] and loss.layers.student=[...]")
+        return ["pre_logits"], ["pre_logits"]

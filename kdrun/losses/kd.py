@@ -1,0 +1,51 @@
+"""Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network".
+
+    p_t = softmax(t / T),  log p_s = log_softmax(s / T)
+    soft = T^2 * KL(p_t || p_s) = T^2 * sum_c p_t,c (log p_t,c - log p_s,c)   (per sample)
+    loss = alpha * mean_batch(soft) + (1 - alpha) * CE(y, s)                   (CE at T = 1)
+
+Both sides go through ``log_softmax`` (``kl_div(..., log_target=True)``), so
+large logits give no inf/nan; the KL direction is teacher || student; the
+reduction is a sum over classes then the batch mean; and the T^2 factor (which
+keeps the soft gradients' scale independent of T) applies whatever alpha is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdrun.losses.base import DistillLoss, Outputs, StepContext, register_loss
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch."""
+    T = temperature
+    log_ps = F.log_softmax(student_logits.float() / T, dim=-1)
+    log_pt = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    kl = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    return kl * (T * T)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """The Hinton KD objective: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(y, s). Scalar, batch-mean."""
+    soft = soft_kl(student_logits, teacher_logits, temperature)
+    hard = F.cross_entropy(student_logits.float(), target)
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+@register_loss("kd")
+class KD(DistillLoss):
+    """Hinton KD; ``alpha`` weighs the soft term and ``1 - alpha`` the hard CE term."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, **kw):
+        super().__init__(**kw)
+        self.temperature = temperature
+        self.alpha = alpha
+
+    @property
+    def ce_weight(self) -> float:
+        return 1.0 - self.alpha
+
+    def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {"kd": self.alpha * soft_kl(s.logits, t.logits, self.temperature)}

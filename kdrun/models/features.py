@@ -1,0 +1,72 @@
+"""Capture intermediate features in one forward pass, by name, with hooks.
+
+Models are never rewritten to return feature dicts: a forward hook on the
+module named by ``model.feature_points[name]`` (or any module path such as
+``layer3.1.conv2``) stores its output while the normal forward runs.
+
+    with FeatureTap(model, ["stage2", "pre_logits"]) as tap:
+        logits = model(x)
+    feats = tap.features          # {"stage2": tensor, "pre_logits": tensor}
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from kdrun.errors import ConfigError
+
+
+def resolve(model: nn.Module, name: str) -> tuple[str, str]:
+    """Map a feature name to (module path, "output"|"input")."""
+    points = getattr(model, "feature_points", {})
+    spec = points.get(name, name)
+    path, _, io = spec.partition(":")
+    io = io or "output"
+    modules = dict(model.named_modules())
+    if path not in modules or io not in ("output", "input"):
+        valid = sorted(points) + ["<any module path, e.g. " + _example(modules) + ">"]
+        raise ConfigError(
+            f"unknown feature layer '{name}' for {type(model).__name__}; valid: {', '.join(valid)}"
+        )
+    return path, io
+
+
+def _example(modules: dict) -> str:
+    paths = [p for p in modules if p.count(".") >= 1]
+    return paths[len(paths) // 2] if paths else next(iter(modules), "")
+
+
+class FeatureTap:
+    """Context manager recording the named features of ``model`` during forward."""
+
+    def __init__(self, model: nn.Module, names: list[str] | tuple[str, ...]):
+        self.model = model
+        self.names = list(names)
+        self.features: dict = {}
+        self._handles: list = []
+        self._targets = [(n, *resolve(model, n)) for n in self.names]
+
+    def __enter__(self) -> "FeatureTap":
+        modules = dict(self.model.named_modules())
+        for name, path, io in self._targets:
+            mod = modules[path]
+            if io == "input":
+                h = mod.register_forward_pre_hook(self._pre_hook(name))
+            else:
+                h = mod.register_forward_hook(self._hook(name))
+            self._handles.append(h)
+        return self
+
+    def _hook(self, name):
+        def fn(_mod, _inp, out):
+            self.features[name] = out
+        return fn
+
+    def _pre_hook(self, name):
+        def fn(_mod, inp):
+            self.features[name] = inp[0]
+        return fn
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

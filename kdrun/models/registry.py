@@ -1,0 +1,70 @@
+"""Model registry.
+
+A model factory has the signature ``fn(num_classes, in_chans, img_size, **kwargs)``
+and returns an ``nn.Module`` whose forward maps images ``[B, C, H, W]`` to logits
+``[B, num_classes]``. Each model sets ``model.feature_points``: a dict from
+stable names (``stage1`` .. ``stageN``, ``pre_logits``, ``logits``) to the module
+path whose output is that feature (``"layer3"``), or ``"path:input"`` for the
+input of a module (``"fc:input"`` is the pooled feature before the classifier).
+Feature- and relation-based losses ask for features by these names, or by any
+module path; see :mod:`kdrun.models.features`.
+
+Factories that reject a keyword value raise ``ConfigError("kwargs.NAME=VALUE: ...")``;
+:func:`build_model` prefixes the config group (``student.kwargs.NAME=...``).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from kdrun.errors import ConfigError
+from kdrun.registry import Registry
+
+ModelFn = Callable[..., nn.Module]
+
+MODELS: Registry[ModelFn] = Registry("model", "model.name")
+register_model = MODELS.register
+SOURCES = ("kdrun", "timm")
+
+
+def build_model(name: str, num_classes: int, in_chans: int, img_size: int,
+                key: str = "model.name", source: str = "kdrun", **kwargs) -> nn.Module:
+    """Build model ``name`` from ``source`` ("kdrun": this registry; "timm": ``timm.create_model``)."""
+    group = key.rsplit(".", 1)[0]
+    if source == "timm":
+        from kdrun.models.timm_models import build_timm
+
+        model = build_timm(name, num_classes, in_chans, key, **kwargs)
+    elif source == "kdrun":
+        fn = MODELS.get(name, key)
+        _check_kwargs(fn, name, group, kwargs)
+        try:
+            model = fn(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+        except ConfigError as e:
+            if str(e).startswith("kwargs."):
+                raise ConfigError(f"{group}.{e}") from None
+            raise
+    else:
+        raise ConfigError(f"{group}.source={source}: unknown model source; valid: {', '.join(SOURCES)}")
+    if not hasattr(model, "feature_points"):
+        model.feature_points = {}
+    model.feature_points.setdefault("logits", "")  # "" = the model's own output
+    return model
+
+
+def model_kwargs(fn: ModelFn) -> list[str] | None:
+    """The keyword options a factory accepts beyond num_classes/in_chans/img_size (None: any)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name not in ("num_classes", "in_chans", "img_size")]
+
+
+def _check_kwargs(fn: ModelFn, name: str, group: str, kwargs: dict) -> None:
+    valid = model_kwargs(fn)
+    unknown = [k for k in kwargs if valid is not None and k not in valid]
+    if unknown:
+        raise ConfigError(f"{group}.kwargs.{unknown[0]}: not an option of model {name}; "
+                          f"valid: {', '.join(valid) or '(none)'}")

@@ -1,0 +1,81 @@
+"""Model figures: parameters, forward FLOPs, size on disk, latency, feature shapes.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (one
+multiply-add = 2 FLOPs, convolutions and matmuls; no extra dependency).
+"""
+from __future__ import annotations
+
+import io
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdrun.models.features import FeatureTap
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _probe(model: nn.Module, input_shape: tuple, batch: int = 1, device=None) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    device = device or (p.device if p is not None else "cpu")
+    return torch.randn(batch, *input_shape, device=device)
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_shape: tuple) -> int:
+    """Forward FLOPs for one image of ``input_shape`` (C, H, W)."""
+    was = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(_probe(model, input_shape))
+    model.train(was)
+    return int(counter.get_total_flops())
+
+
+def size_on_disk_mb(model: nn.Module) -> float:
+    """Size of the serialised ``state_dict`` in MB (10^6 bytes)."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell() / 1e6
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, input_shape: tuple, batch: int = 1, device="cpu",
+               warmup: int = 3, min_time: float = 0.3, max_iters: int = 200) -> float:
+    """Median wall time of one forward pass in milliseconds (eval mode, after warm-up)."""
+    was = model.training
+    model.eval()
+    x = _probe(model, input_shape, batch, device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        model(x)
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (time.perf_counter() - start < min_time or len(times) < 5):
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    model.train(was)
+    times.sort()
+    return 1000.0 * times[len(times) // 2]
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, input_shape: tuple, names: list[str] | None = None) -> dict[str, list[int]]:
+    """Shape (batch 1) of every named feature point, from one forward pass."""
+    names = list(names if names is not None else getattr(model, "feature_points", {}))
+    was = model.training
+    model.eval()
+    with FeatureTap(model, [n for n in names if n != "logits"]) as tap:
+        logits = model(_probe(model, input_shape))
+    model.train(was)
+    feats = dict(tap.features)
+    if "logits" in names:
+        feats["logits"] = logits
+    return {n: list(feats[n].shape) for n in names}

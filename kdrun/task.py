@@ -1,0 +1,48 @@
+"""The Hydra task behind ``kdrun train``: one run (or one job of a sweep)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from kdrun.config import validate
+from kdrun.errors import KdrunError
+
+log = logging.getLogger("kdrun")
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def hydra_train(cfg: DictConfig) -> float:
+    """Run the pipeline in Hydra's output directory; return the distilled student's top-1 (for sweepers)."""
+    from kdrun import report, train
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        validate(cfg)
+        metrics = train.run(cfg, run_dir)
+    except KdrunError as e:
+        _mark_failed(run_dir, str(e))
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"kdrun: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except BaseException as e:
+        _mark_failed(run_dir, f"{type(e).__name__}: {e}")
+        raise
+    report.write_json(metrics, os.path.join(run_dir, "metrics.json"))  # written last: marks the run complete
+    table = report.summary_table(metrics)
+    log.info("summary\n%s\noutputs: %s", table, run_dir)
+    return metrics["test"]["student"]["last"]["top1"]
+
+
+def _mark_failed(run_dir: str, msg: str) -> None:
+    """Leave a FAILED note (and no metrics.json) so the directory never looks complete."""
+    try:
+        with open(os.path.join(run_dir, "FAILED"), "w") as f:
+            f.write(msg + "\n")
+    except OSError:
+        pass
