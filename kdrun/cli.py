@@ -94,7 +94,7 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
         if group and e.options:
             return f"{group}={option}: unknown option; valid: {', '.join(sorted(e.options))}"
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Could not append to config\. An item is already at '([^']+)'", msg)
-    if m and "not in struct" in msg:
+    if m and ("not in struct" in msg or "To append to your config" in msg):
         key = m.group(1)
         parent, _, leaf = key.rpartition(".")
         valid = _keys_of(parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(key)],

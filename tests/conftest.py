@@ -1,0 +1,21 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+KDRUN = [sys.executable, "-m", "kdrun.cli"]
+
+
+def run_kdrun(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run the ``kdrun`` command line in a subprocess (as a user would)."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    if env and "HYDRA_FULL_ERROR" in env:
+        full_env["HYDRA_FULL_ERROR"] = env["HYDRA_FULL_ERROR"]
+    return subprocess.run([*KDRUN, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def kdrun():
+    return run_kdrun

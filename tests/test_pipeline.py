@@ -1,0 +1,103 @@
+"""A tiny end-to-end run writes every file it claims, with sane values."""
+import csv
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+FAST = ["trainer=smoke", "teacher=resnet8", "student=resnet8", "trainer.latency=true"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from tests.conftest import run_kdrun
+
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    p = run_kdrun("train", *FAST, "trainer.val_fraction=0.1", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run_dir, p
+
+
+def test_run_writes_every_file(smoke_run):
+    run_dir, _ = smoke_run
+    for rel in [".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.json",
+                "metrics_teacher.csv", "metrics_student.csv", "metrics_baseline.csv", "teacher_logits.pt",
+                "checkpoints/teacher.pt", "checkpoints/student.pt", "checkpoints/baseline.pt"]:
+        assert (run_dir / rel).is_file(), rel
+    assert not (run_dir / "FAILED").exists()
+
+
+def test_metrics_json_has_sane_values(smoke_run):
+    run_dir, _ = smoke_run
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["seed"] == 0
+    assert m["dataset"]["name"] == "digits" and m["dataset"]["test"] == 359
+    assert 0 <= m["test"]["teacher"]["top1"] <= 100
+    for who in ("student", "baseline"):
+        last = m["test"][who]["last"]
+        assert 0 <= last["top1"] <= 100 and 0 <= last["agreement"] <= 100
+        assert last["errors"] == round(359 * (1 - last["top1"] / 100))
+        assert "best_on_val" in m["test"][who]  # trainer.val_fraction > 0: best epoch chosen on validation
+    t, s = m["models"]["teacher"], m["models"]["student"]
+    assert t["params"] > 0 and t["flops"] > 0 and t["size_mb"] > 0 and t["latency_ms_cpu_b1"] > 0
+    assert m["ratios"]["compression_params"] == pytest.approx(t["params"] / s["params"], rel=1e-3)
+    assert m["ratios"]["speedup_cpu_b1"] == pytest.approx(t["latency_ms_cpu_b1"] / s["latency_ms_cpu_b1"], rel=1e-2)
+    assert m["versions"]["torch"] == torch.__version__
+
+
+def test_csv_has_one_row_per_epoch_with_each_loss_term(smoke_run):
+    run_dir, _ = smoke_run
+    rows = list(csv.DictReader((run_dir / "metrics_student.csv").open()))
+    assert len(rows) == 1
+    assert {"epoch", "lr", "loss_ce", "loss_kd", "loss"} <= set(rows[0])
+    assert float(rows[0]["loss"]) == pytest.approx(float(rows[0]["loss_ce"]) + float(rows[0]["loss_kd"]), rel=1e-3)
+
+
+def test_logit_cache_matches_the_teacher(smoke_run):
+    from kdrun.cache import load_logit_cache
+    from kdrun.data.digits import digits
+    from kdrun.data.loader import Normalize
+    from kdrun.models import build_model
+
+    run_dir, _ = smoke_run
+    path = str(run_dir / "teacher_logits.pt")
+    key = torch.load(path, weights_only=True)["header"]["key"]
+    logits = load_logit_cache(path, key)
+    assert logits.dtype == torch.float16 and logits.shape == (1294, 1, 10)  # 1438 train - 10% validation
+    assert load_logit_cache(path, key + "-other") is None  # made for another teacher/data: not used
+    teacher = build_model("resnet8", 10, 1, 8)
+    teacher.load_state_dict(torch.load(run_dir / "checkpoints/teacher.pt", weights_only=True)["model"])
+    teacher.eval()
+    data = digits()
+    dcfg = OmegaConf.load(run_dir / ".hydra/config.yaml").dataset
+    x = Normalize(dcfg.mean, dcfg.std, 1, "cpu")(data.train.images)
+    with torch.no_grad():
+        direct = teacher(x)
+    # the cached rows are the teacher's logits on the training images (fp16); find each row's image
+    cached = logits[:, 0].float()
+    assert torch.cdist(cached, direct).min(dim=1).values.max() < 0.05
+
+
+def test_summary_printed(smoke_run):
+    _, p = smoke_run
+    out = p.stdout + p.stderr
+    assert "teacher resnet8" in out and "baseline (CE only)" in out and "compression" in out
+
+
+def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):
+    from tests.conftest import run_kdrun
+
+    run_dir, _ = smoke_run
+    ckpt = run_dir / "checkpoints" / "teacher.pt"
+    p = run_kdrun("train", *FAST, "baseline=false", "trainer.latency=false", f"teacher.checkpoint={ckpt}",
+                  f"hydra.run.dir={tmp_path / 'reuse'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    first = json.loads((run_dir / "metrics.json").read_text())["test"]["teacher"]["top1"]
+    again = json.loads((tmp_path / "reuse" / "metrics.json").read_text())["test"]["teacher"]["top1"]
+    assert again == first  # the same trained teacher, not retrained
+    p = run_kdrun("train", *FAST, "teacher=resnet20", f"teacher.checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert p.returncode == 2
+    assert f"teacher.checkpoint={ckpt}: holds resnet8 for 10 classes, but this run's teacher is resnet20" in p.stderr
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+    assert (tmp_path / "bad" / "FAILED").exists()
