@@ -19,6 +19,7 @@ from tqdm import tqdm
 from kdrun.data.base import ImageSet
 from kdrun.data.loader import Augment, Normalize
 from kdrun.engine import atomic_save
+from kdrun.preempt import maybe_kill
 
 log = logging.getLogger("kdrun")
 FORMAT = 1
@@ -34,7 +35,7 @@ def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, 
     """Teacher logits [N, max(views, 1), C] in fp16, for every training image and view."""
     teacher.eval()
     n, nv = len(data), max(views, 1)
-    out = None
+    out, batches = None, 0
     bar = tqdm(total=n * nv, desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0)
     for v in range(nv):
         for start in range(0, n, batch_size):
@@ -47,6 +48,8 @@ def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, 
                 out = torch.empty(n, nv, logits.shape[1], dtype=torch.float16)
             out[idx, v] = logits.half()
             bar.update(len(idx))
+            batches += 1
+            maybe_kill("cache", batches)
     bar.close()
     return out
 

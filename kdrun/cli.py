@@ -16,7 +16,8 @@ USAGE = """usage: kdrun COMMAND [ARGS...]
 commands:
   train [OVERRIDES...]      teacher -> logit cache -> distilled student -> report
                             (e.g. kdrun train teacher=resnet50 student=mbv2 loss.temperature=8;
-                             add -m to sweep: kdrun train -m loss.temperature=1,4,8)
+                             add -m to sweep: kdrun train -m loss.temperature=1,4,8;
+                             kdrun train resume=RUN_DIR continues an interrupted run)
   models [NAME] [dataset=D] list the model zoo, or one model's report
 
 `kdrun train --help` shows the config groups and their options."""
@@ -139,9 +140,31 @@ def precheck(overrides: list[str], config_name: str) -> None:
         validate(cfg)
 
 
+def expand_resume(args: list[str]) -> list[str]:
+    """``resume=RUN_DIR``: the run's own overrides, in its own directory (then any further overrides)."""
+    from kdrun.errors import ConfigError
+
+    rest = [a for a in args if not a.startswith("resume=")]
+    dirs = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if not dirs:
+        return args
+    run_dir = dirs[-1]
+    saved = os.path.join(run_dir, ".hydra", "overrides.yaml")
+    if not os.path.isfile(saved):
+        raise ConfigError(f"resume={run_dir}: not a kdrun run directory (no .hydra/overrides.yaml)")
+    from omegaconf import OmegaConf
+
+    previous = [o for o in OmegaConf.to_container(OmegaConf.load(saved)) if not o.startswith("hydra.run.dir=")]
+    return [*previous, *rest, f"hydra.run.dir={run_dir}"]
+
+
 def train_command(args: list[str]) -> int:
     from kdrun.errors import KdrunError
 
+    try:
+        args = expand_resume(args)
+    except KdrunError as e:
+        return fail(str(e), e.exit_code)
     overrides, config_name = split_args(args)
     if not any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in args):
         try:

@@ -11,6 +11,7 @@ import re
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun import schedules
 from kdrun.errors import ConfigError
 
 
@@ -33,6 +34,7 @@ RULES = [
     ("trainer.log_every", _int, lambda v: v > 0, "an integer > 0"),
     ("trainer.device", lambda v: isinstance(v, str), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v),
      "auto, cpu, cuda or cuda:N"),
+    ("trainer.checkpoint_every_steps", _int, lambda v: v >= 0, "an integer >= 0"),
     ("cache.views", _int, lambda v: v >= 0, "an integer >= 0"),
     ("optim.lr", _num, lambda v: v > 0, "a number > 0"),
     ("optim.weight_decay", _num, lambda v: v >= 0, "a number >= 0"),
@@ -50,6 +52,12 @@ def validate(cfg: DictConfig) -> None:
     for key, type_ok, range_ok, valid in RULES:
         v = OmegaConf.select(cfg, key, default=None)
         if v is None:
+            continue
+        if isinstance(v, DictConfig) and key.startswith("loss."):  # a schedule: check every value it reaches
+            sched = schedules.parse(key, OmegaConf.to_container(v, resolve=True))
+            for x in sched.values_reached():
+                if not range_ok(x):
+                    raise ConfigError(f"{key}: schedule reaches {x:g}; must be {valid}")
             continue
         if not type_ok(v) or not range_ok(v):
             raise ConfigError(f"{key}={v}: must be {valid}")
@@ -76,8 +84,18 @@ def _validate_names(cfg: DictConfig) -> None:
     from kdrun.models import MODELS
 
     for who in ("teacher", "student"):
-        MODELS.get(cfg[who].name, f"{who}.name")
+        source = cfg[who].get("source", "kdrun")
+        if source not in ("kdrun", "timm"):
+            raise ConfigError(f"{who}.source={source}: unknown model source; valid: kdrun, timm")
+        if source == "kdrun":
+            MODELS.get(cfg[who].name, f"{who}.name")
+    for key in ("peers", "assistants"):
+        for i, name in enumerate(cfg.scheme.get(key) or []):
+            MODELS.get(name, f"scheme.{key}[{i}]")
     DATASETS.get(cfg.dataset.name, "dataset.name")
+    from kdrun.schemes import SCHEMES
+
+    SCHEMES.get(cfg.scheme.name, "scheme.name")
 
 
 def loss_kwargs(loss_cfg) -> dict:

@@ -11,10 +11,12 @@ import csv
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 from kdrun.data.loader import Batch, TensorLoader
 from kdrun.errors import KdrunError
+from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 
 log = logging.getLogger("kdrun")
 
@@ -87,73 +90,147 @@ class StageResult:
     best_val_top1: float | None = None
     seconds: float = 0.0
     images_per_s: float = 0.0
+    resumed_from: str | None = None  # "epoch E step S" when the stage continued a checkpoint
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str) -> dict | None:
+    """A stage checkpoint, or None when absent; a corrupt one is an error naming the file."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise KdrunError(f"{path}: corrupt checkpoint ({type(e).__name__}); delete it to restart this stage") from None
 
 
 def train_stage(stage: str, model: nn.Module, objective: Objective, loader: TensorLoader, *,
-                epochs: int, optim_cfg, extra_params: list | None = None,
+                epochs: int, optim_cfg, modules: dict[str, nn.Module] | None = None,
                 val_loader: TensorLoader | None = None, run_dir: str = ".", log_every: int = 50,
-                on_epoch_start: Callable[[int], dict] | None = None) -> StageResult:
-    """Train ``model`` for ``epochs`` with ``objective``; checkpoint each epoch; log a CSV row each epoch.
+                checkpoint_every_steps: int = 0, fingerprint: str = "",
+                on_step: Callable[[int, int], dict] | None = None) -> StageResult:
+    """Train ``model`` for ``epochs`` with ``objective``; resumable at any epoch or checkpointed step.
 
-    ``extra_params``: other trainable parameters (a KD method's adapters).
-    ``on_epoch_start(epoch)`` may update schedules and returns values to log.
-    Writes ``{run_dir}/metrics_{stage}.csv`` and ``checkpoints/{stage}_last.pt``
-    (plus ``{stage}_best.pt`` when a validation split chooses a best epoch).
+    ``modules``: other trainable modules that belong to the stage (a KD method's
+    adapters); they train with the model and are saved in its checkpoints.
+    ``on_step(epoch, step)`` updates schedules before a step and returns the
+    values in effect (logged in the CSV row of the epoch). Writes
+    ``{run_dir}/metrics_{stage}.csv`` and ``checkpoints/{stage}_last.pt`` (every
+    epoch, and every ``checkpoint_every_steps`` steps) holding the whole state:
+    weights, optimiser, epoch and step, RNG states, partial sums and history;
+    plus ``{stage}_best.pt`` when a validation split chooses a best epoch. When
+    ``{stage}_last.pt`` exists the stage continues from it (or returns at once
+    when it is finished); ``fingerprint`` guards against resuming another config.
     """
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+    modules = modules or {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    params += [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim_cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    csv_path = os.path.join(run_dir, f"metrics_{stage}.csv")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
+    csv_path = os.path.join(run_dir, f"metrics_{stage}.csv")
+    last_path = os.path.join(ckpt_dir, f"{stage}_last.pt")
     result = StageResult()
-    rows_written = False
-    t0, seen = time.perf_counter(), 0
+    start_epoch, start_step, sums, seen, elapsed = 0, 0, {}, 0, 0.0
 
-    for epoch in range(epochs):
+    ckpt = load_checkpoint(last_path)
+    if ckpt is not None:
+        if ckpt.get("fingerprint") != fingerprint or ckpt.get("epochs") != epochs:
+            raise KdrunError(f"{last_path}: made by a different configuration of stage '{stage}'; "
+                             "use a new hydra.run.dir (or delete the checkpoint) to start over")
+        model.load_state_dict(ckpt["model"])
+        for name, m in modules.items():
+            m.load_state_dict(ckpt["modules"][name])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, start_step, seen, elapsed = ckpt["epoch"], ckpt["step"], ckpt["seen"], ckpt["seconds"]
+        sums = {k: v.to(loader.device) for k, v in ckpt["sums"].items()}
+        result.history, result.best_epoch, result.best_val_top1 = ckpt["history"], *ckpt["best"]
+        result.resumed_from = f"epoch {start_epoch + 1} step {start_step}"
+        _rewrite_csv(csv_path, result.history)
+        if start_epoch >= epochs:
+            log.info("%s: already finished (%s); not retrained", stage, last_path)
+        else:
+            log.info("%s: resuming from %s at epoch %d, step %d", stage, last_path, start_epoch + 1, start_step)
+
+    def save(epoch: int, step: int) -> None:
+        atomic_save({"stage": stage, "fingerprint": fingerprint, "epochs": epochs, "epoch": epoch, "step": step,
+                     "model": model.state_dict(), "modules": {k: m.state_dict() for k, m in modules.items()},
+                     "optimizer": optimizer.state_dict(), "rng": rng_state(), "seen": seen,
+                     "sums": {k: v.detach().cpu() for k, v in sums.items()}, "history": result.history,
+                     "best": (result.best_epoch, result.best_val_top1),
+                     "seconds": elapsed + time.perf_counter() - t0}, last_path)
+
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, epochs):
         lr = base_lrs[0] * lr_factor(optim_cfg, epoch, epochs)
         for g, base in zip(optimizer.param_groups, base_lrs):
             g["lr"] = base * lr_factor(optim_cfg, epoch, epochs)
-        logged = on_epoch_start(epoch) if on_epoch_start else {}
         model.train()
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), dtype=torch.long)
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"{stage} {epoch + 1}/{epochs}",
+        for m in modules.values():
+            m.train()
+        logged: dict = {}
+        first = start_step if epoch == start_epoch else 0
+        bar = tqdm(loader.epoch(epoch, first), total=len(loader), initial=first, desc=f"{stage} {epoch + 1}/{epochs}",
                    leave=False, dynamic_ncols=True, mininterval=1.0)
-        for step, batch in enumerate(bar):
+        for step, batch in enumerate(bar, start=first):
+            if on_step is not None:
+                logged = on_step(epoch, step)
             terms = objective(model, batch, epoch)
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            for k, v in terms.items():  # accumulate on device: no host sync per step
+            for k, v in terms.items():  # accumulate on the device: no host sync per step
                 sums[k] = sums.get(k, 0) + v.detach() * len(batch.y)
             seen += len(batch.y)
-            if (step + 1) % log_every == 0:  # one sync every log_every steps
+            maybe_kill(stage, epoch * len(loader) + step + 1)
+            if (step + 1) % log_every == 0:  # one host sync every log_every steps
                 value = float(loss.detach())
                 _check_finite(value, stage, epoch, step)
                 bar.set_postfix(loss=f"{value:.4f}")
+            if STOP.requested or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0
+                                  and step + 1 < len(loader)):
+                _check_finite(float(sum(sums.values())), stage, epoch, step)  # never checkpoint a NaN
+                save(epoch, step + 1)
+                if STOP.requested:
+                    raise Preempted(f"{stage}: stopped by {STOP.requested} at epoch {epoch + 1}, step {step + 1}; "
+                                    f"checkpoint saved, rerun the same command to resume (exit code {EXIT_PREEMPTED})")
+        bar.close()
         n = loader.num_samples if not loader.drop_last else len(loader) * loader.batch_size
         row = {"epoch": epoch + 1, "lr": lr, **logged}
         row.update({f"loss_{k}": float(v) / n for k, v in sums.items()})
         row["loss"] = sum(row[f"loss_{k}"] for k in sums)
         _check_finite(row["loss"], stage, epoch, len(loader) - 1)
+        sums = {}
         if val_loader is not None:
             row["val_top1"] = accuracy(predict(model, val_loader), val_loader.labels)[0]
+            if result.best_val_top1 is None or row["val_top1"] > result.best_val_top1:
+                result.best_epoch, result.best_val_top1 = epoch + 1, row["val_top1"]
+                atomic_save({"stage": stage, "epoch": epoch + 1, "model": model.state_dict()},
+                            os.path.join(ckpt_dir, f"{stage}_best.pt"))
         result.history.append(row)
-        _append_csv(csv_path, row, header=not rows_written)
-        rows_written = True
-        state = {"stage": stage, "epoch": epoch + 1, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict()}
-        atomic_save(state, os.path.join(ckpt_dir, f"{stage}_last.pt"))
-        if val_loader is not None and (result.best_val_top1 is None or row["val_top1"] > result.best_val_top1):
-            result.best_epoch, result.best_val_top1 = epoch + 1, row["val_top1"]
-            atomic_save({"stage": stage, "epoch": epoch + 1, "model": model.state_dict()},
-                        os.path.join(ckpt_dir, f"{stage}_best.pt"))
-        msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-        log.info("%s %s", stage, msg)
+        _append_csv(csv_path, row, header=len(result.history) == 1)
+        save(epoch + 1, 0)
+        log.info("%s %s", stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in row.items()))
 
-    result.seconds = time.perf_counter() - t0
+    result.seconds = elapsed + time.perf_counter() - t0
     result.images_per_s = seen / result.seconds if result.seconds > 0 else 0.0
     return result
 
@@ -162,6 +239,13 @@ def _check_finite(value: float, stage: str, epoch: int, step: int) -> None:
     if not math.isfinite(value):
         raise KdrunError(f"{stage}: non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; "
                          "the last good checkpoint is kept (lower optim.lr or check the data)")
+
+
+def _rewrite_csv(path: str, history: list[dict]) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+    for i, row in enumerate(history):
+        _append_csv(path, row, header=i == 0)
 
 
 def _append_csv(path: str, row: dict, header: bool) -> None:

@@ -1,7 +1,7 @@
 """Figures of a run: evaluation, model statistics, ``metrics.json`` and the summary table."""
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import os
 import platform
@@ -12,10 +12,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.engine import StageResult, accuracy, predict
-
-
-def stable_hash(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def stage_summary(res: StageResult) -> dict:
@@ -41,26 +37,41 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return round(100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item(), 3)
 
 
-def evaluate_all(teacher, student, baseline, test_loader, run_dir: str, stages: dict, build) -> dict:
-    """Test-set scores of the last-epoch weights, and of the validation-chosen best epoch where one exists."""
-    labels = test_loader.labels
-    t_logits = predict(teacher, test_loader)
-    out = {"teacher": _scores(t_logits, labels)}
-    for name, model in (("student", student), ("baseline", baseline)):
-        if model is None:
+def evaluate(run) -> dict:
+    """Test-set scores of every model of the run (last epoch; plus best-on-validation where chosen).
+
+    Agreement is the top-1 match rate with the model in the teacher role (or,
+    without one, with the student).
+    """
+    loader = run.test_loader
+    labels = loader.labels
+    logits = {name: predict(t.model, loader) for name, t in run.models.items()}
+    ref = run.roles.get("teacher") or run.roles.get("student")
+    out = {}
+    for name, trained in run.models.items():
+        scores = _scores(logits[name], labels)
+        if name != ref:
+            scores["agreement"] = agreement(logits[name], logits[ref])
+        if trained.stage is None:
+            out[name] = scores
             continue
-        logits = predict(model, test_loader)
-        out[name] = {"last": _scores(logits, labels) | {"agreement": agreement(logits, t_logits)}}
-        best = stages.get(name, {}).get("best_epoch")
+        out[name] = {"last": scores}
+        best = run.stages.get(trained.stage, {}).get("best_epoch")
         if best is not None:  # chosen on the held-out validation split, never on test
-            m = build()
-            ckpt = torch.load(os.path.join(run_dir, "checkpoints", f"{name}_best.pt"), map_location="cpu",
+            m = copy.deepcopy(trained.model)
+            ckpt = torch.load(os.path.join(run.ckpt_dir, f"{trained.stage}_best.pt"), map_location="cpu",
                               weights_only=True)
             m.load_state_dict(ckpt["model"])
-            logits = predict(m, test_loader)
-            out[name]["best_on_val"] = _scores(logits, labels) | {"agreement": agreement(logits, t_logits),
-                                                                 "epoch": best}
+            best_logits = predict(m, loader)
+            out[name]["best_on_val"] = _scores(best_logits, labels) | {"epoch": best}
+            if name != ref:
+                out[name]["best_on_val"]["agreement"] = agreement(best_logits, logits[ref])
     return out
+
+
+def last(scores: dict) -> dict:
+    """The last-epoch scores of a model entry (trained here or loaded)."""
+    return scores.get("last", scores)
 
 
 def model_stats(model: nn.Module, input_shape: tuple, name: str, latency: bool = True) -> dict:
@@ -79,7 +90,6 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     p = next(model.parameters(), None)
     if p is None or p.device.type == "cpu":
         return model
-    import copy
     return copy.deepcopy(model).cpu()
 
 
@@ -100,32 +110,48 @@ def _kdrun_version() -> str:
         return "unknown"
 
 
-def assemble(cfg, data, results: dict, stages: dict, timings: dict, device) -> dict:
-    t, s = results["models"]["teacher"], results["models"]["student"]
-    ratios = {"compression_params": round(t["params"] / s["params"], 3),
-              "compression_size": round(t["size_mb"] / s["size_mb"], 3),
-              "flops_ratio": round(t["flops"] / max(s["flops"], 1), 3)}
-    if "latency_ms_cpu_b1" in t:
-        ratios["speedup_cpu_b1"] = round(t["latency_ms_cpu_b1"] / s["latency_ms_cpu_b1"], 3)
+def assemble(run, results: dict) -> dict:
+    cfg, data, roles = run.cfg, run.data, run.roles
+    input_shape = (data.in_chans, data.image_size, data.image_size)
+    models = {role: model_stats(run.models[name].model, input_shape, run.models[name].mcfg.name,
+                                latency=cfg.trainer.latency)
+              for role, name in roles.items() if role in ("teacher", "student")}
+    test = dict(results)
+    test.setdefault("student", results[roles["student"]])  # online: the chosen peer
     metrics = {
         "status": "complete",
         "seed": cfg.trainer.seed,
-        "device": str(device),
+        "device": str(run.device),
+        "scheme": cfg.scheme.name,
+        "roles": roles,
         "dataset": {"name": data.name, "identity": data.identity, "num_classes": data.num_classes,
-                    "train": len(data.train), "test": len(data.test),
-                    "val_fraction": float(cfg.trainer.val_fraction)},
+                    "train": len(run.train_set), "val": len(run.val_set) if run.val_set else 0,
+                    "test": len(data.test), "val_fraction": float(cfg.trainer.val_fraction)},
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
-        "test": {k: v for k, v in results.items() if k != "models"},
-        "models": results["models"],
-        "ratios": ratios,
-        "stages": stages,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "test": test,
+        "models": models,
+        "ratios": ratios(models),
+        "stages": run.stages,
+        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
+        "store": run.store_refs,
         "versions": versions(),
         "command": " ".join(sys.argv),
     }
-    if "baseline" in results:
-        metrics["kd_gain_top1"] = round(results["student"]["last"]["top1"] - results["baseline"]["last"]["top1"], 3)
+    if "baseline" in roles:
+        metrics["kd_gain_top1"] = round(last(test["student"])["top1"] - last(results[roles["baseline"]])["top1"], 3)
     return metrics
+
+
+def ratios(models: dict) -> dict:
+    if "teacher" not in models:
+        return {}
+    t, s = models["teacher"], models["student"]
+    out = {"compression_params": round(t["params"] / s["params"], 3),
+           "compression_size": round(t["size_mb"] / s["size_mb"], 3),
+           "flops_ratio": round(t["flops"] / max(s["flops"], 1), 3)}
+    if "latency_ms_cpu_b1" in t:
+        out["speedup_cpu_b1"] = round(t["latency_ms_cpu_b1"] / s["latency_ms_cpu_b1"], 3)
+    return out
 
 
 def write_json(obj: dict, path: str) -> None:
@@ -138,8 +164,9 @@ def write_json(obj: dict, path: str) -> None:
 
 
 def summary_table(m: dict) -> str:
-    """The short table printed at the end of a run."""
-    test, models, r = m["test"], m["models"], m["ratios"]
+    """The short table printed at the end of a run: one row per model, roles labelled."""
+    test, models, r, roles = m["test"], m["models"], m["ratios"], m["roles"]
+    label_of = {name: role for role, name in roles.items()}
 
     def row(label, scores, stats=None):
         top5 = f"{scores['top5']:6.2f}" if "top5" in scores else "     -"
@@ -148,25 +175,28 @@ def summary_table(m: dict) -> str:
         if stats:
             lat = f"{stats['latency_ms_cpu_b1']:8.3f}" if "latency_ms_cpu_b1" in stats else "       -"
             extra = f" {stats['params'] / 1e6:8.3f} {stats['flops'] / 1e6:9.2f} {stats['size_mb']:8.3f} {lat}"
-        return f"{label:<22} {scores['top1']:6.2f} {top5} {scores['errors']:6d} {agree}{extra}"
+        return f"{label[:30]:<30} {scores['top1']:6.2f} {top5} {scores['errors']:6d} {agree}{extra}"
 
-    lines = [f"{'':<22} {'top1':>6} {'top5':>6} {'errors':>6} {'agree':>6} {'params M':>8} "
-             f"{'MFLOPs':>9} {'MB':>8} {'ms/img':>8}",
-             row(f"teacher {models['teacher']['name']}", test["teacher"], models["teacher"]),
-             row(f"student {models['student']['name']} (KD)", test["student"]["last"], models["student"])]
-    if "best_on_val" in test["student"]:
-        b = test["student"]["best_on_val"]
-        lines.append(row(f"  best-on-val (ep {b['epoch']})", b))
-    if "baseline" in test:
-        lines.append(row("baseline (CE only)", test["baseline"]["last"]))
-        if "best_on_val" in test["baseline"]:
-            b = test["baseline"]["best_on_val"]
+    lines = [f"{'':<30} {'top1':>6} {'top5':>6} {'errors':>6} {'agree':>6} {'params M':>8} "
+             f"{'MFLOPs':>9} {'MB':>8} {'ms/img':>8}"]
+    for name, scores in test.items():
+        if name == "student" and roles.get("student") != "student":
+            continue  # an alias of the chosen peer
+        role = label_of.get(name)
+        stats = models.get(role) if role in ("teacher", "student") else None
+        label = name if role is None or role == name else f"{name} ({role})"
+        if stats:
+            label += f" {stats['name']}"
+        lines.append(row(label, last(scores), stats))
+        if "best_on_val" in scores:
+            b = scores["best_on_val"]
             lines.append(row(f"  best-on-val (ep {b['epoch']})", b))
-    tail = (f"test split of {m['dataset']['name']} ({m['dataset']['test']} images), last epoch; "
-            f"compression {r['compression_params']:.1f}x params")
+    tail = f"test split of {m['dataset']['name']} ({m['dataset']['test']} images), last epoch"
+    if r:
+        tail += f"; compression {r['compression_params']:.1f}x params"
     if "speedup_cpu_b1" in r:
         tail += f", CPU speed-up {r['speedup_cpu_b1']:.2f}x at batch 1"
     if "kd_gain_top1" in m:
-        tail += f", KD gain {m['kd_gain_top1']:+.2f} pt top-1"
+        tail += f", KD gain {m['kd_gain_top1']:+.2f} pt top-1 over {roles['baseline']}"
     tail += f"; {m['timings_s']['total']:.1f} s"
     return "\n".join(lines + [tail])

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from kdrun.config import validate
 from kdrun.errors import KdrunError
+from kdrun.preempt import install_handlers
 
 log = logging.getLogger("kdrun")
 
@@ -21,6 +22,10 @@ def hydra_train(cfg: DictConfig) -> float:
     from kdrun import report, train
 
     run_dir = HydraConfig.get().runtime.output_dir
+    install_handlers()
+    for stale in ("FAILED", "metrics.json"):  # a rerun in the same directory resumes: not complete yet
+        if os.path.exists(os.path.join(run_dir, stale)):
+            os.remove(os.path.join(run_dir, stale))
     try:
         validate(cfg)
         metrics = train.run(cfg, run_dir)

@@ -1,8 +1,11 @@
-"""``kdrun train``: teacher -> logit cache -> distilled student -> baseline -> evaluation.
+"""``kdrun train``: data -> scheme (teacher, logit cache, students) -> evaluation -> metrics.
 
-Each stage is a few lines here; the loop itself lives in :mod:`kdrun.engine`,
-the student's objective in :mod:`kdrun.distill`, the figures in
-:mod:`kdrun.report`.
+:func:`run` is the recipe, top to bottom. The building blocks a scheme
+combines live on :class:`Run`: ``teacher()`` (train, reuse from the store, or
+load a checkpoint), ``logits()`` (the logit cache), ``distil()`` (a student
+trained with the configured KD method), ``ce_model()`` (a model trained with CE
+alone, e.g. the baseline). The loop itself is :func:`kdrun.engine.train_stage`;
+the student's objective is :class:`kdrun.distill.Distill`.
 """
 from __future__ import annotations
 
@@ -10,22 +13,24 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdrun import report
+from kdrun import report, schedules
 from kdrun.cache import build_logit_cache, cached_teacher_logits
 from kdrun.config import loss_kwargs
 from kdrun.data import DATASETS, DataBundle, ImageSet
 from kdrun.data.loader import Augment, Normalize, TensorLoader
 from kdrun.distill import Distill, probe_shapes
-from kdrun.engine import accuracy, atomic_save, cross_entropy, predict, train_stage
+from kdrun.engine import StageResult, atomic_save, cross_entropy, train_stage
 from kdrun.errors import ConfigError
 from kdrun.losses import LOSSES
 from kdrun.models import build_model
+from kdrun.store import Store, key_of, link_into
 
 log = logging.getLogger("kdrun")
 
@@ -44,6 +49,8 @@ def pick_device(name: str) -> torch.device:
 
 def load_dataset(dcfg) -> DataBundle:
     kw = OmegaConf.to_container(dcfg, resolve=True)
+    for k in ("mean", "std", "augment"):  # used by the loaders, not by the factory
+        kw.pop(k, None)
     return DATASETS.get(kw.pop("name"), "dataset.name")(**kw)
 
 
@@ -56,21 +63,14 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
 
 
-def build_from_cfg(who: str, mcfg, data: DataBundle) -> nn.Module:
-    kwargs = OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {}
-    model = build_model(mcfg.name, data.num_classes, data.in_chans, data.image_size, key=f"{who}.name", **kwargs)
-    if mcfg.get("pretrained"):
-        state = torch.load(mcfg.pretrained, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state))
-    return model
-
-
-def teacher_identity(tcfg, data: DataBundle) -> dict:
-    return {"arch": tcfg.name, "kwargs": OmegaConf.to_container(tcfg.kwargs, resolve=True),
+def model_identity(mcfg, data: DataBundle) -> dict:
+    return {"arch": mcfg.name, "source": mcfg.get("source", "kdrun"),
+            "kwargs": OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {},
             "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size}
 
 
-def load_teacher(path: str, model: nn.Module, want: dict) -> None:
+def load_teacher(path: str, model: nn.Module, want: dict) -> dict:
+    """Load a kdrun teacher checkpoint into ``model``; refuse another architecture or class count."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -82,117 +82,248 @@ def load_teacher(path: str, model: nn.Module, want: dict) -> None:
         raise ConfigError(f"teacher.checkpoint={path}: holds {have['arch']} for {have['num_classes']} classes, "
                           f"but this run's teacher is {want['arch']} for {want['num_classes']} classes")
     model.load_state_dict(ckpt["model"])
+    return ckpt.get("summary", {})
+
+
+@dataclass
+class Trained:
+    """A model the run evaluates: its weights, config and the stage that trained it."""
+
+    model: nn.Module
+    mcfg: DictConfig
+    stage: str | None  # None when loaded, not trained here
+
+
+class Run:
+    """Everything one run shares: config, device, data, loaders, output directory, artifact store."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str):
+        self.cfg, self.run_dir = cfg, run_dir
+        tr = self.tr = cfg.trainer
+        self.device = pick_device(tr.device)
+        if tr.get("deterministic"):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(tr.seed)
+        self.timings: dict[str, float] = {}
+        self.stages: dict[str, dict] = {}
+        self.models: dict[str, Trained] = {}
+        self.roles: dict[str, str] = {}  # teacher/student/baseline -> model name
+        self.store_refs: dict[str, str] = {}
+        self.store = Store(cfg.store.dir) if cfg.store.enabled else None
+        self.ckpt_dir = os.path.join(run_dir, "checkpoints")
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        self.fingerprint = key_of(OmegaConf.to_container(cfg, resolve=True))
+
+        t0 = time.perf_counter()
+        self.data = load_dataset(cfg.dataset)
+        self.train_set, self.val_set = split_validation(self.data.train, float(tr.val_fraction), tr.seed)
+        self.timings["data"] = time.perf_counter() - t0
+        log.info("data: %s, %d train / %d val / %d test images, %d classes, %dx%dx%d", self.data.name,
+                 len(self.train_set), len(self.val_set) if self.val_set else 0, len(self.data.test),
+                 self.data.num_classes, self.data.in_chans, self.data.image_size, self.data.image_size)
+        self.norm = Normalize(cfg.dataset.mean, cfg.dataset.std, self.data.in_chans, self.device)
+        aug = cfg.dataset.get("augment") or {}
+        self.augment = Augment(int(aug.get("crop_pad", 0)), bool(aug.get("flip", False)), tr.seed)
+        self.val_loader = self.eval_loader(self.val_set)
+        self.test_loader = self.eval_loader(self.data.test)
+
+    # ---------------------------------------------------------------- loaders and models
+
+    def train_loader(self, views: int | None = None) -> TensorLoader:
+        """Shuffled, augmented batches; ``views``: None fresh views, K > 0 one of K cached views, 0 plain."""
+        return TensorLoader(self.train_set, self.tr.batch_size, self.norm, self.augment, shuffle=True,
+                            seed=self.tr.seed, device=self.device, views=views)
+
+    def eval_loader(self, split: ImageSet | None) -> TensorLoader | None:
+        if split is None:
+            return None
+        return TensorLoader(split, self.tr.eval_batch_size, self.norm, shuffle=False, device=self.device, views=0)
+
+    def build(self, who: str, mcfg) -> nn.Module:
+        """A fresh model for ``mcfg`` (``who`` names its config key in errors), seeded like every other."""
+        seed_everything(self.tr.seed)
+        ident = model_identity(mcfg, self.data)
+        model = build_model(mcfg.name, ident["num_classes"], ident["in_chans"], ident["image_size"],
+                            key=f"{who}.name", source=ident["source"], **ident["kwargs"])
+        if mcfg.get("pretrained"):
+            state = torch.load(mcfg.pretrained, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("model", state))
+        return model.to(self.device)
+
+    def record(self, name: str, model: nn.Module, mcfg, stage: str | None) -> None:
+        self.models[name] = Trained(model, mcfg, stage)
+
+    def fit(self, stage: str, model: nn.Module, objective, *, epochs: int, optim_cfg=None,
+            modules: dict | None = None, loader: TensorLoader | None = None, on_step=None) -> StageResult:
+        """Train one stage (resuming its checkpoint if there is one) and note its summary and time."""
+        res = train_stage(stage, model, objective, loader or self.train_loader(), epochs=epochs,
+                          optim_cfg=optim_cfg if optim_cfg is not None else self.cfg.optim, modules=modules,
+                          val_loader=self.val_loader, run_dir=self.run_dir, log_every=self.tr.log_every,
+                          checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
+                          fingerprint=f"{self.fingerprint}-{stage}", on_step=on_step)
+        self.stages[stage] = report.stage_summary(res)
+        self.timings[stage] = res.seconds
+        return res
+
+    def export(self, stage: str, model: nn.Module, mcfg, extra: dict | None = None) -> str:
+        """Write ``checkpoints/{stage}.pt``: the model alone (plus its identity), ready to ship."""
+        path = os.path.join(self.ckpt_dir, f"{stage}.pt")
+        atomic_save({"identity": model_identity(mcfg, self.data), "model": model.state_dict(), **(extra or {})},
+                    path)
+        return path
+
+    # ---------------------------------------------------------------- building blocks of schemes
+
+    def teacher_recipe(self) -> dict:
+        """Everything that determines the trained teacher (its artifact-store key)."""
+        cfg = self.cfg
+        return {"model": model_identity(cfg.teacher, self.data), "pretrained": cfg.teacher.get("pretrained"),
+                "data": self.data.identity, "train": len(self.train_set), "val_fraction": float(self.tr.val_fraction),
+                "optim": OmegaConf.to_container(self.teacher_optim(), resolve=True),
+                "epochs": self.tr.teacher_epochs, "batch_size": self.tr.batch_size, "seed": self.tr.seed,
+                "augment": [self.augment.crop_pad, self.augment.flip], "torch": torch.__version__.split("+")[0],
+                "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)], "device": self.device.type}
+
+    def teacher_optim(self):
+        return OmegaConf.merge(self.cfg.optim, self.cfg.teacher.get("optim") or {})
+
+    def teacher(self) -> nn.Module:
+        """The trained teacher: from ``teacher.checkpoint``, from the store, or trained here (and stored)."""
+        tcfg = self.cfg.teacher
+        model = self.build("teacher", tcfg)
+        ident = model_identity(tcfg, self.data)
+        final = os.path.join(self.ckpt_dir, "teacher.pt")
+        if tcfg.checkpoint:
+            load_teacher(tcfg.checkpoint, model, ident)
+            log.info("teacher: loaded %s from %s", tcfg.name, tcfg.checkpoint)
+            self.stages["teacher"] = {"source": str(tcfg.checkpoint)}
+            self.teacher_key = key_of({"checkpoint": os.path.abspath(tcfg.checkpoint),
+                                       "mtime": os.path.getmtime(tcfg.checkpoint)})
+        elif self.store is None:
+            self.teacher_key = key_of(self.teacher_recipe())
+            self._train_teacher(model, final)
+        else:
+            recipe = self.teacher_recipe()
+            self.teacher_key = key = key_of(recipe)
+            self.store_refs["teacher"] = key
+            with self.store.lock("teacher", key):
+                entry = self.store.get("teacher", key)
+                if entry is not None:
+                    summary = load_teacher(entry.file("teacher.pt"), model, ident)
+                    link_into(entry.file("teacher.pt"), final)
+                    link_into(entry.file("metrics_teacher.csv"), os.path.join(self.run_dir, "metrics_teacher.csv"))
+                    log.info("teacher: reused %s from the store (%s); not retrained", tcfg.name, entry.path)
+                    self.stages["teacher"] = summary | {"source": "store", "store_key": key}
+                else:
+                    self._train_teacher(model, final)
+                    files = {"teacher.pt": final, "metrics_teacher.csv": os.path.join(self.run_dir,
+                                                                                      "metrics_teacher.csv")}
+                    entry = self.store.publish("teacher", key, files, recipe)
+                    log.info("teacher: stored as %s", entry.path)
+        model.eval().requires_grad_(False)
+        self.record("teacher", model, tcfg, None)  # reported at its last epoch
+        self.roles["teacher"] = "teacher"
+        return model
+
+    def _train_teacher(self, model: nn.Module, final: str) -> None:
+        self.fit("teacher", model, cross_entropy, epochs=self.tr.teacher_epochs, optim_cfg=self.teacher_optim())
+        self.export("teacher", model, self.cfg.teacher, {"summary": self.stages["teacher"]})
+
+    def logits(self, teacher: nn.Module, name: str, key: str | None) -> torch.Tensor:
+        """The teacher's logits on the training split (K replayable views): from the store, the run, or built."""
+        views = int(self.cfg.cache.views)
+        path = os.path.join(self.run_dir, f"{name}_logits.pt")
+        recipe = {"teacher": key, "data": self.data.identity, "train": len(self.train_set), "views": views,
+                  "augment": [self.augment.crop_pad, self.augment.flip, self.augment.seed],
+                  "normalize": [list(self.cfg.dataset.mean), list(self.cfg.dataset.std)]}
+        ckey = key_of(recipe)
+
+        def build():
+            return build_logit_cache(teacher, self.train_set, self.norm, self.augment, views,
+                                     self.tr.eval_batch_size, self.device)
+
+        if self.store is None or key is None:
+            logits, info = cached_teacher_logits(path, ckey, build)
+        else:
+            self.store_refs["logits"] = ckey
+            with self.store.lock("logits", ckey):
+                entry = self.store.get("logits", ckey)
+                if entry is not None:
+                    link_into(entry.file("logits.pt"), path)
+                logits, info = cached_teacher_logits(path, ckey, build)
+                if entry is None:
+                    self.store.publish("logits", ckey, {"logits.pt": path}, recipe, link=True)
+                elif info["reused"]:
+                    info["source"] = "store"
+        self.stages[f"cache_{name}" if name != "teacher" else "cache"] = info | {"views": views,
+                                                                                 "file": os.path.basename(path)}
+        self.timings["cache"] = self.timings.get("cache", 0.0) + info["seconds"]
+        return logits
+
+    def distil(self, stage: str, mcfg, teacher: nn.Module, teacher_name: str = "teacher",
+               teacher_key: str | None = None, who: str = "student") -> nn.Module:
+        """A student of config ``mcfg`` distilled from ``teacher`` with the configured KD method."""
+        static, scheds = schedules.split(loss_kwargs(self.cfg.loss))
+        method = LOSSES.get(self.cfg.loss.name, "loss.name")(**static)
+        student = self.build(who, mcfg)
+        views = int(self.cfg.cache.views)
+        common = dict(epochs=self.tr.epochs, num_samples=len(self.train_set))
+        if method.needs_teacher_features:
+            if not (method.teacher_layers or method.student_layers):
+                method.teacher_layers, method.student_layers = method.default_layers(
+                    list(teacher.feature_points), list(student.feature_points))
+            log.info("%s: %s needs teacher features %s -> the teacher runs online (no logit cache)",
+                     stage, self.cfg.loss.name, method.teacher_layers)
+            objective = Distill(method, teacher=teacher, **common)
+            loader = self.train_loader(None)  # fresh augmentation; teacher sees the same batch
+        else:
+            logits = self.logits(teacher, teacher_name, teacher_key)
+            log.info("%s: %s needs only teacher logits -> read from the logit cache (teacher not run)",
+                     stage, self.cfg.loss.name)
+            objective = Distill(method, cached_logits=logits.to(self.device), **common)
+            loader = self.train_loader(views)  # replays view v of each sample (K=0: the plain image)
+        x_probe = self.norm(self.train_set.images[:2].to(self.device))
+        method.build(probe_shapes(teacher, method.teacher_layers, x_probe),
+                     probe_shapes(student, method.student_layers, x_probe), len(self.train_set))
+        method.to(self.device)
+
+        def on_step(epoch: int, step: int) -> dict:
+            values = {}
+            for k, sch in scheds.items():
+                values[k] = sch.at(epoch, step, self.tr.epochs, len(loader))
+                setattr(method, k, values[k])
+            return values
+
+        self.fit(stage, student, objective, epochs=self.tr.epochs, modules={"loss": method}, loader=loader,
+                 on_step=on_step if scheds else None)
+        self.export(stage, student, mcfg, {"loss_state": method.state_dict()})
+        self.record(stage, student, mcfg, stage)
+        return student
+
+    def ce_model(self, stage: str, mcfg, who: str = "student") -> nn.Module:
+        """A model trained from scratch with CE only (same init, budget and seed as the students)."""
+        model = self.build(who, mcfg)
+        self.fit(stage, model, cross_entropy, epochs=self.tr.epochs)
+        self.export(stage, model, mcfg)
+        self.record(stage, model, mcfg, stage)
+        return model
 
 
 def run(cfg: DictConfig, run_dir: str) -> dict:
     """The whole pipeline; returns the metrics written to ``run_dir/metrics.json``."""
+    from kdrun.schemes import SCHEMES
+
     t_start = time.perf_counter()
-    tr = cfg.trainer
-    device = pick_device(tr.device)
-    seed_everything(tr.seed)
-    timings: dict[str, float] = {}
+    r = Run(cfg, run_dir)
+    report.write_json({"store": r.store.root if r.store else None, "refs": r.store_refs},
+                      os.path.join(run_dir, "store_refs.json"))
+    SCHEMES.get(cfg.scheme.name, "scheme.name")(r)  # trains teacher(s) and students, fills r.models / r.roles
+    report.write_json({"store": r.store.root if r.store else None, "refs": r.store_refs},
+                      os.path.join(run_dir, "store_refs.json"))
 
-    # ---- data: decoded once into uint8 tensors; batches are sampled from memory
     t0 = time.perf_counter()
-    data = load_dataset(cfg.dataset)
-    train_set, val_set = split_validation(data.train, float(tr.val_fraction), tr.seed)
-    timings["data"] = time.perf_counter() - t0
-    log.info("data: %s, %d train / %d val / %d test images, %d classes, %dx%dx%d", data.name, len(train_set),
-             len(val_set) if val_set else 0, len(data.test), data.num_classes, data.in_chans,
-             data.image_size, data.image_size)
-    norm = Normalize(cfg.dataset.mean, cfg.dataset.std, data.in_chans, device)
-    aug_cfg = cfg.dataset.get("augment") or {}
-    augment = Augment(int(aug_cfg.get("crop_pad", 0)), bool(aug_cfg.get("flip", False)), tr.seed)
-
-    def train_loader(views=None) -> TensorLoader:
-        return TensorLoader(train_set, tr.batch_size, norm, augment, shuffle=True, seed=tr.seed,
-                            device=device, views=views)
-
-    def eval_loader(split: ImageSet | None) -> TensorLoader | None:
-        if split is None:
-            return None
-        return TensorLoader(split, tr.eval_batch_size, norm, shuffle=False, device=device, views=0)
-
-    val_loader, test_loader = eval_loader(val_set), eval_loader(data.test)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    os.makedirs(ckpt_dir, exist_ok=True)
-    stages: dict[str, dict] = {}
-
-    # ---- 1. teacher: train with CE, or load a trained one
-    teacher = build_from_cfg("teacher", cfg.teacher, data).to(device)
-    ident = teacher_identity(cfg.teacher, data)
-    if cfg.teacher.checkpoint:
-        load_teacher(cfg.teacher.checkpoint, teacher, ident)
-        log.info("teacher: loaded %s from %s", cfg.teacher.name, cfg.teacher.checkpoint)
-        stages["teacher"] = {"source": cfg.teacher.checkpoint}
-    else:
-        optim_cfg = OmegaConf.merge(cfg.optim, cfg.teacher.get("optim") or {})
-        res = train_stage("teacher", teacher, cross_entropy, train_loader(), epochs=tr.teacher_epochs,
-                          optim_cfg=optim_cfg, val_loader=val_loader, run_dir=run_dir, log_every=tr.log_every)
-        stages["teacher"] = report.stage_summary(res)
-        timings["teacher"] = res.seconds
-    atomic_save({"identity": ident, "model": teacher.state_dict()}, os.path.join(ckpt_dir, "teacher.pt"))
-    teacher.eval().requires_grad_(False)
-
-    # ---- 2. the KD method, and the teacher's logits from the cache when it needs nothing else
-    method = LOSSES.get(cfg.loss.name, "loss.name")(**loss_kwargs(cfg.loss))
-    seed_everything(tr.seed)
-    student = build_from_cfg("student", cfg.student, data).to(device)
-    views = int(cfg.cache.views)
-    objective_kw = dict(epochs=tr.epochs, num_samples=len(train_set))
-    if method.needs_teacher_features:
-        if not (method.teacher_layers or method.student_layers):
-            method.teacher_layers, method.student_layers = method.default_layers(
-                list(teacher.feature_points), list(student.feature_points))
-        log.info("student: %s needs teacher features %s -> the teacher runs online (no logit cache)",
-                 cfg.loss.name, method.teacher_layers)
-        objective = Distill(method, teacher=teacher, **objective_kw)
-    else:
-        key = f"{report.stable_hash(ident)}-{data.identity}-n{len(train_set)}-v{views}-s{tr.seed}"
-        cache_path = os.path.join(run_dir, "teacher_logits.pt")
-        logits, info = cached_teacher_logits(cache_path, key, lambda: build_logit_cache(
-            teacher, train_set, norm, augment, views, tr.eval_batch_size, device))
-        stages["cache"] = info | {"views": views, "file": "teacher_logits.pt"}
-        timings["cache"] = info["seconds"]
-        log.info("student: %s needs only teacher logits -> read from the logit cache (teacher not run)",
-                 cfg.loss.name)
-        objective = Distill(method, cached_logits=logits.to(device), **objective_kw)
-    x_probe = norm(train_set.images[:2].to(device))
-    method.build(probe_shapes(teacher, method.teacher_layers, x_probe),
-                 probe_shapes(student, method.student_layers, x_probe), len(train_set))
-    method.to(device)
-
-    # ---- 3. student: distil
-    # cached logits: replay view v of each sample (K=0: the plain image); online teacher: fresh views
-    student_loader = train_loader(None if method.needs_teacher_features else views)
-    res = train_stage("student", student, objective, student_loader,
-                      epochs=tr.epochs, optim_cfg=cfg.optim, extra_params=list(method.parameters()),
-                      val_loader=val_loader, run_dir=run_dir, log_every=tr.log_every)
-    stages["student"] = report.stage_summary(res)
-    timings["student"] = res.seconds
-    atomic_save({"model": student.state_dict(), "loss": method.state_dict()}, os.path.join(ckpt_dir, "student.pt"))
-
-    # ---- 4. baseline: the same student from the same init, CE only
-    baseline = None
-    if cfg.baseline:
-        seed_everything(tr.seed)
-        baseline = build_from_cfg("student", cfg.student, data).to(device)
-        res = train_stage("baseline", baseline, cross_entropy, train_loader(), epochs=tr.epochs,
-                          optim_cfg=cfg.optim, val_loader=val_loader, run_dir=run_dir, log_every=tr.log_every)
-        stages["baseline"] = report.stage_summary(res)
-        timings["baseline"] = res.seconds
-        atomic_save({"model": baseline.state_dict()}, os.path.join(ckpt_dir, "baseline.pt"))
-
-    # ---- 5. evaluate on the test split (last epoch; best-on-validation where there is a validation split)
-    t0 = time.perf_counter()
-    results = report.evaluate_all(teacher, student, baseline, test_loader, run_dir, stages, build=lambda: (
-        build_from_cfg("student", cfg.student, data).to(device)))
-    input_shape = (data.in_chans, data.image_size, data.image_size)
-    results["models"] = {
-        "teacher": report.model_stats(teacher, input_shape, cfg.teacher.name, latency=tr.latency),
-        "student": report.model_stats(student, input_shape, cfg.student.name, latency=tr.latency),
-    }
-    timings["evaluate"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    metrics = report.assemble(cfg, data, results, stages, timings, device)
-    return metrics
+    results = report.evaluate(r)
+    r.timings["evaluate"] = time.perf_counter() - t0
+    r.timings["total"] = time.perf_counter() - t_start
+    return report.assemble(r, results)

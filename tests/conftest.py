@@ -1,10 +1,13 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 KDRUN = [sys.executable, "-m", "kdrun.cli"]
+# runs started by tests keep their outputs/ (and the default artifact store) out of the repository
+WORKDIR = tempfile.mkdtemp(prefix="kdrun-tests-")
 
 
 def run_kdrun(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
@@ -13,7 +16,7 @@ def run_kdrun(*args: str, cwd=None, env=None, timeout=300) -> subprocess.Complet
     full_env.pop("HYDRA_FULL_ERROR", None)
     if env and "HYDRA_FULL_ERROR" in env:
         full_env["HYDRA_FULL_ERROR"] = env["HYDRA_FULL_ERROR"]
-    return subprocess.run([*KDRUN, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*KDRUN, *args], cwd=cwd or WORKDIR, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -82,7 +82,7 @@ def test_logit_cache_matches_the_teacher(smoke_run):
 def test_summary_printed(smoke_run):
     _, p = smoke_run
     out = p.stdout + p.stderr
-    assert "teacher resnet8" in out and "baseline (CE only)" in out and "compression" in out
+    assert "teacher resnet8" in out and "student resnet8" in out and "KD gain" in out and "compression" in out
 
 
 def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):

@@ -48,7 +48,7 @@ def decode_image(path: str, image_size: int, in_chans: int) -> np.ndarray:
             im = im.convert("L" if in_chans == 1 else "RGB")
             if im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            a = np.asarray(im)
+            a = np.array(im)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     return a[None] if in_chans == 1 else a.transpose(2, 0, 1)

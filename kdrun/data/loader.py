@@ -7,10 +7,11 @@ can be rebuilt in the student stage (``cache.views=K``), and a resumed run
 sees the same batches as an uninterrupted one.
 
 On a GPU the whole uint8 tensor sits on the device and crop/flip/normalise run
-there; on a CPU the same code runs on the CPU.
+there; on a CPU the same code runs on the CPU, one thread per batch (:func:`single_thread`).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -56,21 +57,23 @@ class Augment:
         return dy, dx, flip
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        """Augment a uint8 batch [B, C, H, W]; returns uint8 of the same shape."""
+        """Augment a uint8 batch [B, C, H, W]; returns uint8 of the same shape.
+
+        Pad, crop and flip are one gather: every output pixel reads its source pixel, or a zero
+        appended after the last one where the crop window reaches into the padding.
+        """
         if not self.enabled:
             return images
         dy, dx, flip = self.params(index.to(images.device), view.to(images.device))
         B, C, H, W = images.shape
-        p = self.crop_pad
-        if p:
-            padded = F.pad(images, (p, p, p, p))
-            rows = (dy[:, None] + torch.arange(H, device=images.device))[:, :, None]  # [B, H, 1]
-            cols = (dx[:, None] + torch.arange(W, device=images.device))[:, None, :]  # [B, 1, W]
-            b = torch.arange(B, device=images.device)[:, None, None]
-            images = padded.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)  # [B, C, H, W]
-        if self.flip:
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images.contiguous()
+        dev, p = images.device, self.crop_pad
+        rows = dy[:, None] - p + torch.arange(H, device=dev)  # [B, H] source row of each output row
+        j = torch.arange(W, device=dev)
+        cols = dx[:, None] - p + torch.where(flip[:, None], W - 1 - j, j)  # [B, W]
+        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+        src = torch.where(inside, rows[:, :, None] * W + cols[:, None, :], H * W)  # [B, H, W]; H*W: the zero
+        flat = F.pad(images.reshape(B, C, H * W), (0, 1))
+        return flat.gather(2, src.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
 
 class Normalize:
@@ -83,7 +86,7 @@ class Normalize:
             raise ValueError(f"mean has {self.mean.shape[1]} channels, data has {in_chans}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float().div_(255.0) - self.mean) / self.std
+        return x.float().div_(255.0).sub_(self.mean).div_(self.std)
 
 
 @dataclass
@@ -92,6 +95,32 @@ class Batch:
     y: torch.Tensor  # labels [B]
     index: torch.Tensor  # positions in the split [B]
     view: torch.Tensor  # augmentation view of each sample [B]
+
+
+@contextmanager
+def single_thread(device: torch.device):
+    """On the CPU, run the enclosed (small, per-batch) ops on one thread, then restore the thread count.
+
+    A batch's uint8 gathers are far too small to gain from intra-op threads; forking and joining
+    them costs more than the work, and many times more when other processes share the cores.
+    """
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, view: torch.Tensor,
+               augment: Augment | None, normalize: Normalize) -> Batch:
+    """Augment (if any) and normalise uint8 ``images`` of samples ``idx`` under views ``view``."""
+    if augment is not None:
+        images = augment(images, idx, view)
+    return Batch(normalize(images), labels, idx, view)
 
 
 def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, views: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,8 +175,7 @@ class TensorLoader:
         order, views = order.to(self.device), views.to(self.device)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            view = views[idx]
-            images = self.images[idx]
-            if self.augment is not None:
-                images = self.augment(images, idx, view)
-            yield Batch(self.normalize(images), self.labels[idx], idx, view)
+            with single_thread(self.device):
+                images = self.images.index_select(0, idx)
+                batch = make_batch(images, self.labels[idx], idx, views[idx], self.augment, self.normalize)
+            yield batch

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdrun.data.base import FileSet
 from kdrun.data.decode import decode_image
-from kdrun.data.loader import Augment, Batch, Normalize, epoch_plan
+from kdrun.data.loader import Augment, Batch, Normalize, epoch_plan, make_batch, single_thread
 from kdrun.errors import ConfigError
 
 MODES = ("auto", "memory", "stream")
@@ -78,8 +78,7 @@ class StreamLoader:
         views = views.to(self.device)
         for idx, images in zip(steps, loader):
             idx = idx.to(self.device)
-            images = images.to(self.device, non_blocking=True)
-            view = views[idx]
-            if self.augment is not None:
-                images = self.augment(images, idx, view)
-            yield Batch(self.normalize(images), self.labels[idx], idx, view)
+            with single_thread(self.device):
+                batch = make_batch(images.to(self.device, non_blocking=True), self.labels[idx], idx, views[idx],
+                                   self.augment, self.normalize)
+            yield batch

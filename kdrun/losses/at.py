@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.losses.adapters import pool_to_smaller
-from kdrun.losses.base import FeatureLoss, check, register_loss
+from kdrun.losses.base import FeatureLoss, check, register_loss, shared_stages
 
 
 @register_loss("at")
@@ -26,9 +26,7 @@ class AT(FeatureLoss):
         self.p = p
 
     def default_layers(self, teacher_points, student_points):
-        stages = [n for n in teacher_points if n.startswith("stage") and n in student_points]
-        if not stages:
-            return super().default_layers(teacher_points, student_points)
+        stages = shared_stages(teacher_points, student_points)
         return stages, list(stages)
 
     def build_pair(self, i, t_shape, s_shape, num_samples):
@@ -36,7 +34,7 @@ class AT(FeatureLoss):
             raise self.shape_error(i, t_shape, s_shape, "attention transfer needs two feature maps [C,H,W]")
 
     def attention(self, f: torch.Tensor) -> torch.Tensor:
-        return F.normalize(f.pow(self.p).mean(1).flatten(1), dim=1)
+        return F.normalize(f.abs().pow(self.p).mean(1).flatten(1), dim=1)
 
     def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
         f_s, f_t = pool_to_smaller(f_s, f_t)

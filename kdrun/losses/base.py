@@ -16,6 +16,7 @@ from the logit cache and the teacher never runs during distillation.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,24 @@ def register_loss(name: str | None = None):
         return LOSSES.register(name)(cls)
 
     return deco
+
+
+def constructor_params(cls: type) -> list[str]:
+    """The keyword arguments a method's config may set: its constructor's and its bases', sorted."""
+    params: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and issubclass(klass, DistillLoss):
+            params.update(inspect.signature(klass.__init__).parameters)
+    return sorted(params - {"self", "kw", "kwargs"})
+
+
+def shared_stages(teacher_points: list[str], student_points: list[str]) -> list[str]:
+    """The ``stageN`` feature points both models have, in the teacher's order; ConfigError if none."""
+    stages = [n for n in teacher_points if n.startswith("stage") and n in student_points]
+    if not stages:
+        raise ConfigError("loss.layers: the models share no stage name; set loss.layers.teacher=[...] "
+                          "and loss.layers.student=[...]")
+    return stages
 
 
 def check(key: str, value, ok: bool, valid: str) -> None:

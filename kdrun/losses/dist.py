@@ -35,7 +35,7 @@ class DIST(DistillLoss):
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         y_s = (s.logits.float() / self.tau).softmax(1)
-        y_t = (t.logits.float() / self.tau).softmax(1)
+        y_t = (t.logits.detach().float() / self.tau).softmax(1)
         inter = 1 - pearson_rows(y_s, y_t).mean()
         intra = 1 - pearson_rows(y_s.T, y_t.T).mean()
         return {"dist": self.tau ** 2 * (self.beta * inter + self.gamma * intra)}

@@ -56,4 +56,5 @@ class DKD(DistillLoss):
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         ramp = min((ctx.epoch + 1) / self.warmup, 1.0) if self.warmup else 1.0
-        return {"dkd": ramp * dkd_loss(s.logits, t.logits, ctx.target, self.alpha, self.beta, self.temperature)}
+        loss = dkd_loss(s.logits, t.logits.detach(), ctx.target, self.alpha, self.beta, self.temperature)
+        return {"dkd": ramp * loss}

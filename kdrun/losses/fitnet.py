@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdrun.errors import ConfigError
 from kdrun.losses.adapters import ChannelAdapter, match_spatial
-from kdrun.losses.base import FeatureLoss, register_loss
+from kdrun.losses.base import FeatureLoss, register_loss, shared_stages
 
 
 @register_loss("fitnet")
@@ -25,10 +24,7 @@ class FitNet(FeatureLoss):
         super().__init__(weight=weight, **kw)
 
     def default_layers(self, teacher_points, student_points):
-        stages = [n for n in teacher_points if n.startswith("stage") and n in student_points]
-        if not stages:
-            raise ConfigError("loss.layers: the models share no stage name; set loss.layers.teacher=[...] "
-                              "and loss.layers.student=[...]")
+        stages = shared_stages(teacher_points, student_points)
         middle = stages[(len(stages) - 1) // 2]
         return [middle], [middle]
 

@@ -48,4 +48,4 @@ class KD(DistillLoss):
         return 1.0 - self.alpha
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return {"kd": self.alpha * soft_kl(s.logits, t.logits, self.temperature)}
+        return {"kd": self.alpha * soft_kl(s.logits, t.logits.detach(), self.temperature)}

@@ -32,4 +32,4 @@ class LSKD(DistillLoss):
         self.temperature, self.weight = temperature, weight
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return {"ls_kd": self.weight * soft_kl(standardize(s.logits), standardize(t.logits), self.temperature)}
+        return {"ls_kd": self.weight * soft_kl(standardize(s.logits), standardize(t.logits.detach()), self.temperature)}

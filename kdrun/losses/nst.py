@@ -1,4 +1,6 @@
-"""Neuron selectivity transfer: Huang & Wang (2017), "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer".
+"""Neuron selectivity transfer.
+
+Huang & Wang (2017), "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer".
 
 Each channel's spatial map, flattened and L2-normalised, is one sample of a
 distribution; NST matches the teacher's and student's distributions with the
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.losses.adapters import pool_to_smaller
-from kdrun.losses.base import FeatureLoss, register_loss
+from kdrun.losses.base import FeatureLoss, register_loss, shared_stages
 
 
 def _poly_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -30,9 +32,7 @@ class NST(FeatureLoss):
         super().__init__(weight=weight, **kw)
 
     def default_layers(self, teacher_points, student_points):
-        stages = [n for n in teacher_points if n.startswith("stage") and n in student_points]
-        if not stages:
-            return super().default_layers(teacher_points, student_points)
+        stages = shared_stages(teacher_points, student_points)
         return stages, list(stages)
 
     def build_pair(self, i, t_shape, s_shape, num_samples):

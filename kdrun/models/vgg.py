@@ -58,7 +58,7 @@ def _register(name: str) -> None:
     def build(num_classes: int, in_chans: int = 3, img_size: int = 32):
         return VGG(CONFIGS[name], num_classes, in_chans, img_size)
 
-    build.__doc__ = f"CIFAR {name} with batch norm, stage widths {CONFIGS[name]}."
+    build.__doc__ = f"CIFAR {name} with batch norm, {'/'.join(str(len(s)) for s in CONFIGS[name])} convs per stage."
 
 
 for _name in CONFIGS:

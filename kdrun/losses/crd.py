@@ -1,0 +1,98 @@
+"""Contrastive representation distillation.
+
+Tian, Krishnan & Isola (ICLR 2020), "Contrastive Representation Distillation".
+
+Student and teacher penultimate features are embedded by trainable linear maps
+and L2-normalised (s_i, t_i, ``embed_dim`` 128). Two memory banks hold one
+momentum-averaged embedding per training sample (M_s, M_t). For each sample i,
+its own slot plus K negatives j drawn uniformly from the training set give
+
+    h(a, m) = exp(a . m / tau) / Z,   Z fixed from the first batch's mean score times N
+    P_pos = h(s_i, M_t[i]),  P_neg = h(s_i, M_t[j])   (and symmetrically t_i against M_s)
+    nce  = -(1/B) sum_i [ log(P_pos / (P_pos + K/N)) + sum_j log((K/N) / (P_neg + K/N)) ]
+    crd  = weight * (nce_student_anchor + nce_teacher_anchor)
+
+after which M[i] <- normalise(m * M[i] + (1 - m) * embedding_i) (momentum m).
+RepDistiller defaults: weight 0.8, K = 16384, tau = 0.07, m = 0.5, N = training-set size.
+
+K is clamped to N - 1 when the training set has fewer than K + 1 samples (a
+small run cannot draw 16384 distinct negatives meaningfully); negatives are
+drawn uniformly (RepDistiller's default CIFAR mode draws them from other
+classes, here a negative may share the anchor's class or, rarely, be itself).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.errors import ConfigError
+from kdrun.losses.adapters import Embed
+from kdrun.losses.base import RelationLoss, check, register_loss
+
+EPS = 1e-7
+
+
+def nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """NCE loss of [B, 1+K] normalised scores (column 0: the positive), summed over pairs, batch mean."""
+    k = scores.shape[1] - 1
+    noise = k / num_samples
+    log_pos = torch.log(scores[:, 0] / (scores[:, 0] + noise + EPS))
+    log_neg = torch.log(noise / (scores[:, 1:] + noise + EPS))
+    return -(log_pos.sum() + log_neg.sum()) / len(scores)
+
+
+@register_loss("crd")
+class CRD(RelationLoss):
+    max_pairs = 1
+
+    def __init__(self, weight: float = 0.8, embed_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
+                 nce_m: float = 0.5, **kw):
+        super().__init__(weight=weight, **kw)
+        check("embed_dim", embed_dim, int(embed_dim) == embed_dim and embed_dim > 0, "an integer > 0")
+        check("nce_k", nce_k, int(nce_k) == nce_k and nce_k > 0, "an integer > 0")
+        check("nce_t", nce_t, nce_t > 0, "a number > 0")
+        check("nce_m", nce_m, 0 <= nce_m < 1, "a number in [0, 1)")
+        self.embed_dim, self.nce_k, self.nce_t, self.nce_m = int(embed_dim), int(nce_k), nce_t, nce_m
+        self.k = self.nce_k
+        self.embed_t = nn.Identity()
+
+    def build_pair(self, i, t_shape, s_shape, num_samples):
+        if num_samples < 2:
+            raise ConfigError(f"loss.nce_k: crd needs a training set of at least 2 samples, got {num_samples}")
+        self.k = min(self.nce_k, num_samples - 1)
+        self.num_samples = num_samples
+        stdv = 1.0 / math.sqrt(self.embed_dim / 3)
+        for name in ("memory_s", "memory_t"):
+            self.register_buffer(name, torch.rand(num_samples, self.embed_dim).mul_(2 * stdv).add_(-stdv))
+        # Z of the student- and of the teacher-anchored scores; -1: not set yet
+        self.register_buffer("z", torch.full((2,), -1.0))
+        self.embed_t = Embed(math.prod(t_shape[1:]), self.embed_dim, normalize=True)
+        return Embed(math.prod(s_shape[1:]), self.embed_dim, normalize=True)
+
+    def sample_negatives(self, batch: int, device) -> torch.Tensor:
+        """[batch, K] training-set positions drawn uniformly."""
+        return torch.randint(0, self.num_samples, (batch, self.k), device=device)
+
+    def _scores(self, anchor: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor, which: int) -> torch.Tensor:
+        """exp(anchor . memory[idx] / tau) / Z, [B, 1+K]; Z set once from the first batch."""
+        out = torch.exp(torch.einsum("bd,bkd->bk", anchor, memory[idx]) / self.nce_t)
+        if self.z[which] < 0:
+            self.z[which] = out.mean().detach() * self.num_samples
+        return out / self.z[which].clone()
+
+    @torch.no_grad()
+    def _update(self, memory: torch.Tensor, index: torch.Tensor, emb: torch.Tensor) -> None:
+        memory[index] = F.normalize(memory[index] * self.nce_m + emb.detach() * (1 - self.nce_m), dim=1)
+
+    def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
+        s, t = self.adapters[0](f_s), self.embed_t(f_t)
+        index = ctx.index.to(s.device)
+        idx = torch.cat([index[:, None], self.sample_negatives(len(index), s.device)], dim=1)
+        loss = (nce_loss(self._scores(s, self.memory_t, idx, 0), self.num_samples)
+                + nce_loss(self._scores(t, self.memory_s, idx, 1), self.num_samples))
+        self._update(self.memory_s, index, s)
+        self._update(self.memory_t, index, t)
+        return loss

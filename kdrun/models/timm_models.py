@@ -1,0 +1,41 @@
+"""Models from timm (Wightman, "PyTorch Image Models"), for ``source: timm`` in a model config.
+
+``timm.create_model(name, num_classes=..., in_chans=..., **kwargs)``, untrained. Feature
+points come from the model's ``feature_info`` when it has one (``stem`` for a first entry
+at stride <= 2, then ``stage1`` .. ``stageN``), and ``pre_logits`` is the input of the
+classifier that ``get_classifier()`` returns.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from kdrun.errors import ConfigError
+
+
+def build_timm(name: str, num_classes: int, in_chans: int, key: str = "model.name", **kwargs) -> nn.Module:
+    group = key.rsplit(".", 1)[0]
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"{group}.source=timm: timm is not installed (pip install timm)") from None
+    if not timm.is_model(name):
+        raise ConfigError(f"{key}={name}: unknown timm model; valid: the names of timm.list_models()")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{group}.kwargs: not accepted by timm model {name} ({e})") from None
+    model.feature_points = feature_points(model)
+    return model
+
+
+def feature_points(model: nn.Module) -> dict[str, str]:
+    entries = [e for e in (getattr(model, "feature_info", None) or []) if isinstance(e, dict) and e.get("module")]
+    points: dict[str, str] = {}
+    if len(entries) > 1 and entries[0].get("reduction", 32) <= 2:
+        points["stem"] = entries.pop(0)["module"]
+    points |= {f"stage{i + 1}": e["module"] for i, e in enumerate(entries)}
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    path = next((p for p, m in model.named_modules() if m is head and p), None)
+    if path is not None and isinstance(head, nn.Linear):
+        points["pre_logits"] = f"{path}:input"
+    return points

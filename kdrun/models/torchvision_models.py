@@ -1,0 +1,115 @@
+"""Torchvision's ImageNet classifiers (untrained), adapted to any channel count and small images.
+
+``resnet18/34/50`` (He et al., 2016), ``mbv2`` (MobileNetV2, Sandler et al., 2018),
+``mbv3_small/mbv3_large`` (MobileNetV3, Howard et al., 2019) and ``shufflenet_v2``
+(ShuffleNetV2 1.0x, Ma et al., 2018), built by ``torchvision.models`` with ``num_classes``;
+the stem convolution takes ``in_chans`` channels. The ResNets start with the last BN of each
+residual branch at zero (Goyal et al., 2017), which keeps ResNet-50 trained from scratch at
+SGD lr 0.05 from diverging in its first steps.
+
+Small-input mode (kwarg ``small_input``; ``null`` = on when ``img_size <= 64``): the stem
+is a 3x3 stride-1 convolution, the early max-pool is removed, and a later downsampling
+block that would shrink the map below 2x2 runs at stride 1. A 32 px input then ends at
+4x4 (ResNets, ShuffleNetV2) or 2x2 (MobileNets); an 8 px input ends at 2x2.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torchvision.models as tv
+from torch import nn
+
+from kdrun.errors import ConfigError
+from kdrun.models.registry import register_model
+
+_RESNET_POINTS = {"stem": "maxpool", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
+                  "stage4": "layer4", "pre_logits": "fc:input"}
+
+
+def _stem_conv(old: nn.Conv2d, in_chans: int, small: bool) -> nn.Conv2d:
+    k, s = (3, 1) if small else (old.kernel_size[0], old.stride[0])
+    conv = nn.Conv2d(in_chans, old.out_channels, k, s, k // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
+
+
+def _relax_strides(blocks, size: int, min_size: int = 2) -> None:
+    """Run each downsampling block at stride 1 once halving would take the map below ``min_size``."""
+    for block in blocks:
+        strided = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+        if not strided:
+            continue
+        if size // 2 >= min_size:
+            size = (size + 1) // 2
+        else:
+            for m in strided:
+                m.stride = (1, 1)
+
+
+def _resnet(make: Callable, num_classes: int, in_chans: int, img_size: int, small: bool) -> nn.Module:
+    model = make(num_classes=num_classes, zero_init_residual=True)
+    model.conv1 = _stem_conv(model.conv1, in_chans, small)
+    if small:
+        model.maxpool = nn.Identity()
+        _relax_strides([model.layer2[0], model.layer3[0], model.layer4[0]], img_size)
+    model.feature_points = dict(_RESNET_POINTS)
+    return model
+
+
+def _shufflenet(num_classes: int, in_chans: int, img_size: int, small: bool) -> nn.Module:
+    model = tv.shufflenet_v2_x1_0(num_classes=num_classes)
+    model.conv1[0] = _stem_conv(model.conv1[0], in_chans, small)
+    if small:
+        model.maxpool = nn.Identity()
+        _relax_strides([model.stage2[0], model.stage3[0], model.stage4[0]], img_size)
+    model.feature_points = {"stem": "maxpool", "stage1": "stage2", "stage2": "stage3", "stage3": "stage4",
+                            "stage4": "conv5", "pre_logits": "fc:input"}
+    return model
+
+
+def _mobilenet(make: Callable, stages: tuple[int, ...], pre_logits: str, num_classes: int, in_chans: int,
+               img_size: int, small: bool) -> nn.Module:
+    model = make(num_classes=num_classes)
+    model.features[0][0] = _stem_conv(model.features[0][0], in_chans, small)
+    if small:
+        _relax_strides(list(model.features)[1:], img_size)
+    model.feature_points = {"stem": "features.0"} | {f"stage{i + 1}": f"features.{j}" for i, j in enumerate(stages)}
+    model.feature_points["pre_logits"] = pre_logits
+    return model
+
+
+def _small(small_input, img_size: int) -> bool:
+    if small_input is None:
+        return img_size <= 64
+    if not isinstance(small_input, bool):
+        raise ConfigError(f"kwargs.small_input={small_input}: not a boolean; valid: true, false, null")
+    return small_input
+
+
+def _register(name: str, doc: str, build_fn: Callable) -> None:
+    @register_model(name)
+    def build(num_classes: int, in_chans: int = 3, img_size: int = 32, small_input: bool | None = None):
+        return build_fn(num_classes, in_chans, img_size, _small(small_input, img_size))
+
+    build.__doc__ = doc
+
+
+def _resnet_builder(make: Callable) -> Callable:
+    return lambda n, c, s, small: _resnet(make, n, c, s, small)
+
+
+def _mobilenet_builder(make: Callable, stages: tuple[int, ...], pre_logits: str) -> Callable:
+    return lambda n, c, s, small: _mobilenet(make, stages, pre_logits, n, c, s, small)
+
+
+_register("resnet18", "torchvision ResNet-18 (kwarg small_input: 3x3 stem, no max-pool).", _resnet_builder(tv.resnet18))
+_register("resnet34", "torchvision ResNet-34 (kwarg small_input: 3x3 stem, no max-pool).", _resnet_builder(tv.resnet34))
+_register("resnet50", "torchvision ResNet-50, bottleneck (kwarg small_input).", _resnet_builder(tv.resnet50))
+# stage ends: the last block at each resolution (strides 4, 8, 16, 32 at ImageNet sizes)
+_register("mbv2", "torchvision MobileNetV2 1.0x (kwarg small_input).",
+          _mobilenet_builder(tv.mobilenet_v2, (3, 6, 13, 17), "classifier:input"))
+_register("mbv3_small", "torchvision MobileNetV3-Small (kwarg small_input).",
+          _mobilenet_builder(tv.mobilenet_v3_small, (1, 3, 8, 11), "classifier.3:input"))
+_register("mbv3_large", "torchvision MobileNetV3-Large (kwarg small_input).",
+          _mobilenet_builder(tv.mobilenet_v3_large, (3, 6, 12, 15), "classifier.3:input"))
+_register("shufflenet_v2", "torchvision ShuffleNetV2 1.0x (kwarg small_input).", _shufflenet)

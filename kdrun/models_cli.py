@@ -1,0 +1,129 @@
+"""``kdrun models``: list the model zoo, or report one model's size, cost and feature points.
+
+    kdrun models                                  # every registered model
+    kdrun models resnet8x4 dataset=digits         # one model at a dataset's input size
+    kdrun models mbv2 num_classes=100 image_size=32 in_chans=3
+
+The input size comes from ``kdrun/configs/dataset/NAME.yaml`` (``num_classes``,
+``image_size``, ``in_chans``; no data is loaded); explicit arguments override it.
+"""
+from __future__ import annotations
+
+from importlib import resources
+
+import torch
+from omegaconf import OmegaConf
+
+from kdrun.errors import ConfigError
+
+USAGE = """usage: kdrun models [NAME [dataset=NAME] [num_classes=N] [image_size=N] [in_chans=N] [source=kdrun|timm]]
+
+Without NAME: list every registered model. With NAME: parameters, forward FLOPs, size on
+disk, CPU (and GPU) latency at batch 1 and 64, and every feature point with its shape."""
+
+DEFAULT_DATASET = "digits"
+INT_ARGS = ("num_classes", "image_size", "in_chans")
+ARGS = ("dataset",) + INT_ARGS + ("source",)
+
+
+def models_main(args: list[str]) -> int:
+    from kdrun.models import MODELS
+
+    if any(a in ("-h", "--help", "help") for a in args):
+        print(USAGE)
+        return 0
+    if not args:
+        print_table(MODELS)
+        return 0
+    name = args[0]
+    if "=" in name:
+        raise ConfigError(f"models {name}: the first argument is a model name; valid: {', '.join(MODELS.names())}")
+    opts = parse_args(args[1:])
+    source = opts.pop("source", "kdrun")
+    if source == "kdrun":
+        MODELS.get(name, "model")
+    shape = input_spec(opts)
+    print_report(name, source, shape)
+    return 0
+
+
+def parse_args(args: list[str]) -> dict:
+    opts: dict = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ARGS:
+            raise ConfigError(f"models {arg}: not an option; valid: {', '.join(a + '=...' for a in ARGS)}")
+        if key in INT_ARGS:
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"{key}={value}: not a positive integer; valid: e.g. {key}=10")
+            value = int(value)
+        opts[key] = value
+    return opts
+
+
+def dataset_names() -> list[str]:
+    folder = resources.files("kdrun.configs").joinpath("dataset")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def dataset_spec(name: str) -> dict:
+    """num_classes / image_size / in_chans of a dataset config (missing keys are left out)."""
+    path = resources.files("kdrun.configs").joinpath("dataset", f"{name}.yaml")
+    if not path.is_file():
+        raise ConfigError(f"dataset={name}: unknown dataset; valid: {', '.join(dataset_names())}")
+    cfg = OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=False)
+    return {k: cfg[k] for k in INT_ARGS if isinstance(cfg.get(k), int)}
+
+
+def input_spec(opts: dict) -> dict:
+    dataset = opts.get("dataset", DEFAULT_DATASET)
+    spec = dataset_spec(dataset) | {k: opts[k] for k in INT_ARGS if k in opts}
+    missing = [k for k in INT_ARGS if k not in spec]
+    if missing:
+        raise ConfigError(f"dataset={dataset}: its config has no {missing[0]}; valid: pass {missing[0]}=N")
+    origin = "given" if all(k in opts for k in INT_ARGS) else f"dataset {dataset}"
+    return spec | {"origin": origin}
+
+
+def family(fn) -> str:
+    return fn.__module__.rsplit(".", 1)[-1]
+
+
+def summary(fn) -> str:
+    lines = (fn.__doc__ or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def print_table(models) -> None:
+    rows = [(n, family(models.get(n)), summary(models.get(n))) for n in models.names()]
+    w0, w1 = max(len(r[0]) for r in rows + [("model",)]), max(len(r[1]) for r in rows + [("", "family")])
+    print(f"{'model':<{w0}}  {'family':<{w1}}  description")
+    for name, fam, doc in rows:
+        print(f"{name:<{w0}}  {fam:<{w1}}  {doc}")
+    print(f"\n{len(rows)} models; `kdrun models NAME [dataset=D]` for one model's report")
+
+
+def print_report(name: str, source: str, spec: dict) -> None:
+    from kdrun.models import build_model
+    from kdrun.models import report as mr
+
+    model = build_model(name, spec["num_classes"], spec["in_chans"], spec["image_size"], key="model",
+                        source=source).eval()
+    shape = (spec["in_chans"], spec["image_size"], spec["image_size"])
+    flops = mr.count_flops(model, shape)
+    print(f"model          {name} (source {source})")
+    print(f"input          {'x'.join(map(str, shape))}, {spec['num_classes']} classes ({spec['origin']})")
+    print(f"parameters     {mr.count_params(model):,}")
+    print(f"forward FLOPs  {flops:,} per image ({flops / 1e6:.2f} MFLOPs)")
+    print(f"size on disk   {mr.size_on_disk_mb(model):.3f} MB")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        on_device = model.to(device)
+        b1, b64 = (mr.latency_ms(on_device, shape, batch=b, device=device) for b in (1, 64))
+        print(f"latency {device:<6} {b1:.3f} ms at batch 1, {b64:.3f} ms at batch 64")
+    model.cpu()
+    shapes = mr.feature_shapes(model, shape)
+    print("feature points (shape at batch 1):")
+    width = max(len(n) for n in shapes)
+    for point, dims in shapes.items():
+        where = model.feature_points[point] or "(model output)"
+        print(f"  {point:<{width}}  {str(dims):<20}  {where}")

@@ -1,0 +1,56 @@
+"""Graceful stop on SIGTERM / SIGINT (SLURM preemption, Ctrl-C).
+
+The handler only sets a flag; the training loop checks it after each step,
+finishes that step, writes a checkpoint and raises :class:`Preempted`, which
+the CLI turns into exit code 75 (EX_TEMPFAIL, "try again"): requeue the job
+with the same command (or ``kdrun train resume=RUN_DIR``) to continue.
+
+``KDRUN_KILL_AT=STAGE:STEP[:SIGNAL]`` (testing only) sends the process SIGNAL
+(default KILL) right after global step STEP of stage STAGE (``cache``: after
+batch STEP of the cache build), to test recovery from a crash or preemption.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+from kdrun.errors import KdrunError
+
+EXIT_PREEMPTED = 75
+
+
+class Preempted(KdrunError):
+    exit_code = EXIT_PREEMPTED
+
+
+class _Stop:
+    requested: str | None = None
+
+
+STOP = _Stop()
+
+
+def _handler(signum, _frame) -> None:
+    if STOP.requested is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    STOP.requested = signal.Signals(signum).name
+
+
+def install_handlers() -> None:
+    """Route SIGTERM and SIGINT to the stop flag (main thread only)."""
+    STOP.requested = None
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _handler)
+    except ValueError:  # not the main thread (some launchers): keep the default handlers
+        pass
+
+
+def maybe_kill(stage: str, global_step: int) -> None:
+    """Testing hook: signal ourselves after ``global_step`` of ``stage`` when KDRUN_KILL_AT says so."""
+    at = os.environ.get("KDRUN_KILL_AT")
+    if not at:
+        return
+    where, _, sig = at.partition(":")[2].partition(":")
+    if at.split(":")[0] == stage and where == str(global_step):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))

@@ -1,0 +1,74 @@
+"""Online distillation as deep mutual learning (Zhang et al. 2018, "Deep Mutual Learning").
+
+K peers (any architectures, ``scheme.peers``; default two copies of the
+student) train together from scratch. Peer i minimises
+
+    CE(y, z_i) + kl_weight / (K - 1) * sum_{j != i} T^2 * KL(softmax(z_j / T) || softmax(z_i / T))
+
+with the other peers' predictions treated as constants (detached), as in the
+paper's alternating updates. Every peer is evaluated and saved
+(``checkpoints/peerN.pt``); the student is the peer with the best validation
+accuracy when ``trainer.val_fraction > 0``, else the first peer (never chosen
+on the test set). With ``baseline=true`` each peer architecture is also
+trained alone with CE (``baseline_peerN``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from kdrun.data.loader import Batch
+from kdrun.engine import accuracy, predict
+from kdrun.errors import ConfigError
+from kdrun.losses.kd import soft_kl
+from kdrun.schemes import register_scheme
+
+
+class Peers(nn.ModuleList):
+    """The peers as one module (one optimiser, one checkpoint); forward is their mean logits."""
+
+    def forward(self, x):
+        return torch.stack([p(x) for p in self]).mean(0)
+
+
+class MutualObjective:
+    def __init__(self, temperature: float, kl_weight: float):
+        self.T, self.w = temperature, kl_weight
+
+    def __call__(self, peers: Peers, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
+        logits = [p(batch.x) for p in peers]
+        k, terms = len(logits), {}
+        for i, z in enumerate(logits):
+            terms[f"ce_peer{i + 1}"] = F.cross_entropy(z, batch.y)
+            kl = sum(soft_kl(z, logits[j].detach(), self.T) for j in range(k) if j != i)
+            terms[f"kl_peer{i + 1}"] = self.w * kl / (k - 1)
+        return terms
+
+
+@register_scheme("online")
+def online(run) -> None:
+    sc = run.cfg.scheme
+    names = list(sc.peers or [run.cfg.student.name, run.cfg.student.name])
+    if len(names) < 2:
+        raise ConfigError(f"scheme.peers={names}: give two or more peer models")
+    cfgs = [OmegaConf.merge(run.cfg.student, {"name": n}) for n in names]
+    peers = Peers([run.build(f"scheme.peers[{i}]", c) for i, c in enumerate(cfgs)])
+    run.fit("online", peers, MutualObjective(float(sc.temperature), float(sc.kl_weight)), epochs=run.tr.epochs)
+    val_scores = []
+    for i, (peer, mcfg) in enumerate(zip(peers, cfgs), start=1):
+        run.export(f"peer{i}", peer, mcfg)
+        run.record(f"peer{i}", peer, mcfg, None)
+        if run.val_loader is not None:
+            val_scores.append(accuracy(predict(peer, run.val_loader), run.val_loader.labels)[0])
+    best = 1 + (max(range(len(val_scores)), key=val_scores.__getitem__) if val_scores else 0)
+    run.roles["student"] = f"peer{best}"
+    run.stages["online"]["student_peer"] = best
+    run.stages["online"]["chosen_by"] = "validation accuracy" if val_scores else "first peer (no validation split)"
+    if run.cfg.baseline:
+        for i, mcfg in enumerate(cfgs, start=1):
+            if mcfg.name in [c.name for c in cfgs[:i - 1]]:
+                continue  # the same architecture alone: trained once
+            run.ce_model(f"baseline_peer{i}", mcfg, who=f"scheme.peers[{i - 1}]")
+        run.roles["baseline"] = f"baseline_peer{best}" if f"baseline_peer{best}" in run.models else "baseline_peer1"

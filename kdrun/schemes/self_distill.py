@@ -1,0 +1,26 @@
+"""Self-distillation as born-again networks (Furlanello et al. 2018, "Born Again Neural Networks").
+
+Generation 1 is the student architecture trained with CE alone; generation
+k + 1 has the same architecture and is distilled from generation k with the
+configured KD method, for ``scheme.generations`` generations in all. The last
+generation is reported as the student, generation 1 as the baseline, and every
+generation's accuracy is in ``metrics.json`` (``test.gen1`` ...). The
+configured ``teacher`` is not used.
+"""
+from kdrun.errors import ConfigError
+from kdrun.schemes import register_scheme
+
+
+@register_scheme("self")
+def self_distill(run) -> None:
+    n = int(run.cfg.scheme.generations)
+    if n < 2:
+        raise ConfigError(f"scheme.generations={n}: must be an integer >= 2 (generation 1 is trained with CE)")
+    mcfg = run.cfg.student
+    prev = run.ce_model("gen1", mcfg)
+    run.roles["baseline"] = "gen1"
+    for k in range(2, n + 1):
+        stage = "student" if k == n else f"gen{k}"
+        run.roles["teacher"] = "gen1" if k == 2 else f"gen{k - 1}"
+        prev = run.distil(stage, mcfg, prev.eval().requires_grad_(False), teacher_name=run.roles["teacher"])
+    run.roles["student"] = "student"

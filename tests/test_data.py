@@ -1,0 +1,269 @@
+"""Datasets, the decode cache, augmentation and the loaders (CPU).
+
+Tests named ``test_shared_*`` read the real MNIST/CIFAR-10 copies under
+``$KDRUN_SHARED_DATA`` (default /work/shared/datasets) and skip when they are
+absent; deselect them with ``-k "not shared"``.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdrun.data import DATASETS, FileSet, ImageSet
+from kdrun.data import imagefolder as imagefolder_module
+from kdrun.data.decode import load_cached
+from kdrun.data.loader import Augment, Normalize, TensorLoader
+from kdrun.data.stream import StreamLoader, select_mode
+from kdrun.errors import ConfigError
+
+SHARED = os.environ.get("KDRUN_SHARED_DATA", "/work/shared/datasets")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def load(name: str, **kw):
+    return DATASETS.get(name)(**kw)
+
+
+def one_line_error(fn, *needles: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------- synthetic image folders
+
+def make_folder(root, classes=("cat", "ant", "bee"), per_split=None, size=8, mode="RGB"):
+    """Write PNGs root/<split>/<class>/<i>.png with pixel value 10*label + i (plus a ramp); returns the pixels."""
+    per_split = per_split or {"train": 3, "test": 2}
+    pixels = {}
+    for split, n in per_split.items():
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            label = sorted(classes).index(c)
+            for i in range(n):
+                chans = 3 if mode == "RGB" else 1
+                a = (np.arange(size * size * chans).reshape(size, size, chans) + 10 * label + i) % 256
+                a = a.astype(np.uint8)
+                Image.fromarray(a if chans == 3 else a[..., 0], mode).save(root / split / c / f"{i:03d}.png")
+                pixels[(split, c, i)] = a.transpose(2, 0, 1)
+    return pixels
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "imgs"
+    return root, make_folder(root)
+
+
+def test_synthetic_imagefolder_loads_pixels_labels_and_classes(folder, tmp_path):
+    root, pixels = folder
+    data = load("imagefolder", root=str(root), image_size=8, num_classes=3, cache_dir=str(tmp_path / "c"), workers=1)
+    assert data.classes == ["ant", "bee", "cat"]
+    assert (len(data.train), len(data.test)) == (9, 6)
+    assert data.train.images.dtype == torch.uint8 and data.train.images.shape == (9, 3, 8, 8)
+    assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert (data.num_classes, data.in_chans, data.image_size) == (3, 3, 8)
+    assert torch.equal(data.train.images[4], torch.from_numpy(pixels[("train", "bee", 1)]))
+    assert torch.equal(data.test.images[5], torch.from_numpy(pixels[("test", "cat", 1)]))
+
+
+def test_imagefolder_resizes_odd_images_grey_and_parallel(tmp_path):
+    root = tmp_path / "imgs"
+    make_folder(root, per_split={"train": 2, "val": 1}, size=8, mode="L")
+    Image.new("L", (20, 12), 200).save(root / "train" / "ant" / "big.png")
+    data = load("imagefolder", root=str(root), test_split="val", image_size=8, in_chans=1,
+                cache_dir=str(tmp_path / "c"), workers=2)
+    assert data.train.images.shape == (7, 1, 8, 8) and data.test.images.shape == (3, 1, 8, 8)
+    assert data.train.images[2].eq(200).all()  # ant/big.png sorts after 000/001, resized to 8x8
+
+
+def test_second_load_hits_the_decode_cache(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    first = load("imagefolder", **kw)
+    assert len(os.listdir(tmp_path / "c")) == 1
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(imagefolder_module, "decode_files", no_decode)
+    second = load("imagefolder", **kw)
+    assert torch.equal(first.train.images, second.train.images) and first.identity == second.identity
+
+
+def test_cache_dir_env_override_and_key_follows_the_files(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    monkeypatch.setenv("KDRUN_CACHE_DIR", str(tmp_path / "env"))
+    first = load("imagefolder", root=str(root), image_size=8, workers=1)
+    assert len(os.listdir(tmp_path / "env")) == 1
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "train" / "ant" / "000.png")
+    second = load("imagefolder", root=str(root), image_size=8, workers=1)
+    assert second.identity != first.identity and len(os.listdir(tmp_path / "env")) == 2
+    assert second.train.images[0, :, 0, 0].tolist() == [1, 2, 3]
+    assert load("imagefolder", root=str(root), image_size=4, workers=1).image_size == 4
+
+
+def test_corrupt_cache_is_rebuilt_with_a_warning(folder, tmp_path, caplog):
+    root, _ = folder
+    kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    good = load("imagefolder", **kw)
+    (path,) = (tmp_path / "c").iterdir()
+    blob = torch.load(path, weights_only=True)
+    blob["tensors"]["train"][0, 0, 0, 0] ^= 1  # one flipped bit: still a readable file
+    torch.save(blob, path)
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        again = load("imagefolder", **kw)
+    assert "corrupt" in caplog.text
+    assert torch.equal(again.train.images, good.train.images)
+    key = again.identity.removeprefix("imagefolder-")
+    assert load_cached(str(path), key) is not None  # rewritten intact
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        assert torch.equal(load("imagefolder", **kw).train.images, good.train.images)
+    assert "unreadable" in caplog.text
+
+
+def test_imagefolder_errors_are_one_line(folder, tmp_path):
+    root, _ = folder
+    kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    one_line_error(lambda: load("imagefolder", **kw, num_classes=10), "dataset.num_classes=10", "3 class folders")
+    one_line_error(lambda: load("imagefolder", **kw, test_split="val"), "dataset.test_split=val")
+    one_line_error(lambda: load("imagefolder", root=None), "dataset.root")
+    for f in (root / "test" / "bee").iterdir():
+        f.unlink()
+    one_line_error(lambda: load("imagefolder", **kw), "test/bee has no images")
+    (root / "test" / "bee").rmdir()
+    one_line_error(lambda: load("imagefolder", **kw), "class 'bee'", "test_split")
+
+
+# ---------------------------------------------------------------- torchvision datasets, idx files
+
+def write_idx(path, arr: np.ndarray) -> None:
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(head + arr.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("layout", ["gz", "torchvision"])
+def test_mnist_reads_idx_files(tmp_path, layout):
+    d, suffix = (tmp_path, ".gz") if layout == "gz" else (tmp_path / "MNIST" / "raw", "")
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    x_tr, x_te = rng.integers(0, 256, (50, 28, 28)), rng.integers(0, 256, (20, 28, 28))
+    for stem, arr in [("train-images-idx3-ubyte", x_tr), ("train-labels-idx1-ubyte", np.arange(50) % 10),
+                      ("t10k-images-idx3-ubyte", x_te), ("t10k-labels-idx1-ubyte", np.arange(20) % 10)]:
+        write_idx(d / (stem + suffix), arr)
+    data = load("mnist", root=str(tmp_path), num_classes=10, image_size=28, in_chans=1)
+    assert data.train.images.shape == (50, 1, 28, 28) and len(data.test) == 20
+    assert torch.equal(data.test.images[:, 0], torch.from_numpy(x_te.astype(np.uint8)))
+    assert data.train.labels.dtype == torch.int64 and data.train.labels[:12].tolist() == [*range(10), 0, 1]
+    one_line_error(lambda: load("mnist", root=str(tmp_path), image_size=32), "dataset.image_size=32")
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("mnist", ["train-images-idx3-ubyte", "MNIST/raw"]),
+    ("fashion_mnist", ["t10k-labels-idx1-ubyte", "FashionMNIST/raw"]),
+    ("cifar10", ["cifar-10-batches-py"]),
+    ("cifar100", ["cifar-100-python"]),
+    ("svhn", ["train_32x32.mat"]),
+])
+def test_missing_files_say_what_is_expected_where(tmp_path, name, needles):
+    one_line_error(lambda: load(name, root=str(tmp_path), download=False),
+                   f"dataset.root={tmp_path}", "dataset.download=true", *needles)
+
+
+# ---------------------------------------------------------------- augmentation and loaders
+
+def test_augment_is_replayable_and_differs_across_views():
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    index = torch.arange(64)
+    aug = Augment(crop_pad=4, flip=True, seed=3)
+    a = aug(images, index, torch.zeros(64, dtype=torch.long))
+    assert torch.equal(a, aug(images.clone(), index, torch.zeros(64, dtype=torch.long)))
+    assert torch.equal(a[10:20], aug(images[10:20], index[10:20], torch.zeros(10, dtype=torch.long)))
+    b = aug(images, index, torch.ones(64, dtype=torch.long))
+    assert (a != b).flatten(1).any(1).float().mean() > 0.9  # nearly every image gets another crop/flip
+    assert not torch.equal(a, Augment(crop_pad=4, flip=True, seed=4)(images, index, torch.zeros(64, dtype=torch.long)))
+    dy, dx, flip = aug.params(torch.arange(4000), torch.zeros(4000, dtype=torch.long))
+    assert set(dy.tolist()) == set(range(9)) and set(dx.tolist()) == set(range(9)) and 0.4 < flip.float().mean() < 0.6
+
+
+def test_select_mode():
+    assert select_mode("auto", 9 * 2 ** 30, 8) == "stream"
+    assert select_mode("auto", 7 * 2 ** 30, 8) == "memory"
+    assert select_mode("memory", 9 * 2 ** 30, 8) == "memory" and select_mode("stream", 1, 8) == "stream"
+    one_line_error(lambda: select_mode("disk", 1, 8), "dataset.mode=disk", "auto, memory, stream")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stream_loader_yields_the_tensor_loaders_batches(folder, tmp_path, num_workers):
+    root, _ = folder
+    kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    memory, stream = load("imagefolder", **kw, mode="memory"), load("imagefolder", **kw, max_memory_gb=1e-9)
+    assert isinstance(stream.train, FileSet) and isinstance(memory.train, ImageSet)
+    assert not (tmp_path / "c").exists() or len(os.listdir(tmp_path / "c")) == 1  # streaming writes no cache
+    assert (stream.num_classes, stream.in_chans, stream.image_size) == (3, 3, 8)
+    norm = Normalize([0.5] * 3, [0.25] * 3, 3, "cpu")
+    common = dict(batch_size=4, normalize=norm, augment=Augment(2, True, 1), seed=5)
+    ref = TensorLoader(memory.train, **common)
+    got = StreamLoader(stream.train, **common, num_workers=num_workers)
+    assert (len(got), got.num_samples) == (len(ref), ref.num_samples) == (3, 9)
+    for epoch, start in ((0, 0), (1, 1)):
+        pairs = list(zip(ref.epoch(epoch, start), got.epoch(epoch, start), strict=True))
+        assert len(pairs) == 3 - start
+        for a, b in pairs:
+            assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.index, b.index)
+            assert torch.equal(a.view, b.view)
+    sub = stream.train.subset(torch.tensor([8, 0]))
+    assert sub.labels.tolist() == [2, 0] and len(sub) == 2
+
+
+# ---------------------------------------------------------------- the real shared copies (skip when absent)
+
+@pytest.fixture(scope="session")
+def cifar10_folder(tmp_path_factory):
+    extracted = os.environ.get("KDRUN_CIFAR10_DIR", "/work/cache/cifar10-jpg")
+    if os.path.isdir(os.path.join(extracted, "train")):
+        return extracted
+    tarball = os.path.join(SHARED, "cifar10-jpg.tar.gz")
+    if not os.path.isfile(tarball):
+        pytest.skip(f"no CIFAR-10 JPEG copy at {tarball}")
+    out = tmp_path_factory.mktemp("cifar10-jpg")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(out, filter="data")
+    return str(out)
+
+
+def test_shared_mnist_folder_loads_60000_10000():
+    root = os.path.join(SHARED, "mnist")
+    if not os.path.isfile(os.path.join(root, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"no MNIST idx files in {root}")
+    data = load("mnist", root=root, num_classes=10, image_size=28, in_chans=1)
+    assert (len(data.train), len(data.test)) == (60_000, 10_000)
+    assert torch.bincount(data.train.labels).tolist()[:2] == [5923, 6742]
+    assert abs(data.train.images.float().mean().item() / 255 - 0.1307) < 1e-3
+
+
+def test_shared_cifar10_imagefolder_and_its_cache(cifar10_folder, tmp_path, monkeypatch):
+    kw = dict(root=cifar10_folder, image_size=32, num_classes=10, cache_dir=str(tmp_path / "c"))
+    data = load("imagefolder", **kw)
+    assert data.classes == CIFAR10_CLASSES
+    assert (len(data.train), len(data.test)) == (50_000, 10_000)
+    assert data.train.images.shape == (50_000, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert torch.bincount(data.train.labels).tolist() == [5000] * 10
+    assert torch.bincount(data.test.labels).tolist() == [1000] * 10
+    assert abs(data.train.images[:, 0].float().mean().item() / 255 - 0.4914) < 0.01
+    monkeypatch.setattr(imagefolder_module, "decode_files", None)  # a second load must not decode
+    again = load("imagefolder", **kw)
+    assert torch.equal(again.test.images, data.test.images)

@@ -1,0 +1,559 @@
+"""Every KD method against an independent NumPy / plain-loop computation of its paper's formula,
+plus gradient flow, layer/shape errors, the combo and the method YAMLs."""
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kdrun.errors import ConfigError
+from kdrun.losses import LOSSES, Outputs, StepContext
+
+FEATURE_METHODS = ["fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd"]
+LOGIT_METHODS = ["kd", "dkd", "dist", "ls_kd"]
+
+
+# ---------------------------------------------------------------- helpers (NumPy, float64)
+
+def np_log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def np_softmax(z):
+    return np.exp(np_log_softmax(z))
+
+
+def np_kl_rows(p, q):
+    """KL(p || q) of each row, as a plain sum."""
+    return np.array([sum(pi * (np.log(pi) - np.log(qi)) for pi, qi in zip(pr, qr) if pi > 0)
+                     for pr, qr in zip(p, q)])
+
+
+def np_huber(d):
+    d = np.abs(d)
+    return np.where(d < 1, 0.5 * d * d, d - 0.5)
+
+
+def np_normalize(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def t64(a, grad=False):
+    return torch.tensor(a, dtype=torch.float32, requires_grad=grad)
+
+
+def make_ctx(y, index=None, epoch=0, epochs=10, num_samples=0):
+    y = torch.as_tensor(y)
+    index = torch.arange(len(y)) if index is None else torch.as_tensor(index)
+    return StepContext(y, index, epoch, epochs, num_samples)
+
+
+def build(name, t_shapes, s_shapes, num_samples=32, t_names=None, s_names=None, **kw):
+    t_names = t_names or [f"stage{i + 1}" for i in range(len(t_shapes))]
+    s_names = s_names or [f"stage{i + 1}" for i in range(len(s_shapes))]
+    m = LOSSES.get(name)(layers={"teacher": t_names, "student": s_names}, **kw)
+    m.build([torch.Size(s) for s in t_shapes], [torch.Size(s) for s in s_shapes], num_samples)
+    return m
+
+
+def run(m, s_feats, t_feats, ctx, s_logits=None, t_logits=None):
+    B = len(s_feats[0])
+    s_logits = torch.zeros(B, 5) if s_logits is None else s_logits
+    t_logits = torch.zeros(B, 5) if t_logits is None else t_logits
+    return m(Outputs(s_logits, list(s_feats)), Outputs(t_logits, list(t_feats)), ctx)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------- KD
+
+def np_kd_soft(s, t, T):
+    return T * T * np_kl_rows(np_softmax(t / T), np_softmax(s / T)).mean()
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_kd_alpha_one_keeps_t_squared_and_drops_ce(rng, T):
+    s, t = rng.normal(0, 2, (6, 7)), rng.normal(0, 2, (6, 7))
+    m = LOSSES.get("kd")(temperature=T, alpha=1.0)
+    out = m(Outputs(t64(s)), Outputs(t64(t)), make_ctx(rng.integers(0, 7, 6)))
+    assert set(out) == {"kd"} and m.ce_weight == 0.0
+    assert out["kd"].item() == pytest.approx(np_kd_soft(s, t, T), rel=1e-5)
+    if T != 1.0:  # without the T^2 factor the value would be T^2 times smaller
+        assert out["kd"].item() != pytest.approx(np_kd_soft(s, t, T) / (T * T), rel=1e-2)
+
+
+def test_kd_direction_is_teacher_to_student_and_reduction_is_batch_mean(rng):
+    T, B, C = 4.0, 6, 7
+    s, t = rng.normal(0, 3, (B, C)), rng.normal(0, 3, (B, C))
+    got = LOSSES.get("kd")(temperature=T, alpha=0.9)(Outputs(t64(s)), Outputs(t64(t)), make_ctx(np.zeros(B, int)))
+    forward = 0.9 * np_kd_soft(s, t, T)
+    reverse = 0.9 * T * T * np_kl_rows(np_softmax(s / T), np_softmax(t / T)).mean()
+    per_element = forward / C  # "mean" over all B*C entries instead of sum over classes then batch mean
+    assert got["kd"].item() == pytest.approx(forward, rel=1e-5)
+    assert abs(forward - reverse) > 1e-3 * abs(forward)
+    assert got["kd"].item() != pytest.approx(reverse, rel=1e-3)
+    assert got["kd"].item() != pytest.approx(per_element, rel=1e-3)
+
+
+# ---------------------------------------------------------------- DKD
+
+def np_dkd(s, t, y, alpha, beta, T):
+    total_tckd, total_nckd = 0.0, 0.0
+    for zs, zt, g in zip(s, t, y):
+        ps, pt = np_softmax(zs / T), np_softmax(zt / T)
+        bs, bt = np.array([ps[g], 1 - ps[g]]), np.array([pt[g], 1 - pt[g]])
+        total_tckd += sum(bt[k] * np.log(bt[k] / bs[k]) for k in range(2))
+        others = [c for c in range(len(zs)) if c != g]
+        qs, qt = np_softmax(zs[others] / T), np_softmax(zt[others] / T)
+        total_nckd += sum(qt[k] * np.log(qt[k] / qs[k]) for k in range(len(others)))
+    n = len(y)
+    return T * T * (alpha * total_tckd / n + beta * total_nckd / n)
+
+
+def test_dkd_matches_paper_and_warms_up(rng):
+    s, t, y = rng.normal(0, 2, (5, 6)), rng.normal(0, 2, (5, 6)), rng.integers(0, 6, 5)
+    m = LOSSES.get("dkd")(alpha=1.0, beta=8.0, temperature=4.0, warmup=20)
+    full = np_dkd(s, t, y, 1.0, 8.0, 4.0)
+    for epoch, ramp in [(0, 1 / 20), (9, 10 / 20), (19, 1.0), (100, 1.0)]:
+        got = m(Outputs(t64(s)), Outputs(t64(t)), make_ctx(y, epoch=epoch, epochs=240))["dkd"]
+        assert got.item() == pytest.approx(ramp * full, rel=1e-4)
+    assert m.ce_weight == 1.0
+
+
+# ---------------------------------------------------------------- DIST
+
+def test_dist_matches_pearson_relations(rng):
+    s, t = rng.normal(0, 2, (6, 5)), rng.normal(0, 2, (6, 5))
+    beta, gamma, tau = 2.0, 0.5, 4.0
+    ys, yt = np_softmax(s / tau), np_softmax(t / tau)
+    inter = 1 - np.mean([np.corrcoef(ys[i], yt[i])[0, 1] for i in range(6)])
+    intra = 1 - np.mean([np.corrcoef(ys[:, c], yt[:, c])[0, 1] for c in range(5)])
+    want = tau ** 2 * (beta * inter + gamma * intra)
+    m = LOSSES.get("dist")(beta=beta, gamma=gamma, tau=tau)
+    got = m(Outputs(t64(s)), Outputs(t64(t)), make_ctx(np.zeros(6, int)))
+    assert got["dist"].item() == pytest.approx(want, rel=1e-4)
+
+
+# ---------------------------------------------------------------- LS-KD
+
+def test_ls_kd_standardises_logits_before_kd(rng):
+    s, t = rng.normal(1, 2, (6, 8)), rng.normal(-3, 7, (6, 8))
+    T, w = 2.0, 9.0
+
+    def z(a):
+        return (a - a.mean(1, keepdims=True)) / (a.std(1, ddof=1, keepdims=True) + 1e-7)
+
+    want = w * np_kd_soft(z(s), z(t), T)
+    m = LOSSES.get("ls_kd")(temperature=T, weight=w)
+    got = m(Outputs(t64(s)), Outputs(t64(t)), make_ctx(np.zeros(6, int)))["ls_kd"]
+    assert got.item() == pytest.approx(want, rel=1e-4)
+    shifted = m(Outputs(t64(3 * s + 5)), Outputs(t64(t)), make_ctx(np.zeros(6, int)))["ls_kd"]
+    assert shifted.item() == pytest.approx(want, rel=1e-3)  # invariant to the student's logit scale and shift
+    assert want != pytest.approx(w * np_kd_soft(s, t, T), rel=1e-2)
+
+
+# ---------------------------------------------------------------- FitNet
+
+def test_fitnet_regressor_and_mse(rng):
+    fs, ft = rng.normal(size=(4, 3, 2, 2)), rng.normal(size=(4, 5, 2, 2))
+    m = build("fitnet", [ft.shape], [fs.shape], weight=100.0)
+    conv, bn = m.adapters[0]
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(rng.normal(size=5)))
+        bn.bias.copy_(torch.tensor(rng.normal(size=5)))
+    W = conv.weight.detach().numpy()[:, :, 0, 0].astype(np.float64)
+    g, b = bn.weight.detach().numpy(), bn.bias.detach().numpy()
+    y = np.zeros((4, 5, 2, 2))
+    for n in range(4):
+        for o in range(5):
+            for i in range(3):
+                y[n, o] += W[o, i] * fs[n, i]
+    mu, var = y.mean(axis=(0, 2, 3)), y.var(axis=(0, 2, 3))  # BN in training mode: batch statistics
+    y = (y - mu[None, :, None, None]) / np.sqrt(var[None, :, None, None] + bn.eps) * g[None, :, None, None] \
+        + b[None, :, None, None]
+    want = 100.0 * ((y - ft) ** 2).mean()
+    got = run(m, [t64(fs)], [t64(ft)], make_ctx(np.zeros(4, int)))["fitnet"]
+    assert got.item() == pytest.approx(want, rel=1e-4)
+
+
+def test_fitnet_interpolates_student_to_teacher_size():
+    m = build("fitnet", [(2, 4, 8, 8)], [(2, 3, 4, 4)])
+    out = run(m, [torch.randn(2, 3, 4, 4)], [torch.randn(2, 4, 8, 8)], make_ctx([0, 1]))
+    assert torch.isfinite(out["fitnet"])
+
+
+def test_fitnet_default_layer_is_the_middle_stage():
+    m = LOSSES.get("fitnet")()
+    assert m.default_layers(["stem", "stage1", "stage2", "stage3", "pre_logits"],
+                            ["stage1", "stage2", "stage3"]) == (["stage2"], ["stage2"])
+
+
+# ---------------------------------------------------------------- AT
+
+def np_attention(f, p=2):
+    a = np.array([[np.mean([abs(f[b, c, i, j]) ** p for c in range(f.shape[1])])
+                   for i in range(f.shape[2]) for j in range(f.shape[3])] for b in range(f.shape[0])])
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_at_matches_attention_maps_with_pooling(rng):
+    s1, t1 = rng.normal(size=(3, 4, 4, 4)), rng.normal(size=(3, 6, 2, 2))
+    s2, t2 = rng.normal(size=(3, 2, 3, 3)), rng.normal(size=(3, 5, 3, 3))
+    s1_pooled = s1.reshape(3, 4, 2, 2, 2, 2).mean(axis=(3, 5))  # 2x2 average pooling to the teacher's 2x2
+    want = 1000.0 * sum(((np_attention(a) - np_attention(b)) ** 2).mean() for a, b in [(s1_pooled, t1), (s2, t2)])
+    m = build("at", [t1.shape, t2.shape], [s1.shape, s2.shape], weight=1000.0)
+    got = run(m, [t64(s1), t64(s2)], [t64(t1), t64(t2)], make_ctx(np.zeros(3, int)))["at"]
+    assert got.item() == pytest.approx(want, rel=1e-4)
+
+
+def test_at_default_layers_are_all_shared_stages():
+    m = LOSSES.get("at")()
+    assert m.default_layers(["stem", "stage1", "stage2", "stage3"], ["stage1", "stage2", "stage3", "stage4"]) == (
+        ["stage1", "stage2", "stage3"], ["stage1", "stage2", "stage3"])
+
+
+# ---------------------------------------------------------------- NST
+
+def test_nst_matches_polynomial_mmd(rng):
+    fs, ft = rng.normal(size=(2, 3, 2, 3)), rng.normal(size=(2, 4, 2, 3))
+    total = 0.0
+    for b in range(2):
+        S = [np_normalize(fs[b, c].ravel()) for c in range(3)]
+        T = [np_normalize(ft[b, c].ravel()) for c in range(4)]
+        k = lambda X, Y: np.mean([np.dot(x, y) ** 2 for x in X for y in Y])  # noqa: E731
+        total += k(T, T) + k(S, S) - 2 * k(S, T)
+    want = 50.0 * total / 2
+    m = build("nst", [ft.shape], [fs.shape], weight=50.0)
+    got = run(m, [t64(fs)], [t64(ft)], make_ctx([0, 0]))["nst"]
+    assert got.item() == pytest.approx(want, rel=1e-4)
+
+
+# ---------------------------------------------------------------- RKD
+
+def np_rkd(x, y, wd, wa):
+    B = len(x)
+
+    def dist(f):
+        d = np.array([[np.linalg.norm(f[i] - f[j]) for j in range(B)] for i in range(B)])
+        return d / d[~np.eye(B, dtype=bool)].mean()
+
+    def angle(f):
+        out = np.zeros((B, B, B))
+        for j in range(B):
+            for i in range(B):
+                for k in range(B):
+                    if i != j and k != j:
+                        out[j, i, k] = np.dot(np_normalize(f[i] - f[j]), np_normalize(f[k] - f[j]))
+        return out
+
+    return wd * np_huber(dist(x) - dist(y)).mean() + wa * np_huber(angle(x) - angle(y)).mean()
+
+
+def test_rkd_matches_distance_and_angle(rng):
+    x, y = rng.normal(size=(5, 4)), rng.normal(0, 3, (5, 6))
+    m = build("rkd", [y.shape], [x.shape], t_names=["pre_logits"], s_names=["pre_logits"], w_dist=25.0, w_angle=50.0)
+    got = run(m, [t64(x)], [t64(y)], make_ctx(np.zeros(5, int)))["rkd"]
+    assert got.item() == pytest.approx(np_rkd(x, y, 25.0, 50.0), rel=1e-4)
+
+
+# ---------------------------------------------------------------- SP
+
+def test_sp_matches_normalised_gram(rng):
+    fs, ft = rng.normal(size=(4, 3, 2, 2)), rng.normal(size=(4, 5, 2, 2))
+
+    def gram(f):
+        q = f.reshape(len(f), -1)
+        g = q @ q.T
+        return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+    want = 3000.0 * ((gram(ft) - gram(fs)) ** 2).sum() / 16
+    got = run(build("sp", [ft.shape], [fs.shape]), [t64(fs)], [t64(ft)], make_ctx(np.zeros(4, int)))["sp"]
+    assert got.item() == pytest.approx(want, rel=1e-4)
+
+
+# ---------------------------------------------------------------- PKT
+
+def test_pkt_matches_conditional_probabilities(rng):
+    x, y = rng.normal(size=(5, 4)), rng.normal(size=(5, 6))
+    eps = 1e-7
+
+    def probs(f):
+        f = f / (np.linalg.norm(f, axis=1, keepdims=True) + eps)
+        k = np.array([[(np.dot(a, b) + 1) / 2 for b in f] for a in f])
+        return k / k.sum(1, keepdims=True)
+
+    ps, pt = probs(x), probs(y)
+    want = 30000.0 * np.mean([[pt[i, j] * np.log((pt[i, j] + eps) / (ps[i, j] + eps)) for j in range(5)]
+                              for i in range(5)])
+    got = run(build("pkt", [y.shape], [x.shape]), [t64(x)], [t64(y)], make_ctx(np.zeros(5, int)))["pkt"]
+    assert got.item() == pytest.approx(want, rel=1e-3)
+
+
+# ---------------------------------------------------------------- CC
+
+def test_cc_matches_embedded_correlation(rng):
+    x, y = rng.normal(size=(5, 4)), rng.normal(size=(5, 6))
+    m = build("cc", [y.shape], [x.shape], weight=0.02, embed_dim=3)
+    es, et = m.adapters[0].linear, m.embed_t[0].linear
+    fs = x @ es.weight.detach().numpy().T.astype(np.float64) + es.bias.detach().numpy()
+    ft = y @ et.weight.detach().numpy().T.astype(np.float64) + et.bias.detach().numpy()
+    d = np.abs(fs - ft)
+    want = 0.02 * np.mean([sum(d[i - 1, k] * d[i, k] for k in range(3)) for i in range(1, 5)])
+    got = run(m, [t64(x)], [t64(y)], make_ctx(np.zeros(5, int)))["cc"]
+    assert got.item() == pytest.approx(want, rel=1e-4)
+
+
+# ---------------------------------------------------------------- CRD
+
+def test_crd_nce_memory_and_clamped_negatives(rng, monkeypatch):
+    N, B, tau, mom = 10, 4, 0.07, 0.5
+    x, y = rng.normal(size=(B, 4)), rng.normal(size=(B, 6))
+    m = build("crd", [y.shape], [x.shape], num_samples=N, weight=0.8, embed_dim=3, nce_t=tau, nce_m=mom)
+    assert m.k == N - 1  # 16384 negatives clamped to the training-set size
+    neg = torch.tensor(rng.integers(0, N, (B, N - 1)))
+    monkeypatch.setattr(m, "sample_negatives", lambda batch, device: neg)
+    index = np.array([3, 7, 0, 9])
+    mem_s, mem_t = m.memory_s.numpy().astype(np.float64).copy(), m.memory_t.numpy().astype(np.float64).copy()
+    es, et = m.adapters[0].linear, m.embed_t.linear
+    s = np_normalize(x @ es.weight.detach().numpy().T + es.bias.detach().numpy())
+    t = np_normalize(y @ et.weight.detach().numpy().T + et.bias.detach().numpy())
+    idx = np.concatenate([index[:, None], neg.numpy()], axis=1)
+    K = N - 1
+
+    def nce(anchor, memory):
+        e = np.array([[np.exp(np.dot(anchor[b], memory[idx[b, k]]) / tau) for k in range(K + 1)] for b in range(B)])
+        P = e / (e.mean() * N)
+        noise = K / N
+        pos = sum(np.log(P[b, 0] / (P[b, 0] + noise + 1e-7)) for b in range(B))
+        negs = sum(np.log(noise / (P[b, k] + noise + 1e-7)) for b in range(B) for k in range(1, K + 1))
+        return -(pos + negs) / B
+
+    want = 0.8 * (nce(s, mem_t) + nce(t, mem_s))
+    got = run(m, [t64(x)], [t64(y)], make_ctx(np.zeros(B, int), index=index, num_samples=N))["crd"]
+    assert got.item() == pytest.approx(want, rel=1e-4)
+    np.testing.assert_allclose(m.memory_s.numpy()[index], np_normalize(mom * mem_s[index] + (1 - mom) * s), atol=1e-5)
+    np.testing.assert_allclose(m.memory_t.numpy()[index], np_normalize(mom * mem_t[index] + (1 - mom) * t), atol=1e-5)
+    untouched = [i for i in range(N) if i not in index]
+    np.testing.assert_allclose(m.memory_s.numpy()[untouched], mem_s[untouched], atol=1e-7)
+    z = m.z.clone()
+    run(m, [t64(x)], [t64(y)], make_ctx(np.zeros(B, int), index=index, num_samples=N))
+    assert torch.equal(m.z, z)  # the normalising constants are fixed after the first batch
+
+
+def test_crd_keeps_its_memory_in_the_state_dict():
+    m = build("crd", [(2, 6)], [(2, 4)], num_samples=50)
+    assert {"memory_s", "memory_t", "z"} <= set(m.state_dict())
+    assert m.memory_s.shape == (50, 128)
+
+
+# ---------------------------------------------------------------- gradients
+
+FEATURE_SHAPES = {
+    "fitnet": ([(4, 8, 4, 4)], [(4, 6, 8, 8)]),
+    "at": ([(4, 8, 4, 4)], [(4, 6, 8, 8)]),
+    "nst": ([(4, 8, 4, 4)], [(4, 6, 8, 8)]),
+    "rkd": ([(4, 10)], [(4, 7)]),
+    "sp": ([(4, 8, 4, 4)], [(4, 6, 4, 4)]),
+    "pkt": ([(4, 10)], [(4, 7)]),
+    "cc": ([(4, 10)], [(4, 7)]),
+    "crd": ([(4, 10)], [(4, 7)]),
+}
+HAS_ADAPTERS = {"fitnet", "cc", "crd"}
+
+
+@pytest.mark.parametrize("name", FEATURE_METHODS)
+def test_feature_gradients_reach_student_and_adapters_not_teacher(name):
+    t_shapes, s_shapes = FEATURE_SHAPES[name]
+    m = build(name, t_shapes, s_shapes, num_samples=32)
+    s_feats = [torch.randn(*s, requires_grad=True) for s in s_shapes]
+    t_feats = [torch.randn(*s, requires_grad=True) for s in t_shapes]
+    out = run(m, s_feats, t_feats, make_ctx([0, 1, 2, 3], index=[1, 5, 9, 30], num_samples=32))
+    assert set(out) == {name}
+    sum(out.values()).backward()
+    for f in s_feats:
+        assert f.grad is not None and f.grad.abs().sum() > 0
+    for f in t_feats:
+        assert f.grad is None
+    params = list(m.parameters())
+    assert bool(params) == (name in HAS_ADAPTERS)
+    for p in params:
+        assert p.grad is not None
+    if params:
+        assert any(p.grad.abs().sum() > 0 for p in params)
+
+
+@pytest.mark.parametrize("name", LOGIT_METHODS)
+def test_logit_gradients_reach_student_not_teacher(name):
+    s, t = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
+    m = LOSSES.get(name)()
+    assert not m.needs_teacher_features
+    out = m(Outputs(s), Outputs(t), make_ctx([0, 1, 2, 3, 4, 0], epoch=30, epochs=40))
+    sum(out.values()).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+# ---------------------------------------------------------------- layer and value errors
+
+def test_unbridgeable_shapes_raise_config_error():
+    with pytest.raises(ConfigError, match=r"^loss\.layers: teacher stage3 \[64,8,8\] and student pre_logits \[32\]"):
+        build("fitnet", [(2, 64, 8, 8)], [(2, 32)], t_names=["stage3"], s_names=["pre_logits"])
+    with pytest.raises(ConfigError, match=r"^loss\.layers: .*attention transfer needs two feature maps"):
+        build("at", [(2, 64)], [(2, 32)], t_names=["pre_logits"], s_names=["pre_logits"])
+    with pytest.raises(ConfigError, match=r"^loss\.layers: .*neuron selectivity"):
+        build("nst", [(2, 64, 4, 4)], [(2, 32)])
+
+
+def test_bad_layer_config_raises_config_error():
+    with pytest.raises(ConfigError, match=r"^loss\.layers: 2 teacher and 1 student layers"):
+        build("at", [(2, 4, 4, 4), (2, 4, 2, 2)], [(2, 4, 4, 4)])
+    with pytest.raises(ConfigError, match=r"^loss\.layers: 2 layer pairs; crd takes at most 1"):
+        build("crd", [(2, 4), (2, 4)], [(2, 4), (2, 4)])
+    with pytest.raises(ConfigError, match=r"^loss\.layers\.techer: unknown key"):
+        LOSSES.get("at")(layers={"techer": ["stage1"]})
+    with pytest.raises(ConfigError, match=r"^loss\.layers: .*pre_logits"):
+        LOSSES.get("rkd")().default_layers(["stage1"], ["stage1"])
+    with pytest.raises(ConfigError, match=r"^loss\.layers: the models share no stage"):
+        LOSSES.get("at")().default_layers(["stage1"], ["block1"])
+
+
+def test_a_single_layer_name_is_one_layer():
+    assert LOSSES.get("at")(layers={"teacher": "stage2", "student": "stage2"}).teacher_layers == ["stage2"]
+
+
+@pytest.mark.parametrize("name, kwargs, key", [
+    ("dkd", {"beta": -1.0}, "loss.beta"),
+    ("dist", {"tau": 0.0}, "loss.tau"),
+    ("at", {"weight": -1.0}, "loss.weight"),
+    ("crd", {"nce_m": 1.5}, "loss.nce_m"),
+    ("cc", {"embed_dim": 0}, "loss.embed_dim"),
+    ("rkd", {"ce_weight": -1.0}, "loss.ce_weight"),
+])
+def test_bad_values_name_their_key(name, kwargs, key):
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + "="):
+        LOSSES.get(name)(**kwargs)
+
+
+# ---------------------------------------------------------------- combo
+
+def test_combo_logs_each_term_splits_features_and_sums(rng):
+    combo = LOSSES.get("combo")(
+        terms={"kd": {"temperature": 4.0, "alpha": 0.9},
+               "at": {"weight": 1000.0, "layers": {"teacher": ["stage2", "stage3"], "student": ["stage2", "stage3"]}},
+               "fitnet": {}},
+        ce_weight=0.5)
+    assert combo.needs_teacher_features and combo.ce_weight == 0.5  # not kd's 1 - alpha
+    assert combo.teacher_layers == []  # fitnet still needs its default layer
+    t_layers, s_layers = combo.default_layers(["stem", "stage1", "stage2", "stage3"], ["stage1", "stage2", "stage3"])
+    assert t_layers == s_layers == ["stage2", "stage3", "stage2"]
+    combo.teacher_layers, combo.student_layers = t_layers, s_layers  # what the pipeline does
+    assert combo.teacher_layers == t_layers
+    shapes = [(3, 8, 4, 4), (3, 16, 2, 2), (3, 8, 4, 4), (3, 4, 4, 4), (3, 6, 2, 2), (3, 4, 4, 4)]
+    t2, t3, t2f, s2, s3, s2f = (rng.normal(size=sh) for sh in shapes)  # *f: fitnet's slice, other values
+    combo.build([t2.shape, t3.shape, t2f.shape], [s2.shape, s3.shape, s2f.shape], 10)
+    s_log, t_log = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    out = combo(Outputs(t64(s_log), [t64(s2), t64(s3), t64(s2f)]),
+                Outputs(t64(t_log), [t64(t2), t64(t3), t64(t2f)]), make_ctx([0, 1, 2]))
+    assert set(out) == {"kd", "at", "fitnet"}
+    want_kd = 0.9 * np_kd_soft(s_log, t_log, 4.0)
+    want_at = 1000.0 * sum(((np_attention(a) - np_attention(b)) ** 2).mean() for a, b in [(s2, t2), (s3, t3)])
+    fitnet = combo.terms["fitnet"]
+    want_fit = fitnet(Outputs(t64(s_log), [t64(s2f)]), Outputs(t64(t_log), [t64(t2f)]), make_ctx([0, 1, 2]))["fitnet"]
+    assert out["kd"].item() == pytest.approx(want_kd, rel=1e-5)
+    assert out["at"].item() == pytest.approx(want_at, rel=1e-4)
+    assert out["fitnet"].item() == pytest.approx(want_fit.item(), rel=1e-5)
+    assert sum(out.values()).item() == pytest.approx(want_kd + want_at + want_fit.item(), rel=1e-4)
+    assert len(list(combo.parameters())) == len(list(fitnet.parameters())) > 0
+
+
+def test_combo_of_logit_methods_needs_no_teacher_features():
+    combo = LOSSES.get("combo")(terms={"kd": {}, "dkd": {"warmup": 0}})
+    assert not combo.needs_teacher_features and combo.teacher_layers == []
+    s, t = torch.randn(4, 6), torch.randn(4, 6)
+    out = combo(Outputs(s), Outputs(t), make_ctx([0, 1, 2, 3]))
+    assert set(out) == {"kd", "dkd"}
+
+
+def test_combo_errors_name_their_key():
+    with pytest.raises(ConfigError, match=r"^loss\.terms\.kdd: unknown KD method; valid: .*\bat\b.*\bkd\b"):
+        LOSSES.get("combo")(terms={"kdd": {}})
+    with pytest.raises(ConfigError, match=r"^loss\.terms\.kd\.tempreature: not a parameter"):
+        LOSSES.get("combo")(terms={"kd": {"tempreature": 4}})
+    with pytest.raises(ConfigError, match=r"^loss\.terms\.at\.p="):
+        LOSSES.get("combo")(terms={"at": {"p": -1}})
+    with pytest.raises(ConfigError, match=r"^loss\.terms\.kd\.ce_weight"):
+        LOSSES.get("combo")(terms={"kd": {"ce_weight": 0.1}})
+    with pytest.raises(ConfigError, match=r"^loss\.terms:"):
+        LOSSES.get("combo")(terms={})
+    combo = LOSSES.get("combo")(terms={"at": {"layers": {"teacher": ["pre_logits"], "student": ["pre_logits"]}}})
+    with pytest.raises(ConfigError, match=r"^loss\.terms\.at\.layers: teacher pre_logits \[8\]"):
+        combo.build([torch.Size([2, 8])], [torch.Size([2, 4])], 10)
+
+
+# ---------------------------------------------------------------- configs
+
+def loss_yamls():
+    root = resources.files("kdrun.configs") / "loss"
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def test_every_method_has_a_yaml():
+    assert {n[:-5] for n in loss_yamls()} == set(LOSSES.names())
+
+
+@pytest.mark.parametrize("fname", loss_yamls())
+def test_every_loss_yaml_builds_its_method(fname):
+    kw = OmegaConf.to_container(OmegaConf.load(resources.files("kdrun.configs") / "loss" / fname), resolve=True)
+    name = kw.pop("name")
+    assert name == fname[:-5]
+    m = LOSSES.get(name)(**kw)
+    assert m.ce_weight >= 0
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("kd", "temperature", 4.0), ("kd", "alpha", 0.9), ("dkd", "beta", 8.0), ("dkd", "warmup", 20),
+    ("fitnet", "weight", 100.0), ("at", "weight", 1000.0), ("nst", "weight", 50.0), ("rkd", "w_dist", 25.0),
+    ("rkd", "w_angle", 50.0), ("sp", "weight", 3000.0), ("pkt", "weight", 30000.0), ("cc", "weight", 0.02),
+    ("crd", "weight", 0.8), ("crd", "nce_k", 16384), ("crd", "nce_t", 0.07), ("crd", "nce_m", 0.5),
+    ("crd", "embed_dim", 128),
+])
+def test_yaml_defaults_are_the_benchmark_ones(name, key, value):
+    cfg = OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml")
+    assert cfg[key] == value
+
+
+# ---------------------------------------------------------------- with real models
+
+@pytest.mark.parametrize("name", FEATURE_METHODS + ["combo"])
+def test_method_runs_in_the_distill_stage(name):
+    from kdrun.data.loader import Batch
+    from kdrun.distill import Distill, probe_shapes
+    from kdrun.models import build_model
+
+    teacher = build_model("resnet20", 10, 1, 8).eval().requires_grad_(False)
+    student = build_model("resnet8", 10, 1, 8)
+    kw = OmegaConf.to_container(OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml"))
+    kw.pop("name")
+    method = LOSSES.get(name)(**kw)
+    method.teacher_layers, method.student_layers = method.default_layers(list(teacher.feature_points),
+                                                                          list(student.feature_points))
+    x = torch.randn(6, 1, 8, 8)
+    method.build(probe_shapes(teacher, method.teacher_layers, x[:2]),
+                 probe_shapes(student, method.student_layers, x[:2]), 40)
+    objective = Distill(method, epochs=2, num_samples=40, teacher=teacher)
+    batch = Batch(x, torch.randint(0, 10, (6,)), torch.arange(6), torch.zeros(6, dtype=torch.long))
+    terms = objective(student, batch, 0)
+    assert "ce" in terms and len(terms) >= 2 and all(torch.isfinite(v) for v in terms.values())
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())

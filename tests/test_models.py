@@ -1,0 +1,200 @@
+"""Model zoo: every model builds, trains a step and exposes its feature points; published sizes; `kdrun models`."""
+from __future__ import annotations
+
+import builtins
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from kdrun.errors import ConfigError
+from kdrun.models import MODELS, FeatureTap, build_model, report
+from kdrun.models.report import count_params, feature_shapes
+from kdrun.models_cli import models_main
+
+# smallest sensible input for every model: the digits default (1 channel, 8x8, 10 classes)
+IN_CHANS, IMG, CLASSES = 1, 8, 10
+
+# millions of parameters at 100 classes, 32x32x3 (RepDistiller's CIFAR-100 models as published)
+PUBLISHED_M = {
+    "resnet20": 0.28, "resnet56": 0.86, "resnet110": 1.74, "resnet8x4": 1.23, "resnet32x4": 7.43,
+    "wrn_16_2": 0.70, "wrn_40_1": 0.57, "wrn_40_2": 2.26, "vgg8": 3.97, "vgg13": 9.46,
+    "resnet50_cifar": 23.71, "shufflenet_v1": 0.95, "shufflenet_v2_cifar": 1.36, "mbv2_cifar": 0.81,
+}
+CIFAR_FAMILY = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
+                "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "resnet50_cifar", "vgg8", "vgg11",
+                "vgg13", "vgg16", "vgg19", "mbv2_cifar", "shufflenet_v1", "shufflenet_v2_cifar"]
+TORCHVISION = ["resnet18", "resnet34", "resnet50", "mbv2", "mbv3_small", "mbv3_large", "shufflenet_v2"]
+
+
+def test_zoo_has_every_required_model():
+    missing = set(CIFAR_FAMILY + TORCHVISION + ["mbv2_tiny", "mlp"]) - set(MODELS.names())
+    assert not missing
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_forward_backward_and_feature_points(name):
+    torch.manual_seed(0)
+    model = build_model(name, CLASSES, IN_CHANS, IMG)
+    x = torch.randn(2, IN_CHANS, IMG, IMG)
+    names = list(model.feature_points)
+    assert "pre_logits" in names and "logits" in names
+    with FeatureTap(model, [n for n in names if n != "logits"]) as tap:
+        logits = model(x)
+    assert logits.shape == (2, CLASSES)
+    logits.logsumexp(1).mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters outside the forward pass: {no_grad[:3]}"
+    reported = feature_shapes(model, (IN_CHANS, IMG, IMG))
+    captured = dict(tap.features, logits=logits)
+    assert set(reported) == set(names)
+    for point, shape in reported.items():
+        assert shape[0] == 1 and list(captured[point].shape[1:]) == shape[1:], point
+        assert all(d >= 1 for d in shape)
+    assert reported["pre_logits"] == [1, reported["pre_logits"][1]]
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "mbv2_tiny", "resnet18", "mlp"])
+def test_unknown_feature_name_lists_valid_names(name):
+    model = build_model(name, CLASSES, IN_CHANS, IMG)
+    with pytest.raises(ConfigError) as err:
+        FeatureTap(model, ["stage9"])
+    msg = str(err.value)
+    assert "stage9" in msg and "\n" not in msg
+    assert all(point in msg for point in model.feature_points)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_M))
+def test_published_param_counts(name):
+    params_m = count_params(build_model(name, 100, 3, 32)) / 1e6
+    assert params_m == pytest.approx(PUBLISHED_M[name], rel=0.02)
+
+
+def test_cifar_family_sizes_are_consistent():
+    params = {n: count_params(build_model(n, 100, 3, 32)) for n in ("resnet8", "resnet14", "resnet32", "resnet44",
+                                                                    "wrn_16_1", "vgg11", "vgg16", "vgg19")}
+    assert params["resnet8"] < params["resnet14"] < params["resnet32"] < params["resnet44"]
+    assert params["vgg11"] < params["vgg16"] < params["vgg19"]
+    assert params["wrn_16_1"] / 1e6 == pytest.approx(0.18, abs=0.01)
+
+
+def test_mbv2_tiny_is_about_40k_on_digits():
+    assert 35_000 <= count_params(build_model("mbv2_tiny", 10, 1, 8)) <= 45_000
+
+
+@pytest.mark.parametrize("img_size, small, final", [(8, True, 2), (32, True, 4), (224, False, 7)])
+def test_torchvision_small_input_stem(img_size, small, final):
+    model = build_model("resnet18", 10, 3, img_size)
+    assert (model.conv1.kernel_size, model.conv1.stride) == (((3, 3), (1, 1)) if small else ((7, 7), (2, 2)))
+    assert isinstance(model.maxpool, nn.Identity) == small
+    assert feature_shapes(model, (3, img_size, img_size), ["stage4"])["stage4"][2] == final
+
+
+def test_small_input_override_and_bad_value():
+    forced = build_model("mbv3_small", 10, 1, 32, small_input=False)
+    assert forced.features[0][0].stride == (2, 2)
+    with pytest.raises(ConfigError, match=r"^student\.kwargs\.small_input=yes: .*valid: true, false, null"):
+        build_model("mbv2", 10, 1, 32, key="student.name", small_input="yes")
+
+
+def test_unknown_kwarg_lists_valid_options():
+    with pytest.raises(ConfigError, match=r"^teacher\.kwargs\.depth: not an option of model wrn_16_2; valid: drop$"):
+        build_model("wrn_16_2", 10, 1, 8, key="teacher.name", depth=3)
+
+
+def test_mlp_options():
+    model = build_model("mlp", 10, 1, 8, hidden=[32, 16, 8], dropout=0.5, input_dropout=0.2, activation="tanh")
+    assert [layer.fc.out_features for layer in model.layers] == [32, 16, 8]
+    assert isinstance(model.layers[0].act, nn.Tanh) and model.layers[0].drop.p == 0.5 and model.input_drop.p == 0.2
+    assert feature_shapes(model, (1, 8, 8)) == {"hidden1": [1, 32], "hidden2": [1, 16], "hidden3": [1, 8],
+                                                "pre_logits": [1, 8], "logits": [1, 10]}
+    default = build_model("mlp", 10, 1, 8)
+    assert [layer.fc.out_features for layer in default.layers] == [1200, 1200]
+    assert isinstance(default.layers[0].act, nn.ReLU)
+
+
+def test_mlp_unknown_activation():
+    with pytest.raises(ConfigError) as err:
+        build_model("mlp", 10, 1, 8, key="student.name", activation="swish")
+    assert str(err.value) == "student.kwargs.activation=swish: unknown activation; valid: relu, gelu, tanh, sigmoid"
+
+
+def test_mlp_max_norm_constraint():
+    model = build_model("mlp", 10, 1, 8, hidden=[16], max_norm=0.5)
+    with torch.no_grad():
+        model.layers[0].fc.weight.mul_(100)
+        model.layers[0].fc.weight[0].zero_()
+    model.apply_constraints()
+    norms = model.layers[0].fc.weight.norm(dim=1)
+    assert norms.max() <= 0.5 + 1e-5 and norms[1:].min() >= 0.5 - 1e-5 and norms[0] == 0
+    unconstrained = build_model("mlp", 10, 1, 8, hidden=[16])
+    before = unconstrained.layers[0].fc.weight.clone() * 100
+    with torch.no_grad():
+        unconstrained.layers[0].fc.weight.mul_(100)
+    unconstrained.apply_constraints()
+    assert torch.equal(unconstrained.layers[0].fc.weight, before)
+
+
+def _hide_timm(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "timm" or name.startswith("timm."):
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_timm_missing(monkeypatch):
+    _hide_timm(monkeypatch)
+    with pytest.raises(ConfigError) as err:
+        build_model("resnet18", 10, 3, 32, key="teacher.name", source="timm")
+    assert str(err.value) == "teacher.source=timm: timm is not installed (pip install timm)"
+
+
+def test_unknown_source():
+    with pytest.raises(ConfigError) as err:
+        build_model("resnet18", 10, 3, 32, key="student.name", source="hub")
+    assert str(err.value) == "student.source=hub: unknown model source; valid: kdrun, timm"
+
+
+def test_timm_passthrough():
+    pytest.importorskip("timm")
+    model = build_model("resnet18", 10, 1, 32, key="teacher.name", source="timm")
+    shapes = feature_shapes(model, (1, 32, 32))
+    assert shapes["logits"] == [1, 10] and shapes["pre_logits"] == [1, 512] and "stage4" in shapes
+
+
+def test_models_main_lists_every_model(capsys):
+    assert models_main([]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if line.strip() and "models;" not in line}
+    assert set(rows) == set(MODELS.names())
+    assert rows["resnet8x4"] == "cifar_resnet" and rows["mlp"] == "mlp" and rows["mbv2"] == "torchvision_models"
+
+
+def test_models_main_report(capsys, monkeypatch):
+    real_latency = report.latency_ms  # one timed pass per measurement keeps the test fast
+    monkeypatch.setattr(report, "latency_ms", lambda *a, **k: real_latency(*a, **k, warmup=0, min_time=0, max_iters=1))
+    assert models_main(["resnet8x4", "dataset=digits"]) == 0
+    out = capsys.readouterr().out
+    model = build_model("resnet8x4", 10, 1, 8)
+    assert "1x8x8, 10 classes (dataset digits)" in out
+    assert re.search(rf"parameters\s+{count_params(model):,}\n", out)
+    assert re.search(r"forward FLOPs\s+[\d,]+ per image", out) and re.search(r"size on disk\s+[\d.]+ MB", out)
+    assert re.search(r"latency cpu\s+[\d.]+ ms at batch 1, [\d.]+ ms at batch 64", out)
+    for point, shape in feature_shapes(model, (1, 8, 8)).items():
+        assert re.search(rf"^  {point}\s+{re.escape(str(shape))}", out, re.M), point
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope"], r"^model=nope: unknown model; valid: .*resnet8x4"),
+    (["resnet8", "colour=red"], r"^models colour=red: not an option; valid: dataset=\.\.\."),
+    (["resnet8", "image_size=0"], r"^image_size=0: not a positive integer"),
+    (["resnet8", "dataset=nosuch"], r"^dataset=nosuch: unknown dataset; valid: .*digits"),
+])
+def test_models_main_bad_args(args, message):
+    with pytest.raises(ConfigError, match=message):
+        models_main(args)

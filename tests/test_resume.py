@@ -1,0 +1,71 @@
+"""Crash and preemption: a run killed anywhere and resumed ends exactly like one never interrupted."""
+import json
+import signal
+
+import pytest
+import torch
+
+from kdrun.preempt import EXIT_PREEMPTED
+
+ARGS = ["teacher=resnet8", "student=resnet8", "trainer.teacher_epochs=2", "trainer.epochs=2",
+        "trainer.batch_size=128", "trainer.checkpoint_every_steps=5", "trainer.deterministic=true",
+        "trainer.latency=false", "store.enabled=false", "cache.views=2", "dataset.augment.crop_pad=1"]
+
+
+def final_state(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    accs = {k: v.get("last", v)["top1"] for k, v in m["test"].items()}
+    weights = torch.load(run_dir / "checkpoints" / "student.pt", weights_only=True)["model"]
+    return accs, weights
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from tests.conftest import run_kdrun
+
+    run_dir = tmp_path_factory.mktemp("resume") / "clean"
+    p = run_kdrun("train", *ARGS, f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return final_state(run_dir)
+
+
+@pytest.mark.parametrize("kill_at", ["teacher:7", "cache:2", "student:13", "baseline:12"])
+def test_sigkill_then_resume_is_bit_identical(kdrun, tmp_path, uninterrupted, kill_at):
+    run_dir = tmp_path / "run"
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": kill_at})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert not (run_dir / "metrics.json").exists()
+    p = kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    stage = kill_at.split(":")[0]
+    if stage != "cache":
+        assert f"{stage}: resuming from" in p.stderr
+    accs, weights = final_state(run_dir)
+    want_accs, want_weights = uninterrupted
+    assert accs == want_accs
+    assert weights.keys() == want_weights.keys()
+    for k in weights:
+        assert torch.equal(weights[k], want_weights[k]), k
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(kdrun, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "student:3:TERM"})
+    assert p.returncode == EXIT_PREEMPTED, p.stderr[-2000:]
+    assert "student: stopped by SIGTERM at epoch 1, step 3; checkpoint saved" in p.stderr
+    ckpt = torch.load(run_dir / "checkpoints" / "student_last.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 3)
+    assert not (run_dir / "metrics.json").exists()
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}")  # the same command again resumes
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "student: resuming from" in p.stderr and "teacher: already finished" in p.stderr
+    assert final_state(run_dir)[0] == uninterrupted[0]
+
+
+def test_checkpoint_of_another_config_is_refused(kdrun, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "teacher:7"})  # after the step-5 checkpoint
+    assert p.returncode == -signal.SIGKILL
+    p = kdrun("train", *ARGS, "optim.lr=0.2", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 2
+    assert "teacher_last.pt: made by a different configuration of stage 'teacher'" in p.stderr
