@@ -19,6 +19,8 @@ commands:
                              add -m to sweep: kdrun train -m loss.temperature=1,4,8;
                              kdrun train resume=RUN_DIR continues an interrupted run)
   models [NAME] [dataset=D] list the model zoo, or one model's report
+  report DIR                write report.md/report.csv/plots for a run, a sweep or a tree of them
+  store ls|gc               list or clean the artifact store of trained teachers and logit caches
 
 `kdrun train --help` shows the config groups and their options."""
 
@@ -180,19 +182,24 @@ def train_command(args: list[str]) -> int:
     return 0
 
 
-def models_command(args: list[str]) -> int:
-    from kdrun.errors import KdrunError
-    from kdrun.models_cli import models_main
+def _delegate(module: str, func: str):
+    """A command implemented in ``kdrun.<module>.<func>(args) -> exit code``; KdrunErrors become one line."""
+    def command(args: list[str]) -> int:
+        import importlib
 
-    try:
-        return models_main(args)
-    except KdrunError as e:
-        if _full_error():
-            raise
-        return fail(str(e), e.exit_code)
+        from kdrun.errors import KdrunError
+
+        try:
+            return getattr(importlib.import_module(f"kdrun.{module}"), func)(args)
+        except KdrunError as e:
+            if _full_error():
+                raise
+            return fail(str(e), e.exit_code)
+    return command
 
 
-COMMANDS = {"train": train_command, "models": models_command}
+COMMANDS = {"train": train_command, "models": _delegate("models_cli", "models_main"),
+            "report": _delegate("report_cli", "report_main"), "store": _delegate("store_cli", "store_main")}
 
 
 def main(argv: list[str] | None = None) -> int:

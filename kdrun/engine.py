@@ -196,6 +196,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if hasattr(model, "apply_constraints"):  # e.g. max-norm weight constraints (Hinton's MNIST MLP)
+                model.apply_constraints()
             for k, v in terms.items():  # accumulate on the device: no host sync per step
                 sums[k] = sums.get(k, 0) + v.detach() * len(batch.y)
             seen += len(batch.y)

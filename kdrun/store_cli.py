@@ -1,0 +1,84 @@
+"""``kdrun store ls|gc``: inspect and clean the artifact store of teachers and logit caches.
+
+    kdrun store ls [dir=outputs/.store]
+    kdrun store gc [dir=outputs/.store] [runs=outputs] [older_than=DAYS] [dry_run=true]
+
+``gc`` removes every entry that no run under ``runs`` references (each run
+lists the entries it used in ``store_refs.json``); with ``older_than`` it also
+keeps referenced entries only when they are younger than that many days.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from kdrun.errors import ConfigError
+from kdrun.store import Entry, Store
+
+DEFAULTS = {"dir": "outputs/.store", "runs": "outputs", "older_than": None, "dry_run": "false"}
+
+
+def parse(args: list[str], allowed: set[str]) -> dict:
+    opts = {k: v for k, v in DEFAULTS.items() if k in allowed}
+    for a in args:
+        key, eq, value = a.partition("=")
+        if not eq or key not in allowed:
+            raise ConfigError(f"{a}: unknown argument; valid: {', '.join(f'{k}=...' for k in sorted(allowed))}")
+        opts[key] = value
+    return opts
+
+
+def referenced(runs_root: str, store_root: str) -> set[tuple[str, str]]:
+    """(kind, key) of every entry a run under ``runs_root`` used from the store at ``store_root``."""
+    refs = set()
+    for dirpath, dirnames, filenames in os.walk(runs_root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if "store_refs.json" in filenames:
+            try:
+                with open(os.path.join(dirpath, "store_refs.json")) as f:
+                    info = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if info.get("store") and os.path.abspath(info["store"]) == store_root:
+                refs.update(info.get("refs", {}).items())
+    return refs
+
+
+def describe(e: Entry, now: float) -> str:
+    return f"{e.kind:<8} {e.key}  {e.size / 2**20:9.2f} MB  {(now - e.created) / 86400:7.2f} days"
+
+
+def store_main(args: list[str]) -> int:
+    if not args or args[0] not in ("ls", "gc"):
+        raise ConfigError("kdrun store: give a subcommand; valid: ls, gc")
+    cmd, rest = args[0], args[1:]
+    opts = parse(rest, {"dir"} if cmd == "ls" else {"dir", "runs", "older_than", "dry_run"})
+    store = Store(opts["dir"])
+    if not os.path.isdir(store.root):
+        raise ConfigError(f"dir={opts['dir']}: no artifact store there")
+    now, entries = time.time(), store.entries()
+    if cmd == "ls":
+        print(f"{'kind':<8} {'key':<16}  {'size':>12}  {'age':>12}")
+        for e in entries:
+            print(describe(e, now))
+        print(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.2f} MB in {store.root}")
+        return 0
+    try:
+        max_age = float(opts["older_than"]) * 86400 if opts["older_than"] is not None else None
+    except ValueError:
+        raise ConfigError(f"older_than={opts['older_than']}: must be a number of days") from None
+    refs = referenced(opts["runs"], store.root)
+    dry = opts["dry_run"].lower() in ("1", "true", "yes")
+    freed = 0
+    for e in entries:
+        unused = (e.kind, e.key) not in refs
+        too_old = max_age is not None and now - e.created > max_age
+        if unused or too_old:
+            print(("would remove " if dry else "removed ") + describe(e, now) +
+                  (" (unreferenced)" if unused else " (older than limit)"))
+            freed += e.size
+            if not dry:
+                store.remove(e)
+    print(f"{'would free' if dry else 'freed'} {freed / 2**20:.2f} MB")
+    return 0

@@ -1,0 +1,71 @@
+"""The artifact store: one build per entry, reuse across runs, crash recovery, ls and gc."""
+import json
+import os
+import subprocess
+
+from kdrun.store import Store, key_of
+
+FAST = ["trainer=smoke", "teacher=resnet8", "student=resnet8", "trainer.latency=false", "baseline=false"]
+
+
+def test_publish_get_and_half_written_entry(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 100)
+    key = key_of({"a": 1})
+    assert store.get("teacher", key) is None
+    entry = store.publish("teacher", key, {"a.bin": str(src)}, {"a": 1})
+    assert store.get("teacher", key).size == 100 and open(entry.file("a.bin"), "rb").read() == b"x" * 100
+    with open(entry.file("a.bin"), "ab") as f:  # damaged after the fact: detected, removed, rebuilt by the caller
+        f.write(b"junk")
+    assert store.get("teacher", key) is None and not os.path.exists(entry.path)
+    os.makedirs(store._dir("teacher", key))  # half-written (no COMPLETE marker), e.g. a crashed job
+    assert store.get("teacher", key) is None
+
+
+def test_two_runs_share_teacher_and_logits(kdrun, tmp_path):
+    store = tmp_path / "store"
+    p1 = kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={tmp_path / 'r1'}")
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    p2 = kdrun("train", *FAST, "loss.temperature=8", f"store.dir={store}", f"hydra.run.dir={tmp_path / 'r2'}")
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert "teacher: stored as" in p1.stderr and "reused resnet8 from the store" in p2.stderr
+    m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("r1", "r2"))
+    assert m1["test"]["teacher"] == m2["test"]["teacher"]
+    assert m2["stages"]["cache"]["source"] == "store"
+    assert (tmp_path / "r2" / "metrics_teacher.csv").is_file()
+
+    p = kdrun("store", "ls", f"dir={store}")
+    assert p.returncode == 0 and "2 entries" in p.stdout and "teacher" in p.stdout and "logits" in p.stdout
+    p = kdrun("store", "gc", f"dir={store}", f"runs={tmp_path}")
+    assert p.returncode == 0 and "freed 0.00 MB" in p.stdout  # both entries referenced by the runs
+    import shutil
+    shutil.rmtree(tmp_path / "r1")
+    shutil.rmtree(tmp_path / "r2")
+    p = kdrun("store", "gc", f"dir={store}", f"runs={tmp_path}")
+    assert p.returncode == 0 and p.stdout.count("removed") == 2
+    assert Store(str(store)).entries() == []
+
+
+def test_parallel_runs_build_the_teacher_once(tmp_path):
+    """Two processes started together on one store: one trains the teacher, the other waits and reuses it."""
+    from tests.conftest import KDRUN, WORKDIR
+
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([*KDRUN, "train", *FAST, f"loss.alpha={a}", f"store.dir={store}",
+                               f"hydra.run.dir={tmp_path / f'p{a}'}"], cwd=WORKDIR, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for a in (0.5, 0.9)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert sum("teacher: stored as" in e for e in errs) == 1
+    assert sum("from the store" in e for e in errs) == 1
+    assert len([e for e in Store(str(store)).entries() if e.kind == "teacher"]) == 1
+
+
+def test_store_cli_bad_input(kdrun, tmp_path):
+    p = kdrun("store", "ls", f"dir={tmp_path / 'none'}")
+    assert p.returncode == 2 and p.stderr.strip() == f"kdrun: error: dir={tmp_path / 'none'}: no artifact store there"
+    p = kdrun("store", "rm")
+    assert p.returncode == 2 and "valid: ls, gc" in p.stderr
+    p = kdrun("store", "gc", "foo=1")
+    assert p.returncode == 2 and "foo=1: unknown argument" in p.stderr
