@@ -41,7 +41,7 @@ def hydra_train(cfg: DictConfig) -> float:
     report.write_json(metrics, os.path.join(run_dir, "metrics.json"))  # written last: marks the run complete
     table = report.summary_table(metrics)
     log.info("summary\n%s\noutputs: %s", table, run_dir)
-    return metrics["test"]["student"]["last"]["top1"]
+    return report.last(metrics["test"]["student"])["top1"]
 
 
 def _mark_failed(run_dir: str, msg: str) -> None:

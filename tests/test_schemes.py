@@ -1,0 +1,82 @@
+"""Every scheme runs end to end on the default dataset and reports what it claims."""
+import csv
+import json
+
+import pytest
+
+from kdrun.errors import ConfigError
+from kdrun.schedules import parse
+
+FAST = ["trainer=smoke", "teacher=resnet14", "student=resnet8", "trainer.latency=false", "store.enabled=false"]
+
+
+def run(kdrun, tmp_path, *args):
+    p = kdrun("train", *FAST, *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_online_mutual_learning(kdrun, tmp_path):
+    m = run(kdrun, tmp_path, "scheme=online", "scheme.peers=[resnet8,resnet14]", "trainer.val_fraction=0.1")
+    assert m["scheme"] == "online"
+    assert {"peer1", "peer2", "baseline_peer1", "baseline_peer2"} <= set(m["test"])
+    assert m["stages"]["online"]["chosen_by"] == "validation accuracy"
+    assert m["roles"]["student"] == f"peer{m['stages']['online']['student_peer']}"
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics_online.csv").open()))
+    assert {"loss_ce_peer1", "loss_kl_peer1", "loss_ce_peer2", "loss_kl_peer2"} <= set(rows[0])
+    for f in ("peer1.pt", "peer2.pt"):
+        assert (tmp_path / "run" / "checkpoints" / f).is_file()
+
+
+def test_self_born_again_generations(kdrun, tmp_path):
+    m = run(kdrun, tmp_path, "scheme=self", "scheme.generations=3")
+    assert {"gen1", "gen2", "student"} <= set(m["test"])
+    assert m["roles"] == {"baseline": "gen1", "teacher": "gen2", "student": "student"}
+    assert m["models"]["teacher"]["name"] == m["models"]["student"]["name"] == "resnet8"
+
+
+def test_assistant_chain_with_direct_comparison(kdrun, tmp_path):
+    m = run(kdrun, tmp_path, "scheme=assistant", "scheme.assistants=[resnet8]")
+    assert {"teacher", "assistant1", "student", "student_direct", "baseline"} <= set(m["test"])
+    assert (tmp_path / "run" / "assistant1_logits.pt").is_file()
+
+
+def test_bad_scheme_values_are_one_line(kdrun, tmp_path):
+    p = kdrun("train", *FAST, "scheme=online", "scheme.peers=[resnet8,nosuchnet]", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2 and "scheme.peers[1]=nosuchnet: unknown model; valid:" in p.stderr
+    p = kdrun("train", *FAST, "scheme=nosuch", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2 and "scheme=nosuch: unknown option; valid: assistant, offline, online, self" in p.stderr
+
+
+def test_temperature_schedule_is_applied_and_logged(kdrun, tmp_path):
+    run(kdrun, tmp_path, "trainer.epochs=3", "baseline=false", "+loss.temperature={schedule:linear,start:8,end:2}")
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics_student.csv").open()))
+    assert [float(r["temperature"]) for r in rows] == [8.0, 5.0, 2.0]
+
+
+def test_schedule_values():
+    lin = parse("loss.temperature", {"schedule": "linear", "start": 8, "end": 1})
+    assert [lin.at(e, 0, 8, 10) for e in range(8)] == [8, 7, 6, 5, 4, 3, 2, 1]
+    cos = parse("loss.alpha", {"schedule": "cosine", "start": 0.0, "end": 1.0, "per": "step"})
+    assert cos.at(0, 0, 2, 3) == pytest.approx(0.0) and cos.at(1, 2, 2, 3) == pytest.approx(1.0)
+    assert cos.at(0, 2, 2, 6) == pytest.approx(0.5 - 0.5 * __import__("math").cos(__import__("math").pi * 2 / 11))
+    step = parse("loss.weight", {"schedule": "step", "values": [0, 10, 100], "milestones": [2, 4]})
+    assert [step.at(e, 0, 6, 1) for e in range(6)] == [0, 0, 10, 10, 100, 100]
+    assert parse("loss.alpha", {"schedule": "constant", "value": 0.3}).at(5, 0, 9, 1) == 0.3
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"schedule": "exp", "start": 1, "end": 2}, "loss.temperature.schedule=exp: unknown schedule; valid:"),
+    ({"schedule": "linear", "start": 1}, "loss.temperature.end: missing"),
+    ({"schedule": "step", "values": [1, 2], "milestones": [1, 2]}, "one more value than milestones"),
+])
+def test_bad_schedules(spec, message):
+    with pytest.raises(ConfigError) as e:
+        parse("loss.temperature", spec)
+    assert message in str(e.value)
+
+
+def test_schedule_out_of_range_is_refused(kdrun, tmp_path):
+    p = kdrun("train", *FAST, "+loss.alpha={schedule:linear,start:0.5,end:1.5}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2
+    assert "loss.alpha: schedule reaches 1.5; must be a number in [0, 1]" in p.stderr
