@@ -42,8 +42,7 @@ def models_main(args: list[str]) -> int:
     source = opts.pop("source", "kdrun")
     if source == "kdrun":
         MODELS.get(name, "model")
-    shape = input_spec(opts)
-    print_report(name, source, shape)
+    print_report(name, source, input_spec(opts))
     return 0
 
 
