@@ -122,7 +122,7 @@ def _keys_of(parent: str, overrides: list[str], config_name: str) -> str:
     return "?"
 
 
-def precheck(overrides: list[str], config_name: str) -> None:
+def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> None:
     """Compose and validate every point of the requested run or sweep; raise KdrunError on bad input."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -140,6 +140,40 @@ def precheck(overrides: list[str], config_name: str) -> None:
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(one_line(e, point, config_name)) from e
         validate(cfg)
+    check_writable(overrides, config_name, multirun)
+
+
+def _can_create_in(parent: str) -> bool:
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kdrun-check-", dir=parent))
+        return True
+    except OSError:
+        return False
+
+
+def check_writable(overrides: list[str], config_name: str, multirun: bool) -> None:
+    """The run (or sweep) directory must be creatable: its nearest existing parent must be writable."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from kdrun.errors import ConfigError
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    plain = [o for o in sweep_points(overrides)[0]]
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=plain, return_hydra_config=True)
+    try:
+        out = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+    except Exception:  # interpolations that need a running job: Hydra will report them
+        return
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not _can_create_in(parent):
+        raise ConfigError(f"{key}={out}: cannot create the output directory ({parent} is not writable); "
+                          f"choose another with {key}=PATH")
 
 
 def expand_resume(args: list[str]) -> list[str]:
@@ -170,14 +204,15 @@ def train_command(args: list[str]) -> int:
     overrides, config_name = split_args(args)
     if not any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in args):
         try:
-            precheck(overrides, config_name)
+            precheck(overrides, config_name, multirun=any(a in ("-m", "--multirun") for a in args))
         except KdrunError as e:
             if _full_error():
                 raise
             return fail(str(e), e.exit_code)
     from kdrun.task import hydra_train
 
-    sys.argv = ["kdrun-train", *args]
+    flags = [a for a in args if a not in overrides]  # Hydra wants its flags before the overrides
+    sys.argv = ["kdrun-train", *flags, *overrides]
     hydra_train()
     return 0
 

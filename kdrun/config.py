@@ -63,6 +63,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={v}: must be {valid}")
     _validate_names(cfg)
     _validate_loss(cfg)
+    _validate_layers(cfg)
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt and not os.path.isfile(ckpt):
         raise ConfigError(f"teacher.checkpoint={ckpt}: file not found (give the path of a kdrun teacher "
@@ -117,3 +118,28 @@ def _validate_loss(cfg: DictConfig) -> None:
     for k in loss_kwargs(cfg.loss):
         if k not in valid:
             raise ConfigError(f"loss.{k}: not a parameter of loss '{cfg.loss.name}'; valid: {', '.join(valid)}")
+
+
+def _validate_layers(cfg: DictConfig) -> None:
+    """Configured feature layers must exist in the models (checked before any training)."""
+    layers = cfg.loss.get("layers") or {}
+    wanted = {who: list(layers.get(who) or []) for who in ("teacher", "student")}
+    if not any(wanted.values()):
+        return
+    from kdrun.models import build_model, resolve
+
+    d = cfg.dataset
+    if d.get("num_classes") is None or d.get("image_size") is None:
+        return  # sizes known only once the data is read; checked then
+    for who, names in wanted.items():
+        mcfg = cfg[who]
+        if mcfg.get("source", "kdrun") != "kdrun" or not names:
+            continue
+        kwargs = OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {}
+        model = build_model(mcfg.name, int(d.num_classes), int(d.get("in_chans") or 3), int(d.image_size),
+                            key=f"{who}.name", **kwargs)
+        for i, name in enumerate(names):
+            try:
+                resolve(model, name)
+            except ConfigError as e:
+                raise ConfigError(f"loss.layers.{who}[{i}]={name}: {e}") from None

@@ -75,9 +75,11 @@ def atomic_save(obj, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # disk full, permissions: the previous file at ``path`` is intact
+            raise KdrunError(f"{path}: could not write ({e.strerror or e}); the previous version is kept") from e
         raise
 
 

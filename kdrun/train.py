@@ -48,10 +48,18 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_dataset(dcfg) -> DataBundle:
+    """Load (decode once) the configured dataset and check it against the config."""
     kw = OmegaConf.to_container(dcfg, resolve=True)
     for k in ("mean", "std", "augment"):  # used by the loaders, not by the factory
         kw.pop(k, None)
-    return DATASETS.get(kw.pop("name"), "dataset.name")(**kw)
+    data = DATASETS.get(kw.pop("name"), "dataset.name")(**kw)
+    data.check(dcfg.get("num_classes"), dcfg.get("image_size"), dcfg.get("in_chans"))
+    for split, part in (("train", data.train), ("test", data.test)):
+        labels = getattr(part, "labels", None)
+        if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= data.num_classes):
+            raise ConfigError(f"dataset={data.name}: {split} labels span [{int(labels.min())}, {int(labels.max())}], "
+                              f"outside [0, {data.num_classes}) for its {data.num_classes} classes")
+    return data
 
 
 def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:

@@ -14,6 +14,15 @@ import pytest
     (["teacher.name=nosuchnet"], "teacher.name=nosuchnet: unknown model; valid:"),
     (["loss=nosuchloss"], "loss=nosuchloss: unknown option; valid:"),
     (["-m", "loss.alpha=0.5,2"], "loss.alpha=2: must be a number in [0, 1]"),
+    (["trainer.batch_size=abc"], "trainer.batch_size=abc: must be an integer > 0"),
+    (["trainer.batch_size=-8"], "trainer.batch_size=-8: must be an integer > 0"),
+    (["cache.views=-1"], "cache.views=-1: must be an integer >= 0"),
+    (["optim=nosuch"], "optim=nosuch: unknown option; valid: "),
+    (["trainer.device=cuda"] if not __import__("torch").cuda.is_available() else ["trainer.device=tpu"],
+     "trainer.device="),
+    (["loss=at", "loss.layers.teacher=[stage9]", "loss.layers.student=[stage3]"],
+     "loss.layers.teacher[0]=stage9: unknown feature layer 'stage9' for CifarResNet; valid: logits, pre_logits, "
+     "stage1, stage2, stage3, stem"),
 ])
 def test_bad_input_exits_2_with_one_line(kdrun, tmp_path, args, expected):
     run_dir = tmp_path / "run"
@@ -43,3 +52,85 @@ def test_unknown_command(kdrun):
     assert p.returncode == 2
     assert p.stderr.strip() == "kdrun: error: unknown command 'trian'; valid: " + ", ".join(
         __import__("kdrun.cli", fromlist=["COMMANDS"]).COMMANDS)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["dataset=mnist", "dataset.root=/nonexistent/mnist"],
+     "dataset.root=/nonexistent/mnist: mnist files not found: expected train-images-idx3-ubyte"),
+    (["dataset.num_classes=5"], "dataset.num_classes=5: the digits data has num_classes=10"),
+])
+def test_bad_data_exits_2_and_leaves_failed_marker(kdrun, tmp_path, args, expected):
+    run_dir = tmp_path / "run"
+    p = kdrun("train", "trainer=smoke", "store.enabled=false", *args, f"hydra.run.dir={run_dir}")
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("kdrun: error: " + expected), last
+    assert "Traceback" not in p.stderr
+    assert not (run_dir / "metrics.json").exists() and (run_dir / "FAILED").exists()
+
+
+def test_imagefolder_with_missing_test_class(kdrun, tmp_path):
+    from PIL import Image
+
+    for split, classes in (("train", ["cat", "dog"]), ("test", ["cat"])):
+        for c in classes:
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "data" / split / c / "0.png")
+    p = kdrun("train", "trainer=smoke", "store.enabled=false", "dataset=imagefolder", f"dataset.root={tmp_path / 'data'}",
+              f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.image_size=8", f"hydra.run.dir={tmp_path / 'run'}")
+    assert p.returncode == 2
+    assert "dog" in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
+
+
+def test_labels_outside_class_range(monkeypatch):
+    import torch
+    from omegaconf import OmegaConf
+
+    from kdrun.data import DATASETS, DataBundle, ImageSet
+    from kdrun.errors import ConfigError
+    from kdrun.train import load_dataset
+
+    def broken(**_):
+        images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+        return DataBundle("broken", ImageSet(images, torch.tensor([0, 1, 2, 7])), ImageSet(images, torch.zeros(4).long()),
+                          ["a", "b", "c"], "broken")
+
+    monkeypatch.setitem(DATASETS._items, "broken", broken)
+    with pytest.raises(ConfigError) as e:
+        load_dataset(OmegaConf.create({"name": "broken"}))
+    assert str(e.value) == "dataset=broken: train labels span [0, 7], outside [0, 3) for its 3 classes"
+
+
+def test_disk_full_while_checkpointing_keeps_previous(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from kdrun.engine import atomic_save
+    from kdrun.errors import KdrunError
+
+    path = str(tmp_path / "student_last.pt")
+    atomic_save({"epoch": 1}, path)
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(KdrunError) as e:
+        atomic_save({"epoch": 2}, path)
+    assert str(e.value) == f"{path}: could not write (No space left on device); the previous version is kept"
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["student_last.pt"]  # no temporary file left
+
+
+def test_unwritable_output_directory(kdrun, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    target = "/proc/kdrun-run" if os.geteuid() == 0 else str(locked / "run")  # root may write anywhere else
+    p = kdrun("train", "trainer=smoke", f"hydra.run.dir={target}")
+    assert p.returncode == 2
+    assert p.stderr.strip() == (f"kdrun: error: hydra.run.dir={target}: cannot create the output directory "
+                                f"({os.path.dirname(target)} is not writable); choose another with hydra.run.dir=PATH")
