@@ -91,8 +91,8 @@ def _validate_names(cfg: DictConfig) -> None:
         if source == "kdrun":
             MODELS.get(cfg[who].name, f"{who}.name")
     for key in ("peers", "assistants"):
-        for i, name in enumerate(cfg.scheme.get(key) or []):
-            MODELS.get(name, f"scheme.{key}[{i}]")
+        for i, item in enumerate(cfg.scheme.get(key) or []):
+            MODELS.get(item if isinstance(item, str) else item.get("name"), f"scheme.{key}[{i}]")
     DATASETS.get(cfg.dataset.name, "dataset.name")
     from kdrun.schemes import SCHEMES
 

@@ -9,4 +9,20 @@ from kdrun.registry import Registry
 SCHEMES = Registry("scheme", "scheme.name")
 register_scheme = SCHEMES.register
 
+
+def model_cfg(item, student):
+    """A model config from a scheme list item: a model name or ``{name: ..., kwargs: {...}}``.
+
+    A bare name equal to the student's model gives the student's own config (with its kwargs).
+    """
+    from omegaconf import OmegaConf
+
+    if isinstance(item, str):
+        if item == student.name:
+            return student
+        item = {"name": item}
+    fields = item if isinstance(item, dict) else OmegaConf.to_container(item, resolve=True)
+    return OmegaConf.create({"name": None, "kwargs": {}, "pretrained": None, "source": "kdrun"} | fields)
+
+
 from kdrun.schemes import assistant, offline, online, self_distill  # noqa: E402,F401  (registers)

@@ -2,14 +2,13 @@
 
 teacher -> assistant1 -> ... -> student: each link is an offline distillation
 with the configured KD method, the previous link's model as the teacher. The
-assistants are models of intermediate size (``scheme.assistants=[resnet14]``).
+assistants are models of intermediate size (``scheme.assistants=[resnet14]``, or
+items ``{name: mlp, kwargs: {hidden: [300, 300]}}``).
 With ``scheme.direct=true`` the same student is also distilled straight from the
 teacher (``student_direct``), so the run says what the assistants bought.
 """
-from omegaconf import OmegaConf
-
 from kdrun.errors import ConfigError
-from kdrun.schemes import register_scheme
+from kdrun.schemes import model_cfg, register_scheme
 
 
 @register_scheme("assistant")
@@ -19,8 +18,8 @@ def assistant(run) -> None:
         raise ConfigError("scheme.assistants: give at least one assistant model, e.g. scheme.assistants=[resnet14]")
     teacher = run.teacher()
     prev, prev_name, prev_key = teacher, "teacher", run.teacher_key
-    for i, name in enumerate(names, start=1):
-        mcfg = OmegaConf.create({"name": name, "kwargs": {}, "pretrained": None, "source": "kdrun"})
+    for i, item in enumerate(names, start=1):
+        mcfg = model_cfg(item, run.cfg.student)
         stage = f"assistant{i}"
         prev = run.distil(stage, mcfg, prev, teacher_name=prev_name, teacher_key=prev_key,
                           who=f"scheme.assistants[{i - 1}]")

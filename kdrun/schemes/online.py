@@ -1,7 +1,7 @@
 """Online distillation as deep mutual learning (Zhang et al. 2018, "Deep Mutual Learning").
 
-K peers (any architectures, ``scheme.peers``; default two copies of the
-student) train together from scratch. Peer i minimises
+K peers (any architectures, ``scheme.peers``: model names or ``{name, kwargs}``
+items; default two copies of the student) train together from scratch. Peer i minimises
 
     CE(y, z_i) + kl_weight / (K - 1) * sum_{j != i} T^2 * KL(softmax(z_j / T) || softmax(z_i / T))
 
@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.data.loader import Batch
 from kdrun.engine import accuracy, predict
 from kdrun.errors import ConfigError
 from kdrun.losses.kd import soft_kl
-from kdrun.schemes import register_scheme
+from kdrun.schemes import model_cfg, register_scheme
 
 
 class Peers(nn.ModuleList):
@@ -50,10 +49,10 @@ class MutualObjective:
 @register_scheme("online")
 def online(run) -> None:
     sc = run.cfg.scheme
-    names = list(sc.peers or [run.cfg.student.name, run.cfg.student.name])
-    if len(names) < 2:
-        raise ConfigError(f"scheme.peers={names}: give two or more peer models")
-    cfgs = [OmegaConf.merge(run.cfg.student, {"name": n}) for n in names]
+    items = list(sc.peers or [run.cfg.student.name, run.cfg.student.name])
+    if len(items) < 2:
+        raise ConfigError(f"scheme.peers={items}: give two or more peer models")
+    cfgs = [model_cfg(item, run.cfg.student) for item in items]
     peers = Peers([run.build(f"scheme.peers[{i}]", c) for i, c in enumerate(cfgs)])
     run.fit("online", peers, MutualObjective(float(sc.temperature), float(sc.kl_weight)), epochs=run.tr.epochs)
     val_scores = []
@@ -68,7 +67,7 @@ def online(run) -> None:
     run.stages["online"]["chosen_by"] = "validation accuracy" if val_scores else "first peer (no validation split)"
     if run.cfg.baseline:
         for i, mcfg in enumerate(cfgs, start=1):
-            if mcfg.name in [c.name for c in cfgs[:i - 1]]:
+            if any(mcfg.name == c.name and mcfg.kwargs == c.kwargs for c in cfgs[:i - 1]):
                 continue  # the same architecture alone: trained once
             run.ce_model(f"baseline_peer{i}", mcfg, who=f"scheme.peers[{i - 1}]")
         run.roles["baseline"] = f"baseline_peer{best}" if f"baseline_peer{best}" in run.models else "baseline_peer1"
