@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from kdrun.data.base import ImageSet
 from kdrun.data.loader import Augment, Normalize
+from kdrun import distributed
 from kdrun.engine import atomic_save
 from kdrun.preempt import maybe_kill
 
@@ -32,25 +33,30 @@ def checksum(t: torch.Tensor) -> int:
 @torch.inference_mode()
 def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, augment: Augment,
                       views: int, batch_size: int, device) -> torch.Tensor:
-    """Teacher logits [N, max(views, 1), C] in fp16, for every training image and view."""
+    """Teacher logits [N, max(views, 1), C] in fp16, for every training image and view.
+
+    Data parallel: worker r computes batches r, r + W, ... and the shares are summed.
+    """
     teacher.eval()
+    rank, world = distributed.world()
     n, nv = len(data), max(views, 1)
-    out, batches = None, 0
-    bar = tqdm(total=n * nv, desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0)
-    for v in range(nv):
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(start + batch_size, n))
-            images = data.images[idx].to(device)
-            if views > 0:
-                images = augment(images, idx.to(device), torch.full_like(idx, v).to(device))
-            logits = teacher(normalize(images)).float().cpu()
-            if out is None:
-                out = torch.empty(n, nv, logits.shape[1], dtype=torch.float16)
-            out[idx, v] = logits.half()
-            bar.update(len(idx))
-            batches += 1
-            maybe_kill("cache", batches)
+    num_classes = teacher(normalize(data.images[:1].to(device))).shape[1]
+    out = torch.zeros(n, nv, num_classes, dtype=torch.float32 if world > 1 else torch.float16)
+    jobs = [(v, start) for v in range(nv) for start in range(0, n, batch_size)]
+    bar = tqdm(total=n * nv, desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0,
+               disable=rank != 0)
+    for batches, (v, start) in enumerate(jobs[rank::world], start=1):
+        idx = torch.arange(start, min(start + batch_size, n))
+        images = data.images[idx].to(device)
+        if views > 0:
+            images = augment(images, idx.to(device), torch.full_like(idx, v).to(device))
+        logits = teacher(normalize(images)).float().cpu()
+        out[idx, v] = logits.half().to(out.dtype)  # rounded to fp16 on every path
+        bar.update(len(idx) * world)
+        maybe_kill("cache", batches)
     bar.close()
+    if world > 1:
+        out = distributed.all_sum(out).half()  # each entry was written by exactly one worker
     return out
 
 
@@ -88,7 +94,7 @@ def cached_teacher_logits(path: str, key: str, build) -> tuple[torch.Tensor, dic
     logits = build()
     save_logit_cache(logits, path, key)
     secs = time.perf_counter() - t0
-    size = os.path.getsize(path) / 2**20
+    size = os.path.getsize(path) / 2**20 if os.path.exists(path) else 0.0  # other workers do not write
     log.info("cache: built %s in %.1fs (%.2f MB, %d images x %d views)", path, secs, size,
              logits.shape[0], logits.shape[1])
     return logits, {"reused": False, "seconds": secs, "size_mb": size}

@@ -34,6 +34,7 @@ RULES = [
     ("trainer.log_every", _int, lambda v: v > 0, "an integer > 0"),
     ("trainer.device", lambda v: isinstance(v, str), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v),
      "auto, cpu, cuda or cuda:N"),
+    ("trainer.devices", _int, lambda v: v >= 1, "an integer >= 1"),
     ("trainer.checkpoint_every_steps", _int, lambda v: v >= 0, "an integer >= 0"),
     ("cache.views", _int, lambda v: v >= 0, "an integer >= 0"),
     ("optim.lr", _num, lambda v: v > 0, "a number > 0"),

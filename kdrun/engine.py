@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from kdrun import distributed
 from kdrun.data.loader import Batch, TensorLoader
 from kdrun.errors import KdrunError
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
@@ -67,7 +68,9 @@ def lr_factor(cfg, epoch: int, epochs: int) -> float:
 # ---------------------------------------------------------------- checkpoints
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file, fsync, rename: a crash leaves the old file intact."""
+    """torch.save to a temporary file, fsync, rename: a crash leaves the old file intact (rank 0 only)."""
+    if not distributed.is_main():
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -197,28 +200,30 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_grads(params)  # data parallel: the global batch's mean gradient
             optimizer.step()
             if hasattr(model, "apply_constraints"):  # e.g. max-norm weight constraints (Hinton's MNIST MLP)
                 model.apply_constraints()
             for k, v in terms.items():  # accumulate on the device: no host sync per step
                 sums[k] = sums.get(k, 0) + v.detach() * len(batch.y)
-            seen += len(batch.y)
+            seen += len(batch.y) * distributed.size()
             maybe_kill(stage, epoch * len(loader) + step + 1)
             if (step + 1) % log_every == 0:  # one host sync every log_every steps
-                value = float(loss.detach())
+                value = float(distributed.all_sum(loss.detach().clone())) / distributed.size()
                 _check_finite(value, stage, epoch, step)
                 bar.set_postfix(loss=f"{value:.4f}")
-            if STOP.requested or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0
+            stop = distributed.any_flag(STOP.requested is not None, loader.device)
+            if stop or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0
                                   and step + 1 < len(loader)):
                 _check_finite(float(sum(sums.values())), stage, epoch, step)  # never checkpoint a NaN
                 save(epoch, step + 1)
-                if STOP.requested:
-                    raise Preempted(f"{stage}: stopped by {STOP.requested} at epoch {epoch + 1}, step {step + 1}; "
+                if stop:
+                    raise Preempted(f"{stage}: stopped by {STOP.requested or 'another worker'} at epoch {epoch + 1}, step {step + 1}; "
                                     f"checkpoint saved, rerun the same command to resume (exit code {EXIT_PREEMPTED})")
         bar.close()
         n = loader.num_samples if not loader.drop_last else len(loader) * loader.batch_size
         row = {"epoch": epoch + 1, "lr": lr, **logged}
-        row.update({f"loss_{k}": float(v) / n for k, v in sums.items()})
+        row.update({f"loss_{k}": float(distributed.all_sum(v)) / n for k, v in sums.items()})
         row["loss"] = sum(row[f"loss_{k}"] for k in sums)
         _check_finite(row["loss"], stage, epoch, len(loader) - 1)
         sums = {}
@@ -246,6 +251,8 @@ def _check_finite(value: float, stage: str, epoch: int, step: int) -> None:
 
 
 def _rewrite_csv(path: str, history: list[dict]) -> None:
+    if not distributed.is_main():
+        return
     if os.path.exists(path):
         os.remove(path)
     for i, row in enumerate(history):
@@ -253,6 +260,8 @@ def _rewrite_csv(path: str, history: list[dict]) -> None:
 
 
 def _append_csv(path: str, row: dict, header: bool) -> None:
+    if not distributed.is_main():
+        return
     with open(path, "w" if header else "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
         if header:

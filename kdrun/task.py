@@ -9,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from kdrun import distributed
 from kdrun.config import validate
 from kdrun.errors import KdrunError
 from kdrun.preempt import install_handlers
@@ -28,7 +29,17 @@ def hydra_train(cfg: DictConfig) -> float:
             os.remove(os.path.join(run_dir, stale))
     try:
         validate(cfg)
-        metrics = train.run(cfg, run_dir)
+        devices = int(cfg.trainer.get("devices", 1))
+        if distributed.init_from_env():  # started by torchrun: this process is one worker
+            metrics = train.run(cfg, run_dir)
+            if not distributed.is_main():
+                return 0.0
+        elif devices > 1:
+            kind = train.pick_device(cfg.trainer.device).type
+            log.info("data parallel: %d workers (%s)", devices, "nccl" if kind == "cuda" else "gloo")
+            metrics = distributed.launch(devices, kind, train.run, cfg, run_dir, distributed.setup_worker)
+        else:
+            metrics = train.run(cfg, run_dir)
     except KdrunError as e:
         _mark_failed(run_dir, str(e))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdrun import report, schedules
+from kdrun import distributed, report, schedules
 from kdrun.cache import build_logit_cache, cached_teacher_logits
 from kdrun.config import loss_kwargs
 from kdrun.data import DATASETS, DataBundle, ImageSet
@@ -108,7 +108,7 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
         tr = self.tr = cfg.trainer
-        self.device = pick_device(tr.device)
+        self.device = pick_device(distributed.device_for(tr.device))
         if tr.get("deterministic"):
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -141,7 +141,7 @@ class Run:
     def train_loader(self, views: int | None = None) -> TensorLoader:
         """Shuffled, augmented batches; ``views``: None fresh views, K > 0 one of K cached views, 0 plain."""
         return TensorLoader(self.train_set, self.tr.batch_size, self.norm, self.augment, shuffle=True,
-                            seed=self.tr.seed, device=self.device, views=views)
+                            seed=self.tr.seed, device=self.device, views=views, shard=distributed.world())
 
     def eval_loader(self, split: ImageSet | None) -> TensorLoader | None:
         if split is None:
@@ -183,6 +183,13 @@ class Run:
 
     # ---------------------------------------------------------------- building blocks of schemes
 
+    def note_store_ref(self, kind: str, key: str) -> None:
+        """Record (in ``store_refs.json``, at once) that this run uses a store entry: ``kdrun store gc`` keeps it."""
+        self.store_refs[kind] = key
+        if distributed.is_main():
+            report.write_json({"store": self.store.root, "refs": self.store_refs},
+                              os.path.join(self.run_dir, "store_refs.json"))
+
     def teacher_recipe(self) -> dict:
         """Everything that determines the trained teacher (its artifact-store key)."""
         cfg = self.cfg
@@ -191,7 +198,8 @@ class Run:
                 "optim": OmegaConf.to_container(self.teacher_optim(), resolve=True),
                 "epochs": self.tr.teacher_epochs, "batch_size": self.tr.batch_size, "seed": self.tr.seed,
                 "augment": [self.augment.crop_pad, self.augment.flip], "torch": torch.__version__.split("+")[0],
-                "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)], "device": self.device.type}
+                "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)], "device": self.device.type,
+                "workers": distributed.size()}
 
     def teacher_optim(self):
         return OmegaConf.merge(self.cfg.optim, self.cfg.teacher.get("optim") or {})
@@ -214,21 +222,23 @@ class Run:
         else:
             recipe = self.teacher_recipe()
             self.teacher_key = key = key_of(recipe)
-            self.store_refs["teacher"] = key
-            with self.store.lock("teacher", key):
-                entry = self.store.get("teacher", key)
+            self.note_store_ref("teacher", key)
+            with distributed.main_only(self.store.lock("teacher", key)):
+                entry = distributed.shared(lambda: self.store.get("teacher", key))
                 if entry is not None:
                     summary = load_teacher(entry.file("teacher.pt"), model, ident)
-                    link_into(entry.file("teacher.pt"), final)
-                    link_into(entry.file("metrics_teacher.csv"), os.path.join(self.run_dir, "metrics_teacher.csv"))
+                    if distributed.is_main():
+                        link_into(entry.file("teacher.pt"), final)
+                        link_into(entry.file("metrics_teacher.csv"), os.path.join(self.run_dir, "metrics_teacher.csv"))
                     log.info("teacher: reused %s from the store (%s); not retrained", tcfg.name, entry.path)
                     self.stages["teacher"] = summary | {"source": "store", "store_key": key}
                 else:
                     self._train_teacher(model, final)
                     files = {"teacher.pt": final, "metrics_teacher.csv": os.path.join(self.run_dir,
                                                                                       "metrics_teacher.csv")}
-                    entry = self.store.publish("teacher", key, files, recipe)
-                    log.info("teacher: stored as %s", entry.path)
+                    if distributed.is_main():
+                        entry = self.store.publish("teacher", key, files, recipe)
+                        log.info("teacher: stored as %s", entry.path)
         model.eval().requires_grad_(False)
         self.record("teacher", model, tcfg, None)  # reported at its last epoch
         self.roles["teacher"] = "teacher"
@@ -254,13 +264,14 @@ class Run:
         if self.store is None or key is None:
             logits, info = cached_teacher_logits(path, ckey, build)
         else:
-            self.store_refs["logits"] = ckey
-            with self.store.lock("logits", ckey):
-                entry = self.store.get("logits", ckey)
-                if entry is not None:
+            self.note_store_ref("logits", ckey)
+            with distributed.main_only(self.store.lock("logits", ckey)):
+                entry = distributed.shared(lambda: self.store.get("logits", ckey))
+                if entry is not None and distributed.is_main():
                     link_into(entry.file("logits.pt"), path)
+                distributed.barrier()
                 logits, info = cached_teacher_logits(path, ckey, build)
-                if entry is None:
+                if entry is None and distributed.is_main():
                     self.store.publish("logits", ckey, {"logits.pt": path}, recipe, link=True)
                 elif info["reused"]:
                     info["source"] = "store"
@@ -318,17 +329,15 @@ class Run:
         return model
 
 
-def run(cfg: DictConfig, run_dir: str) -> dict:
-    """The whole pipeline; returns the metrics written to ``run_dir/metrics.json``."""
+def run(cfg: DictConfig, run_dir: str) -> dict | None:
+    """The whole pipeline; returns the metrics for ``run_dir/metrics.json`` (None on workers other than rank 0)."""
     from kdrun.schemes import SCHEMES
 
     t_start = time.perf_counter()
     r = Run(cfg, run_dir)
-    report.write_json({"store": r.store.root if r.store else None, "refs": r.store_refs},
-                      os.path.join(run_dir, "store_refs.json"))
     SCHEMES.get(cfg.scheme.name, "scheme.name")(r)  # trains teacher(s) and students, fills r.models / r.roles
-    report.write_json({"store": r.store.root if r.store else None, "refs": r.store_refs},
-                      os.path.join(run_dir, "store_refs.json"))
+    if not distributed.is_main():
+        return None
 
     t0 = time.perf_counter()
     results = report.evaluate(r)

@@ -150,7 +150,8 @@ class TensorLoader:
 
     def __init__(self, data: ImageSet, batch_size: int, normalize: Normalize, augment: Augment | None = None,
                  shuffle: bool = True, seed: int = 0, device="cpu", views: int | None = None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, shard: tuple[int, int] = (0, 1)):
+        self.shard = shard  # (rank, world): this worker's share of every global batch (data parallel)
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size = batch_size
@@ -175,6 +176,8 @@ class TensorLoader:
         order, views = order.to(self.device), views.to(self.device)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            if self.shard[1] > 1:
+                idx = idx[self.shard[0]::self.shard[1]]
             with single_thread(self.device):
                 images = self.images.index_select(0, idx)
                 batch = make_batch(images, self.labels[idx], idx, views[idx], self.augment, self.normalize)
