@@ -1,0 +1,65 @@
+"""``kdrun report DIR [--out DIR2] [--top N]``: the report of a run, a sweep or a tree of them."""
+from __future__ import annotations
+
+from kdrun.errors import ConfigError
+
+USAGE = """usage: kdrun report DIR [--out DIR2] [--top N]
+
+Finds every run under DIR (a run directory, a multirun directory or any folder
+holding them), writes report.md, report.csv and PNG plots into DIR (or DIR2)
+and prints the best runs.
+
+  --out DIR2   write the report files here instead of DIR
+  --top N      rows of the table to print (default 10; the files hold all)"""
+
+PRINTED_COLUMNS = ["student_top1", "baseline_top1", "kd_gain_top1", "agreement", "wall_s"]
+
+
+def parse_args(args: list[str]) -> dict:
+    """``{"dir", "out", "top"}`` from the command line; ConfigError on anything else."""
+    opts: dict = {"dir": None, "out": None, "top": "10"}
+    it = iter(args)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in ("--out", "--top"):
+            value = value if eq else next(it, None)
+            if not value:
+                raise ConfigError(f"report {name}: needs a value ({name} {'DIR' if name == '--out' else 'N'})")
+            opts[name[2:]] = value
+        elif arg.startswith("-"):
+            raise ConfigError(f"report {arg}: unknown option; valid: --out DIR, --top N, --help")
+        elif opts["dir"] is None:
+            opts["dir"] = arg
+        else:
+            raise ConfigError(f"report {arg}: only one DIR is allowed (got {opts['dir']} already)")
+    return _checked(opts)
+
+
+def _checked(opts: dict) -> dict:
+    if opts["dir"] is None:
+        raise ConfigError("report: missing DIR; usage: kdrun report DIR [--out DIR2] [--top N]")
+    if not opts["top"].isdigit() or int(opts["top"]) < 1:
+        raise ConfigError(f"report --top {opts['top']}: must be a whole number >= 1")
+    opts["top"] = int(opts["top"])
+    return opts
+
+
+def report_main(args: list[str]) -> int:
+    """Write the report and print its best rows and the files written; exit code 0."""
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    from kdrun.sweep_report import build, text_table
+
+    opts = parse_args(args)
+    rep = build(opts["dir"], opts["out"])
+    columns = ["run", *rep.swept, "status", *PRINTED_COLUMNS]
+    shown = min(opts["top"], len(rep.rows))
+    print(f"{len(rep.rows)} runs under {opts['dir']} (best {shown} by distilled student top-1):")
+    print(text_table(rep.rows, columns, limit=opts["top"]))
+    if rep.groups:
+        print(f"{len(rep.groups)} settings repeated over seeds: mean ± std in report.md")
+    print("written:")
+    for path in rep.paths:
+        print(f"  {path}")
+    return 0

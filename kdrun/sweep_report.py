@@ -1,0 +1,612 @@
+"""The report of a sweep (or of any tree of runs): ``report.md``, ``report.csv`` and PNG plots.
+
+A run is any directory holding ``.hydra/overrides.yaml``. Its status is
+``complete`` (``metrics.json`` present), ``failed`` (a ``FAILED`` note),
+``unreadable`` (a ``metrics.json`` that cannot be parsed) or ``running``
+(neither yet). Keys whose override values differ between runs are the swept
+keys; ``trainer.seed`` repeats of one setting are aggregated as mean ± std.
+A problem with one run or one plot is noted and never stops the rest.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+
+from kdrun.errors import ConfigError
+
+log = logging.getLogger("kdrun")
+
+SEED_KEY = "trainer.seed"
+SKIP_DIRS = {".hydra", "checkpoints", ".submitit", "__pycache__"}
+SCORE_COLUMNS = ["student_top1", "student_best_val_top1", "teacher_top1", "baseline_top1", "agreement",
+                 "kd_gain_top1", "wall_s"]
+HEATMAP_MAX_VALUES = 12  # a heat map needs a grid; more distinct values per axis look like a random search
+MAX_SERIES = 8           # more lines than this in an accuracy plot: plot the marginal mean instead
+MAX_KEY_PLOTS = 12       # accuracy-vs-key plots at most (a heterogeneous tree of runs varies many keys)
+
+
+@dataclass
+class Run:
+    """One run directory: its overrides, status and (when complete) its scores."""
+
+    path: str
+    name: str
+    overrides: dict[str, str]
+    status: str
+    scores: dict[str, float | None] = field(default_factory=dict)
+    note: str = ""
+    overrides_read: bool = True
+
+
+# ---------------------------------------------------------------- finding and reading runs
+
+def find_run_dirs(root: str) -> list[str]:
+    """Every directory under ``root`` (itself included) that holds ``.hydra/overrides.yaml``."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        if os.path.isfile(os.path.join(dirpath, ".hydra", "overrides.yaml")):
+            found.append(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+    return sorted(found, key=_natural_key)
+
+
+def _natural_key(path: str) -> list:
+    """Sort ``.../2`` before ``.../10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def parse_overrides(lines: list) -> dict[str, str]:
+    """``["a.b=1", "+c=x"]`` -> ``{"a.b": "1", "c": "x"}`` (Hydra's own keys and deletions dropped)."""
+    out = {}
+    for line in lines:
+        key, sep, value = str(line).partition("=")
+        key = key.lstrip("+~")
+        if sep and not key.startswith("hydra."):
+            out[key] = value
+    return out
+
+
+def read_overrides(run_dir: str) -> dict[str, str]:
+    from omegaconf import OmegaConf
+
+    lines = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, ".hydra", "overrides.yaml")))
+    return parse_overrides(lines or [])
+
+
+def _last(entry: dict | None) -> dict:
+    """Last-epoch scores of a ``metrics.json`` test entry (trained: ``{"last": ...}``; loaded: flat)."""
+    if not isinstance(entry, dict):
+        return {}
+    return entry.get("last", entry)
+
+
+def scores_of(metrics: dict) -> dict[str, float | None]:
+    """The report's score columns from one run's ``metrics.json``."""
+    test, roles = metrics.get("test", {}), metrics.get("roles", {})
+    student = test.get("student") or test.get(roles.get("student", ""), {})
+    teacher = test.get(roles["teacher"]) if "teacher" in roles else None
+    baseline = test.get(roles["baseline"]) if "baseline" in roles else None
+    return {
+        "student_top1": _last(student).get("top1"),
+        "student_best_val_top1": (student.get("best_on_val") or {}).get("top1"),
+        "teacher_top1": _last(teacher).get("top1"),
+        "baseline_top1": _last(baseline).get("top1"),
+        "agreement": _last(student).get("agreement"),
+        "kd_gain_top1": metrics.get("kd_gain_top1"),
+        "wall_s": (metrics.get("timings_s") or {}).get("total"),
+    }
+
+
+def load_run(run_dir: str, root: str) -> Run:
+    """Read one run directory; any problem becomes its status and note, never an exception."""
+    name = os.path.relpath(run_dir, root)
+    try:
+        overrides = read_overrides(run_dir)
+    except Exception as e:
+        return Run(run_dir, name, {}, "unreadable", note=f".hydra/overrides.yaml: {e}", overrides_read=False)
+    metrics_path, failed_path = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "FAILED")
+    if os.path.isfile(metrics_path):
+        try:
+            with open(metrics_path) as f:
+                return Run(run_dir, name, overrides, "complete", scores_of(json.load(f)))
+        except Exception as e:
+            return Run(run_dir, name, overrides, "unreadable", note=f"metrics.json: {type(e).__name__}: {e}")
+    if os.path.isfile(failed_path):
+        return Run(run_dir, name, overrides, "failed", note=_first_line(failed_path))
+    return Run(run_dir, name, overrides, "running", note="no metrics.json yet")
+
+
+def _first_line(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().strip()[:200]
+    except OSError as e:
+        return str(e)
+
+
+def collect(root: str) -> list[Run]:
+    """All runs under ``root``: complete ones by the distilled student's top-1 (best first), then the rest."""
+    runs = [load_run(d, root) for d in find_run_dirs(root)]
+    return sorted(runs, key=_rank)
+
+
+def _rank(run: Run) -> tuple:
+    top1 = run.scores.get("student_top1")
+    return (run.status != "complete", top1 is None, -(top1 or 0.0), _natural_key(run.name))
+
+
+def swept_keys(runs: list[Run]) -> list[str]:
+    """Override keys whose value differs between runs (or that only some runs set), in first-seen order."""
+    runs = [r for r in runs if r.overrides_read]
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.overrides if k not in keys]
+    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+
+
+def common_overrides(runs: list[Run], swept: list[str]) -> dict[str, str]:
+    """Overrides that every run shares."""
+    runs = [r for r in runs if r.overrides_read]
+    if not runs:
+        return {}
+    return {k: v for k, v in runs[0].overrides.items() if k not in swept}
+
+
+# ---------------------------------------------------------------- tables
+
+def fmt(value, digits: int = 2) -> str:
+    """A table cell: scores with fixed decimals, long numeric override values shortened, ``-`` when absent."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return short(str(value))
+
+
+def short(text: str) -> str:
+    """``"6.4248703846447945"`` -> ``"6.425"`` (Optuna's samples); other text unchanged."""
+    if "." in text and len(text) > 6 and _is_number(text):
+        return f"{float(text):.4g}"
+    return text
+
+
+def run_rows(runs: list[Run], swept: list[str]) -> list[dict]:
+    """One flat row per run: name, swept values, status, scores, note."""
+    rows = []
+    for run in runs:
+        row = {"run": run.name or "."}
+        row |= {k: run.overrides.get(k, "-") for k in swept}
+        row["status"] = run.status
+        row |= {c: run.scores.get(c) for c in SCORE_COLUMNS}
+        row["note"] = run.note
+        rows.append(row)
+    return rows
+
+
+def setting_of(run: Run, keys: list[str]) -> tuple:
+    return tuple(run.overrides.get(k, "-") for k in keys)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def group_by_setting(runs: list[Run], keys: list[str]) -> dict[tuple, list[Run]]:
+    """Complete runs grouped by their values of ``keys``."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.status == "complete" and run.scores.get("student_top1") is not None:
+            groups.setdefault(setting_of(run, keys), []).append(run)
+    return groups
+
+
+def seed_groups(runs: list[Run], swept: list[str]) -> list[dict]:
+    """Mean ± std per setting over ``trainer.seed`` repeats; empty unless some setting has several seeds."""
+    if SEED_KEY not in swept:
+        return []
+    keys = [k for k in swept if k != SEED_KEY]
+    groups = group_by_setting(runs, keys)
+    if all(len(g) < 2 for g in groups.values()):
+        return []
+    rows = [_group_row(keys, setting, members) for setting, members in groups.items()]
+    return sorted(rows, key=lambda r: -r["student_top1_mean"])
+
+
+def _group_row(keys: list[str], setting: tuple, members: list[Run]) -> dict:
+    row: dict = dict(zip(keys, setting))
+    row["n"] = len(members)
+    for col in ("student_top1", "baseline_top1", "kd_gain_top1"):
+        values = [m.scores[col] for m in members if m.scores.get(col) is not None]
+        mean, std = mean_std(values) if values else (None, None)
+        row[f"{col}_mean"], row[f"{col}_std"] = mean, std
+    return row
+
+
+def pm(mean, std) -> str:
+    return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
+
+
+def text_table(rows: list[dict], columns: list[str], limit: int | None = None) -> str:
+    """A fixed-width table of ``rows`` for the terminal (the first ``limit`` rows)."""
+    shown = rows[:limit] if limit else rows
+    cells = [[fmt(r.get(c)) for c in columns] for r in shown]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    columns = list(rows[0]) if rows else ["run", "status"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def status_counts(runs: list[Run]) -> str:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.status] = counts.get(run.status, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def markdown(root: str, runs: list[Run], swept: list[str], groups: list[dict], plots: list[str],
+             plot_notes: list[str]) -> str:
+    """The whole ``report.md``."""
+    rows = run_rows(runs, swept)
+    columns = ["run", *swept, "status", *SCORE_COLUMNS]
+    parts = [f"# kdrun report: {os.path.abspath(root)}", "",
+             f"{len(runs)} runs: {status_counts(runs)}. Sorted by the distilled student's last-epoch "
+             "test top-1 (%); `agreement` is the student's top-1 match rate with the teacher; "
+             f"`wall_s` is a run's own time (sum over runs: {_total_wall(runs):.1f} s)."]
+    common = common_overrides(runs, swept)
+    if common:
+        parts += ["", "Common overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items())]
+    parts += ["", "## Runs", "", markdown_table(columns, [[fmt(r[c]) for c in columns] for r in rows])]
+    if groups:
+        parts += ["", "## Mean ± std over seeds", "", _group_markdown(groups, swept)]
+    parts += _optuna_section(root)
+    parts += _notes_section(runs, plot_notes)
+    if plots:
+        parts += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    return "\n".join(parts) + "\n"
+
+
+def _total_wall(runs: list[Run]) -> float:
+    return sum(r.scores.get("wall_s") or 0.0 for r in runs)
+
+
+def _group_markdown(groups: list[dict], swept: list[str]) -> str:
+    keys = [k for k in swept if k != SEED_KEY]
+    header = [*keys, "n", "student top1", "baseline top1", "kd gain"]
+    body = [[*(g[k] for k in keys), g["n"], pm(g["student_top1_mean"], g["student_top1_std"]),
+             pm(g["baseline_top1_mean"], g["baseline_top1_std"]), pm(g["kd_gain_top1_mean"], g["kd_gain_top1_std"])]
+            for g in groups]
+    return markdown_table(header, body)
+
+
+def _optuna_section(root: str) -> list[str]:
+    """Best parameters of an Optuna sweep (its ``optimization_results.yaml``), when there is one."""
+    path = os.path.join(root, "optimization_results.yaml")
+    if not os.path.isfile(path):
+        return []
+    try:
+        from omegaconf import OmegaConf
+
+        res = OmegaConf.load(path)
+        params = " ".join(f"`{k}={v}`" for k, v in res.best_params.items())
+        return ["", "## Optuna", "", f"Best trial: {params} -> student top-1 {res.best_value}"]
+    except Exception as e:
+        return ["", "## Optuna", "", f"optimization_results.yaml unreadable: {e}"]
+
+
+def _notes_section(runs: list[Run], plot_notes: list[str]) -> list[str]:
+    notes = [f"- `{r.name}`: {r.status}: {r.note}" for r in runs if r.status != "complete"]
+    notes += [f"- plot: {n}" for n in plot_notes]
+    return ["", "## Not plotted / problems", "", *notes] if notes else []
+
+
+# ---------------------------------------------------------------- plots
+
+def _figure(ncols: int = 1, width: float = 5.5):
+    """A matplotlib figure on the Agg canvas (no pyplot, no global backend state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
+
+
+def ordered_values(values: set[str]) -> list[str]:
+    """Numeric values by size, others alphabetically."""
+    if all(_is_number(v) for v in values):
+        return sorted(values, key=float)
+    return sorted(values)
+
+
+def _x_positions(values: list[str]) -> tuple[dict[str, float], bool]:
+    numeric = all(_is_number(v) for v in values)
+    return ({v: (float(v) if numeric else float(i)) for i, v in enumerate(values)}, numeric)
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", key).strip("_")
+
+
+def _mean_std_by(runs: list[Run], key: str, col: str) -> dict[str, tuple[float, float]]:
+    """Mean ± std of ``col`` for each value of ``key``."""
+    out = {}
+    for (value,), members in group_by_setting(runs, [key]).items():
+        values = [m.scores[col] for m in members if m.scores.get(col) is not None]
+        if values:
+            out[value] = mean_std(values)
+    return out
+
+
+def _series(runs: list[Run], key: str, others: list[str]) -> tuple[dict[str, list[Run]], bool]:
+    """(line label -> runs, whether they form a grid): one line per setting of the other swept keys.
+
+    Without a grid (too many settings, or a single point per line as in a
+    random or Optuna search) all runs form one scatter series.
+    """
+    groups = group_by_setting(runs, others) if others else {(): list(runs)}
+    grid = len(groups) <= MAX_SERIES and any(len({r.overrides.get(key) for r in g}) > 1 for g in groups.values())
+    if not grid:
+        return {"student (mean per value)": list(runs)}, False
+    labels = {s: ", ".join(f"{k}={short(v)}" for k, v in zip(others, s)) or "student" for s in groups}
+    return {labels[s]: g for s, g in groups.items()}, True
+
+
+def plot_accuracy_vs(runs: list[Run], key: str, swept: list[str], out_dir: str) -> str:
+    """Student top-1 against the values of ``key`` (mean ± std over repeats), baseline dashed."""
+    others = [k for k in swept if k not in (key, SEED_KEY)]
+    complete = [r for r in runs if r.status == "complete" and r.scores.get("student_top1") is not None]
+    values = ordered_values({r.overrides.get(key, "-") for r in complete})
+    xpos, numeric = _x_positions(values)
+    fig = _figure()
+    ax = fig.add_subplot()
+    series, grid = _series(complete, key, others)
+    for label, members in series.items():
+        _errorbar(ax, _mean_std_by(members, key, "student_top1"), xpos, label=label, fmt="o-" if grid else "o",
+                  capsize=3)
+    baseline = _mean_std_by(complete, key, "baseline_top1")
+    if baseline:
+        _errorbar(ax, baseline, xpos, label="baseline (CE only)", fmt="s--", color="gray", capsize=3)
+    if not numeric:
+        ax.set_xticks([xpos[v] for v in values], [short(v) for v in values], rotation=20)
+    ax.set(xlabel=key, ylabel="test top-1 (%)", title=f"distilled student vs {key}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, f"student_vs_{_safe(key)}.png")
+
+
+def _errorbar(ax, stats: dict[str, tuple[float, float]], xpos: dict[str, float], **kwargs) -> None:
+    keys = sorted(stats, key=lambda v: xpos[v])
+    ax.errorbar([xpos[v] for v in keys], [stats[v][0] for v in keys], yerr=[stats[v][1] for v in keys], **kwargs)
+
+
+def heat_matrix(runs: list[Run], rows_key: str, cols_key: str) -> tuple[list[str], list[str], list[list]]:
+    """(row values, column values, cells): each cell ``(mean, std, n)`` of student top-1, or None."""
+    groups = group_by_setting(runs, [rows_key, cols_key])
+    row_values = ordered_values({s[0] for s in groups})
+    col_values = ordered_values({s[1] for s in groups})
+    cells = []
+    for rv in row_values:
+        line = []
+        for cv in col_values:
+            members = groups.get((rv, cv))
+            line.append((*mean_std([m.scores["student_top1"] for m in members]), len(members)) if members else None)
+        cells.append(line)
+    return row_values, col_values, cells
+
+
+def is_grid(row_values: list[str], col_values: list[str], cells: list[list]) -> bool:
+    """A small table with at least half its cells measured (not the scattered points of a random search)."""
+    filled = sum(c is not None for line in cells for c in line)
+    return (bool(cells) and max(len(row_values), len(col_values)) <= HEATMAP_MAX_VALUES
+            and 2 * filled >= len(row_values) * len(col_values))
+
+
+def plot_two_keys(runs: list[Run], keys: list[str], out_dir: str) -> str | None:
+    """A heat map over two swept keys when they form a grid, else a scatter of numeric values coloured by top-1."""
+    row_values, col_values, cells = heat_matrix(runs, keys[0], keys[1])
+    if is_grid(row_values, col_values, cells):
+        return plot_heatmap(keys, row_values, col_values, cells, out_dir)
+    if all(_is_number(v) for v in row_values + col_values):
+        return plot_scatter(runs, keys, out_dir)
+    return None
+
+
+def plot_scatter(runs: list[Run], keys: list[str], out_dir: str) -> str:
+    """Each run at (key 1, key 0), coloured by the student's top-1 (Optuna or random searches)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    x = [float(r.overrides[keys[1]]) for r in runs]
+    y = [float(r.overrides[keys[0]]) for r in runs]
+    points = ax.scatter(x, y, c=[r.scores["student_top1"] for r in runs], cmap="viridis", s=60, edgecolors="k")
+    fig.colorbar(points, ax=ax, label="student test top-1 (%)")
+    best = runs[0]
+    ax.annotate(f"best {best.scores['student_top1']:.2f}", (float(best.overrides[keys[1]]),
+                float(best.overrides[keys[0]])), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set(xlabel=keys[1], ylabel=keys[0], title="distilled student top-1 per run")
+    ax.grid(alpha=0.3)
+    return _save(fig, out_dir, f"scatter_{_safe(keys[0])}_x_{_safe(keys[1])}.png")
+
+
+def plot_heatmap(keys: list[str], row_values: list[str], col_values: list[str], cells: list[list],
+                 out_dir: str) -> str:
+    """An annotated heat map of the student's top-1 (mean ± std over repeats) over two swept keys."""
+    grid = [[math.nan if c is None else c[0] for c in line] for line in cells]
+    fig = _figure()
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="student test top-1 (%)")
+    ax.set_xticks(range(len(col_values)), [short(v) for v in col_values])
+    ax.set_yticks(range(len(row_values)), [short(v) for v in row_values])
+    ax.set(xlabel=keys[1], ylabel=keys[0], title="distilled student top-1")
+    _annotate(ax, cells, grid)
+    return _save(fig, out_dir, f"heatmap_{_safe(keys[0])}_x_{_safe(keys[1])}.png")
+
+
+def _annotate(ax, cells: list[list], grid: list[list[float]]) -> None:
+    finite = [v for line in grid for v in line if not math.isnan(v)]
+    middle = (min(finite) + max(finite)) / 2 if finite else 0.0
+    for i, line in enumerate(cells):
+        for j, cell in enumerate(line):
+            if cell is None:
+                continue
+            mean, std, n = cell
+            text = f"{mean:.2f}" if n == 1 else f"{mean:.2f}\n± {std:.2f} (n={n})"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="black" if mean > middle else "white")
+
+
+def read_curves(run_dir: str) -> dict[str, list[dict]]:
+    """Per-stage epoch rows of a run's ``metrics_{stage}.csv`` files (numbers as floats)."""
+    curves = {}
+    for name in sorted(os.listdir(run_dir)):
+        m = re.fullmatch(r"metrics_(.+)\.csv", name)
+        if m:
+            with open(os.path.join(run_dir, name), newline="") as f:
+                curves[m.group(1)] = [{k: _float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return curves
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_curves(run: Run, swept: list[str], out_dir: str) -> str | None:
+    """Loss, learning rate and (with a validation split) val top-1 per epoch of every stage of ``run``."""
+    from matplotlib.ticker import MaxNLocator
+
+    curves = {s: rows for s, rows in read_curves(run.path).items() if rows}
+    if not curves:
+        return None
+    panels = ["loss", "lr"] + (["val_top1"] if any("val_top1" in r[0] for r in curves.values()) else [])
+    fig = _figure(ncols=len(panels), width=4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, column in zip(axes, panels):
+        for stage, rows in curves.items():
+            points = [(r["epoch"], r.get(column)) for r in rows if r.get(column) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=stage)
+        ax.set(xlabel="epoch", ylabel=column, title=column)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    setting = " ".join(f"{k}={short(v)}" for k, v in run.overrides.items() if k in swept)
+    fig.suptitle(f"training curves of the best run ({run.name or '.'}: {setting or 'only run'}, "
+                 f"student top-1 {run.scores['student_top1']:.2f})", fontsize=10)
+    return _save(fig, out_dir, "curves_best.png")
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_plots(runs: list[Run], swept: list[str], out_dir: str) -> tuple[list[str], list[str]]:
+    """All plots of the complete runs: (paths written, notes on plots that failed)."""
+    complete = [r for r in runs if r.status == "complete" and r.scores.get("student_top1") is not None]
+    if not complete:
+        return [], []
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return [], ["matplotlib is not installed (pip install matplotlib): no plots"]
+    varied = [k for k in swept if k != SEED_KEY and len({r.overrides.get(k) for r in complete}) > 1]
+    notes = []
+    if len(varied) > MAX_KEY_PLOTS:
+        notes.append(f"only the first {MAX_KEY_PLOTS} of {len(varied)} varied keys plotted")
+    jobs = [(f"student vs {k}", plot_accuracy_vs, (complete, k, swept, out_dir)) for k in varied[:MAX_KEY_PLOTS]]
+    if len(varied) == 2:
+        jobs.append(("heat map", plot_two_keys, (complete, varied, out_dir)))
+    jobs.append(("training curves", plot_curves, (complete[0], swept, out_dir)))
+    paths, failures = _run_plot_jobs(jobs)
+    return paths, notes + failures
+
+
+def _run_plot_jobs(jobs: list) -> tuple[list[str], list[str]]:
+    paths, notes = [], []
+    for label, func, args in jobs:
+        try:
+            path = func(*args)
+        except Exception as e:
+            log.warning("report: %s plot failed: %s", label, e)
+            notes.append(f"{label}: {type(e).__name__}: {e}")
+            continue
+        if path:
+            paths.append(path)
+    return paths, notes
+
+
+# ---------------------------------------------------------------- entry point
+
+@dataclass
+class Report:
+    """What :func:`build` found and wrote."""
+
+    runs: list[Run]
+    swept: list[str]
+    rows: list[dict]
+    groups: list[dict]
+    paths: list[str]
+
+
+def build(path: str, out: str | None = None) -> Report:
+    """Collect the runs under ``path`` and write the report files into ``out`` (default: ``path``)."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"report {path}: no such directory; give a run directory, a multirun directory "
+                          "or a folder holding them")
+    runs = collect(path)
+    if not runs:
+        raise ConfigError(f"report {path}: no kdrun runs found (no .hydra/overrides.yaml in it or below it)")
+    out = out or path
+    os.makedirs(out, exist_ok=True)
+    swept = swept_keys(runs)
+    rows, groups = run_rows(runs, swept), seed_groups(runs, swept)
+    plots, plot_notes = write_plots(runs, swept, out)
+    md_path, csv_path = os.path.join(out, "report.md"), os.path.join(out, "report.csv")
+    with open(md_path, "w") as f:
+        f.write(markdown(path, runs, swept, groups, plots, plot_notes))
+    write_csv(rows, csv_path)
+    return Report(runs, swept, rows, groups, [md_path, csv_path, *plots])
+
+
+def write_report(path: str, out: str | None = None) -> list[str]:
+    """Write ``report.md``, ``report.csv`` and PNG plots for the runs under ``path``; return the paths written.
+
+    ``path`` is a run directory, a multirun directory or any tree of them; the
+    files go to ``out`` (default ``path``). Raises :class:`ConfigError` when
+    ``path`` is not a directory or holds no runs.
+    """
+    return build(str(path), None if out is None else str(out)).paths

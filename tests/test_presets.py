@@ -1,0 +1,95 @@
+"""Experiment presets compose to the published recipes they cite (no data is loaded)."""
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from kdrun.config import validate
+
+# preset -> (teacher, student, dataset, student LR)
+CIFAR100 = {
+    "cifar100_resnet50_mbv2": ("resnet50_cifar", "mbv2_cifar", 0.01),
+    "cifar100_resnet32x4_resnet8x4": ("resnet32x4", "resnet8x4", 0.05),
+    "cifar100_wrn40_2_wrn16_2": ("wrn_40_2", "wrn_16_2", 0.05),
+    "cifar100_resnet56_resnet20": ("resnet56", "resnet20", 0.05),
+    "cifar100_resnet32x4_shufflenet_v2": ("resnet32x4", "shufflenet_v2_cifar", 0.01),
+    "cifar100_vgg13_mbv2_cifar": ("vgg13", "mbv2_cifar", 0.01),
+}
+
+
+def compose_preset(name: str, overrides: tuple[str, ...] = ()):
+    with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=[f"experiment={name}", *overrides])
+
+
+def teacher_optim(cfg):
+    return OmegaConf.merge(cfg.optim, cfg.teacher.get("optim") or {})
+
+
+@pytest.mark.parametrize("preset", sorted(CIFAR100))
+def test_cifar100_presets_match_the_repdistiller_mdistiller_recipe(preset):
+    teacher, student, lr = CIFAR100[preset]
+    cfg = compose_preset(preset)
+    validate(cfg)
+    assert cfg.teacher.name == teacher and cfg.student.name == student
+    assert cfg.dataset.name == "cifar100" and cfg.dataset.num_classes == 100
+    assert cfg.dataset.augment.crop_pad == 4 and cfg.dataset.augment.flip is True
+    tr = cfg.trainer
+    assert (tr.epochs, tr.teacher_epochs, tr.batch_size, tr.val_fraction) == (240, 240, 64, 0.0)
+    assert cfg.loss.name == "kd" and cfg.loss.temperature == 4.0 and cfg.loss.alpha == 0.9
+    for optim, want_lr in ((cfg.optim, lr), (teacher_optim(cfg), 0.05)):
+        assert optim.name == "sgd" and optim.lr == want_lr
+        assert optim.momentum == 0.9 and optim.weight_decay == 5e-4 and optim.nesterov is False
+        assert optim.schedule == "step" and list(optim.milestones) == [150, 180, 210] and optim.gamma == 0.1
+        assert optim.warmup_epochs == 0
+
+
+def test_cifar10_preset_is_the_resnet_paper_recipe():
+    cfg = compose_preset("cifar10_resnet56_resnet20")
+    validate(cfg)
+    assert (cfg.teacher.name, cfg.student.name, cfg.dataset.name) == ("resnet56", "resnet20", "cifar10")
+    assert (cfg.trainer.epochs, cfg.trainer.teacher_epochs, cfg.trainer.batch_size) == (164, 164, 128)
+    for optim in (cfg.optim, teacher_optim(cfg)):
+        assert (optim.name, optim.lr, optim.momentum, optim.weight_decay) == ("sgd", 0.1, 0.9, 1e-4)
+        assert optim.schedule == "step" and list(optim.milestones) == [82, 123] and optim.gamma == 0.1
+    assert cfg.loss.temperature == 4.0 and cfg.loss.alpha == 0.9
+
+
+def test_hinton_mnist_composes_with_the_papers_nets():
+    cfg = compose_preset("hinton_mnist")
+    validate(cfg)
+    assert cfg.dataset.name == "mnist" and cfg.dataset.augment.crop_pad == 2 and cfg.dataset.augment.flip is False
+    t, s = cfg.teacher, cfg.student
+    assert t.name == "mlp" and list(t.kwargs.hidden) == [1200, 1200] and t.kwargs.activation == "relu"
+    assert t.kwargs.input_dropout == 0.2 and t.kwargs.dropout == 0.5 and t.kwargs.max_norm > 0
+    assert s.name == "mlp" and list(s.kwargs.hidden) == [800, 800]
+    assert s.kwargs.dropout == 0 and s.kwargs.input_dropout == 0 and s.kwargs.max_norm is None
+    assert cfg.loss.name == "kd" and cfg.loss.temperature == 20.0 and 0.5 < cfg.loss.alpha <= 1
+    assert cfg.optim.weight_decay == 0 and cfg.trainer.val_fraction == 0 and cfg.cache.views == 0
+    assert cfg.optim.lr == 0.01 and teacher_optim(cfg).lr == 0.05 and teacher_optim(cfg).weight_decay == 0
+    assert cfg.baseline is True
+
+
+def test_hinton_mnist_builds_the_regularised_teacher_and_plain_student():
+    import torch
+
+    from kdrun.models import build_model
+
+    cfg = compose_preset("hinton_mnist")
+    teacher = build_model("mlp", 10, 1, 28, **OmegaConf.to_container(cfg.teacher.kwargs, resolve=True))
+    student = build_model("mlp", 10, 1, 28, **OmegaConf.to_container(cfg.student.kwargs, resolve=True))
+    assert sum(p.numel() for p in teacher.parameters()) == 784 * 1200 + 1200 * 1200 + 1200 * 10 + 1200 * 2 + 10
+    assert sum(p.numel() for p in student.parameters()) == 784 * 800 + 800 * 800 + 800 * 10 + 800 * 2 + 10
+    with torch.no_grad():
+        teacher.layers[0].fc.weight.mul_(100.0)
+    teacher.apply_constraints()
+    norms = teacher.layers[0].fc.weight.norm(dim=1)
+    assert norms.max() <= cfg.teacher.kwargs.max_norm * (1 + 1e-5)
+    assert teacher.input_drop.p == 0.2 and student.input_drop.p == 0.0
+
+
+def test_hinton_mnist_temperature_sweep_parses():
+    overrides = ("student.kwargs.hidden=[30,30]", "loss.temperature=2.5")
+    cfg = compose_preset("hinton_mnist", overrides)
+    validate(cfg)
+    assert list(cfg.student.kwargs.hidden) == [30, 30] and cfg.loss.temperature == 2.5
+    assert list(cfg.teacher.kwargs.hidden) == [1200, 1200]

@@ -1,0 +1,311 @@
+"""The sweep report (kdrun.sweep_report, ``kdrun report``) and the sweep presets (configs/sweep/).
+
+Most tests build fake run directories; three run real tiny sweeps in a
+subprocess (basic launcher, Optuna, submitit_local) with a shared artifact
+store so that the teacher is trained once.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import yaml
+
+from kdrun import sweep_report
+from kdrun.errors import ConfigError
+from kdrun.report_cli import report_main
+from kdrun.sweep_report import write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = ["trainer=smoke", "teacher=mlp", "student=mlp", "+teacher.kwargs.hidden=[64]", "+student.kwargs.hidden=[32]",
+        "trainer.batch_size=256", "baseline=false"]
+
+
+# ---------------------------------------------------------------- fake runs
+
+def fake_metrics(student: float, baseline: float = 60.0, teacher: float = 95.0, seed: int = 0,
+                 best: float | None = None) -> dict:
+    """A ``metrics.json`` shaped like kdrun.report.assemble writes it."""
+    student_entry = {"last": {"top1": student, "errors": 3, "agreement": 88.5}}
+    if best is not None:
+        student_entry["best_on_val"] = {"top1": best, "errors": 2, "epoch": 3}
+    return {"status": "complete", "seed": seed, "scheme": "offline",
+            "roles": {"teacher": "teacher", "student": "student", "baseline": "baseline"},
+            "test": {"teacher": {"top1": teacher, "errors": 1}, "student": student_entry,
+                     "baseline": {"last": {"top1": baseline, "errors": 9, "agreement": 70.0}}},
+            "kd_gain_top1": round(student - baseline, 3), "ratios": {}, "models": {},
+            "timings_s": {"total": 12.5}, "loss": {"name": "kd"}}
+
+
+def make_run(root, name: str, overrides: list[str], metrics: dict | None = None, failed: str | None = None,
+             curves: bool = True) -> str:
+    """A run directory: .hydra/overrides.yaml, then metrics.json, a FAILED note, or nothing (running)."""
+    run = os.path.join(str(root), name)
+    os.makedirs(os.path.join(run, ".hydra"))
+    with open(os.path.join(run, ".hydra", "overrides.yaml"), "w") as f:
+        yaml.safe_dump(["trainer=smoke", *overrides], f)
+    if curves:
+        write_curve(run, "student", val=True)
+        write_curve(run, "teacher", val=False)
+    if metrics is not None:
+        with open(os.path.join(run, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+    if failed is not None:
+        with open(os.path.join(run, "FAILED"), "w") as f:
+            f.write(failed + "\n")
+    return run
+
+
+def write_curve(run: str, stage: str, val: bool) -> None:
+    with open(os.path.join(run, f"metrics_{stage}.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "lr", "loss_ce", "loss"] + (["val_top1"] if val else []))
+        for epoch in range(1, 4):
+            w.writerow([epoch, 0.1 / epoch, 2.0 / epoch, 2.0 / epoch] + ([50 + 10 * epoch] if val else []))
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def grid_with_seeds(root, seeds=(0, 1, 2)) -> None:
+    """loss.temperature 1,4 x loss.alpha 0.5,0.9 x seeds: student top-1 = base + 2 * seed."""
+    job = 0
+    for t, a, base in [("1", "0.5", 70.0), ("1", "0.9", 74.0), ("4", "0.5", 80.0), ("4", "0.9", 76.0)]:
+        for s in seeds:
+            make_run(root, str(job), [f"loss.temperature={t}", f"loss.alpha={a}", f"trainer.seed={s}"],
+                     fake_metrics(base + 2 * s, seed=s))
+            job += 1
+
+
+def assert_png(path) -> None:
+    assert os.path.isfile(path), path
+    assert os.path.getsize(path) > 0
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+
+
+# ---------------------------------------------------------------- report from fake runs
+
+def test_rows_sorted_by_student_top1_with_swept_columns(tmp_path):
+    for job, (t, top1) in enumerate([("1", 70.0), ("4", 90.0), ("8", 80.0)]):
+        make_run(tmp_path, str(job), [f"loss.temperature={t}"], fake_metrics(top1, best=top1 + 1))
+    paths = write_report(tmp_path)
+    assert paths[:2] == [str(tmp_path / "report.md"), str(tmp_path / "report.csv")]
+    rows = read_csv(tmp_path / "report.csv")
+    assert [r["loss.temperature"] for r in rows] == ["4", "8", "1"]
+    assert [float(r["student_top1"]) for r in rows] == [90.0, 80.0, 70.0]
+    assert float(rows[0]["student_best_val_top1"]) == 91.0
+    assert float(rows[0]["kd_gain_top1"]) == 30.0 and float(rows[0]["teacher_top1"]) == 95.0
+    assert float(rows[0]["agreement"]) == 88.5 and float(rows[0]["wall_s"]) == 12.5
+    assert "trainer" not in rows[0]  # common to every run: in the header, not a column
+    md = (tmp_path / "report.md").read_text()
+    assert "`trainer=smoke`" in md and "| 1 | 4 | complete | 90.00 |" in md
+
+
+def test_mean_std_over_seeds(tmp_path):
+    grid_with_seeds(tmp_path)
+    write_report(tmp_path)
+    groups = sweep_report.seed_groups(sweep_report.collect(str(tmp_path)),
+                                      ["loss.temperature", "loss.alpha", "trainer.seed"])
+    assert [(g["loss.temperature"], g["loss.alpha"], g["n"]) for g in groups][0] == ("4", "0.5", 3)
+    assert groups[0]["student_top1_mean"] == pytest.approx(82.0)
+    assert groups[0]["student_top1_std"] == pytest.approx(2.0)  # sample std of 80, 82, 84
+    assert [g["student_top1_mean"] for g in groups] == [82.0, 78.0, 76.0, 72.0]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Mean ± std over seeds" in md
+    assert "| 4 | 0.5 | 3 | 82.00 ± 2.00 | 60.00 ± 0.00 | 22.00 ± 2.00 |" in md
+
+
+def test_no_group_table_without_seed_repeats(tmp_path):
+    make_run(tmp_path, "0", ["loss.temperature=1", "trainer.seed=0"], fake_metrics(70.0))
+    make_run(tmp_path, "1", ["loss.temperature=4", "trainer.seed=1"], fake_metrics(80.0))
+    write_report(tmp_path)
+    assert "Mean ± std" not in (tmp_path / "report.md").read_text()
+
+
+def test_failed_running_and_unreadable_runs_listed_not_plotted(tmp_path, monkeypatch):
+    make_run(tmp_path, "0", ["loss.temperature=1"], fake_metrics(70.0))
+    make_run(tmp_path, "1", ["loss.temperature=4"], fake_metrics(80.0))
+    make_run(tmp_path, "2", ["loss.temperature=8"], failed="RuntimeError: out of memory")
+    make_run(tmp_path, "3", ["loss.temperature=16"])
+    bad = make_run(tmp_path, "4", ["loss.temperature=32"])
+    with open(os.path.join(bad, "metrics.json"), "w") as f:
+        f.write("{truncated")
+    plotted = []
+    original = sweep_report.plot_accuracy_vs
+    monkeypatch.setattr(sweep_report, "plot_accuracy_vs",
+                        lambda runs, *a: plotted.extend(runs) or original(runs, *a))
+    write_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert [(r["run"], r["status"]) for r in rows] == [("1", "complete"), ("0", "complete"), ("2", "failed"),
+                                                       ("3", "running"), ("4", "unreadable")]
+    assert rows[2]["note"] == "RuntimeError: out of memory" and rows[2]["student_top1"] == ""
+    assert sorted(r.name for r in plotted) == ["0", "1"]
+    md = (tmp_path / "report.md").read_text()
+    assert "`2`: failed: RuntimeError: out of memory" in md and "`3`: running" in md and "`4`: unreadable" in md
+    assert "5 runs: 2 complete, 1 failed, 1 running, 1 unreadable" in md
+
+
+def test_unreadable_overrides_do_not_invent_swept_keys(tmp_path):
+    make_run(tmp_path, "0", ["loss.temperature=1"], fake_metrics(70.0))
+    make_run(tmp_path, "1", ["loss.temperature=4"], fake_metrics(80.0))
+    broken = make_run(tmp_path, "2", ["loss.temperature=8"], fake_metrics(99.0))
+    with open(os.path.join(broken, ".hydra", "overrides.yaml"), "w") as f:
+        f.write("- [unclosed")
+    write_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert list(rows[0])[:3] == ["run", "loss.temperature", "status"]
+    assert (rows[-1]["run"], rows[-1]["status"]) == ("2", "unreadable")
+
+
+def test_plots_written_as_png(tmp_path):
+    grid_with_seeds(tmp_path, seeds=(0, 1))
+    paths = write_report(tmp_path)
+    names = {os.path.basename(p) for p in paths}
+    assert {"student_vs_loss_temperature.png", "student_vs_loss_alpha.png",
+            "heatmap_loss_temperature_x_loss_alpha.png", "curves_best.png"} <= names
+    assert "student_vs_trainer_seed.png" not in names
+    for p in paths:
+        if p.endswith(".png"):
+            assert_png(p)
+            assert f"]({os.path.basename(p)})" in (tmp_path / "report.md").read_text()
+
+
+def test_random_search_gets_a_scatter_not_a_heatmap(tmp_path):
+    for job, (t, a, top1) in enumerate([("1.37", "0.21", 70.0), ("6.02", "0.55", 80.0), ("9.5", "0.83", 75.0)]):
+        make_run(tmp_path, str(job), [f"loss.temperature={t}", f"loss.alpha={a}"], fake_metrics(top1))
+    names = {os.path.basename(p) for p in write_report(tmp_path)}
+    assert "scatter_loss_temperature_x_loss_alpha.png" in names
+    assert not any(n.startswith("heatmap_") for n in names)
+    assert_png(tmp_path / "scatter_loss_temperature_x_loss_alpha.png")
+
+
+def test_heatmap_cells_are_means_over_seeds(tmp_path):
+    grid_with_seeds(tmp_path, seeds=(0, 1))
+    runs = sweep_report.collect(str(tmp_path))
+    rows, cols, cells = sweep_report.heat_matrix(runs, "loss.temperature", "loss.alpha")
+    assert rows == ["1", "4"] and cols == ["0.5", "0.9"]
+    assert cells[1][0] == pytest.approx((81.0, 2 ** 0.5, 2))
+
+
+def test_one_failing_plot_does_not_stop_the_report(tmp_path, monkeypatch):
+    grid_with_seeds(tmp_path, seeds=(0,))
+
+    def broken(*args):
+        raise ValueError("no colours left")
+
+    monkeypatch.setattr(sweep_report, "plot_heatmap", broken)
+    paths = write_report(tmp_path)
+    assert any(p.endswith("curves_best.png") for p in paths)
+    assert "heat map: ValueError: no colours left" in (tmp_path / "report.md").read_text()
+
+
+def test_tree_of_sweeps_and_single_run(tmp_path):
+    make_run(tmp_path / "sweepA", "0", ["loss.temperature=1"], fake_metrics(70.0))
+    make_run(tmp_path / "sweepA", "1", ["loss.temperature=4"], fake_metrics(75.0))
+    make_run(tmp_path / "deep" / "sweepB", "0", ["loss=dkd"], fake_metrics(72.0), curves=False)
+    write_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert [r["run"] for r in rows] == ["sweepA/1", "deep/sweepB/0", "sweepA/0"]
+    single = str(tmp_path / "sweepA" / "1")
+    paths = write_report(single)
+    assert read_csv(os.path.join(single, "report.csv"))[0]["run"] == "."
+    assert_png(os.path.join(single, "curves_best.png"))
+    assert paths == [os.path.join(single, n) for n in ("report.md", "report.csv", "curves_best.png")]
+
+
+# ---------------------------------------------------------------- kdrun report
+
+def test_report_command_prints_table_and_paths(tmp_path, capsys):
+    make_run(tmp_path / "runs", "0", ["loss.temperature=1"], fake_metrics(70.0))
+    make_run(tmp_path / "runs", "1", ["loss.temperature=4"], fake_metrics(80.0))
+    out = tmp_path / "elsewhere"
+    assert report_main([str(tmp_path / "runs"), "--out", str(out), "--top", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "2 runs under" in text and "loss.temperature" in text
+    assert "80.00" in text and "70.00" not in text  # --top 1
+    assert str(out / "report.md") in text
+    assert (out / "report.csv").is_file() and not (tmp_path / "runs" / "report.md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/missing"], "no such directory"),
+    (["{tmp}"], "no kdrun runs found"),
+    (["{tmp}", "--bogus"], "unknown option"),
+    (["{tmp}", "--top", "zero"], "--top zero"),
+    ([], "missing DIR"),
+])
+def test_report_command_bad_input(tmp_path, args, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        report_main([a.format(tmp=tmp_path) for a in args])
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- presets
+
+def hydra_cfg(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True).hydra
+
+
+def test_presets_select_the_plugins():
+    optuna = hydra_cfg(["sweep=optuna"]).sweeper
+    assert optuna._target_.endswith("OptunaSweeper") and optuna.direction == "maximize"
+    assert optuna.sampler._target_ == "optuna.samplers.TPESampler" and optuna.sampler.seed is not None
+    assert set(optuna.params) == {"loss.temperature", "loss.alpha"} and optuna.n_jobs == 1
+    slurm = hydra_cfg(["sweep=slurm"]).launcher
+    assert slurm._target_.endswith("SlurmLauncher")
+    assert slurm.gpus_per_node >= 1 and slurm.cpus_per_task >= 1 and slurm.mem_gb and slurm.timeout_min > 0
+    assert hydra_cfg(["sweep=slurm_local"]).launcher._target_.endswith("LocalLauncher")
+
+
+# ---------------------------------------------------------------- real tiny sweeps
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One artifact store for the real sweeps: the tiny teacher is trained once."""
+    return str(tmp_path_factory.mktemp("store"))
+
+
+def sweep(kdrun, tmp_path, store, *args):
+    """Run ``kdrun train -m`` tiny in tmp_path; return the sweep directory."""
+    sweep_dir = tmp_path / "sweep"
+    res = kdrun("train", "-m", *TINY, f"store.dir={store}", f"hydra.sweep.dir={sweep_dir}", *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return sweep_dir
+
+
+def test_multirun_writes_its_report(kdrun, tmp_path, store):
+    sweep_dir = sweep(kdrun, tmp_path, store, "loss.temperature=1,4")
+    rows = read_csv(sweep_dir / "report.csv")
+    assert sorted(r["loss.temperature"] for r in rows) == ["1", "4"]
+    assert all(r["status"] == "complete" and float(r["student_top1"]) > 0 for r in rows)
+    assert float(rows[0]["student_top1"]) >= float(rows[1]["student_top1"])
+    assert "| loss.temperature |" in (sweep_dir / "report.md").read_text()
+    assert_png(sweep_dir / "student_vs_loss_temperature.png")
+
+
+def test_optuna_preset_runs_trials(kdrun, tmp_path, store):
+    sweep_dir = sweep(kdrun, tmp_path, store, "sweep=optuna", "hydra.sweeper.n_trials=3")
+    jobs = sorted(p for p in os.listdir(sweep_dir) if p.isdigit())
+    assert jobs == ["0", "1", "2"]
+    assert all((sweep_dir / j / "metrics.json").is_file() for j in jobs)
+    result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    tops = [float(r["student_top1"]) for r in read_csv(sweep_dir / "report.csv")]
+    assert result["best_value"] == pytest.approx(max(tops), abs=1e-3)  # maximised, not minimised
+    assert set(result["best_params"]) == {"loss.temperature", "loss.alpha"}
+    assert "## Optuna" in (sweep_dir / "report.md").read_text()
+
+
+def test_slurm_local_preset_runs_through_submitit(kdrun, tmp_path, store):
+    pytest.importorskip("submitit", reason="submitit is not installed")
+    sweep_dir = sweep(kdrun, tmp_path, store, "sweep=slurm_local")
+    assert (sweep_dir / "0" / "metrics.json").is_file()
+    assert (sweep_dir / ".submitit").is_dir()
+    assert read_csv(sweep_dir / "report.csv")[0]["status"] == "complete"
