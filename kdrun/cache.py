@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kdrun.data.base import ImageSet
 from kdrun.data.loader import Augment, Normalize
 from kdrun import distributed
-from kdrun.engine import atomic_save
+from kdrun.engine import atomic_save, autocast
 from kdrun.preempt import maybe_kill
 
 log = logging.getLogger("kdrun")
@@ -32,7 +32,7 @@ def checksum(t: torch.Tensor) -> int:
 
 @torch.inference_mode()
 def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, augment: Augment,
-                      views: int, batch_size: int, device) -> torch.Tensor:
+                      views: int, batch_size: int, device, precision: str = "fp32") -> torch.Tensor:
     """Teacher logits [N, max(views, 1), C] in fp16, for every training image and view.
 
     Data parallel: worker r computes batches r, r + W, ... and the shares are summed.
@@ -50,7 +50,8 @@ def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, 
         images = data.images[idx].to(device)
         if views > 0:
             images = augment(images, idx.to(device), torch.full_like(idx, v).to(device))
-        logits = teacher(normalize(images)).float().cpu()
+        with autocast(torch.device(device), precision):
+            logits = teacher(normalize(images)).float().cpu()
         out[idx, v] = logits.half().to(out.dtype)  # rounded to fp16 on every path
         bar.update(len(idx) * world)
         maybe_kill("cache", batches)

@@ -36,6 +36,8 @@ RULES = [
      "auto, cpu, cuda or cuda:N"),
     ("trainer.devices", _int, lambda v: v >= 1, "an integer >= 1"),
     ("trainer.checkpoint_every_steps", _int, lambda v: v >= 0, "an integer >= 0"),
+    ("trainer.precision", lambda v: isinstance(v, str), lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+    ("trainer.threads", _int, lambda v: v >= 1, "an integer >= 1 (or null)"),
     ("cache.views", _int, lambda v: v >= 0, "an integer >= 0"),
     ("optim.lr", _num, lambda v: v > 0, "a number > 0"),
     ("optim.weight_decay", _num, lambda v: v >= 0, "a number >= 0"),
@@ -74,6 +76,8 @@ def validate(cfg: DictConfig) -> None:
         if pre and not os.path.isfile(pre):
             raise ConfigError(f"{who}.pretrained={pre}: file not found")
     dev = cfg.trainer.device
+    if cfg.trainer.get("precision") == "fp16" and not dev.startswith("cuda") and not _cuda_auto(dev):
+        raise ConfigError("trainer.precision=fp16: needs a CUDA GPU; use bf16 on CPUs")
     if dev.startswith("cuda"):
         import torch
 
@@ -144,3 +148,9 @@ def _validate_layers(cfg: DictConfig) -> None:
                 resolve(model, name)
             except ConfigError as e:
                 raise ConfigError(f"loss.layers.{who}[{i}]={name}: {e}") from None
+
+
+def _cuda_auto(dev: str) -> bool:
+    import torch
+
+    return dev == "auto" and torch.cuda.is_available()

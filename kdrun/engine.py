@@ -65,6 +65,12 @@ def lr_factor(cfg, epoch: int, epochs: int) -> float:
     return 1.0  # "constant"
 
 
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for forward passes: fp32 (off), bf16 or fp16."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def atomic_save(obj, path: str) -> None:
@@ -127,7 +133,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
                 epochs: int, optim_cfg, modules: dict[str, nn.Module] | None = None,
                 val_loader: TensorLoader | None = None, run_dir: str = ".", log_every: int = 50,
                 checkpoint_every_steps: int = 0, fingerprint: str = "",
-                on_step: Callable[[int, int], dict] | None = None) -> StageResult:
+                on_step: Callable[[int, int], dict] | None = None, precision: str = "fp32",
+                compile: bool = False) -> StageResult:
     """Train ``model`` for ``epochs`` with ``objective``; resumable at any epoch or checkpointed step.
 
     ``modules``: other trainable modules that belong to the stage (a KD method's
@@ -140,11 +147,15 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
     plus ``{stage}_best.pt`` when a validation split chooses a best epoch. When
     ``{stage}_last.pt`` exists the stage continues from it (or returns at once
     when it is finished); ``fingerprint`` guards against resuming another config.
+    ``precision``: fp32, or bf16/fp16 autocast (fp16 with a gradient scaler);
+    ``compile``: run the forward of ``torch.compile(model)`` (weights are shared).
     """
     modules = modules or {}
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim_cfg)
+    scaler = torch.amp.GradScaler(loader.device.type, enabled=precision == "fp16")
+    net = torch.compile(model) if compile else model
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -162,6 +173,7 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
         for name, m in modules.items():
             m.load_state_dict(ckpt["modules"][name])
         optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
         set_rng_state(ckpt["rng"])
         start_epoch, start_step, seen, elapsed = ckpt["epoch"], ckpt["step"], ckpt["seen"], ckpt["seconds"]
         sums = {k: v.to(loader.device) for k, v in ckpt["sums"].items()}
@@ -176,7 +188,7 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
     def save(epoch: int, step: int) -> None:
         atomic_save({"stage": stage, "fingerprint": fingerprint, "epochs": epochs, "epoch": epoch, "step": step,
                      "model": model.state_dict(), "modules": {k: m.state_dict() for k, m in modules.items()},
-                     "optimizer": optimizer.state_dict(), "rng": rng_state(), "seen": seen,
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), "seen": seen,
                      "sums": {k: v.detach().cpu() for k, v in sums.items()}, "history": result.history,
                      "best": (result.best_epoch, result.best_val_top1),
                      "seconds": elapsed + time.perf_counter() - t0}, last_path)
@@ -196,12 +208,14 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
         for step, batch in enumerate(bar, start=first):
             if on_step is not None:
                 logged = on_step(epoch, step)
-            terms = objective(model, batch, epoch)
+            with autocast(loader.device, precision):
+                terms = objective(net, batch, epoch)
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             distributed.all_reduce_grads(params)  # data parallel: the global batch's mean gradient
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             if hasattr(model, "apply_constraints"):  # e.g. max-norm weight constraints (Hinton's MNIST MLP)
                 model.apply_constraints()
             for k, v in terms.items():  # accumulate on the device: no host sync per step

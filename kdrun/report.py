@@ -19,6 +19,8 @@ def stage_summary(res: StageResult) -> dict:
            "images_per_s": round(res.images_per_s, 1)}
     if res.history:
         out["final_train_loss"] = res.history[-1]["loss"]
+        if "val_top1" in res.history[-1]:
+            out["final_val_top1"] = res.history[-1]["val_top1"]
     if res.best_epoch is not None:
         out["best_epoch"], out["best_val_top1"] = res.best_epoch, res.best_val_top1
     return out

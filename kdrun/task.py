@@ -19,7 +19,7 @@ log = logging.getLogger("kdrun")
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def hydra_train(cfg: DictConfig) -> float:
-    """Run the pipeline in Hydra's output directory; return the distilled student's top-1 (for sweepers)."""
+    """Run the pipeline in Hydra's output directory; return the sweep objective (see :func:`objective`)."""
     from kdrun import report, train
 
     run_dir = HydraConfig.get().runtime.output_dir
@@ -52,7 +52,14 @@ def hydra_train(cfg: DictConfig) -> float:
     report.write_json(metrics, os.path.join(run_dir, "metrics.json"))  # written last: marks the run complete
     table = report.summary_table(metrics)
     log.info("summary\n%s\noutputs: %s", table, run_dir)
-    return report.last(metrics["test"]["student"])["top1"]
+    return objective(metrics)
+
+
+def objective(metrics: dict) -> float:
+    """What sweepers maximise: the student's last-epoch validation top-1 when a validation split is held
+    out (``trainer.val_fraction > 0``), else its test top-1 (then confirm any winner on fresh seeds)."""
+    val = metrics["stages"].get(metrics["roles"]["student"], {}).get("final_val_top1")
+    return val if val is not None else report.last(metrics["test"]["student"])["top1"]
 
 
 def _mark_failed(run_dir: str, msg: str) -> None:

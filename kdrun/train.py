@@ -112,7 +112,10 @@ class Run:
         if tr.get("deterministic"):
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        if tr.get("threads"):
+            torch.set_num_threads(int(tr.threads))
         seed_everything(tr.seed)
+        self.student_views: int | None = None  # the views the distilled student trained on (baselines match)
         self.timings: dict[str, float] = {}
         self.stages: dict[str, dict] = {}
         self.models: dict[str, Trained] = {}
@@ -133,6 +136,8 @@ class Run:
         self.norm = Normalize(cfg.dataset.mean, cfg.dataset.std, self.data.in_chans, self.device)
         aug = cfg.dataset.get("augment") or {}
         self.augment = Augment(int(aug.get("crop_pad", 0)), bool(aug.get("flip", False)), tr.seed)
+        views = cfg.cache.views
+        self.views = int(views) if views is not None else (8 if self.augment.enabled else 0)
         self.val_loader = self.eval_loader(self.val_set)
         self.test_loader = self.eval_loader(self.data.test)
 
@@ -157,6 +162,8 @@ class Run:
         if mcfg.get("pretrained"):
             state = torch.load(mcfg.pretrained, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("model", state))
+        if self.tr.get("channels_last"):
+            model = model.to(memory_format=torch.channels_last)
         return model.to(self.device)
 
     def record(self, name: str, model: nn.Module, mcfg, stage: str | None) -> None:
@@ -169,7 +176,8 @@ class Run:
                           optim_cfg=optim_cfg if optim_cfg is not None else self.cfg.optim, modules=modules,
                           val_loader=self.val_loader, run_dir=self.run_dir, log_every=self.tr.log_every,
                           checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
-                          fingerprint=f"{self.fingerprint}-{stage}", on_step=on_step)
+                          fingerprint=f"{self.fingerprint}-{stage}", on_step=on_step,
+                          precision=self.tr.get("precision", "fp32"), compile=bool(self.tr.get("compile")))
         self.stages[stage] = report.stage_summary(res)
         self.timings[stage] = res.seconds
         return res
@@ -199,7 +207,7 @@ class Run:
                 "epochs": self.tr.teacher_epochs, "batch_size": self.tr.batch_size, "seed": self.tr.seed,
                 "augment": [self.augment.crop_pad, self.augment.flip], "torch": torch.__version__.split("+")[0],
                 "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)], "device": self.device.type,
-                "workers": distributed.size()}
+                "workers": distributed.size(), "precision": self.tr.get("precision", "fp32")}
 
     def teacher_optim(self):
         return OmegaConf.merge(self.cfg.optim, self.cfg.teacher.get("optim") or {})
@@ -250,7 +258,7 @@ class Run:
 
     def logits(self, teacher: nn.Module, name: str, key: str | None) -> torch.Tensor:
         """The teacher's logits on the training split (K replayable views): from the store, the run, or built."""
-        views = int(self.cfg.cache.views)
+        views = self.views
         path = os.path.join(self.run_dir, f"{name}_logits.pt")
         recipe = {"teacher": key, "data": self.data.identity, "train": len(self.train_set), "views": views,
                   "augment": [self.augment.crop_pad, self.augment.flip, self.augment.seed],
@@ -259,7 +267,7 @@ class Run:
 
         def build():
             return build_logit_cache(teacher, self.train_set, self.norm, self.augment, views,
-                                     self.tr.eval_batch_size, self.device)
+                                     self.tr.eval_batch_size, self.device, self.tr.get("precision", "fp32"))
 
         if self.store is None or key is None:
             logits, info = cached_teacher_logits(path, ckey, build)
@@ -286,21 +294,25 @@ class Run:
         static, scheds = schedules.split(loss_kwargs(self.cfg.loss))
         method = LOSSES.get(self.cfg.loss.name, "loss.name")(**static)
         student = self.build(who, mcfg)
-        views = int(self.cfg.cache.views)
+        views = self.views
         common = dict(epochs=self.tr.epochs, num_samples=len(self.train_set))
-        if method.needs_teacher_features:
-            if not (method.teacher_layers or method.student_layers):
+        if method.needs_teacher_features or not self.cfg.cache.enabled:
+            if method.needs_teacher_features and not (method.teacher_layers or method.student_layers):
                 method.teacher_layers, method.student_layers = method.default_layers(
                     list(teacher.feature_points), list(student.feature_points))
-            log.info("%s: %s needs teacher features %s -> the teacher runs online (no logit cache)",
-                     stage, self.cfg.loss.name, method.teacher_layers)
+            why = (f"needs teacher features {method.teacher_layers}" if method.needs_teacher_features
+                   else "runs with cache.enabled=false")
+            log.info("%s: %s %s -> the teacher runs online on fresh augmented views (no logit cache)",
+                     stage, self.cfg.loss.name, why)
             objective = Distill(method, teacher=teacher, **common)
+            self.student_views = None
             loader = self.train_loader(None)  # fresh augmentation; teacher sees the same batch
         else:
             logits = self.logits(teacher, teacher_name, teacher_key)
             log.info("%s: %s needs only teacher logits -> read from the logit cache (teacher not run)",
                      stage, self.cfg.loss.name)
             objective = Distill(method, cached_logits=logits.to(self.device), **common)
+            self.student_views = views
             loader = self.train_loader(views)  # replays view v of each sample (K=0: the plain image)
         x_probe = self.norm(self.train_set.images[:2].to(self.device))
         method.build(probe_shapes(teacher, method.teacher_layers, x_probe),
@@ -320,10 +332,14 @@ class Run:
         self.record(stage, student, mcfg, stage)
         return student
 
-    def ce_model(self, stage: str, mcfg, who: str = "student") -> nn.Module:
-        """A model trained from scratch with CE only (same init, budget and seed as the students)."""
+    def ce_model(self, stage: str, mcfg, who: str = "student", views: int | None = None) -> nn.Module:
+        """A model trained from scratch with CE only (same init, budget and seed as the students).
+
+        ``views``: as for :meth:`train_loader`; a baseline passes ``run.student_views`` so it sees
+        exactly the images the distilled student saw (e.g. no augmentation with ``cache.views=0``).
+        """
         model = self.build(who, mcfg)
-        self.fit(stage, model, cross_entropy, epochs=self.tr.epochs)
+        self.fit(stage, model, cross_entropy, epochs=self.tr.epochs, loader=self.train_loader(views))
         self.export(stage, model, mcfg)
         self.record(stage, model, mcfg, stage)
         return model

@@ -29,5 +29,5 @@ def assistant(run) -> None:
     if run.cfg.scheme.direct:
         run.distil("student_direct", run.cfg.student, teacher, teacher_key=run.teacher_key)
     if run.cfg.baseline:
-        run.ce_model("baseline", run.cfg.student)
+        run.ce_model("baseline", run.cfg.student, views=run.student_views)
         run.roles["baseline"] = "baseline"

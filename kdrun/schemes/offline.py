@@ -9,5 +9,5 @@ def offline(run) -> None:
     run.distil("student", run.cfg.student, teacher, teacher_key=run.teacher_key)
     run.roles["student"] = "student"
     if run.cfg.baseline:
-        run.ce_model("baseline", run.cfg.student)
+        run.ce_model("baseline", run.cfg.student, views=run.student_views)
         run.roles["baseline"] = "baseline"
