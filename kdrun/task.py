@@ -58,8 +58,10 @@ def hydra_train(cfg: DictConfig) -> float:
 def objective(metrics: dict) -> float:
     """What sweepers maximise: the student's last-epoch validation top-1 when a validation split is held
     out (``trainer.val_fraction > 0``), else its test top-1 (then confirm any winner on fresh seeds)."""
+    from kdrun.report import last
+
     val = metrics["stages"].get(metrics["roles"]["student"], {}).get("final_val_top1")
-    return val if val is not None else report.last(metrics["test"]["student"])["top1"]
+    return val if val is not None else last(metrics["test"]["student"])["top1"]
 
 
 def _mark_failed(run_dir: str, msg: str) -> None:
