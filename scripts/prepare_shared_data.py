@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+from pathlib import Path
 import shutil
 import tarfile
 
-SHARED = os.environ.get("KDRUN_SHARED_DATA", "/work/shared/datasets")
+SHARED = os.environ.get("KDRUN_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
 
 def extract_cifar10(shared: str, out: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+from pathlib import Path
 import tarfile
 
 import numpy as np
@@ -23,7 +24,7 @@ from kdrun.data.loader import Augment, Normalize, TensorLoader
 from kdrun.data.stream import StreamLoader, select_mode
 from kdrun.errors import ConfigError
 
-SHARED = os.environ.get("KDRUN_SHARED_DATA", "/work/shared/datasets")
+SHARED = os.environ.get("KDRUN_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
