@@ -24,7 +24,9 @@ from kdrun import distributed, report, schedules
 from kdrun.cache import build_logit_cache, cached_teacher_logits
 from kdrun.config import loss_kwargs
 from kdrun.data import DATASETS, DataBundle, ImageSet
+from kdrun.data.base import FileSet
 from kdrun.data.loader import Augment, Normalize, TensorLoader
+from kdrun.data.stream import StreamLoader
 from kdrun.distill import Distill, probe_shapes
 from kdrun.engine import StageResult, atomic_save, cross_entropy, train_stage
 from kdrun.errors import ConfigError
@@ -143,15 +145,26 @@ class Run:
 
     # ---------------------------------------------------------------- loaders and models
 
-    def train_loader(self, views: int | None = None) -> TensorLoader:
-        """Shuffled, augmented batches; ``views``: None fresh views, K > 0 one of K cached views, 0 plain."""
-        return TensorLoader(self.train_set, self.tr.batch_size, self.norm, self.augment, shuffle=True,
-                            seed=self.tr.seed, device=self.device, views=views, shard=distributed.world())
+    def loader(self, split: ImageSet | FileSet, batch_size: int, **kw) -> TensorLoader | StreamLoader:
+        """Batches from memory (decoded once), or streamed from the files of a split too big for memory."""
+        if isinstance(split, FileSet):
+            return StreamLoader(split, batch_size, self.norm, num_workers=int(self.cfg.dataset.get("workers") or 2),
+                                device=self.device, **kw)
+        return TensorLoader(split, batch_size, self.norm, device=self.device, **kw)
 
-    def eval_loader(self, split: ImageSet | None) -> TensorLoader | None:
+    def train_loader(self, views: int | None = None) -> TensorLoader | StreamLoader:
+        """Shuffled, augmented batches; ``views``: None fresh views, K > 0 one of K cached views, 0 plain."""
+        return self.loader(self.train_set, self.tr.batch_size, augment=self.augment, shuffle=True, seed=self.tr.seed,
+                           views=views, shard=distributed.world())
+
+    def eval_loader(self, split: ImageSet | FileSet | None) -> TensorLoader | StreamLoader | None:
         if split is None:
             return None
-        return TensorLoader(split, self.tr.eval_batch_size, self.norm, shuffle=False, device=self.device, views=0)
+        return self.loader(split, self.tr.eval_batch_size, shuffle=False, views=0)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train_set, FileSet)
 
     def build(self, who: str, mcfg) -> nn.Module:
         """A fresh model for ``mcfg`` (``who`` names its config key in errors), seeded like every other."""
@@ -296,12 +309,12 @@ class Run:
         student = self.build(who, mcfg)
         views = self.views
         common = dict(epochs=self.tr.epochs, num_samples=len(self.train_set))
-        if method.needs_teacher_features or not self.cfg.cache.enabled:
+        if method.needs_teacher_features or not self.cfg.cache.enabled or self.streamed:
             if method.needs_teacher_features and not (method.teacher_layers or method.student_layers):
                 method.teacher_layers, method.student_layers = method.default_layers(
                     list(teacher.feature_points), list(student.feature_points))
             why = (f"needs teacher features {method.teacher_layers}" if method.needs_teacher_features
-                   else "runs with cache.enabled=false")
+                   else "streams its data from files" if self.streamed else "runs with cache.enabled=false")
             log.info("%s: %s %s -> the teacher runs online on fresh augmented views (no logit cache)",
                      stage, self.cfg.loss.name, why)
             objective = Distill(method, teacher=teacher, **common)
@@ -314,7 +327,7 @@ class Run:
             objective = Distill(method, cached_logits=logits.to(self.device), **common)
             self.student_views = views
             loader = self.train_loader(views)  # replays view v of each sample (K=0: the plain image)
-        x_probe = self.norm(self.train_set.images[:2].to(self.device))
+        x_probe = next(self.eval_loader(self.train_set).epoch(0)).x[:2]
         method.build(probe_shapes(teacher, method.teacher_layers, x_probe),
                      probe_shapes(student, method.student_layers, x_probe), len(self.train_set))
         method.to(self.device)

@@ -101,3 +101,28 @@ def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):
     assert f"teacher.checkpoint={ckpt}: holds resnet8 for 10 classes, but this run's teacher is resnet20" in p.stderr
     assert not (tmp_path / "bad" / "metrics.json").exists()
     assert (tmp_path / "bad" / "FAILED").exists()
+
+
+def test_streamed_image_folder_runs_end_to_end(tmp_path):
+    """dataset.mode=stream: batches decoded from files by DataLoader workers; the teacher runs online."""
+    from PIL import Image
+
+    from tests.conftest import run_kdrun
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 24), ("test", 8)):
+        for c, colour in (("a", 0), ("b", 200)):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                red = int(torch.randint(0, 255, (1,), generator=g))
+                Image.new("RGB", (16, 16), (red, colour, 30)).save(tmp_path / "data" / split / c / f"{i}.png")
+    run_dir = tmp_path / "run"
+    p = run_kdrun("train", "trainer=smoke", "teacher=resnet8", "student=resnet8", "trainer.latency=false",
+                  "store.enabled=false", "dataset=imagefolder", f"dataset.root={tmp_path / 'data'}",
+                  "dataset.image_size=16", "dataset.mode=stream", f"dataset.cache_dir={tmp_path / 'cache'}",
+                  f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "streams its data from files -> the teacher runs online" in p.stderr
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["dataset"]["train"] == 48 and m["dataset"]["test"] == 16
+    assert not (run_dir / "teacher_logits.pt").exists()

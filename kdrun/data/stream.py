@@ -48,7 +48,9 @@ class StreamLoader:
 
     def __init__(self, data: FileSet, batch_size: int, normalize: Normalize, augment: Augment | None = None,
                  shuffle: bool = True, seed: int = 0, device="cpu", views: int | None = None,
-                 drop_last: bool = False, num_workers: int = 2, pin_memory: bool | None = None):
+                 drop_last: bool = False, num_workers: int = 2, pin_memory: bool | None = None,
+                 shard: tuple[int, int] = (0, 1)):
+        self.shard = shard  # (rank, world): this worker's share of every global batch
         self.files = _Files(data)
         self.device = torch.device(device)
         self.labels = data.labels.to(self.device)
@@ -72,7 +74,8 @@ class StreamLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order, views = epoch_plan(self.num_samples, self.seed, epoch, self.shuffle, self.views)
-        steps = [order[s * self.batch_size:(s + 1) * self.batch_size] for s in range(start_step, len(self))]
+        steps = [order[s * self.batch_size:(s + 1) * self.batch_size][self.shard[0]::self.shard[1]]
+                 for s in range(start_step, len(self))]
         loader = DataLoader(self.files, batch_sampler=[idx.tolist() for idx in steps],
                             num_workers=self.num_workers, pin_memory=self.pin_memory)
         views = views.to(self.device)
