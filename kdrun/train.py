@@ -166,9 +166,10 @@ class Run:
     def streamed(self) -> bool:
         return isinstance(self.train_set, FileSet)
 
-    def build(self, who: str, mcfg) -> nn.Module:
-        """A fresh model for ``mcfg`` (``who`` names its config key in errors), seeded like every other."""
-        seed_everything(self.tr.seed)
+    def build(self, who: str, mcfg, seed_offset: int = 0) -> nn.Module:
+        """A fresh model for ``mcfg`` (``who`` names its config key in errors), initialised from
+        ``trainer.seed + seed_offset``: the student and its baseline start from the same weights."""
+        seed_everything(self.tr.seed + seed_offset)
         ident = model_identity(mcfg, self.data)
         model = build_model(mcfg.name, ident["num_classes"], ident["in_chans"], ident["image_size"],
                             key=f"{who}.name", source=ident["source"], **ident["kwargs"])
@@ -345,13 +346,14 @@ class Run:
         self.record(stage, student, mcfg, stage)
         return student
 
-    def ce_model(self, stage: str, mcfg, who: str = "student", views: int | None = None) -> nn.Module:
+    def ce_model(self, stage: str, mcfg, who: str = "student", views: int | None = None,
+                 seed_offset: int = 0) -> nn.Module:
         """A model trained from scratch with CE only (same init, budget and seed as the students).
 
         ``views``: as for :meth:`train_loader`; a baseline passes ``run.student_views`` so it sees
         exactly the images the distilled student saw (e.g. no augmentation with ``cache.views=0``).
         """
-        model = self.build(who, mcfg)
+        model = self.build(who, mcfg, seed_offset)
         self.fit(stage, model, cross_entropy, epochs=self.tr.epochs, loader=self.train_loader(views))
         self.export(stage, model, mcfg)
         self.record(stage, model, mcfg, stage)

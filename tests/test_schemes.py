@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from kdrun.errors import ConfigError
 from kdrun.schedules import parse
@@ -17,15 +18,16 @@ def run(kdrun, tmp_path, *args):
 
 
 def test_online_mutual_learning(kdrun, tmp_path):
-    m = run(kdrun, tmp_path, "scheme=online", "scheme.peers=[resnet8,resnet14]", "trainer.val_fraction=0.1")
+    m = run(kdrun, tmp_path, "scheme=online", "trainer.val_fraction=0.1")  # two resnet8 peers
     assert m["scheme"] == "online"
     assert {"peer1", "peer2", "baseline_peer1", "baseline_peer2"} <= set(m["test"])
     assert m["stages"]["online"]["chosen_by"] == "validation accuracy"
     assert m["roles"]["student"] == f"peer{m['stages']['online']['student_peer']}"
     rows = list(csv.DictReader((tmp_path / "run" / "metrics_online.csv").open()))
     assert {"loss_ce_peer1", "loss_kl_peer1", "loss_ce_peer2", "loss_kl_peer2"} <= set(rows[0])
-    for f in ("peer1.pt", "peer2.pt"):
-        assert (tmp_path / "run" / "checkpoints" / f).is_file()
+    w1, w2 = (torch.load(tmp_path / "run" / "checkpoints" / f, weights_only=True)["model"]
+              for f in ("peer1.pt", "peer2.pt"))
+    assert not torch.equal(w1["conv1.weight"], w2["conv1.weight"])  # peers start (and stay) different
 
 
 def test_self_born_again_generations(kdrun, tmp_path):

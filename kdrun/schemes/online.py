@@ -10,7 +10,7 @@ paper's alternating updates. Every peer is evaluated and saved
 (``checkpoints/peerN.pt``); the student is the peer with the best validation
 accuracy when ``trainer.val_fraction > 0``, else the first peer (never chosen
 on the test set). With ``baseline=true`` each peer architecture is also
-trained alone with CE (``baseline_peerN``).
+trained alone with CE from the same initial weights (``baseline_peerN``).
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def online(run) -> None:
     if len(items) < 2:
         raise ConfigError(f"scheme.peers={items}: give two or more peer models")
     cfgs = [model_cfg(item, run.cfg.student) for item in items]
-    peers = Peers([run.build(f"scheme.peers[{i}]", c) for i, c in enumerate(cfgs)])
+    # peer i starts from seed + i: identical peers would learn identical functions and teach nothing
+    peers = Peers([run.build(f"scheme.peers[{i}]", c, seed_offset=i) for i, c in enumerate(cfgs)])
     run.fit("online", peers, MutualObjective(float(sc.temperature), float(sc.kl_weight)), epochs=run.tr.epochs)
     val_scores = []
     for i, (peer, mcfg) in enumerate(zip(peers, cfgs), start=1):
@@ -67,7 +68,5 @@ def online(run) -> None:
     run.stages["online"]["chosen_by"] = "validation accuracy" if val_scores else "first peer (no validation split)"
     if run.cfg.baseline:
         for i, mcfg in enumerate(cfgs, start=1):
-            if any(mcfg.name == c.name and mcfg.kwargs == c.kwargs for c in cfgs[:i - 1]):
-                continue  # the same architecture alone: trained once
-            run.ce_model(f"baseline_peer{i}", mcfg, who=f"scheme.peers[{i - 1}]")
-        run.roles["baseline"] = f"baseline_peer{best}" if f"baseline_peer{best}" in run.models else "baseline_peer1"
+            run.ce_model(f"baseline_peer{i}", mcfg, who=f"scheme.peers[{i - 1}]", seed_offset=i - 1)
+        run.roles["baseline"] = f"baseline_peer{best}"
