@@ -96,15 +96,15 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         if group and e.options:
             return f"{group}={option}: unknown option; valid: {', '.join(sorted(e.options))}"
-    m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Could not append to config\. An item is already at '([^']+)'", msg)
+    m = (re.search(r"Could not override '([^']+)'", msg)
+         or re.search(r"Could not append to config\. An item is already at '([^']+)'", msg))
     if m and ("not in struct" in msg or "To append to your config" in msg):
         key = m.group(1)
-        parent, _, leaf = key.rpartition(".")
+        parent = key.rpartition(".")[0]
         valid = _keys_of(parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(key)],
                          config_name)
         where = f" of {parent}" if parent else ""
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
-    m = re.search(r"Key '([^']+)' is not in struct", msg)
     first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     return " ".join(first[:2]) if first else type(e).__name__
 

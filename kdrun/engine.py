@@ -188,8 +188,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
     def save(epoch: int, step: int) -> None:
         atomic_save({"stage": stage, "fingerprint": fingerprint, "epochs": epochs, "epoch": epoch, "step": step,
                      "model": model.state_dict(), "modules": {k: m.state_dict() for k, m in modules.items()},
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), "seen": seen,
-                     "sums": {k: v.detach().cpu() for k, v in sums.items()}, "history": result.history,
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                     "seen": seen, "sums": {k: v.detach().cpu() for k, v in sums.items()}, "history": result.history,
                      "best": (result.best_epoch, result.best_val_top1),
                      "seconds": elapsed + time.perf_counter() - t0}, last_path)
 
@@ -203,8 +203,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
             m.train()
         logged: dict = {}
         first = start_step if epoch == start_epoch else 0
-        bar = tqdm(loader.epoch(epoch, first), total=len(loader), initial=first, desc=f"{stage} {epoch + 1}/{epochs}",
-                   leave=False, dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(loader.epoch(epoch, first), total=len(loader), initial=first, leave=False, dynamic_ncols=True,
+                   desc=f"{stage} {epoch + 1}/{epochs}", mininterval=1.0, disable=not distributed.is_main())
         for step, batch in enumerate(bar, start=first):
             if on_step is not None:
                 logged = on_step(epoch, step)
@@ -232,8 +232,9 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
                 _check_finite(float(sum(sums.values())), stage, epoch, step)  # never checkpoint a NaN
                 save(epoch, step + 1)
                 if stop:
-                    raise Preempted(f"{stage}: stopped by {STOP.requested or 'another worker'} at epoch {epoch + 1}, step {step + 1}; "
-                                    f"checkpoint saved, rerun the same command to resume (exit code {EXIT_PREEMPTED})")
+                    who = STOP.requested or "another worker"
+                    raise Preempted(f"{stage}: stopped by {who} at epoch {epoch + 1}, step {step + 1}; checkpoint "
+                                    f"saved, rerun the same command to resume (exit code {EXIT_PREEMPTED})")
         bar.close()
         n = loader.num_samples if not loader.drop_last else len(loader) * loader.batch_size
         row = {"epoch": epoch + 1, "lr": lr, **logged}

@@ -64,7 +64,8 @@ def test_sigterm_checkpoints_and_exits_for_requeue(kdrun, tmp_path, uninterrupte
 
 def test_checkpoint_of_another_config_is_refused(kdrun, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
-    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "teacher:7"})  # after the step-5 checkpoint
+    # killed after the step-5 checkpoint
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "teacher:7"})
     assert p.returncode == -signal.SIGKILL
     p = kdrun("train", *ARGS, "optim.lr=0.2", f"hydra.run.dir={run_dir}")
     assert p.returncode == 2

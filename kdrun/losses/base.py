@@ -77,7 +77,8 @@ class DistillLoss(nn.Module):
         """Layers used when the config names none: by default the last stage both models share by name."""
         stages = [n for n in teacher_points if n.startswith("stage") and n in student_points]
         if not stages:
-            raise ConfigError("loss.layers: the models share no stage name; set loss.layers.teacher=[...] and loss.layers.student=[...]")
+            raise ConfigError("loss.layers: the models share no stage name; "
+                              "set loss.layers.teacher=[...] and loss.layers.student=[...]")
         return [stages[-1]], [stages[-1]]
 
     def build(self, t_shapes: list[torch.Size], s_shapes: list[torch.Size], num_samples: int) -> None:
