@@ -79,12 +79,13 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     return points
 
 
-def compose(overrides: list[str], config_name: str = "train"):
+def compose(overrides: list[str], config_name: str = "train", with_hydra: bool = False):
+    """The composed config (with the ``hydra`` node too when ``with_hydra``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=with_hydra)
 
 
 def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
@@ -134,13 +135,14 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
         points = sweep_points(overrides)
     except HydraException as e:
         raise ConfigError(one_line(e, overrides, config_name)) from e
-    for point in points:
+    for i, point in enumerate(points):
         try:
-            cfg = compose(point, config_name)
+            cfg = compose(point, config_name, with_hydra=i == 0)
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(one_line(e, point, config_name)) from e
         validate(cfg)
-    check_writable(overrides, config_name, multirun)
+        if i == 0:
+            check_writable(cfg, multirun)
 
 
 def _can_create_in(parent: str) -> bool:
@@ -153,17 +155,12 @@ def _can_create_in(parent: str) -> bool:
         return False
 
 
-def check_writable(overrides: list[str], config_name: str, multirun: bool) -> None:
-    """The run (or sweep) directory must be creatable: its nearest existing parent must be writable."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
+def check_writable(cfg, multirun: bool) -> None:
+    """The run (or sweep) directory of ``cfg`` (composed with its ``hydra`` node) must be creatable:
+    its nearest existing parent must be writable."""
     from kdrun.errors import ConfigError
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    plain = [o for o in sweep_points(overrides)[0]]
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=plain, return_hydra_config=True)
     try:
         out = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
     except Exception:  # interpolations that need a running job: Hydra will report them

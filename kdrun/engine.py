@@ -195,9 +195,10 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
 
     t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        lr = base_lrs[0] * lr_factor(optim_cfg, epoch, epochs)
+        factor = lr_factor(optim_cfg, epoch, epochs)
+        lr = base_lrs[0] * factor
         for g, base in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = base * lr_factor(optim_cfg, epoch, epochs)
+            g["lr"] = base * factor
         model.train()
         for m in modules.values():
             m.train()

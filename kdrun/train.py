@@ -73,6 +73,13 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
 
 
+def on_device(split: ImageSet | FileSet | None, device: torch.device) -> ImageSet | FileSet | None:
+    """An in-memory split on ``device`` (files of a streamed split stay where they are)."""
+    if isinstance(split, ImageSet):
+        return ImageSet(split.images.to(device), split.labels.to(device))
+    return split
+
+
 def model_identity(mcfg, data: DataBundle) -> dict:
     return {"arch": mcfg.name, "source": mcfg.get("source", "kdrun"),
             "kwargs": OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {},
@@ -131,6 +138,9 @@ class Run:
         t0 = time.perf_counter()
         self.data = load_dataset(cfg.dataset)
         self.train_set, self.val_set = split_validation(self.data.train, float(tr.val_fraction), tr.seed)
+        # in-memory splits go to the training device once; every loader of every stage shares them
+        self.train_set, self.val_set, self.test_set = (on_device(s, self.device) for s in
+                                                       (self.train_set, self.val_set, self.data.test))
         self.timings["data"] = time.perf_counter() - t0
         log.info("data: %s, %d train / %d val / %d test images, %d classes, %dx%dx%d", self.data.name,
                  len(self.train_set), len(self.val_set) if self.val_set else 0, len(self.data.test),
@@ -141,7 +151,7 @@ class Run:
         views = cfg.cache.views
         self.views = int(views) if views is not None else (8 if self.augment.enabled else 0)
         self.val_loader = self.eval_loader(self.val_set)
-        self.test_loader = self.eval_loader(self.data.test)
+        self.test_loader = self.eval_loader(self.test_set)
 
     # ---------------------------------------------------------------- loaders and models
 
@@ -328,7 +338,7 @@ class Run:
             objective = Distill(method, cached_logits=logits.to(self.device), **common)
             self.student_views = views
             loader = self.train_loader(views)  # replays view v of each sample (K=0: the plain image)
-        x_probe = next(self.eval_loader(self.train_set).epoch(0)).x[:2]
+        x_probe = next(self.eval_loader(self.train_set.subset(torch.arange(2))).epoch(0)).x
         method.build(probe_shapes(teacher, method.teacher_layers, x_probe),
                      probe_shapes(student, method.student_layers, x_probe), len(self.train_set))
         method.to(self.device)
