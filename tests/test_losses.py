@@ -162,12 +162,21 @@ def test_ls_kd_standardises_logits_before_kd(rng):
     assert want != pytest.approx(w * np_kd_soft(s, t, T), rel=1e-2)
 
 
+def test_kd_loss_gives_no_gradient_to_teacher_logits(rng):
+    from kdrun.losses import kd_loss
+
+    s, t = t64(rng.normal(size=(4, 5)), grad=True), t64(rng.normal(size=(4, 5)), grad=True)
+    kd_loss(s, t, torch.tensor([0, 1, 2, 3]), 4.0, 0.9).backward()
+    assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- FitNet
 
 def test_fitnet_regressor_and_mse(rng):
     fs, ft = rng.normal(size=(4, 3, 2, 2)), rng.normal(size=(4, 5, 2, 2))
     m = build("fitnet", [ft.shape], [fs.shape], weight=100.0)
-    conv, bn = m.adapters[0]
+    conv, bn, relu = m.adapters[0]
+    assert isinstance(relu, torch.nn.ReLU)  # conv -> BN -> ReLU, as RepDistiller's / mdistiller's ConvReg
     with torch.no_grad():
         bn.weight.copy_(torch.tensor(rng.normal(size=5)))
         bn.bias.copy_(torch.tensor(rng.normal(size=5)))
@@ -181,6 +190,7 @@ def test_fitnet_regressor_and_mse(rng):
     mu, var = y.mean(axis=(0, 2, 3)), y.var(axis=(0, 2, 3))  # BN in training mode: batch statistics
     y = (y - mu[None, :, None, None]) / np.sqrt(var[None, :, None, None] + bn.eps) * g[None, :, None, None] \
         + b[None, :, None, None]
+    y = np.maximum(y, 0.0)
     want = 100.0 * ((y - ft) ** 2).mean()
     got = run(m, [t64(fs)], [t64(ft)], make_ctx(np.zeros(4, int)))["fitnet"]
     assert got.item() == pytest.approx(want, rel=1e-4)
@@ -230,7 +240,7 @@ def test_nst_matches_polynomial_mmd(rng):
     for b in range(2):
         S = [np_normalize(fs[b, c].ravel()) for c in range(3)]
         T = [np_normalize(ft[b, c].ravel()) for c in range(4)]
-        k = lambda X, Y: np.mean([np.dot(x, y) ** 2 for x in X for y in Y])  # noqa: E731
+        k = lambda X, Y: np.mean([np.dot(x, y) ** 2 for x in X for y in Y])
         total += k(T, T) + k(S, S) - 2 * k(S, T)
     want = 50.0 * total / 2
     m = build("nst", [ft.shape], [fs.shape], weight=50.0)

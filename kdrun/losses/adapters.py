@@ -1,7 +1,8 @@
 """Trainable pieces that bridge teacher and student features (they live in the method).
 
-* ``ChannelAdapter``: 1x1 conv + BatchNorm mapping student channels to teacher
-  channels (FitNet's regressor); on vectors, Linear + BatchNorm1d.
+* ``ChannelAdapter``: 1x1 conv + BatchNorm (+ ReLU when ``relu``) mapping student
+  channels to teacher channels (FitNet's regressor, with the ReLU as in RepDistiller's
+  and mdistiller's ``ConvReg``); on vectors, Linear + BatchNorm1d (+ ReLU).
 * ``match_spatial``: bilinear interpolation of a feature map to another's H x W.
 * ``pool_to_smaller``: adaptive average pooling of the larger of two maps.
 * ``Embed``: flatten + Linear, optionally L2-normalised (CC, CRD).
@@ -14,13 +15,17 @@ from torch import nn
 
 
 class ChannelAdapter(nn.Sequential):
-    """Student feature -> teacher channel count: 1x1 conv + BN on maps, Linear + BN on vectors."""
+    """Student feature -> teacher channel count: 1x1 conv + BN on maps, Linear + BN on vectors; then ReLU if ``relu``."""
 
-    def __init__(self, c_in: int, c_out: int, spatial: bool = True):
-        if spatial:
-            super().__init__(nn.Conv2d(c_in, c_out, kernel_size=1, bias=False), nn.BatchNorm2d(c_out))
-        else:
-            super().__init__(nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d(c_out))
+    def __init__(self, c_in: int, c_out: int, spatial: bool = True, relu: bool = False):
+        layers: list[nn.Module] = (
+            [nn.Conv2d(c_in, c_out, kernel_size=1, bias=False), nn.BatchNorm2d(c_out)]
+            if spatial
+            else [nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d(c_out)]
+        )
+        if relu:
+            layers.append(nn.ReLU())
+        super().__init__(*layers)
 
 
 def match_spatial(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -28,8 +28,11 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
             temperature: float, alpha: float) -> torch.Tensor:
-    """The Hinton KD objective: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(y, s). Scalar, batch-mean."""
-    soft = soft_kl(student_logits, teacher_logits, temperature)
+    """The Hinton KD objective: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(y, s). Scalar, batch-mean.
+
+    The teacher's logits are a fixed target: no gradient flows into ``teacher_logits``.
+    """
+    soft = soft_kl(student_logits, teacher_logits.detach(), temperature)
     hard = F.cross_entropy(student_logits.float(), target)
     return alpha * soft + (1.0 - alpha) * hard
 
