@@ -31,6 +31,7 @@ RULES = [
     ("trainer.eval_batch_size", _int, lambda v: v > 0, "an integer > 0"),
     ("trainer.seed", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.val_fraction", _num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("trainer.student_fraction", _num, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("trainer.log_every", _int, lambda v: v > 0, "an integer > 0"),
     ("trainer.device", lambda v: isinstance(v, str), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v),
      "auto, cpu, cuda or cuda:N"),
@@ -44,7 +45,6 @@ RULES = [
     ("optim.schedule", lambda v: isinstance(v, str), lambda v: v in ("cosine", "step", "constant"),
      "cosine, step or constant"),
     ("loss.temperature", _num, lambda v: v > 0, "a number > 0"),
-    ("loss.alpha", _num, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("loss.ce_weight", _num, lambda v: v >= 0, "a number >= 0"),
     ("loss.weight", _num, lambda v: v >= 0, "a number >= 0"),
 ]
@@ -52,7 +52,7 @@ RULES = [
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad value; returns None when the config is usable."""
-    for key, type_ok, range_ok, valid in RULES:
+    for key, type_ok, range_ok, valid in RULES + _method_rules(cfg):
         v = OmegaConf.select(cfg, key, default=None)
         if v is None:
             continue
@@ -83,6 +83,16 @@ def validate(cfg: DictConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.device={dev}: no CUDA GPU is available here; use trainer.device=cpu or auto")
+
+
+def _method_rules(cfg: DictConfig) -> list:
+    """RULES rows for the ranges the configured KD method declares (``value_rules``, e.g. KD's alpha in [0, 1])."""
+    from kdrun.losses import LOSSES
+
+    name = OmegaConf.select(cfg, "loss.name", default=None)
+    if name not in LOSSES:
+        return []  # reported by _validate_loss
+    return [(f"loss.{k}", _num, ok, valid) for k, (ok, valid) in LOSSES.get(name).value_rules.items()]
 
 
 def _validate_names(cfg: DictConfig) -> None:

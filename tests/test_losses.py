@@ -567,3 +567,26 @@ def test_method_runs_in_the_distill_stage(name):
     sum(terms.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def _validated(*overrides):
+    from hydra import compose, initialize_config_module
+
+    from kdrun.config import validate
+
+    with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def test_alpha_range_is_the_methods_own():
+    """KD's alpha mixes soft and hard terms (must be in [0, 1]); DKD's alpha is a TCKD weight (paper: 1; > 1 is valid)."""
+    assert _validated("loss=dkd", "loss.alpha=2.0").loss.alpha == 2.0
+    with pytest.raises(ConfigError, match=r"^loss\.alpha=-1: must be a number >= 0"):
+        _validated("loss=dkd", "loss.alpha=-1")
+    with pytest.raises(ConfigError, match=r"^loss\.alpha=1\.5: must be a number in \[0, 1\]$"):
+        _validated("loss.alpha=1.5")
+    with pytest.raises(ConfigError, match=r"^loss\.terms\.kd\.alpha=1\.5: must be a number in \[0, 1\]$"):
+        LOSSES.get("combo")(terms={"kd": {"alpha": 1.5}})
+    assert LOSSES.get("dkd")(alpha=2.0).alpha == 2.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -56,6 +57,9 @@ class DistillLoss(nn.Module):
     """Base class of every KD method. Parameters (adapters) it owns train with the student."""
 
     needs_teacher_features: bool = False
+    # key -> (predicate, what is valid): ranges of this method's config values that ``kdrun.config``
+    # checks before anything runs, schedules included (e.g. KD's alpha in [0, 1]; DKD's alpha may exceed 1)
+    value_rules: ClassVar[dict] = {}
 
     def __init__(self, ce_weight: float = 1.0, layers: dict | None = None):
         super().__init__()

@@ -14,6 +14,8 @@ with fewer epochs than ``warmup`` the term never reaches full weight.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,8 @@ def dkd_loss(student_logits, teacher_logits, target, alpha: float, beta: float, 
 @register_loss("dkd")
 class DKD(DistillLoss):
     """Decoupled KD with a linear warm-up of its weight over the first ``warmup`` epochs."""
+
+    value_rules: ClassVar[dict] = {"alpha": (lambda v: v >= 0, "a number >= 0 (the paper's CIFAR value is 1)")}
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20, **kw):
         super().__init__(**kw)

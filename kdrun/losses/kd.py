@@ -11,10 +11,12 @@ keeps the soft gradients' scale independent of T) applies whatever alpha is.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses.base import DistillLoss, Outputs, StepContext, register_loss
+from kdrun.losses.base import DistillLoss, Outputs, StepContext, check, register_loss
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -41,8 +43,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
 class KD(DistillLoss):
     """Hinton KD; ``alpha`` weighs the soft term and ``1 - alpha`` the hard CE term."""
 
+    value_rules: ClassVar[dict] = {"alpha": (lambda v: 0 <= v <= 1, "a number in [0, 1]")}
+
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, **kw):
         super().__init__(**kw)
+        check("alpha", alpha, 0 <= alpha <= 1, "a number in [0, 1]")
         self.temperature = temperature
         self.alpha = alpha
 
