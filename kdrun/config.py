@@ -5,7 +5,6 @@ so bad input never leaves a half-made run directory behind.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import re
 
@@ -123,13 +122,10 @@ def loss_kwargs(loss_cfg) -> dict:
 
 def _validate_loss(cfg: DictConfig) -> None:
     from kdrun.losses import LOSSES
+    from kdrun.losses.base import constructor_params
 
     cls = LOSSES.get(cfg.loss.name, "loss.name")
-    params = {}
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            params.update(inspect.signature(klass.__init__).parameters)
-    valid = sorted(p for p in params if p not in ("self", "kw", "kwargs"))
+    valid = constructor_params(cls)  # the method's and its DistillLoss bases' (not nn.Module's *args)
     for k in loss_kwargs(cfg.loss):
         if k not in valid:
             raise ConfigError(f"loss.{k}: not a parameter of loss '{cfg.loss.name}'; valid: {', '.join(valid)}")

@@ -43,6 +43,46 @@ def test_cifar100_presets_match_the_repdistiller_mdistiller_recipe(preset):
         assert optim.warmup_epochs == 0
 
 
+# mdistiller's configs/cifar100/dkd/*.yaml: BETA 2.0 (res56_res20, res110_res32), 6.0 (vgg13_vgg8, vgg13_mv2,
+# wrn40_2_wrn_16_2, wrn40_2_wrn_40_1), otherwise the default CFG.DKD.BETA = 8.0
+DKD_BETA = {
+    "cifar100_resnet50_mbv2": 8.0,
+    "cifar100_resnet32x4_resnet8x4": 8.0,
+    "cifar100_wrn40_2_wrn16_2": 6.0,
+    "cifar100_resnet56_resnet20": 2.0,
+    "cifar100_resnet32x4_shufflenet_v2": 8.0,
+    "cifar100_vgg13_mbv2_cifar": 6.0,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(CIFAR100))
+def test_cifar100_presets_with_dkd_use_mdistillers_per_pair_beta(preset):
+    from kdrun.config import loss_kwargs
+    from kdrun.losses import LOSSES
+
+    cfg = compose_preset(preset, ("loss=dkd",))
+    validate(cfg)
+    kw = loss_kwargs(cfg.loss)
+    assert kw == {"alpha": 1.0, "beta": DKD_BETA[preset], "temperature": 4.0, "warmup": 20, "ce_weight": 1.0}
+    assert LOSSES.get("dkd")(**kw).beta == DKD_BETA[preset]
+    assert loss_kwargs(compose_preset(preset, ("loss=dkd", "loss.beta=3.0")).loss)["beta"] == 3.0  # the user wins
+
+
+@pytest.mark.parametrize("preset", sorted(CIFAR100))
+def test_cifar100_presets_leave_other_methods_their_own_settings(preset):
+    for loss in ("at", "crd", "dist"):
+        cfg = compose_preset(preset, (f"loss={loss}",))
+        validate(cfg)  # no KD-only key (temperature, alpha) leaks into another method's config
+        assert cfg.loss.name == loss
+
+
+def test_dkd_beta_outside_a_preset_is_the_papers_8():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
+        assert compose(config_name="train", overrides=["loss=dkd"]).loss.beta == 8.0
+
+
 def test_cifar10_preset_is_the_resnet_paper_recipe():
     cfg = compose_preset("cifar10_resnet56_resnet20")
     validate(cfg)
