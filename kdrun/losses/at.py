@@ -8,6 +8,8 @@ Per layer pair (the larger map first average-pooled to the smaller's H x W):
 
 This is the RepDistiller form (p = 2, weight 1000, all shared stages), which
 averages where the paper sums, hence the large weight. Channel counts may differ.
+Difference from RepDistiller's code: kdrun raises |F| to the power p, RepDistiller F itself;
+identical for the default (even) p = 2, and for odd p kdrun keeps the paper's absolute value.
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ plus ``ce_weight * CE`` added by the stage. CIFAR-100 defaults of the paper's
 code (mdistiller): alpha 1, beta 8, T 4, 20-epoch linear warm-up, CE weight 1.
 The warm-up counts 1-based epochs, so epoch 0 already has weight 1/warmup;
 with fewer epochs than ``warmup`` the term never reaches full weight.
+Numerics: mdistiller takes log of the summed binary masses and removes the target class by
+subtracting 1000 from its logit; kdrun uses logsumexp and a -1e9 mask. The values agree
+(tests/test_losses_official.py) and kdrun stays finite where log(1 - p_g) would underflow.
 """
 from __future__ import annotations
 
