@@ -2,32 +2,28 @@
 
 ``logits[i, v]`` are the teacher's logits (fp16) for training sample ``i``
 under augmentation view ``v`` (``views=0``: one un-augmented view). The file
-carries a header (format, key, shape, dtype, checksum) that is checked on
-load, so a truncated or foreign file is detected instead of silently used.
+is a checksummed artifact of kind ``logits`` made for one key (teacher, data,
+views; see :mod:`kdrun.io`): a truncated, damaged or foreign file is rebuilt
+with a warning naming it, never used.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-import zlib
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from kdrun import distributed, io
 from kdrun.data.base import ImageSet
 from kdrun.data.loader import Augment, Normalize
-from kdrun import distributed
-from kdrun.engine import atomic_save, autocast
+from kdrun.engine import autocast
 from kdrun.preempt import maybe_kill
 
 log = logging.getLogger("kdrun")
-FORMAT = 1
-
-
-def checksum(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes())
+KIND = "logits"
 
 
 @torch.inference_mode()
@@ -62,27 +58,18 @@ def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, 
 
 
 def save_logit_cache(logits: torch.Tensor, path: str, key: str) -> None:
-    header = {"format": FORMAT, "key": key, "shape": list(logits.shape), "dtype": str(logits.dtype),
-              "checksum": checksum(logits)}
-    atomic_save({"header": header, "logits": logits}, path)
+    io.atomic_save({"logits": logits}, path, kind=KIND, key=key)
 
 
 def load_logit_cache(path: str, key: str) -> torch.Tensor | None:
-    """The cached logits if the file is complete and made for ``key``; None (with a warning) otherwise."""
+    """The cached logits if the file is sound and made for ``key``; None (with a warning naming it) otherwise."""
     if not os.path.exists(path):
         return None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        h, logits = blob["header"], blob["logits"]
-        ok = (h["format"] == FORMAT and h["key"] == key and list(logits.shape) == h["shape"]
-              and str(logits.dtype) == h["dtype"] and checksum(logits) == h["checksum"])
-    except Exception as e:  # truncated or not a cache at all
-        log.warning("logit cache %s is unreadable (%s); rebuilding", path, e)
+        return io.load(path, KIND, key)["logits"]
+    except io.DamagedArtifact as e:
+        log.warning("logit cache %s; rebuilding it", e)
         return None
-    if not ok:
-        log.warning("logit cache %s does not match this teacher/data (or is corrupt); rebuilding", path)
-        return None
-    return logits
 
 
 def cached_teacher_logits(path: str, key: str, build) -> tuple[torch.Tensor, dict]:

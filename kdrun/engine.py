@@ -11,12 +11,10 @@ import csv
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +23,7 @@ from tqdm import tqdm
 from kdrun import distributed
 from kdrun.data.loader import Batch, TensorLoader
 from kdrun.errors import KdrunError
+from kdrun.io import atomic_save, load_checkpoint, rng_state, set_rng_state
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 
 log = logging.getLogger("kdrun")
@@ -71,27 +70,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file, fsync, rename: a crash leaves the old file intact (rank 0 only)."""
-    if not distributed.is_main():
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # disk full, permissions: the previous file at ``path`` is intact
-            raise KdrunError(f"{path}: could not write ({e.strerror or e}); the previous version is kept") from e
-        raise
-
-
 # ---------------------------------------------------------------- training
 
 @dataclass
@@ -102,31 +80,6 @@ class StageResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     resumed_from: str | None = None  # "epoch E step S" when the stage continued a checkpoint
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: str) -> dict | None:
-    """A stage checkpoint, or None when absent; a corrupt one is an error naming the file."""
-    if not os.path.exists(path):
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise KdrunError(f"{path}: corrupt checkpoint ({type(e).__name__}); delete it to restart this stage") from None
 
 
 def train_stage(stage: str, model: nn.Module, objective: Objective, loader: TensorLoader, *,

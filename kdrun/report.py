@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import sys
@@ -157,12 +156,10 @@ def ratios(models: dict) -> dict:
 
 
 def write_json(obj: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``obj`` as JSON at ``path``, written atomically (:func:`kdrun.io.write_json`)."""
+    from kdrun import io
+
+    io.write_json(obj, path)
 
 
 def summary_table(m: dict) -> str:

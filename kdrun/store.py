@@ -1,20 +1,30 @@
 """Artifact store: trained teachers and logit caches shared by every run and sweep job.
 
 An entry is a directory ``ROOT/KIND/KEY/`` where KEY hashes everything that
-determines the artifact (model config, data identity and split, optimiser,
-budget, seed, augmentation, numerics-relevant versions). Building an entry:
+determines the artifact (model config and the version of the model's
+definition, data identity and split, optimiser, budget, seed, augmentation,
+numerics-relevant versions) together with kdrun's artifact format
+(:data:`kdrun.io.FORMAT`): a changed architecture or file layout never reuses
+an old entry. Building an entry:
 
 1. take an exclusive ``flock`` on ``ROOT/KIND/KEY.lock`` (released by the OS if
    the process dies), so parallel jobs build each entry once and the others wait;
-2. if ``KEY/COMPLETE`` exists and the files match its sizes, use the entry;
-3. otherwise build into ``KEY.tmp-PID/``, write ``COMPLETE`` (file sizes and
-   SHA-1s) last, and rename the directory into place. A half-written entry
-   (no COMPLETE, or sizes that differ) is removed and rebuilt.
+2. if ``KEY/COMPLETE`` exists and every file has its recorded size and SHA-256,
+   use the entry; a damaged entry is reported (warning naming it) and rebuilt;
+3. otherwise build into ``KEY.tmp-PID/`` (leftovers of killed builders are
+   removed first), fsync the files, write ``COMPLETE`` (sizes and SHA-256s)
+   last, and rename the directory into place. A failed publish (disk full)
+   leaves the previous state and no temporary directory.
+
+Reading (:meth:`Store.entries`, ``kdrun store ls``) never modifies the store;
+removing (:meth:`Store.remove`, ``kdrun store gc``) happens only under the
+entry's lock, and a lock that a live process holds is never removed.
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -23,21 +33,49 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from kdrun import io
+from kdrun.errors import KdrunError
+from kdrun.preempt import maybe_kill
+
 log = logging.getLogger("kdrun")
 MARKER = "COMPLETE"
+TMP = ".tmp-"
 
 
 def key_of(recipe: dict) -> str:
-    """Stable 16-hex-digit hash of a JSON-able recipe."""
-    return hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Stable 16-hex-digit hash of a JSON-able recipe and kdrun's artifact format version."""
+    blob = json.dumps({"artifact_format": io.FORMAT, "recipe": recipe}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def _sha1(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def model_definition(name: str, source: str = "kdrun") -> str:
+    """A version of a model's definition: the hash of the source file of its factory (plus the
+    factory's ``VERSION`` attribute, if any, and the library version for torchvision/timm models).
+    Any edit of that file gives new store keys, so stale weights are never reused."""
+    if source == "timm":
+        try:
+            import timm
+
+            return f"timm-{timm.__version__}"
+        except ImportError:
+            return "timm-missing"
+    from kdrun.models import MODELS
+
+    try:
+        fn = MODELS.get(name)
+    except KdrunError:
+        return "unknown"
+    parts = [str(getattr(fn, "VERSION", ""))]
+    try:
+        with open(inspect.getsourcefile(fn), "rb") as f:
+            parts.append(hashlib.sha1(f.read()).hexdigest()[:12])
+    except (OSError, TypeError):
+        parts.append(fn.__module__)
+    if "torchvision" in fn.__module__:
+        import torchvision
+
+        parts.append(torchvision.__version__)
+    return "-".join(p for p in parts if p)
 
 
 @dataclass
@@ -48,9 +86,34 @@ class Entry:
     size: int
     created: float
     recipe: dict
+    problem: str | None = None  # None: complete and (when checked) intact; else why it cannot be used
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+
+def _acquire(path: str, blocking: bool) -> int | None:
+    """An fd holding an exclusive flock on ``path`` (created if needed), or None when busy and not ``blocking``.
+
+    After locking, the fd must still be the file at ``path``: ``gc`` may have removed an unused lock
+    file (under its lock) between our open and our flock; then we retry on the new file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not blocking:
+                os.close(fd)
+                return None
+            log.info("store: %s is held by another process; waiting", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 class Store:
@@ -60,79 +123,162 @@ class Store:
     def _dir(self, kind: str, key: str) -> str:
         return os.path.join(self.root, kind, key)
 
+    def _lock_path(self, kind: str, key: str) -> str:
+        return self._dir(kind, key) + ".lock"
+
     @contextmanager
     def lock(self, kind: str, key: str):
-        """Exclusive lock on one entry; logs when another process holds it."""
+        """Exclusive lock on one entry (waits while another process builds or removes it)."""
         os.makedirs(os.path.join(self.root, kind), exist_ok=True)
-        with open(self._dir(kind, key) + ".lock", "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("store: %s %s is being built by another process; waiting", kind, key)
-                fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        fd = _acquire(self._lock_path(kind, key), blocking=True)
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
-    def get(self, kind: str, key: str) -> Entry | None:
-        """The complete entry, or None; a half-written or damaged entry is removed."""
+    @contextmanager
+    def try_lock(self, kind: str, key: str):
+        """Yields True holding the entry's lock, or False at once when another process holds it."""
+        os.makedirs(os.path.join(self.root, kind), exist_ok=True)
+        fd = _acquire(self._lock_path(kind, key), blocking=False)
+        try:
+            yield fd is not None
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def inspect(self, kind: str, key: str, verify: bool = True) -> Entry | None:
+        """The entry at ``kind/key`` with ``problem`` set when it is incomplete or damaged (None if absent).
+
+        ``verify``: also compare every file's SHA-256 with ``COMPLETE`` (else sizes only). Never modifies."""
         path = self._dir(kind, key)
         if not os.path.isdir(path):
             return None
         try:
             with open(os.path.join(path, MARKER)) as f:
                 marker = json.load(f)
-            for name, info in marker["files"].items():
-                if os.path.getsize(os.path.join(path, name)) != info["size"]:
-                    raise ValueError(f"{name} has the wrong size")
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("store: %s %s is incomplete or damaged (%s); rebuilding", kind, key, e)
-            shutil.rmtree(path, ignore_errors=True)
+            files = marker["files"]
+            created, recipe = float(marker["created"]), marker.get("recipe", {})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return Entry(kind, key, path, _du(path), os.path.getmtime(path), {},
+                         f"incomplete (no valid {MARKER}: {type(e).__name__})")
+        size, problem = sum(int(i.get("size", 0)) for i in files.values()), None
+        for name, info in files.items():
+            fpath = os.path.join(path, name)
+            if not os.path.isfile(fpath):
+                problem = f"{name} is missing"
+            elif os.path.getsize(fpath) != info.get("size"):
+                problem = f"{name} has {os.path.getsize(fpath)} bytes, {info.get('size')} recorded"
+            elif "sha256" not in info:
+                problem = f"{name} has no recorded SHA-256 (older store format)"
+            elif verify and io.sha256_file(fpath) != info["sha256"]:
+                problem = f"{name} is damaged (SHA-256 mismatch)"
+            if problem:
+                break
+        return Entry(kind, key, path, size, created, recipe, problem)
+
+    def get(self, kind: str, key: str) -> Entry | None:
+        """The complete, verified entry, or None; a damaged one is reported (warning naming it), left
+        for :meth:`publish` to replace, and never returned. Call under :meth:`lock`."""
+        entry = self.inspect(kind, key, verify=True)
+        if entry is not None and entry.problem:
+            log.warning("store: %s entry %s is %s; rebuilding it", kind, entry.path,
+                        entry.problem if entry.problem.startswith("incomplete") else f"not usable: {entry.problem}")
             return None
-        return Entry(kind, key, path, sum(i["size"] for i in marker["files"].values()), marker["created"],
-                     marker.get("recipe", {}))
+        return entry
 
     def publish(self, kind: str, key: str, files: dict[str, str], recipe: dict, link: bool = False) -> Entry:
-        """Copy (or hard-link) ``files`` {name: source path} into a new complete entry."""
-        final = self._dir(kind, key)
-        tmp = f"{final}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        info = {}
-        for name, src in files.items():
-            dst = os.path.join(tmp, name)
-            _link_or_copy(src, dst) if link else shutil.copyfile(src, dst)
-            info[name] = {"size": os.path.getsize(dst), "sha1": _sha1(dst)}
-        marker = {"kind": kind, "key": key, "created": time.time(), "files": info, "recipe": recipe}
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump(marker, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return self.get(kind, key)
+        """Copy (or hard-link) ``files`` {name: source path} into a new complete entry. Call under :meth:`lock`.
 
-    def entries(self) -> list[Entry]:
-        out = []
+        On failure (disk full...) the temporary directory is removed, any previous entry is left as it was,
+        and a one-line KdrunError says so."""
+        final = self._dir(kind, key)
+        self._remove_partial(kind, key)
+        tmp = f"{final}{TMP}{os.getpid()}"
+        os.makedirs(tmp)
+        try:
+            info = {}
+            for i, (name, src) in enumerate(files.items(), start=1):
+                dst = os.path.join(tmp, name)
+                _link_or_copy(src, dst) if link else shutil.copyfile(src, dst)
+                _fsync_file(dst)
+                info[name] = {"size": os.path.getsize(dst), "sha256": io.sha256_file(dst)}
+                maybe_kill("publish", i)
+            marker = {"kind": kind, "key": key, "format": io.FORMAT, "created": time.time(), "files": info,
+                      "recipe": recipe}
+            io.write_json(marker, os.path.join(tmp, MARKER))
+            old = None
+            if os.path.exists(final):  # a damaged entry being replaced: moved aside, removed once replaced
+                old = f"{final}{TMP}old{os.getpid()}"
+                os.replace(final, old)
+            os.replace(tmp, final)
+            io.fsync_dir(os.path.dirname(final))
+        except (OSError, KdrunError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise KdrunError(f"store: could not publish {kind} {key} in {self.root} ({why}); nothing was "
+                             "stored and the run's own files are kept") from e
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        entry = self.inspect(kind, key, verify=False)
+        assert entry is not None and entry.problem is None, entry
+        return entry
+
+    def _remove_partial(self, kind: str, key: str) -> list[str]:
+        """Remove temporary directories of ``kind/key`` left by killed builders (caller holds the lock)."""
+        kdir = os.path.join(self.root, kind)
+        gone = []
+        for name in os.listdir(kdir) if os.path.isdir(kdir) else []:
+            if name.startswith(key + TMP):
+                shutil.rmtree(os.path.join(kdir, name), ignore_errors=True)
+                gone.append(name)
+        return gone
+
+    def entry_keys(self) -> list[tuple[str, str]]:
+        """(kind, key) of every entry directory, complete or not, and of leftover temporary directories."""
+        out = set()
         if not os.path.isdir(self.root):
-            return out
+            return []
         for kind in sorted(os.listdir(self.root)):
             kdir = os.path.join(self.root, kind)
             if not os.path.isdir(kdir):
                 continue
-            for key in sorted(os.listdir(kdir)):
-                if os.path.isdir(os.path.join(kdir, key)) and ".tmp-" not in key:
-                    e = self.get(kind, key)
-                    if e is not None:
-                        out.append(e)
+            for name in os.listdir(kdir):
+                if os.path.isdir(os.path.join(kdir, name)):
+                    out.add((kind, name.split(TMP)[0]))
+        return sorted(out)
+
+    def entries(self, verify: bool = False) -> list[Entry]:
+        """Every entry directory (``problem`` set on incomplete or damaged ones); never modifies the store."""
+        out = []
+        for kind, key in self.entry_keys():
+            e = self.inspect(kind, key, verify=verify)
+            if e is not None:
+                out.append(e)
         return out
 
-    def remove(self, entry: Entry) -> None:
-        shutil.rmtree(entry.path, ignore_errors=True)
-        lock = entry.path + ".lock"
-        if os.path.exists(lock):
-            os.remove(lock)
+    def remove(self, kind: str, key: str) -> None:
+        """Remove entry ``kind/key``, its leftover temporary directories and its lock file. The caller
+        holds the entry's lock (:meth:`try_lock`): the lock file goes while still locked, and lockers
+        that opened the old file notice and retry on a new one."""
+        self._remove_partial(kind, key)
+        shutil.rmtree(self._dir(kind, key), ignore_errors=True)
+        try:
+            os.remove(self._lock_path(kind, key))
+        except FileNotFoundError:
+            pass
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

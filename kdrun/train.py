@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdrun import distributed, report, schedules
+from kdrun import io as kio
 from kdrun.cache import build_logit_cache, cached_teacher_logits
 from kdrun.config import loss_kwargs
 from kdrun.data import DATASETS, DataBundle, ImageSet
@@ -32,7 +33,7 @@ from kdrun.engine import StageResult, atomic_save, cross_entropy, train_stage
 from kdrun.errors import ConfigError
 from kdrun.losses import LOSSES
 from kdrun.models import build_model
-from kdrun.store import Store, key_of, link_into
+from kdrun.store import Store, key_of, link_into, model_definition
 
 log = logging.getLogger("kdrun")
 
@@ -86,20 +87,53 @@ def model_identity(mcfg, data: DataBundle) -> dict:
             "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size}
 
 
-def load_teacher(path: str, model: nn.Module, want: dict) -> dict:
-    """Load a kdrun teacher checkpoint into ``model``; refuse another architecture or class count."""
+def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = None) -> dict:
+    """Load a kdrun teacher checkpoint into ``model`` after verifying its checksum (:mod:`kdrun.io`);
+    refuse a damaged file, another architecture or class count. ``what`` names the file in errors
+    (default ``teacher.checkpoint=PATH``)."""
+    what = what or f"teacher.checkpoint={path}"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"teacher.checkpoint={path}: not a readable checkpoint ({type(e).__name__})") from None
-    have = ckpt.get("identity") if isinstance(ckpt, dict) else None
-    if not have:
-        raise ConfigError(f"teacher.checkpoint={path}: not a kdrun teacher checkpoint (no 'identity')")
-    if (have["arch"], have["num_classes"]) != (want["arch"], want["num_classes"]):
-        raise ConfigError(f"teacher.checkpoint={path}: holds {have['arch']} for {have['num_classes']} classes, "
+        ckpt = kio.load(path, "checkpoint")
+    except kio.DamagedArtifact as e:
+        raise ConfigError(f"{what}: {e.reason}") from None
+    have = ckpt.get("identity")
+    if not isinstance(have, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ConfigError(f"{what}: not a kdrun teacher checkpoint (no 'identity' and 'model')")
+    if (have.get("arch"), have.get("num_classes")) != (want["arch"], want["num_classes"]):
+        raise ConfigError(f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, "
                           f"but this run's teacher is {want['arch']} for {want['num_classes']} classes")
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], what)
     return ckpt.get("summary", {})
+
+
+def load_weights(model: nn.Module, state, what: str) -> None:
+    """``model.load_state_dict(state)``, or one line naming ``what`` when ``state`` does not fit the model."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{what}: not a state_dict (a mapping of parameter names to tensors)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = (first[1].strip() if len(first) > 1 else first[0])[:200] if first else ""
+        raise ConfigError(f"{what}: does not fit the model ({detail})") from None
+
+
+def load_pretrained(path: str, model: nn.Module, what: str) -> None:
+    """Initialise ``model`` from a local state_dict (or a kdrun checkpoint's ``model``), read with
+    ``weights_only=True``: a file that is not what it claims is one line naming ``what``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (truncated, not torch, or a pickle with more than weights)
+        raise ConfigError(f"{what}: not a loadable state_dict ({type(e).__name__}; only tensors and plain "
+                          "values are read, never code)") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        if "header" in state:  # a kdrun checkpoint: verify its checksum too
+            try:
+                state = kio.load(path, state["header"].get("kind", "checkpoint"))
+            except kio.DamagedArtifact as e:
+                raise ConfigError(f"{what}: {e.reason}") from None
+        state = state["model"]
+    load_weights(model, state, what)
 
 
 @dataclass
@@ -184,8 +218,7 @@ class Run:
         model = build_model(mcfg.name, ident["num_classes"], ident["in_chans"], ident["image_size"],
                             key=f"{who}.name", source=ident["source"], **ident["kwargs"])
         if mcfg.get("pretrained"):
-            state = torch.load(mcfg.pretrained, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("model", state))
+            load_pretrained(mcfg.pretrained, model, f"{who}.pretrained={mcfg.pretrained}")
         if self.tr.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
         return model.to(self.device)
@@ -226,6 +259,7 @@ class Run:
         """Everything that determines the trained teacher (its artifact-store key)."""
         cfg = self.cfg
         return {"model": model_identity(cfg.teacher, self.data), "pretrained": cfg.teacher.get("pretrained"),
+                "definition": model_definition(cfg.teacher.name, cfg.teacher.get("source", "kdrun")),
                 "data": self.data.identity, "train": len(self.train_set), "val_fraction": float(self.tr.val_fraction),
                 "optim": OmegaConf.to_container(self.teacher_optim(), resolve=True),
                 "epochs": self.tr.teacher_epochs, "batch_size": self.tr.batch_size, "seed": self.tr.seed,
@@ -258,7 +292,7 @@ class Run:
             with distributed.main_only(self.store.lock("teacher", key)):
                 entry = distributed.shared(lambda: self.store.get("teacher", key))
                 if entry is not None:
-                    summary = load_teacher(entry.file("teacher.pt"), model, ident)
+                    summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}")
                     if distributed.is_main():
                         link_into(entry.file("teacher.pt"), final)
                         link_into(entry.file("metrics_teacher.csv"), os.path.join(self.run_dir, "metrics_teacher.csv"))

@@ -16,9 +16,15 @@ def test_publish_get_and_half_written_entry(tmp_path):
     assert store.get("teacher", key) is None
     entry = store.publish("teacher", key, {"a.bin": str(src)}, {"a": 1})
     assert store.get("teacher", key).size == 100 and open(entry.file("a.bin"), "rb").read() == b"x" * 100
-    with open(entry.file("a.bin"), "ab") as f:  # damaged after the fact: detected, removed, rebuilt by the caller
+    with open(entry.file("a.bin"), "ab") as f:  # damaged after the fact: detected, never returned
         f.write(b"junk")
-    assert store.get("teacher", key) is None and not os.path.exists(entry.path)
+    assert store.get("teacher", key) is None and os.path.exists(entry.path)  # get() does not delete
+    assert "a.bin has 104 bytes" in store.inspect("teacher", key).problem
+    entry = store.publish("teacher", key, {"a.bin": str(src)}, {"a": 1})  # the rebuild replaces it
+    assert store.get("teacher", key) is not None
+    import shutil
+
+    shutil.rmtree(entry.path)
     os.makedirs(store._dir("teacher", key))  # half-written (no COMPLETE marker), e.g. a crashed job
     assert store.get("teacher", key) is None
 

@@ -2,16 +2,15 @@
 
 :func:`decode_files` turns a list of image files into one uint8 tensor
 ``[N, C, H, W]`` with a process pool and a progress bar. :func:`save_cached`
-/ :func:`load_cached` store such tensors in a file whose header (format, key,
-shapes, dtypes, checksum) is checked on load: a truncated, corrupt or foreign
-file is reported with a warning and rebuilt, never silently used.
+/ :func:`load_cached` keep such tensors in a checksummed artifact of kind
+``decoded`` (:mod:`kdrun.io`) verified on load: a truncated, corrupt or foreign
+file is reported with a warning naming it and rebuilt, never used.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -19,10 +18,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from kdrun import io
 from kdrun.errors import ConfigError
 
 log = logging.getLogger("kdrun")
-FORMAT = 1
+KIND = "decoded"
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _CHUNK = 1024  # files per pool task
 
@@ -34,7 +34,7 @@ def cache_dir(path: str | None = None) -> str:
 
 def files_key(root: str, files: list[str], *extra) -> str:
     """A short hash of the files' relative paths, sizes and mtimes plus ``extra`` (e.g. image size)."""
-    h = hashlib.sha1(repr((FORMAT, extra)).encode())
+    h = hashlib.sha1(repr((io.FORMAT, extra)).encode())
     for f in files:
         st = os.stat(f)
         h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -80,42 +80,19 @@ def decode_files(files: list[str], image_size: int, in_chans: int, workers: int 
     return torch.from_numpy(out)
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> int:
-    crc = 0
-    for name in sorted(tensors):
-        crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy(), crc)
-    return crc
-
-
-def _header(key: str, tensors: dict[str, torch.Tensor]) -> dict:
-    return {"format": FORMAT, "key": key, "checksum": _checksum(tensors),
-            "shapes": {k: list(t.shape) for k, t in tensors.items()},
-            "dtypes": {k: str(t.dtype) for k, t in tensors.items()}}
-
-
 def save_cached(path: str, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    """Write ``tensors`` (+ JSON-like ``meta``) to ``path`` atomically: a temp file, then a rename."""
+    """Write ``tensors`` (+ JSON-like ``meta``) to ``path`` atomically, as a checksummed artifact for ``key``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save({"header": _header(key, tensors), "meta": meta or {}, "tensors": tensors}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    io.save({"meta": meta or {}, "tensors": tensors}, path, KIND, key)
 
 
 def load_cached(path: str, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """``(tensors, meta)`` if ``path`` is a complete cache made for ``key``; None (with a warning) otherwise."""
+    """``(tensors, meta)`` if ``path`` is a sound cache made for ``key``; None (with a warning) otherwise."""
     if not os.path.exists(path):
         return None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        ok = blob["header"] == _header(key, blob["tensors"])
-    except Exception as e:  # truncated, or not a cache at all
-        log.warning("decode cache %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
-        return None
-    if not ok:
-        log.warning("decode cache %s is corrupt or was made for other data; rebuilding it", path)
+        blob = io.load(path, KIND, key)
+    except io.DamagedArtifact as e:
+        log.warning("decode cache %s is corrupt or unusable (%s); rebuilding it", e.path, e.reason)
         return None
     return blob["tensors"], blob["meta"]
