@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from kdrun.errors import ConfigError
 from kdrun.losses import LOSSES, Outputs, StepContext
 
-FEATURE_METHODS = ["fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd"]
+FEATURE_METHODS = ["fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd", "vid", "kdsvd"]
 LOGIT_METHODS = ["kd", "dkd", "dist", "ls_kd"]
 
 
@@ -377,8 +377,10 @@ FEATURE_SHAPES = {
     "pkt": ([(4, 10)], [(4, 7)]),
     "cc": ([(4, 10)], [(4, 7)]),
     "crd": ([(4, 10)], [(4, 7)]),
+    "vid": ([(4, 8, 4, 4)], [(4, 6, 8, 8)]),
+    "kdsvd": ([(4, 6, 4, 4), (4, 6, 2, 2)], [(4, 6, 4, 4), (4, 6, 2, 2)]),
 }
-HAS_ADAPTERS = {"fitnet", "cc", "crd"}
+HAS_ADAPTERS = {"fitnet", "cc", "crd", "vid"}
 
 
 @pytest.mark.parametrize("name", FEATURE_METHODS)
@@ -535,7 +537,8 @@ def test_every_loss_yaml_builds_its_method(fname):
     ("fitnet", "weight", 100.0), ("at", "weight", 1000.0), ("nst", "weight", 50.0), ("rkd", "w_dist", 25.0),
     ("rkd", "w_angle", 50.0), ("sp", "weight", 3000.0), ("pkt", "weight", 30000.0), ("cc", "weight", 0.02),
     ("crd", "weight", 0.8), ("crd", "nce_k", 16384), ("crd", "nce_t", 0.07), ("crd", "nce_m", 0.5),
-    ("crd", "embed_dim", 128),
+    ("crd", "embed_dim", 128), ("vid", "weight", 1.0), ("vid", "init_pred_var", 5.0), ("vid", "eps", 1e-5),
+    ("kdsvd", "weight", 1.0), ("kdsvd", "k", 1),
 ])
 def test_yaml_defaults_are_the_benchmark_ones(name, key, value):
     cfg = OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml")

@@ -490,8 +490,106 @@ def test_combo_equals_repdistillers_method_plus_kd_loop():
     agree(total_loss(m, s, t, y, [fs], [ft]), want, [(s, s64), (fs, fs64)])
 
 
+# ---------------------------------------------------------------- VID
+
+def ref_vid(f_s, f_t, w1, w2, w3, log_scale, eps=1e-5):
+    # RepDistiller distiller_zoo/VID.py VIDLoss (and mdistiller VID.vid_loss): pool the larger square map;
+    # regressor conv1x1 -> ReLU -> conv1x1 -> ReLU -> conv1x1 (no bias); pred_var = log(1 + exp(log_scale)) + eps;
+    # mean of 0.5 * ((pred_mean - target)^2 / pred_var + log(pred_var))
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    pred_mean = F.conv2d(F.relu(F.conv2d(F.relu(F.conv2d(f_s, w1)), w2)), w3)
+    pred_var = (torch.log(1.0 + torch.exp(log_scale)) + eps).view(1, -1, 1, 1)
+    return torch.mean(0.5 * ((pred_mean - f_t) ** 2 / pred_var + torch.log(pred_var)))
+
+
+def test_vid_equals_repdistiller():
+    # --distill vid -a 0 -b 1, g_s = feat_s[1:-1], VIDLoss(s_C, t_C, t_C), init_pred_var 5, eps 1e-5
+    pairs = [leaf(4, 8, 8, 8), leaf(4, 16, 4, 4)]
+    teach = [leaf(4, 12, 4, 4), leaf(4, 24, 4, 4)]
+    m = built("vid", [t.shape for t, _ in teach], [s.shape for s, _ in pairs], weight=1.0)
+    for reg in m.adapters:
+        torch.testing.assert_close(reg.variance().detach(), torch.full((reg.log_scale.numel(),), 5.0))
+        with torch.no_grad():  # move the variances off their initial value so that their gradient is checked
+            reg.log_scale.add_(torch.linspace(-1, 1, reg.log_scale.numel()))
+    want, params = 0, []
+    for (_, s64), (_, t64), reg in zip(pairs, teach, m.adapters):
+        w = [p64(reg.mean[j].weight) for j in (0, 2, 4)]
+        a = p64(reg.log_scale)
+        want = want + ref_vid(s64, t64.detach(), *w, a)
+        params += [(reg.mean[0].weight, w[0]), (reg.mean[4].weight, w[2]), (reg.log_scale, a)]
+    got = m(Outputs(torch.zeros(4, 5), [s for s, _ in pairs]), Outputs(torch.zeros(4, 5), [t for t, _ in teach]),
+            ctx_for([0, 1, 2, 3]))["vid"]
+    agree(got, want, pairs + params)
+
+
+# ---------------------------------------------------------------- KDSVD
+
+def ref_kdsvd(g_s, g_t, k=1):
+    # RepDistiller distiller_zoo/KDSVD.py: per layer, x = feat.view(-1, C, H*H).transpose(-2, -1) ([B, HW, C]),
+    # u, s, v = torch.svd(x), non-finite -> 0, keep n columns, F.normalize(dim=1) (v over channels, s over the n);
+    # teacher n = k, student n = k + 3; align_rsv keeps, per teacher vector, the student vector of max |cosine|
+    # with its sign; both times the teacher's s; for i > 0 the RBF exp(-(v_i[c] - v_{i-1}[c'])^2 / 8) of
+    # consecutive layers, (s_rbf - t_rbf)^2 (non-finite -> 0) summed; each / bsz; a list, summed by the loop
+    def nan0(x):
+        return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+    def svd(feat, n):
+        size = feat.shape
+        x = feat.view(-1, size[1], size[2] * size[2]).transpose(-2, -1)
+        u, s, v = torch.svd(x)
+        return F.normalize(nan0(u)[:, :, :n], dim=1), F.normalize(nan0(s)[:, :n], dim=1), \
+            F.normalize(nan0(v)[:, :, :n], dim=1)
+
+    def align_rsv(a, b):
+        cosine = torch.matmul(a.transpose(-2, -1), b)
+        max_abs, _ = torch.max(torch.abs(cosine), 1, keepdim=True)
+        mask = torch.where(torch.eq(max_abs, torch.abs(cosine)), torch.sign(cosine), torch.zeros_like(cosine))
+        return torch.matmul(a, mask), b
+
+    v_sb = v_tb = None
+    losses = []
+    for i, (f_s, f_t) in enumerate(zip(g_s, g_t)):
+        _, s_t, v_t = svd(f_t, k)
+        _, _, v_s = svd(f_s, k + 3)
+        v_s, v_t = align_rsv(v_s, v_t)
+        s_t = s_t.unsqueeze(1)
+        v_t, v_s = v_t * s_t, v_s * s_t
+        if i > 0:
+            s_rbf = torch.exp(-(v_s.unsqueeze(2) - v_sb.unsqueeze(1)).pow(2) / 8)
+            t_rbf = torch.exp(-(v_t.unsqueeze(2) - v_tb.unsqueeze(1)).pow(2) / 8)
+            losses.append(nan0((s_rbf - t_rbf.detach()).pow(2)).sum())
+        v_tb, v_sb = v_t, v_s
+    return sum(loss / g_s[0].shape[0] for loss in losses)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_kdsvd_equals_repdistiller(k):
+    # g_s = feat_s[1:-1]; mdistiller CFG.KDSVD: K 1, FEAT_WEIGHT 1 (channel counts equal per pair, square maps)
+    pairs = [leaf(4, 8, 8, 8), leaf(4, 16, 4, 4), leaf(4, 16, 2, 2)]
+    teach = [leaf(4, 8, 8, 8, scale=2), leaf(4, 16, 4, 4), leaf(4, 16, 2, 2, scale=0.5)]
+    m = built("kdsvd", [t.shape for t, _ in teach], [s.shape for s, _ in pairs], weight=1.0, k=k)
+    got = m(Outputs(torch.zeros(4, 5), [s for s, _ in pairs]), Outputs(torch.zeros(4, 5), [t for t, _ in teach]),
+            ctx_for([0, 1, 2, 3]))["kdsvd"]
+    want = ref_kdsvd([s for _, s in pairs], [t.detach() for _, t in teach], k)
+    agree(got, want, pairs)
+
+
+def test_kdsvd_refuses_unrelatable_layers():
+    from kdrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^loss\.layers: kdsvd relates consecutive layers and needs at least 2"):
+        built("kdsvd", [(2, 8, 4, 4)], [(2, 8, 4, 4)])
+    with pytest.raises(ConfigError, match=r"^loss\.layers: teacher stage1 \[16,4,4\] and student stage1 \[8,4,4\]: "
+                                          r"kdsvd needs equal teacher and student channel counts"):
+        built("kdsvd", [(2, 16, 4, 4), (2, 16, 2, 2)], [(2, 8, 4, 4), (2, 16, 2, 2)])
+
+
 def test_every_registered_method_has_an_official_reference_here():
-    tested = {"kd", "dkd", "dist", "ls_kd", "fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd", "combo"}
+    tested = {"vid", "kdsvd", "kd", "dkd", "dist", "ls_kd", "fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd", "combo"}
     missing = set(LOSSES.names()) - tested - set(NEW_METHODS_TESTED)
     assert not missing, f"methods without a test against their authors' code: {sorted(missing)}"
 

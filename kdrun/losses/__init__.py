@@ -1,4 +1,20 @@
 """KD methods: each module registers one method by name on import."""
-from kdrun.losses import at, cc, combo, crd, dist, dkd, fitnet, kd, ls_kd, nst, pkt, rkd, sp  # noqa: F401  (registers)
+from kdrun.losses import (  # noqa: F401  (registers)
+    at,
+    cc,
+    combo,
+    crd,
+    dist,
+    dkd,
+    fitnet,
+    kd,
+    kdsvd,
+    ls_kd,
+    nst,
+    pkt,
+    rkd,
+    sp,
+    vid,
+)
 from kdrun.losses.base import LOSSES, DistillLoss, Outputs, StepContext, register_loss  # noqa: F401
 from kdrun.losses.kd import kd_loss, soft_kl  # noqa: F401
