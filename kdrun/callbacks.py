@@ -1,20 +1,86 @@
-"""Hydra callbacks: the sweep report written at the end of every multirun."""
+"""Hydra callbacks: the same global torch state for every job, and the sweep report at the end of a multirun."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
+import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("kdrun")
 
 
-class SweepReport(Callback):
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from kdrun.sweep_report import write_report
+@dataclass
+class SweepOutcome:
+    """What the last multirun of this process left: its directory, job count and failed jobs (name, reason)."""
 
+    sweep_dir: str
+    jobs: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    report: str | None = None
+
+
+LAST_SWEEP: SweepOutcome | None = None  # read by ``kdrun train -m`` for its exit code
+
+
+@dataclass(frozen=True)
+class TorchGlobals:
+    """Process-wide torch settings a run may change (``trainer.deterministic``, ``trainer.threads``, ...)."""
+
+    deterministic: bool
+    deterministic_warn_only: bool
+    cudnn_benchmark: bool
+    cudnn_deterministic: bool
+    threads: int
+    matmul_precision: str
+
+    @classmethod
+    def now(cls) -> TorchGlobals:
+        return cls(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                   torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_num_threads(),
+                   torch.get_float32_matmul_precision())
+
+    def restore(self) -> None:
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cudnn.deterministic = self.cudnn_deterministic
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        torch.set_float32_matmul_precision(self.matmul_precision)
+
+
+class CleanGlobalState(Callback):
+    """Every job of a sweep starts from the torch settings the process started with (an earlier job's
+    ``trainer.deterministic=true`` or ``trainer.threads=1`` does not leak into the next)."""
+
+    def __init__(self) -> None:
+        self.initial = TorchGlobals.now()
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        self.initial.restore()
+
+
+class SweepReport(Callback):
+    """Writes report.md/csv and plots at the end of every multirun and notes its failed jobs."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        global LAST_SWEEP
+        from kdrun.sweep_report import build, collect
+
+        sweep_dir = str(config.hydra.sweep.dir)
+        outcome = LAST_SWEEP = SweepOutcome(sweep_dir)
         try:
-            paths = write_report(config.hydra.sweep.dir)
-            log.info("sweep report: %s", paths[0] if paths else config.hydra.sweep.dir)
-        except Exception as e:  # a report problem must not turn a finished sweep into a failure
+            runs = collect(sweep_dir)
+            outcome.jobs = len(runs)
+            outcome.failed = [(r.name, r.note) for r in runs if r.status == "failed"]
+        except Exception as e:  # noqa: BLE001 (no run directory at all: nothing to count)
+            log.warning("sweep: could not read the jobs of %s: %s", sweep_dir, e)
+        try:
+            paths = build(sweep_dir).paths
+            outcome.report = paths[0] if paths else None
+            log.info("sweep report: %s", outcome.report or sweep_dir)
+        except Exception as e:  # noqa: BLE001 (a report problem must not turn a finished sweep into a failure)
             log.warning("sweep report not written: %s", e)
+        for name, reason in outcome.failed:
+            log.warning("sweep: job %s FAILED: %s", name, reason)

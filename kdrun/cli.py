@@ -25,6 +25,7 @@ commands:
 `kdrun train --help` shows the config groups and their options."""
 
 CONFIG_MODULE = "kdrun.configs"
+EXIT_SWEEP_FAILED = 1  # some jobs of a multirun failed (the others ran; report.md lists both)
 # Hydra flags that take a value (skipped when collecting overrides)
 _FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
                      "--package", "-p", "--info", "-i", "--experimental-rerun", "--shell-completion", "-sc"}
@@ -143,6 +144,22 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
         validate(cfg)
         if i == 0:
             check_writable(cfg, multirun)
+            if multirun:
+                check_objective(cfg)
+
+
+def check_objective(cfg) -> None:
+    """A sweeper that optimises (Optuna) needs the validation split its objective ``sweep.metric`` is measured on."""
+    from omegaconf import OmegaConf
+
+    from kdrun.errors import ConfigError
+
+    sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or "")
+    if sweeper and not sweeper.endswith("BasicSweeper") and not float(cfg.trainer.val_fraction) > 0:
+        metric = OmegaConf.select(cfg, "sweep.metric", default=None)
+        raise ConfigError(f"trainer.val_fraction={cfg.trainer.val_fraction}: this sweeper maximises "
+                          f"sweep.metric={metric}, measured on a validation split held out of the training data; "
+                          "set trainer.val_fraction > 0 (e.g. 0.1)")
 
 
 def _can_create_in(parent: str) -> bool:
@@ -211,7 +228,21 @@ def train_command(args: list[str]) -> int:
     flags = [a for a in args if a not in overrides]  # Hydra wants its flags before the overrides
     sys.argv = ["kdrun-train", *flags, *overrides]
     hydra_train()
-    return 0
+    return sweep_exit_code()
+
+
+def sweep_exit_code() -> int:
+    """0, or 1 with one line when jobs of the multirun just run failed (each left a FAILED file with its reason)."""
+    from kdrun import callbacks
+
+    outcome, callbacks.LAST_SWEEP = callbacks.LAST_SWEEP, None
+    if outcome is None or not outcome.failed:
+        return 0
+    name, reason = outcome.failed[0]
+    more = f" (and {len(outcome.failed) - 1} more)" if len(outcome.failed) > 1 else ""
+    where = outcome.report or outcome.sweep_dir
+    return fail(f"{len(outcome.failed)} of {outcome.jobs} sweep jobs failed; job {name}: {reason}{more}; "
+                f"the other jobs completed; see {where}", code=EXIT_SWEEP_FAILED)
 
 
 def _delegate(module: str, func: str):

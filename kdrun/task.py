@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from kdrun import distributed
 from kdrun.config import validate
 from kdrun.errors import KdrunError
-from kdrun.preempt import install_handlers
+from kdrun.preempt import Preempted, install_handlers
 
 log = logging.getLogger("kdrun")
 
@@ -45,23 +47,32 @@ def hydra_train(cfg: DictConfig) -> float:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"kdrun: error: {e}", file=sys.stderr)
+        if _in_sweep() and not isinstance(e, Preempted):  # costs only this job: the others run
+            return math.nan
         sys.exit(e.exit_code)
     except BaseException as e:
         _mark_failed(run_dir, f"{type(e).__name__}: {e}")
+        if _in_sweep() and isinstance(e, Exception) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            log.exception("job failed; the sweep goes on")
+            return math.nan
         raise
     report.write_json(metrics, os.path.join(run_dir, "metrics.json"))  # written last: marks the run complete
     table = report.summary_table(metrics)
     log.info("summary\n%s\noutputs: %s", table, run_dir)
-    return objective(metrics)
+    return objective(metrics, cfg)
 
 
-def objective(metrics: dict) -> float:
-    """What sweepers maximise: the student's last-epoch validation top-1 when a validation split is held
-    out (``trainer.val_fraction > 0``), else its test top-1 (then confirm any winner on fresh seeds)."""
-    from kdrun.report import last
+def objective(metrics: dict, cfg: DictConfig) -> float:
+    """What sweepers maximise: ``sweep.metric`` (default the student's last-epoch top-1 on the validation
+    split; never a test-set figure), NaN when the run has none. See :mod:`kdrun.objective`."""
+    from kdrun import objective as sweep_objective
 
-    val = metrics["stages"].get(metrics["roles"]["student"], {}).get("final_val_top1")
-    return val if val is not None else last(metrics["test"]["student"])["top1"]
+    return sweep_objective.value(metrics, sweep_objective.parse(OmegaConf.select(cfg, "sweep.metric")))
+
+
+def _in_sweep() -> bool:
+    """True in a job of a multirun: a failure there marks the job FAILED instead of ending the sweep."""
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _mark_failed(run_dir: str, msg: str) -> None:

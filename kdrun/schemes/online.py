@@ -65,6 +65,7 @@ def online(run) -> None:
     best = 1 + (max(range(len(val_scores)), key=val_scores.__getitem__) if val_scores else 0)
     run.roles["student"] = f"peer{best}"
     run.stages["online"]["student_peer"] = best
+    run.stages["online"]["val_top1_by_model"] = {f"peer{i}": v for i, v in enumerate(val_scores, start=1)}
     run.stages["online"]["chosen_by"] = "validation accuracy" if val_scores else "first peer (no validation split)"
     if run.cfg.baseline:
         for i, mcfg in enumerate(cfgs, start=1):
