@@ -53,7 +53,8 @@ def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, 
         maybe_kill("cache", batches)
     bar.close()
     if world > 1:
-        out = distributed.all_sum(out).half()  # each entry was written by exactly one worker
+        # each entry was written by exactly one worker; summed on the device (NCCL reduces CUDA tensors only)
+        out = distributed.all_sum(out.to(device)).half().cpu()
     return out
 
 

@@ -1,13 +1,20 @@
-"""The student stage's objective: CE plus a KD method's terms.
+"""The student stage: its trainable module (student + KD method) and its objective.
 
     terms = {"ce": ce_weight * CE(y, s)} | method(student outputs, teacher outputs)
 
-Teacher logits come from the logit cache (indexed by sample and view) when the
-method needs only logits; otherwise the frozen teacher runs online, in eval
-mode and without autograd, and both networks' features are captured with hooks
-in the same forward pass.
+:class:`StudentStep` is the one trainable module of the stage: the student and the
+method (its adapters, heads and memory banks) in one ``nn.Module`` whose forward
+returns the loss terms, so DDP reduces every gradient of the stage and
+``torch.compile`` compiles the whole student side. Teacher logits come from the
+logit cache (indexed by sample and view) when the method needs only logits;
+otherwise the frozen teacher runs outside that module, in eval mode and without
+autograd. Features of both networks are captured by hooks registered once per
+stage on the original modules (:class:`Distill` is a context manager that
+removes them at the end of the stage).
 """
 from __future__ import annotations
+
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -18,34 +25,72 @@ from kdrun.losses.base import DistillLoss, Outputs, StepContext
 from kdrun.models.features import FeatureTap
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` as a teacher: eval mode (BatchNorm running statistics, no dropout) and no autograd."""
+    return model.eval().requires_grad_(False)
+
+
+class StudentStep(nn.Module):
+    """The student plus the KD method, as one module: ``forward`` gives the stage's weighted loss terms."""
+
+    def __init__(self, student: nn.Module, method: DistillLoss, epochs: int, num_samples: int):
+        super().__init__()
+        self.student = student
+        self.method = method
+        self.epochs, self.num_samples = epochs, num_samples
+        self.tap = FeatureTap(student, method.student_layers)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, t_logits: torch.Tensor,
+                t_feats: list[torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
+        logits = self.student(x)
+        s = Outputs(logits, [self.tap.features[n] for n in self.method.student_layers])
+        ctx = StepContext(y, index, epoch, self.epochs, self.num_samples)
+        terms = {}
+        if self.method.ce_weight > 0:
+            terms["ce"] = self.method.ce_weight * F.cross_entropy(logits, y)
+        terms.update(self.method(s, Outputs(t_logits, t_feats), ctx))
+        return terms
+
+
 class Distill:
-    def __init__(self, method: DistillLoss, epochs: int, num_samples: int,
+    """The student stage's objective; ``module`` is the stage's trainable :class:`StudentStep`.
+
+    Use as a context manager around the stage: the feature hooks are registered on entry and removed on exit.
+    """
+
+    def __init__(self, method: DistillLoss, student: nn.Module, epochs: int, num_samples: int,
                  teacher: nn.Module | None = None, cached_logits: torch.Tensor | None = None):
         assert (teacher is None) != (cached_logits is None), "give a teacher or its cached logits"
         self.method = method
-        self.teacher = teacher
+        self.module = StudentStep(student, method, epochs, num_samples)
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.teacher_tap = FeatureTap(teacher, method.teacher_layers) if teacher is not None else None
         self.cached = cached_logits
-        self.epochs = epochs
-        self.num_samples = num_samples
+
+    def __enter__(self) -> Self:
+        self.module.tap.attach()
+        if self.teacher_tap is not None:
+            self.teacher_tap.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.module.tap.close()
+        if self.teacher_tap is not None:
+            self.teacher_tap.close()
 
     def teacher_outputs(self, batch: Batch) -> Outputs:
         if self.cached is not None:
             return Outputs(self.cached[batch.index, batch.view].float())
-        with torch.no_grad(), FeatureTap(self.teacher, self.method.teacher_layers) as tap:
+        if self.teacher.training:  # whoever trained this model last: a teacher always runs in eval mode
+            freeze(self.teacher)
+        with torch.no_grad():
             logits = self.teacher(batch.x)
-        return Outputs(logits, [tap.features[n] for n in self.method.teacher_layers])
+        return Outputs(logits, [self.teacher_tap.features[n] for n in self.method.teacher_layers])
 
-    def __call__(self, student: nn.Module, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
-        with FeatureTap(student, self.method.student_layers) as tap:
-            logits = student(batch.x)
-        s = Outputs(logits, [tap.features[n] for n in self.method.student_layers])
+    def __call__(self, net: nn.Module, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
+        """``net``: the stage's trainable module, possibly DDP-wrapped and compiled."""
         t = self.teacher_outputs(batch)
-        ctx = StepContext(batch.y, batch.index, epoch, self.epochs, self.num_samples)
-        terms = {}
-        if self.method.ce_weight > 0:
-            terms["ce"] = self.method.ce_weight * F.cross_entropy(logits, batch.y)
-        terms.update(self.method(s, t, ctx))
-        return terms
+        return net(batch.x, batch.y, batch.index, t.logits, t.feats, epoch)
 
 
 @torch.no_grad()

@@ -1,20 +1,21 @@
-"""Data-parallel training on N processes (``trainer.devices=N``): DDP semantics, no framework.
+"""Data-parallel training on torch's own engine: DistributedDataParallel over a process group.
 
-The Hydra process composes the config and owns the run directory; with
-``trainer.devices=N > 1`` it starts N workers (``torch.multiprocessing``,
-gloo on CPU, NCCL on GPU, worker r on ``cuda:r``), each running the whole
-pipeline on its shard of every global batch. After each backward pass the
-gradients of all trainable parameters (model and KD adapters) are averaged
-across workers, so N workers with ``trainer.batch_size=B`` follow the same
-optimisation path as one device with batch B (up to BatchNorm statistics,
-which each worker computes on its B/N images). Only rank 0 writes files and
-evaluates; the logit cache is built in parallel, each rank its share of the
-batches. Started by ``torchrun`` instead (``RANK``/``WORLD_SIZE`` set), kdrun
-joins that process group and does not spawn.
+Three ways to get N workers, one code path once they exist:
+
+* ``trainer.devices=N > 1``: the Hydra process spawns N local workers (``torch.multiprocessing``);
+* ``torchrun --nnodes=M --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT -m kdrun.cli train``:
+  every process joins the group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_*``);
+* SLURM (the submitit launcher, ``hydra.launcher.nodes``/``tasks_per_node``): every task joins the group
+  described by SLURM's environment (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, the node list).
+
+Each worker binds its own device (``cuda:LOCAL_RANK``, with ``torch.cuda.set_device``), uses NCCL on GPUs
+and gloo on CPUs, and trains one :class:`~torch.nn.parallel.DistributedDataParallel` module per stage
+(see :func:`wrap`): the bucketed gradient all-reduce overlaps the backward pass. Every rank gets the same
+number of equal, non-empty shards of every global batch (:func:`shard`). Only rank 0 writes files and
+evaluates; rank 0's result comes back to the launching process through a queue.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -22,6 +23,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from kdrun.errors import KdrunError
 
@@ -41,26 +43,71 @@ def size() -> int:
     return world()[1]
 
 
-def all_reduce_grads(params: list[torch.Tensor]) -> None:
-    """Average gradients over the workers, as one flat buffer (missing grads count as zero)."""
-    n = size()
-    if n == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= n
-    offset = 0
-    for p, g in zip(params, grads):
-        numel = g.numel()
-        p.grad = flat[offset:offset + numel].view_as(p).clone()
-        offset += numel
+def local_rank() -> int:
+    """This worker's index on its node (``LOCAL_RANK``, set by torchrun, the spawner and the SLURM bridge)."""
+    return int(os.environ.get("LOCAL_RANK", world()[0]))
+
+
+def bind_device(name: str) -> torch.device:
+    """The device of this worker for ``trainer.device``, made current.
+
+    ``auto`` is CUDA when available, else CPU; with several workers ``cuda`` becomes ``cuda:LOCAL_RANK``
+    (one GPU per worker) and is set as the current CUDA device, so NCCL and every ``.cuda()`` use it.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and size() > 1:
+        name = f"cuda:{local_rank()}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+    return device
+
+
+def device_for(name: str) -> str:
+    """The device name of this worker (see :func:`bind_device`, which also makes it current)."""
+    return str(bind_device(name))
+
+
+def shard(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's share of one global batch, like ``DistributedSampler``: the batch is padded with its own
+    first samples to a multiple of ``world_size``, then rank r takes samples r, r + W, ... Every rank gets the
+    same, non-zero number of samples (a last batch smaller than W no longer leaves a rank empty)."""
+    if world_size == 1:
+        return idx
+    short = -len(idx) % world_size
+    if short:
+        idx = torch.cat([idx, idx.repeat((short + len(idx) - 1) // len(idx))[:short]])
+    return idx[rank::world_size]
+
+
+def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """``module`` as DDP when there are several workers (BatchNorm -> SyncBatchNorm with ``sync_bn``), else as is.
+
+    Buffers are not broadcast at each forward: BatchNorm statistics are rank 0's own either way (rank 0
+    evaluates and saves), and a method's large buffers (CRD's memory banks) are kept equal by the method.
+    """
+    if size() == 1:
+        return module
+    if sync_bn:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # converts in place below the root
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     if size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """The same-shaped tensors of every rank, concatenated along dim 0 in rank order (``t`` when alone)."""
+    if size() == 1:
+        return t
+    out = torch.empty((size() * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t.contiguous())
+    return out
 
 
 def any_flag(flag: bool, device) -> bool:
@@ -91,17 +138,34 @@ def barrier() -> None:
         dist.barrier()
 
 
-def device_for(name: str) -> str:
-    """The device of this worker: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
-    if size() > 1 and name.startswith("cuda"):
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', world()[0]))}"
-    return name
+def backend_for(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_from_env() -> bool:
-    """Join a process group started by torchrun; True when this process is one of several."""
+def _slurm_env() -> None:
+    """Describe the process group from SLURM's environment (one task per process), the torchrun way."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    try:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    except ImportError as e:
+        raise KdrunError("SLURM_NTASKS > 1: joining a SLURM process group needs submitit "
+                         "(pip install 'kdrun[slurm]')") from e
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group torchrun (or SLURM) describes; True when this process is one of several.
+
+    ``device`` is ``trainer.device``: on CUDA the worker first makes ``cuda:LOCAL_RANK`` current (NCCL).
+    """
+    _slurm_env()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend_for("cuda" if cuda else "cpu"))
         return True
     return dist.is_initialized()
 
@@ -112,51 +176,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, n: int, port: int, backend: str, fn, args) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n))
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
-    run_dir = args[1]
+def _entry(rank: int, n: int, port: int, backend: str, fn, args, setup, queue) -> None:
+    """A spawned worker: join the group, run ``fn(*args)``, hand rank 0's result (or a KdrunError) back."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    setup(rank, args[1])
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=n)
     try:
         result = fn(*args)
         if rank == 0:
-            with open(os.path.join(run_dir, ".result.json"), "w") as f:
-                json.dump(result, f)
+            queue.put(("result", result))
     except KdrunError as e:
-        with open(os.path.join(run_dir, f".error.{rank}"), "w") as f:
-            json.dump({"message": str(e), "code": e.exit_code}, f)
+        queue.put(("error", str(e), e.exit_code))
         sys.exit(e.exit_code)
     finally:
         dist.destroy_process_group()
 
 
 def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> dict:
-    """Run ``fn(cfg, run_dir)`` on ``n`` workers; returns rank 0's result, re-raises a worker's KdrunError."""
+    """Run ``fn(cfg, run_dir)`` on ``n`` local workers; returns rank 0's result, re-raises a worker's KdrunError."""
     import torch.multiprocessing as mp
 
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    queue = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.spawn(_entry, args=(n, _free_port(), backend_for(device_type), fn, (cfg, run_dir), setup_logging,
+                                 queue), nprocs=n, join=False)
+    messages, failure = [], None
     try:
-        mp.spawn(_entry, args=(n, _free_port(), backend, fn, (cfg, run_dir), setup_logging), nprocs=n)
-    except mp.ProcessExitedException:
-        for r in range(n):
-            path = os.path.join(run_dir, f".error.{r}")
-            if os.path.exists(path):
-                with open(path) as f:
-                    err = json.load(f)
-                os.remove(path)
-                e = KdrunError(err["message"])
-                e.exit_code = err["code"]
-                raise e from None
-        raise
-    path = os.path.join(run_dir, ".result.json")
-    with open(path) as f:
-        result = json.load(f)
-    os.remove(path)
-    return result
-
-
-def _entry(rank, n, port, backend, fn, args, setup):
-    setup(rank, args[1])
-    _worker(rank, n, port, backend, fn, args)
+        while not ctx.join(timeout=0.2):
+            while not queue.empty():
+                messages.append(queue.get())
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+        failure = e
+    while not queue.empty():
+        messages.append(queue.get())
+    for msg in messages:
+        if msg[0] == "error":
+            err = KdrunError(msg[1])
+            err.exit_code = msg[2]
+            raise err from None
+    if failure is not None:
+        raise failure
+    return next(msg[1] for msg in messages if msg[0] == "result")
 
 
 def setup_worker(rank: int, run_dir: str) -> None:

@@ -12,18 +12,20 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from kdrun import distributed
 from kdrun.data.loader import Batch, TensorLoader
 from kdrun.errors import KdrunError
 from kdrun.io import atomic_save, load_checkpoint, rng_state, set_rng_state
+from kdrun.optim import build_optimizer, build_scheduler
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 
 log = logging.getLogger("kdrun")
@@ -34,34 +36,6 @@ Objective = Callable[[nn.Module, Batch, int], dict[str, torch.Tensor]]
 def cross_entropy(model: nn.Module, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
     """The plain supervised objective (teacher and baseline stages)."""
     return {"ce": F.cross_entropy(model(batch.x), batch.y)}
-
-
-# ---------------------------------------------------------------- optimiser
-
-def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    name = cfg.name
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=bool(cfg.nesterov) and cfg.momentum > 0)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise KdrunError(f"optim.name={name}: unknown optimiser; valid: adam, adamw, sgd")
-
-
-def lr_factor(cfg, epoch: int, epochs: int) -> float:
-    """Multiplier of the base LR at the start of ``epoch`` (0-based)."""
-    warm = int(cfg.get("warmup_epochs", 0) or 0)
-    if epoch < warm:
-        return (epoch + 1) / warm
-    sched = cfg.schedule
-    if sched == "cosine":
-        span = max(1, epochs - warm)
-        return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / span))
-    if sched == "step":
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    return 1.0  # "constant"
 
 
 def autocast(device: torch.device, precision: str):
@@ -80,36 +54,45 @@ class StageResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     resumed_from: str | None = None  # "epoch E step S" when the stage continued a checkpoint
+    ema: nn.Module | None = None  # the EMA of the model's weights (trainer.ema), else None
 
 
 def train_stage(stage: str, model: nn.Module, objective: Objective, loader: TensorLoader, *,
-                epochs: int, optim_cfg, modules: dict[str, nn.Module] | None = None,
+                epochs: int, optim_cfg, trainable: nn.Module | None = None,
                 val_loader: TensorLoader | None = None, run_dir: str = ".", log_every: int = 50,
                 checkpoint_every_steps: int = 0, fingerprint: str = "",
                 on_step: Callable[[int, int], dict] | None = None, precision: str = "fp32",
-                compile: bool = False) -> StageResult:
+                compile: bool = False, sync_bn: bool = False, ema: float | None = None) -> StageResult:
     """Train ``model`` for ``epochs`` with ``objective``; resumable at any epoch or checkpointed step.
 
-    ``modules``: other trainable modules that belong to the stage (a KD method's
-    adapters); they train with the model and are saved in its checkpoints.
+    ``trainable``: the stage's one trainable module (default ``model``), e.g. the student plus a KD
+    method's adapters (:class:`kdrun.distill.StudentStep`); it is what the optimiser steps, what the
+    checkpoints hold, what DDP wraps when there are several workers (``sync_bn``: SyncBatchNorm) and
+    what ``compile`` compiles; ``objective(net, batch, epoch)`` receives it so wrapped. ``model`` is
+    the network evaluated on ``val_loader`` (and averaged with ``ema``).
     ``on_step(epoch, step)`` updates schedules before a step and returns the
-    values in effect (logged in the CSV row of the epoch). Writes
-    ``{run_dir}/metrics_{stage}.csv`` and ``checkpoints/{stage}_last.pt`` (every
+    values in effect (logged in the CSV row of the epoch). The learning rate follows
+    ``optim_cfg`` per optimiser step (:func:`kdrun.optim.build_scheduler`); ``optim_cfg.grad_clip``
+    > 0 clips the gradients' global norm (after unscaling, with fp16). ``ema``: a decay in (0, 1)
+    keeps an exponential moving average of ``model``'s weights and buffers
+    (``torch.optim.swa_utils.AveragedModel``), validated each epoch and returned in ``result.ema``.
+    Writes ``{run_dir}/metrics_{stage}.csv`` and ``checkpoints/{stage}_last.pt`` (every
     epoch, and every ``checkpoint_every_steps`` steps) holding the whole state:
-    weights, optimiser, epoch and step, RNG states, partial sums and history;
+    weights, optimiser, LR scheduler, EMA, epoch and step, RNG states, partial sums and history;
     plus ``{stage}_best.pt`` when a validation split chooses a best epoch. When
     ``{stage}_last.pt`` exists the stage continues from it (or returns at once
     when it is finished); ``fingerprint`` guards against resuming another config.
-    ``precision``: fp32, or bf16/fp16 autocast (fp16 with a gradient scaler);
-    ``compile``: run the forward of ``torch.compile(model)`` (weights are shared).
+    ``precision``: fp32, or bf16/fp16 autocast (fp16 with a gradient scaler).
     """
-    modules = modules or {}
-    params = [p for p in model.parameters() if p.requires_grad]
-    params += [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    trainable = model if trainable is None else trainable
+    net = distributed.wrap(trainable, loader.device, sync_bn)  # DDP with several workers, else trainable
+    params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, epochs, len(loader))
+    clip = float(optim_cfg.get("grad_clip") or 0)
     scaler = torch.amp.GradScaler(loader.device.type, enabled=precision == "fp16")
-    net = torch.compile(model) if compile else model
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True) if ema else None
+    net = torch.compile(net) if compile else net
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     csv_path = os.path.join(run_dir, f"metrics_{stage}.csv")
@@ -122,11 +105,12 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
         if ckpt.get("fingerprint") != fingerprint or ckpt.get("epochs") != epochs:
             raise KdrunError(f"{last_path}: made by a different configuration of stage '{stage}'; "
                              "use a new hydra.run.dir (or delete the checkpoint) to start over")
-        model.load_state_dict(ckpt["model"])
-        for name, m in modules.items():
-            m.load_state_dict(ckpt["modules"][name])
+        trainable.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt.get("scaler", {}))
+        if averaged is not None:
+            averaged.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
         start_epoch, start_step, seen, elapsed = ckpt["epoch"], ckpt["step"], ckpt["seen"], ckpt["seconds"]
         sums = {k: v.to(loader.device) for k, v in ckpt["sums"].items()}
@@ -140,23 +124,19 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
 
     def save(epoch: int, step: int) -> None:
         atomic_save({"stage": stage, "fingerprint": fingerprint, "epochs": epochs, "epoch": epoch, "step": step,
-                     "model": model.state_dict(), "modules": {k: m.state_dict() for k, m in modules.items()},
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                     "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "ema": averaged.state_dict() if averaged is not None else None, "rng": rng_state(),
                      "seen": seen, "sums": {k: v.detach().cpu() for k, v in sums.items()}, "history": result.history,
                      "best": (result.best_epoch, result.best_val_top1),
                      "seconds": elapsed + time.perf_counter() - t0}, last_path)
 
     t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        factor = lr_factor(optim_cfg, epoch, epochs)
-        lr = base_lrs[0] * factor
-        for g, base in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = base * factor
-        model.train()
-        for m in modules.values():
-            m.train()
+        trainable.train()
         logged: dict = {}
         first = start_step if epoch == start_epoch else 0
+        lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step (it changes every step)
         bar = tqdm(loader.epoch(epoch, first), total=len(loader), initial=first, leave=False, dynamic_ncols=True,
                    desc=f"{stage} {epoch + 1}/{epochs}", mininterval=1.0, disable=not distributed.is_main())
         for step, batch in enumerate(bar, start=first):
@@ -166,12 +146,17 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
                 terms = objective(net, batch, epoch)
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            distributed.all_reduce_grads(params)  # data parallel: the global batch's mean gradient
+            scaler.scale(loss).backward()  # DDP: gradients all-reduced in buckets while backward runs
+            if clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip)
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             if hasattr(model, "apply_constraints"):  # e.g. max-norm weight constraints (Hinton's MNIST MLP)
                 model.apply_constraints()
+            if averaged is not None:
+                averaged.update_parameters(model)
             for k, v in terms.items():  # accumulate on the device: no host sync per step
                 sums[k] = sums.get(k, 0) + v.detach() * len(batch.y)
             seen += len(batch.y) * distributed.size()
@@ -198,6 +183,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
         sums = {}
         if val_loader is not None:
             row["val_top1"] = accuracy(predict(model, val_loader), val_loader.labels)[0]
+            if averaged is not None:
+                row["val_top1_ema"] = accuracy(predict(averaged.module, val_loader), val_loader.labels)[0]
             if result.best_val_top1 is None or row["val_top1"] > result.best_val_top1:
                 result.best_epoch, result.best_val_top1 = epoch + 1, row["val_top1"]
                 atomic_save({"stage": stage, "epoch": epoch + 1, "model": model.state_dict()},
@@ -210,6 +197,7 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
 
     result.seconds = elapsed + time.perf_counter() - t0
     result.images_per_s = seen / result.seconds if result.seconds > 0 else 0.0
+    result.ema = averaged.module if averaged is not None else None
     return result
 
 

@@ -32,7 +32,7 @@ def hydra_train(cfg: DictConfig) -> float:
     try:
         validate(cfg)
         devices = int(cfg.trainer.get("devices", 1))
-        if distributed.init_from_env():  # started by torchrun: this process is one worker
+        if distributed.init_from_env(cfg.trainer.device):  # started by torchrun: this process is one worker
             metrics = train.run(cfg, run_dir)
             if not distributed.is_main():
                 return 0.0

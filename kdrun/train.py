@@ -151,7 +151,7 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
         tr = self.tr = cfg.trainer
-        self.device = pick_device(distributed.device_for(tr.device))
+        self.device = distributed.bind_device(tr.device)  # cuda:LOCAL_RANK with several workers
         if tr.get("deterministic"):
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -160,6 +160,7 @@ class Run:
         seed_everything(tr.seed)
         self.student_views: int | None = None  # the views the distilled student trained on (baselines match)
         self.timings: dict[str, float] = {}
+        self.ema: dict[str, nn.Module] = {}  # stage -> EMA of its model's weights (trainer.ema)
         self.stages: dict[str, dict] = {}
         self.models: dict[str, Trained] = {}
         self.roles: dict[str, str] = {}  # teacher/student/baseline -> model name
@@ -224,19 +225,33 @@ class Run:
         return model.to(self.device)
 
     def record(self, name: str, model: nn.Module, mcfg, stage: str | None) -> None:
+        """A model the report evaluates; with ``trainer.ema`` its stage's EMA weights too (``{name}_ema``)."""
         self.models[name] = Trained(model, mcfg, stage)
+        ema = self.ema.get(stage or name)
+        if ema is not None:
+            self.export(f"{stage or name}_ema", ema, mcfg)
+            self.models[f"{name}_ema"] = Trained(ema, mcfg, None)
 
     def fit(self, stage: str, model: nn.Module, objective, *, epochs: int, optim_cfg=None,
-            modules: dict | None = None, loader: TensorLoader | None = None, on_step=None) -> StageResult:
-        """Train one stage (resuming its checkpoint if there is one) and note its summary and time."""
+            trainable: nn.Module | None = None, loader: TensorLoader | None = None, on_step=None) -> StageResult:
+        """Train one stage (resuming its checkpoint if there is one) and note its summary and time.
+
+        ``trainable``: the stage's one trainable module when it is more than ``model`` (student + KD method).
+        With ``trainer.ema`` the EMA of ``model``'s weights is kept in ``self.ema[stage]``.
+        """
+        ema = self.tr.get("ema")
         res = train_stage(stage, model, objective, loader or self.train_loader(), epochs=epochs,
-                          optim_cfg=optim_cfg if optim_cfg is not None else self.cfg.optim, modules=modules,
+                          optim_cfg=optim_cfg if optim_cfg is not None else self.cfg.optim, trainable=trainable,
                           val_loader=self.val_loader, run_dir=self.run_dir, log_every=self.tr.log_every,
                           checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
                           fingerprint=f"{self.fingerprint}-{stage}", on_step=on_step,
-                          precision=self.tr.get("precision", "fp32"), compile=bool(self.tr.get("compile")))
+                          precision=self.tr.get("precision", "fp32"), compile=bool(self.tr.get("compile")),
+                          sync_bn=bool(self.tr.get("sync_bn")), ema=float(ema) if ema else None,
+                          logger=self.logger)
         self.stages[stage] = report.stage_summary(res)
         self.timings[stage] = res.seconds
+        if res.ema is not None:
+            self.ema[stage] = res.ema
         return res
 
     def export(self, stage: str, model: nn.Module, mcfg, extra: dict | None = None) -> str:
@@ -354,22 +369,24 @@ class Run:
         student = self.build(who, mcfg)
         views = self.views
         common = dict(epochs=self.tr.epochs, num_samples=len(self.train_set))
-        if method.needs_teacher_features or not self.cfg.cache.enabled or self.streamed:
+        # the logit cache is built only for a student that trains on it (not with trainer.epochs=0)
+        if method.needs_teacher_features or not self.cfg.cache.enabled or self.streamed or not self.tr.epochs:
             if method.needs_teacher_features and not (method.teacher_layers or method.student_layers):
                 method.teacher_layers, method.student_layers = method.default_layers(
                     list(teacher.feature_points), list(student.feature_points))
             why = (f"needs teacher features {method.teacher_layers}" if method.needs_teacher_features
-                   else "streams its data from files" if self.streamed else "runs with cache.enabled=false")
+                   else "streams its data from files" if self.streamed
+                   else "trains for 0 epochs" if not self.tr.epochs else "runs with cache.enabled=false")
             log.info("%s: %s %s -> the teacher runs online on fresh augmented views (no logit cache)",
                      stage, self.cfg.loss.name, why)
-            objective = Distill(method, teacher=teacher, **common)
+            objective = Distill(method, student, teacher=teacher, **common)
             self.student_views = None
             loader = self.train_loader(None)  # fresh augmentation; teacher sees the same batch
         else:
             logits = self.logits(teacher, teacher_name, teacher_key)
             log.info("%s: %s needs only teacher logits -> read from the logit cache (teacher not run)",
                      stage, self.cfg.loss.name)
-            objective = Distill(method, cached_logits=logits.to(self.device), **common)
+            objective = Distill(method, student, cached_logits=logits.to(self.device), **common)
             self.student_views = views
             loader = self.train_loader(views)  # replays view v of each sample (K=0: the plain image)
         x_probe = next(self.eval_loader(self.train_set.subset(torch.arange(2))).epoch(0)).x
@@ -384,8 +401,9 @@ class Run:
                 setattr(method, k, values[k])
             return values
 
-        self.fit(stage, student, objective, epochs=self.tr.epochs, modules={"loss": method}, loader=loader,
-                 on_step=on_step if scheds else None)
+        with objective:  # feature hooks registered once for the stage
+            self.fit(stage, student, objective, epochs=self.tr.epochs, trainable=objective.module, loader=loader,
+                     on_step=on_step if scheds else None)
         self.export(stage, student, mcfg, {"loss_state": method.state_dict()})
         self.record(stage, student, mcfg, stage)
         return student

@@ -144,14 +144,14 @@ def kdrun_side(a, device: torch.device) -> dict:
         m = ref.cifar_model(name, device, classes)
         return m.to(memory_format=torch.channels_last) if a.channels_last else m
 
-    def fit(stage: str, net: nn.Module, objective, views: int | None, steps: int, modules=None) -> float:
+    def fit(stage: str, net: nn.Module, objective, views: int | None, steps: int, trainable=None) -> float:
         if a.bf16:
             objective = in_bf16(objective, device)
         loader = TensorLoader(train, a.batch, norm, augment, shuffle=True, seed=a.seed, device=device, views=views,
                               drop_last=True)
         clock = SteadyClock(a.warmup, device)
         train_stage(stage, net, objective, FixedSteps(loader, steps), epochs=1, optim_cfg=optim_cfg(a.lr),
-                    modules=modules, run_dir=run_dir, on_step=clock)
+                    trainable=trainable, run_dir=run_dir, on_step=clock)
         return clock.images_per_s((steps - a.warmup) * a.batch)
 
     with tempfile.TemporaryDirectory(prefix="bench-kdrun-") as run_dir:
@@ -166,9 +166,10 @@ def kdrun_side(a, device: torch.device) -> dict:
             ref.sync(device)
             ips["cache"] = logits.shape[0] * logits.shape[1] / (time.perf_counter() - t0)
         method = KD(temperature=a.temperature, alpha=a.alpha).to(device)
-        objective = Distill(method, epochs=1, num_samples=len(train), cached_logits=logits.to(device))
-        with peak_memory(device, mem, "distil"):
-            ips["distil"] = fit("student", model(a.student), objective, a.views, a.steps, {"loss": method})
+        student = model(a.student)
+        objective = Distill(method, student, epochs=1, num_samples=len(train), cached_logits=logits.to(device))
+        with peak_memory(device, mem, "distil"), objective:
+            ips["distil"] = fit("student", student, objective, a.views, a.steps, objective.module)
         with peak_memory(device, mem, "student_ce"):
             ips["student_ce"] = fit("baseline", model(a.student), cross_entropy, None, a.steps)
     return {"ips": ips, "mem": mem}

@@ -563,9 +563,10 @@ def test_method_runs_in_the_distill_stage(name):
     x = torch.randn(6, 1, 8, 8)
     method.build(probe_shapes(teacher, method.teacher_layers, x[:2]),
                  probe_shapes(student, method.student_layers, x[:2]), 40)
-    objective = Distill(method, epochs=2, num_samples=40, teacher=teacher)
+    objective = Distill(method, student, epochs=2, num_samples=40, teacher=teacher)
     batch = Batch(x, torch.randint(0, 10, (6,)), torch.arange(6), torch.zeros(6, dtype=torch.long))
-    terms = objective(student, batch, 0)
+    with objective:
+        terms = objective(objective.module, batch, 0)
     assert "ce" in terms and len(terms) >= 2 and all(torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())

@@ -7,17 +7,19 @@ can be rebuilt in the student stage (``cache.views=K``), and a resumed run
 sees the same batches as an uninterrupted one.
 
 On a GPU the whole uint8 tensor sits on the device and crop/flip/normalise run
-there; on a CPU the same code runs on the CPU, one thread per batch (:func:`single_thread`).
+there; on a CPU the same code runs on the CPU. Nothing per batch touches the thread count or the
+environment. With several workers each rank takes its equal share of every global batch
+(:func:`kdrun.distributed.shard`).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from kdrun import distributed
 from kdrun.data.base import ImageSet
 
 _M31 = 0x7FFFFFFF
@@ -97,24 +99,6 @@ class Batch:
     view: torch.Tensor  # augmentation view of each sample [B]
 
 
-@contextmanager
-def single_thread(device: torch.device):
-    """On the CPU, run the enclosed (small, per-batch) ops on one thread, then restore the thread count.
-
-    A batch's uint8 gathers are far too small to gain from intra-op threads; forking and joining
-    them costs more than the work, and many times more when other processes share the cores.
-    """
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, view: torch.Tensor,
                augment: Augment | None, normalize: Normalize) -> Batch:
     """Augment (if any) and normalise uint8 ``images`` of samples ``idx`` under views ``view``."""
@@ -176,9 +160,6 @@ class TensorLoader:
         order, views = order.to(self.device), views.to(self.device)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            if self.shard[1] > 1:
-                idx = idx[self.shard[0]::self.shard[1]]
-            with single_thread(self.device):
-                images = self.images.index_select(0, idx)
-                batch = make_batch(images, self.labels[idx], idx, views[idx], self.augment, self.normalize)
-            yield batch
+            idx = distributed.shard(idx, *self.shard)
+            images = self.images.index_select(0, idx)
+            yield make_batch(images, self.labels[idx], idx, views[idx], self.augment, self.normalize)

@@ -9,14 +9,15 @@ from one in-memory tensor.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kdrun import distributed
 from kdrun.data.base import FileSet
 from kdrun.data.decode import decode_image
-from kdrun.data.loader import Augment, Batch, Normalize, epoch_plan, make_batch, single_thread
+from kdrun.data.loader import Augment, Batch, Normalize, epoch_plan, make_batch
 from kdrun.errors import ConfigError
 
 MODES = ("auto", "memory", "stream")
@@ -74,14 +75,12 @@ class StreamLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order, views = epoch_plan(self.num_samples, self.seed, epoch, self.shuffle, self.views)
-        steps = [order[s * self.batch_size:(s + 1) * self.batch_size][self.shard[0]::self.shard[1]]
+        steps = [distributed.shard(order[s * self.batch_size:(s + 1) * self.batch_size], *self.shard)
                  for s in range(start_step, len(self))]
         loader = DataLoader(self.files, batch_sampler=[idx.tolist() for idx in steps],
                             num_workers=self.num_workers, pin_memory=self.pin_memory)
         views = views.to(self.device)
         for idx, images in zip(steps, loader):
             idx = idx.to(self.device)
-            with single_thread(self.device):
-                batch = make_batch(images.to(self.device, non_blocking=True), self.labels[idx], idx, views[idx],
-                                   self.augment, self.normalize)
-            yield batch
+            yield make_batch(images.to(self.device, non_blocking=True), self.labels[idx], idx, views[idx],
+                             self.augment, self.normalize)

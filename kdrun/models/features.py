@@ -7,16 +7,34 @@ module named by ``model.feature_points[name]`` (or any module path such as
     with FeatureTap(model, ["stage2", "pre_logits"]) as tap:
         logits = model(x)
     feats = tap.features          # {"stage2": tensor, "pre_logits": tensor}
+
+A training stage registers its taps once (``tap = FeatureTap(model, names).attach()`` ...
+``tap.close()``), on the original modules: a ``torch.compile``d or DDP-wrapped model runs the same
+submodules, so the hooks fire there too (paths never carry ``_orig_mod.`` or ``module.``).
 """
 from __future__ import annotations
+
+from typing import Self
 
 from torch import nn
 
 from kdrun.errors import ConfigError
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The original module under ``torch.compile`` and DDP wrappers (whose paths carry a prefix)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
 def resolve(model: nn.Module, name: str) -> tuple[str, str]:
     """Map a feature name to (module path, "output"|"input")."""
+    model = unwrap(model)
     points = getattr(model, "feature_points", {})
     spec = points.get(name, name)
     path, _, io = spec.partition(":")
@@ -39,13 +57,19 @@ class FeatureTap:
     """Context manager recording the named features of ``model`` during forward."""
 
     def __init__(self, model: nn.Module, names: list[str] | tuple[str, ...]):
-        self.model = model
+        self.model = unwrap(model)
         self.names = list(names)
         self.features: dict = {}
         self._handles: list = []
         self._targets = [(n, *resolve(model, n)) for n in self.names]
 
-    def __enter__(self) -> "FeatureTap":
+    def __enter__(self) -> Self:
+        return self.attach()
+
+    def attach(self) -> FeatureTap:
+        """Register the hooks (once; again only after :meth:`close`)."""
+        if self._handles:
+            return self
         modules = dict(self.model.named_modules())
         for name, path, io in self._targets:
             mod = modules[path]
@@ -67,6 +91,10 @@ class FeatureTap:
         return fn
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks."""
         for h in self._handles:
             h.remove()
         self._handles.clear()

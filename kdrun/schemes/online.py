@@ -26,18 +26,23 @@ from kdrun.schemes import model_cfg, register_scheme
 
 
 class Peers(nn.ModuleList):
-    """The peers as one module (one optimiser, one checkpoint); forward is their mean logits."""
+    """The peers as one module (one optimiser, one checkpoint, one DDP/compiled module).
 
-    def forward(self, x):
-        return torch.stack([p(x) for p in self]).mean(0)
+    ``forward(x)`` gives their mean logits; ``forward(x, each=True)`` every peer's, as a list (the training
+    objective calls the possibly compiled or DDP-wrapped module this way, never iterates over it).
+    """
+
+    def forward(self, x, each: bool = False):
+        logits = [p(x) for p in self]
+        return logits if each else torch.stack(logits).mean(0)
 
 
 class MutualObjective:
     def __init__(self, temperature: float, kl_weight: float):
         self.T, self.w = temperature, kl_weight
 
-    def __call__(self, peers: Peers, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
-        logits = [p(batch.x) for p in peers]
+    def __call__(self, peers: nn.Module, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
+        logits = peers(batch.x, each=True)
         k, terms = len(logits), {}
         for i, z in enumerate(logits):
             terms[f"ce_peer{i + 1}"] = F.cross_entropy(z, batch.y)

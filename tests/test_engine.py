@@ -1,0 +1,174 @@
+"""The training engine: per-step LR schedules (closed forms), gradient clipping, EMA, a frozen teacher in
+every scheme, no logit cache without a consumer, compile with feature methods and the online scheme."""
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from kdrun.data.base import ImageSet
+from kdrun.data.loader import Normalize, TensorLoader
+from kdrun.engine import train_stage
+from kdrun.optim import build_scheduler
+
+# ---------------------------------------------------------------- LR per step
+
+E, S = 5, 7  # epochs, steps per epoch
+
+
+def lrs(cfg: dict, epochs=E, steps=S) -> list[float]:
+    """The LR each optimiser step runs at, stepping the scheduler after each step as the engine does."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = build_scheduler(opt, OmegaConf.create(cfg), epochs, steps)
+    out = []
+    for _ in range(epochs * steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def closed_form(schedule: str, k: int, warm_epochs: int = 0, milestones=(), gamma=0.1) -> float:
+    w, t = warm_epochs * S, E * S
+    if k < w:
+        return 0.1 * (k + 1) / w
+    if schedule == "cosine":
+        return 0.1 * 0.5 * (1 + math.cos(math.pi * (k - w) / (t - w)))
+    if schedule == "step":
+        return 0.1 * gamma ** sum(k >= m * S for m in milestones)
+    return 0.1
+
+
+@pytest.mark.parametrize("warm", [0, 1, 2])
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_lr_per_step_equals_the_closed_form(schedule, warm):
+    cfg = {"schedule": schedule, "warmup_epochs": warm, "milestones": [2, 4], "gamma": 0.1}
+    got = lrs(cfg)
+    want = [closed_form(schedule, k, warm, (2, 4)) for k in range(E * S)]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert len(set(got)) > (1 if schedule == "constant" and warm else 0)  # it changes within epochs
+
+
+def test_step_milestones_are_the_recipes_epoch_boundaries():
+    """RepDistiller: x0.1 after epochs 150, 180, 210 of 240 -> at steps 150*S, 180*S, 210*S."""
+    got = lrs({"schedule": "step", "milestones": [150, 180, 210], "gamma": 0.1}, epochs=240, steps=3)
+    assert got[150 * 3 - 1] == pytest.approx(0.1) and got[150 * 3] == pytest.approx(0.01)
+    assert got[180 * 3] == pytest.approx(0.001) and got[210 * 3] == pytest.approx(0.0001)
+
+
+# ---------------------------------------------------------------- clipping and EMA through train_stage
+
+def tiny_loader(n=8, batch=4) -> TensorLoader:
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 255, (n, 1, 2, 2), dtype=torch.uint8, generator=g), torch.arange(n) % 2)
+    return TensorLoader(data, batch, Normalize([0.5], [0.5], 1, "cpu"), shuffle=False)
+
+
+class Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4))  # 2x2 images
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w
+
+
+def optim(**kw):
+    return OmegaConf.create({"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False,
+                             "schedule": "constant", "milestones": [], "gamma": 0.1, "warmup_epochs": 0} | kw)
+
+
+def test_grad_clip_limits_the_global_norm_of_each_step(tmp_path):
+    model = Linear()
+
+    def objective(net, batch, epoch):
+        return {"big": 1000.0 * net.w.sum()}  # gradient 1000 per element: norm 2000
+
+    train_stage("clip", model, objective, tiny_loader(n=4), epochs=1, optim_cfg=optim(grad_clip=2.0),
+                run_dir=str(tmp_path))
+    # one SGD step with lr 1 moves the weights by the clipped gradient: norm exactly 2, direction kept
+    assert model.w.detach().norm().item() == pytest.approx(2.0, rel=1e-5)
+    assert torch.allclose(model.w.detach(), torch.full((4,), -1.0))
+
+
+def test_ema_is_the_moving_average_of_the_weights(tmp_path):
+    model = Linear()
+    seen = []
+
+    def objective(net, batch, epoch):
+        seen.append(net.w.detach().clone())  # weights before this step
+        return {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}
+
+    loader = tiny_loader(n=12, batch=4)
+    res = train_stage("ema", model, objective, loader, epochs=1, optim_cfg=optim(lr=0.1), run_dir=str(tmp_path),
+                      ema=0.75)
+    w1, w2, w3 = seen[1], seen[2], model.w.detach()
+    # the first update copies the weights, then ema <- 0.75 ema + 0.25 w
+    want = 0.75 * (0.75 * w1 + 0.25 * w2) + 0.25 * w3
+    torch.testing.assert_close(res.ema.w.detach(), want)
+    assert not torch.equal(res.ema.w.detach(), w3)
+
+
+# ---------------------------------------------------------------- runs (tiny, digits)
+
+BASE = ["teacher=resnet8", "student=resnet8", "trainer.teacher_epochs=1", "trainer.epochs=1",
+        "trainer.batch_size=256", "trainer.latency=false", "store.enabled=false", "baseline=false"]
+
+
+def compose(*overrides):
+    from kdrun.cli import compose as kd_compose
+
+    return kd_compose([*BASE, *overrides])
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("overrides", [["loss=fitnet"], ["cache.enabled=false"],
+                                       ["scheme=assistant", "scheme.assistants=[resnet8]", "scheme.direct=false", "cache.enabled=false"]],
+                         ids=["offline-fitnet", "offline-no-cache", "assistant"])
+def test_teacher_stays_frozen_through_every_distillation_stage(tmp_path, monkeypatch, overrides):
+    from kdrun import train
+
+    distil, checked = train.Run.distil, []
+
+    def watched(self, stage, mcfg, teacher, *a, **kw):
+        before = snapshot(teacher)
+        assert any("running_mean" in k for k in before)  # BatchNorm statistics are compared too
+        student = distil(self, stage, mcfg, teacher, *a, **kw)
+        after = snapshot(teacher)
+        assert before.keys() == after.keys()
+        for k in before:
+            assert torch.equal(before[k], after[k]), f"{stage}: teacher's {k} changed"
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        checked.append(stage)
+        return student
+
+    monkeypatch.setattr(train.Run, "distil", watched)
+    train.run(compose(*overrides), str(tmp_path))
+    assert checked == (["assistant1", "student"] if "scheme=assistant" in overrides else ["student"])
+
+
+def test_no_logit_cache_when_no_stage_reads_it(tmp_path):
+    from kdrun import train
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics = train.run(compose("trainer.epochs=0"), str(run_dir))
+    assert not any("cache" in k for k in metrics["stages"]), metrics["stages"].keys()
+    assert not list(run_dir.glob("*logits*"))
+
+
+@pytest.mark.parametrize("overrides", [["loss=fitnet"], ["scheme=online", "trainer.teacher_epochs=0"]],
+                         ids=["fitnet", "online"])
+def test_compile_trains_feature_methods_and_the_online_scheme(kdrun, tmp_path, overrides):
+    run_dir = tmp_path / "run"
+    p = kdrun("train", *BASE, *overrides, "trainer.compile=true", f"hydra.run.dir={run_dir}", timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    stage = "online" if "scheme=online" in overrides else "student"
+    assert m["stages"][stage]["epochs"] == 1 and math.isfinite(m["stages"][stage]["final_train_loss"])
