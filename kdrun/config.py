@@ -5,6 +5,7 @@ so bad input never leaves a half-made run directory behind.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 
@@ -67,6 +68,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={v}: must be {valid}")
     _validate_names(cfg)
     _validate_loss(cfg)
+    _validate_loss_builds(cfg)
+    _validate_sweep(cfg)
     _validate_layers(cfg)
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt and not os.path.isfile(ckpt):
@@ -131,6 +134,31 @@ def _validate_loss(cfg: DictConfig) -> None:
     for k in loss_kwargs(cfg.loss):
         if k not in valid:
             raise ConfigError(f"loss.{k}: not a parameter of loss '{cfg.loss.name}'; valid: {', '.join(valid)}")
+
+
+def _validate_loss_builds(cfg: DictConfig) -> None:
+    """The KD method is built here as the student stage will build it (its own checks run, those of every
+    term of a combo too), and each scheduled hyperparameter must be one the method lets a schedule set."""
+    from kdrun.losses import LOSSES
+
+    name = cfg.loss.name
+    static, scheds = schedules.split(loss_kwargs(cfg.loss))
+    method = LOSSES.get(name, "loss.name")(**static)
+    for key, sched in scheds.items():
+        attr = inspect.getattr_static(method, key, None)
+        settable = key in vars(method) or (attr is not None and not isinstance(attr, property)) or (
+            isinstance(attr, property) and attr.fset is not None)
+        if not settable or not _num(getattr(method, key, None)):
+            raise ConfigError(f"loss.{key}: cannot follow a schedule in loss '{name}' (fixed when the method is "
+                              "built); give a number")
+        for x in sched.values_reached():  # the method's own range checks, at every value the schedule reaches
+            LOSSES.get(name)(**(static | {key: x}))
+
+
+def _validate_sweep(cfg: DictConfig) -> None:
+    from kdrun import objective
+
+    objective.parse(OmegaConf.select(cfg, "sweep.metric", default=None))
 
 
 def _validate_layers(cfg: DictConfig) -> None:
