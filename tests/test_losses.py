@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from kdrun.errors import ConfigError
 from kdrun.losses import LOSSES, Outputs, StepContext
 
-FEATURE_METHODS = ["fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd", "vid", "kdsvd"]
+FEATURE_METHODS = ["fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd", "vid", "kdsvd", "reviewkd"]
 LOGIT_METHODS = ["kd", "dkd", "dist", "ls_kd"]
 
 
@@ -379,8 +379,9 @@ FEATURE_SHAPES = {
     "crd": ([(4, 10)], [(4, 7)]),
     "vid": ([(4, 8, 4, 4)], [(4, 6, 8, 8)]),
     "kdsvd": ([(4, 6, 4, 4), (4, 6, 2, 2)], [(4, 6, 4, 4), (4, 6, 2, 2)]),
+    "reviewkd": ([(4, 8, 4, 4), (4, 10)], [(4, 6, 8, 8), (4, 7)]),
 }
-HAS_ADAPTERS = {"fitnet", "cc", "crd", "vid"}
+HAS_ADAPTERS = {"fitnet", "cc", "crd", "vid", "reviewkd"}
 
 
 @pytest.mark.parametrize("name", FEATURE_METHODS)
@@ -538,7 +539,7 @@ def test_every_loss_yaml_builds_its_method(fname):
     ("rkd", "w_angle", 50.0), ("sp", "weight", 3000.0), ("pkt", "weight", 30000.0), ("cc", "weight", 0.02),
     ("crd", "weight", 0.8), ("crd", "nce_k", 16384), ("crd", "nce_t", 0.07), ("crd", "nce_m", 0.5),
     ("crd", "embed_dim", 128), ("vid", "weight", 1.0), ("vid", "init_pred_var", 5.0), ("vid", "eps", 1e-5),
-    ("kdsvd", "weight", 1.0), ("kdsvd", "k", 1),
+    ("kdsvd", "weight", 1.0), ("kdsvd", "k", 1), ("reviewkd", "weight", 1.0), ("reviewkd", "warmup", 20),
 ])
 def test_yaml_defaults_are_the_benchmark_ones(name, key, value):
     cfg = OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml")
@@ -555,7 +556,8 @@ def test_method_runs_in_the_distill_stage(name):
 
     teacher = build_model("resnet20", 10, 1, 8).eval().requires_grad_(False)
     student = build_model("resnet8", 10, 1, 8)
-    kw = OmegaConf.to_container(OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml"))
+    kw = OmegaConf.to_container(OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml"),
+                                resolve=True)
     kw.pop("name")
     method = LOSSES.get(name)(**kw)
     method.teacher_layers, method.student_layers = method.default_layers(list(teacher.feature_points),

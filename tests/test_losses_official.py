@@ -492,6 +492,7 @@ def test_combo_equals_repdistillers_method_plus_kd_loop():
 
 # ---------------------------------------------------------------- VID
 
+
 def ref_vid(f_s, f_t, w1, w2, w3, log_scale, eps=1e-5):
     # RepDistiller distiller_zoo/VID.py VIDLoss (and mdistiller VID.vid_loss): pool the larger square map;
     # regressor conv1x1 -> ReLU -> conv1x1 -> ReLU -> conv1x1 (no bias); pred_var = log(1 + exp(log_scale)) + eps;
@@ -521,12 +522,16 @@ def test_vid_equals_repdistiller():
         a = p64(reg.log_scale)
         want = want + ref_vid(s64, t64.detach(), *w, a)
         params += [(reg.mean[0].weight, w[0]), (reg.mean[4].weight, w[2]), (reg.log_scale, a)]
-    got = m(Outputs(torch.zeros(4, 5), [s for s, _ in pairs]), Outputs(torch.zeros(4, 5), [t for t, _ in teach]),
-            ctx_for([0, 1, 2, 3]))["vid"]
+    got = m(
+        Outputs(torch.zeros(4, 5), [s for s, _ in pairs]),
+        Outputs(torch.zeros(4, 5), [t for t, _ in teach]),
+        ctx_for([0, 1, 2, 3]),
+    )["vid"]
     agree(got, want, pairs + params)
 
 
 # ---------------------------------------------------------------- KDSVD
+
 
 def ref_kdsvd(g_s, g_t, k=1):
     # RepDistiller distiller_zoo/KDSVD.py: per layer, x = feat.view(-1, C, H*H).transpose(-2, -1) ([B, HW, C]),
@@ -541,8 +546,11 @@ def ref_kdsvd(g_s, g_t, k=1):
         size = feat.shape
         x = feat.view(-1, size[1], size[2] * size[2]).transpose(-2, -1)
         u, s, v = torch.svd(x)
-        return F.normalize(nan0(u)[:, :, :n], dim=1), F.normalize(nan0(s)[:, :n], dim=1), \
-            F.normalize(nan0(v)[:, :, :n], dim=1)
+        return (
+            F.normalize(nan0(u)[:, :, :n], dim=1),
+            F.normalize(nan0(s)[:, :n], dim=1),
+            F.normalize(nan0(v)[:, :, :n], dim=1),
+        )
 
     def align_rsv(a, b):
         cosine = torch.matmul(a.transpose(-2, -1), b)
@@ -572,8 +580,11 @@ def test_kdsvd_equals_repdistiller(k):
     pairs = [leaf(4, 8, 8, 8), leaf(4, 16, 4, 4), leaf(4, 16, 2, 2)]
     teach = [leaf(4, 8, 8, 8, scale=2), leaf(4, 16, 4, 4), leaf(4, 16, 2, 2, scale=0.5)]
     m = built("kdsvd", [t.shape for t, _ in teach], [s.shape for s, _ in pairs], weight=1.0, k=k)
-    got = m(Outputs(torch.zeros(4, 5), [s for s, _ in pairs]), Outputs(torch.zeros(4, 5), [t for t, _ in teach]),
-            ctx_for([0, 1, 2, 3]))["kdsvd"]
+    got = m(
+        Outputs(torch.zeros(4, 5), [s for s, _ in pairs]),
+        Outputs(torch.zeros(4, 5), [t for t, _ in teach]),
+        ctx_for([0, 1, 2, 3]),
+    )["kdsvd"]
     want = ref_kdsvd([s for _, s in pairs], [t.detach() for _, t in teach], k)
     agree(got, want, pairs)
 
@@ -583,13 +594,157 @@ def test_kdsvd_refuses_unrelatable_layers():
 
     with pytest.raises(ConfigError, match=r"^loss\.layers: kdsvd relates consecutive layers and needs at least 2"):
         built("kdsvd", [(2, 8, 4, 4)], [(2, 8, 4, 4)])
-    with pytest.raises(ConfigError, match=r"^loss\.layers: teacher stage1 \[16,4,4\] and student stage1 \[8,4,4\]: "
-                                          r"kdsvd needs equal teacher and student channel counts"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^loss\.layers: teacher stage1 \[16,4,4\] and student stage1 \[8,4,4\]: "
+        r"kdsvd needs equal teacher and student channel counts",
+    ):
         built("kdsvd", [(2, 16, 4, 4), (2, 16, 2, 2)], [(2, 8, 4, 4), (2, 16, 2, 2)])
 
 
+# ---------------------------------------------------------------- ReviewKD
+
+
+def ref_abf(x, y, shape, out_shape, p, fuse):
+    # mdistiller distillers/ReviewKD.py ABF.forward: conv1 (1x1, BN); if fuse: y upsampled (nearest) to
+    # (shape, shape), z = sigmoid(att_conv(cat[x, y])), x = x * z[:, 0] + y * z[:, 1]; resized (nearest) to
+    # out_shape if needed; y = conv2 (3x3, pad 1, BN); returns (y, x). BN in training mode.
+    n, _, h, w = x.shape
+    x = F.batch_norm(F.conv2d(x, p["c1"]), None, None, p["bn1w"], p["bn1b"], training=True)
+    if fuse:
+        y = F.interpolate(y, (shape, shape), mode="nearest")
+        z = torch.sigmoid(F.conv2d(torch.cat([x, y], dim=1), p["aw"], p["ab"]))
+        x = x * z[:, 0].view(n, 1, h, w) + y * z[:, 1].view(n, 1, h, w)
+    if x.shape[-1] != out_shape:
+        x = F.interpolate(x, (out_shape, out_shape), mode="nearest")
+    return F.batch_norm(F.conv2d(x, p["c2"], padding=1), None, None, p["bn2w"], p["bn2b"], training=True), x
+
+
+def ref_hcl(fstudent, fteacher):
+    # mdistiller distillers/ReviewKD.py hcl_loss
+    loss_all = 0.0
+    for fs, ft in zip(fstudent, fteacher):
+        h = fs.shape[2]
+        loss, cnt, tot = F.mse_loss(fs, ft, reduction="mean"), 1.0, 1.0
+        for level in [4, 2, 1]:
+            if level >= h:
+                continue
+            cnt /= 2.0
+            loss = (
+                loss
+                + F.mse_loss(
+                    F.adaptive_avg_pool2d(fs, (level, level)),
+                    F.adaptive_avg_pool2d(ft, (level, level)),
+                    reduction="mean",
+                )
+                * cnt
+            )
+            tot += cnt
+        loss_all = loss_all + loss / tot
+    return loss_all
+
+
+def ref_reviewkd(feats, pooled, t_preact, t_pooled, params, shapes, out_shapes, weight, epoch, warmup=20):
+    # ReviewKD.forward_train: x = feats + [pooled[..., None, None]] reversed; abfs built for levels in order
+    # (fuse for all but the last) then reversed; results inserted at the front; teacher preact_feats[1:] +
+    # pooled; weight * min(epoch / warmup, 1) * hcl_loss (epoch 1-based)
+    x = (feats + [pooled[:, :, None, None]])[::-1]
+    ps = params[::-1]
+    out, res = ref_abf(x[0], None, None, out_shapes[0], ps[0], fuse=False)
+    results = [out]
+    for feat, p, shape, out_shape in zip(x[1:], ps[1:], shapes[1:], out_shapes[1:]):
+        out, res = ref_abf(feat, res, shape, out_shape, p, fuse=True)
+        results.insert(0, out)
+    teacher = t_preact + [t_pooled[:, :, None, None]]
+    return weight * min(epoch / warmup, 1.0) * ref_hcl(results, teacher)
+
+
+@pytest.mark.parametrize("epoch_1based, weight", [(3, 1.0), (40, 5.0)])
+def test_reviewkd_equals_mdistiller(epoch_1based, weight):
+    # resnet-like student (stages 16x16, 8x8, 4x4 + pooled) and a wider teacher (pre-activation stages)
+    B = 4
+    s_maps = [leaf(B, 8, 16, 16), leaf(B, 16, 8, 8), leaf(B, 32, 4, 4)]
+    s_pool = leaf(B, 32)
+    t_maps = [leaf(B, 16, 16, 16), leaf(B, 32, 8, 8), leaf(B, 64, 4, 4)]
+    t_pool = leaf(B, 64)
+    t_names = ["stage1_preact", "stage2_preact", "stage3_preact", "pre_logits"]
+    s_names = ["stage1", "stage2", "stage3", "pre_logits"]
+    m = built(
+        "reviewkd",
+        [t.shape for t, _ in t_maps] + [t_pool[0].shape],
+        [s.shape for s, _ in s_maps] + [s_pool[0].shape],
+        t_names=t_names,
+        s_names=s_names,
+        weight=weight,
+        warmup=20,
+    )
+    assert [a.conv1[0].out_channels for a in m.abfs] == [32] * 4  # mid = min(512, student pooled width)
+    params, pairs = [], []
+    for abf in m.abfs:
+        p = {
+            "c1": p64(abf.conv1[0].weight),
+            "bn1w": p64(abf.conv1[1].weight),
+            "bn1b": p64(abf.conv1[1].bias),
+            "c2": p64(abf.conv2[0].weight),
+            "bn2w": p64(abf.conv2[1].weight),
+            "bn2b": p64(abf.conv2[1].bias),
+        }
+        pairs += [(abf.conv1[0].weight, p["c1"]), (abf.conv2[0].weight, p["c2"])]
+        if abf.att_conv is not None:
+            p["aw"], p["ab"] = p64(abf.att_conv[0].weight), p64(abf.att_conv[0].bias)
+            pairs += [(abf.att_conv[0].weight, p["aw"])]
+        params.append(p)
+    want = ref_reviewkd(
+        [s for _, s in s_maps],
+        s_pool[1],
+        [t.detach() for _, t in t_maps],
+        t_pool[1].detach(),
+        params,
+        shapes=[1, 4, 8, 16],
+        out_shapes=[1, 4, 8, 16],
+        weight=weight,
+        epoch=epoch_1based,
+    )
+    got = m(
+        Outputs(torch.zeros(B, 5), [s for s, _ in s_maps] + [s_pool[0]]),
+        Outputs(torch.zeros(B, 5), [t for t, _ in t_maps] + [t_pool[0]]),
+        ctx_for([0] * B, epoch=epoch_1based - 1),
+    )["reviewkd"]
+    agree(got, want, s_maps + [s_pool] + pairs)
+
+
+def test_reviewkd_default_layers_prefer_the_teachers_preactivation():
+    m = LOSSES.get("reviewkd")()
+    t_points = ["stem", "stage1", "stage1_preact", "stage2", "stage2_preact", "pre_logits"]
+    assert m.default_layers(t_points, ["stage1", "stage2", "pre_logits"]) == (
+        ["stage1_preact", "stage2_preact", "pre_logits"],
+        ["stage1", "stage2", "pre_logits"],
+    )
+    assert m.default_layers(["stage1", "stage2", "pre_logits"], ["stage1", "stage2", "pre_logits"]) == (
+        ["stage1", "stage2", "pre_logits"],
+        ["stage1", "stage2", "pre_logits"],
+    )
+
+
 def test_every_registered_method_has_an_official_reference_here():
-    tested = {"vid", "kdsvd", "kd", "dkd", "dist", "ls_kd", "fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd", "combo"}
+    tested = {
+        "vid",
+        "kdsvd",
+        "reviewkd",
+        "kd",
+        "dkd",
+        "dist",
+        "ls_kd",
+        "fitnet",
+        "at",
+        "nst",
+        "rkd",
+        "sp",
+        "pkt",
+        "cc",
+        "crd",
+        "combo",
+    }
     missing = set(LOSSES.names()) - tested - set(NEW_METHODS_TESTED)
     assert not missing, f"methods without a test against their authors' code: {sorted(missing)}"
 

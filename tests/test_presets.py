@@ -69,6 +69,15 @@ def test_cifar100_presets_with_dkd_use_mdistillers_per_pair_beta(preset):
 
 
 @pytest.mark.parametrize("preset", sorted(CIFAR100))
+def test_cifar100_presets_with_reviewkd_use_mdistillers_weight(preset):
+    # mdistiller configs/cifar100/reviewkd.yaml: REVIEWKD_WEIGHT 5 for res32x4 -> res8x4; CFG default 1
+    cfg = compose_preset(preset, ("loss=reviewkd",))
+    validate(cfg)
+    assert cfg.loss.weight == (5.0 if preset == "cifar100_resnet32x4_resnet8x4" else 1.0)
+    assert cfg.loss.warmup == 20 and cfg.loss.ce_weight == 1.0
+
+
+@pytest.mark.parametrize("preset", sorted(CIFAR100))
 def test_cifar100_presets_leave_other_methods_their_own_settings(preset):
     for loss in ("at", "crd", "dist"):
         cfg = compose_preset(preset, (f"loss={loss}",))

@@ -12,6 +12,7 @@ from kdrun.losses import (  # noqa: F401  (registers)
     ls_kd,
     nst,
     pkt,
+    reviewkd,
     rkd,
     sp,
     vid,

@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.losses.base import LOSSES, DistillLoss, Outputs, StepContext, constructor_params, register_loss
+from kdrun.losses.base import (
+    LOSSES,
+    DistillLoss,
+    Outputs,
+    StepContext,
+    constructor_params,
+    register_loss,
+)
 
 
 @contextmanager
@@ -123,6 +130,6 @@ class Combo(DistillLoss):
             terms = m(Outputs(s.logits, s_feats.get(name, [])), Outputs(t.logits, t_feats.get(name, [])), ctx)
             clash = (set(terms) & set(out)) | (set(terms) & {"ce"})
             if clash:
-                raise ConfigError(f"loss.terms.{name}: its term {sorted(clash)[0]} clashes with another term's")
+                raise ConfigError(f"loss.terms.{name}: its term {min(clash)} clashes with another term's")
             out.update(terms)
         return out

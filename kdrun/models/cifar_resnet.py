@@ -21,11 +21,12 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU()  # a module so that its input (the block's pre-activation) is a feature point
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -48,6 +49,8 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.feature_points = {"stem": "bn1", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
                                "pre_logits": "fc:input"}
+        # pre-activation stage outputs (before the last block's ReLU), for OFD / ReviewKD teachers
+        self.feature_points |= {f"stage{i + 1}_preact": f"layer{i + 1}.{n - 1}.relu:input" for i in range(3)}
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
