@@ -151,7 +151,7 @@ def kdrun_side(a, device: torch.device) -> dict:
                               drop_last=True)
         clock = SteadyClock(a.warmup, device)
         train_stage(stage, net, objective, FixedSteps(loader, steps), epochs=1, optim_cfg=optim_cfg(a.lr),
-                    trainable=trainable, run_dir=run_dir, on_step=clock)
+                    trainable=trainable, run_dir=run_dir, on_step=clock, compile=a.compile)
         return clock.images_per_s((steps - a.warmup) * a.batch)
 
     with tempfile.TemporaryDirectory(prefix="bench-kdrun-") as run_dir:
@@ -200,7 +200,7 @@ def run_side(a, side: str) -> dict:
     """One side in a fresh process (``--side``); its result is the JSON on the last line of its output."""
     argv = [sys.executable, os.path.abspath(__file__), "--side", side]
     for k, v in vars(a).items():
-        if k in ("side", "repeats", "sides") or v is None or v is False:
+        if k in ("side", "repeats", "sides", "json") or v is None or v is False:
             continue
         argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     proc = subprocess.run(argv, capture_output=True, text=True)
@@ -254,6 +254,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads on both sides (default: torch's)")
     p.add_argument("--channels-last", action="store_true", help="kdrun's models in channels_last")
+    p.add_argument("--compile", action="store_true", help="kdrun's trainable modules torch.compile'd (warm-up "
+                   "steps absorb the compilation)")
+    p.add_argument("--json", help="also write the rounds' results (images/s, memory) to this JSON file")
     p.add_argument("--bf16", action="store_true", help="kdrun's forward passes under bf16 autocast (what "
                    "kdrun would gain from a trainer.precision=bf16 option)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of both sides")
@@ -284,6 +287,9 @@ def main() -> None:
             (kd if side == "kdrun" else rf).append(res)
             print(f"round {r + 1} {side:<9} " + "  ".join(f"{s} {res['ips'][s]:.0f}" for s in STAGES), flush=True)
     print_table(kd, rf, device)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"kdrun": kd, "reference": rf, "args": vars(a)}, f, indent=1)
 
 
 if __name__ == "__main__":

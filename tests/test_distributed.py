@@ -1,8 +1,15 @@
-"""Data parallel on CPU (gloo): the gradient of N workers is the global batch's, and a 2-worker run matches one."""
-import json
+"""Data parallel on torch's DDP, on the CPU (gloo): N processes follow one process on the same global batch.
+
+Covered: DDP gradients equal the full batch's; sharding gives every rank equal, non-empty batches; CRD's
+memory banks stay equal across ranks; each rank binds its own device; end to end, 2 spawned workers and
+2 torchrun "nodes" (c10d rendezvous on localhost) end with the weights of 1 process (deterministic).
+"""
 import os
 import socket
+import subprocess
+import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,44 +23,164 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _grad_worker(rank, world, port, out_dir):
+def _join(rank, world, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def _mlp():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def _batch(n=10):
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
-    xs, ys = x[rank::world], y[rank::world]
-    torch.nn.functional.cross_entropy(model(xs), ys).backward()
-    params = list(model.parameters())
-    distributed.all_reduce_grads(params)
-    if rank == 0:
-        torch.save([p.grad for p in params], os.path.join(out_dir, "grads.pt"))
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _grad_worker(rank, world, port, out_dir):
+    _join(rank, world, port)
+    model = distributed.wrap(_mlp(), torch.device("cpu"))
+    assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    x, y = _batch()
+    idx = distributed.shard(torch.arange(len(y)), rank, world)
+    torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+    torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_all_reduced_gradient_equals_full_batch_gradient(tmp_path):
+def test_ddp_gradients_equal_the_full_batch_gradient(tmp_path):
     mp.spawn(_grad_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+    model = _mlp()
+    x, y = _batch()
     torch.nn.functional.cross_entropy(model(x), y).backward()
-    got = torch.load(tmp_path / "grads.pt")
-    for p, gp in zip(model.parameters(), got):
-        torch.testing.assert_close(gp, p.grad, rtol=1e-5, atol=1e-6)
+    for rank in (0, 1):  # every rank holds the global batch's mean gradient
+        got = torch.load(tmp_path / f"grads{rank}.pt")
+        for p, gp in zip(model.parameters(), got, strict=True):
+            torch.testing.assert_close(gp, p.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_two_workers_match_one_device(kdrun, tmp_path):
-    args = ["teacher=resnet8", "student=resnet8", "trainer.teacher_epochs=4", "trainer.epochs=4",
-            "trainer.batch_size=64", "trainer.latency=false", "store.enabled=false", "optim.lr=0.1"]
-    tops = {}
-    for n in (1, 2):
-        run_dir = tmp_path / f"d{n}"
-        p = kdrun("train", *args, f"trainer.devices={n}", f"hydra.run.dir={run_dir}", timeout=900)
-        assert p.returncode == 0, p.stderr[-3000:]
-        m = json.loads((run_dir / "metrics.json").read_text())
-        tops[n] = {k: v.get("last", v)["top1"] for k, v in m["test"].items()}
-        if n == 2:
-            assert "data parallel: 2 workers (gloo)" in p.stderr
-    for model in ("teacher", "student", "baseline"):
-        assert tops[1][model] > 80 and abs(tops[1][model] - tops[2][model]) < 5, tops
+@pytest.mark.parametrize("n,world", [(10, 2), (7, 2), (1, 2), (5, 4), (3, 3), (64, 1)])
+def test_every_rank_gets_an_equal_non_empty_share(n, world):
+    idx = torch.arange(100, 100 + n)
+    shares = [distributed.shard(idx, r, world) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == -(-n // world) > 0
+    assert set(torch.cat(shares).tolist()) == set(idx.tolist())  # padding repeats samples, loses none
+
+
+def _crd_worker(rank, world, port, out_dir):
+    from kdrun.losses.base import StepContext
+    from kdrun.losses.crd import CRD
+
+    _join(rank, world, port)
+    torch.manual_seed(0)
+    crd = CRD(nce_k=4, layers={"teacher": "pre_logits", "student": "pre_logits"})
+    crd.build([torch.Size([1, 6])], [torch.Size([1, 5])], 16)
+    g = torch.Generator().manual_seed(3)
+    fs, ft, index = torch.randn(8, 5, generator=g), torch.randn(8, 6, generator=g), torch.randperm(16, generator=g)[:8]
+    mine = distributed.shard(torch.arange(8), rank, world)
+    crd.pair_loss(0, fs[mine], ft[mine], StepContext(torch.zeros(len(mine), dtype=torch.long), index[mine], 0, 1, 16))
+    torch.save({"s": crd.memory_s, "t": crd.memory_t}, os.path.join(out_dir, f"bank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_crd_memory_banks_gather_every_ranks_updates(tmp_path):
+    mp.spawn(_crd_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
+    banks = [torch.load(tmp_path / f"bank{r}.pt") for r in (0, 1)]
+    from kdrun.losses.base import StepContext
+    from kdrun.losses.crd import CRD
+
+    torch.manual_seed(0)
+    crd = CRD(nce_k=4, layers={"teacher": "pre_logits", "student": "pre_logits"})
+    crd.build([torch.Size([1, 6])], [torch.Size([1, 5])], 16)
+    g = torch.Generator().manual_seed(3)
+    fs, ft, index = torch.randn(8, 5, generator=g), torch.randn(8, 6, generator=g), torch.randperm(16, generator=g)[:8]
+    crd.pair_loss(0, fs, ft, StepContext(torch.zeros(8, dtype=torch.long), index, 0, 1, 16))
+    for b in banks:
+        torch.testing.assert_close(b["s"], crd.memory_s)
+        torch.testing.assert_close(b["t"], crd.memory_t)
+
+
+def test_each_rank_binds_its_local_gpu(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed, "world", lambda: (3, 4))
+    monkeypatch.setenv("LOCAL_RANK", "1")  # rank 3 of 4 is the second process of its node
+    assert distributed.bind_device("auto") == torch.device("cuda:1")
+    assert distributed.bind_device("cuda") == torch.device("cuda:1")
+    assert chosen == [1, 1]
+    assert distributed.bind_device("cpu") == torch.device("cpu") and chosen == [1, 1]
+    assert distributed.backend_for("cuda") == "nccl" and distributed.backend_for("cpu") == "gloo"
+    monkeypatch.setattr(distributed, "world", lambda: (0, 1))
+    monkeypatch.delenv("LOCAL_RANK")
+    assert distributed.bind_device("auto") == torch.device("cuda") and chosen[-1] == 0
+
+
+# ---------------------------------------------------------------- end to end (tiny MLPs on digits)
+
+ARGS = ["teacher=mlp", "student=mlp", "teacher.kwargs.hidden=[48]", "student.kwargs.hidden=[24]",
+        "trainer.teacher_epochs=2", "trainer.epochs=2", "trainer.batch_size=96", "trainer.deterministic=true",
+        "trainer.latency=false", "store.enabled=false", "baseline=false", "optim.warmup_epochs=1",
+        "optim.grad_clip=5"]
+
+
+def weights(run_dir) -> dict:
+    return {stage: torch.load(run_dir / "checkpoints" / f"{stage}.pt", weights_only=True)["model"]
+            for stage in ("teacher", "student")}
+
+
+def assert_same_weights(got: dict, want: dict) -> None:
+    for stage, state in want.items():
+        for k, v in state.items():
+            torch.testing.assert_close(got[stage][k], v, rtol=1e-4, atol=2e-5, msg=f"{stage} {k}")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    from tests.conftest import run_kdrun
+
+    run_dir = tmp_path_factory.mktemp("ddp") / "one"
+    p = run_kdrun("train", *ARGS, f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return weights(run_dir)
+
+
+def test_two_workers_end_with_the_weights_of_one_process(kdrun, tmp_path, one_process):
+    run_dir = tmp_path / "two"
+    p = kdrun("train", *ARGS, "trainer.devices=2", f"hydra.run.dir={run_dir}", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "data parallel: 2 workers (gloo)" in p.stderr
+    assert (run_dir / "metrics.json").exists()
+    assert_same_weights(weights(run_dir), one_process)
+
+
+def test_two_torchrun_nodes_end_with_the_weights_of_one_process(tmp_path, one_process):
+    """``torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d``: two "nodes" on localhost."""
+    from tests.conftest import WORKDIR
+
+    run_dir = tmp_path / "nodes"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_port()}", "--rdzv-id=kdrun-test",
+           "-m", "kdrun.cli", "train", *ARGS, f"hydra.run.dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR",)}
+    nodes = [subprocess.Popen(cmd, cwd=WORKDIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[1][-2000:] for o in outs)
+    assert (run_dir / "metrics.json").exists()
+    assert_same_weights(weights(run_dir), one_process)
+
+
+def test_a_slurm_task_joins_the_group_slurm_describes(monkeypatch):
+    """SLURM (submitit launcher, several tasks): rank, world, local rank and master come from SLURM's environment."""
+    pytest.importorskip("submitit")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    env = {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+           "SUBMITIT_EXECUTOR": "slurm"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    distributed._slurm_env()
+    assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu01"}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun import distributed
 from kdrun.errors import ConfigError
 from kdrun.losses.adapters import Embed
 from kdrun.losses.base import RelationLoss, check, register_loss
@@ -93,6 +94,8 @@ class CRD(RelationLoss):
         idx = torch.cat([index[:, None], self.sample_negatives(len(index), s.device)], dim=1)
         loss = (nce_loss(self._scores(s, self.memory_t, idx, 0), self.num_samples)
                 + nce_loss(self._scores(t, self.memory_s, idx, 1), self.num_samples))
+        # data parallel: every rank applies the whole global batch's updates, so all ranks hold the same banks
+        index, s, t = (distributed.all_gather_cat(v.detach()) for v in (index, s, t))
         self._update(self.memory_s, index, s)
         self._update(self.memory_t, index, t)
         return loss
