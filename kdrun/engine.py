@@ -1,4 +1,8 @@
-"""The training loop every stage uses, and evaluation.
+"""The training loop every stage uses.
+
+The engine's other parts have their own modules: the optimiser and per-step LR schedule
+(:mod:`kdrun.optim`), checkpoint I/O (:mod:`kdrun.io`), evaluation (:mod:`kdrun.evaluation`), data
+parallelism (:mod:`kdrun.distributed`).
 
 One loop, readable top to bottom. What differs between stages (teacher with
 CE, student with a KD method, baseline with CE) is the *objective*: a callable
@@ -24,6 +28,7 @@ from tqdm import tqdm
 from kdrun import distributed
 from kdrun.data.loader import Batch, TensorLoader
 from kdrun.errors import KdrunError
+from kdrun.evaluation import accuracy, predict
 from kdrun.io import atomic_save, load_checkpoint, rng_state, set_rng_state
 from kdrun.optim import build_optimizer, build_scheduler
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
@@ -131,6 +136,7 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
                      "best": (result.best_epoch, result.best_val_top1),
                      "seconds": elapsed + time.perf_counter() - t0}, last_path)
 
+    kill = maybe_kill if os.environ.get("KDRUN_KILL_AT") else None  # testing hook: read once, not per step
     t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         trainable.train()
@@ -160,7 +166,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
             for k, v in terms.items():  # accumulate on the device: no host sync per step
                 sums[k] = sums.get(k, 0) + v.detach() * len(batch.y)
             seen += len(batch.y) * distributed.size()
-            maybe_kill(stage, epoch * len(loader) + step + 1)
+            if kill is not None:
+                kill(stage, epoch * len(loader) + step + 1)
             if (step + 1) % log_every == 0:  # one host sync every log_every steps
                 value = float(distributed.all_sum(loss.detach().clone())) / distributed.size()
                 _check_finite(value, stage, epoch, step)
@@ -224,26 +231,3 @@ def _append_csv(path: str, row: dict, header: bool) -> None:
         if header:
             w.writeheader()
         w.writerow(row)
-
-
-# ---------------------------------------------------------------- evaluation
-
-@torch.inference_mode()
-def predict(model: nn.Module, loader: TensorLoader) -> torch.Tensor:
-    """Logits of ``model`` over the loader's split, in order (float32, on CPU)."""
-    was_training = model.training
-    model.eval()
-    out = [model(b.x).float().cpu() for b in loader.epoch(0)]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
-    """Top-k accuracies in percent."""
-    labels = labels.cpu()
-    res = []
-    for k in ks:
-        k = min(k, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        res.append(100.0 * (topk == labels[:, None]).any(dim=1).float().mean().item())
-    return res

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.data.loader import Batch
-from kdrun.engine import accuracy, predict
 from kdrun.errors import ConfigError
+from kdrun.evaluation import accuracy, predict
 from kdrun.losses.kd import soft_kl
 from kdrun.schemes import model_cfg, register_scheme
 

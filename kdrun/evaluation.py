@@ -1,0 +1,26 @@
+"""Evaluation: a model's logits over a split, and top-k accuracy."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader) -> torch.Tensor:
+    """Logits of ``model`` over the loader's split, in order (float32, on CPU; one copy at the end)."""
+    was_training = model.training
+    model.eval()
+    out = [model(b.x).float() for b in loader.epoch(0)]
+    model.train(was_training)
+    return torch.cat(out).cpu() if out else torch.empty(0)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
+    """Top-k accuracies in percent."""
+    labels = labels.cpu()
+    res = []
+    for k in ks:
+        k = min(k, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        res.append(100.0 * (topk == labels[:, None]).any(dim=1).float().mean().item())
+    return res
