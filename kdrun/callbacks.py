@@ -1,4 +1,5 @@
 """Hydra callbacks: the same global torch state for every job, and the sweep report at the end of a multirun."""
+
 from __future__ import annotations
 
 import logging
@@ -37,12 +38,19 @@ class TorchGlobals:
 
     @classmethod
     def now(cls) -> TorchGlobals:
-        return cls(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                   torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_num_threads(),
-                   torch.get_float32_matmul_precision())
+        return cls(
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic,
+            torch.get_num_threads(),
+            torch.get_float32_matmul_precision(),
+        )
 
     def restore(self) -> None:
-        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
+        torch.use_deterministic_algorithms(
+            self.deterministic, warn_only=self.deterministic_warn_only
+        )
         torch.backends.cudnn.benchmark = self.cudnn_benchmark
         torch.backends.cudnn.deterministic = self.cudnn_deterministic
         if torch.get_num_threads() != self.threads:

@@ -23,12 +23,15 @@ the run with exit code 2.
 ``FORMAT`` is part of every artifact-store key: a change of this layout never
 reuses old entries.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -85,7 +88,9 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise KdrunError(f"{path}: could not write ({e.strerror or e}); the previous version is kept") from e
+            raise KdrunError(
+                f"{path}: could not write ({e.strerror or e}); the previous version is kept"
+            ) from e
         raise
 
 
@@ -146,19 +151,32 @@ def load(path: str, kind: str, key: str | None = None) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DamagedArtifact(path, "file not found") from None
-    except Exception as e:  # noqa: BLE001 (truncated, not a torch file, or a pickle that is more than tensors and plain values)
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise DamagedArtifact(path, f"unreadable or damaged ({type(e).__name__}{': ' + reason if reason else ''})"
-                              ) from None
+    except (
+        pickle.UnpicklingError
+    ):  # weights_only refused it: the pickle asks for more than tensors and values
+        raise DamagedArtifact(
+            path,
+            "unreadable or damaged (UnpicklingError: it holds more than tensors and plain "
+            "values, e.g. code to run, and is refused)",
+        ) from None
+    except Exception as e:  # noqa: BLE001 (truncated, not a torch file at all)
+        raise DamagedArtifact(
+            path, f"unreadable or damaged ({type(e).__name__}: {_first_line(e)})"
+        ) from None
     header = blob.get(HEADER) if isinstance(blob, dict) else None
     if not isinstance(header, dict) or "sha256" not in header:
         raise DamagedArtifact(path, "not a kdrun artifact (no checksummed header)")
     if header.get("kind") != kind:
         raise DamagedArtifact(path, f"holds a {header.get('kind')}, not a {kind}")
     if header.get("format") != FORMAT:
-        raise DamagedArtifact(path, f"artifact format {header.get('format')}, this kdrun reads format {FORMAT}")
+        raise DamagedArtifact(
+            path,
+            f"artifact format {header.get('format')}, this kdrun reads format {FORMAT}",
+        )
     if key is not None and header.get("key") != key:
-        raise DamagedArtifact(path, f"made for another {kind} (key {header.get('key')}, wanted {key})")
+        raise DamagedArtifact(
+            path, f"made for another {kind} (key {header.get('key')}, wanted {key})"
+        )
     try:
         ok = digest(blob) == header["sha256"]
     except TypeError:
@@ -167,6 +185,11 @@ def load(path: str, kind: str, key: str | None = None) -> dict:
         raise DamagedArtifact(path, "damaged (checksum mismatch)")
     del blob[HEADER]
     return blob
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0][:160] if text else "no detail"
 
 
 def header_of(path: str) -> dict | None:
@@ -189,7 +212,9 @@ def sha256_file(path: str) -> str:
 # ---------------------------------------------------------------- stage checkpoints
 
 
-def atomic_save(obj: dict, path: str, kind: str = "checkpoint", key: str | None = None) -> None:
+def atomic_save(
+    obj: dict, path: str, kind: str = "checkpoint", key: str | None = None
+) -> None:
     """Save artifact ``obj`` at ``path`` (rank 0 only under data parallelism); see :func:`save`."""
     from kdrun import distributed
 
@@ -205,16 +230,26 @@ def load_checkpoint(path: str) -> dict | None:
     try:
         return load(path, "checkpoint")
     except DamagedArtifact as e:
-        raise KdrunError(f"{path}: corrupt checkpoint ({e.reason}); delete it to restart this stage") from None
+        raise KdrunError(
+            f"{path}: corrupt checkpoint ({e.reason}); delete it to restart this stage"
+        ) from None
 
 
 def rng_state() -> dict:
     """Python, NumPy, torch (and CUDA) RNG states as tensors and plain values (loadable with weights_only)."""
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy": [
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -8,6 +8,7 @@ split held out of the training data with ``trainer.val_fraction > 0``) or
 ``student.val_top1``. Test-set figures are refused: choosing hyperparameters on
 the test set makes its accuracy an optimistic estimate.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,10 @@ def parse(spec: str | None) -> Metric:
     spec = DEFAULT if spec is None else str(spec)
     model, _, measure = spec.rpartition(".")
     if "test" in measure or "test" in model.split("_"):
-        raise ConfigError(f"sweep.metric={spec}: a test-set metric cannot be optimised (hyperparameters chosen on "
-                          f"the test set overstate its accuracy); use a validation metric: {VALID}")
+        raise ConfigError(
+            f"sweep.metric={spec}: a test-set metric cannot be optimised (hyperparameters chosen on "
+            f"the test set overstate its accuracy); use a validation metric: {VALID}"
+        )
     if not model or measure not in MEASURES:
         raise ConfigError(f"sweep.metric={spec}: unknown metric; valid: {VALID}")
     return Metric(model, measure)
@@ -48,9 +51,15 @@ def value(metrics: dict, metric: Metric) -> float:
     stages = metrics.get("stages", {})
     key = "final_val_top1" if metric.measure == "val_top1" else "best_val_top1"
     v = (stages.get(name) or {}).get(key)
-    if v is None and metric.measure == "val_top1":  # models trained together in one stage (scheme=online)
+    if (
+        v is None and metric.measure == "val_top1"
+    ):  # models trained together in one stage (scheme=online)
         for stage in stages.values():
-            v = (stage.get("val_top1_by_model") or {}).get(name) if isinstance(stage, dict) else None
+            v = (
+                (stage.get("val_top1_by_model") or {}).get(name)
+                if isinstance(stage, dict)
+                else None
+            )
             if v is not None:
                 break
     return float(v) if v is not None else math.nan

@@ -226,13 +226,15 @@ class Store:
 
     def _remove_partial(self, kind: str, key: str) -> list[str]:
         """Remove temporary directories of ``kind/key`` left by killed builders (caller holds the lock)."""
-        kdir = os.path.join(self.root, kind)
-        gone = []
-        for name in os.listdir(kdir) if os.path.isdir(kdir) else []:
-            if name.startswith(key + TMP):
-                shutil.rmtree(os.path.join(kdir, name), ignore_errors=True)
-                gone.append(name)
+        gone = self._partials(kind, key)
+        for path in gone:
+            shutil.rmtree(path, ignore_errors=True)
         return gone
+
+    def _partials(self, kind: str, key: str) -> list[str]:
+        kdir = os.path.join(self.root, kind)
+        names = os.listdir(kdir) if os.path.isdir(kdir) else []
+        return [os.path.join(kdir, n) for n in sorted(names) if n.startswith(key + TMP)]
 
     def entry_keys(self) -> list[tuple[str, str]]:
         """(kind, key) of every entry directory, complete or not, and of leftover temporary directories."""
@@ -253,8 +255,11 @@ class Store:
         out = []
         for kind, key in self.entry_keys():
             e = self.inspect(kind, key, verify=verify)
-            if e is not None:
-                out.append(e)
+            if e is None:  # only temporary directories: a builder at work, or killed
+                tmp = self._partials(kind, key)[0]
+                e = Entry(kind, key, tmp, _du(tmp), os.path.getmtime(tmp), {},
+                          "partial build (a builder is at work or was killed)")
+            out.append(e)
         return out
 
     def remove(self, kind: str, key: str) -> None:
