@@ -82,6 +82,8 @@ def validate(cfg: DictConfig) -> None:
     dev = cfg.trainer.device
     if cfg.trainer.get("precision") == "fp16" and not dev.startswith("cuda") and not _cuda_auto(dev):
         raise ConfigError("trainer.precision=fp16: needs a CUDA GPU; use bf16 on CPUs")
+    if cfg.trainer.get("sync_bn") and not dev.startswith("cuda") and not _cuda_auto(dev):
+        raise ConfigError("trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs")
     if dev.startswith("cuda"):
         import torch
 

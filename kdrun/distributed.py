@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kdrun.errors import KdrunError
+from kdrun.errors import ConfigError, KdrunError
 
 
 def world() -> tuple[int, int]:
@@ -90,6 +90,8 @@ def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.M
     if size() == 1:
         return module
     if sync_bn:
+        if device.type != "cuda":
+            raise ConfigError("trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs")
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # converts in place below the root
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)

@@ -184,3 +184,12 @@ def test_a_slurm_task_joins_the_group_slurm_describes(monkeypatch):
     distributed._slurm_env()
     assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
         "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu01"}
+
+
+def test_sync_bn_on_cpus_is_refused_before_anything_runs(kdrun, tmp_path):
+    run_dir = tmp_path / "run"
+    p = kdrun("train", "trainer.sync_bn=true", "trainer.device=cpu", "trainer.devices=2", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "kdrun: error: trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs"]
+    assert not run_dir.exists()
