@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from kdrun import io
 from kdrun.engine import StageResult, accuracy, predict
 
 
@@ -60,8 +61,7 @@ def evaluate(run) -> dict:
         best = run.stages.get(trained.stage, {}).get("best_epoch")
         if best is not None:  # chosen on the held-out validation split, never on test
             m = copy.deepcopy(trained.model)
-            ckpt = torch.load(os.path.join(run.ckpt_dir, f"{trained.stage}_best.pt"), map_location="cpu",
-                              weights_only=True)
+            ckpt = io.load_checkpoint(os.path.join(run.ckpt_dir, f"{trained.stage}_best.pt"))  # verified
             m.load_state_dict(ckpt["model"])
             best_logits = predict(m, loader)
             out[name]["best_on_val"] = _scores(best_logits, labels) | {"epoch": best}
@@ -157,8 +157,6 @@ def ratios(models: dict) -> dict:
 
 def write_json(obj: dict, path: str) -> None:
     """``obj`` as JSON at ``path``, written atomically (:func:`kdrun.io.write_json`)."""
-    from kdrun import io
-
     io.write_json(obj, path)
 
 
