@@ -392,6 +392,7 @@ class Run:
         x_probe = next(self.eval_loader(self.train_set.subset(torch.arange(2))).epoch(0)).x
         method.build(probe_shapes(teacher, method.teacher_layers, x_probe),
                      probe_shapes(student, method.student_layers, x_probe), len(self.train_set))
+        method.bind_teacher(teacher)
         method.to(self.device)
 
         def on_step(epoch: int, step: int) -> dict:

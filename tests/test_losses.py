@@ -540,6 +540,7 @@ def test_every_loss_yaml_builds_its_method(fname):
     ("crd", "weight", 0.8), ("crd", "nce_k", 16384), ("crd", "nce_t", 0.07), ("crd", "nce_m", 0.5),
     ("crd", "embed_dim", 128), ("vid", "weight", 1.0), ("vid", "init_pred_var", 5.0), ("vid", "eps", 1e-5),
     ("kdsvd", "weight", 1.0), ("kdsvd", "k", 1), ("reviewkd", "weight", 1.0), ("reviewkd", "warmup", 20),
+    ("ofd", "weight", 0.001),
 ])
 def test_yaml_defaults_are_the_benchmark_ones(name, key, value):
     cfg = OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml")
@@ -548,7 +549,7 @@ def test_yaml_defaults_are_the_benchmark_ones(name, key, value):
 
 # ---------------------------------------------------------------- with real models
 
-@pytest.mark.parametrize("name", FEATURE_METHODS + ["combo"])
+@pytest.mark.parametrize("name", FEATURE_METHODS + ["ofd", "combo"])  # ofd: reads the teacher (bind_teacher)
 def test_method_runs_in_the_distill_stage(name):
     from kdrun.data.loader import Batch
     from kdrun.distill import Distill, probe_shapes
@@ -565,6 +566,7 @@ def test_method_runs_in_the_distill_stage(name):
     x = torch.randn(6, 1, 8, 8)
     method.build(probe_shapes(teacher, method.teacher_layers, x[:2]),
                  probe_shapes(student, method.student_layers, x[:2]), 40)
+    method.bind_teacher(teacher)
     objective = Distill(method, student, epochs=2, num_samples=40, teacher=teacher)
     batch = Batch(x, torch.randint(0, 10, (6,)), torch.arange(6), torch.zeros(6, dtype=torch.long))
     with objective:
@@ -596,3 +598,9 @@ def test_alpha_range_is_the_methods_own():
     with pytest.raises(ConfigError, match=r"^loss\.terms\.kd\.alpha=1\.5: must be a number in \[0, 1\]$"):
         LOSSES.get("combo")(terms={"kd": {"alpha": 1.5}})
     assert LOSSES.get("dkd")(alpha=2.0).alpha == 2.0
+
+
+def test_default_stages_are_stage_outputs_not_their_variants():
+    points = ["stem", "stage1", "stage1_preact", "stage2", "stage2_preact", "pre_logits"]
+    assert LOSSES.get("at")().default_layers(points, points) == (["stage1", "stage2"], ["stage1", "stage2"])
+    assert LOSSES.get("sp")().default_layers(points, points) == (["stage2"], ["stage2"])

@@ -14,6 +14,8 @@ References (read, not copied):
   LS-KD         github.com/sunshangquan/logit-standardization-KD   mdistiller/distillers/KD.py
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -726,11 +728,111 @@ def test_reviewkd_default_layers_prefer_the_teachers_preactivation():
     )
 
 
+# ---------------------------------------------------------------- OFD
+
+
+def ref_ofd_margin(bn_weight, bn_bias):
+    # mdistiller distillers/OFD.py init_ofd_modules, per channel: s = |gamma|, m = beta; if norm.cdf(-m / s) > 0.001:
+    # -s * exp(-(m / s)^2 / 2) / sqrt(2 pi) / norm.cdf(-m / s) + m, else -3 s (norm.cdf written with erf here)
+    def cdf(x):
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+    margin = []
+    for s, m in zip(bn_weight.tolist(), bn_bias.tolist()):
+        s = abs(s)
+        if cdf(-m / s) > 0.001:
+            margin.append(-s * math.exp(-((m / s) ** 2) / 2) / math.sqrt(2 * math.pi) / cdf(-m / s) + m)
+        else:
+            margin.append(-3 * s)
+    return torch.tensor(margin, dtype=D).view(1, -1, 1, 1)
+
+
+def ref_ofd(feature_student, feature_teacher, connectors, margins):
+    # mdistiller OFD.ofd_loss / feat_loss: connector (conv 1x1 no bias -> BN), teacher pooled to the student's
+    # size (detached); partial L2 masks; torch.abs(loss).mean(dim=0).sum(); level i divided by 2^(n - i - 1)
+    def feat_loss(source, target, margin):
+        loss = (
+            (source - margin) ** 2 * ((source > margin) & (target <= margin)).to(D)
+            + (source - target) ** 2 * ((source > target) & (target > margin) & (target <= 0)).to(D)
+            + (source - target) ** 2 * (target > 0).to(D)
+        )
+        return torch.abs(loss).mean(dim=0).sum()
+
+    n = len(feature_student)
+    total = 0
+    for i, (f_s, f_t) in enumerate(zip(feature_student, feature_teacher)):
+        w, g, b = connectors[i]
+        src = F.batch_norm(F.conv2d(f_s, w), None, None, g, b, training=True)
+        total = total + feat_loss(src, F.adaptive_avg_pool2d(f_t, src.shape[-2:]).detach(), margins[i]) / 2 ** (
+            n - i - 1
+        )
+    return total
+
+
+class FakeTeacher(torch.nn.Module):
+    """Only what OFD reads from a teacher: the BatchNorms before its pre-activation points."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bns = torch.nn.ModuleList(torch.nn.BatchNorm2d(c) for c in channels)
+        for bn in self.bns:  # varied affine parameters: some channels far in the negative tail (-3|gamma| branch)
+            with torch.no_grad():
+                bn.weight.uniform_(-1.5, 1.5)
+                bn.bias.normal_(0, 2)
+                bn.bias[0] = 10.0
+        self.preact_bn = {f"stage{i + 1}_preact": f"bns.{i}" for i in range(len(channels))}
+
+
+def test_ofd_equals_mdistiller():
+    # CFG.OFD: FEAT_WEIGHT 0.001, CE 1, connector kernel 1; student and teacher pre-activation stage features
+    B = 4
+    s_maps = [leaf(B, 8, 8, 8), leaf(B, 16, 4, 4), leaf(B, 32, 2, 2)]
+    t_maps = [leaf(B, 16, 16, 16), leaf(B, 32, 4, 4), leaf(B, 64, 2, 2)]
+    t_names = [f"stage{i + 1}_preact" for i in range(3)]
+    m = built("ofd", [t.shape for t, _ in t_maps], [s.shape for s, _ in s_maps], t_names=t_names, weight=0.001)
+    teacher = FakeTeacher([16, 32, 64])
+    m.bind_teacher(teacher)
+    margins = [ref_ofd_margin(bn.weight.detach(), bn.bias.detach()) for bn in teacher.bns]
+    assert any(
+        (mg == -3 * bn.weight.detach().abs().to(D).view(1, -1, 1, 1)).any() for mg, bn in zip(margins, teacher.bns)
+    )
+    connectors, pairs = [], []
+    for conv, bn in m.adapters:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+        c = (p64(conv.weight), p64(bn.weight), p64(bn.bias))
+        connectors.append(c)
+        pairs += [(conv.weight, c[0]), (bn.weight, c[1])]
+    want = 0.001 * ref_ofd([s for _, s in s_maps], [t.detach() for _, t in t_maps], connectors, margins)
+    got = m(
+        Outputs(torch.zeros(B, 5), [s for s, _ in s_maps]),
+        Outputs(torch.zeros(B, 5), [t for t, _ in t_maps]),
+        ctx_for([0] * B),
+    )["ofd"]
+    agree(got, want, s_maps + pairs)
+
+
+def test_ofd_connector_init_and_layers():
+    m = built("ofd", [(2, 64, 4, 4)], [(2, 16, 4, 4)], t_names=["stage3_preact"], s_names=["stage3"])
+    conv, bn = m.adapters[0]
+    assert conv.bias is None and bn.weight.eq(1).all() and bn.bias.eq(0).all()
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.15)  # N(0, 2 / (k * k * C_t))
+    t_points = ["stage1", "stage1_preact", "stage2", "stage2_preact", "pre_logits"]
+    assert m.default_layers(t_points, ["stage1", "stage2"]) == (
+        ["stage1_preact", "stage2_preact"],
+        ["stage1", "stage2"],
+    )
+    from kdrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^loss\.layers: ofd needs the teacher's pre-activation features"):
+        m.default_layers(["stage1", "stage2"], ["stage1", "stage2"])
+    with pytest.raises(ConfigError, match=r"^loss\.layers\.teacher: ofd computes its margins from the BatchNorm"):
+        m.bind_teacher(torch.nn.Conv2d(1, 1, 1))
+
+
 def test_every_registered_method_has_an_official_reference_here():
     tested = {
-        "vid",
-        "kdsvd",
-        "reviewkd",
         "kd",
         "dkd",
         "dist",
@@ -744,9 +846,10 @@ def test_every_registered_method_has_an_official_reference_here():
         "cc",
         "crd",
         "combo",
+        "vid",
+        "kdsvd",
+        "reviewkd",
+        "ofd",
     }
-    missing = set(LOSSES.names()) - tested - set(NEW_METHODS_TESTED)
+    missing = set(LOSSES.names()) - tested
     assert not missing, f"methods without a test against their authors' code: {sorted(missing)}"
-
-
-NEW_METHODS_TESTED: list[str] = []

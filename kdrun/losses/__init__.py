@@ -11,6 +11,7 @@ from kdrun.losses import (  # noqa: F401  (registers)
     kdsvd,
     ls_kd,
     nst,
+    ofd,
     pkt,
     reviewkd,
     rkd,

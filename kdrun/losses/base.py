@@ -17,6 +17,7 @@ from the logit cache and the teacher never runs during distillation.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -44,6 +45,11 @@ class StepContext:
     epoch: int  # 0-based
     epochs: int  # total epochs of the stage
     num_samples: int = 0  # size of the training set (memory banks)
+
+
+def _is_stage(name: str) -> bool:
+    """``stage1``, ``stage2``, ...: a model's stage outputs (not ``stage1_preact`` or other variants)."""
+    return re.fullmatch(r"stage\d+", name) is not None
 
 
 def _names(value) -> list[str]:
@@ -79,7 +85,7 @@ class DistillLoss(nn.Module):
 
     def default_layers(self, teacher_points: list[str], student_points: list[str]) -> tuple[list[str], list[str]]:
         """Layers used when the config names none: by default the last stage both models share by name."""
-        stages = [n for n in teacher_points if n.startswith("stage") and n in student_points]
+        stages = [n for n in teacher_points if _is_stage(n) and n in student_points]
         if not stages:
             raise ConfigError("loss.layers: the models share no stage name; "
                               "set loss.layers.teacher=[...] and loss.layers.student=[...]")
@@ -87,6 +93,10 @@ class DistillLoss(nn.Module):
 
     def build(self, t_shapes: list[torch.Size], s_shapes: list[torch.Size], num_samples: int) -> None:
         """Create adapters once the feature shapes are known (called before training)."""
+
+    def bind_teacher(self, teacher: nn.Module) -> None:
+        """Called once after :meth:`build` with the frozen teacher, for methods that read its weights
+        (OFD's margins come from the teacher's BatchNorms); nothing by default."""
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -116,7 +126,7 @@ def constructor_params(cls: type) -> list[str]:
 
 def shared_stages(teacher_points: list[str], student_points: list[str]) -> list[str]:
     """The ``stageN`` feature points both models have, in the teacher's order; ConfigError if none."""
-    stages = [n for n in teacher_points if n.startswith("stage") and n in student_points]
+    stages = [n for n in teacher_points if _is_stage(n) and n in student_points]
     if not stages:
         raise ConfigError("loss.layers: the models share no stage name; set loss.layers.teacher=[...] "
                           "and loss.layers.student=[...]")

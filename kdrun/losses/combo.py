@@ -123,6 +123,11 @@ class Combo(DistillLoss):
             with _term_keys(name):
                 m.build(t_split.get(name, []), s_split.get(name, []), num_samples)
 
+    def bind_teacher(self, teacher: nn.Module) -> None:
+        for name, m in self.terms.items():
+            with _term_keys(name):
+                m.bind_teacher(teacher)
+
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         t_feats, s_feats = self._split(t.feats, "teacher_layers"), self._split(s.feats, "student_layers")
         out: dict[str, torch.Tensor] = {}

@@ -51,6 +51,8 @@ class CifarResNet(nn.Module):
                                "pre_logits": "fc:input"}
         # pre-activation stage outputs (before the last block's ReLU), for OFD / ReviewKD teachers
         self.feature_points |= {f"stage{i + 1}_preact": f"layer{i + 1}.{n - 1}.relu:input" for i in range(3)}
+        # the BatchNorm before each pre-activation point's ReLU (OFD's margins, as mdistiller's get_bn_before_relu)
+        self.preact_bn = {f"stage{i + 1}_preact": f"layer{i + 1}.{n - 1}.bn2" for i in range(3)}
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
