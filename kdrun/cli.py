@@ -21,6 +21,8 @@ commands:
   models [NAME] [dataset=D] list the model zoo, or one model's report
   report DIR                write report.md/report.csv/plots for a run, a sweep or a tree of them
   store ls|gc               list or clean the artifact store of trained teachers and logit caches
+  export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher]
+                            ONNX/TorchScript (+int8) files with parity, top-1 and latency
 
 `kdrun train --help` shows the config groups and their options."""
 
@@ -96,8 +98,9 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
     msg = str(e)
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, option = str(e.missing_cfg_file).rpartition("/")
-        if group and e.options:
-            return f"{group}={option}: unknown option; valid: {', '.join(sorted(e.options))}"
+        options = e.options or _group_options(group)  # options of a list-valued group (logger=[a,b])
+        if group and options:
+            return f"{group}={option}: unknown option; valid: {', '.join(sorted(options))}"
     m = (re.search(r"Could not override '([^']+)'", msg)
          or re.search(r"Could not append to config\. An item is already at '([^']+)'", msg))
     if m and ("not in struct" in msg or "To append to your config" in msg):
@@ -109,6 +112,13 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
     first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     return " ".join(first[:2]) if first else type(e).__name__
+
+
+def _group_options(group: str) -> list[str]:
+    from importlib.resources import files
+
+    folder = files(CONFIG_MODULE).joinpath(group)
+    return [f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml")] if folder.is_dir() else []
 
 
 def _keys_of(parent: str, overrides: list[str], config_name: str) -> str:
@@ -262,7 +272,8 @@ def _delegate(module: str, func: str):
 
 
 COMMANDS = {"train": train_command, "models": _delegate("models_cli", "models_main"),
-            "report": _delegate("report_cli", "report_main"), "store": _delegate("store_cli", "store_main")}
+            "report": _delegate("report_cli", "report_main"), "store": _delegate("store_cli", "store_main"),
+            "export": _delegate("export", "export_main")}
 
 
 def main(argv: list[str] | None = None) -> int:

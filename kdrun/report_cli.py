@@ -12,7 +12,7 @@ and prints the best runs.
   --out DIR2   write the report files here instead of DIR
   --top N      rows of the table to print (default 10; the files hold all)"""
 
-PRINTED_COLUMNS = ["student_top1", "baseline_top1", "kd_gain_top1", "agreement", "wall_s"]
+PRINTED_COLUMNS = ["student_top1", "baseline_top1", "kd_gain_top1", "kd_gain_p", "agreement", "wall_s"]
 
 
 def parse_args(args: list[str]) -> dict:
@@ -49,6 +49,7 @@ def report_main(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
+    from kdrun.export import export_table, read_export
     from kdrun.sweep_report import build, text_table
 
     opts = parse_args(args)
@@ -59,6 +60,10 @@ def report_main(args: list[str]) -> int:
     print(text_table(rep.rows, columns, limit=opts["top"]))
     if rep.groups:
         print(f"{len(rep.groups)} settings repeated over seeds: mean ± std in report.md")
+    exported = read_export(opts["dir"])
+    if exported:
+        print("export (export/export.json):")
+        print(export_table(exported))
     print("written:")
     for path in rep.paths:
         print(f"  {path}")

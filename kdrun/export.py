@@ -1,0 +1,612 @@
+"""``kdrun export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher,baseline]``.
+
+Writes the trained models of a run for deployment, next to the run, in ``RUN_DIR/export/``:
+
+- ``format=onnx`` (default): ``<model>.onnx`` with a dynamic batch dimension (``torch.onnx.export``,
+  the ``torch.export``-based exporter, falling back to the TorchScript-based one for models it cannot
+  trace). Parity with onnxruntime is checked on up to 256 test images: the largest |delta logit| must
+  be <= ``atol`` (1e-4), or the command fails with one line and writes nothing.
+- ``quantize=int8``: static post-training quantization with ``onnxruntime.quantization`` (QDQ,
+  per-channel int8 weights, int8 activations), calibrated on ``calib`` (256) training images, never
+  on test images: ``<model>.int8.onnx``.
+- ``format=torchscript``: ``<model>.torchscript.pt`` (``torch.jit.trace``), parity against eager.
+
+Every exported file is evaluated on the whole test split (top-1) and timed on the CPU at batch 1 and
+32 against PyTorch eager; ``export.json`` holds every figure and ``kdrun report RUN_DIR`` prints it.
+Files are built in a temporary folder and moved into ``export/`` only when every check passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdrun.errors import KdrunError
+
+USAGE = """usage: kdrun export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher,baseline]
+                    [atol=1e-4] [calib=256] [threads=N]
+
+Writes RUN_DIR/export/<model>.onnx (dynamic batch; or <model>.torchscript.pt), checks parity with
+onnxruntime on 256 test images (largest |delta logit| <= atol), evaluates test top-1 and CPU latency at
+batch 1 and 32 against PyTorch eager; quantize=int8 adds <model>.int8.onnx (static PTQ calibrated on
+`calib` training images). Every figure goes to RUN_DIR/export/export.json."""
+
+FORMATS = ("onnx", "torchscript")
+QUANTIZE = ("none", "int8")
+log = logging.getLogger("kdrun")
+PARITY_IMAGES = 256
+LATENCY_BATCHES = (1, 32)
+
+
+class ExportError(KdrunError):
+    """An export that cannot be made or does not match its PyTorch model."""
+
+
+@dataclass
+class ExportOptions:
+    run_dir: str
+    format: str = "onnx"
+    quantize: str = "none"
+    models: list[str] = field(default_factory=lambda: ["student"])
+    atol: float = 1e-4
+    calib: int = 256
+    threads: int | None = (
+        None  # CPU threads of both runtimes (None: each runtime's default)
+    )
+
+
+@dataclass
+class Int8Result:
+    file: str
+    size_mb: float
+    top1: float
+    top1_drop: float  # fp32 export top-1 minus int8 top-1, percentage points
+    latency_ms: dict[str, float]  # onnxruntime, "b1" and "b32"
+    speedup: dict[str, float]  # fp32 onnxruntime latency / int8 latency
+    calibration_images: int
+
+
+@dataclass
+class ModelExport:
+    name: str  # checkpoint name: student, teacher, baseline, peer1...
+    arch: str
+    format: str
+    file: str
+    exporter: str
+    size_mb: float
+    top1_pytorch: float
+    top1: float  # the exported model on the whole test split
+    max_abs_diff: float  # largest |delta logit| against PyTorch on the parity images
+    parity_images: int
+    latency_ms: dict[str, float]  # exported runtime, "b1" and "b32"
+    eager_latency_ms: dict[str, float]  # PyTorch eager, same inputs
+    int8: Int8Result | None = None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(args: list[str]) -> ExportOptions:
+    """Options from ``RUN_DIR key=value...``; ExportError (one line) on anything else."""
+    positional = [a for a in args if "=" not in a]
+    if not positional:
+        raise ExportError(
+            "export: missing RUN_DIR; usage: kdrun export RUN_DIR [format=onnx|torchscript] "
+            "[quantize=int8] [models=student,teacher,baseline]"
+        )
+    if len(positional) > 1 or positional[0].startswith("-"):
+        raise ExportError(
+            f"export {positional[-1]}: unexpected argument; valid: RUN_DIR, format=, quantize=, "
+            f"models=, atol=, calib="
+        )
+    opts = ExportOptions(run_dir=positional[0])
+    for arg in (a for a in args if "=" in a):
+        key, _, value = arg.partition("=")
+        if key == "format":
+            if value not in FORMATS:
+                raise ExportError(
+                    f"format={value}: unknown format; valid: {', '.join(FORMATS)}"
+                )
+            opts.format = value
+        elif key == "quantize":
+            if value not in QUANTIZE:
+                raise ExportError(
+                    f"quantize={value}: unknown quantization; valid: {', '.join(QUANTIZE)}"
+                )
+            opts.quantize = value
+        elif key == "models":
+            opts.models = [m for m in value.split(",") if m]
+            if not opts.models:
+                raise ExportError("models=: empty; e.g. models=student,teacher")
+        elif key == "atol":
+            opts.atol = _number(key, value, float, 0.0)
+        elif key == "calib":
+            opts.calib = _number(key, value, int, 1)
+        elif key == "threads":
+            opts.threads = _number(key, value, int, 1)
+        else:
+            raise ExportError(
+                f"{key}: unknown option; valid: format, quantize, models, atol, calib, threads"
+            )
+    if opts.quantize == "int8" and opts.format != "onnx":
+        raise ExportError(
+            f"quantize=int8: needs format=onnx (got format={opts.format})"
+        )
+    return opts
+
+
+def _number(key: str, value: str, kind, minimum):
+    try:
+        v = kind(value)
+    except ValueError:
+        v = None
+    if v is None or v < minimum:
+        raise ExportError(
+            f"{key}={value}: must be a {'whole ' if kind is int else ''}number >= {minimum}"
+        )
+    return v
+
+
+def checkpoints_of(run_dir: str) -> dict[str, str]:
+    """Exported checkpoints of a run (``checkpoints/<name>.pt``, not the ``_last``/``_best`` states)."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return {}
+    return {
+        f[:-3]: os.path.join(ckpt_dir, f)
+        for f in sorted(os.listdir(ckpt_dir))
+        if f.endswith(".pt") and not f.endswith(("_last.pt", "_best.pt"))
+    }
+
+
+def check_run(opts: ExportOptions) -> dict[str, str]:
+    """The checkpoint of each requested model; ExportError naming what is missing."""
+    if not os.path.isdir(opts.run_dir):
+        raise ExportError(f"export {opts.run_dir}: no such run directory")
+    if not os.path.isfile(os.path.join(opts.run_dir, ".hydra", "config.yaml")):
+        raise ExportError(
+            f"export {opts.run_dir}: not a kdrun run directory (no .hydra/config.yaml)"
+        )
+    have = checkpoints_of(opts.run_dir)
+    if not have:
+        raise ExportError(
+            f"export {opts.run_dir}: no checkpoint in {os.path.join(opts.run_dir, 'checkpoints')} "
+            f"(did the run finish a stage?)"
+        )
+    missing = [m for m in opts.models if m not in have]
+    if missing:
+        raise ExportError(
+            f"models={','.join(opts.models)}: no checkpoint for {missing[0]} in this run; "
+            f"valid: {', '.join(have)}"
+        )
+    return {m: have[m] for m in opts.models}
+
+
+# ---------------------------------------------------------------- data and models
+
+
+@dataclass
+class Images:
+    """Normalised float images and labels of one split, on the CPU."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def load_images(cfg) -> tuple[Images, Images]:
+    """(test split, training split) of the run's dataset, normalised as the run saw them (no augmentation)."""
+    from kdrun.data.loader import Normalize, TensorLoader
+    from kdrun.data.stream import StreamLoader
+    from kdrun.train import load_dataset
+
+    data = load_dataset(cfg.dataset)
+    norm = Normalize(cfg.dataset.mean, cfg.dataset.std, data.in_chans, "cpu")
+
+    def images(split) -> Images:
+        if hasattr(split, "images"):
+            loader = TensorLoader(split, 512, norm, shuffle=False, views=0)
+        else:
+            loader = StreamLoader(
+                split,
+                256,
+                norm,
+                num_workers=int(cfg.dataset.get("workers") or 2),
+                device="cpu",
+                shuffle=False,
+                views=0,
+            )
+        batches = list(loader.epoch(0))
+        return Images(
+            torch.cat([b.x.cpu() for b in batches]),
+            torch.cat([b.y.cpu() for b in batches]),
+        )
+
+    return images(data.test), images(data.train)
+
+
+def load_model(path: str) -> tuple[nn.Module, dict]:
+    """A model rebuilt from the identity stored in its kdrun checkpoint, weights loaded, in eval mode."""
+    from kdrun.models import build_model
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (truncated, not a torch file, a pickle with more than weights)
+        raise ExportError(
+            f"export: {path}: not a readable checkpoint ({type(e).__name__})"
+        ) from None
+    ident = ckpt.get("identity") if isinstance(ckpt, dict) else None
+    if not ident:
+        raise ExportError(f"export: {path}: not a kdrun checkpoint (no 'identity')")
+    model = build_model(
+        ident["arch"],
+        ident["num_classes"],
+        ident["in_chans"],
+        ident["image_size"],
+        source=ident.get("source", "kdrun"),
+        **(ident.get("kwargs") or {}),
+    )
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ident
+
+
+def top1(logits: np.ndarray | torch.Tensor, labels: torch.Tensor) -> float:
+    pred = torch.as_tensor(np.asarray(logits)).argmax(1)
+    return round(100.0 * (pred == labels).float().mean().item(), 3)
+
+
+def in_chunks(fn, x: torch.Tensor, size: int = 256) -> np.ndarray:
+    """``fn`` (numpy batch -> numpy logits) over ``x`` in chunks."""
+    return np.concatenate([fn(x[i : i + size]) for i in range(0, len(x), size)])
+
+
+def median_ms(
+    fn, warmup: int = 3, min_time: float = 0.3, max_iters: int = 200
+) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after warm-up (at least 5 timed calls)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (
+        time.perf_counter() - start < min_time or len(times) < 5
+    ):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(1000.0 * sorted(times)[len(times) // 2], 4)
+
+
+def latencies(fn, x: torch.Tensor) -> dict[str, float]:
+    """Median ms of ``fn`` on the first 1 and 32 images of ``x`` (``b1``, ``b32``)."""
+    return {f"b{b}": median_ms(lambda b=b: fn(x[:b])) for b in LATENCY_BATCHES}
+
+
+def eager_fn(model: nn.Module):
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> np.ndarray:
+        return model(x).float().numpy()
+
+    return run
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _onnx_export(model: nn.Module, example: torch.Tensor, path: str) -> str:
+    """Write ``path`` with a dynamic batch dimension; returns the exporter used."""
+    import warnings
+
+    try:
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+            verbose=False,
+            optimize=True,
+            external_data=False,
+        )  # one self-contained file (models under 2 GB)
+        return "dynamo"
+    except Exception:  # noqa: BLE001 (models torch.export cannot trace: the TorchScript-based exporter)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                path,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamo=False,
+                opset_version=18,
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        return "torchscript"
+
+
+def ort_fn(path: str, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        return sess.run(None, {name: x.numpy()})[0]
+
+    return run
+
+
+def _size_mb(path: str) -> float:
+    total = os.path.getsize(path)
+    data = path + ".data"  # external weights, when the exporter writes them
+    if os.path.exists(data):
+        total += os.path.getsize(data)
+    return round(total / 1e6, 4)
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over normalised training images."""
+
+    def __init__(self, name: str, x: torch.Tensor, batch: int = 32):
+        self._batches = iter(
+            [{name: x[i : i + batch].numpy()} for i in range(0, len(x), batch)]
+        )
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def quantize_int8(
+    fp32_path: str, out_path: str, calib: torch.Tensor, workdir: str
+) -> None:
+    """Static PTQ (QDQ, per-channel int8 weights, int8 activations, MinMax calibration)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepped = os.path.join(workdir, "prepped.onnx")
+    try:
+        # shape inference only: the exporter has already folded batch norms into the convolutions
+        quant_pre_process(
+            fp32_path, prepped, skip_optimization=True, skip_symbolic_shape=True
+        )
+    except Exception as e:  # noqa: BLE001 (pre-processing only helps; quantize the model as exported)
+        log.warning("export: quantization pre-processing skipped (%s)", e)
+        shutil.copyfile(fp32_path, prepped)
+    name = (
+        ort.InferenceSession(prepped, providers=["CPUExecutionProvider"])
+        .get_inputs()[0]
+        .name
+    )
+    quantize_static(
+        prepped,
+        out_path,
+        _Calibration(name, calib),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+    )
+    os.remove(prepped)
+
+
+def calibration_images(train: Images, n: int, seed: int) -> torch.Tensor:
+    """``n`` training images drawn with ``seed`` (never test images)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train.x), generator=g)[:n]
+    return train.x[idx]
+
+
+def export_model(
+    name: str,
+    path: str,
+    opts: ExportOptions,
+    test: Images,
+    train: Images,
+    workdir: str,
+    seed: int = 0,
+) -> ModelExport:
+    """Export one checkpoint into ``workdir``; ExportError when parity fails."""
+    model, ident = load_model(path)
+    eager = eager_fn(model)
+    ref = in_chunks(eager, test.x)
+    n_par = min(PARITY_IMAGES, len(test.x))
+    if opts.format == "onnx":
+        file = f"{name}.onnx"
+        out = os.path.join(workdir, file)
+        exporter = _onnx_export(model, test.x[:2], out)
+        run = ort_fn(out, opts.threads)
+    else:
+        file, exporter = f"{name}.torchscript.pt", "torch.jit.trace"
+        out = os.path.join(workdir, file)
+        with torch.inference_mode():
+            torch.jit.save(torch.jit.trace(model, test.x[:2]), out)
+        run = eager_fn(torch.jit.load(out).eval())
+    got = in_chunks(run, test.x)
+    diff = float(np.abs(got[:n_par] - ref[:n_par]).max())
+    if not diff <= opts.atol:
+        raise ExportError(
+            f"export {name}: {opts.format} parity fails on {n_par} test images: largest |delta logit| "
+            f"{diff:.3g} > atol={opts.atol:g}; nothing written"
+        )
+    res = ModelExport(
+        name=name,
+        arch=ident["arch"],
+        format=opts.format,
+        file=file,
+        exporter=exporter,
+        size_mb=_size_mb(out),
+        top1_pytorch=top1(ref, test.y),
+        top1=top1(got, test.y),
+        max_abs_diff=diff,
+        parity_images=n_par,
+        latency_ms=latencies(run, test.x),
+        eager_latency_ms=latencies(eager, test.x),
+    )
+    if opts.quantize == "int8":
+        qfile = f"{name}.int8.onnx"
+        qout = os.path.join(workdir, qfile)
+        calib = calibration_images(train, opts.calib, seed)
+        quantize_int8(out, qout, calib, workdir)
+        qrun = ort_fn(qout, opts.threads)
+        qtop1 = top1(in_chunks(qrun, test.x), test.y)
+        qlat = latencies(qrun, test.x)
+        res.int8 = Int8Result(
+            file=qfile,
+            size_mb=_size_mb(qout),
+            top1=qtop1,
+            top1_drop=round(res.top1 - qtop1, 3),
+            latency_ms=qlat,
+            calibration_images=len(calib),
+            speedup={k: round(res.latency_ms[k] / qlat[k], 3) for k in qlat},
+        )
+    return res
+
+
+# ---------------------------------------------------------------- export.json and its table
+
+
+def run_export(opts: ExportOptions) -> dict:
+    """Export every requested model; returns the ``export.json`` content (written last)."""
+    from omegaconf import OmegaConf
+
+    ckpts = check_run(opts)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    cfg = OmegaConf.load(os.path.join(opts.run_dir, ".hydra", "config.yaml"))
+    test, train = load_images(cfg)
+    out_dir = os.path.join(opts.run_dir, "export")
+    os.makedirs(out_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".tmp-", dir=out_dir)
+    try:
+        results = [
+            export_model(
+                name,
+                path,
+                opts,
+                test,
+                train,
+                work,
+                seed=int(cfg.trainer.get("seed", 0)),
+            )
+            for name, path in ckpts.items()
+        ]
+        for r in results:
+            for f in [r.file] + ([r.int8.file] if r.int8 else []):
+                for part in (f, f + ".data"):
+                    if os.path.exists(os.path.join(work, part)):
+                        os.replace(
+                            os.path.join(work, part), os.path.join(out_dir, part)
+                        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not os.listdir(out_dir):
+            os.rmdir(out_dir)
+    doc = {
+        "run_dir": os.path.abspath(opts.run_dir),
+        "dataset": str(cfg.dataset.name),
+        "test_images": len(test.x),
+        "options": asdict(opts) | {"run_dir": opts.run_dir},
+        "threads": {
+            "torch": torch.get_num_threads(),
+            "onnxruntime": opts.threads or "default",
+            "cpu_count": os.cpu_count(),
+        },
+        "versions": _versions(),
+        "models": [asdict(r) for r in results],
+    }
+    path = os.path.join(out_dir, "export.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
+    return doc
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__}
+    for pkg in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def export_table(doc: dict) -> str:
+    """One row per exported file: top-1, size, runtime latency at batch 1/32, PyTorch eager latency."""
+    head = (
+        f"{'model':<22} {'format':<12} {'top1':>6} {'drop':>6} {'MB':>8} {'rt b1 ms':>9} {'rt b32 ms':>9} "
+        f"{'eager b1':>9} {'eager b32':>9} {'max|d|':>8}"
+    )
+    lines = [head]
+    for m in doc["models"]:
+        lat, eag = m["latency_ms"], m["eager_latency_ms"]
+        label = f"{m['name']} {m['arch']}"[:22]
+        lines.append(
+            f"{label:<22} {m['format'] + ' fp32':<12} {m['top1']:6.2f} {'':>6} {m['size_mb']:8.3f} "
+            f"{lat['b1']:9.3f} {lat['b32']:9.3f} {eag['b1']:9.3f} {eag['b32']:9.3f} {m['max_abs_diff']:8.1e}"
+        )
+        q = m.get("int8")
+        if q:
+            ql = q["latency_ms"]
+            lines.append(
+                f"{'':<22} {'onnx int8':<12} {q['top1']:6.2f} {q['top1_drop']:6.2f} {q['size_mb']:8.3f} "
+                f"{ql['b1']:9.3f} {ql['b32']:9.3f} {'':>9} {'':>9} {'':>8}"
+            )
+    rt = (
+        "onnxruntime CPU"
+        if any(m["format"] == "onnx" for m in doc["models"])
+        else "TorchScript"
+    )
+    lines.append(
+        f"test split of {doc['dataset']} ({doc['test_images']} images); rt = {rt}; drop = int8 top-1 "
+        f"loss in points; latency = median ms per batch, {doc['threads']['torch']} threads of {doc['threads']['cpu_count']} "
+        f"CPU cores"
+    )
+    return "\n".join(lines)
+
+
+def read_export(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, "export", "export.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def export_main(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    opts = parse_args(args)
+    doc = run_export(opts)
+    print(export_table(doc))
+    print(
+        f"written: {os.path.join(opts.run_dir, 'export')}/ ({', '.join(_files(doc))}, export.json)"
+    )
+    return 0
+
+
+def _files(doc: dict) -> list[str]:
+    return [
+        f
+        for m in doc["models"]
+        for f in [m["file"]] + ([m["int8"]["file"]] if m.get("int8") else [])
+    ]

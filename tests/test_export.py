@@ -1,0 +1,179 @@
+"""kdrun export: ONNX / TorchScript files, parity with onnxruntime, int8 PTQ, export.json, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_kdrun
+
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+SMOKE = [
+    "trainer=smoke",
+    "teacher=resnet8",
+    "student=mbv2_tiny",
+    "trainer.latency=false",
+    "store.enabled=false",
+    "trainer.threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export") / "run"
+    p = run_kdrun("train", *SMOKE, f"hydra.run.dir={d}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return d
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    p = run_kdrun(
+        "export",
+        str(run_dir),
+        "quantize=int8",
+        "models=student,teacher",
+        "calib=64",
+        "threads=1",
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p
+
+
+def test_export_writes_onnx_int8_and_json(run_dir, exported):
+    out = run_dir / "export"
+    names = sorted(f for f in os.listdir(out))
+    assert names == [
+        "export.json",
+        "student.int8.onnx",
+        "student.onnx",
+        "teacher.int8.onnx",
+        "teacher.onnx",
+    ]
+    doc = json.loads((out / "export.json").read_text())
+    by_name = {m["name"]: m for m in doc["models"]}
+    assert set(by_name) == {"student", "teacher"}
+    for m in by_name.values():
+        assert m["max_abs_diff"] <= 1e-4
+        assert m["parity_images"] == min(256, doc["test_images"])
+        assert 0 <= m["top1"] <= 100 and abs(m["top1"] - m["top1_pytorch"]) <= 0.5
+        assert set(m["latency_ms"]) == set(m["eager_latency_ms"]) == {"b1", "b32"}
+        q = m["int8"]
+        assert q["calibration_images"] == 64
+        assert q["top1_drop"] == pytest.approx(m["top1"] - q["top1"], abs=1e-3)
+        assert q["size_mb"] == pytest.approx(
+            os.path.getsize(out / q["file"]) / 1e6, abs=1e-3
+        )
+    assert "onnx int8" in exported.stdout and "student" in exported.stdout
+
+
+def test_exported_onnx_has_dynamic_batch_and_matches_the_checkpoint(run_dir, exported):
+    from kdrun.export import load_model
+
+    sess = onnxruntime.InferenceSession(
+        str(run_dir / "export" / "student.onnx"), providers=["CPUExecutionProvider"]
+    )
+    inp = sess.get_inputs()[0]
+    assert not isinstance(inp.shape[0], int)  # a named (dynamic) batch dimension
+    model, ident = load_model(str(run_dir / "checkpoints" / "student.pt"))
+    for batch in (1, 5, 33):
+        x = torch.randn(
+            batch, ident["in_chans"], ident["image_size"], ident["image_size"]
+        )
+        got = sess.run(None, {inp.name: x.numpy()})[0]
+        with torch.no_grad():
+            want = model(x).numpy()
+        assert got.shape == (batch, ident["num_classes"])
+        assert np.abs(got - want).max() <= 1e-4
+
+
+def test_int8_model_is_quantized(run_dir, exported):
+    import onnx
+
+    ops = {
+        n.op_type
+        for n in onnx.load(str(run_dir / "export" / "student.int8.onnx")).graph.node
+    }
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_report_shows_the_export(run_dir, exported):
+    p = run_kdrun("report", str(run_dir))
+    assert p.returncode == 0, p.stderr
+    assert "export (export/export.json)" in p.stdout and "onnx int8" in p.stdout
+
+
+def test_torchscript_format(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    p = run_kdrun("export", str(copy), "format=torchscript", "threads=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads((copy / "export" / "export.json").read_text())
+    (m,) = doc["models"]
+    assert m["file"] == "student.torchscript.pt" and m["max_abs_diff"] <= 1e-4
+    scripted = torch.jit.load(str(copy / "export" / m["file"]))
+    assert scripted(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_parity_failure_names_the_gap_and_writes_nothing(run_dir, tmp_path):
+    import shutil
+
+    from kdrun.errors import KdrunError
+    from kdrun.export import ExportOptions, run_export
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    with pytest.raises(
+        KdrunError,
+        match=r"parity fails on \d+ test images: largest \|delta logit\| .* > atol=-1",
+    ):
+        run_export(
+            ExportOptions(run_dir=str(copy), atol=-1.0)
+        )  # no export can pass a negative tolerance
+    assert not (copy / "export").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/no/such/run"], "no such run directory"),
+        (
+            ["RUN", "format=tflite"],
+            "format=tflite: unknown format; valid: onnx, torchscript",
+        ),
+        (
+            ["RUN", "quantize=int4"],
+            "quantize=int4: unknown quantization; valid: none, int8",
+        ),
+        (
+            ["RUN", "models=student,nosuch"],
+            "no checkpoint for nosuch in this run; valid: ",
+        ),
+        (
+            ["RUN", "format=torchscript", "quantize=int8"],
+            "quantize=int8: needs format=onnx",
+        ),
+        (["RUN", "calib=0"], "calib=0: must be a whole number >= 1"),
+        (["RUN", "colour=red"], "colour: unknown option"),
+        ([], "missing RUN_DIR"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(run_dir, args, message):
+    p = run_kdrun("export", *[str(run_dir) if a == "RUN" else a for a in args])
+    assert p.returncode == 2, p.stdout
+    assert message in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+def test_directory_without_checkpoints_is_refused(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("{}\n")
+    p = run_kdrun("export", str(tmp_path))
+    assert p.returncode == 2 and "no checkpoint in" in p.stderr
+    p = run_kdrun("export", str(tmp_path / ".hydra"))
+    assert p.returncode == 2 and "not a kdrun run directory" in p.stderr
