@@ -67,7 +67,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
                 val_loader: TensorLoader | None = None, run_dir: str = ".", log_every: int = 50,
                 checkpoint_every_steps: int = 0, fingerprint: str = "",
                 on_step: Callable[[int, int], dict] | None = None, precision: str = "fp32",
-                compile: bool = False, sync_bn: bool = False, ema: float | None = None) -> StageResult:
+                compile: bool = False, sync_bn: bool = False, ema: float | None = None,
+                logger=None) -> StageResult:
     """Train ``model`` for ``epochs`` with ``objective``; resumable at any epoch or checkpointed step.
 
     ``trainable``: the stage's one trainable module (default ``model``), e.g. the student plus a KD
@@ -88,6 +89,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
     ``{stage}_last.pt`` exists the stage continues from it (or returns at once
     when it is finished); ``fingerprint`` guards against resuming another config.
     ``precision``: fp32, or bf16/fp16 autocast (fp16 with a gradient scaler).
+    ``logger``: experiment trackers (:class:`kdrun.loggers.Loggers`) fed every ``log_every`` steps
+    and every epoch.
     """
     trainable = model if trainable is None else trainable
     net = distributed.wrap(trainable, loader.device, sync_bn)  # DDP with several workers, else trainable
@@ -172,6 +175,9 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
                 value = float(distributed.all_sum(loss.detach().clone())) / distributed.size()
                 _check_finite(value, stage, epoch, step)
                 bar.set_postfix(loss=f"{value:.4f}")
+                if logger:
+                    logger.log_step(stage, epoch * len(loader) + step + 1, terms, loss=value,
+                                    lr=optimizer.param_groups[0]["lr"], **logged)
             stop = distributed.any_flag(STOP.requested is not None, loader.device)
             if stop or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0
                                   and step + 1 < len(loader)):
@@ -198,6 +204,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
                             os.path.join(ckpt_dir, f"{stage}_best.pt"))
         result.history.append(row)
         _append_csv(csv_path, row, header=len(result.history) == 1)
+        if logger:
+            logger.log_epoch(stage, epoch + 1, row)
         save(epoch + 1, 0)
         log.info("%s %s", stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in row.items()))

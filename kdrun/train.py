@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdrun import distributed, report, schedules
+from kdrun import distributed, loggers, report, schedules
 from kdrun import io as kio
 from kdrun.cache import build_logit_cache, cached_teacher_logits
 from kdrun.config import loss_kwargs
@@ -166,6 +166,7 @@ class Run:
         self.roles: dict[str, str] = {}  # teacher/student/baseline -> model name
         self.store_refs: dict[str, str] = {}
         self.store = Store(cfg.store.dir) if cfg.store.enabled else None
+        self.logger = loggers.Loggers()  # the run's trackers, set by run()
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
         os.makedirs(self.ckpt_dir, exist_ok=True)
         self.fingerprint = key_of(OmegaConf.to_container(cfg, resolve=True))
@@ -429,12 +430,16 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
 
     t_start = time.perf_counter()
     r = Run(cfg, run_dir)
-    SCHEMES.get(cfg.scheme.name, "scheme.name")(r)  # trains teacher(s) and students, fills r.models / r.roles
-    if not distributed.is_main():
-        return None
+    # experiment trackers (logger=[...]), closed (marked failed on an error) when the block ends
+    with (loggers.build(cfg, run_dir) if distributed.is_main() else loggers.Loggers()) as r.logger:
+        SCHEMES.get(cfg.scheme.name, "scheme.name")(r)  # trains teacher(s) and students, fills r.models / r.roles
+        if not distributed.is_main():
+            return None
 
-    t0 = time.perf_counter()
-    results = report.evaluate(r)
-    r.timings["evaluate"] = time.perf_counter() - t0
-    r.timings["total"] = time.perf_counter() - t_start
-    return report.assemble(r, results)
+        t0 = time.perf_counter()
+        results = report.evaluate(r)
+        r.timings["evaluate"] = time.perf_counter() - t0
+        r.timings["total"] = time.perf_counter() - t_start
+        metrics = report.assemble(r, results)
+        r.logger.finish(metrics, {role: os.path.join(r.ckpt_dir, f"{name}.pt") for role, name in r.roles.items()})
+    return metrics
