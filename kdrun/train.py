@@ -395,6 +395,10 @@ class Run:
                      probe_shapes(student, method.student_layers, x_probe), len(self.train_set))
         method.bind_teacher(teacher)
         method.to(self.device)
+        for pre in method.pre_stages(teacher):  # e.g. FT's paraphraser: a stage of its own, before the student's
+            with pre.objective:
+                self.fit(f"{stage}_{pre.name}", pre.trainable, pre.objective, epochs=pre.epochs,
+                         optim_cfg=OmegaConf.merge(self.cfg.optim, pre.optim), loader=loader)
 
         def on_step(epoch: int, step: int) -> dict:
             values = {}

@@ -540,7 +540,7 @@ def test_every_loss_yaml_builds_its_method(fname):
     ("crd", "weight", 0.8), ("crd", "nce_k", 16384), ("crd", "nce_t", 0.07), ("crd", "nce_m", 0.5),
     ("crd", "embed_dim", 128), ("vid", "weight", 1.0), ("vid", "init_pred_var", 5.0), ("vid", "eps", 1e-5),
     ("kdsvd", "weight", 1.0), ("kdsvd", "k", 1), ("reviewkd", "weight", 1.0), ("reviewkd", "warmup", 20),
-    ("ofd", "weight", 0.001),
+    ("ofd", "weight", 0.001), ("ft", "weight", 200.0), ("ft", "k", 0.5), ("ft", "paraphraser_epochs", 30),
 ])
 def test_yaml_defaults_are_the_benchmark_ones(name, key, value):
     cfg = OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml")
@@ -549,7 +549,7 @@ def test_yaml_defaults_are_the_benchmark_ones(name, key, value):
 
 # ---------------------------------------------------------------- with real models
 
-@pytest.mark.parametrize("name", FEATURE_METHODS + ["ofd", "combo"])  # ofd: reads the teacher (bind_teacher)
+@pytest.mark.parametrize("name", FEATURE_METHODS + ["ofd", "ft", "combo"])  # ofd, ft: read or pre-train on the teacher
 def test_method_runs_in_the_distill_stage(name):
     from kdrun.data.loader import Batch
     from kdrun.distill import Distill, probe_shapes

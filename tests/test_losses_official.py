@@ -831,25 +831,96 @@ def test_ofd_connector_init_and_layers():
         m.bind_teacher(torch.nn.Conv2d(1, 1, 1))
 
 
+# ---------------------------------------------------------------- FT
+
+
+def ref_seq(x, layers):
+    # RepDistiller models/util.py Paraphraser / Translator: (conv or transposed conv 3x3 pad 1 with bias,
+    # optional BN in training mode, LeakyReLU(0.1)) x 3; layers = [(weight, bias, bn_weight or None, bn_bias, transposed)]
+    for w, b, g, beta, transposed in layers:
+        x = (F.conv_transpose2d if transposed else F.conv2d)(x, w, b, padding=1)
+        if g is not None:
+            x = F.batch_norm(x, None, None, g, beta, training=True)
+        x = F.leaky_relu(x, 0.1)
+    return x
+
+
+def ref_factor_transfer(f_s, f_t, p1=2, p2=1):
+    # RepDistiller distiller_zoo/FT.py FactorTransfer.factor_loss: pool the larger (square) map;
+    # factor(f) = normalize(f.pow(p1).mean(1).view(B, -1)); p2 = 1: (factor_s - factor_t).abs().mean()
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+
+    def factor(f):
+        return F.normalize(f.pow(p1).mean(1).view(f.size(0), -1))
+
+    return (factor(f_s) - factor(f_t)).abs().mean()
+
+
+def _seq_params(seq, transposed):
+    """(float64 leaves, [(param, leaf)]) of a kdrun conv/BN/LeakyReLU stack, in ref_seq's layout."""
+    mods = list(seq)
+    layers, pairs, i = [], [], 0
+    while i < len(mods):
+        conv, bn = mods[i], mods[i + 1] if isinstance(mods[i + 1], torch.nn.BatchNorm2d) else None
+        w, b = p64(conv.weight), p64(conv.bias)
+        g, beta = (p64(bn.weight), p64(bn.bias)) if bn is not None else (None, None)
+        layers.append((w, b, g, beta, transposed))
+        pairs.append((conv.weight, w))
+        i += 3 if bn is not None else 2
+    return layers, pairs
+
+
+def test_ft_equals_repdistiller():
+    # --distill factor -a 0 -b 200: factor_s = translator(feat_s[-2]), factor_t = paraphraser(feat_t[-2],
+    # is_factor=True) (paraphraser frozen, use_bn False; translator use_bn True), k = 0.5
+    fs, fs64 = leaf(4, 16, 8, 8)
+    ft, ft64 = leaf(4, 32, 4, 4)
+    m = built("ft", [ft.shape], [fs.shape], weight=200.0)
+    enc, _ = _seq_params(m.paraphraser.encoder, transposed=False)
+    tr, tr_pairs = _seq_params(m.adapters[0], transposed=False)
+    want = 200.0 * ref_factor_transfer(ref_seq(fs64, tr), ref_seq(ft64.detach(), enc).detach())
+    got = m(Outputs(torch.zeros(4, 5), [fs]), Outputs(torch.zeros(4, 5), [ft]), ctx_for([0] * 4))["ft"]
+    agree(got, want, [(fs, fs64)] + tr_pairs)
+    assert all(p.grad is None for p in m.paraphraser.parameters())  # the student stage reads it only
+
+
+def test_ft_paraphraser_stage_equals_repdistillers_init():
+    # helper/pretrain.py init, factor: _, f_t_rec = paraphraser(feat_t[-2]); MSELoss(f_t_rec, f_t); SGD lr 0.01
+    from kdrun.data.loader import Batch
+    from kdrun.models import build_model
+
+    teacher = build_model("resnet20", 10, 1, 8).eval()
+    m = LOSSES.get("ft")(layers={"teacher": ["stage3"], "student": ["stage3"]})
+    m.build([torch.Size([2, 64, 2, 2])], [torch.Size([2, 16, 2, 2])], 10)
+    (pre,) = m.pre_stages(teacher)
+    assert pre.name == "paraphraser" and pre.trainable is m.paraphraser and pre.epochs == 30
+    assert pre.optim == {"lr": 0.01, "schedule": "constant", "warmup_epochs": 0}
+    x = torch.randn(4, 1, 8, 8)
+    with pre.objective:
+        got = pre.objective(
+            m.paraphraser,
+            Batch(x, torch.zeros(4, dtype=torch.long), torch.arange(4), torch.zeros(4, dtype=torch.long)),
+            0,
+        )["paraphraser"]
+        assert all(p.requires_grad for p in m.paraphraser.parameters())
+    assert not any(p.requires_grad for p in m.paraphraser.parameters())  # frozen after its stage
+    from kdrun.models.features import FeatureTap
+
+    with torch.no_grad(), FeatureTap(teacher, ["stage3"]) as tap:
+        teacher(x)
+    f_t = tap.features["stage3"].to(D)
+    enc, _ = _seq_params(m.paraphraser.encoder, transposed=False)
+    dec, _ = _seq_params(m.paraphraser.decoder, transposed=True)
+    want = F.mse_loss(ref_seq(ref_seq(f_t, enc), dec), f_t)
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+
+
 def test_every_registered_method_has_an_official_reference_here():
-    tested = {
-        "kd",
-        "dkd",
-        "dist",
-        "ls_kd",
-        "fitnet",
-        "at",
-        "nst",
-        "rkd",
-        "sp",
-        "pkt",
-        "cc",
-        "crd",
-        "combo",
-        "vid",
-        "kdsvd",
-        "reviewkd",
-        "ofd",
-    }
+    tested = {"kd", "dkd", "dist", "ls_kd", "fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd", "combo"}
+    tested |= {"vid", "kdsvd", "reviewkd", "ofd", "ft"}
     missing = set(LOSSES.names()) - tested
     assert not missing, f"methods without a test against their authors' code: {sorted(missing)}"

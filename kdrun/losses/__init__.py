@@ -7,6 +7,7 @@ from kdrun.losses import (  # noqa: F401  (registers)
     dist,
     dkd,
     fitnet,
+    ft,
     kd,
     kdsvd,
     ls_kd,

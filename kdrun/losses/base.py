@@ -98,8 +98,29 @@ class DistillLoss(nn.Module):
         """Called once after :meth:`build` with the frozen teacher, for methods that read its weights
         (OFD's margins come from the teacher's BatchNorms); nothing by default."""
 
+    def pre_stages(self, teacher: nn.Module) -> list[PreStage]:
+        """Stages this method trains before the student stage (FT's paraphraser); none by default."""
+        return []
+
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+@dataclass
+class PreStage:
+    """A stage that a method trains before the student stage (e.g. FT's paraphraser), run by the pipeline
+    like any other stage: stage ``<student stage>_<name>``, checkpointed, resumable, logged, timed.
+
+    ``objective(net, batch, epoch) -> {term: loss}`` (the engine's protocol, ``net`` being ``trainable``
+    possibly wrapped) is a context manager around the stage (feature hooks); on exit ``trainable`` is
+    frozen, so the student stage only reads it. ``optim`` overrides ``optim.*`` for this stage.
+    """
+
+    name: str
+    trainable: nn.Module
+    objective: object
+    epochs: int
+    optim: dict = field(default_factory=dict)
 
 
 LOSSES: Registry[type[DistillLoss]] = Registry("KD method", "loss.name")

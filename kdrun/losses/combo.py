@@ -128,6 +128,9 @@ class Combo(DistillLoss):
             with _term_keys(name):
                 m.bind_teacher(teacher)
 
+    def pre_stages(self, teacher: nn.Module) -> list:
+        return [stage for m in self.terms.values() for stage in m.pre_stages(teacher)]
+
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         t_feats, s_feats = self._split(t.feats, "teacher_layers"), self._split(s.feats, "student_layers")
         out: dict[str, torch.Tensor] = {}
