@@ -20,9 +20,16 @@ import pytest
     (["optim=nosuch"], "optim=nosuch: unknown option; valid: "),
     (["trainer.device=cuda"] if not __import__("torch").cuda.is_available() else ["trainer.device=tpu"],
      "trainer.device="),
+    (["+loss.ce_weight={schedule: linear, start: 1, end: 0}"],
+     "loss.ce_weight: cannot follow a schedule in loss 'kd' (fixed when the method is built); give a number"),
+    (["loss=combo", "loss.terms.kd.alpha=1.5"], "loss.terms.kd.alpha=1.5: must be a number in [0, 1]"),
+    (["sweep.metric=student.test_top1"], "sweep.metric=student.test_top1: a test-set metric cannot be optimised"),
+    (["sweep.metric=student.top1"], "sweep.metric=student.top1: unknown metric; valid: MODEL.val_top1 or "),
+    (["-m", "sweep=optuna", "trainer.val_fraction=0"], "trainer.val_fraction=0: this sweeper maximises "
+     "sweep.metric=student.val_top1, measured on a validation split"),
     (["loss=at", "loss.layers.teacher=[stage9]", "loss.layers.student=[stage3]"],
      "loss.layers.teacher[0]=stage9: unknown feature layer 'stage9' for CifarResNet; valid: logits, pre_logits, "
-     "stage1, stage2, stage3, stem"),
+     "stage1, "),
 ])
 def test_bad_input_exits_2_with_one_line(kdrun, tmp_path, args, expected):
     run_dir = tmp_path / "run"
