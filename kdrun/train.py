@@ -395,7 +395,7 @@ class Run:
                      probe_shapes(student, method.student_layers, x_probe), len(self.train_set))
         method.bind_teacher(teacher)
         method.to(self.device)
-        for pre in method.pre_stages(teacher):  # e.g. FT's paraphraser: a stage of its own, before the student's
+        for pre in method.pre_stages(teacher, student):  # FT's paraphraser, AB's / FSP's init: stages of their own
             with pre.objective:
                 self.fit(f"{stage}_{pre.name}", pre.trainable, pre.objective, epochs=pre.epochs,
                          optim_cfg=OmegaConf.merge(self.cfg.optim, pre.optim), loader=loader)

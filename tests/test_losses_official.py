@@ -14,6 +14,7 @@ References (read, not copied):
   LS-KD         github.com/sunshangquan/logit-standardization-KD   mdistiller/distillers/KD.py
 """
 
+import itertools
 import math
 
 import pytest
@@ -896,7 +897,7 @@ def test_ft_paraphraser_stage_equals_repdistillers_init():
     teacher = build_model("resnet20", 10, 1, 8).eval()
     m = LOSSES.get("ft")(layers={"teacher": ["stage3"], "student": ["stage3"]})
     m.build([torch.Size([2, 64, 2, 2])], [torch.Size([2, 16, 2, 2])], 10)
-    (pre,) = m.pre_stages(teacher)
+    (pre,) = m.pre_stages(teacher, None)  # FT's paraphraser stage does not train the student
     assert pre.name == "paraphraser" and pre.trainable is m.paraphraser and pre.epochs == 30
     assert pre.optim == {"lr": 0.01, "schedule": "constant", "warmup_epochs": 0}
     x = torch.randn(4, 1, 8, 8)
@@ -919,8 +920,111 @@ def test_ft_paraphraser_stage_equals_repdistillers_init():
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
 
 
+# ---------------------------------------------------------------- FSP and AB (initialisation stages)
+
+
+def ref_fsp(g_s, g_t):
+    # RepDistiller distiller_zoo/FSP.py: for consecutive (bot, top), pool the larger (square) map;
+    # fsp = (bot.unsqueeze(1) * top.unsqueeze(2)).view(B, C_top, C_bot, -1).mean(-1); per pair (s - t)^2 mean;
+    # helper/pretrain.py init: loss = sum(loss_group)
+    def compute_fsp(g):
+        out = []
+        for bot, top in itertools.pairwise(g):
+            b_h, t_h = bot.shape[2], top.shape[2]
+            if b_h > t_h:
+                bot = F.adaptive_avg_pool2d(bot, (t_h, t_h))
+            elif b_h < t_h:
+                top = F.adaptive_avg_pool2d(top, (b_h, b_h))
+            bot, top = bot.unsqueeze(1), top.unsqueeze(2)
+            bot = bot.view(bot.shape[0], bot.shape[1], bot.shape[2], -1)
+            top = top.view(top.shape[0], top.shape[1], top.shape[2], -1)
+            out.append((bot * top).mean(-1))
+        return out
+
+    return sum((s - t).pow(2).mean() for s, t in zip(compute_fsp(g_s), compute_fsp(g_t)))
+
+
+def test_fsp_init_stage_equals_repdistiller():
+    pairs = [leaf(4, 8, 8, 8), leaf(4, 16, 4, 4), leaf(4, 32, 2, 2)]
+    teach = [leaf(4, 8, 8, 8), leaf(4, 16, 4, 4), leaf(4, 32, 2, 2)]
+    m = built("fsp", [t.shape for t, _ in teach], [s.shape for s, _ in pairs])
+    got = m.init_loss([s for s, _ in pairs], [t.detach() for t, _ in teach])["fsp"]
+    agree(got, ref_fsp([s for _, s in pairs], [t.detach() for _, t in teach]), pairs)
+    assert (
+        m(
+            Outputs(torch.zeros(4, 5), [s for s, _ in pairs]),
+            Outputs(torch.zeros(4, 5), [t for t, _ in teach]),
+            ctx_for([0] * 4),
+        )
+        == {}
+    )  # RepDistiller: loss_kd = 0 in the student stage, CE only
+
+
+def ref_ab(g_s, g_t, margin=1.0):
+    # RepDistiller distiller_zoo/AB.py ABLoss: w_i = 2^(i - n + 1); criterion_alternative_l2 =
+    # |(s + m)^2 [s > -m & t <= 0] + (s - m)^2 [s <= m & t > 0]|.sum(); each * w_i / bsz / 1000 * 3; summed in init
+    n, bsz = len(g_s), g_s[0].shape[0]
+    total = 0
+    for i, (s, t) in enumerate(zip(g_s, g_t)):
+        loss = (s + margin) ** 2 * ((s > -margin) & (t <= 0)).to(D) + (s - margin) ** 2 * ((s <= margin) & (t > 0)).to(
+            D
+        )
+        total = total + 2 ** (i - n + 1) * torch.abs(loss).sum() / bsz / 1000 * 3
+    return total
+
+
+def test_ab_init_stage_equals_repdistiller():
+    # --distill abound: Connector = ConvReg(use_relu=False) (conv -> BN) where shapes differ, else identity;
+    # g_s = connector(feat_s[1:-1]) and g_t = feat_t[1:-1], both pre-activation
+    pairs = [leaf(4, 8, 8, 8), leaf(4, 16, 4, 4)]
+    teach = [leaf(4, 8, 8, 8), leaf(4, 32, 4, 4)]
+    m = built(
+        "ab", [t.shape for t, _ in teach], [s.shape for s, _ in pairs], t_names=["stage1_preact", "stage2_preact"]
+    )
+    assert isinstance(m.adapters[0], torch.nn.Identity)
+    conv, bn = m.adapters[1]
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    w, g, b = p64(conv.weight), p64(bn.weight), p64(bn.bias)
+    conv_bias = torch.randn(32, dtype=D)  # ConvReg's conv has a bias, cancelled by BN in training mode
+    src = [pairs[0][1], F.batch_norm(F.conv2d(pairs[1][1], w, conv_bias), None, None, g, b, training=True)]
+    want = ref_ab(src, [t.detach() for _, t in teach])
+    got = m.init_loss([s for s, _ in pairs], [t.detach() for t, _ in teach])["ab"]
+    agree(got, want, pairs + [(conv.weight, w), (bn.weight, g)])
+
+
+@pytest.mark.parametrize("name", ["fsp", "ab"])
+def test_init_stage_trains_the_student_and_adapters_against_the_frozen_teacher(name):
+    from kdrun.data.loader import Batch
+    from kdrun.models import build_model
+
+    teacher = build_model("resnet20", 10, 1, 8).eval().requires_grad_(False)
+    student = build_model("resnet8", 10, 1, 8)
+    m = LOSSES.get(name)(init_epochs=30)
+    m.teacher_layers, m.student_layers = m.default_layers(list(teacher.feature_points), list(student.feature_points))
+    from kdrun.distill import probe_shapes
+
+    x = torch.randn(6, 1, 8, 8)
+    m.build(probe_shapes(teacher, m.teacher_layers, x[:2]), probe_shapes(student, m.student_layers, x[:2]), 40)
+    (pre,) = m.pre_stages(teacher, student)
+    assert pre.name == "init" and pre.epochs == 30 and pre.optim["schedule"] == "constant"
+    assert pre.trainable.student is student
+    with pre.objective:
+        terms = pre.objective(
+            pre.trainable,
+            Batch(x, torch.zeros(6, dtype=torch.long), torch.arange(6), torch.zeros(6, dtype=torch.long)),
+            0,
+        )
+    assert set(terms) == {name}
+    terms[name].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert student.fc.weight.grad is None  # the classifier is not part of the feature loss
+
+
 def test_every_registered_method_has_an_official_reference_here():
     tested = {"kd", "dkd", "dist", "ls_kd", "fitnet", "at", "nst", "rkd", "sp", "pkt", "cc", "crd", "combo"}
-    tested |= {"vid", "kdsvd", "reviewkd", "ofd", "ft"}
+    tested |= {"vid", "kdsvd", "reviewkd", "ofd", "ft", "fsp", "ab"}
     missing = set(LOSSES.names()) - tested
     assert not missing, f"methods without a test against their authors' code: {sorted(missing)}"

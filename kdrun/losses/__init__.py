@@ -1,5 +1,6 @@
 """KD methods: each module registers one method by name on import."""
 from kdrun.losses import (  # noqa: F401  (registers)
+    ab,
     at,
     cc,
     combo,
@@ -7,6 +8,7 @@ from kdrun.losses import (  # noqa: F401  (registers)
     dist,
     dkd,
     fitnet,
+    fsp,
     ft,
     kd,
     kdsvd,

@@ -98,8 +98,9 @@ class DistillLoss(nn.Module):
         """Called once after :meth:`build` with the frozen teacher, for methods that read its weights
         (OFD's margins come from the teacher's BatchNorms); nothing by default."""
 
-    def pre_stages(self, teacher: nn.Module) -> list[PreStage]:
-        """Stages this method trains before the student stage (FT's paraphraser); none by default."""
+    def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list[PreStage]:
+        """Stages this method trains before the student stage (FT's paraphraser, AB's and FSP's
+        initialisation of the student); none by default."""
         return []
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -112,8 +113,8 @@ class PreStage:
     like any other stage: stage ``<student stage>_<name>``, checkpointed, resumable, logged, timed.
 
     ``objective(net, batch, epoch) -> {term: loss}`` (the engine's protocol, ``net`` being ``trainable``
-    possibly wrapped) is a context manager around the stage (feature hooks); on exit ``trainable`` is
-    frozen, so the student stage only reads it. ``optim`` overrides ``optim.*`` for this stage.
+    possibly wrapped) is a context manager around the stage (feature hooks; FT's also freezes its
+    paraphraser on exit). ``optim`` overrides ``optim.*`` for this stage.
     """
 
     name: str

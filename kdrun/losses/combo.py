@@ -128,8 +128,8 @@ class Combo(DistillLoss):
             with _term_keys(name):
                 m.bind_teacher(teacher)
 
-    def pre_stages(self, teacher: nn.Module) -> list:
-        return [stage for m in self.terms.values() for stage in m.pre_stages(teacher)]
+    def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list:
+        return [stage for m in self.terms.values() for stage in m.pre_stages(teacher, student)]
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         t_feats, s_feats = self._split(t.feats, "teacher_layers"), self._split(s.feats, "student_layers")

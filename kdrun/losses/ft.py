@@ -110,7 +110,7 @@ class FT(FeatureLoss):
         self.paraphraser = Paraphraser(t_shape[1], self.k)
         return translator(s_shape[1], t_shape[1], self.k)
 
-    def pre_stages(self, teacher: nn.Module) -> list[PreStage]:
+    def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list[PreStage]:
         return [PreStage("paraphraser", self.paraphraser,
                          ParaphraserObjective(teacher, self.teacher_layers[0], self.paraphraser),
                          self.paraphraser_epochs, {"lr": self.paraphraser_lr, "schedule": "constant",
