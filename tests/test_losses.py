@@ -606,3 +606,28 @@ def test_default_stages_are_stage_outputs_not_their_variants():
     points = ["stem", "stage1", "stage1_preact", "stage2", "stage2_preact", "pre_logits"]
     assert LOSSES.get("at")().default_layers(points, points) == (["stage1", "stage2"], ["stage1", "stage2"])
     assert LOSSES.get("sp")().default_layers(points, points) == (["stage2"], ["stage2"])
+
+
+@pytest.mark.parametrize("name", ["vid", "kdsvd", "ofd", "reviewkd", "ft", "fsp", "ab"])
+def test_new_methods_compose_with_kd_in_a_combo(name):
+    from kdrun.distill import probe_shapes
+    from kdrun.models import build_model
+
+    teacher = build_model("resnet20", 10, 1, 8).eval().requires_grad_(False)
+    student = build_model("resnet8", 10, 1, 8)
+    combo = LOSSES.get("combo")(terms={"kd": {"alpha": 1.0}, name: {}})
+    combo.teacher_layers, combo.student_layers = combo.default_layers(list(teacher.feature_points),
+                                                                      list(student.feature_points))
+    x = torch.randn(6, 1, 8, 8)
+    combo.build(probe_shapes(teacher, combo.teacher_layers, x[:2]), probe_shapes(student, combo.student_layers, x[:2]),
+                40)
+    combo.bind_teacher(teacher)
+    assert len(combo.pre_stages(teacher, student)) == (1 if name in ("ft", "fsp", "ab") else 0)
+    from kdrun.models.features import FeatureTap
+
+    with FeatureTap(teacher, combo.teacher_layers) as tt, FeatureTap(student, combo.student_layers) as st:
+        t_logits, s_logits = teacher(x), student(x)
+    out = combo(Outputs(s_logits, [st.features[n] for n in combo.student_layers]),
+                Outputs(t_logits, [tt.features[n] for n in combo.teacher_layers]), make_ctx([0] * 6, num_samples=40))
+    assert "kd" in out and all(torch.isfinite(v) for v in out.values())
+    assert (name in out) == (name not in ("fsp", "ab"))  # their student stage adds no term
