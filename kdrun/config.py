@@ -79,6 +79,10 @@ def validate(cfg: DictConfig) -> None:
         pre = cfg[who].get("pretrained")
         if pre and not os.path.isfile(pre):
             raise ConfigError(f"{who}.pretrained={pre}: file not found")
+        if cfg[who].get("weights"):  # a pretrained-weights name the model does not have
+            from kdrun.models.registry import check_weights
+
+            check_weights(cfg[who].name, cfg[who].get("source", "kdrun"), str(cfg[who].weights), who)
     dev = cfg.trainer.device
     if cfg.trainer.get("precision") == "fp16" and not dev.startswith("cuda") and not _cuda_auto(dev):
         raise ConfigError("trainer.precision=fp16: needs a CUDA GPU; use bf16 on CPUs")

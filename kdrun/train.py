@@ -218,7 +218,7 @@ class Run:
         seed_everything(self.tr.seed + seed_offset)
         ident = model_identity(mcfg, self.data)
         model = build_model(mcfg.name, ident["num_classes"], ident["in_chans"], ident["image_size"],
-                            key=f"{who}.name", source=ident["source"], **ident["kwargs"])
+                            key=f"{who}.name", source=ident["source"], weights=mcfg.get("weights"), **ident["kwargs"])
         if mcfg.get("pretrained"):
             load_pretrained(mcfg.pretrained, model, f"{who}.pretrained={mcfg.pretrained}")
         if self.tr.get("channels_last"):
@@ -274,7 +274,8 @@ class Run:
     def teacher_recipe(self) -> dict:
         """Everything that determines the trained teacher (its artifact-store key)."""
         cfg = self.cfg
-        return {"model": model_identity(cfg.teacher, self.data), "pretrained": cfg.teacher.get("pretrained"),
+        weights = {"weights": cfg.teacher.weights} if cfg.teacher.get("weights") else {}  # pretrained by name
+        return {"model": model_identity(cfg.teacher, self.data), "pretrained": cfg.teacher.get("pretrained"), **weights,
                 "definition": model_definition(cfg.teacher.name, cfg.teacher.get("source", "kdrun")),
                 "data": self.data.identity, "train": len(self.train_set), "val_fraction": float(self.tr.val_fraction),
                 "optim": OmegaConf.to_container(self.teacher_optim(), resolve=True),

@@ -15,7 +15,7 @@ Factories that reject a keyword value raise ``ConfigError("kwargs.NAME=VALUE: ..
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -30,20 +30,26 @@ SOURCES = ("kdrun", "timm")
 
 
 def build_model(name: str, num_classes: int, in_chans: int, img_size: int,
-                key: str = "model.name", source: str = "kdrun", **kwargs) -> nn.Module:
-    """Build model ``name`` from ``source`` ("kdrun": this registry; "timm": ``timm.create_model``)."""
+                key: str = "model.name", source: str = "kdrun", weights: str | None = None, **kwargs) -> nn.Module:
+    """Build model ``name`` from ``source`` ("kdrun": this registry; "timm": ``timm.create_model``).
+
+    ``weights``: pretrained weights to start from (torchvision weights names for the torchvision
+    models, a pretrained tag for timm models); the classifier is new, for ``num_classes``."""
     group = key.rsplit(".", 1)[0]
     if source == "timm":
         from kdrun.models.timm_models import build_timm
 
-        model = build_timm(name, num_classes, in_chans, key, **kwargs)
+        model = build_timm(name, num_classes, in_chans, key, weights=weights, **kwargs)
     elif source == "kdrun":
         fn = MODELS.get(name, key)
         _check_kwargs(fn, name, group, kwargs)
+        if weights:
+            check_weights(name, source, weights, group)
+            kwargs["weights"] = weights
         try:
             model = fn(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
         except ConfigError as e:
-            if str(e).startswith("kwargs."):
+            if str(e).startswith(("kwargs.", "weights=")):
                 raise ConfigError(f"{group}.{e}") from None
             raise
     else:
@@ -54,12 +60,36 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int,
     return model
 
 
+def check_weights(name: str, source: str, weights: str, group: str = "model") -> None:
+    """ConfigError ``{group}.weights=...`` when model ``name`` has no pretrained weights of that name
+    (checked without loading or downloading anything)."""
+    if source == "timm":
+        from kdrun.models.timm_models import pretrained_tags
+
+        tags = pretrained_tags(name, group)
+        if weights not in tags:
+            raise ConfigError(f"{group}.weights={weights}: no such pretrained tag for timm model {name}; "
+                              f"valid: {', '.join(tags) or '(none)'}")
+        return
+    fn = MODELS.get(name, f"{group}.name")
+    if not hasattr(fn, "weights_of"):
+        with_weights = [n for n in MODELS.names() if hasattr(MODELS.get(n), "weights_of")]
+        raise ConfigError(f"{group}.weights={weights}: model {name} has no pretrained weights; models with "
+                          f"weights: {', '.join(with_weights)} (or source=timm)")
+    import torchvision.models as tv
+
+    valid = [w.name for w in tv.get_model_weights(fn.weights_of)] + ["DEFAULT"]
+    if weights not in valid:
+        raise ConfigError(f"{group}.weights={weights}: not a torchvision weights name of {name}; "
+                          f"valid: {', '.join(valid)}")
+
+
 def model_kwargs(fn: ModelFn) -> list[str] | None:
     """The keyword options a factory accepts beyond num_classes/in_chans/img_size (None: any)."""
     params = inspect.signature(fn).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return [p.name for p in params if p.name not in ("num_classes", "in_chans", "img_size")]
+    return [p.name for p in params if p.name not in ("num_classes", "in_chans", "img_size", "weights")]
 
 
 def _check_kwargs(fn: ModelFn, name: str, group: str, kwargs: dict) -> None:

@@ -1,6 +1,10 @@
 """Models from timm (Wightman, "PyTorch Image Models"), for ``source: timm`` in a model config.
 
-``timm.create_model(name, num_classes=..., in_chans=..., **kwargs)``, untrained. Feature
+``timm.create_model(name, num_classes=..., in_chans=..., **kwargs)``, untrained, or with
+``weights=TAG`` (``teacher.weights``) from timm's pretrained weights ``name.TAG`` (e.g.
+``resnet18`` + ``a1_in1k``; ``timm.list_pretrained("resnet18.*")`` lists them): timm loads them from
+the Hugging Face hub cache (``$HF_HOME``; downloaded on first use, or ``HF_HUB_OFFLINE=1`` to only read
+the cache), makes a new classifier for ``num_classes`` and adapts the stem to ``in_chans``. Feature
 points come from the model's ``feature_info`` when it has one (``stem`` for a first entry
 at stride <= 2, then ``stage1`` .. ``stageN``), and ``pre_logits`` is the input of the
 classifier that ``get_classifier()`` returns.
@@ -12,7 +16,8 @@ from torch import nn
 from kdrun.errors import ConfigError
 
 
-def build_timm(name: str, num_classes: int, in_chans: int, key: str = "model.name", **kwargs) -> nn.Module:
+def build_timm(name: str, num_classes: int, in_chans: int, key: str = "model.name", weights: str | None = None,
+               **kwargs) -> nn.Module:
     group = key.rsplit(".", 1)[0]
     try:
         import timm
@@ -20,12 +25,32 @@ def build_timm(name: str, num_classes: int, in_chans: int, key: str = "model.nam
         raise ConfigError(f"{group}.source=timm: timm is not installed (pip install timm)") from None
     if not timm.is_model(name):
         raise ConfigError(f"{key}={name}: unknown timm model; valid: the names of timm.list_models()")
+    full = name
+    if weights:
+        from kdrun.models.registry import check_weights
+
+        check_weights(name, "timm", weights, group)
+        full = f"{name.split('.')[0]}.{weights}"
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        model = timm.create_model(full, pretrained=bool(weights), num_classes=num_classes, in_chans=in_chans,
+                                  **kwargs)
     except TypeError as e:
         raise ConfigError(f"{group}.kwargs: not accepted by timm model {name} ({e})") from None
+    except (OSError, RuntimeError) as e:  # not in the hub cache and no network (or offline)
+        raise ConfigError(f"{group}.weights={weights}: timm could not load {full} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); download it once online or fill $HF_HOME") from None
     model.feature_points = feature_points(model)
     return model
+
+
+def pretrained_tags(name: str, group: str = "model") -> list[str]:
+    """The pretrained tags timm knows for model ``name`` (``resnet18`` -> ``a1_in1k``, ``tv_in1k``...)."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"{group}.source=timm: timm is not installed (pip install timm)") from None
+    arch = name.split(".")[0]
+    return [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*") if "." in t]
 
 
 def feature_points(model: nn.Module) -> dict[str, str]:

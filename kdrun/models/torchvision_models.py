@@ -11,16 +11,28 @@ Small-input mode (kwarg ``small_input``; ``null`` = on when ``img_size <= 64``):
 is a 3x3 stride-1 convolution, the early max-pool is removed, and a later downsampling
 block that would shrink the map below 2x2 runs at stride 1. A 32 px input then ends at
 4x4 (ResNets, ShuffleNetV2) or 2x2 (MobileNets); an 8 px input ends at 2x2.
+
+Pretrained weights (``teacher.weights=IMAGENET1K_V1``, a name of torchvision's weights API, or
+``DEFAULT``): the architecture stays exactly the one built without weights (so checkpoints, exports
+and ``teacher.checkpoint`` work the same) and every pretrained tensor whose shape fits is loaded.
+The stem keeps its pretrained kernel when the kernel size matches, adapted to ``in_chans`` (summed
+over RGB for one channel, as timm does); the small-input 3x3 stem and the classifier for the
+dataset's classes start new. The file comes from torch's hub cache (``$TORCH_HOME/hub/checkpoints``),
+downloaded on first use.
 """
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from collections.abc import Callable
 
+import torch
 import torchvision.models as tv
 from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.models.registry import register_model
+
+log = logging.getLogger("kdrun")
 
 _RESNET_POINTS = {"stem": "maxpool", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
                   "stage4": "layer4", "pre_logits": "fc:input"}
@@ -86,12 +98,72 @@ def _small(small_input, img_size: int) -> bool:
     return small_input
 
 
-def _register(name: str, doc: str, build_fn: Callable) -> None:
+def pretrained_state(tv_name: str, weights: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision weights ``weights`` of builder ``tv_name`` (from the hub cache, or
+    downloaded there); ConfigError ``weights=...`` naming the valid names or the file to provide."""
+    import contextlib
+    import io
+    import os
+    from urllib.error import URLError
+
+    enum = tv.get_model_weights(tv_name)
+    valid = [w.name for w in enum]
+    if weights not in valid and weights != "DEFAULT":
+        raise ConfigError(f"weights={weights}: not a torchvision weights name of {tv_name}; "
+                          f"valid: {', '.join(valid + ['DEFAULT'])}")
+    w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+    if not os.path.exists(path):
+        log.info("weights %s: downloading %s to %s", weights, w.url, path)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's own "Downloading" line
+            return w.get_state_dict(progress=False)
+    except (URLError, OSError) as e:
+        raise ConfigError(f"weights={weights}: {os.path.basename(w.url)} is not in the hub cache and cannot be "
+                          f"downloaded ({type(e).__name__}); place it at {path} (from {w.url})") from None
+
+
+def _adapt_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """An RGB stem kernel for ``in_chans`` input channels: summed for 1, tiled and rescaled otherwise."""
+    if in_chans == weight.shape[1]:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // weight.shape[1])
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def load_fitting(model: nn.Module, state: dict[str, torch.Tensor], in_chans: int) -> list[str]:
+    """Copy every tensor of ``state`` whose shape fits ``model`` (stem kernels adapted to ``in_chans``);
+    returns the names of the model's tensors left as initialised (new)."""
+    own = model.state_dict()
+    new = []
+    for key, target in own.items():
+        src = state.get(key)
+        if src is not None and src.dim() == 4 and src.shape[1] == 3 and target.shape[1] == in_chans != 3:
+            src = _adapt_channels(src, in_chans)
+        if src is not None and src.shape == target.shape:
+            own[key] = src.to(target.dtype)
+        else:
+            new.append(key)
+    model.load_state_dict(own)
+    return new
+
+
+def _register(name: str, doc: str, build_fn: Callable, tv_name: str) -> None:
     @register_model(name)
-    def build(num_classes: int, in_chans: int = 3, img_size: int = 32, small_input: bool | None = None):
-        return build_fn(num_classes, in_chans, img_size, _small(small_input, img_size))
+    def build(num_classes: int, in_chans: int = 3, img_size: int = 32, small_input: bool | None = None,
+              weights: str | None = None):
+        model = build_fn(num_classes, in_chans, img_size, _small(small_input, img_size))
+        if weights:
+            new = load_fitting(model, pretrained_state(tv_name, weights), in_chans)
+            params = {k for k, _ in model.named_parameters()}
+            log.info("%s: pretrained %s loaded; new (not in the weights or another shape): %s", name, weights,
+                     ", ".join(k for k in new if k in params) or "none")
+        return model
 
     build.__doc__ = doc
+    build.weights_of = tv_name  # torchvision builder whose weights this model takes
 
 
 def _resnet_builder(make: Callable) -> Callable:
@@ -102,14 +174,17 @@ def _mobilenet_builder(make: Callable, stages: tuple[int, ...], pre_logits: str)
     return lambda n, c, s, small: _mobilenet(make, stages, pre_logits, n, c, s, small)
 
 
-_register("resnet18", "torchvision ResNet-18 (kwarg small_input: 3x3 stem, no max-pool).", _resnet_builder(tv.resnet18))
-_register("resnet34", "torchvision ResNet-34 (kwarg small_input: 3x3 stem, no max-pool).", _resnet_builder(tv.resnet34))
-_register("resnet50", "torchvision ResNet-50, bottleneck (kwarg small_input).", _resnet_builder(tv.resnet50))
+_register("resnet18", "torchvision ResNet-18 (kwarg small_input: 3x3 stem, no max-pool).", _resnet_builder(tv.resnet18),
+          "resnet18")
+_register("resnet34", "torchvision ResNet-34 (kwarg small_input: 3x3 stem, no max-pool).", _resnet_builder(tv.resnet34),
+          "resnet34")
+_register("resnet50", "torchvision ResNet-50, bottleneck (kwarg small_input).", _resnet_builder(tv.resnet50),
+          "resnet50")
 # stage ends: the last block at each resolution (strides 4, 8, 16, 32 at ImageNet sizes)
 _register("mbv2", "torchvision MobileNetV2 1.0x (kwarg small_input).",
-          _mobilenet_builder(tv.mobilenet_v2, (3, 6, 13, 17), "classifier:input"))
+          _mobilenet_builder(tv.mobilenet_v2, (3, 6, 13, 17), "classifier:input"), "mobilenet_v2")
 _register("mbv3_small", "torchvision MobileNetV3-Small (kwarg small_input).",
-          _mobilenet_builder(tv.mobilenet_v3_small, (1, 3, 8, 11), "classifier.3:input"))
+          _mobilenet_builder(tv.mobilenet_v3_small, (1, 3, 8, 11), "classifier.3:input"), "mobilenet_v3_small")
 _register("mbv3_large", "torchvision MobileNetV3-Large (kwarg small_input).",
-          _mobilenet_builder(tv.mobilenet_v3_large, (3, 6, 12, 15), "classifier.3:input"))
-_register("shufflenet_v2", "torchvision ShuffleNetV2 1.0x (kwarg small_input).", _shufflenet)
+          _mobilenet_builder(tv.mobilenet_v3_large, (3, 6, 12, 15), "classifier.3:input"), "mobilenet_v3_large")
+_register("shufflenet_v2", "torchvision ShuffleNetV2 1.0x (kwarg small_input).", _shufflenet, "shufflenet_v2_x1_0")
