@@ -31,7 +31,7 @@ RULES = [
     ("trainer.eval_batch_size", _int, lambda v: v > 0, "an integer > 0"),
     ("trainer.seed", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.val_fraction", _num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("trainer.student_fraction", _num, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("dataset.student_fraction", _num, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("trainer.log_every", _int, lambda v: v > 0, "an integer > 0"),
     ("trainer.device", lambda v: isinstance(v, str), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v),
      "auto, cpu, cuda or cuda:N"),

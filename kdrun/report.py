@@ -12,6 +12,7 @@ from torch import nn
 
 from kdrun import io
 from kdrun.engine import StageResult, accuracy, predict
+from kdrun.significance import mcnemar
 
 
 def stage_summary(res: StageResult) -> dict:
@@ -39,8 +40,9 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return round(100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item(), 3)
 
 
-def evaluate(run) -> dict:
-    """Test-set scores of every model of the run (last epoch; plus best-on-validation where chosen).
+def evaluate(run) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Test-set scores of every model of the run (last epoch; plus best-on-validation where chosen),
+    and every model's last-epoch test logits (by model name).
 
     Agreement is the top-1 match rate with the model in the teacher role (or,
     without one, with the student).
@@ -67,7 +69,7 @@ def evaluate(run) -> dict:
             out[name]["best_on_val"] = _scores(best_logits, labels) | {"epoch": best}
             if name != ref:
                 out[name]["best_on_val"]["agreement"] = agreement(best_logits, logits[ref])
-    return out
+    return out, logits
 
 
 def last(scores: dict) -> dict:
@@ -111,7 +113,7 @@ def _kdrun_version() -> str:
         return "unknown"
 
 
-def assemble(run, results: dict) -> dict:
+def assemble(run, results: dict, logits: dict[str, torch.Tensor]) -> dict:
     cfg, data, roles = run.cfg, run.data, run.roles
     input_shape = (data.in_chans, data.image_size, data.image_size)
     models = {role: model_stats(run.models[name].model, input_shape, run.models[name].mcfg.name,
@@ -126,7 +128,9 @@ def assemble(run, results: dict) -> dict:
         "scheme": cfg.scheme.name,
         "roles": roles,
         "dataset": {"name": data.name, "identity": data.identity, "num_classes": data.num_classes,
-                    "train": len(run.train_set), "val": len(run.val_set) if run.val_set else 0,
+                    "train": len(run.train_set), "student_train": len(run.student_set),
+                    "val": len(run.val_set) if run.val_set else 0,
+                    "student_fraction": float(cfg.dataset.get("student_fraction", 1.0)),
                     "test": len(data.test), "val_fraction": float(cfg.trainer.val_fraction)},
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
         "test": test,
@@ -138,8 +142,11 @@ def assemble(run, results: dict) -> dict:
         "versions": versions(),
         "command": " ".join(sys.argv),
     }
-    if "baseline" in roles:
+    if "baseline" in roles:  # the gain with its uncertainty: a paired test on the test images
+        paired = mcnemar(logits[roles["student"]], logits[roles["baseline"]], run.test_loader.labels)
         metrics["kd_gain_top1"] = round(last(test["student"])["top1"] - last(results[roles["baseline"]])["top1"], 3)
+        metrics["kd_gain_p_value"] = paired.p_value
+        metrics["kd_gain"] = paired.as_dict()
     return metrics
 
 
@@ -195,5 +202,9 @@ def summary_table(m: dict) -> str:
         tail += f", CPU speed-up {r['speedup_cpu_b1']:.2f}x at batch 1"
     if "kd_gain_top1" in m:
         tail += f", KD gain {m['kd_gain_top1']:+.2f} pt top-1 over {roles['baseline']}"
+        if "kd_gain" in m:
+            g = m["kd_gain"]
+            tail += (f" (exact McNemar p = {g['p_value']:.3g}: {g['student_only']} test images right only with KD, "
+                     f"{g['baseline_only']} only without)")
     tail += f"; {m['timings_s']['total']:.1f} s"
     return "\n".join(lines + [tail])

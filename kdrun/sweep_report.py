@@ -19,13 +19,14 @@ import statistics
 from dataclasses import dataclass, field
 
 from kdrun.errors import ConfigError
+from kdrun.significance import mean_ci
 
 log = logging.getLogger("kdrun")
 
 SEED_KEY = "trainer.seed"
 SKIP_DIRS = {".hydra", "checkpoints", ".submitit", "__pycache__"}
 SCORE_COLUMNS = ["student_top1", "student_best_val_top1", "teacher_top1", "baseline_top1", "agreement",
-                 "kd_gain_top1", "wall_s"]
+                 "kd_gain_top1", "kd_gain_p", "wall_s"]
 HEATMAP_MAX_VALUES = 12  # a heat map needs a grid; more distinct values per axis look like a random search
 MAX_SERIES = 8           # more lines than this in an accuracy plot: plot the marginal mean instead
 MAX_KEY_PLOTS = 12       # accuracy-vs-key plots at most (a heterogeneous tree of runs varies many keys)
@@ -99,6 +100,7 @@ def scores_of(metrics: dict) -> dict[str, float | None]:
         "baseline_top1": _last(baseline).get("top1"),
         "agreement": _last(student).get("agreement"),
         "kd_gain_top1": metrics.get("kd_gain_top1"),
+        "kd_gain_p": metrics.get("kd_gain_p_value"),
         "wall_s": (metrics.get("timings_s") or {}).get("total"),
     }
 
@@ -165,6 +167,8 @@ def fmt(value, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
+        if 0 < abs(value) < 0.01:  # small p-values: significant digits, not 0.00
+            return f"{value:.2g}"
         return f"{value:.{digits}f}"
     return short(str(value))
 
@@ -226,11 +230,18 @@ def _group_row(keys: list[str], setting: tuple, members: list[Run]) -> dict:
         values = [m.scores[col] for m in members if m.scores.get(col) is not None]
         mean, std = mean_std(values) if values else (None, None)
         row[f"{col}_mean"], row[f"{col}_std"] = mean, std
+    gains = [m.scores["kd_gain_top1"] for m in members if m.scores.get("kd_gain_top1") is not None]
+    ci = mean_ci(gains) if gains else None  # Student-t 95% interval of the mean gain over seeds
+    row["kd_gain_top1_ci95_low"], row["kd_gain_top1_ci95_high"] = (ci.low, ci.high) if ci else (None, None)
     return row
 
 
 def pm(mean, std) -> str:
     return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def interval(low, high) -> str:
+    return "-" if low is None or high is None else f"[{low:+.2f}, {high:+.2f}]"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -294,9 +305,10 @@ def _total_wall(runs: list[Run]) -> float:
 
 def _group_markdown(groups: list[dict], swept: list[str]) -> str:
     keys = [k for k in swept if k != SEED_KEY]
-    header = [*keys, "n", "student top1", "baseline top1", "kd gain"]
+    header = [*keys, "n", "student top1", "baseline top1", "kd gain", "kd gain 95% CI"]
     body = [[*(g[k] for k in keys), g["n"], pm(g["student_top1_mean"], g["student_top1_std"]),
-             pm(g["baseline_top1_mean"], g["baseline_top1_std"]), pm(g["kd_gain_top1_mean"], g["kd_gain_top1_std"])]
+             pm(g["baseline_top1_mean"], g["baseline_top1_std"]), pm(g["kd_gain_top1_mean"], g["kd_gain_top1_std"]),
+             interval(g["kd_gain_top1_ci95_low"], g["kd_gain_top1_ci95_high"])]
             for g in groups]
     return markdown_table(header, body)
 

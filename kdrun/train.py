@@ -53,7 +53,7 @@ def pick_device(name: str) -> torch.device:
 def load_dataset(dcfg) -> DataBundle:
     """Load (decode once) the configured dataset and check it against the config."""
     kw = OmegaConf.to_container(dcfg, resolve=True)
-    for k in ("mean", "std", "augment"):  # used by the loaders, not by the factory
+    for k in ("mean", "std", "augment", "student_fraction"):  # used by the run, not by the factory
         kw.pop(k, None)
     data = DATASETS.get(kw.pop("name"), "dataset.name")(**kw)
     data.check(dcfg.get("num_classes"), dcfg.get("image_size"), dcfg.get("in_chans"))
@@ -72,6 +72,23 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7))
     n_val = max(1, int(round(len(train) * fraction)))
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
+
+
+def transfer_subset(train: ImageSet | FileSet, fraction: float, seed: int) -> ImageSet | FileSet:
+    """A seeded, class-stratified ``fraction`` of ``train`` (each class keeps at least one image), in index order.
+
+    The student stages' transfer set with ``dataset.student_fraction < 1``; the whole split when ``fraction >= 1``.
+    """
+    if fraction >= 1:
+        return train
+    gen = torch.Generator().manual_seed(seed + 11)
+    labels = train.labels.cpu()
+    keep = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        n = max(1, int(round(len(members) * fraction)))
+        keep.append(members[torch.randperm(len(members), generator=gen)[:n]])
+    return train.subset(torch.cat(keep).sort().values)
 
 
 def on_device(split: ImageSet | FileSet | None, device: torch.device) -> ImageSet | FileSet | None:
@@ -174,13 +191,19 @@ class Run:
         t0 = time.perf_counter()
         self.data = load_dataset(cfg.dataset)
         self.train_set, self.val_set = split_validation(self.data.train, float(tr.val_fraction), tr.seed)
+        # the student stages' transfer set: all of the training split, or a seeded fraction of it
+        self.student_set = transfer_subset(self.train_set, float(cfg.dataset.get("student_fraction", 1.0)), tr.seed)
         # in-memory splits go to the training device once; every loader of every stage shares them
-        self.train_set, self.val_set, self.test_set = (on_device(s, self.device) for s in
-                                                       (self.train_set, self.val_set, self.data.test))
+        self.train_set, self.student_set, self.val_set, self.test_set = (
+            on_device(s, self.device) for s in (self.train_set, self.student_set, self.val_set, self.data.test))
         self.timings["data"] = time.perf_counter() - t0
         log.info("data: %s, %d train / %d val / %d test images, %d classes, %dx%dx%d", self.data.name,
                  len(self.train_set), len(self.val_set) if self.val_set else 0, len(self.data.test),
                  self.data.num_classes, self.data.in_chans, self.data.image_size, self.data.image_size)
+        if self.student_set is not self.train_set:
+            log.info("data: the student stages train on %d of the %d training images (dataset.student_fraction=%s); "
+                     "the teacher on all of them", len(self.student_set), len(self.train_set),
+                     cfg.dataset.student_fraction)
         self.norm = Normalize(cfg.dataset.mean, cfg.dataset.std, self.data.in_chans, self.device)
         aug = cfg.dataset.get("augment") or {}
         self.augment = Augment(int(aug.get("crop_pad", 0)), bool(aug.get("flip", False)), tr.seed)
@@ -198,10 +221,12 @@ class Run:
                                 device=self.device, **kw)
         return TensorLoader(split, batch_size, self.norm, device=self.device, **kw)
 
-    def train_loader(self, views: int | None = None) -> TensorLoader | StreamLoader:
-        """Shuffled, augmented batches; ``views``: None fresh views, K > 0 one of K cached views, 0 plain."""
-        return self.loader(self.train_set, self.tr.batch_size, augment=self.augment, shuffle=True, seed=self.tr.seed,
-                           views=views, shard=distributed.world())
+    def train_loader(self, views: int | None = None, split: ImageSet | FileSet | None = None
+                     ) -> TensorLoader | StreamLoader:
+        """Shuffled, augmented batches of ``split`` (default: the whole training split); ``views``: None fresh
+        views, K > 0 one of K cached views, 0 plain."""
+        return self.loader(split if split is not None else self.train_set, self.tr.batch_size, augment=self.augment,
+                           shuffle=True, seed=self.tr.seed, views=views, shard=distributed.world())
 
     def eval_loader(self, split: ImageSet | FileSet | None) -> TensorLoader | StreamLoader | None:
         if split is None:
@@ -336,12 +361,13 @@ class Run:
         views = self.views
         path = os.path.join(self.run_dir, f"{name}_logits.pt")
         recipe = {"teacher": key, "data": self.data.identity, "train": len(self.train_set), "views": views,
+                  "student_fraction": float(self.cfg.dataset.get("student_fraction", 1.0)),
                   "augment": [self.augment.crop_pad, self.augment.flip, self.augment.seed],
                   "normalize": [list(self.cfg.dataset.mean), list(self.cfg.dataset.std)]}
         ckey = key_of(recipe)
 
         def build():
-            return build_logit_cache(teacher, self.train_set, self.norm, self.augment, views,
+            return build_logit_cache(teacher, self.student_set, self.norm, self.augment, views,
                                      self.tr.eval_batch_size, self.device, self.tr.get("precision", "fp32"))
 
         if self.store is None or key is None:
@@ -370,7 +396,7 @@ class Run:
         method = LOSSES.get(self.cfg.loss.name, "loss.name")(**static)
         student = self.build(who, mcfg)
         views = self.views
-        common = dict(epochs=self.tr.epochs, num_samples=len(self.train_set))
+        common = dict(epochs=self.tr.epochs, num_samples=len(self.student_set))
         # the logit cache is built only for a student that trains on it (not with trainer.epochs=0)
         if method.needs_teacher_features or not self.cfg.cache.enabled or self.streamed or not self.tr.epochs:
             if method.needs_teacher_features and not (method.teacher_layers or method.student_layers):
@@ -383,17 +409,17 @@ class Run:
                      stage, self.cfg.loss.name, why)
             objective = Distill(method, student, teacher=teacher, **common)
             self.student_views = None
-            loader = self.train_loader(None)  # fresh augmentation; teacher sees the same batch
+            loader = self.train_loader(None, self.student_set)  # fresh augmentation; teacher sees the same batch
         else:
             logits = self.logits(teacher, teacher_name, teacher_key)
             log.info("%s: %s needs only teacher logits -> read from the logit cache (teacher not run)",
                      stage, self.cfg.loss.name)
             objective = Distill(method, student, cached_logits=logits.to(self.device), **common)
             self.student_views = views
-            loader = self.train_loader(views)  # replays view v of each sample (K=0: the plain image)
-        x_probe = next(self.eval_loader(self.train_set.subset(torch.arange(2))).epoch(0)).x
+            loader = self.train_loader(views, self.student_set)  # replays view v of each sample (K=0: plain)
+        x_probe = next(self.eval_loader(self.student_set.subset(torch.arange(2))).epoch(0)).x
         method.build(probe_shapes(teacher, method.teacher_layers, x_probe),
-                     probe_shapes(student, method.student_layers, x_probe), len(self.train_set))
+                     probe_shapes(student, method.student_layers, x_probe), len(self.student_set))
         method.bind_teacher(teacher)
         method.to(self.device)
         for pre in method.pre_stages(teacher, student):  # FT's paraphraser, AB's / FSP's init: stages of their own
@@ -423,7 +449,8 @@ class Run:
         exactly the images the distilled student saw (e.g. no augmentation with ``cache.views=0``).
         """
         model = self.build(who, mcfg, seed_offset)
-        self.fit(stage, model, cross_entropy, epochs=self.tr.epochs, loader=self.train_loader(views))
+        self.fit(stage, model, cross_entropy, epochs=self.tr.epochs,
+                 loader=self.train_loader(views, self.student_set))
         self.export(stage, model, mcfg)
         self.record(stage, model, mcfg, stage)
         return model
@@ -442,9 +469,9 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
             return None
 
         t0 = time.perf_counter()
-        results = report.evaluate(r)
+        results, logits = report.evaluate(r)
         r.timings["evaluate"] = time.perf_counter() - t0
         r.timings["total"] = time.perf_counter() - t_start
-        metrics = report.assemble(r, results)
+        metrics = report.assemble(r, results, logits)
         r.logger.finish(metrics, {role: os.path.join(r.ckpt_dir, f"{name}.pt") for role, name in r.roles.items()})
     return metrics

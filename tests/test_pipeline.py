@@ -46,6 +46,21 @@ def test_metrics_json_has_sane_values(smoke_run):
     assert m["versions"]["torch"] == torch.__version__
 
 
+def test_kd_gain_comes_with_its_paired_test(smoke_run):
+    """digits' default transfer set (dataset.student_fraction=0.1) and the gain's exact McNemar test."""
+    run_dir, p = smoke_run
+    m = json.loads((run_dir / "metrics.json").read_text())
+    d = m["dataset"]
+    assert d["student_fraction"] == 0.1 and d["train"] == 1294 and abs(d["student_train"] - 129) <= 5
+    g = m["kd_gain"]
+    assert 0 <= m["kd_gain_p_value"] <= 1 and g["p_value"] == m["kd_gain_p_value"]
+    # the gain is the difference of discordant images over the test split, and equals the top-1 difference
+    assert m["kd_gain_top1"] == pytest.approx(100 * (g["student_only"] - g["baseline_only"]) / 359, abs=1e-2)
+    assert m["kd_gain_top1"] == pytest.approx(m["test"]["student"]["last"]["top1"]
+                                              - m["test"]["baseline"]["last"]["top1"], abs=1e-2)
+    assert "exact McNemar p =" in p.stdout + p.stderr
+
+
 def test_csv_has_one_row_per_epoch_with_each_loss_term(smoke_run):
     run_dir, _ = smoke_run
     rows = list(csv.DictReader((run_dir / "metrics_student.csv").open()))
@@ -64,7 +79,9 @@ def test_logit_cache_matches_the_teacher(smoke_run):
     path = str(run_dir / "teacher_logits.pt")
     key = torch.load(path, weights_only=True)["header"]["key"]
     logits = load_logit_cache(path, key)
-    assert logits.dtype == torch.float16 and logits.shape == (1294, 1, 10)  # 1438 train - 10% validation
+    student_train = json.loads((run_dir / "metrics.json").read_text())["dataset"]["student_train"]
+    # the student stages' transfer set: 10% of (1438 train - 10% validation), the teacher's logits on it
+    assert logits.dtype == torch.float16 and logits.shape == (student_train, 1, 10)
     assert load_logit_cache(path, key + "-other") is None  # made for another teacher/data: not used
     teacher = build_model("resnet8", 10, 1, 8)
     teacher.load_state_dict(torch.load(run_dir / "checkpoints/teacher.pt", weights_only=True)["model"])

@@ -1,0 +1,71 @@
+"""The KD gain's uncertainty: exact McNemar test on paired predictions, t-interval over seeds,
+and the seeded, stratified transfer set of ``dataset.student_fraction``."""
+import math
+import statistics
+
+import pytest
+import torch
+
+from kdrun.significance import mcnemar, mean_ci
+
+
+def one_hot_logits(pred: list[int], classes: int = 3) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(pred), classes).float()
+
+
+def exact_two_sided(b: int, c: int) -> float:
+    """McNemar's exact test by hand: twice the smaller binomial tail at 1/2, capped at 1."""
+    n, k = b + c, min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def test_mcnemar_counts_discordant_pairs_and_matches_the_exact_binomial():
+    labels = torch.tensor([0] * 60)
+    # 32 images right only with the student, 17 only with the baseline, 6 both right, 5 both wrong
+    student = [0] * 32 + [1] * 17 + [0] * 6 + [2] * 5
+    baseline = [1] * 32 + [0] * 17 + [0] * 6 + [1] * 5
+    t = mcnemar(one_hot_logits(student), one_hot_logits(baseline), labels)
+    assert (t.student_only, t.baseline_only) == (32, 17)
+    assert t.p_value == pytest.approx(exact_two_sided(32, 17), rel=1e-9)
+    assert t.p_value == pytest.approx(0.04438, abs=1e-4)
+    assert t.gain_top1 == pytest.approx(100 * (32 - 17) / 60, abs=1e-3)
+
+
+def test_mcnemar_is_symmetric_and_one_when_nothing_differs():
+    labels = torch.tensor([0, 1, 2, 0])
+    a, b = one_hot_logits([0, 1, 2, 1]), one_hot_logits([0, 1, 0, 0])
+    ab, ba = mcnemar(a, b, labels), mcnemar(b, a, labels)
+    assert ab.p_value == ba.p_value and ab.gain_top1 == -ba.gain_top1
+    same = mcnemar(a, a, labels)
+    assert same.p_value == 1.0 and same.student_only == same.baseline_only == 0 and same.gain_top1 == 0
+
+
+def test_mean_ci_is_the_student_t_interval():
+    values = [1.11, 0.28, 0.56, 0.0, 1.39]
+    ci = mean_ci(values)
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t(0.975, 4 degrees of freedom)
+    assert (ci.n, ci.mean, ci.std) == (5, pytest.approx(mean), pytest.approx(sd))
+    assert ci.low == pytest.approx(mean - half) and ci.high == pytest.approx(mean + half)
+    single = mean_ci([2.0])
+    assert single.low is None and single.high is None and single.std == 0.0
+
+
+def test_transfer_subset_is_seeded_stratified_and_a_subset():
+    from kdrun.data.base import ImageSet
+    from kdrun.train import transfer_subset
+
+    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 40, 30, 20, 10, 5, 3, 2, 1, 100]))
+    images = torch.arange(len(labels)).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()  # image i holds i
+    data = ImageSet(images, labels)
+    sub = transfer_subset(data, 0.1, seed=3)
+    counts = torch.bincount(sub.labels, minlength=10).tolist()
+    assert counts == [5, 4, 3, 2, 1, 1, 1, 1, 1, 10]  # round(10%) of each class, at least one image
+    again, other = transfer_subset(data, 0.1, seed=3), transfer_subset(data, 0.1, seed=4)
+    assert torch.equal(sub.labels, again.labels) and torch.equal(sub.images, again.images)
+    assert not torch.equal(sub.images, other.images)
+    # every chosen image is a training image with its own label
+    idx = sub.images[:, 0, 0, 0].long()
+    assert torch.equal(labels[idx], sub.labels)
+    assert transfer_subset(data, 1.0, seed=3) is data
