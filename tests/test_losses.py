@@ -631,3 +631,24 @@ def test_new_methods_compose_with_kd_in_a_combo(name):
                 Outputs(t_logits, [tt.features[n] for n in combo.teacher_layers]), make_ctx([0] * 6, num_samples=40))
     assert "kd" in out and all(torch.isfinite(v) for v in out.values())
     assert (name in out) == (name not in ("fsp", "ab"))  # their student stage adds no term
+
+
+def test_a_methods_pre_stage_is_a_resumable_stage_of_the_run(kdrun, tmp_path):
+    """AB's init stage killed mid-way and resumed ends exactly like an uninterrupted run."""
+    import signal
+
+    args = ["loss=ab", "loss.init_epochs=2", "teacher=resnet8", "student=resnet8", "trainer.teacher_epochs=1",
+            "trainer.epochs=1", "trainer.batch_size=128", "trainer.checkpoint_every_steps=2",
+            "trainer.deterministic=true", "trainer.latency=false", "store.enabled=false", "baseline=false"]
+    clean, run = tmp_path / "clean", tmp_path / "run"
+    p = kdrun("train", *args, f"hydra.run.dir={clean}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "student_init epoch=2" in (clean / "train.log").read_text()
+    p = kdrun("train", *args, f"hydra.run.dir={run}", env={"KDRUN_KILL_AT": "student_init:3"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    p = kdrun("train", f"resume={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "student_init: resuming from" in p.stderr
+    want = torch.load(clean / "checkpoints" / "student.pt", weights_only=True)["model"]
+    got = torch.load(run / "checkpoints" / "student.pt", weights_only=True)["model"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
