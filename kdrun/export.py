@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdrun import io
 from kdrun.errors import KdrunError
 
 USAGE = """usage: kdrun export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher,baseline]
@@ -238,11 +239,9 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
     from kdrun.models import build_model
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (truncated, not a torch file, a pickle with more than weights)
-        raise ExportError(
-            f"export: {path}: not a readable checkpoint ({type(e).__name__})"
-        ) from None
+        ckpt = io.load(path, "checkpoint")  # weights_only, checksum verified
+    except io.DamagedArtifact as e:
+        raise ExportError(f"export: {path}: {e.reason}") from None
     ident = ckpt.get("identity") if isinstance(ckpt, dict) else None
     if not ident:
         raise ExportError(f"export: {path}: not a kdrun checkpoint (no 'identity')")
@@ -529,11 +528,7 @@ def run_export(opts: ExportOptions) -> dict:
         "versions": _versions(),
         "models": [asdict(r) for r in results],
     }
-    path = os.path.join(out_dir, "export.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
+    io.write_json(doc, os.path.join(out_dir, "export.json"))
     return doc
 
 
