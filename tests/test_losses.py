@@ -652,3 +652,31 @@ def test_a_methods_pre_stage_is_a_resumable_stage_of_the_run(kdrun, tmp_path):
     want = torch.load(clean / "checkpoints" / "student.pt", weights_only=True)["model"]
     got = torch.load(run / "checkpoints" / "student.pt", weights_only=True)["model"]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("teacher_name, student_name", [("resnet20", "resnet8"), ("wrn_16_2", "wrn_16_1"),
+                                                        ("resnet20", "mbv2_tiny")])
+def test_ofd_margins_come_from_the_bn_before_each_teacher_preactivation(teacher_name, student_name):
+    from kdrun.distill import probe_shapes
+    from kdrun.losses.ofd import margin_from_bn
+    from kdrun.models import build_model
+
+    teacher = build_model(teacher_name, 10, 3, 32).eval()
+    student = build_model(student_name, 10, 3, 32)
+    m = LOSSES.get("ofd")()
+    m.teacher_layers, m.student_layers = m.default_layers(list(teacher.feature_points), list(student.feature_points))
+    assert all(n.endswith("_preact") for n in m.teacher_layers)
+    x = torch.randn(2, 3, 32, 32)
+    t_shapes = probe_shapes(teacher, m.teacher_layers, x)
+    m.build(t_shapes, probe_shapes(student, m.student_layers, x), 10)
+    modules = dict(teacher.named_modules())
+    for bn_path in teacher.preact_bn.values():
+        with torch.no_grad():
+            modules[bn_path].weight.uniform_(0.5, 2)
+            modules[bn_path].bias.normal_()
+    m.bind_teacher(teacher)
+    for i, (name, shape) in enumerate(zip(m.teacher_layers, t_shapes)):
+        bn = modules[teacher.preact_bn[name]]
+        assert bn.num_features == shape[1]
+        torch.testing.assert_close(m._margin(i), margin_from_bn(bn))
+        assert (m._margin(i) < 0).all()  # the expectation of a negative response

@@ -57,6 +57,10 @@ class WideResNet(nn.Module):
         # stage3 is the raw (pre-BN) output of the last block, as RepDistiller's feature f3
         self.feature_points = {"stem": "conv1", "stage1": "block1", "stage2": "block2", "stage3": "block3",
                                "pre_logits": "fc:input"}
+        # pre-activation of each stage: its output through the next BN, before that BN's ReLU (mdistiller's
+        # preact_feats), for OFD / ReviewKD / AB; preact_bn: that BatchNorm (OFD's margins)
+        self.preact_bn = {"stage1_preact": "block2.0.bn1", "stage2_preact": "block3.0.bn1", "stage3_preact": "bn"}
+        self.feature_points |= self.preact_bn
 
     def forward(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
