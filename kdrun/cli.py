@@ -8,7 +8,6 @@ HYDRA_FULL_ERROR=1.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 USAGE = """usage: kdrun COMMAND [ARGS...]
@@ -101,10 +100,8 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
         options = e.options or _group_options(group)  # options of a list-valued group (logger=[a,b])
         if group and options:
             return f"{group}={option}: unknown option; valid: {', '.join(sorted(options))}"
-    m = (re.search(r"Could not override '([^']+)'", msg)
-         or re.search(r"Could not append to config\. An item is already at '([^']+)'", msg))
-    if m and ("not in struct" in msg or "To append to your config" in msg):
-        key = m.group(1)
+    key = _unknown_key(e)
+    if key:
         parent = key.rpartition(".")[0]
         valid = _keys_of(parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(key)],
                          config_name)
@@ -112,6 +109,16 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
     first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     return " ".join(first[:2]) if first else type(e).__name__
+
+
+def _unknown_key(e: Exception) -> str | None:
+    """The key an override names that the config does not have, from the OmegaConf error Hydra chains."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = e.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        return str(cause.full_key)
+    return None
 
 
 def _group_options(group: str) -> list[str]:

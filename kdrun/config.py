@@ -49,6 +49,9 @@ RULES = [
     ("loss.temperature", _num, lambda v: v > 0, "a number > 0"),
     ("loss.ce_weight", _num, lambda v: v >= 0, "a number >= 0"),
     ("loss.weight", _num, lambda v: v >= 0, "a number >= 0"),
+    ("scheme.temperature", _num, lambda v: v > 0, "a number > 0"),
+    ("scheme.kl_weight", _num, lambda v: v >= 0, "a number >= 0"),
+    ("scheme.generations", _int, lambda v: v >= 2, "an integer >= 2 (generation 1 is trained with CE)"),
 ]
 
 
@@ -70,6 +73,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_loss(cfg)
     _validate_loss_builds(cfg)
     _validate_sweep(cfg)
+    _validate_scheme_lists(cfg)
     _validate_layers(cfg)
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt and not os.path.isfile(ckpt):
@@ -159,6 +163,15 @@ def _validate_loss_builds(cfg: DictConfig) -> None:
                               "built); give a number")
         for x in sched.values_reached():  # the method's own range checks, at every value the schedule reaches
             LOSSES.get(name)(**(static | {key: x}))
+
+
+def _validate_scheme_lists(cfg: DictConfig) -> None:
+    """Model lists of the schemes (checked again where the scheme runs, with the same messages)."""
+    peers = OmegaConf.select(cfg, "scheme.peers", default=None)
+    if cfg.scheme.name == "online" and peers is not None and len(peers) < 2:
+        raise ConfigError(f"scheme.peers={list(OmegaConf.to_container(peers))}: give two or more peer models")
+    if cfg.scheme.name == "assistant" and not OmegaConf.select(cfg, "scheme.assistants", default=None):
+        raise ConfigError("scheme.assistants: give at least one assistant model, e.g. scheme.assistants=[resnet14]")
 
 
 def _validate_sweep(cfg: DictConfig) -> None:

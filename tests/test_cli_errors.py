@@ -27,6 +27,10 @@ import pytest
     (["sweep.metric=student.top1"], "sweep.metric=student.top1: unknown metric; valid: MODEL.val_top1 or "),
     (["-m", "sweep=optuna", "trainer.val_fraction=0"], "trainer.val_fraction=0: this sweeper maximises "
      "sweep.metric=student.val_top1, measured on a validation split"),
+    (["scheme=online", "scheme.temperature=0"], "scheme.temperature=0: must be a number > 0"),
+    (["scheme=self", "scheme.generations=1"], "scheme.generations=1: must be an integer >= 2"),
+    (["scheme=online", "scheme.peers=[resnet8]"], "scheme.peers=['resnet8']: give two or more peer models"),
+    (["loss.layers.foo=1"], "loss.layers: unknown key; valid keys of loss: "),
     (["loss=at", "loss.layers.teacher=[stage9]", "loss.layers.student=[stage3]"],
      "loss.layers.teacher[0]=stage9: unknown feature layer 'stage9' for CifarResNet; valid: logits, pre_logits, "
      "stage1, "),
