@@ -10,7 +10,8 @@ References (read, not copied):
   RepDistiller  github.com/HobbitLong/RepDistiller            distiller_zoo/*.py, crd/*.py, models/util.py,
                                                               train_student.py, helper/loops.py
   mdistiller    github.com/megvii-research/mdistiller         mdistiller/distillers/*.py, engine/cfg.py
-  DIST          github.com/hunto/DIST_KD                      classification losses/dist_kd.py
+  DIST          github.com/hunto/DIST_KD                      segmentation/losses/dist_kd.py (relations); with tau:
+                github.com/huawei-noah/Efficient-Computing    Distillation/VanillaKD/losses/dist.py (tau, tau^2)
   LS-KD         github.com/sunshangquan/logit-standardization-KD   mdistiller/distillers/KD.py
 """
 
@@ -137,7 +138,8 @@ def test_dkd_equals_mdistiller(epoch_1based, beta):
 
 
 def ref_dist(z_s, z_t, beta, gamma, tau):
-    # DIST_KD classification losses/dist_kd.py: softmax(z / tau); Pearson = cosine of mean-centred rows
+    # DIST_KD segmentation/losses/dist_kd.py and, with tau, Efficient-Computing VanillaKD/losses/dist.py:
+    # softmax(z / tau); Pearson = cosine of mean-centred rows
     # (eps 1e-8 in the denominator); inter over samples, intra over classes (transpose); each times tau^2
     def pearson(a, b, eps=1e-8):
         a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)

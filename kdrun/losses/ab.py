@@ -14,7 +14,8 @@ RepDistiller defaults (CRD benchmark): all stages, pre-activation features of bo
 initialisation epochs with SGD at the constant student LR (momentum and weight decay of
 ``optim``); the stage is the run's ``student_init`` (checkpointed, resumable). Deliberate
 difference as for FitNet: where sizes differ, kdrun's 1x1 conv output is bilinearly resized to the
-teacher's H x W instead of RepDistiller's strided / transposed ``ConvReg``.
+teacher's H x W instead of RepDistiller's strided / transposed ``ConvReg``. The teacher still
+runs during the student stage (its features are declared but unused there).
 """
 from __future__ import annotations
 

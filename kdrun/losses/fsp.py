@@ -13,6 +13,7 @@ RepDistiller defaults (CRD benchmark): 30 initialisation epochs, SGD at the cons
 resumable). Teacher and student channel counts must be equal layer by layer. RepDistiller uses
 the stem (after its ReLU) and every stage; kdrun's default is every shared stage (the CIFAR
 ResNets' ``stem`` point is the BatchNorm output before the ReLU); set ``loss.layers`` to change it.
+The teacher still runs during the student stage (its features are declared but unused there).
 """
 from __future__ import annotations
 
