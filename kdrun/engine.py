@@ -106,7 +106,7 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
     csv_path = os.path.join(run_dir, f"metrics_{stage}.csv")
     last_path = os.path.join(ckpt_dir, f"{stage}_last.pt")
     result = StageResult()
-    start_epoch, start_step, sums, seen, elapsed = 0, 0, {}, 0, 0.0
+    start_epoch, start_step, sums, seen, elapsed, lr = 0, 0, {}, 0, 0.0, None
 
     ckpt = load_checkpoint(last_path)
     if ckpt is not None:
@@ -121,6 +121,7 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
             averaged.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
         start_epoch, start_step, seen, elapsed = ckpt["epoch"], ckpt["step"], ckpt["seen"], ckpt["seconds"]
+        lr = ckpt.get("epoch_lr")  # the LR at the first step of the interrupted epoch (its CSV row)
         sums = {k: v.to(loader.device) for k, v in ckpt["sums"].items()}
         result.history, result.best_epoch, result.best_val_top1 = ckpt["history"], *ckpt["best"]
         result.resumed_from = f"epoch {start_epoch + 1} step {start_step}"
@@ -133,7 +134,7 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
     def save(epoch: int, step: int) -> None:
         atomic_save({"stage": stage, "fingerprint": fingerprint, "epochs": epochs, "epoch": epoch, "step": step,
                      "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch_lr": lr, "scaler": scaler.state_dict(),
                      "ema": averaged.state_dict() if averaged is not None else None, "rng": rng_state(),
                      "seen": seen, "sums": {k: v.detach().cpu() for k, v in sums.items()}, "history": result.history,
                      "best": (result.best_epoch, result.best_val_top1),
@@ -145,7 +146,8 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
         trainable.train()
         logged: dict = {}
         first = start_step if epoch == start_epoch else 0
-        lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step (it changes every step)
+        if first == 0 or lr is None:
+            lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step (it changes every step)
         bar = tqdm(loader.epoch(epoch, first), total=len(loader), initial=first, leave=False, dynamic_ncols=True,
                    desc=f"{stage} {epoch + 1}/{epochs}", mininterval=1.0, disable=not distributed.is_main())
         for step, batch in enumerate(bar, start=first):

@@ -9,14 +9,19 @@ from kdrun.preempt import EXIT_PREEMPTED
 
 ARGS = ["teacher=resnet8", "student=resnet8", "trainer.teacher_epochs=2", "trainer.epochs=2",
         "trainer.batch_size=128", "trainer.checkpoint_every_steps=5", "trainer.deterministic=true",
-        "trainer.latency=false", "store.enabled=false", "cache.views=2", "dataset.augment.crop_pad=1"]
+        "trainer.latency=false", "store.enabled=false", "cache.views=2", "dataset.augment.crop_pad=1",
+        # the whole engine state: per-step LR (warm-up, then cosine), clipping, the EMA of the weights
+        "optim.warmup_epochs=1", "optim.grad_clip=5", "trainer.ema=0.9"]
 
 
 def final_state(run_dir):
     m = json.loads((run_dir / "metrics.json").read_text())
     accs = {k: v.get("last", v)["top1"] for k, v in m["test"].items()}
     weights = torch.load(run_dir / "checkpoints" / "student.pt", weights_only=True)["model"]
-    return accs, weights
+    ema = torch.load(run_dir / "checkpoints" / "student_ema.pt", weights_only=True)["model"]
+    # per-epoch rows (LR at each epoch's first step, every loss term) match too
+    accs["csv"] = {p.name: p.read_text() for p in sorted(run_dir.glob("metrics_*.csv"))}
+    return accs, weights | {f"ema.{k}": v for k, v in ema.items()}
 
 
 @pytest.fixture(scope="module")
