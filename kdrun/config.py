@@ -70,6 +70,7 @@ def validate(cfg: DictConfig) -> None:
         if not type_ok(v) or not range_ok(v):
             raise ConfigError(f"{key}={v}: must be {valid}")
     _validate_names(cfg)
+    _validate_classes(cfg)
     _validate_loss(cfg)
     _validate_loss_builds(cfg)
     _validate_sweep(cfg)
@@ -97,6 +98,24 @@ def validate(cfg: DictConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.device={dev}: no CUDA GPU is available here; use trainer.device=cpu or auto")
+
+
+def _validate_classes(cfg: DictConfig) -> None:
+    """Class indices in ``dataset.student_exclude`` and ``evaluate.logit_bias`` lie in [0, num_classes)."""
+    n = cfg.dataset.get("num_classes")
+    valid = f"class indices in [0, {n})" if n else "class indices >= 0"
+
+    def ok(c) -> bool:
+        return _int(c) and c >= 0 and (not n or c < n)
+
+    exclude = cfg.dataset.get("student_exclude") or []
+    if not all(ok(c) for c in exclude):
+        raise ConfigError(f"dataset.student_exclude={list(exclude)}: must be a list of {valid}")
+    bias = (cfg.get("evaluate") or {}).get("logit_bias") or {}
+    for c, b in bias.items():
+        c = int(c) if isinstance(c, str) and c.isdigit() else c
+        if not ok(c) or not _num(b):
+            raise ConfigError(f"evaluate.logit_bias={dict(bias)}: must map {valid} to numbers, e.g. {{3: 3.5}}")
 
 
 def _method_rules(cfg: DictConfig) -> list:

@@ -29,10 +29,21 @@ def stage_summary(res: StageResult) -> dict:
 
 def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     top1, top5 = accuracy(logits, labels)
-    out = {"top1": round(top1, 3), "errors": int((logits.argmax(1) != labels.cpu()).sum())}
+    labels = labels.cpu()
+    wrong = logits.argmax(1) != labels
+    out = {"top1": round(top1, 3), "errors": int(wrong.sum())}
     if logits.shape[1] > 5:
         out["top5"] = round(top5, 3)
+    out["errors_by_class"] = torch.bincount(labels[wrong], minlength=logits.shape[1]).tolist()  # by true class
     return out
+
+
+def biased(logits: torch.Tensor, bias: dict) -> torch.Tensor:
+    """``logits`` with ``bias[c]`` added to class ``c``'s logit (``evaluate.logit_bias``)."""
+    shift = torch.zeros(logits.shape[1])
+    for c, b in bias.items():
+        shift[int(c)] = float(b)
+    return logits + shift
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,6 +80,11 @@ def evaluate(run) -> tuple[dict, dict[str, torch.Tensor]]:
             out[name]["best_on_val"] = _scores(best_logits, labels) | {"epoch": best}
             if name != ref:
                 out[name]["best_on_val"]["agreement"] = agreement(best_logits, logits[ref])
+    bias = dict(run.cfg.get("evaluate", {}).get("logit_bias") or {})
+    student = run.roles.get("student")
+    if bias and student in out:  # e.g. Hinton et al. section 3: raise the bias of a class the transfer set lacked
+        out[student]["with_logit_bias"] = _scores(biased(logits[student], bias), labels) | {
+            "bias": {str(c): float(b) for c, b in bias.items()}}
     return out, logits
 
 
@@ -195,6 +211,9 @@ def summary_table(m: dict) -> str:
         if "best_on_val" in scores:
             b = scores["best_on_val"]
             lines.append(row(f"  best-on-val (ep {b['epoch']})", b))
+        if "with_logit_bias" in scores:
+            b = scores["with_logit_bias"]
+            lines.append(row("  with logit bias " + ",".join(f"{c}:{v:+g}" for c, v in b["bias"].items()), b))
     tail = f"test split of {m['dataset']['name']} ({m['dataset']['test']} images), last epoch"
     if r:
         tail += f"; compression {r['compression_params']:.1f}x params"

@@ -53,7 +53,7 @@ def pick_device(name: str) -> torch.device:
 def load_dataset(dcfg) -> DataBundle:
     """Load (decode once) the configured dataset and check it against the config."""
     kw = OmegaConf.to_container(dcfg, resolve=True)
-    for k in ("mean", "std", "augment", "student_fraction"):  # used by the run, not by the factory
+    for k in ("mean", "std", "augment", "student_fraction", "student_exclude"):  # used by the run, not the factory
         kw.pop(k, None)
     data = DATASETS.get(kw.pop("name"), "dataset.name")(**kw)
     data.check(dcfg.get("num_classes"), dcfg.get("image_size"), dcfg.get("in_chans"))
@@ -74,17 +74,22 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
 
 
-def transfer_subset(train: ImageSet | FileSet, fraction: float, seed: int) -> ImageSet | FileSet:
-    """A seeded, class-stratified ``fraction`` of ``train`` (each class keeps at least one image), in index order.
+def transfer_subset(train: ImageSet | FileSet, fraction: float, seed: int,
+                    exclude: list[int] | tuple[int, ...] = ()) -> ImageSet | FileSet:
+    """A seeded, class-stratified ``fraction`` of ``train`` (each class keeps at least one image), in index order,
+    without the classes in ``exclude``.
 
-    The student stages' transfer set with ``dataset.student_fraction < 1``; the whole split when ``fraction >= 1``.
+    The student stages' transfer set (``dataset.student_fraction``, ``dataset.student_exclude``); the whole
+    split when ``fraction >= 1`` and nothing is excluded.
     """
-    if fraction >= 1:
+    if fraction >= 1 and not exclude:
         return train
     gen = torch.Generator().manual_seed(seed + 11)
     labels = train.labels.cpu()
     keep = []
     for c in labels.unique().tolist():
+        if c in exclude:
+            continue
         members = (labels == c).nonzero().flatten()
         n = max(1, int(round(len(members) * fraction)))
         keep.append(members[torch.randperm(len(members), generator=gen)[:n]])
@@ -192,7 +197,8 @@ class Run:
         self.data = load_dataset(cfg.dataset)
         self.train_set, self.val_set = split_validation(self.data.train, float(tr.val_fraction), tr.seed)
         # the student stages' transfer set: all of the training split, or a seeded fraction of it
-        self.student_set = transfer_subset(self.train_set, float(cfg.dataset.get("student_fraction", 1.0)), tr.seed)
+        self.student_set = transfer_subset(self.train_set, float(cfg.dataset.get("student_fraction", 1.0)), tr.seed,
+                                           list(cfg.dataset.get("student_exclude") or []))
         # in-memory splits go to the training device once; every loader of every stage shares them
         self.train_set, self.student_set, self.val_set, self.test_set = (
             on_device(s, self.device) for s in (self.train_set, self.student_set, self.val_set, self.data.test))
@@ -201,9 +207,9 @@ class Run:
                  len(self.train_set), len(self.val_set) if self.val_set else 0, len(self.data.test),
                  self.data.num_classes, self.data.in_chans, self.data.image_size, self.data.image_size)
         if self.student_set is not self.train_set:
-            log.info("data: the student stages train on %d of the %d training images (dataset.student_fraction=%s); "
-                     "the teacher on all of them", len(self.student_set), len(self.train_set),
-                     cfg.dataset.student_fraction)
+            log.info("data: the student stages train on %d of the %d training images (dataset.student_fraction=%s, "
+                     "student_exclude=%s); the teacher on all of them", len(self.student_set), len(self.train_set),
+                     cfg.dataset.student_fraction, list(cfg.dataset.get("student_exclude") or []))
         self.norm = Normalize(cfg.dataset.mean, cfg.dataset.std, self.data.in_chans, self.device)
         aug = cfg.dataset.get("augment") or {}
         self.augment = Augment(int(aug.get("crop_pad", 0)), bool(aug.get("flip", False)), tr.seed)
@@ -362,6 +368,7 @@ class Run:
         path = os.path.join(self.run_dir, f"{name}_logits.pt")
         recipe = {"teacher": key, "data": self.data.identity, "train": len(self.train_set), "views": views,
                   "student_fraction": float(self.cfg.dataset.get("student_fraction", 1.0)),
+                  "student_exclude": sorted(self.cfg.dataset.get("student_exclude") or []),
                   "augment": [self.augment.crop_pad, self.augment.flip, self.augment.seed],
                   "normalize": [list(self.cfg.dataset.mean), list(self.cfg.dataset.std)]}
         ckey = key_of(recipe)

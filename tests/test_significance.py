@@ -1,5 +1,4 @@
-"""The KD gain's uncertainty: exact McNemar test on paired predictions, t-interval over seeds,
-and the seeded, stratified transfer set of ``dataset.student_fraction``."""
+"""The KD gain's uncertainty: exact McNemar test on paired predictions, t-interval over seeds."""
 import math
 import statistics
 
@@ -50,22 +49,3 @@ def test_mean_ci_is_the_student_t_interval():
     assert ci.low == pytest.approx(mean - half) and ci.high == pytest.approx(mean + half)
     single = mean_ci([2.0])
     assert single.low is None and single.high is None and single.std == 0.0
-
-
-def test_transfer_subset_is_seeded_stratified_and_a_subset():
-    from kdrun.data.base import ImageSet
-    from kdrun.train import transfer_subset
-
-    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 40, 30, 20, 10, 5, 3, 2, 1, 100]))
-    images = torch.arange(len(labels)).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()  # image i holds i
-    data = ImageSet(images, labels)
-    sub = transfer_subset(data, 0.1, seed=3)
-    counts = torch.bincount(sub.labels, minlength=10).tolist()
-    assert counts == [5, 4, 3, 2, 1, 1, 1, 1, 1, 10]  # round(10%) of each class, at least one image
-    again, other = transfer_subset(data, 0.1, seed=3), transfer_subset(data, 0.1, seed=4)
-    assert torch.equal(sub.labels, again.labels) and torch.equal(sub.images, again.images)
-    assert not torch.equal(sub.images, other.images)
-    # every chosen image is a training image with its own label
-    idx = sub.images[:, 0, 0, 0].long()
-    assert torch.equal(labels[idx], sub.labels)
-    assert transfer_subset(data, 1.0, seed=3) is data
