@@ -32,6 +32,7 @@ import os
 import pickle
 import random
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -124,6 +125,8 @@ def _feed(h, obj) -> None:
             _feed(h, x)
     elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    elif isinstance(obj, (torch.dtype, torch.device)):
+        h.update(f"{type(obj).__name__}:{obj};".encode())
     else:
         raise TypeError(f"cannot checksum a {type(obj).__name__} in an artifact")
 
@@ -135,10 +138,33 @@ def digest(payload: dict) -> str:
     return h.hexdigest()
 
 
+def plain(obj):
+    """``obj`` with NumPy scalars and arrays turned into Python values and tensors, so that
+    ``torch.load(weights_only=True)`` reads it back (it refuses NumPy types)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(
+        obj, dict
+    ):  # rebuilt only when something inside changed (keeps a state_dict's _metadata)
+        new = {k: plain(v) for k, v in obj.items()}
+        if all(new[k] is v for k, v in obj.items()):
+            return obj
+        return OrderedDict(new) if isinstance(obj, OrderedDict) else new
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
+        items = [plain(x) for x in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return items if isinstance(obj, list) else tuple(items)
+    return obj
+
+
 def save(obj: dict, path: str, kind: str, key: str | None = None) -> None:
     """Write artifact ``obj`` (a dict of tensors and plain values) atomically, with its checksummed header."""
+    obj = plain({k: v for k, v in obj.items() if k != HEADER})
     header = {"format": FORMAT, "kind": kind, "key": key, "sha256": digest(obj)}
-    blob = {HEADER: header, **{k: v for k, v in obj.items() if k != HEADER}}
+    blob = {HEADER: header, **obj}
     atomic_write(path, lambda f: torch.save(blob, f))
 
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,7 +86,7 @@ def test_artifact_round_trip_and_header(tmp_path):
     obj = {
         "model": {"w": torch.randn(3, 4), "b": torch.zeros(2, dtype=torch.bfloat16)},
         "epoch": 3,
-        "history": [{"loss": 0.5}],
+        "history": [{"loss": np.float64(0.5), "epoch": np.int64(1)}],
         "best": (None, 1.5),
         "rng": io.rng_state(),
     }
@@ -95,6 +96,9 @@ def test_artifact_round_trip_and_header(tmp_path):
         None,
         1.5,
     )
+    assert back["history"] == [
+        {"loss": 0.5, "epoch": 1}
+    ]  # NumPy scalars stored as Python values
     assert (
         torch.load(path, weights_only=True)["header"]["kind"] == "checkpoint"
     )  # plain torch.load still works
