@@ -310,3 +310,34 @@ def test_slurm_local_preset_runs_through_submitit(kdrun, tmp_path, store):
     assert (sweep_dir / "0" / "metrics.json").is_file()
     assert (sweep_dir / ".submitit").is_dir()
     assert read_csv(sweep_dir / "report.csv")[0]["status"] == "complete"
+
+
+def test_multirun_end_reports_failed_jobs_and_the_exit_code_says_so(tmp_path, capsys):
+    """The end-of-multirun callback writes the report listing a failed job; ``kdrun train -m`` then exits 1."""
+    from omegaconf import OmegaConf
+
+    from kdrun import callbacks
+    from kdrun.cli import EXIT_SWEEP_FAILED, sweep_exit_code
+
+    make_run(tmp_path, "0", ["loss.temperature=1"], fake_metrics(80.0))
+    make_run(tmp_path, "1", ["loss.temperature=4"], failed="student: non-finite loss (nan) at epoch 1, step 3")
+    make_run(tmp_path, "2", ["loss.temperature=8"], fake_metrics(82.0))
+    callbacks.SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert callbacks.LAST_SWEEP.failed == [("1", "student: non-finite loss (nan) at epoch 1, step 3")]
+    assert "`1`: failed: student: non-finite loss" in (tmp_path / "report.md").read_text()
+    assert sweep_exit_code() == EXIT_SWEEP_FAILED == 1
+    assert capsys.readouterr().err.strip() == (
+        "kdrun: error: 1 of 3 sweep jobs failed; job 1: student: non-finite loss (nan) at epoch 1, step 3; "
+        f"the other jobs completed; see {tmp_path / 'report.md'}")
+    assert sweep_exit_code() == 0  # the outcome is consumed once
+
+
+def test_multirun_without_failures_exits_0(tmp_path):
+    from omegaconf import OmegaConf
+
+    from kdrun import callbacks
+    from kdrun.cli import sweep_exit_code
+
+    make_run(tmp_path, "0", ["loss.temperature=1"], fake_metrics(80.0))
+    callbacks.SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert callbacks.LAST_SWEEP.jobs == 1 and sweep_exit_code() == 0
