@@ -166,7 +166,7 @@ def run_rows(label: str, run_dir: str) -> None:
     rows.append((f"{label} wall time", f"{m['timings_s'].get('total', 0):.0f} s", m["device"]))
 
 
-run_rows("torchrun 1 GPU", "torchrun")
+run_rows("torchrun 1 GPU" if device == "cuda" else "torchrun 1 process", "torchrun")
 run_rows("CIFAR-10", "cifar10")
 rows.append(("whole check", f"{seconds} s", "dry run on the CPU" if device == "cpu" else torch.cuda.get_device_name()))
 w = max(len(r[0]) for r in rows)
