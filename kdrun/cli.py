@@ -283,11 +283,28 @@ COMMANDS = {"train": train_command, "models": _delegate("models_cli", "models_ma
             "export": _delegate("export", "export_main")}
 
 
+def completion(argv: list[str]) -> int:
+    """``kdrun -sc install=bash|zsh|fish`` prints the shell's completion script for ``kdrun``; the shell then
+    calls ``kdrun -sc query=SHELL`` with the line typed so far, answered by Hydra for ``kdrun train``."""
+    words = os.environ.get("COMP_LINE", "").split(" ")
+    if len(words) > 1 and words[1] == "train":  # Hydra completes the overrides after the command
+        os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
+        if os.environ.get("COMP_POINT", "").isdigit():
+            os.environ["COMP_POINT"] = str(max(0, int(os.environ["COMP_POINT"]) - len("train ")))
+    from kdrun.task import hydra_train
+
+    sys.argv = ["kdrun", *argv]
+    hydra_train()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-sc", "--shell-completion"):  # tab completion of `kdrun train` overrides (Hydra's)
+        return completion(argv)
     cmd = COMMANDS.get(argv[0])
     if cmd is None:
         return fail(f"unknown command '{argv[0]}'; valid: {', '.join(COMMANDS)}")

@@ -3,6 +3,7 @@
 The weights files are placed where the libraries look first (torch's hub cache under $TORCH_HOME,
 the Hugging Face hub cache under $HF_HOME), so nothing is downloaded.
 """
+
 import os
 
 import pytest
@@ -31,48 +32,89 @@ def torch_home(tmp_path, monkeypatch):
 
 def test_torchvision_weights_load_every_fitting_tensor_and_a_new_classifier(torch_home):
     _, state = torch_home
-    model = build_model("mbv3_small", 10, 3, 224, weights="IMAGENET1K_V1")  # ImageNet-sized: the stem fits
+    model = build_model(
+        "mbv3_small", 10, 3, 224, weights="IMAGENET1K_V1"
+    )  # ImageNet-sized: the stem fits
     own = model.state_dict()
-    assert own["classifier.3.weight"].shape == (10, 1024)  # new classifier for the dataset's classes
+    assert own["classifier.3.weight"].shape == (
+        10,
+        1024,
+    )  # new classifier for the dataset's classes
     fitted = [k for k in own if k in state and own[k].shape == state[k].shape]
     assert len(fitted) == len(own) - 2  # all but the new classifier's weight and bias
     for k in fitted:
         assert torch.equal(own[k], state[k]), k
     scratch = build_model("mbv3_small", 10, 3, 224)
-    assert scratch.state_dict().keys() == own.keys()  # the same architecture as without weights
+    assert (
+        scratch.state_dict().keys() == own.keys()
+    )  # the same architecture as without weights
 
 
 def test_one_channel_stem_is_the_sum_over_rgb_and_small_input_stem_is_new(torch_home):
     _, state = torch_home
     gray = build_model("mbv3_small", 10, 1, 224, weights="DEFAULT")
-    assert torch.allclose(gray.state_dict()["features.0.0.weight"], state["features.0.0.weight"].sum(1, keepdim=True))
-    small = build_model("mbv3_small", 10, 1, 8, weights="IMAGENET1K_V1")  # 3x3 stride-1 stem: no pretrained kernel
+    assert torch.allclose(
+        gray.state_dict()["features.0.0.weight"],
+        state["features.0.0.weight"].sum(1, keepdim=True),
+    )
+    small = build_model(
+        "mbv3_small", 10, 1, 8, weights="IMAGENET1K_V1"
+    )  # 3x3 stride-1 stem: no pretrained kernel
     assert small.state_dict()["features.0.0.weight"].shape[-1] == 3
-    assert torch.equal(small.state_dict()["features.1.block.0.0.weight"], state["features.1.block.0.0.weight"])
+    assert torch.equal(
+        small.state_dict()["features.1.block.0.0.weight"],
+        state["features.1.block.0.0.weight"],
+    )
 
 
 def test_teacher_stage_fine_tunes_from_the_weights(torch_home, tmp_path):
     home, state = torch_home
     run_dir = tmp_path / "run"
-    p = run_kdrun("train", "trainer=smoke", "teacher=mbv3_small", "teacher.weights=IMAGENET1K_V1", "student=resnet8",
-                  "baseline=false", "store.enabled=false", "trainer.threads=1", f"hydra.run.dir={run_dir}",
-                  env={"TORCH_HOME": str(home)})
+    p = run_kdrun(
+        "train",
+        "trainer=smoke",
+        "teacher=mbv3_small",
+        "teacher.weights=IMAGENET1K_V1",
+        "student=resnet8",
+        "baseline=false",
+        "store.enabled=false",
+        "trainer.threads=1",
+        f"hydra.run.dir={run_dir}",
+        env={"TORCH_HOME": str(home)},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     log = (run_dir / "train.log").read_text()
     assert "mbv3_small: pretrained IMAGENET1K_V1 loaded" in log
-    teacher = torch.load(run_dir / "checkpoints" / "teacher.pt", map_location="cpu", weights_only=True)["model"]
-    moved = teacher["features.1.block.0.0.weight"] - state["features.1.block.0.0.weight"]
+    teacher = torch.load(
+        run_dir / "checkpoints" / "teacher.pt", map_location="cpu", weights_only=True
+    )["model"]
+    moved = (
+        teacher["features.1.block.0.0.weight"] - state["features.1.block.0.0.weight"]
+    )
     assert 0 < moved.abs().max() < 1  # started from the weights, then trained one epoch
 
 
-@pytest.mark.parametrize("args, message", [
-    (["teacher=resnet18", "teacher.weights=NOPE"],
-     "teacher.weights=NOPE: not a torchvision weights name of resnet18; valid: IMAGENET1K_V1, DEFAULT"),
-    (["teacher=resnet20", "teacher.weights=IMAGENET1K_V1"],
-     "teacher.weights=IMAGENET1K_V1: model resnet20 has no pretrained weights; models with weights: mbv2,"),
-    (["teacher.source=timm", "teacher.name=test_resnet", "teacher.weights=nope_in1k"],
-     "teacher.weights=nope_in1k: no such pretrained tag for timm model test_resnet; valid: r160_in1k"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["teacher=resnet18", "teacher.weights=NOPE"],
+            "teacher.weights=NOPE: not a torchvision weights name of resnet18; valid: IMAGENET1K_V1, DEFAULT",
+        ),
+        (
+            ["teacher=resnet20", "teacher.weights=IMAGENET1K_V1"],
+            "teacher.weights=IMAGENET1K_V1: model resnet20 has no pretrained weights; models with weights: mbv2,",
+        ),
+        (
+            [
+                "teacher.source=timm",
+                "teacher.name=test_resnet",
+                "teacher.weights=nope_in1k",
+            ],
+            "teacher.weights=nope_in1k: no such pretrained tag for timm model test_resnet; valid: r160_in1k",
+        ),
+    ],
+)
 def test_unknown_weights_exit_2_before_anything_is_written(args, message, tmp_path):
     p = run_kdrun("train", *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert p.returncode == 2
@@ -83,11 +125,19 @@ def test_unknown_weights_exit_2_before_anything_is_written(args, message, tmp_pa
 
 def test_weights_not_in_cache_and_no_network_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable")))
-    with pytest.raises(ConfigError, match=r"weights=IMAGENET1K_V1: mobilenet_v3_small-\w+\.pth is not in the hub "
-                                          r"cache and cannot be downloaded \(OSError\); place it at .*empty"):
-        build_model("mbv3_small", 10, 3, 32, key="teacher.name", weights="IMAGENET1K_V1")
+    monkeypatch.setattr(
+        torch.hub,
+        "download_url_to_file",
+        lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable")),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"weights=IMAGENET1K_V1: mobilenet_v3_small-\w+\.pth is not in the hub "
+        r"cache and cannot be downloaded \(OSError\); place it at .*empty",
+    ):
+        build_model(
+            "mbv3_small", 10, 3, 32, key="teacher.name", weights="IMAGENET1K_V1"
+        )
 
 
 def offline_cache(monkeypatch, home):
@@ -113,23 +163,47 @@ def hf_home(tmp_path, monkeypatch):
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     torch.manual_seed(7)
-    state = {k: v.contiguous() for k, v in timm.create_model("test_resnet", pretrained=False).state_dict().items()}
+    state = {
+        k: v.contiguous()
+        for k, v in timm.create_model("test_resnet", pretrained=False)
+        .state_dict()
+        .items()
+    }
     save_file(state, str(snap / "model.safetensors"))
     return state
 
 
 def test_timm_pretrained_tag_loads_from_the_hub_cache_with_a_new_classifier(hf_home):
-    model = build_model("test_resnet", 10, 3, 32, key="teacher.name", source="timm", weights="r160_in1k")
+    model = build_model(
+        "test_resnet", 10, 3, 32, key="teacher.name", source="timm", weights="r160_in1k"
+    )
     own = model.state_dict()
     assert own["fc.weight"].shape[0] == 10
     same = [k for k in own if not k.startswith("fc.")]
     assert same and all(torch.equal(own[k], hf_home[k]) for k in same)
-    gray = build_model("test_resnet", 10, 1, 32, key="teacher.name", source="timm", weights="r160_in1k")
-    stem = next(k for k in gray.state_dict() if k.endswith("weight") and gray.state_dict()[k].dim() == 4)
+    gray = build_model(
+        "test_resnet", 10, 1, 32, key="teacher.name", source="timm", weights="r160_in1k"
+    )
+    stem = next(
+        k
+        for k in gray.state_dict()
+        if k.endswith("weight") and gray.state_dict()[k].dim() == 4
+    )
     assert gray.state_dict()[stem].shape[1] == 1  # timm adapts the stem to one channel
 
 
 def test_timm_tag_missing_from_an_offline_cache_is_one_line(tmp_path, monkeypatch):
     offline_cache(monkeypatch, tmp_path / "empty")
-    with pytest.raises(ConfigError, match=r"teacher.weights=r160_in1k: timm could not load test_resnet.r160_in1k"):
-        build_model("test_resnet", 10, 3, 32, key="teacher.name", source="timm", weights="r160_in1k")
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher.weights=r160_in1k: timm could not load test_resnet.r160_in1k",
+    ):
+        build_model(
+            "test_resnet",
+            10,
+            3,
+            32,
+            key="teacher.name",
+            source="timm",
+            weights="r160_in1k",
+        )

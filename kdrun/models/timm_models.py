@@ -9,6 +9,7 @@ points come from the model's ``feature_info`` when it has one (``stem`` for a fi
 at stride <= 2, then ``stage1`` .. ``stageN``), and ``pre_logits`` is the input of the
 classifier that ``get_classifier()`` returns.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -16,15 +17,25 @@ from torch import nn
 from kdrun.errors import ConfigError
 
 
-def build_timm(name: str, num_classes: int, in_chans: int, key: str = "model.name", weights: str | None = None,
-               **kwargs) -> nn.Module:
+def build_timm(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    key: str = "model.name",
+    weights: str | None = None,
+    **kwargs,
+) -> nn.Module:
     group = key.rsplit(".", 1)[0]
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"{group}.source=timm: timm is not installed (pip install timm)") from None
+        raise ConfigError(
+            f"{group}.source=timm: timm is not installed (pip install timm)"
+        ) from None
     if not timm.is_model(name):
-        raise ConfigError(f"{key}={name}: unknown timm model; valid: the names of timm.list_models()")
+        raise ConfigError(
+            f"{key}={name}: unknown timm model; valid: the names of timm.list_models()"
+        )
     full = name
     if weights:
         from kdrun.models.registry import check_weights
@@ -32,13 +43,25 @@ def build_timm(name: str, num_classes: int, in_chans: int, key: str = "model.nam
         check_weights(name, "timm", weights, group)
         full = f"{name.split('.')[0]}.{weights}"
     try:
-        model = timm.create_model(full, pretrained=bool(weights), num_classes=num_classes, in_chans=in_chans,
-                                  **kwargs)
+        model = timm.create_model(
+            full,
+            pretrained=bool(weights),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            **kwargs,
+        )
     except TypeError as e:
-        raise ConfigError(f"{group}.kwargs: not accepted by timm model {name} ({e})") from None
-    except (OSError, RuntimeError) as e:  # not in the hub cache and no network (or offline)
-        raise ConfigError(f"{group}.weights={weights}: timm could not load {full} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}); download it once online or fill $HF_HOME") from None
+        raise ConfigError(
+            f"{group}.kwargs: not accepted by timm model {name} ({e})"
+        ) from None
+    except (
+        OSError,
+        RuntimeError,
+    ) as e:  # not in the hub cache and no network (or offline)
+        raise ConfigError(
+            f"{group}.weights={weights}: timm could not load {full} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); download it once online or fill $HF_HOME"
+        ) from None
     model.feature_points = feature_points(model)
     return model
 
@@ -48,13 +71,19 @@ def pretrained_tags(name: str, group: str = "model") -> list[str]:
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"{group}.source=timm: timm is not installed (pip install timm)") from None
+        raise ConfigError(
+            f"{group}.source=timm: timm is not installed (pip install timm)"
+        ) from None
     arch = name.split(".")[0]
     return [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*") if "." in t]
 
 
 def feature_points(model: nn.Module) -> dict[str, str]:
-    entries = [e for e in (getattr(model, "feature_info", None) or []) if isinstance(e, dict) and e.get("module")]
+    entries = [
+        e
+        for e in (getattr(model, "feature_info", None) or [])
+        if isinstance(e, dict) and e.get("module")
+    ]
     points: dict[str, str] = {}
     if len(entries) > 1 and entries[0].get("reduction", 32) <= 2:
         points["stem"] = entries.pop(0)["module"]

@@ -20,6 +20,7 @@ over RGB for one channel, as timm does); the small-input 3x3 stem and the classi
 dataset's classes start new. The file comes from torch's hub cache (``$TORCH_HOME/hub/checkpoints``),
 downloaded on first use.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,14 @@ from kdrun.models.registry import register_model
 
 log = logging.getLogger("kdrun")
 
-_RESNET_POINTS = {"stem": "maxpool", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
-                  "stage4": "layer4", "pre_logits": "fc:input"}
+_RESNET_POINTS = {
+    "stem": "maxpool",
+    "stage1": "layer1",
+    "stage2": "layer2",
+    "stage3": "layer3",
+    "stage4": "layer4",
+    "pre_logits": "fc:input",
+}
 
 
 def _stem_conv(old: nn.Conv2d, in_chans: int, small: bool) -> nn.Conv2d:
@@ -48,7 +55,11 @@ def _stem_conv(old: nn.Conv2d, in_chans: int, small: bool) -> nn.Conv2d:
 def _relax_strides(blocks, size: int, min_size: int = 2) -> None:
     """Run each downsampling block at stride 1 once halving would take the map below ``min_size``."""
     for block in blocks:
-        strided = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+        strided = [
+            m
+            for m in block.modules()
+            if isinstance(m, nn.Conv2d) and m.stride == (2, 2)
+        ]
         if not strided:
             continue
         if size // 2 >= min_size:
@@ -58,7 +69,9 @@ def _relax_strides(blocks, size: int, min_size: int = 2) -> None:
                 m.stride = (1, 1)
 
 
-def _resnet(make: Callable, num_classes: int, in_chans: int, img_size: int, small: bool) -> nn.Module:
+def _resnet(
+    make: Callable, num_classes: int, in_chans: int, img_size: int, small: bool
+) -> nn.Module:
     model = make(num_classes=num_classes, zero_init_residual=True)
     model.conv1 = _stem_conv(model.conv1, in_chans, small)
     if small:
@@ -68,24 +81,41 @@ def _resnet(make: Callable, num_classes: int, in_chans: int, img_size: int, smal
     return model
 
 
-def _shufflenet(num_classes: int, in_chans: int, img_size: int, small: bool) -> nn.Module:
+def _shufflenet(
+    num_classes: int, in_chans: int, img_size: int, small: bool
+) -> nn.Module:
     model = tv.shufflenet_v2_x1_0(num_classes=num_classes)
     model.conv1[0] = _stem_conv(model.conv1[0], in_chans, small)
     if small:
         model.maxpool = nn.Identity()
         _relax_strides([model.stage2[0], model.stage3[0], model.stage4[0]], img_size)
-    model.feature_points = {"stem": "maxpool", "stage1": "stage2", "stage2": "stage3", "stage3": "stage4",
-                            "stage4": "conv5", "pre_logits": "fc:input"}
+    model.feature_points = {
+        "stem": "maxpool",
+        "stage1": "stage2",
+        "stage2": "stage3",
+        "stage3": "stage4",
+        "stage4": "conv5",
+        "pre_logits": "fc:input",
+    }
     return model
 
 
-def _mobilenet(make: Callable, stages: tuple[int, ...], pre_logits: str, num_classes: int, in_chans: int,
-               img_size: int, small: bool) -> nn.Module:
+def _mobilenet(
+    make: Callable,
+    stages: tuple[int, ...],
+    pre_logits: str,
+    num_classes: int,
+    in_chans: int,
+    img_size: int,
+    small: bool,
+) -> nn.Module:
     model = make(num_classes=num_classes)
     model.features[0][0] = _stem_conv(model.features[0][0], in_chans, small)
     if small:
         _relax_strides(list(model.features)[1:], img_size)
-    model.feature_points = {"stem": "features.0"} | {f"stage{i + 1}": f"features.{j}" for i, j in enumerate(stages)}
+    model.feature_points = {"stem": "features.0"} | {
+        f"stage{i + 1}": f"features.{j}" for i, j in enumerate(stages)
+    }
     model.feature_points["pre_logits"] = pre_logits
     return model
 
@@ -94,7 +124,9 @@ def _small(small_input, img_size: int) -> bool:
     if small_input is None:
         return img_size <= 64
     if not isinstance(small_input, bool):
-        raise ConfigError(f"kwargs.small_input={small_input}: not a boolean; valid: true, false, null")
+        raise ConfigError(
+            f"kwargs.small_input={small_input}: not a boolean; valid: true, false, null"
+        )
     return small_input
 
 
@@ -109,18 +141,24 @@ def pretrained_state(tv_name: str, weights: str) -> dict[str, torch.Tensor]:
     enum = tv.get_model_weights(tv_name)
     valid = [w.name for w in enum]
     if weights not in valid and weights != "DEFAULT":
-        raise ConfigError(f"weights={weights}: not a torchvision weights name of {tv_name}; "
-                          f"valid: {', '.join(valid + ['DEFAULT'])}")
+        raise ConfigError(
+            f"weights={weights}: not a torchvision weights name of {tv_name}; "
+            f"valid: {', '.join(valid + ['DEFAULT'])}"
+        )
     w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
     if not os.path.exists(path):
         log.info("weights %s: downloading %s to %s", weights, w.url, path)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's own "Downloading" line
+        with contextlib.redirect_stderr(
+            io.StringIO()
+        ):  # torch.hub's own "Downloading" line
             return w.get_state_dict(progress=False)
     except (URLError, OSError) as e:
-        raise ConfigError(f"weights={weights}: {os.path.basename(w.url)} is not in the hub cache and cannot be "
-                          f"downloaded ({type(e).__name__}); place it at {path} (from {w.url})") from None
+        raise ConfigError(
+            f"weights={weights}: {os.path.basename(w.url)} is not in the hub cache and cannot be "
+            f"downloaded ({type(e).__name__}); place it at {path} (from {w.url})"
+        ) from None
 
 
 def _adapt_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -133,14 +171,21 @@ def _adapt_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
 
 
-def load_fitting(model: nn.Module, state: dict[str, torch.Tensor], in_chans: int) -> list[str]:
+def load_fitting(
+    model: nn.Module, state: dict[str, torch.Tensor], in_chans: int
+) -> list[str]:
     """Copy every tensor of ``state`` whose shape fits ``model`` (stem kernels adapted to ``in_chans``);
     returns the names of the model's tensors left as initialised (new)."""
     own = model.state_dict()
     new = []
     for key, target in own.items():
         src = state.get(key)
-        if src is not None and src.dim() == 4 and src.shape[1] == 3 and target.shape[1] == in_chans != 3:
+        if (
+            src is not None
+            and src.dim() == 4
+            and src.shape[1] == 3
+            and target.shape[1] == in_chans != 3
+        ):
             src = _adapt_channels(src, in_chans)
         if src is not None and src.shape == target.shape:
             own[key] = src.to(target.dtype)
@@ -152,14 +197,23 @@ def load_fitting(model: nn.Module, state: dict[str, torch.Tensor], in_chans: int
 
 def _register(name: str, doc: str, build_fn: Callable, tv_name: str) -> None:
     @register_model(name)
-    def build(num_classes: int, in_chans: int = 3, img_size: int = 32, small_input: bool | None = None,
-              weights: str | None = None):
+    def build(
+        num_classes: int,
+        in_chans: int = 3,
+        img_size: int = 32,
+        small_input: bool | None = None,
+        weights: str | None = None,
+    ):
         model = build_fn(num_classes, in_chans, img_size, _small(small_input, img_size))
         if weights:
             new = load_fitting(model, pretrained_state(tv_name, weights), in_chans)
             params = {k for k, _ in model.named_parameters()}
-            log.info("%s: pretrained %s loaded; new (not in the weights or another shape): %s", name, weights,
-                     ", ".join(k for k in new if k in params) or "none")
+            log.info(
+                "%s: pretrained %s loaded; new (not in the weights or another shape): %s",
+                name,
+                weights,
+                ", ".join(k for k in new if k in params) or "none",
+            )
         return model
 
     build.__doc__ = doc
@@ -170,21 +224,52 @@ def _resnet_builder(make: Callable) -> Callable:
     return lambda n, c, s, small: _resnet(make, n, c, s, small)
 
 
-def _mobilenet_builder(make: Callable, stages: tuple[int, ...], pre_logits: str) -> Callable:
+def _mobilenet_builder(
+    make: Callable, stages: tuple[int, ...], pre_logits: str
+) -> Callable:
     return lambda n, c, s, small: _mobilenet(make, stages, pre_logits, n, c, s, small)
 
 
-_register("resnet18", "torchvision ResNet-18 (kwarg small_input: 3x3 stem, no max-pool).", _resnet_builder(tv.resnet18),
-          "resnet18")
-_register("resnet34", "torchvision ResNet-34 (kwarg small_input: 3x3 stem, no max-pool).", _resnet_builder(tv.resnet34),
-          "resnet34")
-_register("resnet50", "torchvision ResNet-50, bottleneck (kwarg small_input).", _resnet_builder(tv.resnet50),
-          "resnet50")
+_register(
+    "resnet18",
+    "torchvision ResNet-18 (kwarg small_input: 3x3 stem, no max-pool).",
+    _resnet_builder(tv.resnet18),
+    "resnet18",
+)
+_register(
+    "resnet34",
+    "torchvision ResNet-34 (kwarg small_input: 3x3 stem, no max-pool).",
+    _resnet_builder(tv.resnet34),
+    "resnet34",
+)
+_register(
+    "resnet50",
+    "torchvision ResNet-50, bottleneck (kwarg small_input).",
+    _resnet_builder(tv.resnet50),
+    "resnet50",
+)
 # stage ends: the last block at each resolution (strides 4, 8, 16, 32 at ImageNet sizes)
-_register("mbv2", "torchvision MobileNetV2 1.0x (kwarg small_input).",
-          _mobilenet_builder(tv.mobilenet_v2, (3, 6, 13, 17), "classifier:input"), "mobilenet_v2")
-_register("mbv3_small", "torchvision MobileNetV3-Small (kwarg small_input).",
-          _mobilenet_builder(tv.mobilenet_v3_small, (1, 3, 8, 11), "classifier.3:input"), "mobilenet_v3_small")
-_register("mbv3_large", "torchvision MobileNetV3-Large (kwarg small_input).",
-          _mobilenet_builder(tv.mobilenet_v3_large, (3, 6, 12, 15), "classifier.3:input"), "mobilenet_v3_large")
-_register("shufflenet_v2", "torchvision ShuffleNetV2 1.0x (kwarg small_input).", _shufflenet, "shufflenet_v2_x1_0")
+_register(
+    "mbv2",
+    "torchvision MobileNetV2 1.0x (kwarg small_input).",
+    _mobilenet_builder(tv.mobilenet_v2, (3, 6, 13, 17), "classifier:input"),
+    "mobilenet_v2",
+)
+_register(
+    "mbv3_small",
+    "torchvision MobileNetV3-Small (kwarg small_input).",
+    _mobilenet_builder(tv.mobilenet_v3_small, (1, 3, 8, 11), "classifier.3:input"),
+    "mobilenet_v3_small",
+)
+_register(
+    "mbv3_large",
+    "torchvision MobileNetV3-Large (kwarg small_input).",
+    _mobilenet_builder(tv.mobilenet_v3_large, (3, 6, 12, 15), "classifier.3:input"),
+    "mobilenet_v3_large",
+)
+_register(
+    "shufflenet_v2",
+    "torchvision ShuffleNetV2 1.0x (kwarg small_input).",
+    _shufflenet,
+    "shufflenet_v2_x1_0",
+)
