@@ -1,6 +1,6 @@
 """Training-batch throughput: kdrun's decode-once loader vs torchvision's per-epoch decoding.
 
-    python scripts/bench_data.py [--root /work/cache/cifar10-jpg] [--batches 100] [--warmup 10]
+    python scripts/bench_data.py [--root DIR] [--batches 100] [--warmup 10]
 
 Both sides read the same CIFAR-10 JPEG folder and produce normalised float batches of 128 with
 pad-4 random crop and horizontal flip:
@@ -10,7 +10,7 @@ pad-4 random crop and horizontal flip:
   ToTensor, Normalize) + ``DataLoader(num_workers=2)``.
 
 Warm-up batches (worker start-up, first cache read) are not timed. Without ``--root`` the folder is
-extracted from ``$KDRUN_SHARED_DATA/cifar10-jpg.tar.gz`` into /work/cache once.
+extracted from ``$KDRUN_SHARED_DATA/cifar10-jpg.tar.gz`` into ``$KDRUN_DEV_CACHE`` (default ``~/.cache/kdrun-dev``) once.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from kdrun.data import DATASETS
 from kdrun.data.loader import Augment, Normalize, TensorLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prepare_shared_data import SHARED, extract_cifar10  # noqa: E402
+from prepare_shared_data import DEV_CACHE, SHARED, extract_cifar10  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cache-dir", help="decode cache (default: $KDRUN_CACHE_DIR or ~/.cache/kdrun/data)")
     a = p.parse_args()
-    root = a.root or extract_cifar10(SHARED, "/work/cache")
+    root = a.root or extract_cifar10(SHARED, DEV_CACHE)
     print(f"CIFAR-10 train folder {root}, batch {a.batch_size}, {a.batches} timed batches after {a.warmup}, "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     ours = images_per_s(kdrun_batches(root, a.batch_size, a.cache_dir), a.batches, a.warmup)

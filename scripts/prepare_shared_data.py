@@ -1,6 +1,9 @@
 """Unpack the shared real-data copies into a cache folder outside the repository (once).
 
-    python scripts/prepare_shared_data.py [--shared /work/shared/datasets] [--out /work/cache]
+    python scripts/prepare_shared_data.py [--shared DIR] [--out DIR]
+
+``--shared`` defaults to ``$KDRUN_SHARED_DATA`` or ``../shared/datasets`` next to the repository;
+``--out`` to ``$KDRUN_DEV_CACHE`` or ``~/.cache/kdrun-dev``.
 
 gives OUT/cifar10-jpg/{train,test}/<class>/*.jpg (for ``dataset=imagefolder``) and
 OUT/mnist/MNIST/raw/* uncompressed (torchvision's layout, for ``dataset=mnist dataset.root=OUT/mnist``;
@@ -16,6 +19,8 @@ import shutil
 import tarfile
 
 SHARED = os.environ.get("KDRUN_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+DEV_CACHE = os.environ.get("KDRUN_DEV_CACHE", str(Path.home() / ".cache" / "kdrun-dev"))  # outside the repository
+CIFAR10_JPG = os.path.join(DEV_CACHE, "cifar10-jpg")
 
 
 def extract_cifar10(shared: str, out: str) -> str:
@@ -47,7 +52,7 @@ def gunzip_mnist(shared: str, out: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shared", default=SHARED)
-    p.add_argument("--out", default="/work/cache")
+    p.add_argument("--out", default=DEV_CACHE)
     a = p.parse_args()
     print("cifar10 image folder:", extract_cifar10(a.shared, a.out))
     print("mnist root:", gunzip_mnist(a.shared, a.out))

@@ -1,6 +1,6 @@
 """The knowledge-distillation loop every tutorial writes: the baseline kdrun is measured against.
 
-    python scripts/reference_kd.py [--root /work/cache/cifar10-jpg] [--subset 5000] [--steps 30]
+    python scripts/reference_kd.py [--root DIR] [--subset 5000] [--steps 30]
 
 * data: torchvision ``ImageFolder`` + ``DataLoader(num_workers=2, shuffle=True)``, every image decoded
   from its JPEG and augmented with PIL transforms (RandomCrop(32, padding=4), RandomHorizontalFlip,
@@ -33,7 +33,7 @@ from kdrun.losses.kd import kd_loss
 from kdrun.models import build_model
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-ROOT = "/work/cache/cifar10-jpg"
+ROOT = os.path.join(os.environ.get("KDRUN_DEV_CACHE", os.path.expanduser("~/.cache/kdrun-dev")), "cifar10-jpg")
 
 
 def subset_indices(total: int, n: int, seed: int = 0) -> torch.Tensor:
