@@ -234,7 +234,7 @@ def test_stream_loader_yields_the_tensor_loaders_batches(folder, tmp_path, num_w
 
 @pytest.fixture(scope="session")
 def cifar10_folder(tmp_path_factory):
-    extracted = os.environ.get("KDRUN_CIFAR10_DIR", "/work/cache/cifar10-jpg")
+    extracted = os.environ.get("KDRUN_CIFAR10_DIR", os.path.expanduser("~/.cache/kdrun-dev/cifar10-jpg"))
     if os.path.isdir(os.path.join(extracted, "train")):
         return extracted
     tarball = os.path.join(SHARED, "cifar10-jpg.tar.gz")
