@@ -5,7 +5,8 @@ add a new model or KD method.
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from kdrun.errors import ConfigError
 

@@ -10,7 +10,8 @@ pad-4 random crop and horizontal flip:
   ToTensor, Normalize) + ``DataLoader(num_workers=2)``.
 
 Warm-up batches (worker start-up, first cache read) are not timed. Without ``--root`` the folder is
-extracted from ``$KDRUN_SHARED_DATA/cifar10-jpg.tar.gz`` into ``$KDRUN_DEV_CACHE`` (default ``~/.cache/kdrun-dev``) once.
+extracted from ``$KDRUN_SHARED_DATA/cifar10-jpg.tar.gz`` into ``$KDRUN_DEV_CACHE``
+(default ``~/.cache/kdrun-dev``) once.
 """
 from __future__ import annotations
 

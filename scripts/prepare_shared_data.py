@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-from pathlib import Path
 import shutil
 import tarfile
+from pathlib import Path
 
 SHARED = os.environ.get("KDRUN_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 DEV_CACHE = os.environ.get("KDRUN_DEV_CACHE", str(Path.home() / ".cache" / "kdrun-dev"))  # outside the repository

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable, Iterator
 from itertools import count, islice
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F

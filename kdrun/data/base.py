@@ -8,8 +8,8 @@ read and decoded once, not every epoch.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -25,7 +25,7 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, idx: torch.Tensor) -> "ImageSet":
+    def subset(self, idx: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[idx], self.labels[idx])
 
     @property
@@ -53,7 +53,7 @@ class FileSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, idx: torch.Tensor) -> "FileSet":
+    def subset(self, idx: torch.Tensor) -> FileSet:
         return FileSet([self.files[i] for i in idx.tolist()], self.labels[idx], self.image_size, self.in_chans)
 
 
@@ -78,7 +78,7 @@ class DataBundle:
         return self.train.image_size
 
     def check(self, num_classes: int | None = None, image_size: int | None = None,
-              in_chans: int | None = None) -> "DataBundle":
+              in_chans: int | None = None) -> DataBundle:
         """Raise ConfigError when the config's num_classes/image_size/in_chans disagree with the data."""
         for key, want, have in (("num_classes", num_classes, self.num_classes),
                                 ("image_size", image_size, self.image_size), ("in_chans", in_chans, self.in_chans)):

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from kdrun.data.base import DataBundle, FileSet, ImageSet, register_dataset
-from kdrun.data.decode import IMG_EXTENSIONS, cache_dir as resolve_cache_dir, decode_files, files_key, \
-    load_cached, save_cached
+from kdrun.data.decode import IMG_EXTENSIONS, decode_files, files_key, load_cached, save_cached
+from kdrun.data.decode import cache_dir as resolve_cache_dir
 from kdrun.data.stream import select_mode
 from kdrun.errors import ConfigError
 
