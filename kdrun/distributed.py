@@ -64,11 +64,6 @@ def bind_device(name: str) -> torch.device:
     return device
 
 
-def device_for(name: str) -> str:
-    """The device name of this worker (see :func:`bind_device`, which also makes it current)."""
-    return str(bind_device(name))
-
-
 def shard(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's share of one global batch, like ``DistributedSampler``: the batch is padded with its own
     first samples to a multiple of ``world_size``, then rank r takes samples r, r + W, ... Every rank gets the
@@ -84,8 +79,9 @@ def shard(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
     """``module`` as DDP when there are several workers (BatchNorm -> SyncBatchNorm with ``sync_bn``), else as is.
 
-    Buffers are not broadcast at each forward: BatchNorm statistics are rank 0's own either way (rank 0
-    evaluates and saves), and a method's large buffers (CRD's memory banks) are kept equal by the method.
+    Buffers are synced once, at the start, not at each forward: BatchNorm statistics are rank 0's own either
+    way (rank 0 evaluates and saves), and a method's large buffers (CRD's memory banks) are kept equal by the
+    method. Gradients are views into DDP's buckets (no copy).
     """
     if size() == 1:
         return module
@@ -94,7 +90,8 @@ def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.M
             raise ConfigError("trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs")
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # converts in place below the root
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False,
+                                               gradient_as_bucket_view=True)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
