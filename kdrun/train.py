@@ -206,7 +206,7 @@ class Run:
         log.info("data: %s, %d train / %d val / %d test images, %d classes, %dx%dx%d", self.data.name,
                  len(self.train_set), len(self.val_set) if self.val_set else 0, len(self.data.test),
                  self.data.num_classes, self.data.in_chans, self.data.image_size, self.data.image_size)
-        if self.student_set is not self.train_set:
+        if len(self.student_set) != len(self.train_set):
             log.info("data: the student stages train on %d of the %d training images (dataset.student_fraction=%s, "
                      "student_exclude=%s); the teacher on all of them", len(self.student_set), len(self.train_set),
                      cfg.dataset.student_fraction, list(cfg.dataset.get("student_exclude") or []))
