@@ -11,7 +11,8 @@ ARGS = ["teacher=resnet8", "student=resnet8", "trainer.teacher_epochs=2", "train
         "trainer.batch_size=128", "trainer.checkpoint_every_steps=5", "trainer.deterministic=true",
         "trainer.latency=false", "store.enabled=false", "cache.views=2", "dataset.augment.crop_pad=1",
         # the whole engine state: per-step LR (warm-up, then cosine), clipping, the EMA of the weights
-        "optim.warmup_epochs=1", "optim.grad_clip=5", "trainer.ema=0.9"]
+        "optim.warmup_epochs=1", "optim.grad_clip=5", "trainer.ema=0.9",
+        "dataset.student_fraction=1.0"]  # 12 steps per student epoch: the kill points below fall inside them
 
 
 def final_state(run_dir):
