@@ -121,7 +121,7 @@ def test_each_rank_binds_its_local_gpu(monkeypatch):
 ARGS = ["teacher=mlp", "student=mlp", "teacher.kwargs.hidden=[48]", "student.kwargs.hidden=[24]",
         "trainer.teacher_epochs=2", "trainer.epochs=2", "trainer.batch_size=96", "trainer.deterministic=true",
         "trainer.latency=false", "store.enabled=false", "baseline=false", "optim.warmup_epochs=1",
-        "optim.grad_clip=5"]
+        "optim.grad_clip=5", "dataset.student_fraction=1.0"]  # 1438 = 14 x 96 + 94: every batch splits evenly
 
 
 def weights(run_dir) -> dict:
