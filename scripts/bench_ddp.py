@@ -121,7 +121,9 @@ def main() -> None:
         order = ["ddp", "allreduce"] if r % 2 == 0 else ["allreduce", "ddp"]
         for mode in order:
             times[mode].append(run(mode, a.procs, a))
+            print(f"round {r + 1} {mode}: {times[mode][-1] * 1e3:.0f} ms/step", flush=True)
         times["one process"].append(run("ddp", 1, a))
+        print(f"round {r + 1} one process: {times['one process'][-1] * 1e3:.0f} ms/step", flush=True)
     print(f"model {a.model}, global batch {a.batch} (32x32x3), {a.procs} processes x {a.threads} threads, "
           f"{a.device}, {a.steps} timed steps after {a.warmup}, median of {a.repeats}")
     print(f"{'engine':<28}{'ms/step':>10}{'images/s':>10}   runs (ms)")
