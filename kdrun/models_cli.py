@@ -55,8 +55,9 @@ def parse_args(args: list[str]) -> dict:
         if key in INT_ARGS:
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"{key}={value}: not a positive integer; valid: e.g. {key}=10")
-            value = int(value)
-        opts[key] = value
+            opts[key] = int(value)
+        else:
+            opts[key] = value
     return opts
 
 
@@ -71,7 +72,8 @@ def dataset_spec(name: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"dataset={name}: unknown dataset; valid: {', '.join(dataset_names())}")
     cfg = OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=False)
-    return {k: cfg[k] for k in INT_ARGS if isinstance(cfg.get(k), int)}
+    values = cfg if isinstance(cfg, dict) else {}
+    return {k: values[k] for k in INT_ARGS if isinstance(values.get(k), int)}
 
 
 def input_spec(opts: dict) -> dict:
@@ -105,6 +107,7 @@ def print_table(models) -> None:
 def print_report(name: str, source: str, spec: dict) -> None:
     from kdrun.models import build_model
     from kdrun.models import report as mr
+    from kdrun.models.registry import feature_points
 
     model = build_model(name, spec["num_classes"], spec["in_chans"], spec["image_size"], key="model",
                         source=source).eval()
@@ -123,6 +126,7 @@ def print_report(name: str, source: str, spec: dict) -> None:
     shapes = mr.feature_shapes(model, shape)
     print("feature points (shape at batch 1):")
     width = max(len(n) for n in shapes)
+    points = feature_points(model)
     for point, dims in shapes.items():
-        where = model.feature_points[point] or "(model output)"
+        where = points.get(point) or "(model output)"
         print(f"  {point:<{width}}  {str(dims):<20}  {where}")

@@ -41,6 +41,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int,
     total = max(1, epochs * steps_per_epoch)
     warm = min(int(cfg.get("warmup_epochs", 0) or 0) * steps_per_epoch, total)
     name = cfg.get("schedule", "constant")
+    main: lr_scheduler.LRScheduler
     if name == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warm))
     elif name == "step":

@@ -5,6 +5,7 @@ import copy
 import os
 import platform
 import sys
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -12,11 +13,12 @@ from torch import nn
 
 from kdrun import io
 from kdrun.engine import StageResult, accuracy, predict
+from kdrun.errors import KdrunError
 from kdrun.significance import mcnemar
 
 
 def stage_summary(res: StageResult) -> dict:
-    out = {"epochs": len(res.history), "seconds": round(res.seconds, 3),
+    out: dict[str, Any] = {"epochs": len(res.history), "seconds": round(res.seconds, 3),
            "images_per_s": round(res.images_per_s, 1)}
     if res.history:
         out["final_train_loss"] = res.history[-1]["loss"]
@@ -31,7 +33,7 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     top1, top5 = accuracy(logits, labels)
     labels = labels.cpu()
     wrong = logits.argmax(1) != labels
-    out = {"top1": round(top1, 3), "errors": int(wrong.sum())}
+    out: dict[str, Any] = {"top1": round(top1, 3), "errors": int(wrong.sum())}
     if logits.shape[1] > 5:
         out["top5"] = round(top5, 3)
     out["errors_by_class"] = torch.bincount(labels[wrong], minlength=logits.shape[1]).tolist()  # by true class
@@ -74,7 +76,10 @@ def evaluate(run) -> tuple[dict, dict[str, torch.Tensor]]:
         best = run.stages.get(trained.stage, {}).get("best_epoch")
         if best is not None:  # chosen on the held-out validation split, never on test
             m = copy.deepcopy(trained.model)
-            ckpt = io.load_checkpoint(os.path.join(run.ckpt_dir, f"{trained.stage}_best.pt"))  # verified
+            path = os.path.join(run.ckpt_dir, f"{trained.stage}_best.pt")
+            ckpt = io.load_checkpoint(path)  # verified
+            if ckpt is None:
+                raise KdrunError(f"{path}: missing (written when the stage chose epoch {best}); rerun the stage")
             m.load_state_dict(ckpt["model"])
             best_logits = predict(m, loader)
             out[name]["best_on_val"] = _scores(best_logits, labels) | {"epoch": best}

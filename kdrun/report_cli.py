@@ -20,9 +20,9 @@ def parse_args(args: list[str]) -> dict:
     opts: dict = {"dir": None, "out": None, "top": "10"}
     it = iter(args)
     for arg in it:
-        name, eq, value = arg.partition("=")
+        name, eq, inline = arg.partition("=")
         if name in ("--out", "--top"):
-            value = value if eq else next(it, None)
+            value = inline if eq else next(it, None)
             if not value:
                 raise ConfigError(f"report {name}: needs a value ({name} {'DIR' if name == '--out' else 'N'})")
             opts[name[2:]] = value

@@ -88,18 +88,18 @@ def store_main(args: list[str]) -> int:
             if not locked:  # being built, or read by a running job: never touched
                 print(f"skipped  {kind:<8} {key}  (in use by another process)")
                 continue
-            e = store.inspect(kind, key, verify=False)
-            if e is None:  # only temporary directories of a killed builder
+            entry = store.inspect(kind, key, verify=False)
+            if entry is None:  # only temporary directories of a killed builder
                 print(("would remove " if dry else "removed ") + f"{kind:<8} {key}  (partial build)")
                 if not dry:
                     store.remove(kind, key)
                 continue
-            unused = (e.kind, e.key) not in refs
-            too_old = max_age is not None and now - e.created > max_age
-            if e.problem or unused or too_old:
-                why = e.problem or ("unreferenced" if unused else "older than limit")
-                print(("would remove " if dry else "removed ") + describe(e, now) + f" ({why})")
-                freed += e.size
+            unused = (entry.kind, entry.key) not in refs
+            too_old = max_age is not None and now - entry.created > max_age
+            if entry.problem or unused or too_old:
+                why = entry.problem or ("unreferenced" if unused else "older than limit")
+                print(("would remove " if dry else "removed ") + describe(entry, now) + f" ({why})")
+                freed += entry.size
                 if not dry:
                     store.remove(kind, key)
     print(f"{'would free' if dry else 'freed'} {freed / 2**20:.2f} MB")

@@ -56,6 +56,7 @@ def hydra_train(cfg: DictConfig) -> float:
             log.exception("job failed; the sweep goes on")
             return math.nan
         raise
+    assert metrics is not None  # train.run returns None only on workers other than rank 0, which returned above
     report.write_json(metrics, os.path.join(run_dir, "metrics.json"))  # written last: marks the run complete
     table = report.summary_table(metrics)
     log.info("summary\n%s\noutputs: %s", table, run_dir)

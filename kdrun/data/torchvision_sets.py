@@ -63,10 +63,11 @@ def _idx_dataset(name: str, tv_cls, root: str, download: bool) -> DataBundle:
         except Exception as e:  # network or checksum failure
             why = f"download failed ({_why(e)}); "
         paths = _find_idx(dirs)
-    if None in paths:
+    found = [p for p in paths if p is not None]
+    if len(found) < len(paths):
         raise ConfigError(f"dataset.root={root}: {name} files not found: {why}expected {', '.join(IDX_FILES)} "
                           f"(plain or .gz) in {root} or {dirs[1]}; {_how(download)}")
-    x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
+    x_train, y_train, x_test, y_test = (read_idx(p) for p in found)
     train, test = ImageSet(x_train[:, None].contiguous(), y_train.long()), ImageSet(x_test[:, None].contiguous(),
                                                                                    y_test.long())
     for split in (train, test):

@@ -62,6 +62,7 @@ class MLP(nn.Module):
         if self.max_norm is None:
             return
         for layer in self.layers:
+            assert isinstance(layer, HiddenLayer)
             w = layer.fc.weight
             w.copy_(torch.renorm(w, p=2, dim=0, maxnorm=self.max_norm))
 

@@ -27,6 +27,19 @@ ModelFn = Callable[..., nn.Module]
 MODELS: Registry[ModelFn] = Registry("model", "model.name")
 register_model = MODELS.register
 SOURCES = ("kdrun", "timm")
+# kdrun model name -> the torchvision builder whose pretrained weights it takes (``weights=...``)
+PRETRAINED_FROM: dict[str, str] = {}
+
+
+def feature_points(model: nn.Module) -> dict[str, str]:
+    """The model's ``feature_points`` (empty for a model that names none)."""
+    points = getattr(model, "feature_points", None)
+    return points if isinstance(points, dict) else {}
+
+
+def set_feature_points(model: nn.Module, points: dict[str, str]) -> None:
+    # nn.Module.__setattr__'s annotation admits only Tensor | Module; at run time it stores any other value as is
+    model.feature_points = points  # type: ignore[assignment]
 
 
 def build_model(name: str, num_classes: int, in_chans: int, img_size: int,
@@ -54,9 +67,7 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int,
             raise
     else:
         raise ConfigError(f"{group}.source={source}: unknown model source; valid: {', '.join(SOURCES)}")
-    if not hasattr(model, "feature_points"):
-        model.feature_points = {}
-    model.feature_points.setdefault("logits", "")  # "" = the model's own output
+    set_feature_points(model, {"logits": ""} | feature_points(model))  # "" = the model's own output
     return model
 
 
@@ -71,14 +82,15 @@ def check_weights(name: str, source: str, weights: str, group: str = "model") ->
             raise ConfigError(f"{group}.weights={weights}: no such pretrained tag for timm model {name}; "
                               f"valid: {', '.join(tags) or '(none)'}")
         return
-    fn = MODELS.get(name, f"{group}.name")
-    if not hasattr(fn, "weights_of"):
-        with_weights = [n for n in MODELS.names() if hasattr(MODELS.get(n), "weights_of")]
+    MODELS.get(name, f"{group}.name")  # ConfigError for an unknown name
+    tv_name = PRETRAINED_FROM.get(name)
+    if tv_name is None:
+        with_weights = sorted(PRETRAINED_FROM)
         raise ConfigError(f"{group}.weights={weights}: model {name} has no pretrained weights; models with "
                           f"weights: {', '.join(with_weights)} (or source=timm)")
     import torchvision.models as tv
 
-    valid = [w.name for w in tv.get_model_weights(fn.weights_of)] + ["DEFAULT"]
+    valid = [w.name for w in tv.get_model_weights(tv_name)] + ["DEFAULT"]
     if weights not in valid:
         raise ConfigError(f"{group}.weights={weights}: not a torchvision weights name of {name}; "
                           f"valid: {', '.join(valid)}")
@@ -94,7 +106,9 @@ def model_kwargs(fn: ModelFn) -> list[str] | None:
 
 def _check_kwargs(fn: ModelFn, name: str, group: str, kwargs: dict) -> None:
     valid = model_kwargs(fn)
-    unknown = [k for k in kwargs if valid is not None and k not in valid]
+    if valid is None:
+        return
+    unknown = [k for k in kwargs if k not in valid]
     if unknown:
         raise ConfigError(f"{group}.kwargs.{unknown[0]}: not an option of model {name}; "
                           f"valid: {', '.join(valid) or '(none)'}")

@@ -62,7 +62,9 @@ def build_timm(
             f"{group}.weights={weights}: timm could not load {full} ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}); download it once online or fill $HF_HOME"
         ) from None
-    model.feature_points = feature_points(model)
+    from kdrun.models.registry import set_feature_points
+
+    set_feature_points(model, feature_points(model))
     return model
 
 
@@ -88,7 +90,8 @@ def feature_points(model: nn.Module) -> dict[str, str]:
     if len(entries) > 1 and entries[0].get("reduction", 32) <= 2:
         points["stem"] = entries.pop(0)["module"]
     points |= {f"stage{i + 1}": e["module"] for i, e in enumerate(entries)}
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
     path = next((p for p, m in model.named_modules() if m is head and p), None)
     if path is not None and isinstance(head, nn.Linear):
         points["pre_logits"] = f"{path}:input"

@@ -31,7 +31,7 @@ import torchvision.models as tv
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.models.registry import register_model
+from kdrun.models.registry import PRETRAINED_FROM, register_model
 
 log = logging.getLogger("kdrun")
 
@@ -217,7 +217,7 @@ def _register(name: str, doc: str, build_fn: Callable, tv_name: str) -> None:
         return model
 
     build.__doc__ = doc
-    build.weights_of = tv_name  # torchvision builder whose weights this model takes
+    PRETRAINED_FROM[name] = tv_name
 
 
 def _resnet_builder(make: Callable) -> Callable:

@@ -42,7 +42,8 @@ class VGG(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         self.feature_points = {f"stage{i}": f"block{i}" for i in range(1, 6)} | {"pre_logits": "fc:input"}
 
     def forward(self, x):

@@ -4,9 +4,12 @@ A scheme combines the building blocks of :class:`kdrun.train.Run` (``teacher``,
 ``distil``, ``ce_model``) and sets ``run.roles`` (teacher, student, baseline) so
 the report knows which model plays which part.
 """
+from collections.abc import Callable
+from typing import Any
+
 from kdrun.registry import Registry
 
-SCHEMES = Registry("scheme", "scheme.name")
+SCHEMES: Registry[Callable[[Any], None]] = Registry("scheme", "scheme.name")  # fn(run: kdrun.train.Run)
 register_scheme = SCHEMES.register
 
 
