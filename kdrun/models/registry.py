@@ -67,7 +67,9 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int,
             raise
     else:
         raise ConfigError(f"{group}.source={source}: unknown model source; valid: {', '.join(SOURCES)}")
-    set_feature_points(model, {"logits": ""} | feature_points(model))  # "" = the model's own output
+    points = feature_points(model)
+    points.setdefault("logits", "")  # "" = the model's own output
+    set_feature_points(model, points)
     return model
 
 
