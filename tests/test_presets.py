@@ -113,9 +113,20 @@ def test_hinton_mnist_composes_with_the_papers_nets():
     assert s.name == "mlp" and list(s.kwargs.hidden) == [800, 800]
     assert s.kwargs.dropout == 0 and s.kwargs.input_dropout == 0 and s.kwargs.max_norm is None
     assert cfg.loss.name == "kd" and cfg.loss.temperature == 20.0 and 0.5 < cfg.loss.alpha <= 1
-    assert cfg.optim.weight_decay == 0 and cfg.trainer.val_fraction == 0 and cfg.cache.views == 0
-    assert cfg.optim.lr == 0.01 and teacher_optim(cfg).lr == 0.05 and teacher_optim(cfg).weight_decay == 0
-    assert cfg.baseline is True
+    assert cfg.optim.weight_decay == 0 and cfg.trainer.val_fraction == 0.1 and cfg.cache.views == 0
+    assert cfg.optim.lr == 0.03 and cfg.optim.grad_clip == 5.0  # the student's, chosen on the validation split
+    assert teacher_optim(cfg).lr == 0.05 and teacher_optim(cfg).weight_decay == 0
+    assert teacher_optim(cfg).grad_clip is None  # the teacher is not clipped
+    assert (cfg.trainer.teacher_epochs, cfg.trainer.epochs) == (120, 60) and cfg.baseline is True
+    assert cfg.dataset.root == cfg.paths.data  # no path of a particular machine: dataset.root or $KDRUN_DATA
+
+
+def test_hinton_mnist_no3_leaves_the_threes_out_and_reuses_the_teacher_recipe():
+    cfg, base = compose_preset("hinton_mnist_no3"), compose_preset("hinton_mnist")
+    validate(cfg)
+    assert list(cfg.dataset.student_exclude) == [3] and dict(cfg.evaluate.logit_bias) == {3: 3.5}
+    assert cfg.teacher == base.teacher and teacher_optim(cfg) == teacher_optim(base)  # same stored teacher
+    assert cfg.trainer.teacher_epochs == base.trainer.teacher_epochs and cfg.dataset.augment == base.dataset.augment
 
 
 def test_hinton_mnist_builds_the_regularised_teacher_and_plain_student():
