@@ -1,5 +1,6 @@
 """Every KD method against an independent NumPy / plain-loop computation of its paper's formula,
 plus gradient flow, layer/shape errors, the combo and the method YAMLs."""
+
 from importlib import resources
 
 import numpy as np
@@ -16,6 +17,7 @@ LOGIT_METHODS = ["kd", "dkd", "dist", "ls_kd"]
 
 # ---------------------------------------------------------------- helpers (NumPy, float64)
 
+
 def np_log_softmax(z):
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
@@ -27,8 +29,7 @@ def np_softmax(z):
 
 def np_kl_rows(p, q):
     """KL(p || q) of each row, as a plain sum."""
-    return np.array([sum(pi * (np.log(pi) - np.log(qi)) for pi, qi in zip(pr, qr) if pi > 0)
-                     for pr, qr in zip(p, q)])
+    return np.array([sum(pi * (np.log(pi) - np.log(qi)) for pi, qi in zip(pr, qr) if pi > 0) for pr, qr in zip(p, q)])
 
 
 def np_huber(d):
@@ -77,6 +78,7 @@ def _seed():
 
 # ---------------------------------------------------------------- KD
 
+
 def np_kd_soft(s, t, T):
     return T * T * np_kl_rows(np_softmax(t / T), np_softmax(s / T)).mean()
 
@@ -107,6 +109,7 @@ def test_kd_direction_is_teacher_to_student_and_reduction_is_batch_mean(rng):
 
 # ---------------------------------------------------------------- DKD
 
+
 def np_dkd(s, t, y, alpha, beta, T):
     total_tckd, total_nckd = 0.0, 0.0
     for zs, zt, g in zip(s, t, y):
@@ -132,19 +135,21 @@ def test_dkd_matches_paper_and_warms_up(rng):
 
 # ---------------------------------------------------------------- DIST
 
+
 def test_dist_matches_pearson_relations(rng):
     s, t = rng.normal(0, 2, (6, 5)), rng.normal(0, 2, (6, 5))
     beta, gamma, tau = 2.0, 0.5, 4.0
     ys, yt = np_softmax(s / tau), np_softmax(t / tau)
     inter = 1 - np.mean([np.corrcoef(ys[i], yt[i])[0, 1] for i in range(6)])
     intra = 1 - np.mean([np.corrcoef(ys[:, c], yt[:, c])[0, 1] for c in range(5)])
-    want = tau ** 2 * (beta * inter + gamma * intra)
+    want = tau**2 * (beta * inter + gamma * intra)
     m = LOSSES.get("dist")(beta=beta, gamma=gamma, tau=tau)
     got = m(Outputs(t64(s)), Outputs(t64(t)), make_ctx(np.zeros(6, int)))
     assert got["dist"].item() == pytest.approx(want, rel=1e-4)
 
 
 # ---------------------------------------------------------------- LS-KD
+
 
 def test_ls_kd_standardises_logits_before_kd(rng):
     s, t = rng.normal(1, 2, (6, 8)), rng.normal(-3, 7, (6, 8))
@@ -172,6 +177,7 @@ def test_kd_loss_gives_no_gradient_to_teacher_logits(rng):
 
 # ---------------------------------------------------------------- FitNet
 
+
 def test_fitnet_regressor_and_mse(rng):
     fs, ft = rng.normal(size=(4, 3, 2, 2)), rng.normal(size=(4, 5, 2, 2))
     m = build("fitnet", [ft.shape], [fs.shape], weight=100.0)
@@ -188,8 +194,9 @@ def test_fitnet_regressor_and_mse(rng):
             for i in range(3):
                 y[n, o] += W[o, i] * fs[n, i]
     mu, var = y.mean(axis=(0, 2, 3)), y.var(axis=(0, 2, 3))  # BN in training mode: batch statistics
-    y = (y - mu[None, :, None, None]) / np.sqrt(var[None, :, None, None] + bn.eps) * g[None, :, None, None] \
-        + b[None, :, None, None]
+    y = (y - mu[None, :, None, None]) / np.sqrt(var[None, :, None, None] + bn.eps) * g[None, :, None, None] + b[
+        None, :, None, None
+    ]
     y = np.maximum(y, 0.0)
     want = 100.0 * ((y - ft) ** 2).mean()
     got = run(m, [t64(fs)], [t64(ft)], make_ctx(np.zeros(4, int)))["fitnet"]
@@ -204,15 +211,26 @@ def test_fitnet_interpolates_student_to_teacher_size():
 
 def test_fitnet_default_layer_is_the_middle_stage():
     m = LOSSES.get("fitnet")()
-    assert m.default_layers(["stem", "stage1", "stage2", "stage3", "pre_logits"],
-                            ["stage1", "stage2", "stage3"]) == (["stage2"], ["stage2"])
+    assert m.default_layers(["stem", "stage1", "stage2", "stage3", "pre_logits"], ["stage1", "stage2", "stage3"]) == (
+        ["stage2"],
+        ["stage2"],
+    )
 
 
 # ---------------------------------------------------------------- AT
 
+
 def np_attention(f, p=2):
-    a = np.array([[np.mean([abs(f[b, c, i, j]) ** p for c in range(f.shape[1])])
-                   for i in range(f.shape[2]) for j in range(f.shape[3])] for b in range(f.shape[0])])
+    a = np.array(
+        [
+            [
+                np.mean([abs(f[b, c, i, j]) ** p for c in range(f.shape[1])])
+                for i in range(f.shape[2])
+                for j in range(f.shape[3])
+            ]
+            for b in range(f.shape[0])
+        ]
+    )
     return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
@@ -229,10 +247,13 @@ def test_at_matches_attention_maps_with_pooling(rng):
 def test_at_default_layers_are_all_shared_stages():
     m = LOSSES.get("at")()
     assert m.default_layers(["stem", "stage1", "stage2", "stage3"], ["stage1", "stage2", "stage3", "stage4"]) == (
-        ["stage1", "stage2", "stage3"], ["stage1", "stage2", "stage3"])
+        ["stage1", "stage2", "stage3"],
+        ["stage1", "stage2", "stage3"],
+    )
 
 
 # ---------------------------------------------------------------- NST
+
 
 def test_nst_matches_polynomial_mmd(rng):
     fs, ft = rng.normal(size=(2, 3, 2, 3)), rng.normal(size=(2, 4, 2, 3))
@@ -240,7 +261,10 @@ def test_nst_matches_polynomial_mmd(rng):
     for b in range(2):
         S = [np_normalize(fs[b, c].ravel()) for c in range(3)]
         T = [np_normalize(ft[b, c].ravel()) for c in range(4)]
-        k = lambda X, Y: np.mean([np.dot(x, y) ** 2 for x in X for y in Y])
+
+        def k(X, Y):
+            return np.mean([np.dot(x, y) ** 2 for x in X for y in Y])
+
         total += k(T, T) + k(S, S) - 2 * k(S, T)
     want = 50.0 * total / 2
     m = build("nst", [ft.shape], [fs.shape], weight=50.0)
@@ -249,6 +273,7 @@ def test_nst_matches_polynomial_mmd(rng):
 
 
 # ---------------------------------------------------------------- RKD
+
 
 def np_rkd(x, y, wd, wa):
     B = len(x)
@@ -278,6 +303,7 @@ def test_rkd_matches_distance_and_angle(rng):
 
 # ---------------------------------------------------------------- SP
 
+
 def test_sp_matches_normalised_gram(rng):
     fs, ft = rng.normal(size=(4, 3, 2, 2)), rng.normal(size=(4, 5, 2, 2))
 
@@ -293,6 +319,7 @@ def test_sp_matches_normalised_gram(rng):
 
 # ---------------------------------------------------------------- PKT
 
+
 def test_pkt_matches_conditional_probabilities(rng):
     x, y = rng.normal(size=(5, 4)), rng.normal(size=(5, 6))
     eps = 1e-7
@@ -303,13 +330,15 @@ def test_pkt_matches_conditional_probabilities(rng):
         return k / k.sum(1, keepdims=True)
 
     ps, pt = probs(x), probs(y)
-    want = 30000.0 * np.mean([[pt[i, j] * np.log((pt[i, j] + eps) / (ps[i, j] + eps)) for j in range(5)]
-                              for i in range(5)])
+    want = 30000.0 * np.mean(
+        [[pt[i, j] * np.log((pt[i, j] + eps) / (ps[i, j] + eps)) for j in range(5)] for i in range(5)]
+    )
     got = run(build("pkt", [y.shape], [x.shape]), [t64(x)], [t64(y)], make_ctx(np.zeros(5, int)))["pkt"]
     assert got.item() == pytest.approx(want, rel=1e-3)
 
 
 # ---------------------------------------------------------------- CC
+
 
 def test_cc_matches_embedded_correlation(rng):
     x, y = rng.normal(size=(5, 4)), rng.normal(size=(5, 6))
@@ -324,6 +353,7 @@ def test_cc_matches_embedded_correlation(rng):
 
 
 # ---------------------------------------------------------------- CRD
+
 
 def test_crd_nce_memory_and_clamped_negatives(rng, monkeypatch):
     N, B, tau, mom = 10, 4, 0.07, 0.5
@@ -418,6 +448,7 @@ def test_logit_gradients_reach_student_not_teacher(name):
 
 # ---------------------------------------------------------------- layer and value errors
 
+
 def test_unbridgeable_shapes_raise_config_error():
     with pytest.raises(ConfigError, match=r"^loss\.layers: teacher stage3 \[64,8,8\] and student pre_logits \[32\]"):
         build("fitnet", [(2, 64, 8, 8)], [(2, 32)], t_names=["stage3"], s_names=["pre_logits"])
@@ -444,14 +475,17 @@ def test_a_single_layer_name_is_one_layer():
     assert LOSSES.get("at")(layers={"teacher": "stage2", "student": "stage2"}).teacher_layers == ["stage2"]
 
 
-@pytest.mark.parametrize("name, kwargs, key", [
-    ("dkd", {"beta": -1.0}, "loss.beta"),
-    ("dist", {"tau": 0.0}, "loss.tau"),
-    ("at", {"weight": -1.0}, "loss.weight"),
-    ("crd", {"nce_m": 1.5}, "loss.nce_m"),
-    ("cc", {"embed_dim": 0}, "loss.embed_dim"),
-    ("rkd", {"ce_weight": -1.0}, "loss.ce_weight"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, key",
+    [
+        ("dkd", {"beta": -1.0}, "loss.beta"),
+        ("dist", {"tau": 0.0}, "loss.tau"),
+        ("at", {"weight": -1.0}, "loss.weight"),
+        ("crd", {"nce_m": 1.5}, "loss.nce_m"),
+        ("cc", {"embed_dim": 0}, "loss.embed_dim"),
+        ("rkd", {"ce_weight": -1.0}, "loss.ce_weight"),
+    ],
+)
 def test_bad_values_name_their_key(name, kwargs, key):
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + "="):
         LOSSES.get(name)(**kwargs)
@@ -459,12 +493,16 @@ def test_bad_values_name_their_key(name, kwargs, key):
 
 # ---------------------------------------------------------------- combo
 
+
 def test_combo_logs_each_term_splits_features_and_sums(rng):
     combo = LOSSES.get("combo")(
-        terms={"kd": {"temperature": 4.0, "alpha": 0.9},
-               "at": {"weight": 1000.0, "layers": {"teacher": ["stage2", "stage3"], "student": ["stage2", "stage3"]}},
-               "fitnet": {}},
-        ce_weight=0.5)
+        terms={
+            "kd": {"temperature": 4.0, "alpha": 0.9},
+            "at": {"weight": 1000.0, "layers": {"teacher": ["stage2", "stage3"], "student": ["stage2", "stage3"]}},
+            "fitnet": {},
+        },
+        ce_weight=0.5,
+    )
     assert combo.needs_teacher_features and combo.ce_weight == 0.5  # not kd's 1 - alpha
     assert combo.teacher_layers == []  # fitnet still needs its default layer
     t_layers, s_layers = combo.default_layers(["stem", "stage1", "stage2", "stage3"], ["stage1", "stage2", "stage3"])
@@ -475,8 +513,11 @@ def test_combo_logs_each_term_splits_features_and_sums(rng):
     t2, t3, t2f, s2, s3, s2f = (rng.normal(size=sh) for sh in shapes)  # *f: fitnet's slice, other values
     combo.build([t2.shape, t3.shape, t2f.shape], [s2.shape, s3.shape, s2f.shape], 10)
     s_log, t_log = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
-    out = combo(Outputs(t64(s_log), [t64(s2), t64(s3), t64(s2f)]),
-                Outputs(t64(t_log), [t64(t2), t64(t3), t64(t2f)]), make_ctx([0, 1, 2]))
+    out = combo(
+        Outputs(t64(s_log), [t64(s2), t64(s3), t64(s2f)]),
+        Outputs(t64(t_log), [t64(t2), t64(t3), t64(t2f)]),
+        make_ctx([0, 1, 2]),
+    )
     assert set(out) == {"kd", "at", "fitnet"}
     want_kd = 0.9 * np_kd_soft(s_log, t_log, 4.0)
     want_at = 1000.0 * sum(((np_attention(a) - np_attention(b)) ** 2).mean() for a, b in [(s2, t2), (s3, t3)])
@@ -515,6 +556,7 @@ def test_combo_errors_name_their_key():
 
 # ---------------------------------------------------------------- configs
 
+
 def loss_yamls():
     root = resources.files("kdrun.configs") / "loss"
     return sorted(p.name for p in root.iterdir() if p.name.endswith(".yaml"))
@@ -533,22 +575,49 @@ def test_every_loss_yaml_builds_its_method(fname):
     assert m.ce_weight >= 0
 
 
-@pytest.mark.parametrize("name, key, value", [
-    ("kd", "temperature", 4.0), ("kd", "alpha", 0.9), ("dkd", "beta", 8.0), ("dkd", "warmup", 20),
-    ("fitnet", "weight", 100.0), ("at", "weight", 1000.0), ("nst", "weight", 50.0), ("rkd", "w_dist", 25.0),
-    ("rkd", "w_angle", 50.0), ("sp", "weight", 3000.0), ("pkt", "weight", 30000.0), ("cc", "weight", 0.02),
-    ("crd", "weight", 0.8), ("crd", "nce_k", 16384), ("crd", "nce_t", 0.07), ("crd", "nce_m", 0.5),
-    ("crd", "embed_dim", 128), ("vid", "weight", 1.0), ("vid", "init_pred_var", 5.0), ("vid", "eps", 1e-5),
-    ("kdsvd", "weight", 1.0), ("kdsvd", "k", 1), ("reviewkd", "weight", 1.0), ("reviewkd", "warmup", 20),
-    ("ofd", "weight", 0.001), ("ft", "weight", 200.0), ("ft", "k", 0.5), ("ft", "paraphraser_epochs", 30),
-    ("fsp", "init_epochs", 30), ("ab", "init_epochs", 30), ("ab", "margin", 1.0),
-])
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("kd", "temperature", 4.0),
+        ("kd", "alpha", 0.9),
+        ("dkd", "beta", 8.0),
+        ("dkd", "warmup", 20),
+        ("fitnet", "weight", 100.0),
+        ("at", "weight", 1000.0),
+        ("nst", "weight", 50.0),
+        ("rkd", "w_dist", 25.0),
+        ("rkd", "w_angle", 50.0),
+        ("sp", "weight", 3000.0),
+        ("pkt", "weight", 30000.0),
+        ("cc", "weight", 0.02),
+        ("crd", "weight", 0.8),
+        ("crd", "nce_k", 16384),
+        ("crd", "nce_t", 0.07),
+        ("crd", "nce_m", 0.5),
+        ("crd", "embed_dim", 128),
+        ("vid", "weight", 1.0),
+        ("vid", "init_pred_var", 5.0),
+        ("vid", "eps", 1e-5),
+        ("kdsvd", "weight", 1.0),
+        ("kdsvd", "k", 1),
+        ("reviewkd", "weight", 1.0),
+        ("reviewkd", "warmup", 20),
+        ("ofd", "weight", 0.001),
+        ("ft", "weight", 200.0),
+        ("ft", "k", 0.5),
+        ("ft", "paraphraser_epochs", 30),
+        ("fsp", "init_epochs", 30),
+        ("ab", "init_epochs", 30),
+        ("ab", "margin", 1.0),
+    ],
+)
 def test_yaml_defaults_are_the_benchmark_ones(name, key, value):
     cfg = OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml")
     assert cfg[key] == value
 
 
 # ---------------------------------------------------------------- with real models
+
 
 @pytest.mark.parametrize("name", FEATURE_METHODS + ["ofd", "ft", "fsp", "ab", "combo"])  # + pre-stage methods
 def test_method_runs_in_the_distill_stage(name):
@@ -558,15 +627,18 @@ def test_method_runs_in_the_distill_stage(name):
 
     teacher = build_model("resnet20", 10, 1, 8).eval().requires_grad_(False)
     student = build_model("resnet8", 10, 1, 8)
-    kw = OmegaConf.to_container(OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml"),
-                                resolve=True)
+    kw = OmegaConf.to_container(
+        OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml"), resolve=True
+    )
     kw.pop("name")
     method = LOSSES.get(name)(**kw)
-    method.teacher_layers, method.student_layers = method.default_layers(list(teacher.feature_points),
-                                                                          list(student.feature_points))
+    method.teacher_layers, method.student_layers = method.default_layers(
+        list(teacher.feature_points), list(student.feature_points)
+    )
     x = torch.randn(6, 1, 8, 8)
-    method.build(probe_shapes(teacher, method.teacher_layers, x[:2]),
-                 probe_shapes(student, method.student_layers, x[:2]), 40)
+    method.build(
+        probe_shapes(teacher, method.teacher_layers, x[:2]), probe_shapes(student, method.student_layers, x[:2]), 40
+    )
     method.bind_teacher(teacher)
     objective = Distill(method, student, epochs=2, num_samples=40, teacher=teacher)
     batch = Batch(x, torch.randint(0, 10, (6,)), torch.arange(6), torch.zeros(6, dtype=torch.long))
@@ -591,7 +663,7 @@ def _validated(*overrides):
 
 
 def test_alpha_range_is_the_methods_own():
-    """KD's alpha mixes soft and hard terms (must be in [0, 1]); DKD's alpha is a TCKD weight (paper: 1; > 1 is valid)."""
+    """KD's alpha mixes soft and hard terms (in [0, 1]); DKD's alpha is a TCKD weight (paper: 1; > 1 is valid)."""
     assert _validated("loss=dkd", "loss.alpha=2.0").loss.alpha == 2.0
     with pytest.raises(ConfigError, match=r"^loss\.alpha=-1: must be a number >= 0"):
         _validated("loss=dkd", "loss.alpha=-1")
@@ -616,19 +688,24 @@ def test_new_methods_compose_with_kd_in_a_combo(name):
     teacher = build_model("resnet20", 10, 1, 8).eval().requires_grad_(False)
     student = build_model("resnet8", 10, 1, 8)
     combo = LOSSES.get("combo")(terms={"kd": {"alpha": 1.0}, name: {}})
-    combo.teacher_layers, combo.student_layers = combo.default_layers(list(teacher.feature_points),
-                                                                      list(student.feature_points))
+    combo.teacher_layers, combo.student_layers = combo.default_layers(
+        list(teacher.feature_points), list(student.feature_points)
+    )
     x = torch.randn(6, 1, 8, 8)
-    combo.build(probe_shapes(teacher, combo.teacher_layers, x[:2]), probe_shapes(student, combo.student_layers, x[:2]),
-                40)
+    combo.build(
+        probe_shapes(teacher, combo.teacher_layers, x[:2]), probe_shapes(student, combo.student_layers, x[:2]), 40
+    )
     combo.bind_teacher(teacher)
     assert len(combo.pre_stages(teacher, student)) == (1 if name in ("ft", "fsp", "ab") else 0)
     from kdrun.models.features import FeatureTap
 
     with FeatureTap(teacher, combo.teacher_layers) as tt, FeatureTap(student, combo.student_layers) as st:
         t_logits, s_logits = teacher(x), student(x)
-    out = combo(Outputs(s_logits, [st.features[n] for n in combo.student_layers]),
-                Outputs(t_logits, [tt.features[n] for n in combo.teacher_layers]), make_ctx([0] * 6, num_samples=40))
+    out = combo(
+        Outputs(s_logits, [st.features[n] for n in combo.student_layers]),
+        Outputs(t_logits, [tt.features[n] for n in combo.teacher_layers]),
+        make_ctx([0] * 6, num_samples=40),
+    )
     assert "kd" in out and all(torch.isfinite(v) for v in out.values())
     assert (name in out) == (name not in ("fsp", "ab"))  # their student stage adds no term
 
@@ -637,9 +714,20 @@ def test_a_methods_pre_stage_is_a_resumable_stage_of_the_run(kdrun, tmp_path):
     """AB's init stage killed mid-way and resumed ends exactly like an uninterrupted run."""
     import signal
 
-    args = ["loss=ab", "loss.init_epochs=2", "teacher=resnet8", "student=resnet8", "trainer.teacher_epochs=1",
-            "trainer.epochs=1", "trainer.batch_size=128", "trainer.checkpoint_every_steps=2",
-            "trainer.deterministic=true", "trainer.latency=false", "store.enabled=false", "baseline=false"]
+    args = [
+        "loss=ab",
+        "loss.init_epochs=2",
+        "teacher=resnet8",
+        "student=resnet8",
+        "trainer.teacher_epochs=1",
+        "trainer.epochs=1",
+        "trainer.batch_size=128",
+        "trainer.checkpoint_every_steps=2",
+        "trainer.deterministic=true",
+        "trainer.latency=false",
+        "store.enabled=false",
+        "baseline=false",
+    ]
     clean, run = tmp_path / "clean", tmp_path / "run"
     p = kdrun("train", *args, f"hydra.run.dir={clean}")
     assert p.returncode == 0, p.stderr[-2000:]
@@ -654,8 +742,9 @@ def test_a_methods_pre_stage_is_a_resumable_stage_of_the_run(kdrun, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("teacher_name, student_name", [("resnet20", "resnet8"), ("wrn_16_2", "wrn_16_1"),
-                                                        ("resnet20", "mbv2_tiny")])
+@pytest.mark.parametrize(
+    "teacher_name, student_name", [("resnet20", "resnet8"), ("wrn_16_2", "wrn_16_1"), ("resnet20", "mbv2_tiny")]
+)
 def test_ofd_margins_come_from_the_bn_before_each_teacher_preactivation(teacher_name, student_name):
     from kdrun.distill import probe_shapes
     from kdrun.losses.ofd import margin_from_bn

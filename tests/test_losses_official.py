@@ -839,7 +839,8 @@ def test_ofd_connector_init_and_layers():
 
 def ref_seq(x, layers):
     # RepDistiller models/util.py Paraphraser / Translator: (conv or transposed conv 3x3 pad 1 with bias,
-    # optional BN in training mode, LeakyReLU(0.1)) x 3; layers = [(weight, bias, bn_weight or None, bn_bias, transposed)]
+    # optional BN in training mode, LeakyReLU(0.1)) x 3;
+    # layers = [(weight, bias, bn_weight or None, bn_bias, transposed)]
     for w, b, g, beta, transposed in layers:
         x = (F.conv_transpose2d if transposed else F.conv2d)(x, w, b, padding=1)
         if g is not None:

@@ -1,4 +1,5 @@
 """KD methods: each module registers one method by name on import."""
+
 from kdrun.losses import (  # noqa: F401  (registers)
     ab,
     at,

@@ -17,6 +17,7 @@ difference as for FitNet: where sizes differ, kdrun's 1x1 conv output is bilinea
 teacher's H x W instead of RepDistiller's strided / transposed ``ConvReg``. The teacher still
 runs during the student stage (its features are declared but unused there).
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,9 @@ from kdrun.losses.init_stage import InitObjective, InitStep
 
 def boundary_loss(source: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
     """Sum over all elements of AB's alternative L2 on activation boundaries."""
-    loss = ((source + margin) ** 2 * ((source > -margin) & (target <= 0))
-            + (source - margin) ** 2 * ((source <= margin) & (target > 0)))
+    loss = (source + margin) ** 2 * ((source > -margin) & (target <= 0)) + (source - margin) ** 2 * (
+        (source <= margin) & (target > 0)
+    )
     return loss.abs().sum()
 
 
@@ -57,9 +59,11 @@ class AB(FeatureLoss):
         teacher = [f"{s}_preact" for s in stages]
         missing = [n for n in teacher if n not in teacher_points]
         if missing:
-            raise ConfigError(f"loss.layers: ab needs the teacher's pre-activation features but the teacher has no "
-                              f"{missing[0]} point; use a teacher that exposes stageN_preact (e.g. the CIFAR ResNets) "
-                              "or set loss.layers.teacher=[...]")
+            raise ConfigError(
+                f"loss.layers: ab needs the teacher's pre-activation features but the teacher has no "
+                f"{missing[0]} point; use a teacher that exposes stageN_preact (e.g. the CIFAR ResNets) "
+                "or set loss.layers.teacher=[...]"
+            )
         return teacher, [f"{s}_preact" if f"{s}_preact" in student_points else s for s in stages]
 
     def build_pair(self, i, t_shape, s_shape, num_samples):

@@ -7,6 +7,7 @@
 * ``pool_to_smaller``: adaptive average pooling of the larger of two maps.
 * ``Embed``: flatten + Linear, optionally L2-normalised (CC, CRD).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 
 class ChannelAdapter(nn.Sequential):
-    """Student feature -> teacher channel count: 1x1 conv + BN on maps, Linear + BN on vectors; then ReLU if ``relu``."""
+    """Student feature -> teacher channels: 1x1 conv + BN on maps, Linear + BN on vectors; then ReLU if ``relu``."""
 
     def __init__(self, c_in: int, c_out: int, spatial: bool = True, relu: bool = False):
         layers: list[nn.Module] = (

@@ -11,6 +11,7 @@ averages where the paper sums, hence the large weight. Channel counts may differ
 Difference from RepDistiller's code: kdrun raises |F| to the power p, RepDistiller F itself;
 identical for the default (even) p = 2, and for odd p kdrun keeps the paper's absolute value.
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ forward pass and hands them over in that order. A method whose
 ``needs_teacher_features`` is False only sees teacher logits, which then come
 from the logit cache and the teacher never runs during distillation.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -87,8 +88,10 @@ class DistillLoss(nn.Module):
         """Layers used when the config names none: by default the last stage both models share by name."""
         stages = [n for n in teacher_points if _is_stage(n) and n in student_points]
         if not stages:
-            raise ConfigError("loss.layers: the models share no stage name; "
-                              "set loss.layers.teacher=[...] and loss.layers.student=[...]")
+            raise ConfigError(
+                "loss.layers: the models share no stage name; "
+                "set loss.layers.teacher=[...] and loss.layers.student=[...]"
+            )
         return [stages[-1]], [stages[-1]]
 
     def build(self, t_shapes: list[torch.Size], s_shapes: list[torch.Size], num_samples: int) -> None:
@@ -129,6 +132,7 @@ LOSSES: Registry[type[DistillLoss]] = Registry("KD method", "loss.name")
 
 def register_loss(name: str | None = None):
     """Register a method under ``name``; the name is also the key of its logged term (``cls.term``)."""
+
     def deco(cls):
         if "term" not in vars(cls):
             cls.term = name or cls.__name__
@@ -150,8 +154,9 @@ def shared_stages(teacher_points: list[str], student_points: list[str]) -> list[
     """The ``stageN`` feature points both models have, in the teacher's order; ConfigError if none."""
     stages = [n for n in teacher_points if _is_stage(n) and n in student_points]
     if not stages:
-        raise ConfigError("loss.layers: the models share no stage name; set loss.layers.teacher=[...] "
-                          "and loss.layers.student=[...]")
+        raise ConfigError(
+            "loss.layers: the models share no stage name; set loss.layers.teacher=[...] and loss.layers.student=[...]"
+        )
     return stages
 
 
@@ -186,8 +191,10 @@ class FeatureLoss(DistillLoss):
     def build(self, t_shapes, s_shapes, num_samples):
         nt, ns = len(self.teacher_layers), len(self.student_layers)
         if nt != ns or nt == 0:
-            raise ConfigError(f"loss.layers: {nt} teacher and {ns} student layers; give loss.layers.teacher=[...] "
-                              "and loss.layers.student=[...] of the same non-zero length")
+            raise ConfigError(
+                f"loss.layers: {nt} teacher and {ns} student layers; give loss.layers.teacher=[...] "
+                "and loss.layers.student=[...] of the same non-zero length"
+            )
         if self.max_pairs is not None and nt > self.max_pairs:
             raise ConfigError(f"loss.layers: {nt} layer pairs; {self.term} takes at most {self.max_pairs}")
         self.adapters = nn.ModuleList()
@@ -200,15 +207,19 @@ class FeatureLoss(DistillLoss):
 
     def shape_error(self, i: int, t_shape, s_shape, why: str) -> ConfigError:
         """The ConfigError for an unusable pair: names both layers with their shapes."""
-        return ConfigError(f"loss.layers: teacher {shape_str(self.teacher_layers[i], t_shape)} and student "
-                           f"{shape_str(self.student_layers[i], s_shape)}: {why}")
+        return ConfigError(
+            f"loss.layers: teacher {shape_str(self.teacher_layers[i], t_shape)} and student "
+            f"{shape_str(self.student_layers[i], s_shape)}: {why}"
+        )
 
     def pair_loss(self, i: int, f_s: torch.Tensor, f_t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
-        total = sum(self.pair_loss(i, f_s.float(), f_t.detach().float(), ctx)
-                    for i, (f_s, f_t) in enumerate(zip(s.feats, t.feats)))
+        total = sum(
+            self.pair_loss(i, f_s.float(), f_t.detach().float(), ctx)
+            for i, (f_s, f_t) in enumerate(zip(s.feats, t.feats))
+        )
         return {self.term: self.weight * total}
 
 
@@ -217,6 +228,8 @@ class RelationLoss(FeatureLoss):
 
     def default_layers(self, teacher_points, student_points):
         if "pre_logits" not in teacher_points or "pre_logits" not in student_points:
-            raise ConfigError(f"loss.layers: {self.term} uses pre_logits by default but a model has none; "
-                              "set loss.layers.teacher=[...] and loss.layers.student=[...]")
+            raise ConfigError(
+                f"loss.layers: {self.term} uses pre_logits by default but a model has none; "
+                "set loss.layers.teacher=[...] and loss.layers.student=[...]"
+            )
         return ["pre_logits"], ["pre_logits"]

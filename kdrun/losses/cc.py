@@ -12,6 +12,7 @@ which is the first-order Taylor form of the paper's correlation-congruence
 term. Defaults: weight 0.02, ``pre_logits``. Both embeddings train with the
 student (the teacher network itself stays frozen).
 """
+
 from __future__ import annotations
 
 import math

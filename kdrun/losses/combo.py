@@ -14,6 +14,7 @@ Feature layers are the concatenation of the feature-using terms' layers, in the
 order of ``terms``; each term gets its own slice of the captured features back.
 A term may set its own ``layers``; the others get their method's defaults.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ def _term_keys(name: str):
     except ConfigError as e:
         msg = str(e)
         if msg.startswith("loss."):
-            msg = f"loss.terms.{name}.{msg[len('loss.'):]}"
+            msg = f"loss.terms.{name}.{msg[len('loss.') :]}"
         raise ConfigError(msg) from None
 
 
@@ -51,8 +52,10 @@ class Combo(DistillLoss):
         if layers:
             raise ConfigError("loss.layers: a combo has no layers of its own; set loss.terms.NAME.layers")
         if not terms:
-            raise ConfigError(f"loss.terms: give at least one method, e.g. {{kd: {{}}, at: {{weight: 1000}}}}; "
-                              f"valid: {', '.join(self._valid())}")
+            raise ConfigError(
+                f"loss.terms: give at least one method, e.g. {{kd: {{}}, at: {{weight: 1000}}}}; "
+                f"valid: {', '.join(self._valid())}"
+            )
         self.terms = nn.ModuleDict()
         for name, kwargs in dict(terms).items():
             if name not in LOSSES or name == "combo":
@@ -64,8 +67,9 @@ class Combo(DistillLoss):
             valid = constructor_params(cls)
             for key in kwargs:
                 if key not in valid:
-                    raise ConfigError(f"loss.terms.{name}.{key}: not a parameter of loss '{name}'; "
-                                      f"valid: {', '.join(valid)}")
+                    raise ConfigError(
+                        f"loss.terms.{name}.{key}: not a parameter of loss '{name}'; valid: {', '.join(valid)}"
+                    )
             with _term_keys(name):
                 self.terms[name] = cls(**kwargs)
         self.needs_teacher_features = any(m.needs_teacher_features for m in self.terms.values())
@@ -114,7 +118,7 @@ class Combo(DistillLoss):
         out, start = {}, 0
         for name, m in self._feature_terms():
             n = len(getattr(m, side))
-            out[name], start = items[start:start + n], start + n
+            out[name], start = items[start : start + n], start + n
         return out
 
     def build(self, t_shapes, s_shapes, num_samples):

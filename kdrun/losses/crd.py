@@ -20,6 +20,7 @@ small run cannot draw 16384 distinct negatives meaningfully); negatives are
 drawn uniformly (RepDistiller's default CIFAR mode draws them from other
 classes, here a negative may share the anchor's class or, rarely, be itself).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,15 @@ def nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
 class CRD(RelationLoss):
     max_pairs = 1
 
-    def __init__(self, weight: float = 0.8, embed_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
-                 nce_m: float = 0.5, **kw):
+    def __init__(
+        self,
+        weight: float = 0.8,
+        embed_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        nce_m: float = 0.5,
+        **kw,
+    ):
         super().__init__(weight=weight, **kw)
         check("embed_dim", embed_dim, int(embed_dim) == embed_dim and embed_dim > 0, "an integer > 0")
         check("nce_k", nce_k, int(nce_k) == nce_k and nce_k > 0, "an integer > 0")
@@ -92,8 +100,9 @@ class CRD(RelationLoss):
         s, t = self.adapters[0](f_s), self.embed_t(f_t)
         index = ctx.index.to(s.device)
         idx = torch.cat([index[:, None], self.sample_negatives(len(index), s.device)], dim=1)
-        loss = (nce_loss(self._scores(s, self.memory_t, idx, 0), self.num_samples)
-                + nce_loss(self._scores(t, self.memory_s, idx, 1), self.num_samples))
+        loss = nce_loss(self._scores(s, self.memory_t, idx, 0), self.num_samples) + nce_loss(
+            self._scores(t, self.memory_s, idx, 1), self.num_samples
+        )
         # data parallel: every rank applies the whole global batch's updates, so all ranks hold the same banks
         index, s, t = (distributed.all_gather_cat(v.detach()) for v in (index, s, t))
         self._update(self.memory_s, index, s)

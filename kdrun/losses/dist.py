@@ -10,6 +10,7 @@ rho(u, v) the Pearson correlation of two vectors:
 The constructor defaults are the paper's general ones (beta = gamma = tau = 1);
 ``configs/loss/dist.yaml`` holds the CIFAR-100 setting (beta = gamma = 2, tau = 4).
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,4 +39,4 @@ class DIST(DistillLoss):
         y_t = (t.logits.detach().float() / self.tau).softmax(1)
         inter = 1 - pearson_rows(y_s, y_t).mean()
         intra = 1 - pearson_rows(y_s.T, y_t.T).mean()
-        return {"dist": self.tau ** 2 * (self.beta * inter + self.gamma * intra)}
+        return {"dist": self.tau**2 * (self.beta * inter + self.gamma * intra)}

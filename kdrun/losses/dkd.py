@@ -15,6 +15,7 @@ Numerics: mdistiller takes log of the summed binary masses and removes the targe
 subtracting 1000 from its logit; kdrun uses logsumexp and a -1e9 mask. The values agree
 (tests/test_losses_official.py) and kdrun stays finite where log(1 - p_g) would underflow.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar

@@ -17,6 +17,7 @@ r(F_s) to the teacher's H x W. With equal sizes (the CIFAR pairs' hint layer)
 both are conv 1x1 -> BN -> ReLU; ConvReg's conv bias is cancelled by the BN
 in training mode, so kdrun's conv has none.
 """
+
 from __future__ import annotations
 
 import torch

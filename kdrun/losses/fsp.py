@@ -15,6 +15,7 @@ the stem (after its ReLU) and every stage; kdrun's default is every shared stage
 ResNets' ``stem`` point is the BatchNorm output before the ReLU); set ``loss.layers`` to change it.
 The teacher still runs during the student stage (its features are declared but unused there).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -60,8 +61,10 @@ class FSP(FeatureLoss):
     def build(self, t_shapes, s_shapes, num_samples):
         super().build(t_shapes, s_shapes, num_samples)
         if len(self.teacher_layers) < 2:
-            raise ConfigError(f"loss.layers: fsp relates consecutive layers and needs at least 2 layer pairs, got "
-                              f"{len(self.teacher_layers)}")
+            raise ConfigError(
+                f"loss.layers: fsp relates consecutive layers and needs at least 2 layer pairs, got "
+                f"{len(self.teacher_layers)}"
+            )
 
     def build_pair(self, i, t_shape, s_shape, num_samples):
         if len(t_shape) != 4 or len(s_shape) != 4:
@@ -80,4 +83,3 @@ class FSP(FeatureLoss):
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {}  # the student stage is CE only
-

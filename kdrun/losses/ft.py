@@ -1,4 +1,5 @@
-"""Factor transfer: Kim, Park & Kwak (NeurIPS 2018), "Paraphrasing Complex Network: Network Compression via Factor Transfer".
+"""Factor transfer: Kim, Park & Kwak (NeurIPS 2018),
+"Paraphrasing Complex Network: Network Compression via Factor Transfer".
 
 Two stages. First a paraphraser P (a convolutional auto-encoder on the teacher's last-stage map
 t, [C_t, H, W] -> k*C_t factors -> [C_t, H, W]) is trained to reconstruct t:
@@ -19,6 +20,7 @@ paraphraser trains for 30 epochs with SGD at a constant LR of 0.01 (momentum and
 of ``optim``). The paraphraser stage is the run's stage ``student_paraphraser`` (checkpointed,
 resumable); it is trained once per run.
 """
+
 from __future__ import annotations
 
 from typing import Self
@@ -44,8 +46,9 @@ class Paraphraser(nn.Module):
         super().__init__()
         c_f = int(c_t * k)
         self.encoder = nn.Sequential(*_conv_block(c_t, c_t), *_conv_block(c_t, c_f), *_conv_block(c_f, c_f))
-        self.decoder = nn.Sequential(*_conv_block(c_f, c_f, True), *_conv_block(c_f, c_t, True),
-                                     *_conv_block(c_t, c_t, True))
+        self.decoder = nn.Sequential(
+            *_conv_block(c_f, c_f, True), *_conv_block(c_f, c_t, True), *_conv_block(c_t, c_t, True)
+        )
 
     def forward(self, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         factor = self.encoder(f_t)
@@ -55,8 +58,9 @@ class Paraphraser(nn.Module):
 def translator(c_s: int, c_t: int, k: float) -> nn.Sequential:
     """The student-side encoder to the paraphraser's factor width (with BatchNorm)."""
     c_f = int(c_t * k)
-    return nn.Sequential(*_conv_block(c_s, c_s, bn=True), *_conv_block(c_s, c_f, bn=True),
-                         *_conv_block(c_f, c_f, bn=True))
+    return nn.Sequential(
+        *_conv_block(c_s, c_s, bn=True), *_conv_block(c_s, c_f, bn=True), *_conv_block(c_f, c_f, bn=True)
+    )
 
 
 def factor(f: torch.Tensor) -> torch.Tensor:
@@ -92,12 +96,17 @@ class ParaphraserObjective:
 class FT(FeatureLoss):
     max_pairs = 1
 
-    def __init__(self, weight: float = 200.0, k: float = 0.5, paraphraser_epochs: int = 30,
-                 paraphraser_lr: float = 0.01, **kw):
+    def __init__(
+        self, weight: float = 200.0, k: float = 0.5, paraphraser_epochs: int = 30, paraphraser_lr: float = 0.01, **kw
+    ):
         super().__init__(weight=weight, **kw)
         check("k", k, 0 < k <= 1, "a number in (0, 1]")
-        check("paraphraser_epochs", paraphraser_epochs, int(paraphraser_epochs) == paraphraser_epochs
-              and paraphraser_epochs >= 0, "an integer >= 0")
+        check(
+            "paraphraser_epochs",
+            paraphraser_epochs,
+            int(paraphraser_epochs) == paraphraser_epochs and paraphraser_epochs >= 0,
+            "an integer >= 0",
+        )
         check("paraphraser_lr", paraphraser_lr, paraphraser_lr > 0, "a number > 0")
         self.k, self.paraphraser_epochs, self.paraphraser_lr = k, int(paraphraser_epochs), paraphraser_lr
         self.paraphraser = nn.Identity()
@@ -111,10 +120,15 @@ class FT(FeatureLoss):
         return translator(s_shape[1], t_shape[1], self.k)
 
     def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list[PreStage]:
-        return [PreStage("paraphraser", self.paraphraser,
-                         ParaphraserObjective(teacher, self.teacher_layers[0], self.paraphraser),
-                         self.paraphraser_epochs, {"lr": self.paraphraser_lr, "schedule": "constant",
-                                                   "warmup_epochs": 0})]
+        return [
+            PreStage(
+                "paraphraser",
+                self.paraphraser,
+                ParaphraserObjective(teacher, self.teacher_layers[0], self.paraphraser),
+                self.paraphraser_epochs,
+                {"lr": self.paraphraser_lr, "schedule": "constant", "warmup_epochs": 0},
+            )
+        ]
 
     def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
         with torch.no_grad():

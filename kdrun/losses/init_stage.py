@@ -1,5 +1,6 @@
 """The initialisation stage of FSP and AB: the student (and the method's adapters) trained on a
 feature loss against the frozen teacher alone, before the student stage (a :class:`PreStage`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,8 +15,13 @@ from kdrun.models.features import FeatureTap
 class InitStep(nn.Module):
     """The stage's one trainable module: student + adapters; ``forward`` gives the feature-loss terms."""
 
-    def __init__(self, student: nn.Module, adapters: nn.Module, layers: list[str],
-                 loss: Callable[[list[torch.Tensor], list[torch.Tensor]], dict[str, torch.Tensor]]):
+    def __init__(
+        self,
+        student: nn.Module,
+        adapters: nn.Module,
+        layers: list[str],
+        loss: Callable[[list[torch.Tensor], list[torch.Tensor]], dict[str, torch.Tensor]],
+    ):
         super().__init__()
         self.student, self.adapters = student, adapters
         self.layers, self.loss = list(layers), loss

@@ -9,6 +9,7 @@ large logits give no inf/nan; the KL direction is teacher || student; the
 reduction is a sum over classes then the batch mean; and the T^2 factor (which
 keeps the soft gradients' scale independent of T) applies whatever alpha is.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -28,8 +29,9 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * (T * T)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
-            temperature: float, alpha: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
     """The Hinton KD objective: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(y, s). Scalar, batch-mean.
 
     The teacher's logits are a fixed target: no gradient flows into ``teacher_logits``.

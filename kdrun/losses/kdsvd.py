@@ -20,6 +20,7 @@ decomposition runs in float64 (stable singular-vector gradients; the maps are sm
 Difference: mdistiller reshapes the map to (C*H) x W before the SVD; kdrun follows RepDistiller
 and the paper ((H*W) x C).
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,9 +76,11 @@ class KDSVD(FeatureLoss):
     def build(self, t_shapes, s_shapes, num_samples):
         super().build(t_shapes, s_shapes, num_samples)
         if len(self.teacher_layers) < 2:
-            raise ConfigError(f"loss.layers: kdsvd relates consecutive layers and needs at least 2 layer pairs, got "
-                              f"{len(self.teacher_layers)}; e.g. loss.layers.teacher=[stage1,stage2,stage3] "
-                              "(the same for the student)")
+            raise ConfigError(
+                f"loss.layers: kdsvd relates consecutive layers and needs at least 2 layer pairs, got "
+                f"{len(self.teacher_layers)}; e.g. loss.layers.teacher=[stage1,stage2,stage3] "
+                "(the same for the student)"
+            )
 
     def build_pair(self, i, t_shape, s_shape, num_samples):
         if len(t_shape) != 4 or len(s_shape) != 4:
@@ -99,4 +102,3 @@ class KDSVD(FeatureLoss):
                 total = total + _finite(diff).sum() / len(f_s)
             prev = (v_s, v_t)
         return {self.term: self.weight * total.float()}
-

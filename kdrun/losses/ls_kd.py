@@ -9,6 +9,7 @@ matches the teacher's logit *relations* rather than their scale:
 The CIFAR-100 setting of the paper's code (on mdistiller's KD): T = 2 (the
 "base temperature"), KD weight 9, CE weight 0.1.
 """
+
 from __future__ import annotations
 
 import torch

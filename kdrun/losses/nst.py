@@ -12,6 +12,7 @@ squared MMD under the polynomial kernel k(x, y) = (x . y)^2 (d = 2, c = 0):
 (the larger map average-pooled to the smaller's H x W first). RepDistiller
 defaults: weight 50, all shared stages. Channel counts may differ.
 """
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ the connector's conv initialised N(0, 2 / C_t), BN weight 1, bias 0). Layers: th
 student's ``stageN_preact`` when it has them, else its stage outputs (already linear, pre-ReLU,
 in MobileNetV2's blocks).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,11 @@ def margin_from_bn(bn: nn.BatchNorm2d) -> torch.Tensor:
 def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
     """OFD's distance, summed over (C, H, W) and averaged over the batch."""
     m = margin.view(1, -1, 1, 1)
-    loss = ((source - m) ** 2 * ((source > m) & (target <= m))
-            + (source - target) ** 2 * ((source > target) & (target > m) & (target <= 0))
-            + (source - target) ** 2 * (target > 0))
+    loss = (
+        (source - m) ** 2 * ((source > m) & (target <= m))
+        + (source - target) ** 2 * ((source > target) & (target > m) & (target <= 0))
+        + (source - target) ** 2 * (target > 0)
+    )
     return loss.mean(0).sum()
 
 
@@ -69,9 +72,11 @@ class OFD(FeatureLoss):
         teacher = [f"{s}_preact" for s in stages]
         missing = [n for n in teacher if n not in teacher_points]
         if missing:
-            raise ConfigError(f"loss.layers: ofd needs the teacher's pre-activation features but the teacher has no "
-                              f"{missing[0]} point; use a teacher that exposes stageN_preact (e.g. the CIFAR ResNets) "
-                              "or set loss.layers.teacher=[...]")
+            raise ConfigError(
+                f"loss.layers: ofd needs the teacher's pre-activation features but the teacher has no "
+                f"{missing[0]} point; use a teacher that exposes stageN_preact (e.g. the CIFAR ResNets) "
+                "or set loss.layers.teacher=[...]"
+            )
         student = [f"{s}_preact" if f"{s}_preact" in student_points else s for s in stages]
         return teacher, student
 
@@ -88,16 +93,18 @@ class OFD(FeatureLoss):
         for name in self.teacher_layers:
             bn = modules.get(declared.get(name, ""))
             if not isinstance(bn, nn.BatchNorm2d):
-                raise ConfigError(f"loss.layers.teacher: ofd computes its margins from the BatchNorm before the "
-                                  f"ReLU of {name}, which {type(teacher).__name__} does not declare; layers it "
-                                  f"declares: {', '.join(sorted(declared)) or 'none'}")
+                raise ConfigError(
+                    f"loss.layers.teacher: ofd computes its margins from the BatchNorm before the "
+                    f"ReLU of {name}, which {type(teacher).__name__} does not declare; layers it "
+                    f"declares: {', '.join(sorted(declared)) or 'none'}"
+                )
             margins.append(margin_from_bn(bn))
         self._margins = torch.cat(margins)  # one buffer: saved with the method, moved with .to(device)
         self._sizes = [len(m) for m in margins]
 
     def _margin(self, i: int) -> torch.Tensor:
         start = sum(self._sizes[:i])
-        return self._margins[start:start + self._sizes[i]]
+        return self._margins[start : start + self._sizes[i]]
 
     def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
         source = self.adapters[i](f_s)

@@ -10,6 +10,7 @@ conditional probabilities p_{i|j} = K_ij / sum_k K_ik, and
 
 RepDistiller defaults: weight 30000 (the mean over B^2 entries is small), on ``pre_logits``.
 """
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ set by that preset), 20 warm-up epochs counted 1-based as for DKD, student featu
 their activation (``STU_PREACT`` False). The ABFs train with the student. Teacher models
 without ``stageN_preact`` points are matched on their post-activation stage outputs instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,16 +82,22 @@ class ReviewKD(FeatureLoss):
     def __init__(self, weight: float = 1.0, warmup: int = 20, max_mid_channels: int = 512, **kw):
         super().__init__(weight=weight, **kw)
         check("warmup", warmup, int(warmup) == warmup and warmup >= 0, "an integer >= 0 (0: no warm-up)")
-        check("max_mid_channels", max_mid_channels, int(max_mid_channels) == max_mid_channels and max_mid_channels > 0,
-              "an integer > 0")
+        check(
+            "max_mid_channels",
+            max_mid_channels,
+            int(max_mid_channels) == max_mid_channels and max_mid_channels > 0,
+            "an integer > 0",
+        )
         self.warmup, self.max_mid_channels = int(warmup), int(max_mid_channels)
         self.abfs = nn.ModuleList()
 
     def default_layers(self, teacher_points, student_points):
         stages = shared_stages(teacher_points, student_points)
         if "pre_logits" not in teacher_points or "pre_logits" not in student_points:
-            raise ConfigError("loss.layers: reviewkd uses the stages and pre_logits by default but a model has no "
-                              "pre_logits; set loss.layers.teacher=[...] and loss.layers.student=[...]")
+            raise ConfigError(
+                "loss.layers: reviewkd uses the stages and pre_logits by default but a model has no "
+                "pre_logits; set loss.layers.teacher=[...] and loss.layers.student=[...]"
+            )
         teacher = [f"{s}_preact" if f"{s}_preact" in teacher_points else s for s in stages]
         return teacher + ["pre_logits"], stages + ["pre_logits"]
 

@@ -9,6 +9,7 @@ On the flattened features of a batch (x_i from the student, y_i from the teacher
 with l the Huber (smooth L1, delta 1) loss. RepDistiller defaults: w_dist 25,
 w_angle 50, weight 1, on the penultimate features (``pre_logits``).
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ With Q = flattened features [B, D] of a batch, G = Q Q^T row-wise L2-normalised:
 
 RepDistiller defaults: weight 3000 on the last shared stage.
 """
+
 from __future__ import annotations
 
 import torch

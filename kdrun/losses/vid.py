@@ -17,6 +17,7 @@ code (RepDistiller ``-b 1``; mdistiller ``CFG.VID``): weight 1, CE weight 1, ini
 eps 1e-5, all shared stages. As RepDistiller, the variances are learned (mdistiller keeps its
 ``log_scales`` in a plain list, so they stay at their initial value there).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,13 @@ class VIDRegressor(nn.Module):
 
     def __init__(self, c_s: int, c_t: int, init_pred_var: float, eps: float):
         super().__init__()
-        self.mean = nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.ReLU(),
-                                  nn.Conv2d(c_t, c_t, 1, bias=False), nn.ReLU(),
-                                  nn.Conv2d(c_t, c_t, 1, bias=False))
+        self.mean = nn.Sequential(
+            nn.Conv2d(c_s, c_t, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(c_t, c_t, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(c_t, c_t, 1, bias=False),
+        )
         self.eps = eps
         # softplus(a) + eps = init_pred_var  <=>  a = log(exp(init_pred_var - eps) - 1)
         self.log_scale = nn.Parameter(torch.full((c_t,), math.log(math.expm1(init_pred_var - eps))))
