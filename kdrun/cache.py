@@ -20,7 +20,7 @@ from kdrun import distributed, io
 from kdrun.data.base import ImageSet
 from kdrun.data.loader import Augment, Normalize
 from kdrun.engine import autocast
-from kdrun.preempt import maybe_kill
+from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 
 log = logging.getLogger("kdrun")
 KIND = "logits"
@@ -51,6 +51,10 @@ def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, 
         out[idx, v] = logits.half().to(out.dtype)  # rounded to fp16 on every path
         bar.update(len(idx) * world)
         maybe_kill("cache", batches)
+        if STOP.requested is not None:  # SIGTERM/SIGINT: stop now; a resumed run builds the cache again
+            bar.close()
+            raise Preempted(f"cache: stopped by {STOP.requested} after {batches} of {len(jobs[rank::world])} batches; "
+                            f"rerun the same command to resume, the cache is rebuilt (exit code {EXIT_PREEMPTED})")
     bar.close()
     if world > 1:
         # each entry was written by exactly one worker; summed on the device (NCCL reduces CUDA tensors only)

@@ -68,6 +68,18 @@ def test_sigterm_checkpoints_and_exits_for_requeue(kdrun, tmp_path, uninterrupte
     assert final_state(run_dir)[0] == uninterrupted[0]
 
 
+def test_sigterm_while_building_the_cache_exits_for_requeue(kdrun, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "cache:1:TERM"})
+    assert p.returncode == EXIT_PREEMPTED, p.stderr[-2000:]
+    assert "cache: stopped by SIGTERM after 1 of" in p.stderr and "Traceback" not in p.stderr
+    assert not (run_dir / "teacher_logits.pt").exists() and not (run_dir / "metrics.json").exists()
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}")  # the same command again: cache rebuilt, same end
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "teacher: already finished" in p.stderr
+    assert final_state(run_dir)[0] == uninterrupted[0]
+
+
 def test_checkpoint_of_another_config_is_refused(kdrun, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     # killed after the step-5 checkpoint
