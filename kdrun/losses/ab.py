@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdrun.errors import ConfigError
 from kdrun.losses.adapters import ChannelAdapter, match_spatial
 from kdrun.losses.base import (
     FeatureLoss,
@@ -31,8 +30,8 @@ from kdrun.losses.base import (
     PreStage,
     StepContext,
     check,
+    preact_stages,
     register_loss,
-    shared_stages,
 )
 from kdrun.losses.init_stage import InitObjective, InitStep
 
@@ -55,16 +54,7 @@ class AB(FeatureLoss):
         self.margin, self.init_epochs, self.init_lr = float(margin), int(init_epochs), init_lr
 
     def default_layers(self, teacher_points, student_points):
-        stages = shared_stages(teacher_points, student_points)
-        teacher = [f"{s}_preact" for s in stages]
-        missing = [n for n in teacher if n not in teacher_points]
-        if missing:
-            raise ConfigError(
-                f"loss.layers: ab needs the teacher's pre-activation features but the teacher has no "
-                f"{missing[0]} point; use a teacher that exposes stageN_preact (e.g. the CIFAR ResNets) "
-                "or set loss.layers.teacher=[...]"
-            )
-        return teacher, [f"{s}_preact" if f"{s}_preact" in student_points else s for s in stages]
+        return preact_stages("ab", teacher_points, student_points)
 
     def build_pair(self, i, t_shape, s_shape, num_samples):
         if len(t_shape) != 4 or len(s_shape) != 4:

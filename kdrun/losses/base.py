@@ -160,6 +160,22 @@ def shared_stages(teacher_points: list[str], student_points: list[str]) -> list[
     return stages
 
 
+def preact_stages(method: str, teacher_points: list[str], student_points: list[str]) -> tuple[list[str], list[str]]:
+    """Default layers of methods that match pre-activation features (AB, OFD): every shared ``stageN`` as
+    the teacher's ``stageN_preact`` and the student's (its ``stageN_preact`` where it has one); ConfigError
+    naming the method when the teacher has no pre-activation points."""
+    stages = shared_stages(teacher_points, student_points)
+    teacher = [f"{s}_preact" for s in stages]
+    missing = [n for n in teacher if n not in teacher_points]
+    if missing:
+        raise ConfigError(
+            f"loss.layers: {method} needs the teacher's pre-activation features but the teacher has no "
+            f"{missing[0]} point; use a teacher that exposes stageN_preact (e.g. the CIFAR ResNets) "
+            "or set loss.layers.teacher=[...]"
+        )
+    return teacher, [f"{s}_preact" if f"{s}_preact" in student_points else s for s in stages]
+
+
 def check(key: str, value, ok: bool, valid: str) -> None:
     """Raise ConfigError ``loss.KEY=VALUE: must be VALID`` unless ``ok``."""
     if not ok:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.losses.base import FeatureLoss, register_loss, shared_stages
+from kdrun.losses.base import FeatureLoss, preact_stages, register_loss
 from kdrun.models.features import unwrap
 
 
@@ -68,17 +68,7 @@ class OFD(FeatureLoss):
         self._sizes: list[int] = []
 
     def default_layers(self, teacher_points, student_points):
-        stages = shared_stages(teacher_points, student_points)
-        teacher = [f"{s}_preact" for s in stages]
-        missing = [n for n in teacher if n not in teacher_points]
-        if missing:
-            raise ConfigError(
-                f"loss.layers: ofd needs the teacher's pre-activation features but the teacher has no "
-                f"{missing[0]} point; use a teacher that exposes stageN_preact (e.g. the CIFAR ResNets) "
-                "or set loss.layers.teacher=[...]"
-            )
-        student = [f"{s}_preact" if f"{s}_preact" in student_points else s for s in stages]
-        return teacher, student
+        return preact_stages("ofd", teacher_points, student_points)
 
     def build_pair(self, i, t_shape, s_shape, num_samples):
         if len(t_shape) != 4 or len(s_shape) != 4:
