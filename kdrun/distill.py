@@ -12,6 +12,7 @@ autograd. Features of both networks are captured by hooks registered once per
 stage on the original modules (:class:`Distill` is a context manager that
 removes them at the end of the stage).
 """
+
 from __future__ import annotations
 
 from typing import Self
@@ -40,8 +41,15 @@ class StudentStep(nn.Module):
         self.epochs, self.num_samples = epochs, num_samples
         self.tap = FeatureTap(student, method.student_layers)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, t_logits: torch.Tensor,
-                t_feats: list[torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor,
+        t_logits: torch.Tensor,
+        t_feats: list[torch.Tensor],
+        epoch: int,
+    ) -> dict[str, torch.Tensor]:
         logits = self.student(x)
         s = Outputs(logits, [self.tap.features[n] for n in self.method.student_layers])
         ctx = StepContext(y, index, epoch, self.epochs, self.num_samples)
@@ -58,8 +66,15 @@ class Distill:
     Use as a context manager around the stage: the feature hooks are registered on entry and removed on exit.
     """
 
-    def __init__(self, method: DistillLoss, student: nn.Module, epochs: int, num_samples: int,
-                 teacher: nn.Module | None = None, cached_logits: torch.Tensor | None = None):
+    def __init__(
+        self,
+        method: DistillLoss,
+        student: nn.Module,
+        epochs: int,
+        num_samples: int,
+        teacher: nn.Module | None = None,
+        cached_logits: torch.Tensor | None = None,
+    ):
         assert (teacher is None) != (cached_logits is None), "give a teacher or its cached logits"
         self.method = method
         self.module = StudentStep(student, method, epochs, num_samples)

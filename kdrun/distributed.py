@@ -14,6 +14,7 @@ and gloo on CPUs, and trains one :class:`~torch.nn.parallel.DistributedDataParal
 number of equal, non-empty shards of every global batch (:func:`shard`). Only rank 0 writes files and
 evaluates; rank 0's result comes back to the launching process through a queue.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,8 +91,9 @@ def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.M
             raise ConfigError("trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs")
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # converts in place below the root
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False,
-                                               gradient_as_bucket_view=True)
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True
+    )
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -150,8 +152,9 @@ def _slurm_env() -> None:
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     except ImportError as e:
-        raise KdrunError("SLURM_NTASKS > 1: joining a SLURM process group needs submitit "
-                         "(pip install 'kdrun[slurm]')") from e
+        raise KdrunError(
+            "SLURM_NTASKS > 1: joining a SLURM process group needs submitit (pip install 'kdrun[slurm]')"
+        ) from e
 
 
 def init_from_env(device: str = "auto") -> bool:
@@ -177,8 +180,14 @@ def _free_port() -> int:
 
 def _entry(rank: int, n: int, port: int, backend: str, fn, args, setup, queue) -> None:
     """A spawned worker: join the group, run ``fn(*args)``, hand rank 0's result (or a KdrunError) back."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(n),
+        LOCAL_WORLD_SIZE=str(n),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     setup(rank, args[1])
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -199,8 +208,12 @@ def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> di
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
-    ctx = mp.spawn(_entry, args=(n, _free_port(), backend_for(device_type), fn, (cfg, run_dir), setup_logging,
-                                 queue), nprocs=n, join=False)
+    ctx = mp.spawn(
+        _entry,
+        args=(n, _free_port(), backend_for(device_type), fn, (cfg, run_dir), setup_logging, queue),
+        nprocs=n,
+        join=False,
+    )
     messages, failure = [], None
     try:
         while not ctx.join(timeout=0.2):

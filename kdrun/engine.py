@@ -9,6 +9,7 @@ CE, student with a KD method, baseline with CE) is the *objective*: a callable
 ``objective(model, batch, epoch) -> {term name: weighted loss tensor}`` whose
 terms are summed and each logged in the per-epoch CSV.
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,6 +52,7 @@ def autocast(device: torch.device, precision: str):
 
 # ---------------------------------------------------------------- training
 
+
 @dataclass
 class StageResult:
     history: list[dict] = field(default_factory=list)  # one row per epoch
@@ -62,13 +64,27 @@ class StageResult:
     ema: nn.Module | None = None  # the EMA of the model's weights (trainer.ema), else None
 
 
-def train_stage(stage: str, model: nn.Module, objective: Objective, loader: TensorLoader, *,
-                epochs: int, optim_cfg, trainable: nn.Module | None = None,
-                val_loader: TensorLoader | None = None, run_dir: str = ".", log_every: int = 50,
-                checkpoint_every_steps: int = 0, fingerprint: str = "",
-                on_step: Callable[[int, int], dict] | None = None, precision: str = "fp32",
-                compile: bool = False, sync_bn: bool = False, ema: float | None = None,
-                logger=None) -> StageResult:
+def train_stage(
+    stage: str,
+    model: nn.Module,
+    objective: Objective,
+    loader: TensorLoader,
+    *,
+    epochs: int,
+    optim_cfg,
+    trainable: nn.Module | None = None,
+    val_loader: TensorLoader | None = None,
+    run_dir: str = ".",
+    log_every: int = 50,
+    checkpoint_every_steps: int = 0,
+    fingerprint: str = "",
+    on_step: Callable[[int, int], dict] | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+    sync_bn: bool = False,
+    ema: float | None = None,
+    logger=None,
+) -> StageResult:
     """Train ``model`` for ``epochs`` with ``objective``; resumable at any epoch or checkpointed step.
 
     ``trainable``: the stage's one trainable module (default ``model``), e.g. the student plus a KD
@@ -111,8 +127,10 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
     ckpt = load_checkpoint(last_path)
     if ckpt is not None:
         if ckpt.get("fingerprint") != fingerprint or ckpt.get("epochs") != epochs:
-            raise KdrunError(f"{last_path}: made by a different configuration of stage '{stage}'; "
-                             "use a new hydra.run.dir (or delete the checkpoint) to start over")
+            raise KdrunError(
+                f"{last_path}: made by a different configuration of stage '{stage}'; "
+                "use a new hydra.run.dir (or delete the checkpoint) to start over"
+            )
         trainable.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -132,13 +150,28 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
             log.info("%s: resuming from %s at epoch %d, step %d", stage, last_path, start_epoch + 1, start_step)
 
     def save(epoch: int, step: int) -> None:
-        atomic_save({"stage": stage, "fingerprint": fingerprint, "epochs": epochs, "epoch": epoch, "step": step,
-                     "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch_lr": lr, "scaler": scaler.state_dict(),
-                     "ema": averaged.state_dict() if averaged is not None else None, "rng": rng_state(),
-                     "seen": seen, "sums": {k: v.detach().cpu() for k, v in sums.items()}, "history": result.history,
-                     "best": (result.best_epoch, result.best_val_top1),
-                     "seconds": elapsed + time.perf_counter() - t0}, last_path)
+        atomic_save(
+            {
+                "stage": stage,
+                "fingerprint": fingerprint,
+                "epochs": epochs,
+                "epoch": epoch,
+                "step": step,
+                "model": trainable.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch_lr": lr,
+                "scaler": scaler.state_dict(),
+                "ema": averaged.state_dict() if averaged is not None else None,
+                "rng": rng_state(),
+                "seen": seen,
+                "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                "history": result.history,
+                "best": (result.best_epoch, result.best_val_top1),
+                "seconds": elapsed + time.perf_counter() - t0,
+            },
+            last_path,
+        )
 
     kill = maybe_kill if os.environ.get("KDRUN_KILL_AT") else None  # testing hook: read once, not per step
     t0 = time.perf_counter()
@@ -148,8 +181,16 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
         first = start_step if epoch == start_epoch else 0
         if first == 0 or lr is None:
             lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step (it changes every step)
-        bar = tqdm(loader.epoch(epoch, first), total=len(loader), initial=first, leave=False, dynamic_ncols=True,
-                   desc=f"{stage} {epoch + 1}/{epochs}", mininterval=1.0, disable=not distributed.is_main())
+        bar = tqdm(
+            loader.epoch(epoch, first),
+            total=len(loader),
+            initial=first,
+            leave=False,
+            dynamic_ncols=True,
+            desc=f"{stage} {epoch + 1}/{epochs}",
+            mininterval=1.0,
+            disable=not distributed.is_main(),
+        )
         for step, batch in enumerate(bar, start=first):
             if on_step is not None:
                 logged = on_step(epoch, step)
@@ -178,17 +219,24 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
                 _check_finite(value, stage, epoch, step)
                 bar.set_postfix(loss=f"{value:.4f}")
                 if logger:
-                    logger.log_step(stage, epoch * len(loader) + step + 1, terms, loss=value,
-                                    lr=optimizer.param_groups[0]["lr"], **logged)
+                    logger.log_step(
+                        stage,
+                        epoch * len(loader) + step + 1,
+                        terms,
+                        loss=value,
+                        lr=optimizer.param_groups[0]["lr"],
+                        **logged,
+                    )
             stop = distributed.any_flag(STOP.requested is not None, loader.device)
-            if stop or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0
-                                  and step + 1 < len(loader)):
+            if stop or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0 and step + 1 < len(loader)):
                 _check_finite(float(sum(sums.values())), stage, epoch, step)  # never checkpoint a NaN
                 save(epoch, step + 1)
                 if stop:
                     who = STOP.requested or "another worker"
-                    raise Preempted(f"{stage}: stopped by {who} at epoch {epoch + 1}, step {step + 1}; checkpoint "
-                                    f"saved, rerun the same command to resume (exit code {EXIT_PREEMPTED})")
+                    raise Preempted(
+                        f"{stage}: stopped by {who} at epoch {epoch + 1}, step {step + 1}; checkpoint "
+                        f"saved, rerun the same command to resume (exit code {EXIT_PREEMPTED})"
+                    )
         bar.close()
         n = loader.num_samples if not loader.drop_last else len(loader) * loader.batch_size
         row = {"epoch": epoch + 1, "lr": lr, **logged}
@@ -202,15 +250,18 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
                 row["val_top1_ema"] = accuracy(predict(averaged.module, val_loader), val_loader.labels)[0]
             if result.best_val_top1 is None or row["val_top1"] > result.best_val_top1:
                 result.best_epoch, result.best_val_top1 = epoch + 1, row["val_top1"]
-                atomic_save({"stage": stage, "epoch": epoch + 1, "model": model.state_dict()},
-                            os.path.join(ckpt_dir, f"{stage}_best.pt"))
+                atomic_save(
+                    {"stage": stage, "epoch": epoch + 1, "model": model.state_dict()},
+                    os.path.join(ckpt_dir, f"{stage}_best.pt"),
+                )
         result.history.append(row)
         _append_csv(csv_path, row, header=len(result.history) == 1)
         if logger:
             logger.log_epoch(stage, epoch + 1, row)
         save(epoch + 1, 0)
-        log.info("%s %s", stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in row.items()))
+        log.info(
+            "%s %s", stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        )
 
     result.seconds = elapsed + time.perf_counter() - t0
     result.images_per_s = seen / result.seconds if result.seconds > 0 else 0.0
@@ -220,8 +271,10 @@ def train_stage(stage: str, model: nn.Module, objective: Objective, loader: Tens
 
 def _check_finite(value: float, stage: str, epoch: int, step: int) -> None:
     if not math.isfinite(value):
-        raise KdrunError(f"{stage}: non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; "
-                         "the last good checkpoint is kept (lower optim.lr or check the data)")
+        raise KdrunError(
+            f"{stage}: non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; "
+            "the last good checkpoint is kept (lower optim.lr or check the data)"
+        )
 
 
 def _rewrite_csv(path: str, history: list[dict]) -> None:

@@ -1,4 +1,5 @@
 """Evaluation: a model's logits over a split, and top-k accuracy."""
+
 from __future__ import annotations
 
 import torch

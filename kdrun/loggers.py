@@ -44,11 +44,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def numeric(flat: dict[str, Any]) -> Scalars:
-    return {
-        k: float(v)
-        for k, v in flat.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def to_float(v) -> float:
@@ -99,9 +95,7 @@ class Loggers(Logger):
 
     def log_epoch(self, stage: str, epoch: int, row: dict) -> None:
         if self.loggers:
-            self.epoch(
-                stage, epoch, numeric({k: v for k, v in row.items() if k != "epoch"})
-            )
+            self.epoch(stage, epoch, numeric({k: v for k, v in row.items() if k != "epoch"}))
 
     def step(self, stage: str, step: int, scalars: Scalars) -> None:
         for lg in self.loggers:
@@ -163,12 +157,8 @@ class TensorBoardLogger(Logger):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError(
-                "logger=tensorboard: tensorboard is not installed (pip install tensorboard)"
-            ) from None
-        self.writer = SummaryWriter(
-            log_dir=os.path.join(run_dir, str(opts.get("subdir") or "tensorboard"))
-        )
+            raise ConfigError("logger=tensorboard: tensorboard is not installed (pip install tensorboard)") from None
+        self.writer = SummaryWriter(log_dir=os.path.join(run_dir, str(opts.get("subdir") or "tensorboard")))
         self.config: dict = {}
 
     def start(self, config: dict) -> None:
@@ -187,18 +177,9 @@ class TensorBoardLogger(Logger):
     def finish(self, metrics: dict, checkpoints: dict[str, str]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        final = {
-            f"final/{k}": v
-            for k, v in numeric(flatten(metrics)).items()
-            if _is_final(k)
-        }
-        params = {
-            k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for k, v in flatten(self.config).items()
-        }
-        for item in hparams(
-            params, final
-        ):  # the HPARAMS tab: config next to the final figures
+        final = {f"final/{k}": v for k, v in numeric(flatten(metrics)).items() if _is_final(k)}
+        params = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(self.config).items()}
+        for item in hparams(params, final):  # the HPARAMS tab: config next to the final figures
             self.writer.file_writer.add_summary(item)
         for k, v in final.items():
             self.writer.add_scalar(k, v, 0)
@@ -215,31 +196,21 @@ class MlflowLogger(Logger):
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise ConfigError(
-                "logger=mlflow: mlflow is not installed (pip install mlflow)"
-            ) from None
-        uri = (
-            opts.get("tracking_uri")
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or "sqlite:///outputs/mlflow.db"
-        )
+            raise ConfigError("logger=mlflow: mlflow is not installed (pip install mlflow)") from None
+        uri = opts.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///outputs/mlflow.db"
         self.client = MlflowClient(tracking_uri=_absolute_uri(uri))
         name = str(opts.get("experiment") or "kdrun")
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             artifacts = opts.get("artifact_location")
-            if not artifacts and self.client.tracking_uri.startswith(
-                "sqlite:///"
-            ):  # next to the database
+            if not artifacts and self.client.tracking_uri.startswith("sqlite:///"):  # next to the database
                 artifacts = os.path.join(
                     os.path.dirname(self.client.tracking_uri[len("sqlite:///") :]),
                     "mlartifacts",
                 )
             exp_id = self.client.create_experiment(
                 name,
-                artifact_location=_absolute_uri(artifacts, file=True)
-                if artifacts
-                else None,
+                artifact_location=_absolute_uri(artifacts, file=True) if artifacts else None,
             )
         else:
             exp_id = exp.experiment_id
@@ -261,25 +232,19 @@ class MlflowLogger(Logger):
         from mlflow.entities import Param
 
         params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
-        for i in range(
-            0, len(params), 100
-        ):  # MLflow takes at most 100 params per batch
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def step(self, stage: str, step: int, scalars: Scalars) -> None:
         self.client.log_batch(
             self.run_id,
-            metrics=self._metrics(
-                {f"{stage}/{k}": v for k, v in scalars.items()}, step
-            ),
+            metrics=self._metrics({f"{stage}/{k}": v for k, v in scalars.items()}, step),
         )
 
     def epoch(self, stage: str, epoch: int, scalars: Scalars) -> None:
         self.client.log_batch(
             self.run_id,
-            metrics=self._metrics(
-                {f"{stage}/epoch/{k}": v for k, v in scalars.items()}, epoch
-            ),
+            metrics=self._metrics({f"{stage}/epoch/{k}": v for k, v in scalars.items()}, epoch),
         )
 
     def finish(self, metrics: dict, checkpoints: dict[str, str]) -> None:
@@ -293,9 +258,7 @@ class MlflowLogger(Logger):
                 self.client.log_artifact(self.run_id, path, artifact_path="checkpoints")
 
     def close(self, failed: bool = False) -> None:
-        self.client.set_terminated(
-            self.run_id, status="FAILED" if failed else "FINISHED"
-        )
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class WandbLogger(Logger):
@@ -306,9 +269,7 @@ class WandbLogger(Logger):
         try:
             import wandb
         except ImportError:
-            raise ConfigError(
-                "logger=wandb: wandb is not installed (pip install wandb)"
-            ) from None
+            raise ConfigError("logger=wandb: wandb is not installed (pip install wandb)") from None
         self.wandb = wandb
         self.opts, self.run_dir = opts, run_dir
         self.run = None
@@ -336,9 +297,7 @@ class WandbLogger(Logger):
 
     def step(self, stage: str, step: int, scalars: Scalars) -> None:
         self._define(stage)
-        self.run.log(
-            {f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in scalars.items()}}
-        )
+        self.run.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in scalars.items()}})
 
     def epoch(self, stage: str, epoch: int, scalars: Scalars) -> None:
         self._define(stage)
@@ -350,11 +309,7 @@ class WandbLogger(Logger):
         )
 
     def finish(self, metrics: dict, checkpoints: dict[str, str]) -> None:
-        final = {
-            f"final/{k}": v
-            for k, v in numeric(flatten(metrics)).items()
-            if _is_final(k)
-        }
+        final = {f"final/{k}": v for k, v in numeric(flatten(metrics)).items() if _is_final(k)}
         self.run.summary.update(final)
 
     def close(self, failed: bool = False) -> None:
@@ -401,9 +356,7 @@ def check(cfg: DictConfig) -> None:
     """ConfigError for an unknown tracker name."""
     for name in names(cfg):
         if name not in LOGGERS:
-            raise ConfigError(
-                f"logger={name}: unknown logger; valid: {', '.join(LOGGERS)}"
-            )
+            raise ConfigError(f"logger={name}: unknown logger; valid: {', '.join(LOGGERS)}")
 
 
 def build(cfg: DictConfig, run_dir: str) -> Loggers:
@@ -413,11 +366,7 @@ def build(cfg: DictConfig, run_dir: str) -> Loggers:
     made = []
     for name in names(cfg):
         opts = node.get(name) if isinstance(node, DictConfig) else None
-        made.append(
-            LOGGERS[name](
-                run_dir, opts if isinstance(opts, DictConfig) else OmegaConf.create({})
-            )
-        )
+        made.append(LOGGERS[name](run_dir, opts if isinstance(opts, DictConfig) else OmegaConf.create({})))
     loggers = Loggers(made)
     loggers.start(OmegaConf.to_container(cfg, resolve=True))
     return loggers

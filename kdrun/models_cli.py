@@ -7,6 +7,7 @@
 The input size comes from ``kdrun/configs/dataset/NAME.yaml`` (``num_classes``,
 ``image_size``, ``in_chans``; no data is loaded); explicit arguments override it.
 """
+
 from __future__ import annotations
 
 from importlib import resources
@@ -109,8 +110,9 @@ def print_report(name: str, source: str, spec: dict) -> None:
     from kdrun.models import report as mr
     from kdrun.models.registry import feature_points
 
-    model = build_model(name, spec["num_classes"], spec["in_chans"], spec["image_size"], key="model",
-                        source=source).eval()
+    model = build_model(
+        name, spec["num_classes"], spec["in_chans"], spec["image_size"], key="model", source=source
+    ).eval()
     shape = (spec["in_chans"], spec["image_size"], spec["image_size"])
     flops = mr.count_flops(model, shape)
     print(f"model          {name} (source {source})")

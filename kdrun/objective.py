@@ -51,15 +51,9 @@ def value(metrics: dict, metric: Metric) -> float:
     stages = metrics.get("stages", {})
     key = "final_val_top1" if metric.measure == "val_top1" else "best_val_top1"
     v = (stages.get(name) or {}).get(key)
-    if (
-        v is None and metric.measure == "val_top1"
-    ):  # models trained together in one stage (scheme=online)
+    if v is None and metric.measure == "val_top1":  # models trained together in one stage (scheme=online)
         for stage in stages.values():
-            v = (
-                (stage.get("val_top1_by_model") or {}).get(name)
-                if isinstance(stage, dict)
-                else None
-            )
+            v = (stage.get("val_top1_by_model") or {}).get(name) if isinstance(stage, dict) else None
             if v is not None:
                 break
     return float(v) if v is not None else math.nan

@@ -13,6 +13,7 @@ base x (k + 1) / W; the schedules are chained with ``SequentialLR``. Closed form
     cosine: base * 0.5 * (1 + cos(pi * (k - W) / (T - W)))
     step:   base * gamma ** #{m : m * steps_per_epoch <= k}
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,13 @@ SCHEDULES = ("cosine", "step", "constant")
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     name = cfg.name
     if name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=bool(cfg.nesterov) and cfg.momentum > 0)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=bool(cfg.nesterov) and cfg.momentum > 0,
+        )
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if name == "adam":
@@ -35,8 +41,9 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     raise KdrunError(f"optim.name={name}: unknown optimiser; valid: adam, adamw, sgd")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int,
-                    steps_per_epoch: int) -> lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg, epochs: int, steps_per_epoch: int
+) -> lr_scheduler.LRScheduler:
     """The LR schedule of a stage of ``epochs`` x ``steps_per_epoch`` optimiser steps; ``.step()`` after each."""
     total = max(1, epochs * steps_per_epoch)
     warm = min(int(cfg.get("warmup_epochs", 0) or 0) * steps_per_epoch, total)

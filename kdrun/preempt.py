@@ -9,6 +9,7 @@ with the same command (or ``kdrun train resume=RUN_DIR``) to continue.
 (default KILL) right after global step STEP of stage STAGE (``cache``: after
 batch STEP of the cache build), to test recovery from a crash or preemption.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 One decorator registers a thing under its name; nothing else needs editing to
 add a new model or KD method.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,4 +1,5 @@
 """``kdrun report DIR [--out DIR2] [--top N]``: the report of a run, a sweep or a tree of them."""
+
 from __future__ import annotations
 
 from kdrun.errors import ConfigError
@@ -64,10 +65,12 @@ def report_main(args: list[str]) -> int:
         print(f"{len(rep.groups)} settings repeated over seeds (mean ± std, KD gain with its 95% t-interval):")
         for g in rep.groups:
             setting = " ".join(f"{k}={g[k]}" for k in rep.swept if k in g) or "all runs"
-            print(f"  {setting} (n={g['n']}): student {pm(g['student_top1_mean'], g['student_top1_std'])}, "
-                  f"baseline {pm(g['baseline_top1_mean'], g['baseline_top1_std'])}, "
-                  f"KD gain {pm(g['kd_gain_top1_mean'], g['kd_gain_top1_std'])} pt, "
-                  f"95% CI {interval(g['kd_gain_top1_ci95_low'], g['kd_gain_top1_ci95_high'])}")
+            print(
+                f"  {setting} (n={g['n']}): student {pm(g['student_top1_mean'], g['student_top1_std'])}, "
+                f"baseline {pm(g['baseline_top1_mean'], g['baseline_top1_std'])}, "
+                f"KD gain {pm(g['kd_gain_top1_mean'], g['kd_gain_top1_std'])} pt, "
+                f"95% CI {interval(g['kd_gain_top1_ci95_low'], g['kd_gain_top1_ci95_high'])}"
+            )
     exported = read_export(opts["dir"])
     if exported:
         print("export (export/export.json):")

@@ -12,6 +12,7 @@ With ``per: epoch`` the value changes at each epoch start: epoch e of E has
 progress e / (E - 1); with ``per: step`` it changes every optimiser step.
 The value in effect is logged in the stage's per-epoch CSV.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,12 +61,17 @@ def parse(key: str, spec) -> Schedule:
     per = spec.pop("per", "epoch")
     if per not in ("epoch", "step"):
         raise ConfigError(f"{key}.per={per}: must be epoch or step")
-    allowed = {"constant": {"value"}, "linear": {"start", "end"}, "cosine": {"start", "end"},
-               "step": {"values", "milestones"}}[kind]
+    allowed = {
+        "constant": {"value"},
+        "linear": {"start", "end"},
+        "cosine": {"start", "end"},
+        "step": {"values", "milestones"},
+    }[kind]
     for k in spec:
         if k not in allowed:
-            raise ConfigError(f"{key}.{k}: not a key of a {kind} schedule; valid: schedule, per, "
-                              f"{', '.join(sorted(allowed))}")
+            raise ConfigError(
+                f"{key}.{k}: not a key of a {kind} schedule; valid: schedule, per, {', '.join(sorted(allowed))}"
+            )
     for k in allowed:
         if k not in spec:
             raise ConfigError(f"{key}.{k}: missing; a {kind} schedule needs {', '.join(sorted(allowed))}")
@@ -82,8 +88,10 @@ def parse(key: str, spec) -> Schedule:
         values = tuple(num("values", v) for v in spec["values"])
         milestones = tuple(int(m) for m in spec["milestones"])
         if len(values) != len(milestones) + 1 or list(milestones) != sorted(milestones):
-            raise ConfigError(f"{key}: a step schedule needs increasing milestones and one more value than "
-                              f"milestones (got {len(values)} values, {len(milestones)} milestones)")
+            raise ConfigError(
+                f"{key}: a step schedule needs increasing milestones and one more value than "
+                f"milestones (got {len(values)} values, {len(milestones)} milestones)"
+            )
         return Schedule(kind, values[0], values[-1], values, milestones, per)
     return Schedule(kind, num("start", spec["start"]), num("end", spec["end"]), per=per)
 

@@ -8,6 +8,7 @@
   exact form; ``scipy.stats.binomtest``).
 * :func:`mean_ci` is the Student-t interval of a mean over seeds.
 """
+
 from __future__ import annotations
 
 import math

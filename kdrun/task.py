@@ -1,4 +1,5 @@
 """The Hydra task behind ``kdrun train``: one run (or one job of a sweep)."""
+
 from __future__ import annotations
 
 import logging

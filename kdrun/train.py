@@ -7,6 +7,7 @@ trained with the configured KD method), ``ce_model()`` (a model trained with CE
 alone, e.g. the baseline). The loop itself is :func:`kdrun.engine.train_stage`;
 the student's objective is :class:`kdrun.distill.Distill`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,10 @@ def load_dataset(dcfg) -> DataBundle:
     for split, part in (("train", data.train), ("test", data.test)):
         labels = getattr(part, "labels", None)
         if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= data.num_classes):
-            raise ConfigError(f"dataset={data.name}: {split} labels span [{int(labels.min())}, {int(labels.max())}], "
-                              f"outside [0, {data.num_classes}) for its {data.num_classes} classes")
+            raise ConfigError(
+                f"dataset={data.name}: {split} labels span [{int(labels.min())}, {int(labels.max())}], "
+                f"outside [0, {data.num_classes}) for its {data.num_classes} classes"
+            )
     return data
 
 
@@ -74,8 +77,9 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
 
 
-def transfer_subset(train: ImageSet | FileSet, fraction: float, seed: int,
-                    exclude: list[int] | tuple[int, ...] = ()) -> ImageSet | FileSet:
+def transfer_subset(
+    train: ImageSet | FileSet, fraction: float, seed: int, exclude: list[int] | tuple[int, ...] = ()
+) -> ImageSet | FileSet:
     """A seeded, class-stratified ``fraction`` of ``train`` (each class keeps at least one image), in index order,
     without the classes in ``exclude``.
 
@@ -104,9 +108,14 @@ def on_device(split: ImageSet | FileSet | None, device: torch.device) -> ImageSe
 
 
 def model_identity(mcfg, data: DataBundle) -> dict:
-    return {"arch": mcfg.name, "source": mcfg.get("source", "kdrun"),
-            "kwargs": OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {},
-            "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size}
+    return {
+        "arch": mcfg.name,
+        "source": mcfg.get("source", "kdrun"),
+        "kwargs": OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {},
+        "num_classes": data.num_classes,
+        "in_chans": data.in_chans,
+        "image_size": data.image_size,
+    }
 
 
 def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = None) -> dict:
@@ -122,8 +131,10 @@ def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = Non
     if not isinstance(have, dict) or not isinstance(ckpt.get("model"), dict):
         raise ConfigError(f"{what}: not a kdrun teacher checkpoint (no 'identity' and 'model')")
     if (have.get("arch"), have.get("num_classes")) != (want["arch"], want["num_classes"]):
-        raise ConfigError(f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, "
-                          f"but this run's teacher is {want['arch']} for {want['num_classes']} classes")
+        raise ConfigError(
+            f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, "
+            f"but this run's teacher is {want['arch']} for {want['num_classes']} classes"
+        )
     load_weights(model, ckpt["model"], what)
     return ckpt.get("summary", {})
 
@@ -146,8 +157,10 @@ def load_pretrained(path: str, model: nn.Module, what: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (truncated, not torch, or a pickle with more than weights)
-        raise ConfigError(f"{what}: not a loadable state_dict ({type(e).__name__}; only tensors and plain "
-                          "values are read, never code)") from None
+        raise ConfigError(
+            f"{what}: not a loadable state_dict ({type(e).__name__}; only tensors and plain "
+            "values are read, never code)"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         if "header" in state:  # a kdrun checkpoint: verify its checksum too
             try:
@@ -197,19 +210,37 @@ class Run:
         self.data = load_dataset(cfg.dataset)
         self.train_set, self.val_set = split_validation(self.data.train, float(tr.val_fraction), tr.seed)
         # the student stages' transfer set: all of the training split, or a seeded fraction of it
-        self.student_set = transfer_subset(self.train_set, float(cfg.dataset.get("student_fraction", 1.0)), tr.seed,
-                                           list(cfg.dataset.get("student_exclude") or []))
+        self.student_set = transfer_subset(
+            self.train_set,
+            float(cfg.dataset.get("student_fraction", 1.0)),
+            tr.seed,
+            list(cfg.dataset.get("student_exclude") or []),
+        )
         # in-memory splits go to the training device once; every loader of every stage shares them
         self.train_set, self.student_set, self.val_set, self.test_set = (
-            on_device(s, self.device) for s in (self.train_set, self.student_set, self.val_set, self.data.test))
+            on_device(s, self.device) for s in (self.train_set, self.student_set, self.val_set, self.data.test)
+        )
         self.timings["data"] = time.perf_counter() - t0
-        log.info("data: %s, %d train / %d val / %d test images, %d classes, %dx%dx%d", self.data.name,
-                 len(self.train_set), len(self.val_set) if self.val_set else 0, len(self.data.test),
-                 self.data.num_classes, self.data.in_chans, self.data.image_size, self.data.image_size)
+        log.info(
+            "data: %s, %d train / %d val / %d test images, %d classes, %dx%dx%d",
+            self.data.name,
+            len(self.train_set),
+            len(self.val_set) if self.val_set else 0,
+            len(self.data.test),
+            self.data.num_classes,
+            self.data.in_chans,
+            self.data.image_size,
+            self.data.image_size,
+        )
         if len(self.student_set) != len(self.train_set):
-            log.info("data: the student stages train on %d of the %d training images (dataset.student_fraction=%s, "
-                     "student_exclude=%s); the teacher on all of them", len(self.student_set), len(self.train_set),
-                     cfg.dataset.student_fraction, list(cfg.dataset.get("student_exclude") or []))
+            log.info(
+                "data: the student stages train on %d of the %d training images (dataset.student_fraction=%s, "
+                "student_exclude=%s); the teacher on all of them",
+                len(self.student_set),
+                len(self.train_set),
+                cfg.dataset.student_fraction,
+                list(cfg.dataset.get("student_exclude") or []),
+            )
         self.norm = Normalize(cfg.dataset.mean, cfg.dataset.std, self.data.in_chans, self.device)
         aug = cfg.dataset.get("augment") or {}
         self.augment = Augment(int(aug.get("crop_pad", 0)), bool(aug.get("flip", False)), tr.seed)
@@ -223,16 +254,30 @@ class Run:
     def loader(self, split: ImageSet | FileSet, batch_size: int, **kw) -> TensorLoader | StreamLoader:
         """Batches from memory (decoded once), or streamed from the files of a split too big for memory."""
         if isinstance(split, FileSet):
-            return StreamLoader(split, batch_size, self.norm, num_workers=int(self.cfg.dataset.get("workers") or 2),
-                                device=self.device, **kw)
+            return StreamLoader(
+                split,
+                batch_size,
+                self.norm,
+                num_workers=int(self.cfg.dataset.get("workers") or 2),
+                device=self.device,
+                **kw,
+            )
         return TensorLoader(split, batch_size, self.norm, device=self.device, **kw)
 
-    def train_loader(self, views: int | None = None, split: ImageSet | FileSet | None = None
-                     ) -> TensorLoader | StreamLoader:
+    def train_loader(
+        self, views: int | None = None, split: ImageSet | FileSet | None = None
+    ) -> TensorLoader | StreamLoader:
         """Shuffled, augmented batches of ``split`` (default: the whole training split); ``views``: None fresh
         views, K > 0 one of K cached views, 0 plain."""
-        return self.loader(split if split is not None else self.train_set, self.tr.batch_size, augment=self.augment,
-                           shuffle=True, seed=self.tr.seed, views=views, shard=distributed.world())
+        return self.loader(
+            split if split is not None else self.train_set,
+            self.tr.batch_size,
+            augment=self.augment,
+            shuffle=True,
+            seed=self.tr.seed,
+            views=views,
+            shard=distributed.world(),
+        )
 
     def eval_loader(self, split: ImageSet | FileSet | None) -> TensorLoader | StreamLoader | None:
         if split is None:
@@ -248,8 +293,16 @@ class Run:
         ``trainer.seed + seed_offset``: the student and its baseline start from the same weights."""
         seed_everything(self.tr.seed + seed_offset)
         ident = model_identity(mcfg, self.data)
-        model = build_model(mcfg.name, ident["num_classes"], ident["in_chans"], ident["image_size"],
-                            key=f"{who}.name", source=ident["source"], weights=mcfg.get("weights"), **ident["kwargs"])
+        model = build_model(
+            mcfg.name,
+            ident["num_classes"],
+            ident["in_chans"],
+            ident["image_size"],
+            key=f"{who}.name",
+            source=ident["source"],
+            weights=mcfg.get("weights"),
+            **ident["kwargs"],
+        )
         if mcfg.get("pretrained"):
             load_pretrained(mcfg.pretrained, model, f"{who}.pretrained={mcfg.pretrained}")
         if self.tr.get("channels_last"):
@@ -264,22 +317,44 @@ class Run:
             self.export(f"{stage or name}_ema", ema, mcfg)
             self.models[f"{name}_ema"] = Trained(ema, mcfg, None)
 
-    def fit(self, stage: str, model: nn.Module, objective, *, epochs: int, optim_cfg=None,
-            trainable: nn.Module | None = None, loader: TensorLoader | None = None, on_step=None) -> StageResult:
+    def fit(
+        self,
+        stage: str,
+        model: nn.Module,
+        objective,
+        *,
+        epochs: int,
+        optim_cfg=None,
+        trainable: nn.Module | None = None,
+        loader: TensorLoader | None = None,
+        on_step=None,
+    ) -> StageResult:
         """Train one stage (resuming its checkpoint if there is one) and note its summary and time.
 
         ``trainable``: the stage's one trainable module when it is more than ``model`` (student + KD method).
         With ``trainer.ema`` the EMA of ``model``'s weights is kept in ``self.ema[stage]``.
         """
         ema = self.tr.get("ema")
-        res = train_stage(stage, model, objective, loader or self.train_loader(), epochs=epochs,
-                          optim_cfg=optim_cfg if optim_cfg is not None else self.cfg.optim, trainable=trainable,
-                          val_loader=self.val_loader, run_dir=self.run_dir, log_every=self.tr.log_every,
-                          checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
-                          fingerprint=f"{self.fingerprint}-{stage}", on_step=on_step,
-                          precision=self.tr.get("precision", "fp32"), compile=bool(self.tr.get("compile")),
-                          sync_bn=bool(self.tr.get("sync_bn")), ema=float(ema) if ema else None,
-                          logger=self.logger)
+        res = train_stage(
+            stage,
+            model,
+            objective,
+            loader or self.train_loader(),
+            epochs=epochs,
+            optim_cfg=optim_cfg if optim_cfg is not None else self.cfg.optim,
+            trainable=trainable,
+            val_loader=self.val_loader,
+            run_dir=self.run_dir,
+            log_every=self.tr.log_every,
+            checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
+            fingerprint=f"{self.fingerprint}-{stage}",
+            on_step=on_step,
+            precision=self.tr.get("precision", "fp32"),
+            compile=bool(self.tr.get("compile")),
+            sync_bn=bool(self.tr.get("sync_bn")),
+            ema=float(ema) if ema else None,
+            logger=self.logger,
+        )
         self.stages[stage] = report.stage_summary(res)
         self.timings[stage] = res.seconds
         if res.ema is not None:
@@ -289,8 +364,7 @@ class Run:
     def export(self, stage: str, model: nn.Module, mcfg, extra: dict | None = None) -> str:
         """Write ``checkpoints/{stage}.pt``: the model alone (plus its identity), ready to ship."""
         path = os.path.join(self.ckpt_dir, f"{stage}.pt")
-        atomic_save({"identity": model_identity(mcfg, self.data), "model": model.state_dict(), **(extra or {})},
-                    path)
+        atomic_save({"identity": model_identity(mcfg, self.data), "model": model.state_dict(), **(extra or {})}, path)
         return path
 
     # ---------------------------------------------------------------- building blocks of schemes
@@ -299,21 +373,33 @@ class Run:
         """Record (in ``store_refs.json``, at once) that this run uses a store entry: ``kdrun store gc`` keeps it."""
         self.store_refs[kind] = key
         if distributed.is_main():
-            report.write_json({"store": self.store.root, "refs": self.store_refs},
-                              os.path.join(self.run_dir, "store_refs.json"))
+            report.write_json(
+                {"store": self.store.root, "refs": self.store_refs}, os.path.join(self.run_dir, "store_refs.json")
+            )
 
     def teacher_recipe(self) -> dict:
         """Everything that determines the trained teacher (its artifact-store key)."""
         cfg = self.cfg
         weights = {"weights": cfg.teacher.weights} if cfg.teacher.get("weights") else {}  # pretrained by name
-        return {"model": model_identity(cfg.teacher, self.data), "pretrained": cfg.teacher.get("pretrained"), **weights,
-                "definition": model_definition(cfg.teacher.name, cfg.teacher.get("source", "kdrun")),
-                "data": self.data.identity, "train": len(self.train_set), "val_fraction": float(self.tr.val_fraction),
-                "optim": OmegaConf.to_container(self.teacher_optim(), resolve=True),
-                "epochs": self.tr.teacher_epochs, "batch_size": self.tr.batch_size, "seed": self.tr.seed,
-                "augment": [self.augment.crop_pad, self.augment.flip], "torch": torch.__version__.split("+")[0],
-                "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)], "device": self.device.type,
-                "workers": distributed.size(), "precision": self.tr.get("precision", "fp32")}
+        return {
+            "model": model_identity(cfg.teacher, self.data),
+            "pretrained": cfg.teacher.get("pretrained"),
+            **weights,
+            "definition": model_definition(cfg.teacher.name, cfg.teacher.get("source", "kdrun")),
+            "data": self.data.identity,
+            "train": len(self.train_set),
+            "val_fraction": float(self.tr.val_fraction),
+            "optim": OmegaConf.to_container(self.teacher_optim(), resolve=True),
+            "epochs": self.tr.teacher_epochs,
+            "batch_size": self.tr.batch_size,
+            "seed": self.tr.seed,
+            "augment": [self.augment.crop_pad, self.augment.flip],
+            "torch": torch.__version__.split("+")[0],
+            "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)],
+            "device": self.device.type,
+            "workers": distributed.size(),
+            "precision": self.tr.get("precision", "fp32"),
+        }
 
     def teacher_optim(self):
         return OmegaConf.merge(self.cfg.optim, self.cfg.teacher.get("optim") or {})
@@ -328,8 +414,9 @@ class Run:
             load_teacher(tcfg.checkpoint, model, ident)
             log.info("teacher: loaded %s from %s", tcfg.name, tcfg.checkpoint)
             self.stages["teacher"] = {"source": str(tcfg.checkpoint)}
-            self.teacher_key = key_of({"checkpoint": os.path.abspath(tcfg.checkpoint),
-                                       "mtime": os.path.getmtime(tcfg.checkpoint)})
+            self.teacher_key = key_of(
+                {"checkpoint": os.path.abspath(tcfg.checkpoint), "mtime": os.path.getmtime(tcfg.checkpoint)}
+            )
         elif self.store is None:
             self.teacher_key = key_of(self.teacher_recipe())
             self._train_teacher(model, final)
@@ -348,8 +435,10 @@ class Run:
                     self.stages["teacher"] = summary | {"source": "store", "store_key": key}
                 else:
                     self._train_teacher(model, final)
-                    files = {"teacher.pt": final, "metrics_teacher.csv": os.path.join(self.run_dir,
-                                                                                      "metrics_teacher.csv")}
+                    files = {
+                        "teacher.pt": final,
+                        "metrics_teacher.csv": os.path.join(self.run_dir, "metrics_teacher.csv"),
+                    }
                     if distributed.is_main():
                         entry = self.store.publish("teacher", key, files, recipe)
                         log.info("teacher: stored as %s", entry.path)
@@ -366,16 +455,29 @@ class Run:
         """The teacher's logits on the training split (K replayable views): from the store, the run, or built."""
         views = self.views
         path = os.path.join(self.run_dir, f"{name}_logits.pt")
-        recipe = {"teacher": key, "data": self.data.identity, "train": len(self.train_set), "views": views,
-                  "student_fraction": float(self.cfg.dataset.get("student_fraction", 1.0)),
-                  "student_exclude": sorted(self.cfg.dataset.get("student_exclude") or []),
-                  "augment": [self.augment.crop_pad, self.augment.flip, self.augment.seed],
-                  "normalize": [list(self.cfg.dataset.mean), list(self.cfg.dataset.std)]}
+        recipe = {
+            "teacher": key,
+            "data": self.data.identity,
+            "train": len(self.train_set),
+            "views": views,
+            "student_fraction": float(self.cfg.dataset.get("student_fraction", 1.0)),
+            "student_exclude": sorted(self.cfg.dataset.get("student_exclude") or []),
+            "augment": [self.augment.crop_pad, self.augment.flip, self.augment.seed],
+            "normalize": [list(self.cfg.dataset.mean), list(self.cfg.dataset.std)],
+        }
         ckey = key_of(recipe)
 
         def build():
-            return build_logit_cache(teacher, self.student_set, self.norm, self.augment, views,
-                                     self.tr.eval_batch_size, self.device, self.tr.get("precision", "fp32"))
+            return build_logit_cache(
+                teacher,
+                self.student_set,
+                self.norm,
+                self.augment,
+                views,
+                self.tr.eval_batch_size,
+                self.device,
+                self.tr.get("precision", "fp32"),
+            )
 
         if self.store is None or key is None:
             logits, info = cached_teacher_logits(path, ckey, build)
@@ -391,13 +493,22 @@ class Run:
                     self.store.publish("logits", ckey, {"logits.pt": path}, recipe, link=True)
                 elif info["reused"]:
                     info["source"] = "store"
-        self.stages[f"cache_{name}" if name != "teacher" else "cache"] = info | {"views": views,
-                                                                                 "file": os.path.basename(path)}
+        self.stages[f"cache_{name}" if name != "teacher" else "cache"] = info | {
+            "views": views,
+            "file": os.path.basename(path),
+        }
         self.timings["cache"] = self.timings.get("cache", 0.0) + info["seconds"]
         return logits
 
-    def distil(self, stage: str, mcfg, teacher: nn.Module, teacher_name: str = "teacher",
-               teacher_key: str | None = None, who: str = "student") -> nn.Module:
+    def distil(
+        self,
+        stage: str,
+        mcfg,
+        teacher: nn.Module,
+        teacher_name: str = "teacher",
+        teacher_key: str | None = None,
+        who: str = "student",
+    ) -> nn.Module:
         """A student of config ``mcfg`` distilled from ``teacher`` with the configured KD method."""
         static, scheds = schedules.split(loss_kwargs(self.cfg.loss))
         method = LOSSES.get(self.cfg.loss.name, "loss.name")(**static)
@@ -408,31 +519,54 @@ class Run:
         if method.needs_teacher_features or not self.cfg.cache.enabled or self.streamed or not self.tr.epochs:
             if method.needs_teacher_features and not (method.teacher_layers or method.student_layers):
                 method.teacher_layers, method.student_layers = method.default_layers(
-                    list(teacher.feature_points), list(student.feature_points))
-            why = (f"needs teacher features {method.teacher_layers}" if method.needs_teacher_features
-                   else "streams its data from files" if self.streamed
-                   else "trains for 0 epochs" if not self.tr.epochs else "runs with cache.enabled=false")
-            log.info("%s: %s %s -> the teacher runs online on fresh augmented views (no logit cache)",
-                     stage, self.cfg.loss.name, why)
+                    list(teacher.feature_points), list(student.feature_points)
+                )
+            why = (
+                f"needs teacher features {method.teacher_layers}"
+                if method.needs_teacher_features
+                else "streams its data from files"
+                if self.streamed
+                else "trains for 0 epochs"
+                if not self.tr.epochs
+                else "runs with cache.enabled=false"
+            )
+            log.info(
+                "%s: %s %s -> the teacher runs online on fresh augmented views (no logit cache)",
+                stage,
+                self.cfg.loss.name,
+                why,
+            )
             objective = Distill(method, student, teacher=teacher, **common)
             self.student_views = None
             loader = self.train_loader(None, self.student_set)  # fresh augmentation; teacher sees the same batch
         else:
             logits = self.logits(teacher, teacher_name, teacher_key)
-            log.info("%s: %s needs only teacher logits -> read from the logit cache (teacher not run)",
-                     stage, self.cfg.loss.name)
+            log.info(
+                "%s: %s needs only teacher logits -> read from the logit cache (teacher not run)",
+                stage,
+                self.cfg.loss.name,
+            )
             objective = Distill(method, student, cached_logits=logits.to(self.device), **common)
             self.student_views = views
             loader = self.train_loader(views, self.student_set)  # replays view v of each sample (K=0: plain)
         x_probe = next(self.eval_loader(self.student_set.subset(torch.arange(2))).epoch(0)).x
-        method.build(probe_shapes(teacher, method.teacher_layers, x_probe),
-                     probe_shapes(student, method.student_layers, x_probe), len(self.student_set))
+        method.build(
+            probe_shapes(teacher, method.teacher_layers, x_probe),
+            probe_shapes(student, method.student_layers, x_probe),
+            len(self.student_set),
+        )
         method.bind_teacher(teacher)
         method.to(self.device)
         for pre in method.pre_stages(teacher, student):  # FT's paraphraser, AB's / FSP's init: stages of their own
             with pre.objective:
-                self.fit(f"{stage}_{pre.name}", pre.trainable, pre.objective, epochs=pre.epochs,
-                         optim_cfg=OmegaConf.merge(self.cfg.optim, pre.optim), loader=loader)
+                self.fit(
+                    f"{stage}_{pre.name}",
+                    pre.trainable,
+                    pre.objective,
+                    epochs=pre.epochs,
+                    optim_cfg=OmegaConf.merge(self.cfg.optim, pre.optim),
+                    loader=loader,
+                )
 
         def on_step(epoch: int, step: int) -> dict:
             values = {}
@@ -442,22 +576,29 @@ class Run:
             return values
 
         with objective:  # feature hooks registered once for the stage
-            self.fit(stage, student, objective, epochs=self.tr.epochs, trainable=objective.module, loader=loader,
-                     on_step=on_step if scheds else None)
+            self.fit(
+                stage,
+                student,
+                objective,
+                epochs=self.tr.epochs,
+                trainable=objective.module,
+                loader=loader,
+                on_step=on_step if scheds else None,
+            )
         self.export(stage, student, mcfg, {"loss_state": method.state_dict()})
         self.record(stage, student, mcfg, stage)
         return student
 
-    def ce_model(self, stage: str, mcfg, who: str = "student", views: int | None = None,
-                 seed_offset: int = 0) -> nn.Module:
+    def ce_model(
+        self, stage: str, mcfg, who: str = "student", views: int | None = None, seed_offset: int = 0
+    ) -> nn.Module:
         """A model trained from scratch with CE only (same init, budget and seed as the students).
 
         ``views``: as for :meth:`train_loader`; a baseline passes ``run.student_views`` so it sees
         exactly the images the distilled student saw (e.g. no augmentation with ``cache.views=0``).
         """
         model = self.build(who, mcfg, seed_offset)
-        self.fit(stage, model, cross_entropy, epochs=self.tr.epochs,
-                 loader=self.train_loader(views, self.student_set))
+        self.fit(stage, model, cross_entropy, epochs=self.tr.epochs, loader=self.train_loader(views, self.student_set))
         self.export(stage, model, mcfg)
         self.record(stage, model, mcfg, stage)
         return model
@@ -470,7 +611,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
     t_start = time.perf_counter()
     r = Run(cfg, run_dir)
     # experiment trackers (logger=[...]), closed (marked failed on an error) when the block ends
-    with (loggers.build(cfg, run_dir) if distributed.is_main() else loggers.Loggers()) as r.logger:
+    with loggers.build(cfg, run_dir) if distributed.is_main() else loggers.Loggers() as r.logger:
         SCHEMES.get(cfg.scheme.name, "scheme.name")(r)  # trains teacher(s) and students, fills r.models / r.roles
         if not distributed.is_main():
             return None

@@ -13,6 +13,7 @@ Warm-up batches (worker start-up, first cache read) are not timed. Without ``--r
 extracted from ``$KDRUN_SHARED_DATA/cifar10-jpg.tar.gz`` into ``$KDRUN_DEV_CACHE``
 (default ``~/.cache/kdrun-dev``) once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,14 +49,21 @@ def kdrun_batches(root: str, batch_size: int, cache_dir: str | None):
     t0 = time.perf_counter()
     data = DATASETS.get("imagefolder")(root=root, image_size=32, num_classes=10, cache_dir=cache_dir)
     print(f"kdrun data ready in {time.perf_counter() - t0:.1f}s ({len(data.train)} train images)")
-    loader = TensorLoader(data.train, batch_size, Normalize(MEAN, STD, 3, "cpu"), Augment(4, True, 0),
-                          shuffle=True, seed=0)
+    loader = TensorLoader(
+        data.train, batch_size, Normalize(MEAN, STD, 3, "cpu"), Augment(4, True, 0), shuffle=True, seed=0
+    )
     return ((b.x, b.y) for e in count() for b in loader.epoch(e))
 
 
 def torchvision_batches(root: str, batch_size: int, workers: int):
-    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
     ds = datasets.ImageFolder(os.path.join(root, "train"), transform=tf)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=True)
     return (b for _ in count() for b in loader)
@@ -71,8 +79,10 @@ def main() -> None:
     p.add_argument("--cache-dir", help="decode cache (default: $KDRUN_CACHE_DIR or ~/.cache/kdrun/data)")
     a = p.parse_args()
     root = a.root or extract_cifar10(SHARED, DEV_CACHE)
-    print(f"CIFAR-10 train folder {root}, batch {a.batch_size}, {a.batches} timed batches after {a.warmup}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(
+        f"CIFAR-10 train folder {root}, batch {a.batch_size}, {a.batches} timed batches after {a.warmup}, "
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    )
     ours = images_per_s(kdrun_batches(root, a.batch_size, a.cache_dir), a.batches, a.warmup)
     print(f"kdrun decode-once TensorLoader:          {ours:10,.0f} images/s")
     theirs = images_per_s(torchvision_batches(root, a.batch_size, a.workers), a.batches, a.warmup)

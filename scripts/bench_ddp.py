@@ -14,6 +14,7 @@ A 1-process run of the whole global batch is printed for reference. Each process
 ``--threads`` intra-op threads (default: the cores divided by the processes). Figures are the median
 over ``--repeats`` runs of the mean step time after ``--warmup`` steps; the sides alternate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ def old_all_reduce_grads(params: list[torch.Tensor]) -> None:
     offset = 0
     for p, g in zip(params, grads):
         numel = g.numel()
-        p.grad = flat[offset:offset + numel].view_as(p).clone()
+        p.grad = flat[offset : offset + numel].view_as(p).clone()
         offset += numel
 
 
@@ -124,11 +125,16 @@ def main() -> None:
             print(f"round {r + 1} {mode}: {times[mode][-1] * 1e3:.0f} ms/step", flush=True)
         times["one process"].append(run("ddp", 1, a))
         print(f"round {r + 1} one process: {times['one process'][-1] * 1e3:.0f} ms/step", flush=True)
-    print(f"model {a.model}, global batch {a.batch} (32x32x3), {a.procs} processes x {a.threads} threads, "
-          f"{a.device}, {a.steps} timed steps after {a.warmup}, median of {a.repeats}")
+    print(
+        f"model {a.model}, global batch {a.batch} (32x32x3), {a.procs} processes x {a.threads} threads, "
+        f"{a.device}, {a.steps} timed steps after {a.warmup}, median of {a.repeats}"
+    )
     print(f"{'engine':<28}{'ms/step':>10}{'images/s':>10}   runs (ms)")
-    for mode, label in (("ddp", f"DDP, {a.procs} processes"), ("allreduce", f"old all-reduce, {a.procs} processes"),
-                        ("one process", "1 process, whole batch")):
+    for mode, label in (
+        ("ddp", f"DDP, {a.procs} processes"),
+        ("allreduce", f"old all-reduce, {a.procs} processes"),
+        ("one process", "1 process, whole batch"),
+    ):
         med = statistics.median(times[mode])
         runs = " ".join(f"{t * 1e3:.0f}" for t in times[mode])
         print(f"{label:<28}{med * 1e3:>10.1f}{a.batch / med:>10.0f}   {runs}")

@@ -42,9 +42,7 @@ def plain_save(obj: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--gb", type=float, default=1.0, help="cache size in GB (10^9 bytes)"
-    )
+    ap.add_argument("--gb", type=float, default=1.0, help="cache size in GB (10^9 bytes)")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument(
@@ -70,9 +68,7 @@ def main() -> None:
             )
         ]
         t_plain_save = timed(lambda: plain_save({"logits": logits}, plain), args.repeat)
-        t_io_save = timed(
-            lambda: io.save({"logits": logits}, checked, "logits", "k"), args.repeat
-        )
+        t_io_save = timed(lambda: io.save({"logits": logits}, checked, "logits", "k"), args.repeat)
         t_plain_load = timed(
             lambda: torch.load(plain, map_location="cpu", weights_only=True),
             args.repeat,

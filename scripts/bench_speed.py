@@ -25,6 +25,7 @@ on a GPU. ``--channels-last`` and ``--bf16`` apply to kdrun's side only (the ref
 plain tutorial loop; ``--threads`` sets torch's threads on both sides); ``--sides kdrun`` skips the
 reference, e.g. to compare kdrun settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,29 @@ from kdrun.engine import cross_entropy, train_stage  # noqa: E402
 from kdrun.losses.kd import KD  # noqa: E402
 
 STAGES = ("teacher", "cache", "distil", "student_ce")
-LABELS = {"teacher": "teacher (CE)", "cache": "cache / teacher pass", "distil": "distil (kdrun: cached)",
-          "student_ce": "student alone (CE)"}
+LABELS = {
+    "teacher": "teacher (CE)",
+    "cache": "cache / teacher pass",
+    "distil": "distil (kdrun: cached)",
+    "student_ce": "student alone (CE)",
+}
 
 
 def optim_cfg(lr: float):
     """kdrun's SGD config with the reference's settings and a constant LR."""
-    return OmegaConf.create({"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
-                             "schedule": "constant", "milestones": [], "gamma": 0.1, "warmup_epochs": 0})
+    return OmegaConf.create(
+        {
+            "name": "sgd",
+            "lr": lr,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "nesterov": False,
+            "schedule": "constant",
+            "milestones": [],
+            "gamma": 0.1,
+            "warmup_epochs": 0,
+        }
+    )
 
 
 @contextmanager
@@ -106,9 +122,11 @@ class FixedSteps:
 
 def in_bf16(objective, device: torch.device):
     """``objective`` with its forward passes under bf16 autocast (weights, optimiser and loss stay fp32)."""
+
     def run(model: nn.Module, batch, epoch: int) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             return objective(model, batch, epoch)
+
     return run
 
 
@@ -147,11 +165,22 @@ def kdrun_side(a, device: torch.device) -> dict:
     def fit(stage: str, net: nn.Module, objective, views: int | None, steps: int, trainable=None) -> float:
         if a.bf16:
             objective = in_bf16(objective, device)
-        loader = TensorLoader(train, a.batch, norm, augment, shuffle=True, seed=a.seed, device=device, views=views,
-                              drop_last=True)
+        loader = TensorLoader(
+            train, a.batch, norm, augment, shuffle=True, seed=a.seed, device=device, views=views, drop_last=True
+        )
         clock = SteadyClock(a.warmup, device)
-        train_stage(stage, net, objective, FixedSteps(loader, steps), epochs=1, optim_cfg=optim_cfg(a.lr),
-                    trainable=trainable, run_dir=run_dir, on_step=clock, compile=a.compile)
+        train_stage(
+            stage,
+            net,
+            objective,
+            FixedSteps(loader, steps),
+            epochs=1,
+            optim_cfg=optim_cfg(a.lr),
+            trainable=trainable,
+            run_dir=run_dir,
+            on_step=clock,
+            compile=a.compile,
+        )
         return clock.images_per_s((steps - a.warmup) * a.batch)
 
     with tempfile.TemporaryDirectory(prefix="bench-kdrun-") as run_dir:
@@ -220,15 +249,16 @@ def print_table(kd: list[dict], rf: list[dict], device: torch.device) -> None:
         k = median(kd, "ips", s)
         if rf:
             r = median(rf, "ips", s)
-            print(f"{LABELS[s]:<24}{k:>12.0f}{r:>11.0f}{k / r:>9.2f}x   {median(kd, 'mem', s):8.0f} / "
-                  f"{median(rf, 'mem', s):.0f}")
+            print(
+                f"{LABELS[s]:<24}{k:>12.0f}{r:>11.0f}{k / r:>9.2f}x   {median(kd, 'mem', s):8.0f} / "
+                f"{median(rf, 'mem', s):.0f}"
+            )
         else:
             print(f"{LABELS[s]:<24}{k:>12.0f}{'-':>11}{'-':>10}   {median(kd, 'mem', s):8.0f}")
     if rf:
         print(f"(reference DataLoader workers: peak RSS {max(r['workers_mib'] for r in rf):.0f} MiB each, on top)")
     d, ce = median(kd, "ips", "distil"), median(kd, "ips", "student_ce")
-    print(f"kdrun distillation with the cache vs student alone with CE: {d:.0f} vs {ce:.0f} images/s "
-          f"({d / ce:.2f}x)")
+    print(f"kdrun distillation with the cache vs student alone with CE: {d:.0f} vs {ce:.0f} images/s ({d / ce:.2f}x)")
     if rf:
         ratio = d / median(rf, "ips", "distil")
         print(f"target distil >= 3x reference: {ratio:.2f}x -> {'met' if ratio >= 3 else 'NOT met'}")
@@ -254,11 +284,17 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads on both sides (default: torch's)")
     p.add_argument("--channels-last", action="store_true", help="kdrun's models in channels_last")
-    p.add_argument("--compile", action="store_true", help="kdrun's trainable modules torch.compile'd (warm-up "
-                   "steps absorb the compilation)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="kdrun's trainable modules torch.compile'd (warm-up steps absorb the compilation)",
+    )
     p.add_argument("--json", help="also write the rounds' results (images/s, memory) to this JSON file")
-    p.add_argument("--bf16", action="store_true", help="kdrun's forward passes under bf16 autocast (what "
-                   "kdrun would gain from a trainer.precision=bf16 option)")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="kdrun's forward passes under bf16 autocast (what kdrun would gain from a trainer.precision=bf16 option)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of both sides")
     p.add_argument("--sides", default="both", choices=["both", "kdrun"])
     p.add_argument("--side", choices=["kdrun", "reference"], help=argparse.SUPPRESS)
@@ -274,9 +310,11 @@ def main() -> None:
         print(json.dumps(out))
         return
     threads = a.threads or torch.get_num_threads()
-    print(f"{a.teacher} -> {a.student} on {a.subset} CIFAR-10 train images, batch {a.batch}, {a.steps} steps "
-          f"({a.warmup} untimed), device {a.device}, {os.cpu_count()} CPUs, torch threads {threads}, "
-          f"channels_last {a.channels_last}, bf16 {a.bf16}, views {a.views}, {a.repeats} rounds")
+    print(
+        f"{a.teacher} -> {a.student} on {a.subset} CIFAR-10 train images, batch {a.batch}, {a.steps} steps "
+        f"({a.warmup} untimed), device {a.device}, {os.cpu_count()} CPUs, torch threads {threads}, "
+        f"channels_last {a.channels_last}, bf16 {a.bf16}, views {a.views}, {a.repeats} rounds"
+    )
     kd, rf = [], []
     for r in range(a.repeats):
         order = ["kdrun", "reference"] if r % 2 == 0 else ["reference", "kdrun"]

@@ -5,6 +5,7 @@ published parameter count where one is known (kdrun.models.published).
 
     python scripts/model_table.py
 """
+
 from __future__ import annotations
 
 from kdrun.models import MODELS, build_model
@@ -21,8 +22,10 @@ def main() -> None:
         model = build_model(name, CLASSES, SHAPE[0], SHAPE[1])
         published = PUBLISHED_PARAMS_M.get(name)
         family = MODELS.get(name).__module__.rsplit(".", 1)[-1]
-        print(f"| {name} | {family} | {count_params(model) / 1e6:.2f} | {count_flops(model, SHAPE) / 1e6:.1f} | "
-              f"{'' if published is None else f'{published:.2f}'} |")
+        print(
+            f"| {name} | {family} | {count_params(model) / 1e6:.2f} | {count_flops(model, SHAPE) / 1e6:.1f} | "
+            f"{'' if published is None else f'{published:.2f}'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ gives OUT/cifar10-jpg/{train,test}/<class>/*.jpg (for ``dataset=imagefolder``) a
 OUT/mnist/MNIST/raw/* uncompressed (torchvision's layout, for ``dataset=mnist dataset.root=OUT/mnist``;
 ``dataset.root`` may also point straight at the folder of .gz files). Existing outputs are kept.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -15,6 +15,7 @@ Every stage returns its throughput in images/s. Training stages run a fixed numb
 ``drop_last`` batches and time the steps after the first ``warmup`` ones (the timed steps include
 fetching their batches from the workers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,20 +40,27 @@ ROOT = os.path.join(os.environ.get("KDRUN_DEV_CACHE", os.path.expanduser("~/.cac
 def subset_indices(total: int, n: int, seed: int = 0) -> torch.Tensor:
     """``n`` distinct sorted positions out of ``total``, seeded (the same images on both sides of a benchmark)."""
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    return perm[:min(n, total)].sort().values
+    return perm[: min(n, total)].sort().values
 
 
 def train_transform() -> transforms.Compose:
-    return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    return transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def eval_transform() -> transforms.Compose:
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
-def image_loader(root: str, subset: int, transform, batch_size: int, train: bool, workers: int = 2,
-                 seed: int = 0) -> DataLoader:
+def image_loader(
+    root: str, subset: int, transform, batch_size: int, train: bool, workers: int = 2, seed: int = 0
+) -> DataLoader:
     """``ImageFolder(root/train)`` cut to ``subset`` images (:func:`subset_indices`); shuffled, full batches
     when ``train``."""
     ds = datasets.ImageFolder(os.path.join(root, "train"), transform=transform)
@@ -70,8 +78,13 @@ def batches(loader: DataLoader, steps: int) -> Iterator:
     return islice((b for _ in count() for b in loader), steps)
 
 
-def timed_steps(step: Callable[[torch.Tensor, torch.Tensor], None], loader: DataLoader, steps: int,
-                warmup: int, device: torch.device) -> float:
+def timed_steps(
+    step: Callable[[torch.Tensor, torch.Tensor], None],
+    loader: DataLoader,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> float:
     """Run ``step(x, y)`` on ``steps`` batches; images/s over the steps after the first ``warmup``."""
     if steps <= warmup:
         raise ValueError(f"steps={steps} must exceed warmup={warmup}")
@@ -91,8 +104,9 @@ def sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
 
-def train_ce(model: nn.Module, loader: DataLoader, steps: int, warmup: int, device: torch.device,
-             lr: float = 0.05) -> float:
+def train_ce(
+    model: nn.Module, loader: DataLoader, steps: int, warmup: int, device: torch.device, lr: float = 0.05
+) -> float:
     """Cross-entropy training (the teacher stage, or a student alone); returns images/s."""
     model.train()
     opt = sgd(model, lr)
@@ -119,8 +133,17 @@ def teacher_pass(teacher: nn.Module, loader: DataLoader, device: torch.device) -
     return seen / (time.perf_counter() - t0)
 
 
-def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, steps: int, warmup: int,
-            device: torch.device, temperature: float = 4.0, alpha: float = 0.9, lr: float = 0.05) -> float:
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    loader: DataLoader,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    lr: float = 0.05,
+) -> float:
     """KD with the teacher run online on every batch (fp32, eval mode, no grad); returns images/s."""
     teacher.eval()
     student.train()

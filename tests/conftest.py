@@ -16,8 +16,9 @@ def run_kdrun(*args: str, cwd=None, env=None, timeout=300) -> subprocess.Complet
     full_env.pop("HYDRA_FULL_ERROR", None)
     if env and "HYDRA_FULL_ERROR" in env:
         full_env["HYDRA_FULL_ERROR"] = env["HYDRA_FULL_ERROR"]
-    return subprocess.run([*KDRUN, *args], cwd=cwd or WORKDIR, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [*KDRUN, *args], cwd=cwd or WORKDIR, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 Both run for 2 steps on a synthetic 32x32 JPEG folder of 2 classes in ``tmp_path``.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,16 +29,33 @@ def folder(tmp_path):
 
 
 def run(script: str, *args: str, env: dict) -> str:
-    proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, script), *args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_reference_and_bench_run(folder, tmp_path):
     env = dict(os.environ, KDRUN_CACHE_DIR=str(tmp_path / "decode-cache"))
-    small = ["--root", str(folder), "--subset", "20", "--steps", "2", "--warmup", "1", "--batch", "8",
-             "--eval-batch", "8", "--teacher", "resnet8", "--student", "resnet8"]
+    small = [
+        "--root",
+        str(folder),
+        "--subset",
+        "20",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch",
+        "8",
+        "--eval-batch",
+        "8",
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+    ]
     out = run("reference_kd.py", *small, "--workers", "0", env=env)
     assert "distillation" in out and "images/s" in out
     out = run("bench_speed.py", *small, "--repeats", "1", "--workers", "0", "--threads", "1", env=env)

@@ -1,4 +1,5 @@
 """The view a student rebuilds is bit-identical to the view the teacher's cached logits were computed on."""
+
 import torch
 from torch import nn
 
@@ -21,8 +22,9 @@ class Recorder(nn.Module):
 
 def test_student_batches_replay_the_cached_views_exactly():
     g = torch.Generator().manual_seed(0)
-    data = ImageSet(torch.randint(0, 256, (50, 3, 12, 12), generator=g, dtype=torch.uint8),
-                    torch.randint(0, 3, (50,), generator=g))
+    data = ImageSet(
+        torch.randint(0, 256, (50, 3, 12, 12), generator=g, dtype=torch.uint8), torch.randint(0, 3, (50,), generator=g)
+    )
     norm = Normalize([0.4, 0.5, 0.6], [0.2, 0.25, 0.3], 3, "cpu")
     augment = Augment(crop_pad=4, flip=True, seed=7)
     views, batch = 4, 16
@@ -30,8 +32,7 @@ def test_student_batches_replay_the_cached_views_exactly():
     build_logit_cache(teacher, data, norm, augment, views, batch, "cpu")
     seen = torch.cat(teacher.seen[1:])  # the first call only probes the class count
     # the cache walks view 0 over all images, then view 1, ...: row v * N + i holds (image i, view v)
-    teacher_view = {(i, v): seen[v * len(data) + i]
-                    for v in range(views) for i in range(len(data))}
+    teacher_view = {(i, v): seen[v * len(data) + i] for v in range(views) for i in range(len(data))}
     loader = TensorLoader(data, 8, norm, augment, shuffle=True, seed=7, views=views)
     checked, distinct = 0, set()
     for epoch in range(3):

@@ -1,4 +1,5 @@
 """Every config option composes and validates; bad input is one line and exit code 2."""
+
 from importlib import resources
 
 import pytest
@@ -37,14 +38,17 @@ def test_default_config_is_the_embedded_digits_run():
     assert cfg.loss.name == "kd" and cfg.loss.temperature > 0 and 0 <= cfg.loss.alpha <= 1
 
 
-@pytest.mark.parametrize("override, message", [
-    ("loss.alpha=1.5", "loss.alpha=1.5: must be a number in [0, 1]"),
-    ("loss.temperature=0", "loss.temperature=0: must be a number > 0"),
-    ("trainer.epochs=-1", "trainer.epochs=-1: must be an integer >= 0"),
-    ("trainer.batch_size=0", "trainer.batch_size=0: must be an integer > 0"),
-    ("cache.views=-2", "cache.views=-2: must be an integer >= 0"),
-    ("trainer.epochs=abc", "trainer.epochs=abc: must be an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.alpha=1.5", "loss.alpha=1.5: must be a number in [0, 1]"),
+        ("loss.temperature=0", "loss.temperature=0: must be a number > 0"),
+        ("trainer.epochs=-1", "trainer.epochs=-1: must be an integer >= 0"),
+        ("trainer.batch_size=0", "trainer.batch_size=0: must be an integer > 0"),
+        ("cache.views=-2", "cache.views=-2: must be an integer >= 0"),
+        ("trainer.epochs=abc", "trainer.epochs=abc: must be an integer >= 0"),
+    ],
+)
 def test_validation_names_key_and_valid_range(override, message):
     with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[override])

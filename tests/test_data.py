@@ -4,13 +4,14 @@ Tests named ``test_shared_*`` read the real MNIST/CIFAR-10 copies under
 ``$KDRUN_SHARED_DATA`` (default /work/shared/datasets) and skip when they are
 absent; deselect them with ``-k "not shared"``.
 """
+
 from __future__ import annotations
 
 import gzip
 import logging
 import os
-from pathlib import Path
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ def one_line_error(fn, *needles: str) -> str:
 
 
 # ---------------------------------------------------------------- synthetic image folders
+
 
 def make_folder(root, classes=("cat", "ant", "bee"), per_split=None, size=8, mode="RGB"):
     """Write PNGs root/<split>/<class>/<i>.png with pixel value 10*label + i (plus a ramp); returns the pixels."""
@@ -83,8 +85,15 @@ def test_imagefolder_resizes_odd_images_grey_and_parallel(tmp_path):
     root = tmp_path / "imgs"
     make_folder(root, per_split={"train": 2, "val": 1}, size=8, mode="L")
     Image.new("L", (20, 12), 200).save(root / "train" / "ant" / "big.png")
-    data = load("imagefolder", root=str(root), test_split="val", image_size=8, in_chans=1,
-                cache_dir=str(tmp_path / "c"), workers=2)
+    data = load(
+        "imagefolder",
+        root=str(root),
+        test_split="val",
+        image_size=8,
+        in_chans=1,
+        cache_dir=str(tmp_path / "c"),
+        workers=2,
+    )
     assert data.train.images.shape == (7, 1, 8, 8) and data.test.images.shape == (3, 1, 8, 8)
     assert data.train.images[2].eq(200).all()  # ant/big.png sorts after 000/001, resized to 8x8
 
@@ -151,6 +160,7 @@ def test_imagefolder_errors_are_one_line(folder, tmp_path):
 
 # ---------------------------------------------------------------- torchvision datasets, idx files
 
+
 def write_idx(path, arr: np.ndarray) -> None:
     head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
     (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(head + arr.astype(np.uint8).tobytes())
@@ -162,8 +172,12 @@ def test_mnist_reads_idx_files(tmp_path, layout):
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     x_tr, x_te = rng.integers(0, 256, (50, 28, 28)), rng.integers(0, 256, (20, 28, 28))
-    for stem, arr in [("train-images-idx3-ubyte", x_tr), ("train-labels-idx1-ubyte", np.arange(50) % 10),
-                      ("t10k-images-idx3-ubyte", x_te), ("t10k-labels-idx1-ubyte", np.arange(20) % 10)]:
+    for stem, arr in [
+        ("train-images-idx3-ubyte", x_tr),
+        ("train-labels-idx1-ubyte", np.arange(50) % 10),
+        ("t10k-images-idx3-ubyte", x_te),
+        ("t10k-labels-idx1-ubyte", np.arange(20) % 10),
+    ]:
         write_idx(d / (stem + suffix), arr)
     data = load("mnist", root=str(tmp_path), num_classes=10, image_size=28, in_chans=1)
     assert data.train.images.shape == (50, 1, 28, 28) and len(data.test) == 20
@@ -172,19 +186,27 @@ def test_mnist_reads_idx_files(tmp_path, layout):
     one_line_error(lambda: load("mnist", root=str(tmp_path), image_size=32), "dataset.image_size=32")
 
 
-@pytest.mark.parametrize("name, needles", [
-    ("mnist", ["train-images-idx3-ubyte", "MNIST/raw"]),
-    ("fashion_mnist", ["t10k-labels-idx1-ubyte", "FashionMNIST/raw"]),
-    ("cifar10", ["cifar-10-batches-py"]),
-    ("cifar100", ["cifar-100-python"]),
-    ("svhn", ["train_32x32.mat"]),
-])
+@pytest.mark.parametrize(
+    "name, needles",
+    [
+        ("mnist", ["train-images-idx3-ubyte", "MNIST/raw"]),
+        ("fashion_mnist", ["t10k-labels-idx1-ubyte", "FashionMNIST/raw"]),
+        ("cifar10", ["cifar-10-batches-py"]),
+        ("cifar100", ["cifar-100-python"]),
+        ("svhn", ["train_32x32.mat"]),
+    ],
+)
 def test_missing_files_say_what_is_expected_where(tmp_path, name, needles):
-    one_line_error(lambda: load(name, root=str(tmp_path), download=False),
-                   f"dataset.root={tmp_path}", "dataset.download=true", *needles)
+    one_line_error(
+        lambda: load(name, root=str(tmp_path), download=False),
+        f"dataset.root={tmp_path}",
+        "dataset.download=true",
+        *needles,
+    )
 
 
 # ---------------------------------------------------------------- augmentation and loaders
+
 
 def test_augment_is_replayable_and_differs_across_views():
     images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
@@ -201,9 +223,9 @@ def test_augment_is_replayable_and_differs_across_views():
 
 
 def test_select_mode():
-    assert select_mode("auto", 9 * 2 ** 30, 8) == "stream"
-    assert select_mode("auto", 7 * 2 ** 30, 8) == "memory"
-    assert select_mode("memory", 9 * 2 ** 30, 8) == "memory" and select_mode("stream", 1, 8) == "stream"
+    assert select_mode("auto", 9 * 2**30, 8) == "stream"
+    assert select_mode("auto", 7 * 2**30, 8) == "memory"
+    assert select_mode("memory", 9 * 2**30, 8) == "memory" and select_mode("stream", 1, 8) == "stream"
     one_line_error(lambda: select_mode("disk", 1, 8), "dataset.mode=disk", "auto, memory, stream")
 
 
@@ -231,6 +253,7 @@ def test_stream_loader_yields_the_tensor_loaders_batches(folder, tmp_path, num_w
 
 
 # ---------------------------------------------------------------- the real shared copies (skip when absent)
+
 
 @pytest.fixture(scope="session")
 def cifar10_folder(tmp_path_factory):

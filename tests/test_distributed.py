@@ -4,6 +4,7 @@ Covered: DDP gradients equal the full batch's; sharding gives every rank equal, 
 memory banks stay equal across ranks; each rank binds its own device; end to end, 2 spawned workers and
 2 torchrun "nodes" (c10d rendezvous on localhost) end with the weights of 1 process (deterministic).
 """
+
 import os
 import socket
 import subprocess
@@ -118,15 +119,29 @@ def test_each_rank_binds_its_local_gpu(monkeypatch):
 
 # ---------------------------------------------------------------- end to end (tiny MLPs on digits)
 
-ARGS = ["teacher=mlp", "student=mlp", "teacher.kwargs.hidden=[48]", "student.kwargs.hidden=[24]",
-        "trainer.teacher_epochs=2", "trainer.epochs=2", "trainer.batch_size=96", "trainer.deterministic=true",
-        "trainer.latency=false", "store.enabled=false", "baseline=false", "optim.warmup_epochs=1",
-        "optim.grad_clip=5", "dataset.student_fraction=1.0"]  # 1438 = 14 x 96 + 94: every batch splits evenly
+ARGS = [
+    "teacher=mlp",
+    "student=mlp",
+    "teacher.kwargs.hidden=[48]",
+    "student.kwargs.hidden=[24]",
+    "trainer.teacher_epochs=2",
+    "trainer.epochs=2",
+    "trainer.batch_size=96",
+    "trainer.deterministic=true",
+    "trainer.latency=false",
+    "store.enabled=false",
+    "baseline=false",
+    "optim.warmup_epochs=1",
+    "optim.grad_clip=5",
+    "dataset.student_fraction=1.0",
+]  # 1438 = 14 x 96 + 94: every batch splits evenly
 
 
 def weights(run_dir) -> dict:
-    return {stage: torch.load(run_dir / "checkpoints" / f"{stage}.pt", weights_only=True)["model"]
-            for stage in ("teacher", "student")}
+    return {
+        stage: torch.load(run_dir / "checkpoints" / f"{stage}.pt", weights_only=True)["model"]
+        for stage in ("teacher", "student")
+    }
 
 
 def assert_same_weights(got: dict, want: dict) -> None:
@@ -159,12 +174,26 @@ def test_two_torchrun_nodes_end_with_the_weights_of_one_process(tmp_path, one_pr
     from tests.conftest import WORKDIR
 
     run_dir = tmp_path / "nodes"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_port()}", "--rdzv-id=kdrun-test",
-           "-m", "kdrun.cli", "train", *ARGS, f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{_port()}",
+        "--rdzv-id=kdrun-test",
+        "-m",
+        "kdrun.cli",
+        "train",
+        *ARGS,
+        f"hydra.run.dir={run_dir}",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR",)}
-    nodes = [subprocess.Popen(cmd, cwd=WORKDIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    nodes = [
+        subprocess.Popen(cmd, cwd=WORKDIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [n.communicate(timeout=600) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[1][-2000:] for o in outs)
     assert (run_dir / "metrics.json").exists()
@@ -176,14 +205,25 @@ def test_a_slurm_task_joins_the_group_slurm_describes(monkeypatch):
     pytest.importorskip("submitit")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    env = {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "42",
-           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
-           "SUBMITIT_EXECUTOR": "slurm"}
+    env = {
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "gpu[01-02]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1",
+        "SUBMITIT_EXECUTOR": "slurm",
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     distributed._slurm_env()
     assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
-        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu01"}
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu01",
+    }
 
 
 def test_sync_bn_on_cpus_is_refused_before_anything_runs(kdrun, tmp_path):
@@ -191,5 +231,6 @@ def test_sync_bn_on_cpus_is_refused_before_anything_runs(kdrun, tmp_path):
     p = kdrun("train", "trainer.sync_bn=true", "trainer.device=cpu", "trainer.devices=2", f"hydra.run.dir={run_dir}")
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        "kdrun: error: trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs"]
+        "kdrun: error: trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs"
+    ]
     assert not run_dir.exists()

@@ -1,5 +1,6 @@
 """The training engine: per-step LR schedules (closed forms), gradient clipping, EMA, a frozen teacher in
 every scheme, no logit cache without a consumer, compile with feature methods and the online scheme."""
+
 import json
 import math
 
@@ -61,6 +62,7 @@ def test_step_milestones_are_the_recipes_epoch_boundaries():
 
 # ---------------------------------------------------------------- clipping and EMA through train_stage
 
+
 def tiny_loader(n=8, batch=4) -> TensorLoader:
     g = torch.Generator().manual_seed(0)
     data = ImageSet(torch.randint(0, 255, (n, 1, 2, 2), dtype=torch.uint8, generator=g), torch.arange(n) % 2)
@@ -77,8 +79,20 @@ class Linear(nn.Module):
 
 
 def optim(**kw):
-    return OmegaConf.create({"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False,
-                             "schedule": "constant", "milestones": [], "gamma": 0.1, "warmup_epochs": 0} | kw)
+    return OmegaConf.create(
+        {
+            "name": "sgd",
+            "lr": 1.0,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "nesterov": False,
+            "schedule": "constant",
+            "milestones": [],
+            "gamma": 0.1,
+            "warmup_epochs": 0,
+        }
+        | kw
+    )
 
 
 def test_grad_clip_limits_the_global_norm_of_each_step(tmp_path):
@@ -87,8 +101,9 @@ def test_grad_clip_limits_the_global_norm_of_each_step(tmp_path):
     def objective(net, batch, epoch):
         return {"big": 1000.0 * net.w.sum()}  # gradient 1000 per element: norm 2000
 
-    train_stage("clip", model, objective, tiny_loader(n=4), epochs=1, optim_cfg=optim(grad_clip=2.0),
-                run_dir=str(tmp_path))
+    train_stage(
+        "clip", model, objective, tiny_loader(n=4), epochs=1, optim_cfg=optim(grad_clip=2.0), run_dir=str(tmp_path)
+    )
     # one SGD step with lr 1 moves the weights by the clipped gradient: norm exactly 2, direction kept
     assert model.w.detach().norm().item() == pytest.approx(2.0, rel=1e-5)
     assert torch.allclose(model.w.detach(), torch.full((4,), -1.0))
@@ -103,8 +118,9 @@ def test_ema_is_the_moving_average_of_the_weights(tmp_path):
         return {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}
 
     loader = tiny_loader(n=12, batch=4)
-    res = train_stage("ema", model, objective, loader, epochs=1, optim_cfg=optim(lr=0.1), run_dir=str(tmp_path),
-                      ema=0.75)
+    res = train_stage(
+        "ema", model, objective, loader, epochs=1, optim_cfg=optim(lr=0.1), run_dir=str(tmp_path), ema=0.75
+    )
     w1, w2, w3 = seen[1], seen[2], model.w.detach()
     # the first update copies the weights, then ema <- 0.75 ema + 0.25 w
     want = 0.75 * (0.75 * w1 + 0.25 * w2) + 0.25 * w3
@@ -114,8 +130,16 @@ def test_ema_is_the_moving_average_of_the_weights(tmp_path):
 
 # ---------------------------------------------------------------- runs (tiny, digits)
 
-BASE = ["teacher=resnet8", "student=resnet8", "trainer.teacher_epochs=1", "trainer.epochs=1",
-        "trainer.batch_size=256", "trainer.latency=false", "store.enabled=false", "baseline=false"]
+BASE = [
+    "teacher=resnet8",
+    "student=resnet8",
+    "trainer.teacher_epochs=1",
+    "trainer.epochs=1",
+    "trainer.batch_size=256",
+    "trainer.latency=false",
+    "store.enabled=false",
+    "baseline=false",
+]
 
 
 def compose(*overrides):
@@ -128,9 +152,15 @@ def snapshot(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("overrides", [["loss=fitnet"], ["cache.enabled=false"],
-                                       ["scheme=assistant", "scheme.assistants=[resnet8]", "scheme.direct=false", "cache.enabled=false"]],
-                         ids=["offline-fitnet", "offline-no-cache", "assistant"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss=fitnet"],
+        ["cache.enabled=false"],
+        ["scheme=assistant", "scheme.assistants=[resnet8]", "scheme.direct=false", "cache.enabled=false"],
+    ],
+    ids=["offline-fitnet", "offline-no-cache", "assistant"],
+)
 def test_teacher_stays_frozen_through_every_distillation_stage(tmp_path, monkeypatch, overrides):
     from kdrun import train
 
@@ -167,8 +197,16 @@ def test_no_logit_cache_when_no_stage_reads_it(tmp_path):
 def test_compile_trains_feature_methods_and_the_online_scheme(kdrun, tmp_path, overrides):
     """Hooks on the original modules, the trainable module compiled (719: two equal batches, one graph)."""
     run_dir = tmp_path / "run"
-    p = kdrun("train", *BASE, *overrides, "trainer.teacher_epochs=0", "trainer.batch_size=719", "trainer.compile=true",
-              f"hydra.run.dir={run_dir}", timeout=900)
+    p = kdrun(
+        "train",
+        *BASE,
+        *overrides,
+        "trainer.teacher_epochs=0",
+        "trainer.batch_size=719",
+        "trainer.compile=true",
+        f"hydra.run.dir={run_dir}",
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     stage = "online" if "scheme=online" in overrides else "student"

@@ -1,4 +1,5 @@
 """kd_loss against a NumPy hand computation (issue: foundation)."""
+
 import numpy as np
 import pytest
 import torch
@@ -35,8 +36,9 @@ def test_kd_loss_large_logits_are_finite():
     s, t = rng.normal(0, 1e4, (8, 100)), rng.normal(0, 1e4, (8, 100))
     y = rng.integers(0, 100, 8)
     for T in (1.0, 20.0):
-        got = kd_loss(torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32),
-                      torch.tensor(y), T, 0.5)
+        got = kd_loss(
+            torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), torch.tensor(y), T, 0.5
+        )
         assert torch.isfinite(got)
         assert got.item() == pytest.approx(np_kd(s, t, y, T, 0.5), rel=1e-4)
 

@@ -40,9 +40,7 @@ def tracked(tmp_path_factory):
 
 def test_csv_logger_writes_per_step_rows(tracked):
     run_dir, _, _ = tracked
-    rows = list(
-        csv.DictReader((run_dir / "metrics_student_steps.csv").read_text().splitlines())
-    )
+    rows = list(csv.DictReader((run_dir / "metrics_student_steps.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [
         4,
         8,
@@ -52,18 +50,14 @@ def test_csv_logger_writes_per_step_rows(tracked):
     temps = [float(r["temperature"]) for r in rows]
     assert temps[0] > temps[-1] >= 1.0  # the per-step schedule is what gets logged
     for r in rows:
-        assert float(r["loss"]) == pytest.approx(
-            float(r["loss_kd"]) + float(r["loss_ce"]), rel=1e-5
-        )
+        assert float(r["loss"]) == pytest.approx(float(r["loss_kd"]) + float(r["loss_ce"]), rel=1e-5)
 
 
 def test_tensorboard_event_file_holds_steps_epochs_config_and_final_metrics(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _, _ = tracked
-    acc = EventAccumulator(
-        str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}
-    )
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {
@@ -79,13 +73,9 @@ def test_tensorboard_event_file_holds_steps_epochs_config_and_final_metrics(trac
     assert [e.step for e in acc.Scalars("student/loss_kd")] == [4, 8, 12]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (final,) = acc.Scalars("final/test.student.last.top1")
-    assert final.value == pytest.approx(
-        metrics["test"]["student"]["last"]["top1"], abs=1e-3
-    )
+    assert final.value == pytest.approx(metrics["test"]["student"]["last"]["top1"], abs=1e-3)
     assert "config/text_summary" in acc.Tags()["tensors"]  # the composed config as text
-    assert (
-        "_hparams_/session_start_info" in acc.summary_metadata
-    )  # and as hyperparameters (HPARAMS tab)
+    assert "_hparams_/session_start_info" in acc.summary_metadata  # and as hyperparameters (HPARAMS tab)
 
 
 def test_mlflow_run_has_params_metrics_history_and_the_student_checkpoint(tracked):
@@ -95,17 +85,10 @@ def test_mlflow_run_has_params_metrics_history_and_the_student_checkpoint(tracke
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("kdrun").experiment_id])
     assert run.info.status == "FINISHED"
-    assert (
-        run.data.params["loss.name"] == "kd"
-        and run.data.params["student.name"] == "resnet8"
-    )
+    assert run.data.params["loss.name"] == "kd" and run.data.params["student.name"] == "resnet8"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert run.data.metrics["test.student.last.top1"] == pytest.approx(
-        metrics["test"]["student"]["last"]["top1"]
-    )
-    assert [
-        m.step for m in client.get_metric_history(run.info.run_id, "student/loss_kd")
-    ] == [4, 8, 12]
+    assert run.data.metrics["test.student.last.top1"] == pytest.approx(metrics["test"]["student"]["last"]["top1"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "student/loss_kd")] == [4, 8, 12]
     assert len(client.get_metric_history(run.info.run_id, "teacher/epoch/loss")) == 1
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/student.pt"]
@@ -121,9 +104,7 @@ def wandb_records(path):
     pos, block, out, buf = 7, 32768, [], b""
     while pos + 7 <= len(data):
         left = block - pos % block
-        _crc, length, kind = (
-            struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
-        )
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
         if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
             pos += left
             continue
@@ -143,16 +124,9 @@ def test_wandb_offline_run_holds_history_config_and_summary(tracked):
     recs = wandb_records(log)
 
     def items(rec, field):
-        return {
-            i.key or "/".join(i.nested_key): json.loads(i.value_json)
-            for i in getattr(rec, field)
-        }
+        return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in getattr(rec, field)}
 
-    history = [
-        items(r.history, "item")
-        for r in recs
-        if r.WhichOneof("record_type") == "history"
-    ]
+    history = [items(r.history, "item") for r in recs if r.WhichOneof("record_type") == "history"]
     kd_steps = [h["student/step"] for h in history if "student/loss_kd" in h]
     assert kd_steps == [4, 8, 12]
     config = {}
@@ -168,9 +142,7 @@ def test_wandb_offline_run_holds_history_config_and_summary(tracked):
         if r.WhichOneof("record_type") == "summary":
             summary |= items(r.summary, "update")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["final/test.student.last.top1"] == pytest.approx(
-        metrics["test"]["student"]["last"]["top1"]
-    )
+    assert summary["final/test.student.last.top1"] == pytest.approx(metrics["test"]["student"]["last"]["top1"])
 
 
 def test_loggers_fan_out_and_close_failed_on_error():
@@ -189,9 +161,7 @@ def test_loggers_fan_out_and_close_failed_on_error():
     import torch
 
     with pytest.raises(RuntimeError), loggers.Loggers([Probe(), Probe()]) as lg:
-        lg.log_step(
-            "student", 5, {"kd": torch.tensor(0.5)}, loss=0.75, lr=0.1, temperature=4.0
-        )
+        lg.log_step("student", 5, {"kd": torch.tensor(0.5)}, loss=0.75, lr=0.1, temperature=4.0)
         lg.log_epoch("student", 1, {"epoch": 1, "lr": 0.1, "loss": 0.7, "note": "text"})
         raise RuntimeError("boom")
     assert calls[0] == (
@@ -224,8 +194,5 @@ def test_flatten_and_unknown_logger():
 def test_unknown_logger_on_the_command_line_is_one_line(tmp_path):
     p = run_kdrun("train", "logger=[csv,nosuch]", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2
-    assert (
-        p.stderr.strip()
-        == "kdrun: error: logger=nosuch: unknown option; valid: csv, mlflow, tensorboard, wandb"
-    )
+    assert p.stderr.strip() == "kdrun: error: logger=nosuch: unknown option; valid: csv, mlflow, tensorboard, wandb"
     assert not (tmp_path / "r").exists()

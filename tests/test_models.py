@@ -1,4 +1,5 @@
 """Model zoo: every model builds, trains a step and exposes its feature points; published sizes; `kdrun models`."""
+
 from __future__ import annotations
 
 import builtins
@@ -18,13 +19,45 @@ IN_CHANS, IMG, CLASSES = 1, 8, 10
 
 # millions of parameters at 100 classes, 32x32x3 (RepDistiller's CIFAR-100 models as published)
 PUBLISHED_M = {
-    "resnet20": 0.28, "resnet56": 0.86, "resnet110": 1.74, "resnet8x4": 1.23, "resnet32x4": 7.43,
-    "wrn_16_2": 0.70, "wrn_40_1": 0.57, "wrn_40_2": 2.26, "vgg8": 3.97, "vgg13": 9.46,
-    "resnet50_cifar": 23.71, "shufflenet_v1": 0.95, "shufflenet_v2_cifar": 1.36, "mbv2_cifar": 0.81,
+    "resnet20": 0.28,
+    "resnet56": 0.86,
+    "resnet110": 1.74,
+    "resnet8x4": 1.23,
+    "resnet32x4": 7.43,
+    "wrn_16_2": 0.70,
+    "wrn_40_1": 0.57,
+    "wrn_40_2": 2.26,
+    "vgg8": 3.97,
+    "vgg13": 9.46,
+    "resnet50_cifar": 23.71,
+    "shufflenet_v1": 0.95,
+    "shufflenet_v2_cifar": 1.36,
+    "mbv2_cifar": 0.81,
 }
-CIFAR_FAMILY = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
-                "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "resnet50_cifar", "vgg8", "vgg11",
-                "vgg13", "vgg16", "vgg19", "mbv2_cifar", "shufflenet_v1", "shufflenet_v2_cifar"]
+CIFAR_FAMILY = [
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet8x4",
+    "resnet32x4",
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+    "resnet50_cifar",
+    "vgg8",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "mbv2_cifar",
+    "shufflenet_v1",
+    "shufflenet_v2_cifar",
+]
 TORCHVISION = ["resnet18", "resnet34", "resnet50", "mbv2", "mbv3_small", "mbv3_large", "shufflenet_v2"]
 
 
@@ -72,8 +105,10 @@ def test_published_param_counts(name):
 
 
 def test_cifar_family_sizes_are_consistent():
-    params = {n: count_params(build_model(n, 100, 3, 32)) for n in ("resnet8", "resnet14", "resnet32", "resnet44",
-                                                                    "wrn_16_1", "vgg11", "vgg16", "vgg19")}
+    params = {
+        n: count_params(build_model(n, 100, 3, 32))
+        for n in ("resnet8", "resnet14", "resnet32", "resnet44", "wrn_16_1", "vgg11", "vgg16", "vgg19")
+    }
     assert params["resnet8"] < params["resnet14"] < params["resnet32"] < params["resnet44"]
     assert params["vgg11"] < params["vgg16"] < params["vgg19"]
     assert params["wrn_16_1"] / 1e6 == pytest.approx(0.18, abs=0.01)
@@ -107,8 +142,13 @@ def test_mlp_options():
     model = build_model("mlp", 10, 1, 8, hidden=[32, 16, 8], dropout=0.5, input_dropout=0.2, activation="tanh")
     assert [layer.fc.out_features for layer in model.layers] == [32, 16, 8]
     assert isinstance(model.layers[0].act, nn.Tanh) and model.layers[0].drop.p == 0.5 and model.input_drop.p == 0.2
-    assert feature_shapes(model, (1, 8, 8)) == {"hidden1": [1, 32], "hidden2": [1, 16], "hidden3": [1, 8],
-                                                "pre_logits": [1, 8], "logits": [1, 10]}
+    assert feature_shapes(model, (1, 8, 8)) == {
+        "hidden1": [1, 32],
+        "hidden2": [1, 16],
+        "hidden3": [1, 8],
+        "pre_logits": [1, 8],
+        "logits": [1, 10],
+    }
     default = build_model("mlp", 10, 1, 8)
     assert [layer.fc.out_features for layer in default.layers] == [1200, 1200]
     assert isinstance(default.layers[0].act, nn.ReLU)
@@ -189,12 +229,15 @@ def test_models_main_report(capsys, monkeypatch):
         assert re.search(rf"^  {point}\s+{re.escape(str(shape))}", out, re.M), point
 
 
-@pytest.mark.parametrize("args, message", [
-    (["nope"], r"^model=nope: unknown model; valid: .*resnet8x4"),
-    (["resnet8", "colour=red"], r"^models colour=red: not an option; valid: dataset=\.\.\."),
-    (["resnet8", "image_size=0"], r"^image_size=0: not a positive integer"),
-    (["resnet8", "dataset=nosuch"], r"^dataset=nosuch: unknown dataset; valid: .*digits"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nope"], r"^model=nope: unknown model; valid: .*resnet8x4"),
+        (["resnet8", "colour=red"], r"^models colour=red: not an option; valid: dataset=\.\.\."),
+        (["resnet8", "image_size=0"], r"^image_size=0: not a positive integer"),
+        (["resnet8", "dataset=nosuch"], r"^dataset=nosuch: unknown dataset; valid: .*digits"),
+    ],
+)
 def test_models_main_bad_args(args, message):
     with pytest.raises(ConfigError, match=message):
         models_main(args)

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 optuna = pytest.importorskip("optuna")
-from hydra_plugins.kdrun_optuna.sweeper import WORKER_ATTR, open_storage, search_space
-from tests.conftest import KDRUN
+from hydra_plugins.kdrun_optuna.sweeper import WORKER_ATTR, open_storage, search_space  # noqa: E402 (after importorskip)
+from tests.conftest import KDRUN  # noqa: E402
 
 TINY = [
     "trainer=smoke",
@@ -23,19 +23,14 @@ def hydra_cfg(overrides):
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
-        return compose(
-            config_name="train", overrides=overrides, return_hydra_config=True
-        ).hydra
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True).hydra
 
 
 def test_optuna_preset_selects_the_persistent_sweeper():
     sw = hydra_cfg(["sweep=optuna", "paths.output=/somewhere"]).sweeper
     assert sw._target_ == "hydra_plugins.kdrun_optuna.sweeper.KdrunOptunaSweeper"
     assert sw.storage == "journal:/somewhere/optuna/kdrun_kd.journal"
-    assert (
-        sw.direction == "maximize"
-        and sw.sampler._target_ == "optuna.samplers.TPESampler"
-    )
+    assert sw.direction == "maximize" and sw.sampler._target_ == "optuna.samplers.TPESampler"
     assert int(optuna.__version__.split(".")[0]) >= 4
 
 
@@ -46,9 +41,7 @@ def test_hydra_optuna_sweeper_is_not_needed():
     from hydra.core.plugins import Plugins
     from hydra.plugins.sweeper import Sweeper
 
-    names = [
-        f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)
-    ]
+    names = [f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)]
     assert "hydra_plugins.kdrun_optuna.sweeper.KdrunOptunaSweeper" in names
     assert find_spec("hydra_plugins.hydra_optuna_sweeper") is None
 
@@ -122,19 +115,13 @@ def test_interrupted_study_resumes_its_trial_count(tmp_path):
     )
     stale.set_user_attr(WORKER_ATTR, f"{os.uname().nodename}:{DEAD_PID}")
 
-    sweep(
-        tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=second"
-    )  # the same study, resumed
+    sweep(tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=second")  # the same study, resumed
     trials = load(tmp_path).trials
     assert [t.number for t in trials] == [0, 1, 2, 3]  # numbering continues
     assert trials[2].state == optuna.trial.TrialState.FAIL  # the killed trial
     assert trials[3].params == trials[2].params  # ... queued again and run
-    assert [t.state for t in trials if t.number != 2] == [
-        optuna.trial.TrialState.COMPLETE
-    ] * 3
-    assert (
-        sorted(os.listdir(tmp_path / "second")).count("3") == 1
-    )  # job directory = trial number
+    assert [t.state for t in trials if t.number != 2] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert sorted(os.listdir(tmp_path / "second")).count("3") == 1  # job directory = trial number
     results = (tmp_path / "second" / "optimization_results.yaml").read_text()
     assert "n_trials_complete: 3" in results and "best_params" in results
 
@@ -155,9 +142,7 @@ def test_two_processes_share_one_study(tmp_path):
         assert p.returncode == 0, err[-3000:]
     trials = load(tmp_path).trials
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert (
-        4 <= len(complete) <= 5
-    )  # both stop once the study holds 4 (one may already be running then)
+    assert 4 <= len(complete) <= 5  # both stop once the study holds 4 (one may already be running then)
     assert len({t.number for t in trials}) == len(trials)
     workers = {t.user_attrs[WORKER_ATTR] for t in complete}
     assert len(workers) == 2  # each process ran trials of the same study

@@ -28,16 +28,10 @@ def compose(overrides, env=None):
 
 def test_paths_roots_follow_kdrun_data_and_paths_output():
     env = {k: v for k, v in os.environ.items() if k != "KDRUN_DATA"}
-    data, out, root, store, run = compose(
-        ["dataset=mnist"], env=env | {"KDRUN_DATA": "/datasets"}
-    )
+    data, out, root, store, run = compose(["dataset=mnist"], env=env | {"KDRUN_DATA": "/datasets"})
     assert (data, root) == ("/datasets", "/datasets")
-    assert (out, store) == ("outputs", "outputs/.store") and run.startswith(
-        "outputs/train/"
-    )
-    data, out, root, store, run = compose(
-        ["dataset=cifar10", "paths.data=/d", "paths.output=/o"]
-    )
+    assert (out, store) == ("outputs", "outputs/.store") and run.startswith("outputs/train/")
+    data, out, root, store, run = compose(["dataset=cifar10", "paths.data=/d", "paths.output=/o"])
     assert (root, store) == ("/d", "/o/.store") and run.startswith("/o/train/")
 
 
@@ -52,9 +46,7 @@ def test_shell_completion_lists_options_of_kdrun_train(tmp_path):
         cwd=tmp_path,
     )
     assert p.returncode == 0, p.stderr
-    assert {"dataset=digits", "dataset=mnist", "dataset=imagefolder"} <= set(
-        p.stdout.split()
-    )
+    assert {"dataset=digits", "dataset=mnist", "dataset=imagefolder"} <= set(p.stdout.split())
     script = subprocess.run(
         [*KDRUN, "-sc", "install=bash"],
         check=True,
@@ -66,7 +58,5 @@ def test_shell_completion_lists_options_of_kdrun_train(tmp_path):
 
 
 def test_matplotlib_is_a_base_dependency():
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
-        "project"
-    ]
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     assert any(d.startswith("matplotlib") for d in project["dependencies"])

@@ -1,4 +1,5 @@
 """A tiny end-to-end run writes every file it claims, with sane values."""
+
 import csv
 import json
 
@@ -21,9 +22,19 @@ def smoke_run(tmp_path_factory):
 
 def test_run_writes_every_file(smoke_run):
     run_dir, _ = smoke_run
-    for rel in [".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.json",
-                "metrics_teacher.csv", "metrics_student.csv", "metrics_baseline.csv", "teacher_logits.pt",
-                "checkpoints/teacher.pt", "checkpoints/student.pt", "checkpoints/baseline.pt"]:
+    for rel in [
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "train.log",
+        "metrics.json",
+        "metrics_teacher.csv",
+        "metrics_student.csv",
+        "metrics_baseline.csv",
+        "teacher_logits.pt",
+        "checkpoints/teacher.pt",
+        "checkpoints/student.pt",
+        "checkpoints/baseline.pt",
+    ]:
         assert (run_dir / rel).is_file(), rel
     assert not (run_dir / "FAILED").exists()
 
@@ -56,8 +67,9 @@ def test_kd_gain_comes_with_its_paired_test(smoke_run):
     assert 0 <= m["kd_gain_p_value"] <= 1 and g["p_value"] == m["kd_gain_p_value"]
     # the gain is the difference of discordant images over the test split, and equals the top-1 difference
     assert m["kd_gain_top1"] == pytest.approx(100 * (g["student_only"] - g["baseline_only"]) / 359, abs=1e-2)
-    assert m["kd_gain_top1"] == pytest.approx(m["test"]["student"]["last"]["top1"]
-                                              - m["test"]["baseline"]["last"]["top1"], abs=1e-2)
+    assert m["kd_gain_top1"] == pytest.approx(
+        m["test"]["student"]["last"]["top1"] - m["test"]["baseline"]["last"]["top1"], abs=1e-2
+    )
     assert "exact McNemar p =" in p.stdout + p.stderr
 
 
@@ -107,8 +119,14 @@ def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):
 
     run_dir, _ = smoke_run
     ckpt = run_dir / "checkpoints" / "teacher.pt"
-    p = run_kdrun("train", *FAST, "baseline=false", "trainer.latency=false", f"teacher.checkpoint={ckpt}",
-                  f"hydra.run.dir={tmp_path / 'reuse'}")
+    p = run_kdrun(
+        "train",
+        *FAST,
+        "baseline=false",
+        "trainer.latency=false",
+        f"teacher.checkpoint={ckpt}",
+        f"hydra.run.dir={tmp_path / 'reuse'}",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     first = json.loads((run_dir / "metrics.json").read_text())["test"]["teacher"]["top1"]
     again = json.loads((tmp_path / "reuse" / "metrics.json").read_text())["test"]["teacher"]["top1"]
@@ -134,10 +152,20 @@ def test_streamed_image_folder_runs_end_to_end(tmp_path):
                 red = int(torch.randint(0, 255, (1,), generator=g))
                 Image.new("RGB", (16, 16), (red, colour, 30)).save(tmp_path / "data" / split / c / f"{i}.png")
     run_dir = tmp_path / "run"
-    p = run_kdrun("train", "trainer=smoke", "teacher=resnet8", "student=resnet8", "trainer.latency=false",
-                  "store.enabled=false", "dataset=imagefolder", f"dataset.root={tmp_path / 'data'}",
-                  "dataset.image_size=16", "dataset.mode=stream", f"dataset.cache_dir={tmp_path / 'cache'}",
-                  f"hydra.run.dir={run_dir}")
+    p = run_kdrun(
+        "train",
+        "trainer=smoke",
+        "teacher=resnet8",
+        "student=resnet8",
+        "trainer.latency=false",
+        "store.enabled=false",
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'data'}",
+        "dataset.image_size=16",
+        "dataset.mode=stream",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "streams its data from files -> the teacher runs online" in p.stderr
     m = json.loads((run_dir / "metrics.json").read_text())

@@ -1,4 +1,5 @@
 """Experiment presets compose to the published recipes they cite (no data is loaded)."""
+
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf

@@ -32,9 +32,7 @@ def torch_home(tmp_path, monkeypatch):
 
 def test_torchvision_weights_load_every_fitting_tensor_and_a_new_classifier(torch_home):
     _, state = torch_home
-    model = build_model(
-        "mbv3_small", 10, 3, 224, weights="IMAGENET1K_V1"
-    )  # ImageNet-sized: the stem fits
+    model = build_model("mbv3_small", 10, 3, 224, weights="IMAGENET1K_V1")  # ImageNet-sized: the stem fits
     own = model.state_dict()
     assert own["classifier.3.weight"].shape == (
         10,
@@ -45,9 +43,7 @@ def test_torchvision_weights_load_every_fitting_tensor_and_a_new_classifier(torc
     for k in fitted:
         assert torch.equal(own[k], state[k]), k
     scratch = build_model("mbv3_small", 10, 3, 224)
-    assert (
-        scratch.state_dict().keys() == own.keys()
-    )  # the same architecture as without weights
+    assert scratch.state_dict().keys() == own.keys()  # the same architecture as without weights
 
 
 def test_one_channel_stem_is_the_sum_over_rgb_and_small_input_stem_is_new(torch_home):
@@ -57,9 +53,7 @@ def test_one_channel_stem_is_the_sum_over_rgb_and_small_input_stem_is_new(torch_
         gray.state_dict()["features.0.0.weight"],
         state["features.0.0.weight"].sum(1, keepdim=True),
     )
-    small = build_model(
-        "mbv3_small", 10, 1, 8, weights="IMAGENET1K_V1"
-    )  # 3x3 stride-1 stem: no pretrained kernel
+    small = build_model("mbv3_small", 10, 1, 8, weights="IMAGENET1K_V1")  # 3x3 stride-1 stem: no pretrained kernel
     assert small.state_dict()["features.0.0.weight"].shape[-1] == 3
     assert torch.equal(
         small.state_dict()["features.1.block.0.0.weight"],
@@ -85,12 +79,8 @@ def test_teacher_stage_fine_tunes_from_the_weights(torch_home, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     log = (run_dir / "train.log").read_text()
     assert "mbv3_small: pretrained IMAGENET1K_V1 loaded" in log
-    teacher = torch.load(
-        run_dir / "checkpoints" / "teacher.pt", map_location="cpu", weights_only=True
-    )["model"]
-    moved = (
-        teacher["features.1.block.0.0.weight"] - state["features.1.block.0.0.weight"]
-    )
+    teacher = torch.load(run_dir / "checkpoints" / "teacher.pt", map_location="cpu", weights_only=True)["model"]
+    moved = teacher["features.1.block.0.0.weight"] - state["features.1.block.0.0.weight"]
     assert 0 < moved.abs().max() < 1  # started from the weights, then trained one epoch
 
 
@@ -135,9 +125,7 @@ def test_weights_not_in_cache_and_no_network_is_one_line(tmp_path, monkeypatch):
         match=r"weights=IMAGENET1K_V1: mobilenet_v3_small-\w+\.pth is not in the hub "
         r"cache and cannot be downloaded \(OSError\); place it at .*empty",
     ):
-        build_model(
-            "mbv3_small", 10, 3, 32, key="teacher.name", weights="IMAGENET1K_V1"
-        )
+        build_model("mbv3_small", 10, 3, 32, key="teacher.name", weights="IMAGENET1K_V1")
 
 
 def offline_cache(monkeypatch, home):
@@ -163,32 +151,19 @@ def hf_home(tmp_path, monkeypatch):
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     torch.manual_seed(7)
-    state = {
-        k: v.contiguous()
-        for k, v in timm.create_model("test_resnet", pretrained=False)
-        .state_dict()
-        .items()
-    }
+    state = {k: v.contiguous() for k, v in timm.create_model("test_resnet", pretrained=False).state_dict().items()}
     save_file(state, str(snap / "model.safetensors"))
     return state
 
 
 def test_timm_pretrained_tag_loads_from_the_hub_cache_with_a_new_classifier(hf_home):
-    model = build_model(
-        "test_resnet", 10, 3, 32, key="teacher.name", source="timm", weights="r160_in1k"
-    )
+    model = build_model("test_resnet", 10, 3, 32, key="teacher.name", source="timm", weights="r160_in1k")
     own = model.state_dict()
     assert own["fc.weight"].shape[0] == 10
     same = [k for k in own if not k.startswith("fc.")]
     assert same and all(torch.equal(own[k], hf_home[k]) for k in same)
-    gray = build_model(
-        "test_resnet", 10, 1, 32, key="teacher.name", source="timm", weights="r160_in1k"
-    )
-    stem = next(
-        k
-        for k in gray.state_dict()
-        if k.endswith("weight") and gray.state_dict()[k].dim() == 4
-    )
+    gray = build_model("test_resnet", 10, 1, 32, key="teacher.name", source="timm", weights="r160_in1k")
+    stem = next(k for k in gray.state_dict() if k.endswith("weight") and gray.state_dict()[k].dim() == 4)
     assert gray.state_dict()[stem].shape[1] == 1  # timm adapts the stem to one channel
 
 

@@ -1,4 +1,5 @@
 """Crash and preemption: a run killed anywhere and resumed ends exactly like one never interrupted."""
+
 import json
 import signal
 
@@ -7,12 +8,24 @@ import torch
 
 from kdrun.preempt import EXIT_PREEMPTED
 
-ARGS = ["teacher=resnet8", "student=resnet8", "trainer.teacher_epochs=2", "trainer.epochs=2",
-        "trainer.batch_size=128", "trainer.checkpoint_every_steps=5", "trainer.deterministic=true",
-        "trainer.latency=false", "store.enabled=false", "cache.views=2", "dataset.augment.crop_pad=1",
-        # the whole engine state: per-step LR (warm-up, then cosine), clipping, the EMA of the weights
-        "optim.warmup_epochs=1", "optim.grad_clip=5", "trainer.ema=0.9",
-        "dataset.student_fraction=1.0"]  # 12 steps per student epoch: the kill points below fall inside them
+ARGS = [
+    "teacher=resnet8",
+    "student=resnet8",
+    "trainer.teacher_epochs=2",
+    "trainer.epochs=2",
+    "trainer.batch_size=128",
+    "trainer.checkpoint_every_steps=5",
+    "trainer.deterministic=true",
+    "trainer.latency=false",
+    "store.enabled=false",
+    "cache.views=2",
+    "dataset.augment.crop_pad=1",
+    # the whole engine state: per-step LR (warm-up, then cosine), clipping, the EMA of the weights
+    "optim.warmup_epochs=1",
+    "optim.grad_clip=5",
+    "trainer.ema=0.9",
+    "dataset.student_fraction=1.0",
+]  # 12 steps per student epoch: the kill points below fall inside them
 
 
 def final_state(run_dir):

@@ -1,4 +1,5 @@
 """Every scheme runs end to end on the default dataset and reports what it claims."""
+
 import csv
 import json
 
@@ -25,8 +26,9 @@ def test_online_mutual_learning(kdrun, tmp_path):
     assert m["roles"]["student"] == f"peer{m['stages']['online']['student_peer']}"
     rows = list(csv.DictReader((tmp_path / "run" / "metrics_online.csv").open()))
     assert {"loss_ce_peer1", "loss_kl_peer1", "loss_ce_peer2", "loss_kl_peer2"} <= set(rows[0])
-    w1, w2 = (torch.load(tmp_path / "run" / "checkpoints" / f, weights_only=True)["model"]
-              for f in ("peer1.pt", "peer2.pt"))
+    w1, w2 = (
+        torch.load(tmp_path / "run" / "checkpoints" / f, weights_only=True)["model"] for f in ("peer1.pt", "peer2.pt")
+    )
     assert not torch.equal(w1["conv1.weight"], w2["conv1.weight"])  # peers start (and stay) different
 
 
@@ -67,11 +69,14 @@ def test_schedule_values():
     assert parse("loss.alpha", {"schedule": "constant", "value": 0.3}).at(5, 0, 9, 1) == 0.3
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"schedule": "exp", "start": 1, "end": 2}, "loss.temperature.schedule=exp: unknown schedule; valid:"),
-    ({"schedule": "linear", "start": 1}, "loss.temperature.end: missing"),
-    ({"schedule": "step", "values": [1, 2], "milestones": [1, 2]}, "one more value than milestones"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"schedule": "exp", "start": 1, "end": 2}, "loss.temperature.schedule=exp: unknown schedule; valid:"),
+        ({"schedule": "linear", "start": 1}, "loss.temperature.end: missing"),
+        ({"schedule": "step", "values": [1, 2], "milestones": [1, 2]}, "one more value than milestones"),
+    ],
+)
 def test_bad_schedules(spec, message):
     with pytest.raises(ConfigError) as e:
         parse("loss.temperature", spec)

@@ -1,4 +1,5 @@
 """The KD gain's uncertainty: exact McNemar test on paired predictions, t-interval over seeds."""
+
 import math
 import statistics
 

@@ -1,5 +1,6 @@
 """The student stages' transfer set (dataset.student_fraction, dataset.student_exclude) and the
 evaluation of a class-biased student (evaluate.logit_bias): Hinton et al. (2015), sections 3 and 5."""
+
 import json
 
 import pytest
@@ -54,9 +55,17 @@ def test_no3_run_end_to_end(tmp_path):
     from tests.conftest import run_kdrun
 
     run_dir = tmp_path / "run"
-    p = run_kdrun("train", "trainer=smoke", "teacher=resnet8", "student=resnet8", "store.enabled=false",
-                  "dataset.student_fraction=1.0", "dataset.student_exclude=[3]", "evaluate.logit_bias={3:3.5}",
-                  f"hydra.run.dir={run_dir}")
+    p = run_kdrun(
+        "train",
+        "trainer=smoke",
+        "teacher=resnet8",
+        "student=resnet8",
+        "store.enabled=false",
+        "dataset.student_fraction=1.0",
+        "dataset.student_exclude=[3]",
+        "evaluate.logit_bias={3:3.5}",
+        f"hydra.run.dir={run_dir}",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["dataset"]["train"] == 1438 and m["dataset"]["student_train"] == 1438 - 146  # digits has 146 threes
@@ -70,11 +79,14 @@ def test_no3_run_end_to_end(tmp_path):
     assert "with logit bias 3:+3.5" in p.stdout + p.stderr
 
 
-@pytest.mark.parametrize("override, message", [
-    ("dataset.student_exclude=[10]", "dataset.student_exclude=[10]: must be a list of class indices in [0, 10)"),
-    ("evaluate.logit_bias={3:x}", "evaluate.logit_bias={3: 'x'}: must map class indices in [0, 10) to numbers"),
-    ("dataset.student_fraction=0", "dataset.student_fraction=0: must be a number in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dataset.student_exclude=[10]", "dataset.student_exclude=[10]: must be a list of class indices in [0, 10)"),
+        ("evaluate.logit_bias={3:x}", "evaluate.logit_bias={3: 'x'}: must map class indices in [0, 10) to numbers"),
+        ("dataset.student_fraction=0", "dataset.student_fraction=0: must be a number in (0, 1]"),
+    ],
+)
 def test_bad_transfer_set_or_bias_is_one_line_exit_2(override, message, tmp_path):
     from tests.conftest import run_kdrun
 

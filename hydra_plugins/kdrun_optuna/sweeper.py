@@ -42,18 +42,12 @@ WORKER_ATTR = "kdrun_worker"  # "host:pid" of the process that asked for a trial
 @dataclass
 class KdrunOptunaSweeperConf:
     _target_: str = "hydra_plugins.kdrun_optuna.sweeper.KdrunOptunaSweeper"
-    sampler: Any = field(
-        default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": None}
-    )
+    sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": None})
     direction: str = "maximize"  # maximize | minimize
     study_name: str = "kdrun"
     storage: Any = None  # journal:PATH | an Optuna RDB URL | null (in memory)
-    n_trials: int = (
-        20  # finished trials the study should hold (all runs and processes together)
-    )
-    n_jobs: int = (
-        1  # trials launched at a time by this process (its launcher runs them)
-    )
+    n_trials: int = 20  # finished trials the study should hold (all runs and processes together)
+    n_jobs: int = 1  # trials launched at a time by this process (its launcher runs them)
     params: Any = None  # {key: override grammar}
 
 
@@ -77,25 +71,17 @@ def distribution(override: Override):
         return override.get_value_element_as_str()
     value = override.value()
     if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
-        return CategoricalDistribution(
-            list(override.sweep_iterator(transformer=Transformer.encode))
-        )
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
     if override.is_range_sweep():
         if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
-            return FloatDistribution(
-                value.start, value.stop - value.step, step=value.step
-            )
-        return IntDistribution(
-            int(value.start), int(value.stop) - int(value.step), step=int(value.step)
-        )
+            return FloatDistribution(value.start, value.stop - value.step, step=value.step)
+        return IntDistribution(int(value.start), int(value.stop) - int(value.step), step=int(value.step))
     if override.is_interval_sweep():
         is_log = "log" in value.tags
         if "int" in value.tags:  # Hydra parses interval ends as floats
             return IntDistribution(int(value.start), int(value.end), log=is_log)
         return FloatDistribution(float(value.start), float(value.end), log=is_log)
-    raise ValueError(
-        f"{override.input_line}: not a search space Optuna can sample (use choice, range or interval)"
-    )
+    raise ValueError(f"{override.input_line}: not a search space Optuna can sample (use choice, range or interval)")
 
 
 def search_space(params: dict | None, arguments: list[str]) -> tuple[dict, dict]:
@@ -126,9 +112,7 @@ def open_storage(storage: str | None):
         path = os.path.abspath(storage[len("journal:") :])
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # the open(O_EXCL) lock works on NFS as well as on local disks
-        return JournalStorage(
-            JournalFileBackend(path, lock_obj=JournalFileOpenLock(path))
-        )
+        return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
         path = os.path.abspath(storage[len("sqlite:///") :])
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -161,9 +145,7 @@ def fail_stale_trials(study) -> list[int]:
         w_host, _, pid = worker.rpartition(":")
         if w_host == host and pid.isdigit() and not _alive(int(pid)):
             study.tell(t.number, state=TrialState.FAIL)
-            study.enqueue_trial(
-                t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False
-            )
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
             failed.append(t.number)
     if failed:
         log.info(
@@ -190,11 +172,7 @@ class KdrunOptunaSweeper(Sweeper):
         self.storage = storage
         self.n_trials = int(n_trials)
         self.n_jobs = max(1, int(n_jobs))
-        self.params = (
-            OmegaConf.to_container(params, resolve=True)
-            if isinstance(params, DictConfig)
-            else params
-        )
+        self.params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else params
         self.launcher = None
         self.config: DictConfig | None = None
 
@@ -222,9 +200,7 @@ class KdrunOptunaSweeper(Sweeper):
         import optuna
 
         if self.direction not in ("maximize", "minimize"):
-            raise ValueError(
-                f"hydra.sweeper.direction={self.direction}: valid: maximize, minimize"
-            )
+            raise ValueError(f"hydra.sweeper.direction={self.direction}: valid: maximize, minimize")
         return optuna.create_study(
             study_name=self.study_name,
             storage=open_storage(self.storage),
@@ -248,20 +224,14 @@ class KdrunOptunaSweeper(Sweeper):
             list(space),
         )
         while True:
-            remaining = (
-                self.n_trials
-                - _count(study, TrialState.COMPLETE)
-                - _count(study, TrialState.RUNNING)
-            )
+            remaining = self.n_trials - _count(study, TrialState.COMPLETE) - _count(study, TrialState.RUNNING)
             if remaining <= 0:
                 break
             trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
             for t in trials:
                 t.set_user_attr(WORKER_ATTR, this_worker())
             overrides = [
-                tuple(f"{k}={v}" for k, v in fixed.items())
-                + tuple(f"{k}={t.params[k]}" for k in space)
-                for t in trials
+                tuple(f"{k}={v}" for k, v in fixed.items()) + tuple(f"{k}={t.params[k]}" for k in space) for t in trials
             ]
             returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
             for t, ret in zip(trials, returns, strict=True):
@@ -303,13 +273,9 @@ class KdrunOptunaSweeper(Sweeper):
             }
         out = self.config.hydra.sweep.dir
         os.makedirs(out, exist_ok=True)
-        OmegaConf.save(
-            OmegaConf.create(results), os.path.join(out, "optimization_results.yaml")
-        )
+        OmegaConf.save(OmegaConf.create(results), os.path.join(out, "optimization_results.yaml"))
         if done:
-            log.info(
-                "optuna: best trial %d: %s -> %s", best.number, best.params, best.value
-            )
+            log.info("optuna: best trial %d: %s -> %s", best.number, best.params, best.value)
 
 
 def _count(study, state) -> int:

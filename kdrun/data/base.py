@@ -5,6 +5,7 @@ Every dataset factory returns a :class:`DataBundle` whose splits are
 batches straight from these tensors (:mod:`kdrun.data.loader`), so files are
 read and decoded once, not every epoch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,14 +78,19 @@ class DataBundle:
     def image_size(self) -> int:
         return self.train.image_size
 
-    def check(self, num_classes: int | None = None, image_size: int | None = None,
-              in_chans: int | None = None) -> DataBundle:
+    def check(
+        self, num_classes: int | None = None, image_size: int | None = None, in_chans: int | None = None
+    ) -> DataBundle:
         """Raise ConfigError when the config's num_classes/image_size/in_chans disagree with the data."""
-        for key, want, have in (("num_classes", num_classes, self.num_classes),
-                                ("image_size", image_size, self.image_size), ("in_chans", in_chans, self.in_chans)):
+        for key, want, have in (
+            ("num_classes", num_classes, self.num_classes),
+            ("image_size", image_size, self.image_size),
+            ("in_chans", in_chans, self.in_chans),
+        ):
             if want is not None and int(want) != have:
-                raise ConfigError(f"dataset.{key}={want}: the {self.name} data has {key}={have}; "
-                                  f"set dataset.{key}={have}")
+                raise ConfigError(
+                    f"dataset.{key}={want}: the {self.name} data has {key}={have}; set dataset.{key}={have}"
+                )
         return self
 
 

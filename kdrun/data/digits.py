@@ -1,4 +1,5 @@
 """scikit-learn's bundled 8x8 handwritten digits: the embedded default (no download)."""
+
 from __future__ import annotations
 
 import torch

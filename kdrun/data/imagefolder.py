@@ -8,6 +8,7 @@ Folders too big for memory (``dataset.mode``, ``dataset.max_memory_gb``)
 come back as :class:`~kdrun.data.base.FileSet` splits for
 :class:`~kdrun.data.stream.StreamLoader`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,33 +37,49 @@ def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], to
     for label, c in enumerate(classes):
         d = os.path.join(root, split, c)
         if not os.path.isdir(d):
-            raise ConfigError(f"dataset.root={root}: class '{c}' of the training split has no folder {d} "
-                              f"(every class needs images in dataset.train_split and dataset.test_split)")
+            raise ConfigError(
+                f"dataset.root={root}: class '{c}' of the training split has no folder {d} "
+                f"(every class needs images in dataset.train_split and dataset.test_split)"
+            )
         found = sorted(e.path for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
         if not found:
-            raise ConfigError(f"dataset.root={root}: {d} has no images (expected files ending in "
-                              f"{', '.join(IMG_EXTENSIONS)})")
+            raise ConfigError(
+                f"dataset.root={root}: {d} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})"
+            )
         files += found
         labels += [label] * len(found)
     return files, torch.tensor(labels, dtype=torch.long)
 
 
 @register_dataset("imagefolder")
-def imagefolder(root: str | None = None, train_split: str = "train", test_split: str = "test",
-                image_size: int | None = None, in_chans: int = 3, num_classes: int | None = None,
-                cache_dir: str | None = None, max_memory_gb: float = 8.0, mode: str = "auto",
-                workers: int | None = None, **_) -> DataBundle:
+def imagefolder(
+    root: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    image_size: int | None = None,
+    in_chans: int = 3,
+    num_classes: int | None = None,
+    cache_dir: str | None = None,
+    max_memory_gb: float = 8.0,
+    mode: str = "auto",
+    workers: int | None = None,
+    **_,
+) -> DataBundle:
     """Images from class folders; ``image_size`` None takes the first training image's height."""
     if not root:
-        raise ConfigError("dataset.root is not set: give the folder holding <train_split>/<class>/<image> "
-                          "and <test_split>/<class>/<image>, e.g. dataset.root=/data/myset")
+        raise ConfigError(
+            "dataset.root is not set: give the folder holding <train_split>/<class>/<image> "
+            "and <test_split>/<class>/<image>, e.g. dataset.root=/data/myset"
+        )
     if in_chans not in (1, 3):
         raise ConfigError(f"dataset.in_chans={in_chans}: valid: 1 (grey) or 3 (RGB)")
     root = os.path.abspath(os.path.expanduser(root))
     for key, split in (("train_split", train_split), ("test_split", test_split)):
         if not os.path.isdir(os.path.join(root, split)):
-            raise ConfigError(f"dataset.{key}={split}: no folder {os.path.join(root, split)} "
-                              f"(expected {root}/<split>/<class>/<image>)")
+            raise ConfigError(
+                f"dataset.{key}={split}: no folder {os.path.join(root, split)} "
+                f"(expected {root}/<split>/<class>/<image>)"
+            )
     classes = _subdirs(os.path.join(root, train_split))
     if not classes:
         raise ConfigError(f"dataset.root={root}: {os.path.join(root, train_split)} has no class folders")
@@ -70,8 +87,10 @@ def imagefolder(root: str | None = None, train_split: str = "train", test_split:
     if extra:
         raise ConfigError(f"dataset.root={root}: {test_split}/ has classes not in {train_split}/: {', '.join(extra)}")
     if num_classes is not None and int(num_classes) != len(classes):
-        raise ConfigError(f"dataset.num_classes={num_classes}: {os.path.join(root, train_split)} has "
-                          f"{len(classes)} class folders; set dataset.num_classes={len(classes)}")
+        raise ConfigError(
+            f"dataset.num_classes={num_classes}: {os.path.join(root, train_split)} has "
+            f"{len(classes)} class folders; set dataset.num_classes={len(classes)}"
+        )
     train_files, train_labels = scan_split(root, train_split, classes)
     test_files, test_labels = scan_split(root, test_split, classes)
     if image_size is None:
@@ -81,20 +100,32 @@ def imagefolder(root: str | None = None, train_split: str = "train", test_split:
     key = files_key(root, train_files + test_files, train_split, test_split, image_size, in_chans)
     identity = f"imagefolder-{key}"
     n = len(train_files) + len(test_files)
-    if select_mode(mode, n * in_chans * image_size ** 2, max_memory_gb) == "stream":
+    if select_mode(mode, n * in_chans * image_size**2, max_memory_gb) == "stream":
         log.info("data: %d images > dataset.max_memory_gb=%s decoded: streaming from files", n, max_memory_gb)
-        return DataBundle("imagefolder", FileSet(train_files, train_labels, image_size, in_chans),
-                          FileSet(test_files, test_labels, image_size, in_chans), classes, identity)
+        return DataBundle(
+            "imagefolder",
+            FileSet(train_files, train_labels, image_size, in_chans),
+            FileSet(test_files, test_labels, image_size, in_chans),
+            classes,
+            identity,
+        )
     path = os.path.join(resolve_cache_dir(cache_dir), f"{identity}.pt")
     cached = load_cached(path, key)
     if cached is None:
         t0 = time.perf_counter()
-        tensors = {"train": decode_files(train_files, image_size, in_chans, workers, f"decode {train_split}"),
-                   "test": decode_files(test_files, image_size, in_chans, workers, f"decode {test_split}")}
+        tensors = {
+            "train": decode_files(train_files, image_size, in_chans, workers, f"decode {train_split}"),
+            "test": decode_files(test_files, image_size, in_chans, workers, f"decode {test_split}"),
+        }
         save_cached(path, key, tensors, {"classes": classes, "root": root})
         log.info("data: decoded %d images in %.1fs, cached in %s", n, time.perf_counter() - t0, path)
     else:
         tensors = cached[0]
         log.info("data: %d decoded images from the cache %s", n, path)
-    return DataBundle("imagefolder", ImageSet(tensors["train"], train_labels), ImageSet(tensors["test"], test_labels),
-                      classes, identity)
+    return DataBundle(
+        "imagefolder",
+        ImageSet(tensors["train"], train_labels),
+        ImageSet(tensors["test"], test_labels),
+        classes,
+        identity,
+    )

@@ -11,6 +11,7 @@ there; on a CPU the same code runs on the CPU. Nothing per batch touches the thr
 environment. With several workers each rank takes its equal share of every global batch
 (:func:`kdrun.distributed.shard`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -99,8 +100,14 @@ class Batch:
     view: torch.Tensor  # augmentation view of each sample [B]
 
 
-def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, view: torch.Tensor,
-               augment: Augment | None, normalize: Normalize) -> Batch:
+def make_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    idx: torch.Tensor,
+    view: torch.Tensor,
+    augment: Augment | None,
+    normalize: Normalize,
+) -> Batch:
     """Augment (if any) and normalise uint8 ``images`` of samples ``idx`` under views ``view``."""
     if augment is not None:
         images = augment(images, idx, view)
@@ -132,9 +139,19 @@ class TensorLoader:
     on (seed, e), so ``epoch(e, start_step=k)`` resumes exactly.
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, normalize: Normalize, augment: Augment | None = None,
-                 shuffle: bool = True, seed: int = 0, device="cpu", views: int | None = None,
-                 drop_last: bool = False, shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        normalize: Normalize,
+        augment: Augment | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        device="cpu",
+        views: int | None = None,
+        drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.shard = shard  # (rank, world): this worker's share of every global batch (data parallel)
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
@@ -159,7 +176,7 @@ class TensorLoader:
         order, views = epoch_plan(self.num_samples, self.seed, epoch, self.shuffle, self.views)
         order, views = order.to(self.device), views.to(self.device)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             idx = distributed.shard(idx, *self.shard)
             images = self.images.index_select(0, idx)
             yield make_batch(images, self.labels[idx], idx, views[idx], self.augment, self.normalize)

@@ -7,6 +7,7 @@ hashed augmentation; only the source differs: files are decoded batch by batch
 in DataLoader worker processes (pinned memory on CUDA) instead of being sliced
 from one in-memory tensor.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ def select_mode(mode: str, decoded_bytes: int, max_memory_gb: float) -> str:
     if mode not in MODES:
         raise ConfigError(f"dataset.mode={mode}: valid: {', '.join(MODES)}")
     if mode == "auto":
-        return "stream" if decoded_bytes > float(max_memory_gb) * 2 ** 30 else "memory"
+        return "stream" if decoded_bytes > float(max_memory_gb) * 2**30 else "memory"
     return mode
 
 
@@ -47,10 +48,21 @@ class StreamLoader:
     """Epochs of batches decoded from the files of a :class:`FileSet`; arguments as ``TensorLoader``'s,
     plus ``num_workers`` decoding processes and ``pin_memory`` (default: when ``device`` is CUDA)."""
 
-    def __init__(self, data: FileSet, batch_size: int, normalize: Normalize, augment: Augment | None = None,
-                 shuffle: bool = True, seed: int = 0, device="cpu", views: int | None = None,
-                 drop_last: bool = False, num_workers: int = 2, pin_memory: bool | None = None,
-                 shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        data: FileSet,
+        batch_size: int,
+        normalize: Normalize,
+        augment: Augment | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        device="cpu",
+        views: int | None = None,
+        drop_last: bool = False,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.shard = shard  # (rank, world): this worker's share of every global batch
         self.files = _Files(data)
         self.device = torch.device(device)
@@ -75,12 +87,24 @@ class StreamLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order, views = epoch_plan(self.num_samples, self.seed, epoch, self.shuffle, self.views)
-        steps = [distributed.shard(order[s * self.batch_size:(s + 1) * self.batch_size], *self.shard)
-                 for s in range(start_step, len(self))]
-        loader = DataLoader(self.files, batch_sampler=[idx.tolist() for idx in steps],
-                            num_workers=self.num_workers, pin_memory=self.pin_memory)
+        steps = [
+            distributed.shard(order[s * self.batch_size : (s + 1) * self.batch_size], *self.shard)
+            for s in range(start_step, len(self))
+        ]
+        loader = DataLoader(
+            self.files,
+            batch_sampler=[idx.tolist() for idx in steps],
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
         views = views.to(self.device)
         for idx, images in zip(steps, loader):
             idx = idx.to(self.device)
-            yield make_batch(images.to(self.device, non_blocking=True), self.labels[idx], idx, views[idx],
-                             self.augment, self.normalize)
+            yield make_batch(
+                images.to(self.device, non_blocking=True),
+                self.labels[idx],
+                idx,
+                views[idx],
+                self.augment,
+                self.normalize,
+            )

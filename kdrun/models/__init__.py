@@ -1,4 +1,5 @@
 """Model zoo: every module here registers its models by name on import."""
+
 from kdrun.models import (  # noqa: F401  (each import registers its models)
     cifar_resnet,
     mlp,

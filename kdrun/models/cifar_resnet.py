@@ -3,6 +3,7 @@
 ``resnet{8,14,20,32,44,56,110}``: 3 stages of basic blocks, widths 16/32/64;
 ``resnet8x4`` / ``resnet32x4``: widths 32/64/128/256 (x4 stem). Depth = 6n + 2.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -47,8 +48,13 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        self.feature_points = {"stem": "bn1", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
-                               "pre_logits": "fc:input"}
+        self.feature_points = {
+            "stem": "bn1",
+            "stage1": "layer1",
+            "stage2": "layer2",
+            "stage3": "layer3",
+            "pre_logits": "fc:input",
+        }
         # pre-activation stage outputs (before the last block's ReLU), for OFD / ReviewKD teachers
         self.feature_points |= {f"stage{i + 1}_preact": f"layer{i + 1}.{n - 1}.relu:input" for i in range(3)}
         # the BatchNorm before each pre-activation point's ReLU (OFD's margins, as mdistiller's get_bn_before_relu)

@@ -12,6 +12,7 @@ A training stage registers its taps once (``tap = FeatureTap(model, names).attac
 ``tap.close()``), on the original modules: a ``torch.compile``d or DDP-wrapped model runs the same
 submodules, so the hooks fire there too (paths never carry ``_orig_mod.`` or ``module.``).
 """
+
 from __future__ import annotations
 
 from typing import Self
@@ -42,9 +43,7 @@ def resolve(model: nn.Module, name: str) -> tuple[str, str]:
     modules = dict(model.named_modules())
     if path not in modules or io not in ("output", "input"):
         valid = sorted(points) + ["<any module path, e.g. " + _example(modules) + ">"]
-        raise ConfigError(
-            f"unknown feature layer '{name}' for {type(model).__name__}; valid: {', '.join(valid)}"
-        )
+        raise ConfigError(f"unknown feature layer '{name}' for {type(model).__name__}; valid: {', '.join(valid)}")
     return path, io
 
 
@@ -83,11 +82,13 @@ class FeatureTap:
     def _hook(self, name):
         def fn(_mod, _inp, out):
             self.features[name] = out
+
         return fn
 
     def _pre_hook(self, name):
         def fn(_mod, inp):
             self.features[name] = inp[0]
+
         return fn
 
     def __exit__(self, *exc) -> None:

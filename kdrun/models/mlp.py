@@ -16,6 +16,7 @@ Keyword options (``teacher.kwargs`` / ``student.kwargs``):
 Feature points: ``hidden1`` .. ``hiddenN`` (activations of each hidden layer, before dropout)
 and ``pre_logits`` (the input of the output layer).
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,16 @@ class HiddenLayer(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden: list[int], num_classes: int, activation: str = "relu",
-                 dropout: float = 0.0, input_dropout: float = 0.0, max_norm: float | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: list[int],
+        num_classes: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        max_norm: float | None = None,
+    ):
         super().__init__()
         self.input_drop = nn.Dropout(input_dropout)
         widths = [in_features] + list(hidden)
@@ -80,8 +89,16 @@ def _check(hidden, activation, dropout, input_dropout, max_norm) -> None:
 
 
 @register_model("mlp")
-def mlp(num_classes: int, in_chans: int = 3, img_size: int = 32, hidden: list[int] | None = None,
-        dropout: float = 0.0, input_dropout: float = 0.0, activation: str = "relu", max_norm: float | None = None):
+def mlp(
+    num_classes: int,
+    in_chans: int = 3,
+    img_size: int = 32,
+    hidden: list[int] | None = None,
+    dropout: float = 0.0,
+    input_dropout: float = 0.0,
+    activation: str = "relu",
+    max_norm: float | None = None,
+):
     """MLP of Hinton et al. (2015) (kwargs hidden, dropout, input_dropout, activation, max_norm)."""
     hidden = [1200, 1200] if hidden is None else hidden
     _check(hidden, activation, dropout, input_dropout, max_norm)

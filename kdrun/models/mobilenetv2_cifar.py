@@ -9,6 +9,7 @@ stem, 1280-channel head), 0.81M parameters at 100 classes.
 Stride-2 layers whose input is already at ``min_size`` pixels run at stride 1, so
 any input from 8x8 up works (final maps are never below ``min_size``).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -17,8 +18,9 @@ from kdrun.models.registry import register_model
 
 
 def conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -30,7 +32,8 @@ class InvertedResidual(nn.Module):
         self.conv = nn.Sequential(
             conv_bn_relu(cin, mid, 1),
             conv_bn_relu(mid, mid, 3, stride, groups=mid),
-            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(mid, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
         self.residual = stride == 1 and cin == cout
 
@@ -44,8 +47,18 @@ class MobileNetV2(nn.Module):
     ``stages`` lists the rows whose output is stage1, stage2, ...
     """
 
-    def __init__(self, setting, stem: int, head: int, stem_stride: int, stages: tuple[int, ...],
-                 num_classes: int, in_chans: int = 3, img_size: int = 32, min_size: int = 1):
+    def __init__(
+        self,
+        setting,
+        stem: int,
+        head: int,
+        stem_stride: int,
+        stages: tuple[int, ...],
+        num_classes: int,
+        in_chans: int = 3,
+        img_size: int = 32,
+        min_size: int = 1,
+    ):
         super().__init__()
         size = img_size
 
@@ -60,8 +73,9 @@ class MobileNetV2(nn.Module):
         cin, blocks = stem, []
         for t, c, n, s in setting:
             first = stride(s)
-            blocks.append(nn.Sequential(*[InvertedResidual(cin if j == 0 else c, c, first if j == 0 else 1, t)
-                                          for j in range(n)]))
+            blocks.append(
+                nn.Sequential(*[InvertedResidual(cin if j == 0 else c, c, first if j == 0 else 1, t) for j in range(n)])
+            )
             cin = c
         self.blocks = nn.ModuleList(blocks)
         self.conv2 = conv_bn_relu(cin, head, 1)

@@ -12,6 +12,7 @@ module path; see :mod:`kdrun.models.features`.
 Factories that reject a keyword value raise ``ConfigError("kwargs.NAME=VALUE: ...")``;
 :func:`build_model` prefixes the config group (``student.kwargs.NAME=...``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -42,8 +43,16 @@ def set_feature_points(model: nn.Module, points: dict[str, str]) -> None:
     model.feature_points = points  # type: ignore[assignment]
 
 
-def build_model(name: str, num_classes: int, in_chans: int, img_size: int,
-                key: str = "model.name", source: str = "kdrun", weights: str | None = None, **kwargs) -> nn.Module:
+def build_model(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    img_size: int,
+    key: str = "model.name",
+    source: str = "kdrun",
+    weights: str | None = None,
+    **kwargs,
+) -> nn.Module:
     """Build model ``name`` from ``source`` ("kdrun": this registry; "timm": ``timm.create_model``).
 
     ``weights``: pretrained weights to start from (torchvision weights names for the torchvision
@@ -81,21 +90,26 @@ def check_weights(name: str, source: str, weights: str, group: str = "model") ->
 
         tags = pretrained_tags(name, group)
         if weights not in tags:
-            raise ConfigError(f"{group}.weights={weights}: no such pretrained tag for timm model {name}; "
-                              f"valid: {', '.join(tags) or '(none)'}")
+            raise ConfigError(
+                f"{group}.weights={weights}: no such pretrained tag for timm model {name}; "
+                f"valid: {', '.join(tags) or '(none)'}"
+            )
         return
     MODELS.get(name, f"{group}.name")  # ConfigError for an unknown name
     tv_name = PRETRAINED_FROM.get(name)
     if tv_name is None:
         with_weights = sorted(PRETRAINED_FROM)
-        raise ConfigError(f"{group}.weights={weights}: model {name} has no pretrained weights; models with "
-                          f"weights: {', '.join(with_weights)} (or source=timm)")
+        raise ConfigError(
+            f"{group}.weights={weights}: model {name} has no pretrained weights; models with "
+            f"weights: {', '.join(with_weights)} (or source=timm)"
+        )
     import torchvision.models as tv
 
     valid = [w.name for w in tv.get_model_weights(tv_name)] + ["DEFAULT"]
     if weights not in valid:
-        raise ConfigError(f"{group}.weights={weights}: not a torchvision weights name of {name}; "
-                          f"valid: {', '.join(valid)}")
+        raise ConfigError(
+            f"{group}.weights={weights}: not a torchvision weights name of {name}; valid: {', '.join(valid)}"
+        )
 
 
 def model_kwargs(fn: ModelFn) -> list[str] | None:
@@ -112,5 +126,6 @@ def _check_kwargs(fn: ModelFn, name: str, group: str, kwargs: dict) -> None:
         return
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
-        raise ConfigError(f"{group}.kwargs.{unknown[0]}: not an option of model {name}; "
-                          f"valid: {', '.join(valid) or '(none)'}")
+        raise ConfigError(
+            f"{group}.kwargs.{unknown[0]}: not an option of model {name}; valid: {', '.join(valid) or '(none)'}"
+        )

@@ -3,6 +3,7 @@
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (one
 multiply-add = 2 FLOPs, convolutions and matmuls; no extra dependency).
 """
+
 from __future__ import annotations
 
 import io
@@ -44,8 +45,15 @@ def size_on_disk_mb(model: nn.Module) -> float:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, input_shape: tuple, batch: int = 1, device="cpu",
-               warmup: int = 3, min_time: float = 0.3, max_iters: int = 200) -> float:
+def latency_ms(
+    model: nn.Module,
+    input_shape: tuple,
+    batch: int = 1,
+    device="cpu",
+    warmup: int = 3,
+    min_time: float = 0.3,
+    max_iters: int = 200,
+) -> float:
     """Median wall time of one forward pass in milliseconds (eval mode, after warm-up)."""
     was = model.training
     model.eval()

@@ -4,6 +4,7 @@ ImageNet ResNet-50 layout (bottlenecks [3, 4, 6, 3], widths 64..512, expansion 4
 with a 3x3 stride-1 stem and no max-pool, so 32 px inputs end at 4x4.
 23.71M parameters at 100 classes.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -51,8 +52,14 @@ class CifarBottleneckResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        self.feature_points = {"stem": "bn1", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
-                               "stage4": "layer4", "pre_logits": "fc:input"}
+        self.feature_points = {
+            "stem": "bn1",
+            "stage1": "layer1",
+            "stage2": "layer2",
+            "stage3": "layer3",
+            "stage4": "layer4",
+            "pre_logits": "fc:input",
+        }
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))

@@ -6,6 +6,7 @@ reach 4x4 after three stride-2 stages.
 ``shufflenet_v2_cifar``: width 1x, stage widths 116/232/464, 1024-channel head,
 a down-sampling unit then 3/7/3 basic units per stage; 1.36M params at 100 classes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,23 +47,30 @@ class ShuffleV1Unit(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
-    def __init__(self, widths: tuple[int, ...], blocks: tuple[int, ...], groups: int, num_classes: int,
-                 in_chans: int = 3):
+    def __init__(
+        self, widths: tuple[int, ...], blocks: tuple[int, ...], groups: int, num_classes: int, in_chans: int = 3
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
         cin, stages = 24, []
         for width, n in zip(widths, blocks):
             # the stride-2 unit concatenates its input, so its branch makes width - cin channels
-            units = [ShuffleV1Unit(cin, width - cin, 2, groups)] + [ShuffleV1Unit(width, width, 1, groups)
-                                                                     for _ in range(n - 1)]
+            units = [ShuffleV1Unit(cin, width - cin, 2, groups)] + [
+                ShuffleV1Unit(width, width, 1, groups) for _ in range(n - 1)
+            ]
             stages.append(nn.Sequential(*units))
             cin = width
         self.layer1, self.layer2, self.layer3 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
-        self.feature_points = {"stem": "bn1", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
-                               "pre_logits": "fc:input"}
+        self.feature_points = {
+            "stem": "bn1",
+            "stage1": "layer1",
+            "stage2": "layer2",
+            "stage3": "layer3",
+            "pre_logits": "fc:input",
+        }
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -77,9 +85,14 @@ class ShuffleV2Unit(nn.Module):
         super().__init__()
         half = ch // 2
         self.branch = nn.Sequential(
-            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
-            nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False), nn.BatchNorm2d(half),
-            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+            nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False),
+            nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
         )
 
     def forward(self, x):
@@ -94,13 +107,21 @@ class ShuffleV2Down(nn.Module):
         super().__init__()
         mid = cout // 2
         self.left = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+            nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.Conv2d(cin, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
         )
         self.right = nn.Sequential(
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-            nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
-            nn.Conv2d(mid, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+            nn.Conv2d(cin, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
+            nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.Conv2d(mid, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
         )
 
     def forward(self, x):
@@ -108,8 +129,9 @@ class ShuffleV2Down(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    def __init__(self, widths: tuple[int, ...], blocks: tuple[int, ...], head: int, num_classes: int,
-                 in_chans: int = 3):
+    def __init__(
+        self, widths: tuple[int, ...], blocks: tuple[int, ...], head: int, num_classes: int, in_chans: int = 3
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
@@ -122,8 +144,13 @@ class ShuffleNetV2(nn.Module):
         self.bn2 = nn.BatchNorm2d(head)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(head, num_classes)
-        self.feature_points = {"stem": "bn1", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
-                               "pre_logits": "fc:input"}
+        self.feature_points = {
+            "stem": "bn1",
+            "stage1": "layer1",
+            "stage2": "layer2",
+            "stage3": "layer3",
+            "pre_logits": "fc:input",
+        }
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))

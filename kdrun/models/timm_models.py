@@ -29,13 +29,9 @@ def build_timm(
     try:
         import timm
     except ImportError:
-        raise ConfigError(
-            f"{group}.source=timm: timm is not installed (pip install timm)"
-        ) from None
+        raise ConfigError(f"{group}.source=timm: timm is not installed (pip install timm)") from None
     if not timm.is_model(name):
-        raise ConfigError(
-            f"{key}={name}: unknown timm model; valid: the names of timm.list_models()"
-        )
+        raise ConfigError(f"{key}={name}: unknown timm model; valid: the names of timm.list_models()")
     full = name
     if weights:
         from kdrun.models.registry import check_weights
@@ -51,9 +47,7 @@ def build_timm(
             **kwargs,
         )
     except TypeError as e:
-        raise ConfigError(
-            f"{group}.kwargs: not accepted by timm model {name} ({e})"
-        ) from None
+        raise ConfigError(f"{group}.kwargs: not accepted by timm model {name} ({e})") from None
     except (
         OSError,
         RuntimeError,
@@ -73,19 +67,13 @@ def pretrained_tags(name: str, group: str = "model") -> list[str]:
     try:
         import timm
     except ImportError:
-        raise ConfigError(
-            f"{group}.source=timm: timm is not installed (pip install timm)"
-        ) from None
+        raise ConfigError(f"{group}.source=timm: timm is not installed (pip install timm)") from None
     arch = name.split(".")[0]
     return [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*") if "." in t]
 
 
 def feature_points(model: nn.Module) -> dict[str, str]:
-    entries = [
-        e
-        for e in (getattr(model, "feature_info", None) or [])
-        if isinstance(e, dict) and e.get("module")
-    ]
+    entries = [e for e in (getattr(model, "feature_info", None) or []) if isinstance(e, dict) and e.get("module")]
     points: dict[str, str] = {}
     if len(entries) > 1 and entries[0].get("reduction", 32) <= 2:
         points["stem"] = entries.pop(0)["module"]

@@ -55,11 +55,7 @@ def _stem_conv(old: nn.Conv2d, in_chans: int, small: bool) -> nn.Conv2d:
 def _relax_strides(blocks, size: int, min_size: int = 2) -> None:
     """Run each downsampling block at stride 1 once halving would take the map below ``min_size``."""
     for block in blocks:
-        strided = [
-            m
-            for m in block.modules()
-            if isinstance(m, nn.Conv2d) and m.stride == (2, 2)
-        ]
+        strided = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
         if not strided:
             continue
         if size // 2 >= min_size:
@@ -69,9 +65,7 @@ def _relax_strides(blocks, size: int, min_size: int = 2) -> None:
                 m.stride = (1, 1)
 
 
-def _resnet(
-    make: Callable, num_classes: int, in_chans: int, img_size: int, small: bool
-) -> nn.Module:
+def _resnet(make: Callable, num_classes: int, in_chans: int, img_size: int, small: bool) -> nn.Module:
     model = make(num_classes=num_classes, zero_init_residual=True)
     model.conv1 = _stem_conv(model.conv1, in_chans, small)
     if small:
@@ -81,9 +75,7 @@ def _resnet(
     return model
 
 
-def _shufflenet(
-    num_classes: int, in_chans: int, img_size: int, small: bool
-) -> nn.Module:
+def _shufflenet(num_classes: int, in_chans: int, img_size: int, small: bool) -> nn.Module:
     model = tv.shufflenet_v2_x1_0(num_classes=num_classes)
     model.conv1[0] = _stem_conv(model.conv1[0], in_chans, small)
     if small:
@@ -113,9 +105,7 @@ def _mobilenet(
     model.features[0][0] = _stem_conv(model.features[0][0], in_chans, small)
     if small:
         _relax_strides(list(model.features)[1:], img_size)
-    model.feature_points = {"stem": "features.0"} | {
-        f"stage{i + 1}": f"features.{j}" for i, j in enumerate(stages)
-    }
+    model.feature_points = {"stem": "features.0"} | {f"stage{i + 1}": f"features.{j}" for i, j in enumerate(stages)}
     model.feature_points["pre_logits"] = pre_logits
     return model
 
@@ -124,9 +114,7 @@ def _small(small_input, img_size: int) -> bool:
     if small_input is None:
         return img_size <= 64
     if not isinstance(small_input, bool):
-        raise ConfigError(
-            f"kwargs.small_input={small_input}: not a boolean; valid: true, false, null"
-        )
+        raise ConfigError(f"kwargs.small_input={small_input}: not a boolean; valid: true, false, null")
     return small_input
 
 
@@ -142,17 +130,14 @@ def pretrained_state(tv_name: str, weights: str) -> dict[str, torch.Tensor]:
     valid = [w.name for w in enum]
     if weights not in valid and weights != "DEFAULT":
         raise ConfigError(
-            f"weights={weights}: not a torchvision weights name of {tv_name}; "
-            f"valid: {', '.join(valid + ['DEFAULT'])}"
+            f"weights={weights}: not a torchvision weights name of {tv_name}; valid: {', '.join(valid + ['DEFAULT'])}"
         )
     w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
     if not os.path.exists(path):
         log.info("weights %s: downloading %s to %s", weights, w.url, path)
     try:
-        with contextlib.redirect_stderr(
-            io.StringIO()
-        ):  # torch.hub's own "Downloading" line
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's own "Downloading" line
             return w.get_state_dict(progress=False)
     except (URLError, OSError) as e:
         raise ConfigError(
@@ -171,21 +156,14 @@ def _adapt_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
 
 
-def load_fitting(
-    model: nn.Module, state: dict[str, torch.Tensor], in_chans: int
-) -> list[str]:
+def load_fitting(model: nn.Module, state: dict[str, torch.Tensor], in_chans: int) -> list[str]:
     """Copy every tensor of ``state`` whose shape fits ``model`` (stem kernels adapted to ``in_chans``);
     returns the names of the model's tensors left as initialised (new)."""
     own = model.state_dict()
     new = []
     for key, target in own.items():
         src = state.get(key)
-        if (
-            src is not None
-            and src.dim() == 4
-            and src.shape[1] == 3
-            and target.shape[1] == in_chans != 3
-        ):
+        if src is not None and src.dim() == 4 and src.shape[1] == 3 and target.shape[1] == in_chans != 3:
             src = _adapt_channels(src, in_chans)
         if src is not None and src.shape == target.shape:
             own[key] = src.to(target.dtype)
@@ -224,9 +202,7 @@ def _resnet_builder(make: Callable) -> Callable:
     return lambda n, c, s, small: _resnet(make, n, c, s, small)
 
 
-def _mobilenet_builder(
-    make: Callable, stages: tuple[int, ...], pre_logits: str
-) -> Callable:
+def _mobilenet_builder(make: Callable, stages: tuple[int, ...], pre_logits: str) -> Callable:
     return lambda n, c, s, small: _mobilenet(make, stages, pre_logits, n, c, s, small)
 
 

@@ -5,6 +5,7 @@ the fourth for inputs of 64 px or more), global average pooling, one Linear.
 ``vgg8`` has one conv per stage; ``vgg11/13/16/19`` follow VGG configs A/B/D/E.
 ``vgg13`` has 9.46M parameters at 100 classes, ``vgg8`` 3.97M.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -35,8 +36,9 @@ class VGG(nn.Module):
         self.block1, self.block2, self.block3, self.block4, self.block5 = (_stage(c, s) for c, s in zip(cins, cfg))
         # 3 pools (4 from 64 px up), but never pool an input below 1x1
         n_pools = min(4 if img_size >= 64 else 3, max(img_size.bit_length() - 1, 0))
-        self.pool1, self.pool2, self.pool3, self.pool4 = (nn.MaxPool2d(2) if i < n_pools else nn.Identity()
-                                                          for i in range(4))
+        self.pool1, self.pool2, self.pool3, self.pool4 = (
+            nn.MaxPool2d(2) if i < n_pools else nn.Identity() for i in range(4)
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cfg[-1][-1], num_classes)
         for m in self.modules():

@@ -4,6 +4,7 @@
 ``n = (depth - 4) / 6`` blocks with widths 16k/32k/64k, then BN-ReLU, pooling and
 the classifier. ``wrn_40_2`` has 2.26M parameters at 100 classes.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -45,8 +46,11 @@ class WideResNet(nn.Module):
         stages = []
         for i in range(3):
             cin, cout, stride = widths[i], widths[i + 1], 1 if i == 0 else 2
-            stages.append(nn.Sequential(*[PreActBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, drop)
-                                          for j in range(n)]))
+            stages.append(
+                nn.Sequential(
+                    *[PreActBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, drop) for j in range(n)]
+                )
+            )
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(widths[-1])  # final BN-ReLU of the pre-activation design
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -55,8 +59,13 @@ class WideResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         # stage3 is the raw (pre-BN) output of the last block, as RepDistiller's feature f3
-        self.feature_points = {"stem": "conv1", "stage1": "block1", "stage2": "block2", "stage3": "block3",
-                               "pre_logits": "fc:input"}
+        self.feature_points = {
+            "stem": "conv1",
+            "stage1": "block1",
+            "stage2": "block2",
+            "stage3": "block3",
+            "pre_logits": "fc:input",
+        }
         # pre-activation of each stage: its output through the next BN, before that BN's ReLU (mdistiller's
         # preact_feats), for OFD / ReviewKD / AB; preact_bn: that BatchNorm (OFD's margins)
         self.preact_bn = {"stage1_preact": "block2.0.bn1", "stage2_preact": "block3.0.bn1", "stage3_preact": "bn"}

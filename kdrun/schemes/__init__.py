@@ -4,6 +4,7 @@ A scheme combines the building blocks of :class:`kdrun.train.Run` (``teacher``,
 ``distil``, ``ce_model``) and sets ``run.roles`` (teacher, student, baseline) so
 the report knows which model plays which part.
 """
+
 from collections.abc import Callable
 from typing import Any
 

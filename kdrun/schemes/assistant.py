@@ -9,6 +9,7 @@ teacher (``student_direct``), so the run says what the assistants bought.
 Each link teaches frozen (eval mode, no autograd: :func:`kdrun.distill.freeze`), whether
 its logits are cached or it runs online (feature methods, ``cache.enabled=false``).
 """
+
 from kdrun.distill import freeze
 from kdrun.errors import ConfigError
 from kdrun.schemes import model_cfg, register_scheme
@@ -24,8 +25,9 @@ def assistant(run) -> None:
     for i, item in enumerate(names, start=1):
         mcfg = model_cfg(item, run.cfg.student)
         stage = f"assistant{i}"
-        prev = run.distil(stage, mcfg, freeze(prev), teacher_name=prev_name, teacher_key=prev_key,
-                          who=f"scheme.assistants[{i - 1}]")
+        prev = run.distil(
+            stage, mcfg, freeze(prev), teacher_name=prev_name, teacher_key=prev_key, who=f"scheme.assistants[{i - 1}]"
+        )
         prev_name, prev_key = stage, None
     run.distil("student", run.cfg.student, freeze(prev), teacher_name=prev_name)
     run.roles["student"] = "student"

@@ -1,4 +1,5 @@
 """Offline distillation (Hinton et al. 2015): a trained, frozen teacher teaches the student."""
+
 from kdrun.schemes import register_scheme
 
 

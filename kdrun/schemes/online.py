@@ -12,6 +12,7 @@ accuracy when ``trainer.val_fraction > 0``, else the first peer (never chosen
 on the test set). With ``baseline=true`` each peer architecture is also
 trained alone with CE from the same initial weights (``baseline_peerN``).
 """
+
 from __future__ import annotations
 
 import torch

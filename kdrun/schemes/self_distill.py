@@ -7,6 +7,7 @@ generation is reported as the student, generation 1 as the baseline, and every
 generation's accuracy is in ``metrics.json`` (``test.gen1`` ...). The
 configured ``teacher`` is not used.
 """
+
 from kdrun.errors import ConfigError
 from kdrun.schemes import register_scheme
 
