@@ -29,17 +29,16 @@ $(TEST_STAMP): $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/kdrun train $(ARGS)
 
-# Prerequisite of `test`: `LINT_FIRST ?= lint` runs `make lint` before pytest (`make test LINT_FIRST=` then skips it).
-# Empty until the whole tree passes lint.
-LINT_FIRST ?=
+# `make test` runs `make lint` (ruff check, ruff format --check, mypy) before pytest; `make test LINT_FIRST=` skips it.
+LINT_FIRST ?= lint
 
 test: $(TEST_STAMP) $(LINT_FIRST)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # ruff (lint and format check) and mypy, configured in pyproject.toml
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check kdrun tests scripts
-	$(VENV)/bin/ruff format --check kdrun tests scripts
+	$(VENV)/bin/ruff check kdrun tests scripts hydra_plugins
+	$(VENV)/bin/ruff format --check kdrun tests scripts hydra_plugins
 	$(VENV)/bin/mypy
 
 clean:

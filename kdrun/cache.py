@@ -6,6 +6,7 @@ is a checksummed artifact of kind ``logits`` made for one key (teacher, data,
 views; see :mod:`kdrun.io`): a truncated, damaged or foreign file is rebuilt
 with a warning naming it, never used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,16 @@ KIND = "logits"
 
 
 @torch.inference_mode()
-def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, augment: Augment,
-                      views: int, batch_size: int, device, precision: str = "fp32") -> torch.Tensor:
+def build_logit_cache(
+    teacher: nn.Module,
+    data: ImageSet,
+    normalize: Normalize,
+    augment: Augment,
+    views: int,
+    batch_size: int,
+    device,
+    precision: str = "fp32",
+) -> torch.Tensor:
     """Teacher logits [N, max(views, 1), C] in fp16, for every training image and view.
 
     Data parallel: worker r computes batches r, r + W, ... and the shares are summed.
@@ -39,8 +48,9 @@ def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, 
     num_classes = teacher(normalize(data.images[:1].to(device))).shape[1]
     out = torch.zeros(n, nv, num_classes, dtype=torch.float32 if world > 1 else torch.float16)
     jobs = [(v, start) for v in range(nv) for start in range(0, n, batch_size)]
-    bar = tqdm(total=n * nv, desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0,
-               disable=rank != 0)
+    bar = tqdm(
+        total=n * nv, desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0, disable=rank != 0
+    )
     for batches, (v, start) in enumerate(jobs[rank::world], start=1):
         idx = torch.arange(start, min(start + batch_size, n))
         images = data.images[idx].to(device)
@@ -53,8 +63,10 @@ def build_logit_cache(teacher: nn.Module, data: ImageSet, normalize: Normalize, 
         maybe_kill("cache", batches)
         if STOP.requested is not None:  # SIGTERM/SIGINT: stop now; a resumed run builds the cache again
             bar.close()
-            raise Preempted(f"cache: stopped by {STOP.requested} after {batches} of {len(jobs[rank::world])} batches; "
-                            f"rerun the same command to resume, the cache is rebuilt (exit code {EXIT_PREEMPTED})")
+            raise Preempted(
+                f"cache: stopped by {STOP.requested} after {batches} of {len(jobs[rank::world])} batches; "
+                f"rerun the same command to resume, the cache is rebuilt (exit code {EXIT_PREEMPTED})"
+            )
     bar.close()
     if world > 1:
         # each entry was written by exactly one worker; summed on the device (NCCL reduces CUDA tensors only)
@@ -88,6 +100,7 @@ def cached_teacher_logits(path: str, key: str, build) -> tuple[torch.Tensor, dic
     save_logit_cache(logits, path, key)
     secs = time.perf_counter() - t0
     size = os.path.getsize(path) / 2**20 if os.path.exists(path) else 0.0  # other workers do not write
-    log.info("cache: built %s in %.1fs (%.2f MB, %d images x %d views)", path, secs, size,
-             logits.shape[0], logits.shape[1])
+    log.info(
+        "cache: built %s in %.1fs (%.2f MB, %d images x %d views)", path, secs, size, logits.shape[0], logits.shape[1]
+    )
     return logits, {"reused": False, "seconds": secs, "size_mb": size}

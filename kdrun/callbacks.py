@@ -48,9 +48,7 @@ class TorchGlobals:
         )
 
     def restore(self) -> None:
-        torch.use_deterministic_algorithms(
-            self.deterministic, warn_only=self.deterministic_warn_only
-        )
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
         torch.backends.cudnn.benchmark = self.cudnn_benchmark
         torch.backends.cudnn.deterministic = self.cudnn_deterministic
         if torch.get_num_threads() != self.threads:

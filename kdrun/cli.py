@@ -5,6 +5,7 @@ too) *before* Hydra creates a run directory, so bad input exits with code 2,
 one line and nothing on disk. Errors print a traceback only with
 HYDRA_FULL_ERROR=1.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,23 @@ commands:
 CONFIG_MODULE = "kdrun.configs"
 EXIT_SWEEP_FAILED = 1  # some jobs of a multirun failed (the others ran; report.md lists both)
 # Hydra flags that take a value (skipped when collecting overrides)
-_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
-                     "--package", "-p", "--info", "-i", "--experimental-rerun", "--shell-completion", "-sc"}
+_FLAGS_WITH_VALUE = {
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--config-dir",
+    "-cd",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--info",
+    "-i",
+    "--experimental-rerun",
+    "--shell-completion",
+    "-sc",
+}
 
 
 def fail(msg: str, code: int = 2) -> int:
@@ -103,8 +119,9 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
     key = _unknown_key(e)
     if key:
         parent = key.rpartition(".")[0]
-        valid = _keys_of(parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(key)],
-                         config_name)
+        valid = _keys_of(
+            parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(key)], config_name
+        )
         where = f" of {parent}" if parent else ""
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
     first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
@@ -174,9 +191,11 @@ def check_objective(cfg) -> None:
     sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or "")
     if sweeper and not sweeper.endswith("BasicSweeper") and not float(cfg.trainer.val_fraction) > 0:
         metric = OmegaConf.select(cfg, "sweep.metric", default=None)
-        raise ConfigError(f"trainer.val_fraction={cfg.trainer.val_fraction}: this sweeper maximises "
-                          f"sweep.metric={metric}, measured on a validation split held out of the training data; "
-                          "set trainer.val_fraction > 0 (e.g. 0.1)")
+        raise ConfigError(
+            f"trainer.val_fraction={cfg.trainer.val_fraction}: this sweeper maximises "
+            f"sweep.metric={metric}, measured on a validation split held out of the training data; "
+            "set trainer.val_fraction > 0 (e.g. 0.1)"
+        )
 
 
 def _can_create_in(parent: str) -> bool:
@@ -203,8 +222,10 @@ def check_writable(cfg, multirun: bool) -> None:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not _can_create_in(parent):
-        raise ConfigError(f"{key}={out}: cannot create the output directory ({parent} is not writable); "
-                          f"choose another with {key}=PATH")
+        raise ConfigError(
+            f"{key}={out}: cannot create the output directory ({parent} is not writable); "
+            f"choose another with {key}=PATH"
+        )
 
 
 def expand_resume(args: list[str]) -> list[str]:
@@ -258,12 +279,16 @@ def sweep_exit_code() -> int:
     name, reason = outcome.failed[0]
     more = f" (and {len(outcome.failed) - 1} more)" if len(outcome.failed) > 1 else ""
     where = outcome.report or outcome.sweep_dir
-    return fail(f"{len(outcome.failed)} of {outcome.jobs} sweep jobs failed; job {name}: {reason}{more}; "
-                f"the other jobs completed; see {where}", code=EXIT_SWEEP_FAILED)
+    return fail(
+        f"{len(outcome.failed)} of {outcome.jobs} sweep jobs failed; job {name}: {reason}{more}; "
+        f"the other jobs completed; see {where}",
+        code=EXIT_SWEEP_FAILED,
+    )
 
 
 def _delegate(module: str, func: str):
     """A command implemented in ``kdrun.<module>.<func>(args) -> exit code``; KdrunErrors become one line."""
+
     def command(args: list[str]) -> int:
         import importlib
 
@@ -275,12 +300,17 @@ def _delegate(module: str, func: str):
             if _full_error():
                 raise
             return fail(str(e), e.exit_code)
+
     return command
 
 
-COMMANDS = {"train": train_command, "models": _delegate("models_cli", "models_main"),
-            "report": _delegate("report_cli", "report_main"), "store": _delegate("store_cli", "store_main"),
-            "export": _delegate("export", "export_main")}
+COMMANDS = {
+    "train": train_command,
+    "models": _delegate("models_cli", "models_main"),
+    "report": _delegate("report_cli", "report_main"),
+    "store": _delegate("store_cli", "store_main"),
+    "export": _delegate("export", "export_main"),
+}
 
 
 def completion(argv: list[str]) -> int:

@@ -3,6 +3,7 @@
 Runs before anything is written (the CLI composes the config once up front),
 so bad input never leaves a half-made run directory behind.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -33,8 +34,12 @@ RULES = [
     ("trainer.val_fraction", _num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("dataset.student_fraction", _num, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("trainer.log_every", _int, lambda v: v > 0, "an integer > 0"),
-    ("trainer.device", lambda v: isinstance(v, str), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v),
-     "auto, cpu, cuda or cuda:N"),
+    (
+        "trainer.device",
+        lambda v: isinstance(v, str),
+        lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v),
+        "auto, cpu, cuda or cuda:N",
+    ),
     ("trainer.devices", _int, lambda v: v >= 1, "an integer >= 1"),
     ("trainer.checkpoint_every_steps", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.precision", lambda v: isinstance(v, str), lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
@@ -44,8 +49,12 @@ RULES = [
     ("cache.views", _int, lambda v: v >= 0, "an integer >= 0"),
     ("optim.lr", _num, lambda v: v > 0, "a number > 0"),
     ("optim.weight_decay", _num, lambda v: v >= 0, "a number >= 0"),
-    ("optim.schedule", lambda v: isinstance(v, str), lambda v: v in ("cosine", "step", "constant"),
-     "cosine, step or constant"),
+    (
+        "optim.schedule",
+        lambda v: isinstance(v, str),
+        lambda v: v in ("cosine", "step", "constant"),
+        "cosine, step or constant",
+    ),
     ("loss.temperature", _num, lambda v: v > 0, "a number > 0"),
     ("loss.ce_weight", _num, lambda v: v >= 0, "a number >= 0"),
     ("loss.weight", _num, lambda v: v >= 0, "a number >= 0"),
@@ -78,8 +87,10 @@ def validate(cfg: DictConfig) -> None:
     _validate_layers(cfg)
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt and not os.path.isfile(ckpt):
-        raise ConfigError(f"teacher.checkpoint={ckpt}: file not found (give the path of a kdrun teacher "
-                          "checkpoint, e.g. RUN_DIR/checkpoints/teacher.pt)")
+        raise ConfigError(
+            f"teacher.checkpoint={ckpt}: file not found (give the path of a kdrun teacher "
+            "checkpoint, e.g. RUN_DIR/checkpoints/teacher.pt)"
+        )
     for who in ("teacher", "student"):
         pre = cfg[who].get("pretrained")
         if pre and not os.path.isfile(pre):
@@ -175,11 +186,15 @@ def _validate_loss_builds(cfg: DictConfig) -> None:
     method = LOSSES.get(name, "loss.name")(**static)
     for key, sched in scheds.items():
         attr = inspect.getattr_static(method, key, None)
-        settable = key in vars(method) or (attr is not None and not isinstance(attr, property)) or (
-            isinstance(attr, property) and attr.fset is not None)
+        settable = (
+            key in vars(method)
+            or (attr is not None and not isinstance(attr, property))
+            or (isinstance(attr, property) and attr.fset is not None)
+        )
         if not settable or not _num(getattr(method, key, None)):
-            raise ConfigError(f"loss.{key}: cannot follow a schedule in loss '{name}' (fixed when the method is "
-                              "built); give a number")
+            raise ConfigError(
+                f"loss.{key}: cannot follow a schedule in loss '{name}' (fixed when the method is built); give a number"
+            )
         for x in sched.values_reached():  # the method's own range checks, at every value the schedule reaches
             LOSSES.get(name)(**(static | {key: x}))
 
@@ -215,8 +230,9 @@ def _validate_layers(cfg: DictConfig) -> None:
         if mcfg.get("source", "kdrun") != "kdrun" or not names:
             continue
         kwargs = OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {}
-        model = build_model(mcfg.name, int(d.num_classes), int(d.get("in_chans") or 3), int(d.image_size),
-                            key=f"{who}.name", **kwargs)
+        model = build_model(
+            mcfg.name, int(d.num_classes), int(d.get("in_chans") or 3), int(d.image_size), key=f"{who}.name", **kwargs
+        )
         for i, name in enumerate(names):
             try:
                 resolve(model, name)

@@ -89,9 +89,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise KdrunError(
-                f"{path}: could not write ({e.strerror or e}); the previous version is kept"
-            ) from e
+            raise KdrunError(f"{path}: could not write ({e.strerror or e}); the previous version is kept") from e
         raise
 
 
@@ -145,9 +143,7 @@ def plain(obj):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj)
-    if isinstance(
-        obj, dict
-    ):  # rebuilt only when something inside changed (keeps a state_dict's _metadata)
+    if isinstance(obj, dict):  # rebuilt only when something inside changed (keeps a state_dict's _metadata)
         new = {k: plain(v) for k, v in obj.items()}
         if all(new[k] is v for k, v in obj.items()):
             return obj
@@ -177,18 +173,14 @@ def load(path: str, kind: str, key: str | None = None) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DamagedArtifact(path, "file not found") from None
-    except (
-        pickle.UnpicklingError
-    ):  # weights_only refused it: the pickle asks for more than tensors and values
+    except pickle.UnpicklingError:  # weights_only refused it: the pickle asks for more than tensors and values
         raise DamagedArtifact(
             path,
             "unreadable or damaged (UnpicklingError: it holds more than tensors and plain "
             "values, e.g. code to run, and is refused)",
         ) from None
     except Exception as e:  # noqa: BLE001 (truncated, not a torch file at all)
-        raise DamagedArtifact(
-            path, f"unreadable or damaged ({type(e).__name__}: {_first_line(e)})"
-        ) from None
+        raise DamagedArtifact(path, f"unreadable or damaged ({type(e).__name__}: {_first_line(e)})") from None
     header = blob.get(HEADER) if isinstance(blob, dict) else None
     if not isinstance(header, dict) or "sha256" not in header:
         raise DamagedArtifact(path, "not a kdrun artifact (no checksummed header)")
@@ -200,9 +192,7 @@ def load(path: str, kind: str, key: str | None = None) -> dict:
             f"artifact format {header.get('format')}, this kdrun reads format {FORMAT}",
         )
     if key is not None and header.get("key") != key:
-        raise DamagedArtifact(
-            path, f"made for another {kind} (key {header.get('key')}, wanted {key})"
-        )
+        raise DamagedArtifact(path, f"made for another {kind} (key {header.get('key')}, wanted {key})")
     try:
         ok = digest(blob) == header["sha256"]
     except TypeError:
@@ -238,9 +228,7 @@ def sha256_file(path: str) -> str:
 # ---------------------------------------------------------------- stage checkpoints
 
 
-def atomic_save(
-    obj: dict, path: str, kind: str = "checkpoint", key: str | None = None
-) -> None:
+def atomic_save(obj: dict, path: str, kind: str = "checkpoint", key: str | None = None) -> None:
     """Save artifact ``obj`` at ``path`` (rank 0 only under data parallelism); see :func:`save`."""
     from kdrun import distributed
 
@@ -256,9 +244,7 @@ def load_checkpoint(path: str) -> dict | None:
     try:
         return load(path, "checkpoint")
     except DamagedArtifact as e:
-        raise KdrunError(
-            f"{path}: corrupt checkpoint ({e.reason}); delete it to restart this stage"
-        ) from None
+        raise KdrunError(f"{path}: corrupt checkpoint ({e.reason}); delete it to restart this stage") from None
 
 
 def rng_state() -> dict:

@@ -1,4 +1,5 @@
 """Figures of a run: evaluation, model statistics, ``metrics.json`` and the summary table."""
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,11 @@ from kdrun.significance import mcnemar
 
 
 def stage_summary(res: StageResult) -> dict:
-    out: dict[str, Any] = {"epochs": len(res.history), "seconds": round(res.seconds, 3),
-           "images_per_s": round(res.images_per_s, 1)}
+    out: dict[str, Any] = {
+        "epochs": len(res.history),
+        "seconds": round(res.seconds, 3),
+        "images_per_s": round(res.images_per_s, 1),
+    }
     if res.history:
         out["final_train_loss"] = res.history[-1]["loss"]
         if "val_top1" in res.history[-1]:
@@ -89,7 +93,8 @@ def evaluate(run) -> tuple[dict, dict[str, torch.Tensor]]:
     student = run.roles.get("student")
     if bias and student in out:  # e.g. Hinton et al. section 3: raise the bias of a class the transfer set lacked
         out[student]["with_logit_bias"] = _scores(biased(logits[student], bias), labels) | {
-            "bias": {str(c): float(b) for c, b in bias.items()}}
+            "bias": {str(c): float(b) for c, b in bias.items()}
+        }
     return out, logits
 
 
@@ -102,8 +107,12 @@ def model_stats(model: nn.Module, input_shape: tuple, name: str, latency: bool =
     from kdrun.models import report as mr
 
     model = model.eval()
-    stats = {"name": name, "params": mr.count_params(model), "flops": mr.count_flops(model, input_shape),
-             "size_mb": round(mr.size_on_disk_mb(model), 4)}
+    stats = {
+        "name": name,
+        "params": mr.count_params(model),
+        "flops": mr.count_flops(model, input_shape),
+        "size_mb": round(mr.size_on_disk_mb(model), 4),
+    }
     if latency:
         cpu_model = _cpu_copy(model)
         stats["latency_ms_cpu_b1"] = round(mr.latency_ms(cpu_model, input_shape, batch=1, device="cpu"), 4)
@@ -121,8 +130,13 @@ def versions() -> dict:
     import hydra
     import torchvision
 
-    return {"kdrun": _kdrun_version(), "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "hydra": hydra.__version__}
+    return {
+        "kdrun": _kdrun_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "hydra": hydra.__version__,
+    }
 
 
 def _kdrun_version() -> str:
@@ -137,9 +151,11 @@ def _kdrun_version() -> str:
 def assemble(run, results: dict, logits: dict[str, torch.Tensor]) -> dict:
     cfg, data, roles = run.cfg, run.data, run.roles
     input_shape = (data.in_chans, data.image_size, data.image_size)
-    models = {role: model_stats(run.models[name].model, input_shape, run.models[name].mcfg.name,
-                                latency=cfg.trainer.latency)
-              for role, name in roles.items() if role in ("teacher", "student")}
+    models = {
+        role: model_stats(run.models[name].model, input_shape, run.models[name].mcfg.name, latency=cfg.trainer.latency)
+        for role, name in roles.items()
+        if role in ("teacher", "student")
+    }
     test = dict(results)
     test.setdefault("student", results[roles["student"]])  # online: the chosen peer
     metrics = {
@@ -148,11 +164,17 @@ def assemble(run, results: dict, logits: dict[str, torch.Tensor]) -> dict:
         "device": str(run.device),
         "scheme": cfg.scheme.name,
         "roles": roles,
-        "dataset": {"name": data.name, "identity": data.identity, "num_classes": data.num_classes,
-                    "train": len(run.train_set), "student_train": len(run.student_set),
-                    "val": len(run.val_set) if run.val_set else 0,
-                    "student_fraction": float(cfg.dataset.get("student_fraction", 1.0)),
-                    "test": len(data.test), "val_fraction": float(cfg.trainer.val_fraction)},
+        "dataset": {
+            "name": data.name,
+            "identity": data.identity,
+            "num_classes": data.num_classes,
+            "train": len(run.train_set),
+            "student_train": len(run.student_set),
+            "val": len(run.val_set) if run.val_set else 0,
+            "student_fraction": float(cfg.dataset.get("student_fraction", 1.0)),
+            "test": len(data.test),
+            "val_fraction": float(cfg.trainer.val_fraction),
+        },
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
         "test": test,
         "models": models,
@@ -175,9 +197,11 @@ def ratios(models: dict) -> dict:
     if "teacher" not in models:
         return {}
     t, s = models["teacher"], models["student"]
-    out = {"compression_params": round(t["params"] / s["params"], 3),
-           "compression_size": round(t["size_mb"] / s["size_mb"], 3),
-           "flops_ratio": round(t["flops"] / max(s["flops"], 1), 3)}
+    out = {
+        "compression_params": round(t["params"] / s["params"], 3),
+        "compression_size": round(t["size_mb"] / s["size_mb"], 3),
+        "flops_ratio": round(t["flops"] / max(s["flops"], 1), 3),
+    }
     if "latency_ms_cpu_b1" in t:
         out["speedup_cpu_b1"] = round(t["latency_ms_cpu_b1"] / s["latency_ms_cpu_b1"], 3)
     return out
@@ -202,8 +226,10 @@ def summary_table(m: dict) -> str:
             extra = f" {stats['params'] / 1e6:8.3f} {stats['flops'] / 1e6:9.2f} {stats['size_mb']:8.3f} {lat}"
         return f"{label[:30]:<30} {scores['top1']:6.2f} {top5} {scores['errors']:6d} {agree}{extra}"
 
-    lines = [f"{'':<30} {'top1':>6} {'top5':>6} {'errors':>6} {'agree':>6} {'params M':>8} "
-             f"{'MFLOPs':>9} {'MB':>8} {'ms/img':>8}"]
+    lines = [
+        f"{'':<30} {'top1':>6} {'top5':>6} {'errors':>6} {'agree':>6} {'params M':>8} "
+        f"{'MFLOPs':>9} {'MB':>8} {'ms/img':>8}"
+    ]
     for name, scores in test.items():
         if name == "student" and roles.get("student") != "student":
             continue  # an alias of the chosen peer
@@ -228,7 +254,9 @@ def summary_table(m: dict) -> str:
         tail += f", KD gain {m['kd_gain_top1']:+.2f} pt top-1 over {roles['baseline']}"
         if "kd_gain" in m:
             g = m["kd_gain"]
-            tail += (f" (exact McNemar p = {g['p_value']:.3g}: {g['student_only']} test images right only with KD, "
-                     f"{g['baseline_only']} only without)")
+            tail += (
+                f" (exact McNemar p = {g['p_value']:.3g}: {g['student_only']} test images right only with KD, "
+                f"{g['baseline_only']} only without)"
+            )
     tail += f"; {m['timings_s']['total']:.1f} s"
     return "\n".join(lines + [tail])

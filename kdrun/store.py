@@ -20,6 +20,7 @@ Reading (:meth:`Store.entries`, ``kdrun store ls``) never modifies the store;
 removing (:meth:`Store.remove`, ``kdrun store gc``) happens only under the
 entry's lock, and a lock that a live process holds is never removed.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -160,8 +161,15 @@ class Store:
             files = marker["files"]
             created, recipe = float(marker["created"]), marker.get("recipe", {})
         except (OSError, ValueError, KeyError, TypeError) as e:
-            return Entry(kind, key, path, _du(path), os.path.getmtime(path), {},
-                         f"incomplete (no valid {MARKER}: {type(e).__name__})")
+            return Entry(
+                kind,
+                key,
+                path,
+                _du(path),
+                os.path.getmtime(path),
+                {},
+                f"incomplete (no valid {MARKER}: {type(e).__name__})",
+            )
         size, problem = sum(int(i.get("size", 0)) for i in files.values()), None
         for name, info in files.items():
             fpath = os.path.join(path, name)
@@ -182,8 +190,12 @@ class Store:
         for :meth:`publish` to replace, and never returned. Call under :meth:`lock`."""
         entry = self.inspect(kind, key, verify=True)
         if entry is not None and entry.problem:
-            log.warning("store: %s entry %s is %s; rebuilding it", kind, entry.path,
-                        entry.problem if entry.problem.startswith("incomplete") else f"not usable: {entry.problem}")
+            log.warning(
+                "store: %s entry %s is %s; rebuilding it",
+                kind,
+                entry.path,
+                entry.problem if entry.problem.startswith("incomplete") else f"not usable: {entry.problem}",
+            )
             return None
         return entry
 
@@ -204,8 +216,14 @@ class Store:
                 _fsync_file(dst)
                 info[name] = {"size": os.path.getsize(dst), "sha256": io.sha256_file(dst)}
                 maybe_kill("publish", i)
-            marker = {"kind": kind, "key": key, "format": io.FORMAT, "created": time.time(), "files": info,
-                      "recipe": recipe}
+            marker = {
+                "kind": kind,
+                "key": key,
+                "format": io.FORMAT,
+                "created": time.time(),
+                "files": info,
+                "recipe": recipe,
+            }
             io.write_json(marker, os.path.join(tmp, MARKER))
             old = None
             if os.path.exists(final):  # a damaged entry being replaced: moved aside, removed once replaced
@@ -216,8 +234,10 @@ class Store:
         except (OSError, KdrunError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise KdrunError(f"store: could not publish {kind} {key} in {self.root} ({why}); nothing was "
-                             "stored and the run's own files are kept") from e
+            raise KdrunError(
+                f"store: could not publish {kind} {key} in {self.root} ({why}); nothing was "
+                "stored and the run's own files are kept"
+            ) from e
         if old:
             shutil.rmtree(old, ignore_errors=True)
         entry = self.inspect(kind, key, verify=False)
@@ -257,8 +277,15 @@ class Store:
             e = self.inspect(kind, key, verify=verify)
             if e is None:  # only temporary directories: a builder at work, or killed
                 tmp = self._partials(kind, key)[0]
-                e = Entry(kind, key, tmp, _du(tmp), os.path.getmtime(tmp), {},
-                          "partial build (a builder is at work or was killed)")
+                e = Entry(
+                    kind,
+                    key,
+                    tmp,
+                    _du(tmp),
+                    os.path.getmtime(tmp),
+                    {},
+                    "partial build (a builder is at work or was killed)",
+                )
             out.append(e)
         return out
 

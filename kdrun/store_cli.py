@@ -13,6 +13,7 @@ entries only when they are younger than that many days. It removes an entry
 only while holding its lock: an entry being built or read is skipped, and a
 lock a live process holds is never removed.
 """
+
 from __future__ import annotations
 
 import json

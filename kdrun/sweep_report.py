@@ -7,6 +7,7 @@ A run is any directory holding ``.hydra/overrides.yaml``. Its status is
 keys; ``trainer.seed`` repeats of one setting are aggregated as mean ± std.
 A problem with one run or one plot is noted and never stops the rest.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,11 +26,19 @@ log = logging.getLogger("kdrun")
 
 SEED_KEY = "trainer.seed"
 SKIP_DIRS = {".hydra", "checkpoints", ".submitit", "__pycache__"}
-SCORE_COLUMNS = ["student_top1", "student_best_val_top1", "teacher_top1", "baseline_top1", "agreement",
-                 "kd_gain_top1", "kd_gain_p", "wall_s"]
+SCORE_COLUMNS = [
+    "student_top1",
+    "student_best_val_top1",
+    "teacher_top1",
+    "baseline_top1",
+    "agreement",
+    "kd_gain_top1",
+    "kd_gain_p",
+    "wall_s",
+]
 HEATMAP_MAX_VALUES = 12  # a heat map needs a grid; more distinct values per axis look like a random search
-MAX_SERIES = 8           # more lines than this in an accuracy plot: plot the marginal mean instead
-MAX_KEY_PLOTS = 12       # accuracy-vs-key plots at most (a heterogeneous tree of runs varies many keys)
+MAX_SERIES = 8  # more lines than this in an accuracy plot: plot the marginal mean instead
+MAX_KEY_PLOTS = 12  # accuracy-vs-key plots at most (a heterogeneous tree of runs varies many keys)
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Run:
 
 
 # ---------------------------------------------------------------- finding and reading runs
+
 
 def find_run_dirs(root: str) -> list[str]:
     """Every directory under ``root`` (itself included) that holds ``.hydra/overrides.yaml``."""
@@ -162,6 +172,7 @@ def common_overrides(runs: list[Run], swept: list[str]) -> dict[str, str]:
 
 # ---------------------------------------------------------------- tables
 
+
 def fmt(value, digits: int = 2) -> str:
     """A table cell: scores with fixed decimals, long numeric override values shortened, ``-`` when absent."""
     if value is None:
@@ -277,15 +288,19 @@ def status_counts(runs: list[Run]) -> str:
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
 
-def markdown(root: str, runs: list[Run], swept: list[str], groups: list[dict], plots: list[str],
-             plot_notes: list[str]) -> str:
+def markdown(
+    root: str, runs: list[Run], swept: list[str], groups: list[dict], plots: list[str], plot_notes: list[str]
+) -> str:
     """The whole ``report.md``."""
     rows = run_rows(runs, swept)
     columns = ["run", *swept, "status", *SCORE_COLUMNS]
-    parts = [f"# kdrun report: {os.path.abspath(root)}", "",
-             f"{len(runs)} runs: {status_counts(runs)}. Sorted by the distilled student's last-epoch "
-             "test top-1 (%); `agreement` is the student's top-1 match rate with the teacher; "
-             f"`wall_s` is a run's own time (sum over runs: {_total_wall(runs):.1f} s)."]
+    parts = [
+        f"# kdrun report: {os.path.abspath(root)}",
+        "",
+        f"{len(runs)} runs: {status_counts(runs)}. Sorted by the distilled student's last-epoch "
+        "test top-1 (%); `agreement` is the student's top-1 match rate with the teacher; "
+        f"`wall_s` is a run's own time (sum over runs: {_total_wall(runs):.1f} s).",
+    ]
     common = common_overrides(runs, swept)
     if common:
         parts += ["", "Common overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items())]
@@ -306,10 +321,17 @@ def _total_wall(runs: list[Run]) -> float:
 def _group_markdown(groups: list[dict], swept: list[str]) -> str:
     keys = [k for k in swept if k != SEED_KEY]
     header = [*keys, "n", "student top1", "baseline top1", "kd gain", "kd gain 95% CI"]
-    body = [[*(g[k] for k in keys), g["n"], pm(g["student_top1_mean"], g["student_top1_std"]),
-             pm(g["baseline_top1_mean"], g["baseline_top1_std"]), pm(g["kd_gain_top1_mean"], g["kd_gain_top1_std"]),
-             interval(g["kd_gain_top1_ci95_low"], g["kd_gain_top1_ci95_high"])]
-            for g in groups]
+    body = [
+        [
+            *(g[k] for k in keys),
+            g["n"],
+            pm(g["student_top1_mean"], g["student_top1_std"]),
+            pm(g["baseline_top1_mean"], g["baseline_top1_std"]),
+            pm(g["kd_gain_top1_mean"], g["kd_gain_top1_std"]),
+            interval(g["kd_gain_top1_ci95_low"], g["kd_gain_top1_ci95_high"]),
+        ]
+        for g in groups
+    ]
     return markdown_table(header, body)
 
 
@@ -335,6 +357,7 @@ def _notes_section(runs: list[Run], plot_notes: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------- plots
+
 
 def _figure(ncols: int = 1, width: float = 5.5):
     """A matplotlib figure on the Agg canvas (no pyplot, no global backend state)."""
@@ -403,8 +426,9 @@ def plot_accuracy_vs(runs: list[Run], key: str, swept: list[str], out_dir: str) 
     ax = fig.add_subplot()
     series, grid = _series(complete, key, others)
     for label, members in series.items():
-        _errorbar(ax, _mean_std_by(members, key, "student_top1"), xpos, label=label, fmt="o-" if grid else "o",
-                  capsize=3)
+        _errorbar(
+            ax, _mean_std_by(members, key, "student_top1"), xpos, label=label, fmt="o-" if grid else "o", capsize=3
+        )
     baseline = _mean_std_by(complete, key, "baseline_top1")
     if baseline:
         _errorbar(ax, baseline, xpos, label="baseline (CE only)", fmt="s--", color="gray", capsize=3)
@@ -439,8 +463,11 @@ def heat_matrix(runs: list[Run], rows_key: str, cols_key: str) -> tuple[list[str
 def is_grid(row_values: list[str], col_values: list[str], cells: list[list]) -> bool:
     """A small table with at least half its cells measured (not the scattered points of a random search)."""
     filled = sum(c is not None for line in cells for c in line)
-    return (bool(cells) and max(len(row_values), len(col_values)) <= HEATMAP_MAX_VALUES
-            and 2 * filled >= len(row_values) * len(col_values))
+    return (
+        bool(cells)
+        and max(len(row_values), len(col_values)) <= HEATMAP_MAX_VALUES
+        and 2 * filled >= len(row_values) * len(col_values)
+    )
 
 
 def plot_two_keys(runs: list[Run], keys: list[str], out_dir: str) -> str | None:
@@ -462,15 +489,19 @@ def plot_scatter(runs: list[Run], keys: list[str], out_dir: str) -> str:
     points = ax.scatter(x, y, c=[r.scores["student_top1"] for r in runs], cmap="viridis", s=60, edgecolors="k")
     fig.colorbar(points, ax=ax, label="student test top-1 (%)")
     best = runs[0]
-    ax.annotate(f"best {best.scores['student_top1']:.2f}", (float(best.overrides[keys[1]]),
-                float(best.overrides[keys[0]])), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.annotate(
+        f"best {best.scores['student_top1']:.2f}",
+        (float(best.overrides[keys[1]]), float(best.overrides[keys[0]])),
+        textcoords="offset points",
+        xytext=(6, 6),
+        fontsize=8,
+    )
     ax.set(xlabel=keys[1], ylabel=keys[0], title="distilled student top-1 per run")
     ax.grid(alpha=0.3)
     return _save(fig, out_dir, f"scatter_{_safe(keys[0])}_x_{_safe(keys[1])}.png")
 
 
-def plot_heatmap(keys: list[str], row_values: list[str], col_values: list[str], cells: list[list],
-                 out_dir: str) -> str:
+def plot_heatmap(keys: list[str], row_values: list[str], col_values: list[str], cells: list[list], out_dir: str) -> str:
     """An annotated heat map of the student's top-1 (mean ± std over repeats) over two swept keys."""
     grid = [[math.nan if c is None else c[0] for c in line] for line in cells]
     fig = _figure()
@@ -493,8 +524,7 @@ def _annotate(ax, cells: list[list], grid: list[list[float]]) -> None:
                 continue
             mean, std, n = cell
             text = f"{mean:.2f}" if n == 1 else f"{mean:.2f}\n± {std:.2f} (n={n})"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                    color="black" if mean > middle else "white")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if mean > middle else "white")
 
 
 def read_curves(run_dir: str) -> dict[str, list[dict]]:
@@ -535,8 +565,11 @@ def plot_curves(run: Run, swept: list[str], out_dir: str) -> str | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     setting = " ".join(f"{k}={short(v)}" for k, v in run.overrides.items() if k in swept)
-    fig.suptitle(f"training curves of the best run ({run.name or '.'}: {setting or 'only run'}, "
-                 f"student top-1 {run.scores['student_top1']:.2f})", fontsize=10)
+    fig.suptitle(
+        f"training curves of the best run ({run.name or '.'}: {setting or 'only run'}, "
+        f"student top-1 {run.scores['student_top1']:.2f})",
+        fontsize=10,
+    )
     return _save(fig, out_dir, "curves_best.png")
 
 
@@ -583,6 +616,7 @@ def _run_plot_jobs(jobs: list) -> tuple[list[str], list[str]]:
 
 # ---------------------------------------------------------------- entry point
 
+
 @dataclass
 class Report:
     """What :func:`build` found and wrote."""
@@ -597,8 +631,9 @@ class Report:
 def build(path: str, out: str | None = None) -> Report:
     """Collect the runs under ``path`` and write the report files into ``out`` (default: ``path``)."""
     if not os.path.isdir(path):
-        raise ConfigError(f"report {path}: no such directory; give a run directory, a multirun directory "
-                          "or a folder holding them")
+        raise ConfigError(
+            f"report {path}: no such directory; give a run directory, a multirun directory or a folder holding them"
+        )
     runs = collect(path)
     if not runs:
         raise ConfigError(f"report {path}: no kdrun runs found (no .hydra/overrides.yaml in it or below it)")

@@ -1,40 +1,53 @@
 """Bad input: exit code 2, one line naming the key or file and what is valid, nothing half-written."""
+
 import os
 
 import pytest
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["teacher=nosuchnet"], "teacher=nosuchnet: unknown option; valid:"),
-    (["loss.alpha=1.5"], "loss.alpha=1.5: must be a number in [0, 1]"),
-    (["loss.temperature=0"], "loss.temperature=0: must be a number > 0"),
-    (["trainer.epochs=-1"], "trainer.epochs=-1: must be an integer >= 0"),
-    (["trainer.epohcs=3"], "trainer.epohcs: unknown key; valid keys of trainer:"),
-    (["teacher.checkpoint=/nonexistent/teacher.pt"], "teacher.checkpoint=/nonexistent/teacher.pt: file not found"),
-    (["teacher.name=nosuchnet"], "teacher.name=nosuchnet: unknown model; valid:"),
-    (["loss=nosuchloss"], "loss=nosuchloss: unknown option; valid:"),
-    (["-m", "loss.alpha=0.5,2"], "loss.alpha=2: must be a number in [0, 1]"),
-    (["trainer.batch_size=abc"], "trainer.batch_size=abc: must be an integer > 0"),
-    (["trainer.batch_size=-8"], "trainer.batch_size=-8: must be an integer > 0"),
-    (["cache.views=-1"], "cache.views=-1: must be an integer >= 0"),
-    (["optim=nosuch"], "optim=nosuch: unknown option; valid: "),
-    (["trainer.device=cuda"] if not __import__("torch").cuda.is_available() else ["trainer.device=tpu"],
-     "trainer.device="),
-    (["+loss.ce_weight={schedule: linear, start: 1, end: 0}"],
-     "loss.ce_weight: cannot follow a schedule in loss 'kd' (fixed when the method is built); give a number"),
-    (["loss=combo", "loss.terms.kd.alpha=1.5"], "loss.terms.kd.alpha=1.5: must be a number in [0, 1]"),
-    (["sweep.metric=student.test_top1"], "sweep.metric=student.test_top1: a test-set metric cannot be optimised"),
-    (["sweep.metric=student.top1"], "sweep.metric=student.top1: unknown metric; valid: MODEL.val_top1 or "),
-    (["-m", "sweep=optuna", "trainer.val_fraction=0"], "trainer.val_fraction=0: this sweeper maximises "
-     "sweep.metric=student.val_top1, measured on a validation split"),
-    (["scheme=online", "scheme.temperature=0"], "scheme.temperature=0: must be a number > 0"),
-    (["scheme=self", "scheme.generations=1"], "scheme.generations=1: must be an integer >= 2"),
-    (["scheme=online", "scheme.peers=[resnet8]"], "scheme.peers=['resnet8']: give two or more peer models"),
-    (["loss.layers.foo=1"], "loss.layers: unknown key; valid keys of loss: "),
-    (["loss=at", "loss.layers.teacher=[stage9]", "loss.layers.student=[stage3]"],
-     "loss.layers.teacher[0]=stage9: unknown feature layer 'stage9' for CifarResNet; valid: logits, pre_logits, "
-     "stage1, "),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["teacher=nosuchnet"], "teacher=nosuchnet: unknown option; valid:"),
+        (["loss.alpha=1.5"], "loss.alpha=1.5: must be a number in [0, 1]"),
+        (["loss.temperature=0"], "loss.temperature=0: must be a number > 0"),
+        (["trainer.epochs=-1"], "trainer.epochs=-1: must be an integer >= 0"),
+        (["trainer.epohcs=3"], "trainer.epohcs: unknown key; valid keys of trainer:"),
+        (["teacher.checkpoint=/nonexistent/teacher.pt"], "teacher.checkpoint=/nonexistent/teacher.pt: file not found"),
+        (["teacher.name=nosuchnet"], "teacher.name=nosuchnet: unknown model; valid:"),
+        (["loss=nosuchloss"], "loss=nosuchloss: unknown option; valid:"),
+        (["-m", "loss.alpha=0.5,2"], "loss.alpha=2: must be a number in [0, 1]"),
+        (["trainer.batch_size=abc"], "trainer.batch_size=abc: must be an integer > 0"),
+        (["trainer.batch_size=-8"], "trainer.batch_size=-8: must be an integer > 0"),
+        (["cache.views=-1"], "cache.views=-1: must be an integer >= 0"),
+        (["optim=nosuch"], "optim=nosuch: unknown option; valid: "),
+        (
+            ["trainer.device=cuda"] if not __import__("torch").cuda.is_available() else ["trainer.device=tpu"],
+            "trainer.device=",
+        ),
+        (
+            ["+loss.ce_weight={schedule: linear, start: 1, end: 0}"],
+            "loss.ce_weight: cannot follow a schedule in loss 'kd' (fixed when the method is built); give a number",
+        ),
+        (["loss=combo", "loss.terms.kd.alpha=1.5"], "loss.terms.kd.alpha=1.5: must be a number in [0, 1]"),
+        (["sweep.metric=student.test_top1"], "sweep.metric=student.test_top1: a test-set metric cannot be optimised"),
+        (["sweep.metric=student.top1"], "sweep.metric=student.top1: unknown metric; valid: MODEL.val_top1 or "),
+        (
+            ["-m", "sweep=optuna", "trainer.val_fraction=0"],
+            "trainer.val_fraction=0: this sweeper maximises "
+            "sweep.metric=student.val_top1, measured on a validation split",
+        ),
+        (["scheme=online", "scheme.temperature=0"], "scheme.temperature=0: must be a number > 0"),
+        (["scheme=self", "scheme.generations=1"], "scheme.generations=1: must be an integer >= 2"),
+        (["scheme=online", "scheme.peers=[resnet8]"], "scheme.peers=['resnet8']: give two or more peer models"),
+        (["loss.layers.foo=1"], "loss.layers: unknown key; valid keys of loss: "),
+        (
+            ["loss=at", "loss.layers.teacher=[stage9]", "loss.layers.student=[stage3]"],
+            "loss.layers.teacher[0]=stage9: unknown feature layer 'stage9' for CifarResNet; valid: logits, pre_logits, "
+            "stage1, ",
+        ),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(kdrun, tmp_path, args, expected):
     run_dir = tmp_path / "run"
     p = kdrun("train", *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}")
@@ -62,14 +75,20 @@ def test_unknown_command(kdrun):
     p = kdrun("trian")
     assert p.returncode == 2
     assert p.stderr.strip() == "kdrun: error: unknown command 'trian'; valid: " + ", ".join(
-        __import__("kdrun.cli", fromlist=["COMMANDS"]).COMMANDS)
+        __import__("kdrun.cli", fromlist=["COMMANDS"]).COMMANDS
+    )
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["dataset=mnist", "dataset.root=/nonexistent/mnist"],
-     "dataset.root=/nonexistent/mnist: mnist files not found: expected train-images-idx3-ubyte"),
-    (["dataset.num_classes=5"], "dataset.num_classes=5: the digits data has num_classes=10"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["dataset=mnist", "dataset.root=/nonexistent/mnist"],
+            "dataset.root=/nonexistent/mnist: mnist files not found: expected train-images-idx3-ubyte",
+        ),
+        (["dataset.num_classes=5"], "dataset.num_classes=5: the digits data has num_classes=10"),
+    ],
+)
 def test_bad_data_exits_2_and_leaves_failed_marker(kdrun, tmp_path, args, expected):
     run_dir = tmp_path / "run"
     p = kdrun("train", "trainer=smoke", "store.enabled=false", *args, f"hydra.run.dir={run_dir}")
@@ -87,8 +106,16 @@ def test_imagefolder_with_missing_test_class(kdrun, tmp_path):
         for c in classes:
             (tmp_path / "data" / split / c).mkdir(parents=True)
             Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "data" / split / c / "0.png")
-    p = kdrun("train", "trainer=smoke", "store.enabled=false", "dataset=imagefolder", f"dataset.root={tmp_path / 'data'}",
-              f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.image_size=8", f"hydra.run.dir={tmp_path / 'run'}")
+    p = kdrun(
+        "train",
+        "trainer=smoke",
+        "store.enabled=false",
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'data'}",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        "dataset.image_size=8",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert p.returncode == 2
     assert "dog" in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
 
@@ -103,8 +130,13 @@ def test_labels_outside_class_range(monkeypatch):
 
     def broken(**_):
         images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
-        return DataBundle("broken", ImageSet(images, torch.tensor([0, 1, 2, 7])), ImageSet(images, torch.zeros(4).long()),
-                          ["a", "b", "c"], "broken")
+        return DataBundle(
+            "broken",
+            ImageSet(images, torch.tensor([0, 1, 2, 7])),
+            ImageSet(images, torch.zeros(4).long()),
+            ["a", "b", "c"],
+            "broken",
+        )
 
     monkeypatch.setitem(DATASETS._items, "broken", broken)
     with pytest.raises(ConfigError) as e:
@@ -143,5 +175,7 @@ def test_unwritable_output_directory(kdrun, tmp_path):
     target = "/proc/kdrun-run" if os.geteuid() == 0 else str(locked / "run")  # root may write anywhere else
     p = kdrun("train", "trainer=smoke", f"hydra.run.dir={target}")
     assert p.returncode == 2
-    assert p.stderr.strip() == (f"kdrun: error: hydra.run.dir={target}: cannot create the output directory "
-                                f"({os.path.dirname(target)} is not writable); choose another with hydra.run.dir=PATH")
+    assert p.stderr.strip() == (
+        f"kdrun: error: hydra.run.dir={target}: cannot create the output directory "
+        f"({os.path.dirname(target)} is not writable); choose another with hydra.run.dir=PATH"
+    )

@@ -1,4 +1,5 @@
 """The artifact store: one build per entry, reuse across runs, crash recovery, ls and gc."""
+
 import json
 import os
 import subprocess
@@ -46,6 +47,7 @@ def test_two_runs_share_teacher_and_logits(kdrun, tmp_path):
     p = kdrun("store", "gc", f"dir={store}", f"runs={tmp_path}")
     assert p.returncode == 0 and "freed 0.00 MB" in p.stdout  # both entries referenced by the runs
     import shutil
+
     shutil.rmtree(tmp_path / "r1")
     shutil.rmtree(tmp_path / "r2")
     p = kdrun("store", "gc", f"dir={store}", f"runs={tmp_path}")
@@ -58,9 +60,16 @@ def test_parallel_runs_build_the_teacher_once(tmp_path):
     from tests.conftest import KDRUN, WORKDIR
 
     store = tmp_path / "store"
-    procs = [subprocess.Popen([*KDRUN, "train", *FAST, f"loss.alpha={a}", f"store.dir={store}",
-                               f"hydra.run.dir={tmp_path / f'p{a}'}"], cwd=WORKDIR, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for a in (0.5, 0.9)]
+    procs = [
+        subprocess.Popen(
+            [*KDRUN, "train", *FAST, f"loss.alpha={a}", f"store.dir={store}", f"hydra.run.dir={tmp_path / f'p{a}'}"],
+            cwd=WORKDIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for a in (0.5, 0.9)
+    ]
     errs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     assert sum("teacher: stored as" in e for e in errs) == 1

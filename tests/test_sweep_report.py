@@ -4,6 +4,7 @@ Most tests build fake run directories; three run real tiny sweeps in a
 subprocess (basic launcher, Optuna, submitit_local) with a shared artifact
 store so that the teacher is trained once.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,28 +20,48 @@ from kdrun.report_cli import report_main
 from kdrun.sweep_report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = ["trainer=smoke", "teacher=mlp", "student=mlp", "+teacher.kwargs.hidden=[64]", "+student.kwargs.hidden=[32]",
-        "trainer.batch_size=256", "baseline=false"]
+TINY = [
+    "trainer=smoke",
+    "teacher=mlp",
+    "student=mlp",
+    "+teacher.kwargs.hidden=[64]",
+    "+student.kwargs.hidden=[32]",
+    "trainer.batch_size=256",
+    "baseline=false",
+]
 
 
 # ---------------------------------------------------------------- fake runs
 
-def fake_metrics(student: float, baseline: float = 60.0, teacher: float = 95.0, seed: int = 0,
-                 best: float | None = None) -> dict:
+
+def fake_metrics(
+    student: float, baseline: float = 60.0, teacher: float = 95.0, seed: int = 0, best: float | None = None
+) -> dict:
     """A ``metrics.json`` shaped like kdrun.report.assemble writes it."""
     student_entry = {"last": {"top1": student, "errors": 3, "agreement": 88.5}}
     if best is not None:
         student_entry["best_on_val"] = {"top1": best, "errors": 2, "epoch": 3}
-    return {"status": "complete", "seed": seed, "scheme": "offline",
-            "roles": {"teacher": "teacher", "student": "student", "baseline": "baseline"},
-            "test": {"teacher": {"top1": teacher, "errors": 1}, "student": student_entry,
-                     "baseline": {"last": {"top1": baseline, "errors": 9, "agreement": 70.0}}},
-            "kd_gain_top1": round(student - baseline, 3), "ratios": {}, "models": {},
-            "timings_s": {"total": 12.5}, "loss": {"name": "kd"}}
+    return {
+        "status": "complete",
+        "seed": seed,
+        "scheme": "offline",
+        "roles": {"teacher": "teacher", "student": "student", "baseline": "baseline"},
+        "test": {
+            "teacher": {"top1": teacher, "errors": 1},
+            "student": student_entry,
+            "baseline": {"last": {"top1": baseline, "errors": 9, "agreement": 70.0}},
+        },
+        "kd_gain_top1": round(student - baseline, 3),
+        "ratios": {},
+        "models": {},
+        "timings_s": {"total": 12.5},
+        "loss": {"name": "kd"},
+    }
 
 
-def make_run(root, name: str, overrides: list[str], metrics: dict | None = None, failed: str | None = None,
-             curves: bool = True) -> str:
+def make_run(
+    root, name: str, overrides: list[str], metrics: dict | None = None, failed: str | None = None, curves: bool = True
+) -> str:
     """A run directory: .hydra/overrides.yaml, then metrics.json, a FAILED note, or nothing (running)."""
     run = os.path.join(str(root), name)
     os.makedirs(os.path.join(run, ".hydra"))
@@ -76,8 +97,12 @@ def grid_with_seeds(root, seeds=(0, 1, 2)) -> None:
     job = 0
     for t, a, base in [("1", "0.5", 70.0), ("1", "0.9", 74.0), ("4", "0.5", 80.0), ("4", "0.9", 76.0)]:
         for s in seeds:
-            make_run(root, str(job), [f"loss.temperature={t}", f"loss.alpha={a}", f"trainer.seed={s}"],
-                     fake_metrics(base + 2 * s, seed=s))
+            make_run(
+                root,
+                str(job),
+                [f"loss.temperature={t}", f"loss.alpha={a}", f"trainer.seed={s}"],
+                fake_metrics(base + 2 * s, seed=s),
+            )
             job += 1
 
 
@@ -89,6 +114,7 @@ def assert_png(path) -> None:
 
 
 # ---------------------------------------------------------------- report from fake runs
+
 
 def test_rows_sorted_by_student_top1_with_swept_columns(tmp_path):
     for job, (t, top1) in enumerate([("1", 70.0), ("4", 90.0), ("8", 80.0)]):
@@ -109,8 +135,9 @@ def test_rows_sorted_by_student_top1_with_swept_columns(tmp_path):
 def test_mean_std_over_seeds(tmp_path):
     grid_with_seeds(tmp_path)
     write_report(tmp_path)
-    groups = sweep_report.seed_groups(sweep_report.collect(str(tmp_path)),
-                                      ["loss.temperature", "loss.alpha", "trainer.seed"])
+    groups = sweep_report.seed_groups(
+        sweep_report.collect(str(tmp_path)), ["loss.temperature", "loss.alpha", "trainer.seed"]
+    )
     assert [(g["loss.temperature"], g["loss.alpha"], g["n"]) for g in groups][0] == ("4", "0.5", 3)
     assert groups[0]["student_top1_mean"] == pytest.approx(82.0)
     assert groups[0]["student_top1_std"] == pytest.approx(2.0)  # sample std of 80, 82, 84
@@ -137,12 +164,16 @@ def test_failed_running_and_unreadable_runs_listed_not_plotted(tmp_path, monkeyp
         f.write("{truncated")
     plotted = []
     original = sweep_report.plot_accuracy_vs
-    monkeypatch.setattr(sweep_report, "plot_accuracy_vs",
-                        lambda runs, *a: plotted.extend(runs) or original(runs, *a))
+    monkeypatch.setattr(sweep_report, "plot_accuracy_vs", lambda runs, *a: plotted.extend(runs) or original(runs, *a))
     write_report(tmp_path)
     rows = read_csv(tmp_path / "report.csv")
-    assert [(r["run"], r["status"]) for r in rows] == [("1", "complete"), ("0", "complete"), ("2", "failed"),
-                                                       ("3", "running"), ("4", "unreadable")]
+    assert [(r["run"], r["status"]) for r in rows] == [
+        ("1", "complete"),
+        ("0", "complete"),
+        ("2", "failed"),
+        ("3", "running"),
+        ("4", "unreadable"),
+    ]
     assert rows[2]["note"] == "RuntimeError: out of memory" and rows[2]["student_top1"] == ""
     assert sorted(r.name for r in plotted) == ["0", "1"]
     md = (tmp_path / "report.md").read_text()
@@ -166,8 +197,12 @@ def test_plots_written_as_png(tmp_path):
     grid_with_seeds(tmp_path, seeds=(0, 1))
     paths = write_report(tmp_path)
     names = {os.path.basename(p) for p in paths}
-    assert {"student_vs_loss_temperature.png", "student_vs_loss_alpha.png",
-            "heatmap_loss_temperature_x_loss_alpha.png", "curves_best.png"} <= names
+    assert {
+        "student_vs_loss_temperature.png",
+        "student_vs_loss_alpha.png",
+        "heatmap_loss_temperature_x_loss_alpha.png",
+        "curves_best.png",
+    } <= names
     assert "student_vs_trainer_seed.png" not in names
     for p in paths:
         if p.endswith(".png"):
@@ -189,7 +224,7 @@ def test_heatmap_cells_are_means_over_seeds(tmp_path):
     runs = sweep_report.collect(str(tmp_path))
     rows, cols, cells = sweep_report.heat_matrix(runs, "loss.temperature", "loss.alpha")
     assert rows == ["1", "4"] and cols == ["0.5", "0.9"]
-    assert cells[1][0] == pytest.approx((81.0, 2 ** 0.5, 2))
+    assert cells[1][0] == pytest.approx((81.0, 2**0.5, 2))
 
 
 def test_one_failing_plot_does_not_stop_the_report(tmp_path, monkeypatch):
@@ -220,6 +255,7 @@ def test_tree_of_sweeps_and_single_run(tmp_path):
 
 # ---------------------------------------------------------------- kdrun report
 
+
 def test_report_command_prints_table_and_paths(tmp_path, capsys):
     make_run(tmp_path / "runs", "0", ["loss.temperature=1"], fake_metrics(70.0))
     make_run(tmp_path / "runs", "1", ["loss.temperature=4"], fake_metrics(80.0))
@@ -232,13 +268,16 @@ def test_report_command_prints_table_and_paths(tmp_path, capsys):
     assert (out / "report.csv").is_file() and not (tmp_path / "runs" / "report.md").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{tmp}/missing"], "no such directory"),
-    (["{tmp}"], "no kdrun runs found"),
-    (["{tmp}", "--bogus"], "unknown option"),
-    (["{tmp}", "--top", "zero"], "--top zero"),
-    ([], "missing DIR"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/missing"], "no such directory"),
+        (["{tmp}"], "no kdrun runs found"),
+        (["{tmp}", "--bogus"], "unknown option"),
+        (["{tmp}", "--top", "zero"], "--top zero"),
+        ([], "missing DIR"),
+    ],
+)
 def test_report_command_bad_input(tmp_path, args, message):
     with pytest.raises(ConfigError, match=message) as info:
         report_main([a.format(tmp=tmp_path) for a in args])
@@ -246,6 +285,7 @@ def test_report_command_bad_input(tmp_path, args, message):
 
 
 # ---------------------------------------------------------------- presets
+
 
 def hydra_cfg(overrides: list[str]):
     from hydra import compose, initialize_config_module
@@ -266,6 +306,7 @@ def test_presets_select_the_plugins():
 
 
 # ---------------------------------------------------------------- real tiny sweeps
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -297,8 +338,9 @@ def test_optuna_preset_runs_trials(kdrun, tmp_path, store):
     assert jobs == ["0", "1", "2"]
     assert all((sweep_dir / j / "metrics.json").is_file() for j in jobs)
     result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    vals = [json.loads((sweep_dir / j / "metrics.json").read_text())["stages"]["student"]["final_val_top1"]
-            for j in jobs]  # the objective: validation top-1, never test
+    vals = [
+        json.loads((sweep_dir / j / "metrics.json").read_text())["stages"]["student"]["final_val_top1"] for j in jobs
+    ]  # the objective: validation top-1, never test
     assert result["best_value"] == pytest.approx(max(vals), abs=1e-3)  # maximised, not minimised
     assert set(result["best_params"]) == {"loss.temperature", "loss.alpha"}
     assert "## Optuna" in (sweep_dir / "report.md").read_text()
@@ -328,7 +370,8 @@ def test_multirun_end_reports_failed_jobs_and_the_exit_code_says_so(tmp_path, ca
     assert sweep_exit_code() == EXIT_SWEEP_FAILED == 1
     assert capsys.readouterr().err.strip() == (
         "kdrun: error: 1 of 3 sweep jobs failed; job 1: student: non-finite loss (nan) at epoch 1, step 3; "
-        f"the other jobs completed; see {tmp_path / 'report.md'}")
+        f"the other jobs completed; see {tmp_path / 'report.md'}"
+    )
     assert sweep_exit_code() == 0  # the outcome is consumed once
 
 

@@ -6,6 +6,7 @@
 ``decoded`` (:mod:`kdrun.io`) verified on load: a truncated, corrupt or foreign
 file is reported with a warning naming it and rebuilt, never used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,23 +60,24 @@ def _decode_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
     return np.stack([decode_image(f, image_size, in_chans) for f in files])
 
 
-def decode_files(files: list[str], image_size: int, in_chans: int, workers: int | None = None,
-                 desc: str = "decode") -> torch.Tensor:
+def decode_files(
+    files: list[str], image_size: int, in_chans: int, workers: int | None = None, desc: str = "decode"
+) -> torch.Tensor:
     """Decode ``files`` into uint8 ``[N, C, S, S]``, in ``workers`` processes (default: all CPUs)."""
     out = np.empty((len(files), in_chans, image_size, image_size), dtype=np.uint8)
-    tasks = [(files[i:i + _CHUNK], image_size, in_chans) for i in range(0, len(files), _CHUNK)]
+    tasks = [(files[i : i + _CHUNK], image_size, in_chans) for i in range(0, len(files), _CHUNK)]
     workers = min(workers or os.cpu_count() or 1, len(tasks))
     with tqdm(total=len(files), desc=desc, unit="img", leave=False, dynamic_ncols=True, mininterval=1.0) as bar:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 results = pool.map(_decode_chunk, tasks)
                 for i, chunk in enumerate(results):
-                    out[i * _CHUNK:i * _CHUNK + len(chunk)] = chunk
+                    out[i * _CHUNK : i * _CHUNK + len(chunk)] = chunk
                     bar.update(len(chunk))
         else:
             for i, task in enumerate(tasks):
                 chunk = _decode_chunk(task)
-                out[i * _CHUNK:i * _CHUNK + len(chunk)] = chunk
+                out[i * _CHUNK : i * _CHUNK + len(chunk)] = chunk
                 bar.update(len(chunk))
     return torch.from_numpy(out)
 
