@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -217,13 +218,11 @@ def test_a_slurm_task_joins_the_group_slurm_describes(monkeypatch):
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    distributed._slurm_env()
-    assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
-        "RANK": "3",
-        "WORLD_SIZE": "4",
-        "LOCAL_RANK": "1",
-        "MASTER_ADDR": "gpu01",
-    }
+    with mock.patch.dict(os.environ):  # _slurm_env exports RANK, WORLD_SIZE, ...: none may leak into later tests
+        distributed._slurm_env()
+        exported = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    assert exported == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu01"}
+    assert "WORLD_SIZE" not in os.environ
 
 
 def test_sync_bn_on_cpus_is_refused_before_anything_runs(kdrun, tmp_path):
