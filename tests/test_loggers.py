@@ -26,6 +26,7 @@ def tracked(tmp_path_factory):
         "teacher=resnet8",
         "student=resnet8",
         "store.enabled=false",
+        "dataset.student_fraction=1.0",  # the whole split: 12 student steps (digits' default 10% has 2)
         "trainer.log_every=4",
         "trainer.threads=1",
         SCHEDULED_T,
