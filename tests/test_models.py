@@ -11,29 +11,13 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.models import MODELS, FeatureTap, build_model, report
+from kdrun.models.published import PUBLISHED_PARAMS_M  # (millions at 100 classes, 32x32x3)
 from kdrun.models.report import count_params, feature_shapes
 from kdrun.models_cli import models_main
 
 # smallest sensible input for every model: the digits default (1 channel, 8x8, 10 classes)
 IN_CHANS, IMG, CLASSES = 1, 8, 10
 
-# millions of parameters at 100 classes, 32x32x3 (RepDistiller's CIFAR-100 models as published)
-PUBLISHED_M = {
-    "resnet20": 0.28,
-    "resnet56": 0.86,
-    "resnet110": 1.74,
-    "resnet8x4": 1.23,
-    "resnet32x4": 7.43,
-    "wrn_16_2": 0.70,
-    "wrn_40_1": 0.57,
-    "wrn_40_2": 2.26,
-    "vgg8": 3.97,
-    "vgg13": 9.46,
-    "resnet50_cifar": 23.71,
-    "shufflenet_v1": 0.95,
-    "shufflenet_v2_cifar": 1.36,
-    "mbv2_cifar": 0.81,
-}
 CIFAR_FAMILY = [
     "resnet8",
     "resnet14",
@@ -98,10 +82,10 @@ def test_unknown_feature_name_lists_valid_names(name):
     assert all(point in msg for point in model.feature_points)
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED_M))
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS_M))
 def test_published_param_counts(name):
     params_m = count_params(build_model(name, 100, 3, 32)) / 1e6
-    assert params_m == pytest.approx(PUBLISHED_M[name], rel=0.02)
+    assert params_m == pytest.approx(PUBLISHED_PARAMS_M[name], rel=0.02)
 
 
 def test_cifar_family_sizes_are_consistent():
