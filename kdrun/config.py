@@ -24,6 +24,8 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 # key, type check, range check, what is valid
 RULES = [
     ("trainer.teacher_epochs", _int, lambda v: v >= 0, "an integer >= 0"),
@@ -42,7 +44,8 @@ RULES = [
     ),
     ("trainer.devices", _int, lambda v: v >= 1, "an integer >= 1"),
     ("trainer.checkpoint_every_steps", _int, lambda v: v >= 0, "an integer >= 0"),
-    ("trainer.precision", lambda v: isinstance(v, str), lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+    ("trainer.precision", lambda v: isinstance(v, str), lambda v: v in PRECISIONS, "fp32, bf16 or fp16"),
+    ("teacher.precision", lambda v: isinstance(v, str), lambda v: v in PRECISIONS, "fp32, bf16 or fp16 (or null)"),
     ("trainer.threads", _int, lambda v: v >= 1, "an integer >= 1 (or null)"),
     ("trainer.ema", _num, lambda v: 0 < v < 1, "a decay in (0, 1), e.g. 0.999 (or null)"),
     ("optim.grad_clip", _num, lambda v: v >= 0, "a number >= 0 (or null: no clipping)"),
@@ -100,8 +103,9 @@ def validate(cfg: DictConfig) -> None:
 
             check_weights(cfg[who].name, cfg[who].get("source", "kdrun"), str(cfg[who].weights), who)
     dev = cfg.trainer.device
-    if cfg.trainer.get("precision") == "fp16" and not dev.startswith("cuda") and not _cuda_auto(dev):
-        raise ConfigError("trainer.precision=fp16: needs a CUDA GPU; use bf16 on CPUs")
+    for key in ("trainer.precision", "teacher.precision"):
+        if OmegaConf.select(cfg, key, default=None) == "fp16" and not dev.startswith("cuda") and not _cuda_auto(dev):
+            raise ConfigError(f"{key}=fp16: needs a CUDA GPU; use bf16 on CPUs")
     if cfg.trainer.get("sync_bn") and not dev.startswith("cuda") and not _cuda_auto(dev):
         raise ConfigError("trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs")
     if dev.startswith("cuda"):

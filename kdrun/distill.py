@@ -15,6 +15,7 @@ removes them at the end of the stage).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Self
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.data.loader import Batch
+from kdrun.engine import autocast
 from kdrun.losses.base import DistillLoss, Outputs, StepContext
 from kdrun.models.features import FeatureTap
 
@@ -74,13 +76,16 @@ class Distill:
         num_samples: int,
         teacher: nn.Module | None = None,
         cached_logits: torch.Tensor | None = None,
+        teacher_precision: str | None = None,
     ):
+        """``teacher_precision``: autocast of the online teacher's forward (fp32, bf16, fp16); None: the step's."""
         assert (teacher is None) != (cached_logits is None), "give a teacher or its cached logits"
         self.method = method
         self.module = StudentStep(student, method, epochs, num_samples)
         self.teacher = freeze(teacher) if teacher is not None else None
         self.teacher_tap = FeatureTap(teacher, method.teacher_layers) if teacher is not None else None
         self.cached = cached_logits
+        self.teacher_precision = teacher_precision
 
     def __enter__(self) -> Self:
         self.module.tap.attach()
@@ -98,7 +103,8 @@ class Distill:
             return Outputs(self.cached[batch.index, batch.view].float())
         if self.teacher.training:  # whoever trained this model last: a teacher always runs in eval mode
             freeze(self.teacher)
-        with torch.no_grad():
+        precision = self.teacher_precision
+        with torch.no_grad(), autocast(batch.x.device, precision) if precision else nullcontext():
             logits = self.teacher(batch.x)
         return Outputs(logits, [self.teacher_tap.features[n] for n in self.method.teacher_layers])
 

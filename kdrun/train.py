@@ -328,6 +328,7 @@ class Run:
         trainable: nn.Module | None = None,
         loader: TensorLoader | None = None,
         on_step=None,
+        precision: str | None = None,
     ) -> StageResult:
         """Train one stage (resuming its checkpoint if there is one) and note its summary and time.
 
@@ -349,7 +350,7 @@ class Run:
             checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
             fingerprint=f"{self.fingerprint}-{stage}",
             on_step=on_step,
-            precision=self.tr.get("precision", "fp32"),
+            precision=precision or self.tr.get("precision", "fp32"),
             compile=bool(self.tr.get("compile")),
             sync_bn=bool(self.tr.get("sync_bn")),
             ema=float(ema) if ema else None,
@@ -398,8 +399,12 @@ class Run:
             "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)],
             "device": self.device.type,
             "workers": distributed.size(),
-            "precision": self.tr.get("precision", "fp32"),
+            "precision": self.teacher_precision(),
         }
+
+    def teacher_precision(self) -> str:
+        """``teacher.precision``, else ``trainer.precision``: the teacher's training, cache and online forward."""
+        return self.cfg.teacher.get("precision") or self.tr.get("precision", "fp32")
 
     def teacher_optim(self):
         return OmegaConf.merge(self.cfg.optim, self.cfg.teacher.get("optim") or {})
@@ -448,7 +453,14 @@ class Run:
         return model
 
     def _train_teacher(self, model: nn.Module, final: str) -> None:
-        self.fit("teacher", model, cross_entropy, epochs=self.tr.teacher_epochs, optim_cfg=self.teacher_optim())
+        self.fit(
+            "teacher",
+            model,
+            cross_entropy,
+            epochs=self.tr.teacher_epochs,
+            optim_cfg=self.teacher_optim(),
+            precision=self.teacher_precision(),
+        )
         self.export("teacher", model, self.cfg.teacher, {"summary": self.stages["teacher"]})
 
     def logits(self, teacher: nn.Module, name: str, key: str | None) -> torch.Tensor:
@@ -476,7 +488,7 @@ class Run:
                 views,
                 self.tr.eval_batch_size,
                 self.device,
-                self.tr.get("precision", "fp32"),
+                self.teacher_precision() if name == "teacher" else self.tr.get("precision", "fp32"),
             )
 
         if self.store is None or key is None:
@@ -536,7 +548,8 @@ class Run:
                 self.cfg.loss.name,
                 why,
             )
-            objective = Distill(method, student, teacher=teacher, **common)
+            precision = self.teacher_precision() if teacher_name == "teacher" else None
+            objective = Distill(method, student, teacher=teacher, teacher_precision=precision, **common)
             self.student_views = None
             loader = self.train_loader(None, self.student_set)  # fresh augmentation; teacher sees the same batch
         else:

@@ -20,6 +20,7 @@ import pytest
         (["trainer.batch_size=abc"], "trainer.batch_size=abc: must be an integer > 0"),
         (["trainer.batch_size=-8"], "trainer.batch_size=-8: must be an integer > 0"),
         (["cache.views=-1"], "cache.views=-1: must be an integer >= 0"),
+        (["teacher.precision=fp8"], "teacher.precision=fp8: must be fp32, bf16 or fp16 (or null)"),
         (["optim=nosuch"], "optim=nosuch: unknown option; valid: "),
         (
             ["trainer.device=cuda"] if not __import__("torch").cuda.is_available() else ["trainer.device=tpu"],

@@ -651,6 +651,23 @@ def test_method_runs_in_the_distill_stage(name):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
 
+@pytest.mark.parametrize("precision, dtype", [(None, torch.float32), ("bf16", torch.bfloat16)])
+def test_online_teacher_runs_at_teacher_precision(precision, dtype):
+    """``teacher.precision``: the online teacher's forward has its own autocast, whatever the student's step uses."""
+    from kdrun.data.loader import Batch
+    from kdrun.distill import Distill
+    from kdrun.models import build_model
+
+    teacher = build_model("resnet8", 10, 1, 8).eval().requires_grad_(False)
+    student = build_model("resnet8", 10, 1, 8)
+    method = LOSSES.get("kd")(temperature=4.0, alpha=0.9)
+    objective = Distill(method, student, epochs=1, num_samples=6, teacher=teacher, teacher_precision=precision)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    batch = Batch(x, y, torch.arange(6), torch.zeros(6, dtype=torch.long))
+    with objective:
+        assert objective.teacher_outputs(batch).logits.dtype == dtype
+
+
 def _validated(*overrides):
     from hydra import compose, initialize_config_module
 

@@ -102,6 +102,17 @@ def test_mbv2_tiny_is_about_17k_on_digits():
     assert 15_000 <= count_params(build_model("mbv2_tiny", 10, 1, 8)) <= 19_000
 
 
+def test_mbv2_cifar_width_and_head():
+    assert count_params(build_model("mbv2_cifar", 10, 3, 32)) == count_params(
+        build_model("mbv2_cifar", 10, 3, 32, width=0.5, head=1280)
+    )  # the defaults are RepDistiller's mobile_half
+    narrow = build_model("mbv2_cifar", 10, 3, 32, width=0.25, head=512)
+    assert count_params(narrow) == 180_938 and narrow.fc.in_features == 512
+    assert min(m.out_channels for m in narrow.modules() if isinstance(m, nn.Conv2d)) == 8  # rows keep >= 8 channels
+    with pytest.raises(ConfigError, match=r"^student\.kwargs\.width=0: must be in \(0, 4\]$"):
+        build_model("mbv2_cifar", 10, 3, 32, key="student.name", width=0)
+
+
 @pytest.mark.parametrize("img_size, small, final", [(8, True, 2), (32, True, 4), (224, False, 7)])
 def test_torchvision_small_input_stem(img_size, small, final):
     model = build_model("resnet18", 10, 3, img_size)
