@@ -1,18 +1,48 @@
-"""The teacher's logit cache: run the teacher once, distil from the file.
+"""The teacher's logit cache: one file of teacher logits per (training sample, augmentation view).
 
-``logits[i, v]`` are the teacher's logits (fp16) for training sample ``i``
-under augmentation view ``v`` (``views=0``: one un-augmented view). The file
-is a checksummed artifact of kind ``logits`` made for one key (teacher, data,
-views; see :mod:`kdrun.io`): a truncated, damaged or foreign file is rebuilt
-with a warning naming it, never used.
+The student stage reads the cache per batch by (sample index, view); it is **filled on first use**: when a
+batch holds pairs whose logits are not in the file yet, the frozen teacher runs on exactly those images of
+the batch (the pixels the student is about to train on) and their logits are written. So the teacher
+never runs more often than with ``cache.enabled=false``, there is no separate pass before training, and a
+finished cache is published to the artifact store for later runs (``cache.fill=pass`` fills it in one
+pass before the stage instead, e.g. to share a complete cache with a sweep).
+
+File layout (``*.kdlc``)::
+
+    [0, 4096)               b"KDLC", a little-endian u32 n, then n bytes of JSON: format, key, samples,
+                            views, classes, topk
+    [4096, 4096 + V*N)      one flag byte per (view, sample): 1 once its row holds the teacher's logits
+    [data, data + V*N*R)    the rows, in (view, sample) order, R bytes each
+
+A row is the C logits in fp16, or with ``cache.topk=K`` the K largest logits (fp16), their class indices
+(int16, or int32 beyond 32,767 classes) and one fp16: the mean of the other C - K logits. Reading a top-k
+row gives every other class that mean, which keeps each row's logit sum and the order of its top K; the
+soft targets differ from the full row's only in how the tail's mass is spread (see ``topk`` below).
+
+The flags are memory-mapped (shared: data-parallel ranks see each other's rows, and each rank writes the
+rows of its own batches). Rows are read and written per batch with positioned reads and writes (runs of
+consecutive rows in one call), not through a memory map: the kernel maps up to 64 KiB around every page
+fault of a mapped file ("fault-around"), so random 2 KiB rows read through a map would fill the process's
+resident memory with the file. The cache's resident share is therefore its flags (one byte per row) plus one
+batch of rows, whatever the size of the file.
+
+A file whose header, key or size does not match is replaced by an empty one with a warning naming it;
+rows are written before their flag, so a run killed mid-write recomputes those rows. Published files are
+checksummed by the store (:mod:`kdrun.store`); a file hard-linked into the store is copied before this
+process writes into it (copy on write), so a store entry never changes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import struct
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -24,83 +54,272 @@ from kdrun.engine import autocast
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 
 log = logging.getLogger("kdrun")
-KIND = "logits"
+FORMAT = 1  # version of the file layout (part of every logit-cache store key)
+MAGIC = b"KDLC"
+HEADER_BYTES = 4096
+PAGE = 4096
+SUFFIX = ".kdlc"
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """``samples`` x max(``views``, 1) rows of ``classes`` logits, full (``topk`` None) or the top ``topk`` of
+    each; ``views`` is ``cache.views``: K augmented views, or 0 for the one un-augmented image."""
+
+    samples: int
+    views: int
+    classes: int
+    topk: int | None = None
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        return np.dtype(np.int16 if self.classes <= 32767 else np.int32)
+
+    @property
+    def row_bytes(self) -> int:
+        if self.topk is None:
+            return 2 * self.classes
+        return 2 * self.topk + self.index_dtype.itemsize * self.topk + 2
+
+    @property
+    def rows(self) -> int:
+        return self.samples * max(self.views, 1)
+
+    @property
+    def data_offset(self) -> int:
+        return HEADER_BYTES + -(-self.rows // PAGE) * PAGE  # flags padded to a page
+
+    @property
+    def file_bytes(self) -> int:
+        return self.data_offset + self.rows * self.row_bytes
+
+    def header(self, key: str) -> dict:
+        return {"format": FORMAT, "key": key} | {k: getattr(self, k) for k in ("samples", "views", "classes", "topk")}
+
+
+def encode(logits: torch.Tensor, shape: CacheShape) -> np.ndarray:
+    """Rows [B, row_bytes] (uint8) of logits [B, C]."""
+    x = logits.detach().float().cpu()
+    if shape.topk is None:
+        return x.half().numpy().view(np.uint8).reshape(len(x), -1)
+    k = shape.topk
+    vals, idx = x.topk(k, dim=1)
+    rest = (x.sum(1) - vals.sum(1)) / max(shape.classes - k, 1)
+    parts = [vals.half().numpy(), idx.numpy().astype(shape.index_dtype), rest.half().numpy()[:, None]]
+    return np.concatenate([np.ascontiguousarray(p).view(np.uint8) for p in parts], axis=1)
+
+
+def decode(rows: np.ndarray, shape: CacheShape) -> torch.Tensor:
+    """Logits [B, C] (float32) of rows [B, row_bytes]."""
+    b = len(rows)
+    if shape.topk is None:
+        return torch.from_numpy(np.ascontiguousarray(rows).view(np.float16).reshape(b, -1).astype(np.float32))
+    k, isz = shape.topk, shape.index_dtype.itemsize
+    vals = np.ascontiguousarray(rows[:, : 2 * k]).view(np.float16).astype(np.float32)
+    idx = np.ascontiguousarray(rows[:, 2 * k : 2 * k + isz * k]).view(shape.index_dtype).astype(np.int64)
+    rest = np.ascontiguousarray(rows[:, -2:]).view(np.float16).astype(np.float32)
+    out = torch.from_numpy(np.repeat(rest, shape.classes, axis=1))
+    out.scatter_(1, torch.from_numpy(idx), torch.from_numpy(vals))
+    return out
+
+
+class LogitCache:
+    """An open logit-cache file (see the module's docstring); make one with :meth:`open`."""
+
+    def __init__(self, path: str, shape: CacheShape, key: str):
+        self.path, self.shape, self.key = path, shape, key
+        self.teacher_rows = 0  # rows this process computed (teacher forward passes on single images)
+        self._map()
+
+    # ---------------------------------------------------------------- files
+
+    @classmethod
+    def open(cls, path: str, shape: CacheShape, key: str) -> LogitCache:
+        """The cache at ``path`` if it is one for ``key`` and ``shape``; else a new empty one (with a warning
+        naming the old file when there was one). Call on one rank, then :meth:`attach` on the others."""
+        problem = _problem(path, shape, key)
+        if problem is not None:
+            if os.path.exists(path):
+                log.warning("logit cache %s: %s; starting an empty one", path, problem)
+            _create(path, shape, key)
+        return cls(path, shape, key)
+
+    @classmethod
+    def attach(cls, path: str, shape: CacheShape, key: str) -> LogitCache:
+        """The cache another rank opened (no checks, no creation)."""
+        return cls(path, shape, key)
+
+    def _map(self) -> None:
+        self._flags = np.memmap(self.path, np.uint8, "r+", HEADER_BYTES, (self.shape.rows,))
+        self._fd = os.open(self.path, os.O_RDWR)
+
+    def _runs(self, pos: np.ndarray):
+        """(positions into ``pos``, first row, count) of each run of consecutive rows, in file order."""
+        order = np.argsort(pos, kind="stable")
+        sorted_pos = pos[order]
+        for run in np.split(order, np.flatnonzero(np.diff(sorted_pos) != 1) + 1):
+            if len(run):
+                yield run, int(pos[run[0]]), len(run)
+
+    def _read(self, pos: np.ndarray) -> np.ndarray:
+        r, base = self.shape.row_bytes, self.shape.data_offset
+        out = np.empty((len(pos), r), np.uint8)
+        for run, first, n in self._runs(pos):
+            out[run] = np.frombuffer(os.pread(self._fd, n * r, base + first * r), np.uint8).reshape(n, r)
+        return out
+
+    def _write(self, pos: np.ndarray, rows: np.ndarray) -> None:
+        r, base = self.shape.row_bytes, self.shape.data_offset
+        for run, first, _ in self._runs(pos):
+            os.pwrite(self._fd, rows[run].tobytes(), base + first * r)
+
+    def flush(self) -> None:
+        self._flags.flush()
+
+    def close(self) -> None:
+        self.flush()
+        os.close(self._fd)
+        del self._flags
+
+    def copy_on_write(self) -> None:
+        """Give this run its own copy of the file if it is hard-linked elsewhere (into the store)."""
+        if os.stat(self.path).st_nlink > 1:
+            self.close()
+            tmp = f"{self.path}.cow{os.getpid()}"
+            shutil.copyfile(self.path, tmp)
+            os.replace(tmp, self.path)
+            self._map()
+
+    # ---------------------------------------------------------------- rows
+
+    def positions(self, index: torch.Tensor, view: torch.Tensor) -> np.ndarray:
+        """Row numbers of (sample, view) pairs: view * samples + sample."""
+        return (view.cpu().long() * self.shape.samples + index.cpu().long()).numpy()
+
+    def lookup(self, index: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, C] float32, filled [B] bool) of samples ``index`` under views ``view`` (CPU tensors);
+        the rows not filled yet hold zeros."""
+        pos = self.positions(index, view)
+        have = torch.from_numpy(self._flags[pos] == 1)
+        logits = torch.zeros(len(pos), self.shape.classes)
+        if have.any():
+            logits[have] = decode(self._read(pos[have.numpy()]), self.shape)
+        return logits, have
+
+    def write(self, index: torch.Tensor, view: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Store the teacher's ``logits`` [B, C] of (``index``, ``view``); returns them as a later read
+        returns them (rounded to fp16; with top-k, the tail filled in)."""
+        pos = self.positions(index, view)
+        rows = encode(logits, self.shape)
+        self._write(pos, rows)  # rows before flags: a row is marked filled only once written
+        self._flags[pos] = 1
+        self.teacher_rows += len(pos)
+        return decode(rows, self.shape)
+
+    @property
+    def filled(self) -> int:
+        return int(np.count_nonzero(self._flags))
+
+    @property
+    def complete(self) -> bool:
+        return self.filled == self.shape.rows
+
+    def missing(self) -> np.ndarray:
+        """Positions (view * samples + index) of the rows not filled yet."""
+        return np.flatnonzero(self._flags == 0)
+
+    def info(self) -> dict:
+        return {
+            "file": os.path.basename(self.path),
+            "size_mb": os.path.getsize(self.path) / 2**20,
+            "filled": self.filled,
+            "rows": self.shape.rows,
+            "topk": self.shape.topk,
+        }
+
+
+def read_header(path: str) -> dict:
+    """The JSON header of the cache file at ``path``; ValueError when it is not one."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if head[:4] != MAGIC:
+        raise ValueError("not a kdrun logit cache")
+    (n,) = struct.unpack("<I", head[4:8])
+    return json.loads(head[8 : 8 + n])
+
+
+def _problem(path: str, shape: CacheShape, key: str) -> str | None:
+    """Why the file at ``path`` is not a usable cache for ``key`` and ``shape`` (None: it is)."""
+    if not os.path.exists(path):
+        return "absent"
+    try:
+        header = read_header(path)
+    except (OSError, ValueError, struct.error) as e:
+        return f"unreadable header ({e})"
+    if header.get("format") != FORMAT:
+        return f"layout version {header.get('format')}, this kdrun writes {FORMAT}"
+    if header.get("key") != key:
+        return "made for another teacher, data or views (key differs)"
+    if header != shape.header(key):
+        return f"shape {header}, expected {shape.header(key)}"
+    size = os.path.getsize(path)
+    if size != shape.file_bytes:
+        return f"{size} bytes, expected {shape.file_bytes} (truncated or damaged)"
+    return None
+
+
+def _create(path: str, shape: CacheShape, key: str) -> None:
+    """An empty cache file (all flags 0), written under a temporary name and renamed into place."""
+    blob = json.dumps(shape.header(key)).encode()
+    assert 8 + len(blob) <= HEADER_BYTES
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(MAGIC + struct.pack("<I", len(blob)) + blob)
+        f.truncate(shape.file_bytes)  # sparse: zero flags and rows cost no disk until written
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    io.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 @torch.inference_mode()
-def build_logit_cache(
+def fill_pass(
+    cache: LogitCache,
     teacher: nn.Module,
     data: ImageSet,
     normalize: Normalize,
     augment: Augment,
-    views: int,
     batch_size: int,
     device,
     precision: str = "fp32",
-) -> torch.Tensor:
-    """Teacher logits [N, max(views, 1), C] in fp16, for every training image and view.
+) -> float:
+    """Fill every missing row in one pass before training (``cache.fill=pass``); returns the seconds.
 
-    Data parallel: worker r computes batches r, r + W, ... and the shares are summed.
-    """
+    Data parallel: rank r computes batches r, r + W, ... of the missing rows and writes them itself."""
+    t0 = time.perf_counter()
     teacher.eval()
     rank, world = distributed.world()
-    n, nv = len(data), max(views, 1)
-    num_classes = teacher(normalize(data.images[:1].to(device))).shape[1]
-    out = torch.zeros(n, nv, num_classes, dtype=torch.float32 if world > 1 else torch.float16)
-    jobs = [(v, start) for v in range(nv) for start in range(0, n, batch_size)]
+    todo = torch.from_numpy(cache.missing())
+    jobs = list(todo.split(batch_size))
     bar = tqdm(
-        total=n * nv, desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0, disable=rank != 0
+        total=len(todo), desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0, disable=rank != 0
     )
-    for batches, (v, start) in enumerate(jobs[rank::world], start=1):
-        idx = torch.arange(start, min(start + batch_size, n))
+    for batches, pos in enumerate(jobs[rank::world], start=1):
+        idx, view = pos % cache.shape.samples, pos // cache.shape.samples
         images = data.images[idx].to(device)
-        if views > 0:
-            images = augment(images, idx.to(device), torch.full_like(idx, v).to(device))
+        if cache.shape.views > 0:
+            images = augment(images, idx.to(device), view.to(device))
         with autocast(torch.device(device), precision):
-            logits = teacher(normalize(images)).float().cpu()
-        out[idx, v] = logits.half().to(out.dtype)  # rounded to fp16 on every path
-        bar.update(len(idx) * world)
+            cache.write(idx, view, teacher(normalize(images)).float())
+        bar.update(len(pos) * world)
         maybe_kill("cache", batches)
-        if STOP.requested is not None:  # SIGTERM/SIGINT: stop now; a resumed run builds the cache again
+        if STOP.requested is not None:  # SIGTERM/SIGINT: what is written stays; a resumed run fills the rest
             bar.close()
             raise Preempted(
                 f"cache: stopped by {STOP.requested} after {batches} of {len(jobs[rank::world])} batches; "
-                f"rerun the same command to resume, the cache is rebuilt (exit code {EXIT_PREEMPTED})"
+                f"rerun the same command to resume, the filled rows are kept (exit code {EXIT_PREEMPTED})"
             )
     bar.close()
-    if world > 1:
-        # each entry was written by exactly one worker; summed on the device (NCCL reduces CUDA tensors only)
-        out = distributed.all_sum(out.to(device)).half().cpu()
-    return out
-
-
-def save_logit_cache(logits: torch.Tensor, path: str, key: str) -> None:
-    io.atomic_save({"logits": logits}, path, kind=KIND, key=key)
-
-
-def load_logit_cache(path: str, key: str) -> torch.Tensor | None:
-    """The cached logits if the file is sound and made for ``key``; None (with a warning naming it) otherwise."""
-    if not os.path.exists(path):
-        return None
-    try:
-        return io.load(path, KIND, key)["logits"]
-    except io.DamagedArtifact as e:
-        log.warning("logit cache %s; rebuilding it", e)
-        return None
-
-
-def cached_teacher_logits(path: str, key: str, build) -> tuple[torch.Tensor, dict]:
-    """Load the cache at ``path`` or build it with ``build()`` and save it; returns (logits, info)."""
-    logits = load_logit_cache(path, key)
-    if logits is not None:
-        log.info("cache: reusing %s", path)
-        return logits, {"reused": True, "seconds": 0.0, "size_mb": os.path.getsize(path) / 2**20}
-    t0 = time.perf_counter()
-    logits = build()
-    save_logit_cache(logits, path, key)
-    secs = time.perf_counter() - t0
-    size = os.path.getsize(path) / 2**20 if os.path.exists(path) else 0.0  # other workers do not write
-    log.info(
-        "cache: built %s in %.1fs (%.2f MB, %d images x %d views)", path, secs, size, logits.shape[0], logits.shape[1]
-    )
-    return logits, {"reused": False, "seconds": secs, "size_mb": size}
+    cache.flush()
+    distributed.barrier()
+    return time.perf_counter() - t0

@@ -35,6 +35,7 @@ RULES = [
     ("trainer.seed", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.val_fraction", _num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("dataset.student_fraction", _num, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("dataset.eval_crop_fraction", _num, lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.875 (or null: resize)"),
     ("trainer.log_every", _int, lambda v: v > 0, "an integer > 0"),
     (
         "trainer.device",
@@ -50,6 +51,8 @@ RULES = [
     ("trainer.ema", _num, lambda v: 0 < v < 1, "a decay in (0, 1), e.g. 0.999 (or null)"),
     ("optim.grad_clip", _num, lambda v: v >= 0, "a number >= 0 (or null: no clipping)"),
     ("cache.views", _int, lambda v: v >= 0, "an integer >= 0"),
+    ("cache.fill", lambda v: isinstance(v, str), lambda v: v in ("first_use", "pass"), "first_use or pass"),
+    ("cache.topk", _int, lambda v: v >= 1, "an integer >= 1 (or null: every logit)"),
     ("optim.lr", _num, lambda v: v > 0, "a number > 0"),
     ("optim.weight_decay", _num, lambda v: v >= 0, "a number >= 0"),
     (
@@ -82,6 +85,7 @@ def validate(cfg: DictConfig) -> None:
         if not type_ok(v) or not range_ok(v):
             raise ConfigError(f"{key}={v}: must be {valid}")
     _validate_names(cfg)
+    _validate_augment(cfg)
     _validate_classes(cfg)
     _validate_loss(cfg)
     _validate_loss_builds(cfg)
@@ -115,6 +119,14 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.device={dev}: no CUDA GPU is available here; use trainer.device=cpu or auto")
 
 
+def _validate_augment(cfg: DictConfig) -> None:
+    """``dataset.augment``: a kind and keys :func:`kdrun.data.transforms.make_augment` accepts."""
+    from kdrun.data.transforms import make_augment
+
+    aug = cfg.dataset.get("augment")
+    make_augment(OmegaConf.to_container(aug, resolve=True) if aug is not None else None, 0)
+
+
 def _validate_classes(cfg: DictConfig) -> None:
     """Class indices in ``dataset.student_exclude`` and ``evaluate.logit_bias`` lie in [0, num_classes)."""
     n = cfg.dataset.get("num_classes")
@@ -126,6 +138,9 @@ def _validate_classes(cfg: DictConfig) -> None:
     exclude = cfg.dataset.get("student_exclude") or []
     if not all(ok(c) for c in exclude):
         raise ConfigError(f"dataset.student_exclude={list(exclude)}: must be a list of {valid}")
+    topk = (cfg.get("cache") or {}).get("topk")
+    if n and _int(topk) and topk >= n:
+        raise ConfigError(f"cache.topk={topk}: must be below dataset.num_classes={n} (null keeps every logit)")
     bias = (cfg.get("evaluate") or {}).get("logit_bias") or {}
     for c, b in bias.items():
         c = int(c) if isinstance(c, str) and c.isdigit() else c

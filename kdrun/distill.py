@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun.cache import LogitCache
 from kdrun.data.loader import Batch
 from kdrun.engine import autocast
 from kdrun.losses.base import DistillLoss, Outputs, StepContext
@@ -65,6 +66,11 @@ class StudentStep(nn.Module):
 class Distill:
     """The student stage's objective; ``module`` is the stage's trainable :class:`StudentStep`.
 
+    The teacher's outputs come from ``teacher`` run online on every batch, or from a :class:`LogitCache`
+    (logit-only methods) that the teacher fills on first use: only the batch's (sample, view) pairs not yet
+    in the cache go through the teacher. ``teacher_precision``: autocast of the teacher's forward (fp32,
+    bf16, fp16); None: the step's own.
+
     Use as a context manager around the stage: the feature hooks are registered on entry and removed on exit.
     """
 
@@ -75,16 +81,16 @@ class Distill:
         epochs: int,
         num_samples: int,
         teacher: nn.Module | None = None,
-        cached_logits: torch.Tensor | None = None,
+        cache: LogitCache | None = None,
         teacher_precision: str | None = None,
     ):
-        """``teacher_precision``: autocast of the online teacher's forward (fp32, bf16, fp16); None: the step's."""
-        assert (teacher is None) != (cached_logits is None), "give a teacher or its cached logits"
+        assert teacher is not None or (cache is not None and cache.complete), "give a teacher or a complete cache"
         self.method = method
         self.module = StudentStep(student, method, epochs, num_samples)
         self.teacher = freeze(teacher) if teacher is not None else None
-        self.teacher_tap = FeatureTap(teacher, method.teacher_layers) if teacher is not None else None
-        self.cached = cached_logits
+        self.cache = cache
+        online = teacher is not None and cache is None
+        self.teacher_tap = FeatureTap(teacher, method.teacher_layers) if online else None
         self.teacher_precision = teacher_precision
 
     def __enter__(self) -> Self:
@@ -97,16 +103,29 @@ class Distill:
         self.module.tap.close()
         if self.teacher_tap is not None:
             self.teacher_tap.close()
+        if self.cache is not None:
+            self.cache.flush()
 
-    def teacher_outputs(self, batch: Batch) -> Outputs:
-        if self.cached is not None:
-            return Outputs(self.cached[batch.index, batch.view].float())
+    def _teacher(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
         if self.teacher.training:  # whoever trained this model last: a teacher always runs in eval mode
             freeze(self.teacher)
         precision = self.teacher_precision
-        with torch.no_grad(), autocast(batch.x.device, precision) if precision else nullcontext():
-            logits = self.teacher(batch.x)
-        return Outputs(logits, [self.teacher_tap.features[n] for n in self.method.teacher_layers])
+        with torch.no_grad(), autocast(x.device, precision) if precision else nullcontext():
+            return self.teacher(x)
+
+    def teacher_outputs(self, batch: Batch) -> Outputs:
+        if self.cache is None:
+            logits = self._teacher(batch.x)
+            assert self.teacher_tap is not None
+            return Outputs(logits, [self.teacher_tap.features[n] for n in self.method.teacher_layers])
+        index, view = batch.index.cpu(), batch.view.cpu()
+        logits, have = self.cache.lookup(index, view)
+        if not bool(have.all()):  # first use of some (sample, view): the teacher runs on those images only
+            miss = (~have).nonzero().squeeze(1)
+            fresh = self._teacher(batch.x[miss.to(batch.x.device)])
+            logits[miss] = self.cache.write(index[miss], view[miss], fresh)
+        return Outputs(logits.to(batch.x.device, non_blocking=True))
 
     def __call__(self, net: nn.Module, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
         """``net``: the stage's trainable module, possibly DDP-wrapped and compiled."""

@@ -23,12 +23,15 @@ from torch import nn
 
 from kdrun import distributed, loggers, report, schedules
 from kdrun import io as kio
-from kdrun.cache import build_logit_cache, cached_teacher_logits
+from kdrun.cache import FORMAT as CACHE_FORMAT
+from kdrun.cache import SUFFIX as CACHE_SUFFIX
+from kdrun.cache import CacheShape, LogitCache, fill_pass
 from kdrun.config import loss_kwargs
 from kdrun.data import DATASETS, DataBundle, ImageSet
 from kdrun.data.base import FileSet
-from kdrun.data.loader import Augment, Normalize, TensorLoader
+from kdrun.data.loader import Normalize, TensorLoader
 from kdrun.data.stream import StreamLoader
+from kdrun.data.transforms import make_augment
 from kdrun.distill import Distill, probe_shapes
 from kdrun.engine import StageResult, atomic_save, cross_entropy, train_stage
 from kdrun.errors import ConfigError
@@ -105,6 +108,17 @@ def on_device(split: ImageSet | FileSet | None, device: torch.device) -> ImageSe
     if isinstance(split, ImageSet):
         return ImageSet(split.images.to(device), split.labels.to(device))
     return split
+
+
+@dataclass
+class CacheUse:
+    """A logit cache in use by this run: its store key and recipe; ``damaged_entry``: the creation time of
+    a damaged store entry found for that key (replaced when the run publishes its own)."""
+
+    cache: LogitCache
+    key: str
+    recipe: dict
+    damaged_entry: float | None = None
 
 
 def model_identity(mcfg, data: DataBundle) -> dict:
@@ -197,6 +211,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.ema: dict[str, nn.Module] = {}  # stage -> EMA of its model's weights (trainer.ema)
         self.stages: dict[str, dict] = {}
+        self.caches: dict[str, CacheUse] = {}  # teacher name -> its logit cache
         self.models: dict[str, Trained] = {}
         self.roles: dict[str, str] = {}  # teacher/student/baseline -> model name
         self.store_refs: dict[str, str] = {}
@@ -242,8 +257,8 @@ class Run:
                 list(cfg.dataset.get("student_exclude") or []),
             )
         self.norm = Normalize(cfg.dataset.mean, cfg.dataset.std, self.data.in_chans, self.device)
-        aug = cfg.dataset.get("augment") or {}
-        self.augment = Augment(int(aug.get("crop_pad", 0)), bool(aug.get("flip", False)), tr.seed)
+        aug = cfg.dataset.get("augment")
+        self.augment = make_augment(OmegaConf.to_container(aug, resolve=True) if aug is not None else None, tr.seed)
         views = cfg.cache.views
         self.views = int(views) if views is not None else (8 if self.augment.enabled else 0)
         self.val_loader = self.eval_loader(self.val_set)
@@ -394,7 +409,7 @@ class Run:
             "epochs": self.tr.teacher_epochs,
             "batch_size": self.tr.batch_size,
             "seed": self.tr.seed,
-            "augment": [self.augment.crop_pad, self.augment.flip],
+            "augment": self.augment.identity(),
             "torch": torch.__version__.split("+")[0],
             "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)],
             "device": self.device.type,
@@ -463,54 +478,96 @@ class Run:
         )
         self.export("teacher", model, self.cfg.teacher, {"summary": self.stages["teacher"]})
 
-    def logits(self, teacher: nn.Module, name: str, key: str | None) -> torch.Tensor:
-        """The teacher's logits on the training split (K replayable views): from the store, the run, or built."""
-        views = self.views
-        path = os.path.join(self.run_dir, f"{name}_logits.pt")
+    def logits(self, teacher: nn.Module, name: str, key: str | None) -> LogitCache:
+        """The logit cache of ``teacher`` (named ``name``) on the student's training images, K replayable views:
+        this run's file (resumed), else the store's entry (partial ones are copied and filled further), else a
+        new empty file. Filled on first use by the student stage, or here in one pass with ``cache.fill=pass``."""
+        topk = self.cfg.cache.get("topk")
+        shape = CacheShape(len(self.student_set), self.views, self.data.num_classes, int(topk) if topk else None)
+        path = os.path.join(self.run_dir, f"{name}_logits{CACHE_SUFFIX}")
         recipe = {
             "teacher": key,
+            "format": CACHE_FORMAT,
             "data": self.data.identity,
             "train": len(self.train_set),
-            "views": views,
+            "views": self.views,
+            "topk": shape.topk,
             "student_fraction": float(self.cfg.dataset.get("student_fraction", 1.0)),
             "student_exclude": sorted(self.cfg.dataset.get("student_exclude") or []),
-            "augment": [self.augment.crop_pad, self.augment.flip, self.augment.seed],
+            "augment": [*self.augment.identity(), self.augment.seed],
             "normalize": [list(self.cfg.dataset.mean), list(self.cfg.dataset.std)],
         }
         ckey = key_of(recipe)
-
-        def build():
-            return build_logit_cache(
+        source, damaged = "run", None
+        if distributed.is_main():
+            if self.store is not None and key is not None:
+                self.note_store_ref("logits", ckey)
+                if not os.path.exists(path):
+                    with self.store.lock("logits", ckey):
+                        entry = self.store.get("logits", ckey)
+                        if entry is not None:
+                            link_into(entry.file(f"logits{CACHE_SUFFIX}"), path)
+                            source = "store"
+                        elif (bad := self.store.inspect("logits", ckey, verify=False)) is not None:
+                            damaged = bad.created  # reported by get(); replaced when this run publishes
+            cache = LogitCache.open(path, shape, ckey)
+            if not cache.complete:
+                cache.copy_on_write()  # never write into a file the store holds
+        distributed.barrier()
+        if not distributed.is_main():
+            cache = LogitCache.attach(path, shape, ckey)
+        filled = cache.filled
+        log.info(
+            "cache: %s (%s), %d of %d rows filled (%d images x %d views%s)",
+            path,
+            source if filled else "new",
+            filled,
+            shape.rows,
+            shape.samples,
+            max(shape.views, 1),
+            f", top {shape.topk} logits" if shape.topk else "",
+        )
+        info = {"source": source, "filled_before": filled, "seconds": 0.0, "fill": self.cfg.cache.get("fill")}
+        if self.cfg.cache.get("fill") == "pass" and not cache.complete and not self.streamed:
+            info["seconds"] = fill_pass(
+                cache,
                 teacher,
                 self.student_set,
                 self.norm,
                 self.augment,
-                views,
                 self.tr.eval_batch_size,
                 self.device,
                 self.teacher_precision() if name == "teacher" else self.tr.get("precision", "fp32"),
             )
+            log.info("cache: filled %d rows in one pass in %.1fs", shape.rows - filled, info["seconds"])
+            self.timings["cache"] = self.timings.get("cache", 0.0) + info["seconds"]
+        self.caches[name] = CacheUse(cache, ckey, recipe, damaged)
+        self.stages[self.cache_stage(name)] = info | cache.info() | {"views": self.views}
+        return cache
 
-        if self.store is None or key is None:
-            logits, info = cached_teacher_logits(path, ckey, build)
-        else:
-            self.note_store_ref("logits", ckey)
-            with distributed.main_only(self.store.lock("logits", ckey)):
-                entry = distributed.shared(lambda: self.store.get("logits", ckey))
-                if entry is not None and distributed.is_main():
-                    link_into(entry.file("logits.pt"), path)
-                distributed.barrier()
-                logits, info = cached_teacher_logits(path, ckey, build)
-                if entry is None and distributed.is_main():
-                    self.store.publish("logits", ckey, {"logits.pt": path}, recipe, link=True)
-                elif info["reused"]:
-                    info["source"] = "store"
-        self.stages[f"cache_{name}" if name != "teacher" else "cache"] = info | {
-            "views": views,
-            "file": os.path.basename(path),
-        }
-        self.timings["cache"] = self.timings.get("cache", 0.0) + info["seconds"]
-        return logits
+    @staticmethod
+    def cache_stage(name: str) -> str:
+        return f"cache_{name}" if name != "teacher" else "cache"
+
+    def publish_logits(self, name: str, teacher_key: str | None) -> None:
+        """After a student stage: note how full the cache of ``name`` is, and publish it to the store when it
+        holds more rows than the store's entry (rows written by every rank: flushed before the barrier)."""
+        use = self.caches[name]
+        cache, ckey = use.cache, use.key
+        cache.flush()
+        distributed.barrier()
+        info = self.stages[self.cache_stage(name)]
+        info |= cache.info() | {"teacher_rows": info.get("teacher_rows", 0) + cache.teacher_rows}
+        cache.teacher_rows = 0
+        if self.store is None or teacher_key is None or not distributed.is_main():
+            return
+        with self.store.lock("logits", ckey):
+            entry = self.store.inspect("logits", ckey, verify=False)
+            usable = entry is not None and entry.problem is None and entry.created != use.damaged_entry
+            if cache.filled > (entry.recipe.get("filled", 0) if usable else -1):
+                files = {f"logits{CACHE_SUFFIX}": cache.path}
+                entry = self.store.publish("logits", ckey, files, use.recipe | {"filled": cache.filled}, link=True)
+                log.info("cache: stored as %s (%d of %d rows)", entry.path, cache.filled, cache.shape.rows)
 
     def distil(
         self,
@@ -528,7 +585,7 @@ class Run:
         views = self.views
         common = dict(epochs=self.tr.epochs, num_samples=len(self.student_set))
         # the logit cache is built only for a student that trains on it (not with trainer.epochs=0)
-        if method.needs_teacher_features or not self.cfg.cache.enabled or self.streamed or not self.tr.epochs:
+        if method.needs_teacher_features or not self.cfg.cache.enabled or not self.tr.epochs:
             if method.needs_teacher_features and not (method.teacher_layers or method.student_layers):
                 method.teacher_layers, method.student_layers = method.default_layers(
                     list(teacher.feature_points), list(student.feature_points)
@@ -536,8 +593,6 @@ class Run:
             why = (
                 f"needs teacher features {method.teacher_layers}"
                 if method.needs_teacher_features
-                else "streams its data from files"
-                if self.streamed
                 else "trains for 0 epochs"
                 if not self.tr.epochs
                 else "runs with cache.enabled=false"
@@ -553,13 +608,15 @@ class Run:
             self.student_views = None
             loader = self.train_loader(None, self.student_set)  # fresh augmentation; teacher sees the same batch
         else:
-            logits = self.logits(teacher, teacher_name, teacher_key)
+            cache = self.logits(teacher, teacher_name, teacher_key)
             log.info(
-                "%s: %s needs only teacher logits -> read from the logit cache (teacher not run)",
+                "%s: %s needs only teacher logits -> read from the logit cache%s",
                 stage,
                 self.cfg.loss.name,
+                " (complete: teacher not run)" if cache.complete else "; the teacher fills missing rows on first use",
             )
-            objective = Distill(method, student, cached_logits=logits.to(self.device), **common)
+            precision = self.teacher_precision() if teacher_name == "teacher" else None
+            objective = Distill(method, student, teacher=teacher, cache=cache, teacher_precision=precision, **common)
             self.student_views = views
             loader = self.train_loader(views, self.student_set)  # replays view v of each sample (K=0: plain)
         x_probe = next(self.eval_loader(self.student_set.subset(torch.arange(2))).epoch(0)).x
@@ -598,6 +655,8 @@ class Run:
                 loader=loader,
                 on_step=on_step if scheds else None,
             )
+        if objective.cache is not None:
+            self.publish_logits(teacher_name, teacher_key)
         self.export(stage, student, mcfg, {"loss_state": method.state_dict()})
         self.record(stage, student, mcfg, stage)
         return student

@@ -10,8 +10,8 @@ momentum 0.9, weight decay 5e-4, constant LR) and number of steps per stage:
 stage          kdrun                                       reference
 =============  ==========================================  =============================================
 teacher        ``train_stage(cross_entropy)``              ``train_ce`` (ImageFolder + DataLoader, w=2)
-cache          ``build_logit_cache`` (views x subset)      ``teacher_pass``: one teacher inference pass
-distil         ``train_stage(Distill(cached_logits=...))`` ``distill``: teacher online on every batch
+cache          ``fill_pass`` (views x subset)              ``teacher_pass``: one teacher inference pass
+distil         ``train_stage(Distill(cache=...))``         ``distill``: teacher online on every batch
 student CE     ``train_stage(cross_entropy)``              ``train_ce``
 =============  ==========================================  =============================================
 
@@ -48,7 +48,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_kd as ref  # noqa: E402
 
-from kdrun.cache import build_logit_cache  # noqa: E402
+from kdrun.cache import CacheShape, LogitCache, fill_pass  # noqa: E402
 from kdrun.data import DATASETS  # noqa: E402
 from kdrun.data.loader import Augment, Normalize, TensorLoader  # noqa: E402
 from kdrun.distill import Distill  # noqa: E402
@@ -190,13 +190,15 @@ def kdrun_side(a, device: torch.device) -> dict:
         teacher.eval().requires_grad_(False)
         with peak_memory(device, mem, "cache"):
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
-                logits = build_logit_cache(teacher, train, norm, augment, a.views, a.eval_batch, device)
+            shape = CacheShape(len(train), a.views, classes)
+            cache = LogitCache.open(os.path.join(run_dir, "teacher_logits.kdlc"), shape, "bench")
+            precision = "bf16" if a.bf16 else "fp32"
+            fill_pass(cache, teacher, train, norm, augment, a.eval_batch, device, precision)
             ref.sync(device)
-            ips["cache"] = logits.shape[0] * logits.shape[1] / (time.perf_counter() - t0)
+            ips["cache"] = shape.rows / (time.perf_counter() - t0)
         method = KD(temperature=a.temperature, alpha=a.alpha).to(device)
         student = model(a.student)
-        objective = Distill(method, student, epochs=1, num_samples=len(train), cached_logits=logits.to(device))
+        objective = Distill(method, student, epochs=1, num_samples=len(train), cache=cache)
         with peak_memory(device, mem, "distil"), objective:
             ips["distil"] = fit("student", student, objective, a.views, a.steps, objective.module)
         with peak_memory(device, mem, "student_ce"):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from kdrun.cache import build_logit_cache
+from kdrun.cache import CacheShape, LogitCache, fill_pass
 from kdrun.data.base import ImageSet
 from kdrun.data.loader import Augment, Normalize, TensorLoader
 
@@ -20,7 +20,7 @@ class Recorder(nn.Module):
         return torch.zeros(len(x), 3)
 
 
-def test_student_batches_replay_the_cached_views_exactly():
+def test_student_batches_replay_the_cached_views_exactly(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = ImageSet(
         torch.randint(0, 256, (50, 3, 12, 12), generator=g, dtype=torch.uint8), torch.randint(0, 3, (50,), generator=g)
@@ -29,9 +29,11 @@ def test_student_batches_replay_the_cached_views_exactly():
     augment = Augment(crop_pad=4, flip=True, seed=7)
     views, batch = 4, 16
     teacher = Recorder()
-    build_logit_cache(teacher, data, norm, augment, views, batch, "cpu")
-    seen = torch.cat(teacher.seen[1:])  # the first call only probes the class count
-    # the cache walks view 0 over all images, then view 1, ...: row v * N + i holds (image i, view v)
+    cache = LogitCache.open(str(tmp_path / "c.kdlc"), CacheShape(len(data), views, 3), "k")
+    fill_pass(cache, teacher, data, norm, augment, batch, "cpu")
+    assert cache.complete
+    seen = torch.cat(teacher.seen)
+    # the pass walks view 0 over all images, then view 1, ...: row v * N + i holds (image i, view v)
     teacher_view = {(i, v): seen[v * len(data) + i] for v in range(views) for i in range(len(data))}
     loader = TensorLoader(data, 8, norm, augment, shuffle=True, seed=7, views=views)
     checked, distinct = 0, set()
@@ -43,3 +45,127 @@ def test_student_batches_replay_the_cached_views_exactly():
                 distinct.add((i, v))
     assert checked == 150 and len({v for _, v in distinct}) == views  # every view gets used
     assert not torch.equal(teacher_view[(0, 0)], teacher_view[(0, 1)])  # views really differ
+
+
+class Counter(nn.Module):
+    """A 'teacher' whose logits are a fixed function of the pixels; counts the images it was run on."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.proj = nn.Linear(3 * 12 * 12, classes)
+        self.images = 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.proj(x.flatten(1))
+
+
+def test_first_use_runs_the_teacher_once_per_image_and_view(tmp_path):
+    """The student stage's cache fills itself: the teacher runs only on (image, view) pairs not cached yet, on
+    exactly the pixels of the student's batch; every later read returns those logits (fp16-rounded)."""
+    from kdrun.distill import Distill
+    from kdrun.losses.kd import KD
+
+    g = torch.Generator().manual_seed(1)
+    data = ImageSet(torch.randint(0, 256, (40, 3, 12, 12), generator=g, dtype=torch.uint8), torch.arange(40) % 5)
+    norm = Normalize([0.5] * 3, [0.25] * 3, 3, "cpu")
+    augment, views = Augment(crop_pad=2, flip=True, seed=3), 3
+    teacher, student = Counter().eval(), nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 5))
+    cache = LogitCache.open(str(tmp_path / "c.kdlc"), CacheShape(len(data), views, 5), "k")
+    objective = Distill(KD(temperature=4.0, alpha=0.9), student, epochs=6, num_samples=40, teacher=teacher, cache=cache)
+    loader = TensorLoader(data, 8, norm, augment, shuffle=True, seed=3, views=views)
+    met = set()
+    with objective:
+        for epoch in range(6):
+            for b in loader.epoch(epoch):
+                met |= set(zip(b.index.tolist(), b.view.tolist()))
+                got = objective.teacher_outputs(b).logits
+                with torch.no_grad():
+                    want = teacher.proj(b.x.flatten(1)).half().float()
+                assert torch.equal(got, want)
+                assert teacher.images == len(met)  # one teacher pass per distinct (image, view), never more
+    assert cache.filled == len(met)
+    reopened = LogitCache.open(cache.path, cache.shape, "k")  # a resumed run keeps what was filled
+    assert reopened.filled == len(met)
+
+
+def test_topk_rows_keep_the_largest_logits_and_the_logit_sum(tmp_path):
+    from kdrun.cache import decode, encode
+
+    logits = torch.randn(6, 100) * 3
+    shape = CacheShape(6, 1, 100, topk=10)
+    back = decode(encode(logits, shape), shape)
+    top = logits.topk(10, dim=1)
+    assert torch.equal(back.topk(10, dim=1).indices.sort(1).values, top.indices.sort(1).values)
+    assert torch.allclose(back.gather(1, top.indices), top.values, atol=1e-2)  # fp16
+    assert torch.allclose(back.sum(1), logits.sum(1), atol=0.1)
+    rest = torch.ones_like(logits, dtype=torch.bool).scatter_(1, top.indices, False)
+    tail = logits[rest].view(6, 90)
+    assert torch.allclose(back[rest].view(6, 90), tail.mean(1, keepdim=True).expand(6, 90), atol=1e-2)
+    assert shape.row_bytes == 10 * 2 + 10 * 2 + 2  # vs 200 bytes for the full row
+
+
+def test_damaged_or_foreign_cache_file_is_replaced_by_an_empty_one(tmp_path, caplog):
+    import logging
+    import os
+
+    shape = CacheShape(10, 2, 4)
+    path = str(tmp_path / "c.kdlc")
+    cache = LogitCache.open(path, shape, "k")
+    cache.write(torch.arange(3), torch.zeros(3, dtype=torch.long), torch.ones(3, 4))
+    cache.close()
+    assert LogitCache.open(path, shape, "k").filled == 3
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        assert LogitCache.open(path, shape, "other").filled == 0  # made for another key
+        assert "key differs" in caplog.text
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 1)
+        assert LogitCache.open(path, shape, "other").filled == 0
+        assert "truncated or damaged" in caplog.text
+
+
+def test_a_cache_linked_into_the_store_is_copied_before_it_is_written(tmp_path):
+    import os
+
+    shape = CacheShape(4, 1, 3)
+    path, stored = str(tmp_path / "c.kdlc"), str(tmp_path / "store.kdlc")
+    cache = LogitCache.open(path, shape, "k")
+    cache.write(torch.arange(2), torch.zeros(2, dtype=torch.long), torch.ones(2, 3))
+    cache.close()
+    os.link(path, stored)
+    cache = LogitCache.open(path, shape, "k")
+    cache.copy_on_write()
+    cache.write(torch.tensor([3]), torch.tensor([0]), torch.ones(1, 3))
+    cache.flush()
+    assert LogitCache.open(stored, shape, "k").filled == 2 and LogitCache.open(path, shape, "k").filled == 3
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_reading_a_large_cache_keeps_resident_memory_bounded(tmp_path):
+    """Rows are read with positioned reads, not through a memory map: reading all of an 80 MB cache at random
+    leaves the process's resident memory within a few MB (a batch and the flags), not the file's size."""
+    import pytest
+
+    if not __import__("os").path.exists("/proc/self/status"):
+        pytest.skip("needs /proc")
+    n, c = 40_000, 1000
+    shape = CacheShape(n, 1, c)
+    cache = LogitCache.open(str(tmp_path / "big.kdlc"), shape, "k")
+    for start in range(0, n, 4000):
+        idx = torch.arange(start, start + 4000)
+        cache.write(idx, torch.zeros_like(idx), torch.full((4000, c), float(start)))
+    cache.close()
+    cache = LogitCache.open(cache.path, shape, "k")
+    g = torch.Generator().manual_seed(0)
+    cache.lookup(torch.arange(256), torch.zeros(256, dtype=torch.long))  # torch's first-call allocations
+    before, peak = _rss_mb(), 0.0
+    for _ in range(160):
+        idx = torch.randint(0, n, (256,), generator=g)
+        logits, have = cache.lookup(idx, torch.zeros_like(idx))
+        assert have.all() and torch.equal(logits[:, 0], (idx // 4000 * 4000).float())
+        peak = max(peak, _rss_mb() - before)
+    assert peak < 16, peak  # batch temporaries; through a memory map: ~50-80 MB

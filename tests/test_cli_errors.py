@@ -20,6 +20,12 @@ import pytest
         (["trainer.batch_size=abc"], "trainer.batch_size=abc: must be an integer > 0"),
         (["trainer.batch_size=-8"], "trainer.batch_size=-8: must be an integer > 0"),
         (["cache.views=-1"], "cache.views=-1: must be an integer >= 0"),
+        (
+            ["dataset=imagefolder", "dataset.augment.kind=mixup"],
+            "dataset.augment.kind=mixup: valid: pad_crop, random_resized_crop",
+        ),
+        (["cache.fill=sometimes"], "cache.fill=sometimes: must be first_use or pass"),
+        (["cache.topk=10"], "cache.topk=10: must be below dataset.num_classes=10 (null keeps every logit)"),
         (["teacher.precision=fp8"], "teacher.precision=fp8: must be fp32, bf16 or fp16 (or null)"),
         (["optim=nosuch"], "optim=nosuch: unknown option; valid: "),
         (

@@ -53,6 +53,15 @@ def flip_tensor_bytes(path, n: int = 2) -> None:
         f.write(bytes(b ^ 0xFF for b in data))
 
 
+def flip_middle_bytes(path, n: int = 2) -> None:
+    """Flip ``n`` bytes in the middle of any file."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = f.read(n)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
 def truncate(path, keep: float = 0.5) -> None:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
@@ -141,22 +150,6 @@ def test_truncated_stage_checkpoint_end_resume_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("damage", [flip_tensor_bytes, truncate])
-def test_damaged_logit_cache_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
-    from kdrun.cache import cached_teacher_logits, load_logit_cache, save_logit_cache
-
-    path = str(tmp_path / "teacher_logits.pt")
-    good = torch.randn(100, 2, 10).half()
-    save_logit_cache(good, path, "key1")
-    damage(path)
-    with caplog.at_level(logging.WARNING, logger="kdrun"):
-        assert load_logit_cache(path, "key1") is None
-        logits, info = cached_teacher_logits(path, "key1", lambda: good.clone())
-    assert f"logit cache {path}:" in caplog.text and "rebuilding" in caplog.text
-    assert not info["reused"] and torch.equal(logits, good)
-    assert torch.equal(load_logit_cache(path, "key1"), good)  # the rebuilt file verifies
-
-
-@pytest.mark.parametrize("damage", [flip_tensor_bytes, truncate])
 def test_damaged_decode_cache_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
     from kdrun.data.decode import load_cached, save_cached
 
@@ -214,7 +207,7 @@ def test_flipped_bytes_in_stored_teacher_and_logits_are_rebuilt_not_used(kdrun, 
     store = Store(str(root / "store"))
     teacher, logits = (next(e for e in store.entries() if e.kind == k) for k in ("teacher", "logits"))
     flip_tensor_bytes(teacher.file("teacher.pt"))
-    flip_tensor_bytes(logits.file("logits.pt"))
+    flip_middle_bytes(logits.file("logits.kdlc"))
     p = kdrun(
         "train",
         *FAST,
@@ -224,7 +217,7 @@ def test_flipped_bytes_in_stored_teacher_and_logits_are_rebuilt_not_used(kdrun, 
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"store: teacher entry {teacher.path} is not usable: teacher.pt is damaged (SHA-256 mismatch)" in p.stderr
-    assert f"store: logits entry {logits.path} is not usable: logits.pt is damaged (SHA-256 mismatch)" in p.stderr
+    assert f"store: logits entry {logits.path} is not usable: logits.kdlc is damaged (SHA-256 mismatch)" in p.stderr
     assert "teacher: stored as" in p.stderr
     m1, m2 = (json.loads((root / r / "metrics.json").read_text()) for r in ("r1", "r2"))
     assert m2["test"]["teacher"] == m1["test"]["teacher"]
@@ -477,7 +470,7 @@ def test_store_keys_change_with_model_definition_and_artifact_format(tmp_path, m
 def test_pickle_that_runs_code_is_never_executed(tmp_path, caplog):
     from torch import nn
 
-    from kdrun.cache import load_logit_cache
+    from kdrun.cache import CacheShape, LogitCache
     from kdrun.data.decode import load_cached
     from kdrun.train import load_pretrained, load_teacher
 
@@ -495,7 +488,8 @@ def test_pickle_that_runs_code_is_never_executed(tmp_path, caplog):
     with pytest.raises(KdrunError, match="corrupt checkpoint"):
         io.load_checkpoint(path)
     with caplog.at_level(logging.WARNING, logger="kdrun"):
-        assert load_logit_cache(path, "k") is None and load_cached(path, "k") is None
+        assert load_cached(path, "k") is None
+        assert LogitCache.open(path, CacheShape(2, 0, 2), "k").filled == 0  # raw rows: never unpickled
     assert not os.path.exists(marker)
 
 

@@ -30,7 +30,7 @@ def test_run_writes_every_file(smoke_run):
         "metrics_teacher.csv",
         "metrics_student.csv",
         "metrics_baseline.csv",
-        "teacher_logits.pt",
+        "teacher_logits.kdlc",
         "checkpoints/teacher.pt",
         "checkpoints/student.pt",
         "checkpoints/baseline.pt",
@@ -82,19 +82,21 @@ def test_csv_has_one_row_per_epoch_with_each_loss_term(smoke_run):
 
 
 def test_logit_cache_matches_the_teacher(smoke_run):
-    from kdrun.cache import load_logit_cache
+    from kdrun.cache import CacheShape, LogitCache, read_header
     from kdrun.data.digits import digits
     from kdrun.data.loader import Normalize
     from kdrun.models import build_model
 
     run_dir, _ = smoke_run
-    path = str(run_dir / "teacher_logits.pt")
-    key = torch.load(path, weights_only=True)["header"]["key"]
-    logits = load_logit_cache(path, key)
+    path = str(run_dir / "teacher_logits.kdlc")
+    header = read_header(path)
     student_train = json.loads((run_dir / "metrics.json").read_text())["dataset"]["student_train"]
     # the student stages' transfer set: 10% of (1438 train - 10% validation), the teacher's logits on it
-    assert logits.dtype == torch.float16 and logits.shape == (student_train, 1, 10)
-    assert load_logit_cache(path, key + "-other") is None  # made for another teacher/data: not used
+    shape = CacheShape(student_train, 0, 10)
+    assert header == shape.header(header["key"])
+    cache = LogitCache.open(path, shape, header["key"])
+    assert cache.complete  # every image met in the student stage (one view, several epochs)
+    logits, _ = cache.lookup(torch.arange(student_train), torch.zeros(student_train, dtype=torch.long))
     teacher = build_model("resnet8", 10, 1, 8)
     teacher.load_state_dict(torch.load(run_dir / "checkpoints/teacher.pt", weights_only=True)["model"])
     teacher.eval()
@@ -104,7 +106,7 @@ def test_logit_cache_matches_the_teacher(smoke_run):
     with torch.no_grad():
         direct = teacher(x)
     # the cached rows are the teacher's logits on the training images (fp16); find each row's image
-    cached = logits[:, 0].float()
+    cached = logits
     assert torch.cdist(cached, direct).min(dim=1).values.max() < 0.05
 
 
@@ -139,7 +141,7 @@ def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):
 
 
 def test_streamed_image_folder_runs_end_to_end(tmp_path):
-    """dataset.mode=stream: batches decoded from files by DataLoader workers; the teacher runs online."""
+    """dataset.mode=stream: batches decoded from files by DataLoader workers; the logit cache fills on first use."""
     from PIL import Image
 
     from tests.conftest import run_kdrun
@@ -167,7 +169,7 @@ def test_streamed_image_folder_runs_end_to_end(tmp_path):
         f"hydra.run.dir={run_dir}",
     )
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "streams its data from files -> the teacher runs online" in p.stderr
+    assert "read from the logit cache; the teacher fills missing rows on first use" in p.stderr
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["dataset"]["train"] == 48 and m["dataset"]["test"] == 16
-    assert not (run_dir / "teacher_logits.pt").exists()
+    assert (run_dir / "teacher_logits.kdlc").exists()  # filled on first use from the streamed batches

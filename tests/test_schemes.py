@@ -42,7 +42,7 @@ def test_self_born_again_generations(kdrun, tmp_path):
 def test_assistant_chain_with_direct_comparison(kdrun, tmp_path):
     m = run(kdrun, tmp_path, "scheme=assistant", "scheme.assistants=[resnet8]")
     assert {"teacher", "assistant1", "student", "student_direct", "baseline"} <= set(m["test"])
-    assert (tmp_path / "run" / "assistant1_logits.pt").is_file()
+    assert (tmp_path / "run" / "assistant1_logits.kdlc").is_file()
 
 
 def test_bad_scheme_values_are_one_line(kdrun, tmp_path):
