@@ -50,12 +50,14 @@ class FileSet:
     labels: torch.Tensor  # int64 [N]
     image_size: int
     in_chans: int
+    crop_fraction: float | None = None  # the un-augmented view: None resized, else resize + centre crop
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def subset(self, idx: torch.Tensor) -> FileSet:
-        return FileSet([self.files[i] for i in idx.tolist()], self.labels[idx], self.image_size, self.in_chans)
+        files = [self.files[i] for i in idx.tolist()]
+        return FileSet(files, self.labels[idx], self.image_size, self.in_chans, self.crop_fraction)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from kdrun import io
+from kdrun.data.transforms import fit_image, to_array
 from kdrun.errors import ConfigError
 
 log = logging.getLogger("kdrun")
@@ -42,30 +43,39 @@ def files_key(root: str, files: list[str], *extra) -> str:
     return h.hexdigest()[:20]
 
 
-def decode_image(path: str, image_size: int, in_chans: int) -> np.ndarray:
-    """One image file -> uint8 ``[C, image_size, image_size]`` (grey or RGB; resized when it differs)."""
+def open_image(path: str, in_chans: int) -> Image.Image:
+    """One image file, decoded in full as grey (``in_chans`` 1) or RGB; ConfigError naming an unreadable file."""
     try:
         with Image.open(path) as im:
             im = im.convert("L" if in_chans == 1 else "RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            a = np.array(im)
+            im.load()
+            return im
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    return a[None] if in_chans == 1 else a.transpose(2, 0, 1)
 
 
-def _decode_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
-    files, image_size, in_chans = args
-    return np.stack([decode_image(f, image_size, in_chans) for f in files])
+def decode_image(path: str, image_size: int, in_chans: int, crop_fraction: float | None = None) -> np.ndarray:
+    """One image file -> its un-augmented view, uint8 ``[C, image_size, image_size]``
+    (:func:`~kdrun.data.transforms.fit_image`: resized to the square, or resize + centre crop)."""
+    return to_array(fit_image(open_image(path, in_chans), image_size, crop_fraction))
+
+
+def _decode_chunk(args: tuple[list[str], int, int, float | None]) -> np.ndarray:
+    files, image_size, in_chans, crop_fraction = args
+    return np.stack([decode_image(f, image_size, in_chans, crop_fraction) for f in files])
 
 
 def decode_files(
-    files: list[str], image_size: int, in_chans: int, workers: int | None = None, desc: str = "decode"
+    files: list[str],
+    image_size: int,
+    in_chans: int,
+    workers: int | None = None,
+    desc: str = "decode",
+    crop_fraction: float | None = None,
 ) -> torch.Tensor:
     """Decode ``files`` into uint8 ``[N, C, S, S]``, in ``workers`` processes (default: all CPUs)."""
     out = np.empty((len(files), in_chans, image_size, image_size), dtype=np.uint8)
-    tasks = [(files[i : i + _CHUNK], image_size, in_chans) for i in range(0, len(files), _CHUNK)]
+    tasks = [(files[i : i + _CHUNK], image_size, in_chans, crop_fraction) for i in range(0, len(files), _CHUNK)]
     workers = min(workers or os.cpu_count() or 1, len(tasks))
     with tqdm(total=len(files), desc=desc, unit="img", leave=False, dynamic_ncols=True, mininterval=1.0) as bar:
         if workers > 1:

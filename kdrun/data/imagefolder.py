@@ -63,9 +63,16 @@ def imagefolder(
     max_memory_gb: float = 8.0,
     mode: str = "auto",
     workers: int | None = None,
+    eval_crop_fraction: float | None = None,
     **_,
 ) -> DataBundle:
-    """Images from class folders; ``image_size`` None takes the first training image's height."""
+    """Images from class folders; ``image_size`` None takes the first training image's height.
+
+    ``eval_crop_fraction`` None: the un-augmented view of an image (evaluation, ``cache.views=0``) is the whole
+    image resized to ``image_size`` squared; a fraction (ImageNet: 0.875): the shorter side resized to
+    ``image_size / eval_crop_fraction``, then the centre crop (:func:`kdrun.data.transforms.fit_image`). In
+    memory mode that view is what is decoded and kept, so augmentations crop it (stream mode crops the file).
+    """
     if not root:
         raise ConfigError(
             "dataset.root is not set: give the folder holding <train_split>/<class>/<image> "
@@ -97,15 +104,17 @@ def imagefolder(
         with Image.open(train_files[0]) as im:
             image_size = im.size[1]
     image_size = int(image_size)
-    key = files_key(root, train_files + test_files, train_split, test_split, image_size, in_chans)
+    eval_crop_fraction = float(eval_crop_fraction) if eval_crop_fraction is not None else None
+    crop = () if eval_crop_fraction is None else (eval_crop_fraction,)  # none: the keys of before
+    key = files_key(root, train_files + test_files, train_split, test_split, image_size, in_chans, *crop)
     identity = f"imagefolder-{key}"
     n = len(train_files) + len(test_files)
     if select_mode(mode, n * in_chans * image_size**2, max_memory_gb) == "stream":
         log.info("data: %d images > dataset.max_memory_gb=%s decoded: streaming from files", n, max_memory_gb)
         return DataBundle(
             "imagefolder",
-            FileSet(train_files, train_labels, image_size, in_chans),
-            FileSet(test_files, test_labels, image_size, in_chans),
+            FileSet(train_files, train_labels, image_size, in_chans, eval_crop_fraction),
+            FileSet(test_files, test_labels, image_size, in_chans, eval_crop_fraction),
             classes,
             identity,
         )
@@ -114,8 +123,8 @@ def imagefolder(
     if cached is None:
         t0 = time.perf_counter()
         tensors = {
-            "train": decode_files(train_files, image_size, in_chans, workers, f"decode {train_split}"),
-            "test": decode_files(test_files, image_size, in_chans, workers, f"decode {test_split}"),
+            split: decode_files(files, image_size, in_chans, workers, f"decode {name}", eval_crop_fraction)
+            for split, files, name in (("train", train_files, train_split), ("test", test_files, test_split))
         }
         save_cached(path, key, tensors, {"classes": classes, "root": root})
         log.info("data: decoded %d images in %.1fs, cached in %s", n, time.perf_counter() - t0, path)

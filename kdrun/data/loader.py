@@ -1,8 +1,8 @@
 """Batches straight from in-memory uint8 tensors, augmented in batch, replayably.
 
 Every augmented image is a pure function of (seed, sample index, view): the
-crop offsets and flip are hashed from those three integers, never drawn from a
-stateful RNG. So the exact pixels a teacher saw when its logits were cached
+crop and flip are hashed from those three integers, never drawn from a
+stateful RNG (:mod:`kdrun.data.transforms`). So the exact pixels a teacher saw when its logits were cached
 can be rebuilt in the student stage (``cache.views=K``), and a resumed run
 sees the same batches as an uninterrupted one.
 
@@ -18,65 +18,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kdrun import distributed
 from kdrun.data.base import ImageSet
+from kdrun.data.transforms import _M31, Augment, RandomResizedCrop, hash3
 
-_M31 = 0x7FFFFFFF
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 31-bit integer hash (products stay below 2^62: no int64 overflow)."""
-    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _M31
-    x = ((x ^ (x >> 12)) * 0x297A2D39) & _M31
-    return x ^ (x >> 15)
-
-
-def hash3(seed: int, index: torch.Tensor, view: torch.Tensor, salt: int) -> torch.Tensor:
-    """Deterministic pseudo-random 31-bit integers for each (seed, index, view, salt)."""
-    h = _mix(torch.full_like(index, (seed * 7919 + salt) & _M31))
-    h = _mix(h ^ (index & _M31))
-    return _mix(h ^ (view & _M31))
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Pad-and-random-crop plus horizontal flip, parameters hashed from (seed, index, view)."""
-
-    crop_pad: int = 0
-    flip: bool = False
-    seed: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.crop_pad > 0 or self.flip
-
-    def params(self, index: torch.Tensor, view: torch.Tensor):
-        span = 2 * self.crop_pad + 1
-        dy = hash3(self.seed, index, view, 1) % span
-        dx = hash3(self.seed, index, view, 2) % span
-        flip = (hash3(self.seed, index, view, 3) & 1).bool() & self.flip
-        return dy, dx, flip
-
-    def __call__(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        """Augment a uint8 batch [B, C, H, W]; returns uint8 of the same shape.
-
-        Pad, crop and flip are one gather: every output pixel reads its source pixel, or a zero
-        appended after the last one where the crop window reaches into the padding.
-        """
-        if not self.enabled:
-            return images
-        dy, dx, flip = self.params(index.to(images.device), view.to(images.device))
-        B, C, H, W = images.shape
-        dev, p = images.device, self.crop_pad
-        rows = dy[:, None] - p + torch.arange(H, device=dev)  # [B, H] source row of each output row
-        j = torch.arange(W, device=dev)
-        cols = dx[:, None] - p + torch.where(flip[:, None], W - 1 - j, j)  # [B, W]
-        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
-        src = torch.where(inside, rows[:, :, None] * W + cols[:, None, :], H * W)  # [B, H, W]; H*W: the zero
-        flat = F.pad(images.reshape(B, C, H * W), (0, 1))
-        return flat.gather(2, src.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
+__all__ = ["Augment", "RandomResizedCrop", "hash3", "Normalize", "Batch", "TensorLoader", "epoch_plan", "make_batch"]
 
 
 class Normalize:
@@ -105,7 +52,7 @@ def make_batch(
     labels: torch.Tensor,
     idx: torch.Tensor,
     view: torch.Tensor,
-    augment: Augment | None,
+    augment: Augment | RandomResizedCrop | None,
     normalize: Normalize,
 ) -> Batch:
     """Augment (if any) and normalise uint8 ``images`` of samples ``idx`` under views ``view``."""
@@ -144,7 +91,7 @@ class TensorLoader:
         data: ImageSet,
         batch_size: int,
         normalize: Normalize,
-        augment: Augment | None = None,
+        augment: Augment | RandomResizedCrop | None = None,
         shuffle: bool = True,
         seed: int = 0,
         device="cpu",
@@ -180,3 +127,12 @@ class TensorLoader:
             idx = distributed.shard(idx, *self.shard)
             images = self.images.index_select(0, idx)
             yield make_batch(images, self.labels[idx], idx, views[idx], self.augment, self.normalize)
+
+    def batches(self, index: torch.Tensor, view: torch.Tensor, batch_size: int | None = None) -> Iterator[Batch]:
+        """The batches of samples ``index`` under views ``view`` (in that order, ``batch_size`` at a time, default
+        the loader's): the same pixels an epoch gives those (index, view) pairs, e.g. to recompute a view."""
+        b = batch_size or self.batch_size
+        index, view = index.to(self.device), view.to(self.device)
+        for s in range(0, len(index), b):
+            idx, v = index[s : s + b], view[s : s + b]
+            yield make_batch(self.images.index_select(0, idx), self.labels[idx], idx, v, self.augment, self.normalize)

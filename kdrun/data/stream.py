@@ -1,11 +1,13 @@
 """Streaming from image files, for folders too big to hold decoded in memory.
 
 :class:`StreamLoader` has :class:`~kdrun.data.loader.TensorLoader`'s interface
-(``epoch(epoch, start_step)``, ``__len__``, ``num_samples``) and yields the
-same :class:`~kdrun.data.loader.Batch` objects in the same order with the same
-hashed augmentation; only the source differs: files are decoded batch by batch
-in DataLoader worker processes (pinned memory on CUDA) instead of being sliced
-from one in-memory tensor.
+(``epoch(epoch, start_step)``, ``__len__``, ``num_samples``, ``shard``, ``batches``) and yields
+the same :class:`~kdrun.data.loader.Batch` objects in the same order; only the source differs: each
+DataLoader worker process decodes the file of a sample and computes its (index, view) augmentation itself
+(:mod:`kdrun.data.transforms`: pad-crop, or a random-resized crop taken from the file's full-resolution
+pixels, and flip), returning uint8 at the image size; the main process only normalises (pinned memory on
+CUDA). A view is a pure function of (seed, index, view, file), so :meth:`StreamLoader.batches` recomputes
+the exact pixels an epoch produced, in any order, with any number of workers.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdrun import distributed
 from kdrun.data.base import FileSet
-from kdrun.data.decode import decode_image
+from kdrun.data.decode import decode_image, open_image
 from kdrun.data.loader import Augment, Batch, Normalize, epoch_plan, make_batch
+from kdrun.data.transforms import RandomResizedCrop
 from kdrun.errors import ConfigError
 
 MODES = ("auto", "memory", "stream")
@@ -33,15 +36,22 @@ def select_mode(mode: str, decoded_bytes: int, max_memory_gb: float) -> str:
     return mode
 
 
-class _Files(Dataset):
-    def __init__(self, data: FileSet):
+class _Views(Dataset):
+    """Item ``(index, view)``: the uint8 ``[C, S, S]`` pixels of sample ``index`` under ``view`` (in a worker)."""
+
+    def __init__(self, data: FileSet, augment: Augment | RandomResizedCrop | None):
         self.data = data
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(decode_image(self.data.files[i], self.data.image_size, self.data.in_chans))
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        i, v = item
+        d = self.data
+        if self.augment is None:
+            return torch.from_numpy(decode_image(d.files[i], d.image_size, d.in_chans, d.crop_fraction))
+        return torch.from_numpy(self.augment.one(open_image(d.files[i], d.in_chans), i, v, d.image_size))
 
 
 class StreamLoader:
@@ -53,7 +63,7 @@ class StreamLoader:
         data: FileSet,
         batch_size: int,
         normalize: Normalize,
-        augment: Augment | None = None,
+        augment: Augment | RandomResizedCrop | None = None,
         shuffle: bool = True,
         seed: int = 0,
         device="cpu",
@@ -64,12 +74,12 @@ class StreamLoader:
         shard: tuple[int, int] = (0, 1),
     ):
         self.shard = shard  # (rank, world): this worker's share of every global batch
-        self.files = _Files(data)
         self.device = torch.device(device)
         self.labels = data.labels.to(self.device)
         self.batch_size = batch_size
         self.normalize = normalize
         self.augment = augment if (augment is not None and augment.enabled and views != 0) else None
+        self.files = _Views(data, self.augment)
         self.shuffle = shuffle
         self.seed = seed
         self.views = views
@@ -91,20 +101,30 @@ class StreamLoader:
             distributed.shard(order[s * self.batch_size : (s + 1) * self.batch_size], *self.shard)
             for s in range(start_step, len(self))
         ]
+        return self._load([(idx, views[idx]) for idx in steps])
+
+    def batches(self, index: torch.Tensor, view: torch.Tensor, batch_size: int | None = None) -> Iterator[Batch]:
+        """The batches of samples ``index`` under views ``view`` (in that order, ``batch_size`` at a time, default
+        the loader's), decoded by the workers: the same pixels an epoch gives those (index, view) pairs."""
+        b = batch_size or self.batch_size
+        index, view = index.cpu(), view.cpu()
+        return self._load([(index[s : s + b], view[s : s + b]) for s in range(0, len(index), b)])
+
+    def _load(self, plan: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[Batch]:
+        """Batches of (index, view) pairs: each worker decodes and augments the samples of a batch."""
         loader = DataLoader(
             self.files,
-            batch_sampler=[idx.tolist() for idx in steps],
+            batch_sampler=[list(zip(idx.tolist(), v.tolist())) for idx, v in plan],
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
-        views = views.to(self.device)
-        for idx, images in zip(steps, loader):
+        for (idx, v), images in zip(plan, loader):
             idx = idx.to(self.device)
             yield make_batch(
                 images.to(self.device, non_blocking=True),
                 self.labels[idx],
                 idx,
-                views[idx],
-                self.augment,
+                v.to(self.device),
+                None,  # augmented in the worker
                 self.normalize,
             )
