@@ -153,25 +153,20 @@ class LogitCache:
         self._flags = np.memmap(self.path, np.uint8, "r+", HEADER_BYTES, (self.shape.rows,))
         self._fd = os.open(self.path, os.O_RDWR)
 
-    def _runs(self, pos: np.ndarray):
-        """(positions into ``pos``, first row, count) of each run of consecutive rows, in file order."""
-        order = np.argsort(pos, kind="stable")
-        sorted_pos = pos[order]
-        for run in np.split(order, np.flatnonzero(np.diff(sorted_pos) != 1) + 1):
-            if len(run):
-                yield run, int(pos[run[0]]), len(run)
-
     def _read(self, pos: np.ndarray) -> np.ndarray:
-        r, base = self.shape.row_bytes, self.shape.data_offset
-        out = np.empty((len(pos), r), np.uint8)
-        for run, first, n in self._runs(pos):
-            out[run] = np.frombuffer(os.pread(self._fd, n * r, base + first * r), np.uint8).reshape(n, r)
-        return out
+        r, base, fd = self.shape.row_bytes, self.shape.data_offset, self._fd
+        buf = b"".join([os.pread(fd, r, base + p * r) for p in pos.tolist()])
+        return np.frombuffer(buf, np.uint8).reshape(len(pos), r)
 
     def _write(self, pos: np.ndarray, rows: np.ndarray) -> None:
+        """Rows ``rows[j]`` to positions ``pos[j]``; a run of consecutive positions in one call."""
         r, base = self.shape.row_bytes, self.shape.data_offset
-        for run, first, _ in self._runs(pos):
-            os.pwrite(self._fd, rows[run].tobytes(), base + first * r)
+        order = np.argsort(pos, kind="stable")
+        sorted_pos, rows = pos[order], rows[order]
+        cuts = [0, *(np.flatnonzero(np.diff(sorted_pos) != 1) + 1).tolist(), len(pos)]
+        for i, j in zip(cuts[:-1], cuts[1:]):
+            if j > i:
+                os.pwrite(self._fd, rows[i:j].tobytes(), base + int(sorted_pos[i]) * r)
 
     def flush(self) -> None:
         self._flags.flush()
@@ -200,10 +195,13 @@ class LogitCache:
         """(logits [B, C] float32, filled [B] bool) of samples ``index`` under views ``view`` (CPU tensors);
         the rows not filled yet hold zeros."""
         pos = self.positions(index, view)
-        have = torch.from_numpy(self._flags[pos] == 1)
+        flags = self._flags[pos] == 1
+        if flags.all():  # the common case once the cache is warm
+            return decode(self._read(pos), self.shape), torch.ones(len(pos), dtype=torch.bool)
+        have = torch.from_numpy(flags)
         logits = torch.zeros(len(pos), self.shape.classes)
-        if have.any():
-            logits[have] = decode(self._read(pos[have.numpy()]), self.shape)
+        if flags.any():
+            logits[have] = decode(self._read(pos[flags]), self.shape)
         return logits, have
 
     def write(self, index: torch.Tensor, view: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
