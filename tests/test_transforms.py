@@ -1,6 +1,8 @@
 """ImageNet-style replayable transforms: random-resized crop boxes, the evaluation resize + centre crop, and
 stream mode's (index, view) pixels, bit-identical however and whenever they are produced."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -207,3 +209,29 @@ def test_stream_eval_view_is_the_decoded_memory_view(files):
         assert torch.equal(a.x, b.x)
     ref = T.Compose([T.Resize(round(16 / 0.875)), T.CenterCrop(16)])(Image.open(files.files[3]).convert("RGB"))
     assert torch.equal(memory_images[3], torch.from_numpy(to_array(ref)))
+
+
+# ---------------------------------------------------------------- the development copies (skip when absent)
+
+DEV_CACHE = os.environ.get("KDRUN_DEV_CACHE", os.path.expanduser("~/.cache/kdrun-dev"))
+
+
+@pytest.mark.parametrize(
+    "name, split, classes, size", [("imagenette", "val", 10, 224), ("tiny-imagenet-200", "val", 200, 64)]
+)
+def test_development_copies_stream_replayable_views(name, split, classes, size):
+    """scripts/prepare_dev_data.py's folders: the class count, and real JPEGs' views replayed exactly."""
+    root = os.path.join(DEV_CACHE, name)
+    if not os.path.isdir(os.path.join(root, split)):
+        pytest.skip(f"{root} absent (see DEVELOPERS.md)")
+    wnids = sorted(os.listdir(os.path.join(root, "train")))
+    assert len(wnids) == classes and sorted(os.listdir(os.path.join(root, split))) == wnids
+    paths = [os.path.join(root, split, w, sorted(os.listdir(os.path.join(root, split, w)))[0]) for w in wnids[:6]]
+    files = FileSet(paths, torch.arange(6), size, 3, crop_fraction=0.875)
+    norm = Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 3, "cpu")
+    loader = StreamLoader(files, 4, norm, RandomResizedCrop(seed=2), seed=2, views=2, num_workers=0)
+    seen = _pixels_by_pair(loader, range(2))
+    pairs = sorted(seen)
+    index, view = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    again = torch.cat([b.x for b in loader.batches(index, view, batch_size=3)])
+    assert again.shape[1:] == (3, size, size) and torch.equal(again, torch.stack([seen[p] for p in pairs]))
