@@ -197,7 +197,8 @@ def test_stream_views_are_bit_identical_however_and_whenever_they_are_made(files
 
 
 def test_stream_eval_view_is_the_decoded_memory_view(files):
-    """views=0 (evaluation): resize + centre crop in the worker, the pixels memory mode decodes and keeps."""
+    """views=0 (evaluation): resize + centre crop in the worker, the pixels memory mode decodes and keeps;
+    pad-crop views of it are the same in both modes."""
     norm = Normalize([0.5] * 3, [0.25] * 3, 3, "cpu")
     cropped = FileSet(files.files, files.labels, 16, 3, crop_fraction=0.875)
     stream = StreamLoader(cropped, 5, norm, RandomResizedCrop(seed=1), shuffle=False, views=0, num_workers=0)
@@ -207,6 +208,12 @@ def test_stream_eval_view_is_the_decoded_memory_view(files):
     )
     for a, b in zip(stream.epoch(0), memory.epoch(0), strict=True):
         assert torch.equal(a.x, b.x)
+    # pad-crop perturbs that view in both modes alike
+    common = dict(shuffle=True, seed=3, views=2)
+    stream = StreamLoader(cropped, 5, norm, Augment(2, True, 3), **common, num_workers=0)
+    memory = TensorLoader(ImageSet(memory_images, files.labels), 5, norm, Augment(2, True, 3), **common)
+    for a, b in zip(stream.epoch(1), memory.epoch(1), strict=True):
+        assert torch.equal(a.x, b.x) and torch.equal(a.view, b.view)
     ref = T.Compose([T.Resize(round(16 / 0.875)), T.CenterCrop(16)])(Image.open(files.files[3]).convert("RGB"))
     assert torch.equal(memory_images[3], torch.from_numpy(to_array(ref)))
 

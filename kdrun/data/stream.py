@@ -51,7 +51,8 @@ class _Views(Dataset):
         d = self.data
         if self.augment is None:
             return torch.from_numpy(decode_image(d.files[i], d.image_size, d.in_chans, d.crop_fraction))
-        return torch.from_numpy(self.augment.one(open_image(d.files[i], d.in_chans), i, v, d.image_size))
+        im = open_image(d.files[i], d.in_chans)
+        return torch.from_numpy(self.augment.one(im, i, v, d.image_size, d.crop_fraction))
 
 
 class StreamLoader:

@@ -112,10 +112,10 @@ class Augment:
         flat = F.pad(images.reshape(B, C, H * W), (0, 1))
         return flat.gather(2, src.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
-    def one(self, im: Image.Image, index: int, view: int, size: int) -> np.ndarray:
-        """The view of one decoded image: resized to ``size`` x ``size``, then the batch rule on a batch of one
-        (an exact integer gather, so the same pixels as in memory mode)."""
-        a = torch.from_numpy(to_array(fit_image(im, size)))[None]
+    def one(self, im: Image.Image, index: int, view: int, size: int, crop_fraction: float | None = None) -> np.ndarray:
+        """The view of one decoded image: its un-augmented view (:func:`fit_image`, the one memory mode keeps),
+        then the batch rule on a batch of one (an exact integer gather: the same pixels as in memory mode)."""
+        a = torch.from_numpy(to_array(fit_image(im, size, crop_fraction)))[None]
         return self(a, torch.tensor([index]), torch.tensor([view]))[0].numpy()
 
 
@@ -198,9 +198,10 @@ class RandomResizedCrop:
         out = out.round_().clamp_(0, 255).to(torch.uint8)
         return torch.where(b.flip.to(images.device).view(B, 1, 1, 1), out.flip(-1), out)
 
-    def one(self, im: Image.Image, index: int, view: int, size: int) -> np.ndarray:
-        """Stream mode: the box cut from the decoded file's own pixels, resized to ``size`` (PIL bilinear) and
-        maybe flipped: the pixels of torchvision's ``RandomResizedCrop`` on a PIL image given the same box."""
+    def one(self, im: Image.Image, index: int, view: int, size: int, crop_fraction: float | None = None) -> np.ndarray:
+        """Stream mode: the box cut from the whole decoded file's own pixels (``crop_fraction`` does not
+        apply), resized to ``size`` (PIL bilinear) and maybe flipped: the pixels of torchvision's
+        ``RandomResizedCrop`` on a PIL image given the same box."""
         w, h = im.size
         b = self.boxes(torch.tensor([index]), torch.tensor([view]), h, w)
         top, left, bh, bw = int(b.top), int(b.left), int(b.height), int(b.width)
