@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 from kdrun import distributed, io
 from kdrun.data.base import ImageSet
-from kdrun.data.loader import Augment, Normalize
+from kdrun.data.loader import Normalize
+from kdrun.data.transforms import Augment, RandomResizedCrop
 from kdrun.engine import autocast
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 
@@ -286,7 +287,7 @@ def fill_pass(
     teacher: nn.Module,
     data: ImageSet,
     normalize: Normalize,
-    augment: Augment,
+    augment: Augment | RandomResizedCrop,
     batch_size: int,
     device,
     precision: str = "fp32",

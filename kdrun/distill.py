@@ -89,8 +89,7 @@ class Distill:
         self.module = StudentStep(student, method, epochs, num_samples)
         self.teacher = freeze(teacher) if teacher is not None else None
         self.cache = cache
-        online = teacher is not None and cache is None
-        self.teacher_tap = FeatureTap(teacher, method.teacher_layers) if online else None
+        self.teacher_tap = FeatureTap(teacher, method.teacher_layers) if teacher is not None and cache is None else None
         self.teacher_precision = teacher_precision
 
     def __enter__(self) -> Self:

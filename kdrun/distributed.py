@@ -49,6 +49,13 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", world()[0]))
 
 
+def device_kind(name: str) -> str:
+    """``cpu`` or ``cuda``: the kind of device ``trainer.device`` means (``auto``: CUDA when available)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
+
+
 def bind_device(name: str) -> torch.device:
     """The device of this worker for ``trainer.device``, made current.
 

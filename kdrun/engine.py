@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from kdrun import distributed
 from kdrun.data.loader import Batch, TensorLoader
+from kdrun.data.stream import StreamLoader
 from kdrun.errors import KdrunError
 from kdrun.evaluation import accuracy, predict
 from kdrun.io import atomic_save, load_checkpoint, rng_state, set_rng_state
@@ -68,12 +69,12 @@ def train_stage(
     stage: str,
     model: nn.Module,
     objective: Objective,
-    loader: TensorLoader,
+    loader: TensorLoader | StreamLoader,
     *,
     epochs: int,
     optim_cfg,
     trainable: nn.Module | None = None,
-    val_loader: TensorLoader | None = None,
+    val_loader: TensorLoader | StreamLoader | None = None,
     run_dir: str = ".",
     log_every: int = 50,
     checkpoint_every_steps: int = 0,

@@ -191,7 +191,7 @@ def load_images(cfg) -> tuple[Images, Images]:
     """(test split, training split) of the run's dataset, normalised as the run saw them (no augmentation)."""
     from kdrun.data.loader import Normalize, TensorLoader
     from kdrun.data.stream import StreamLoader
-    from kdrun.train import load_dataset
+    from kdrun.run_data import load_dataset
 
     data = load_dataset(cfg.dataset)
     norm = Normalize(cfg.dataset.mean, cfg.dataset.std, data.in_chans, "cpu")

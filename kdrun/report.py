@@ -57,19 +57,20 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return round(100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item(), 3)
 
 
-def evaluate(run) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Test-set scores of every model of the run (last epoch; plus best-on-validation where chosen),
-    and every model's last-epoch test logits (by model name).
+def evaluate(cfg, data, stages, roles) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Test-set scores of every model the run's ``stages`` trained or loaded (last epoch; plus
+    best-on-validation where chosen), and every model's last-epoch test logits (by model name).
 
-    Agreement is the top-1 match rate with the model in the teacher role (or,
-    without one, with the student).
+    ``data``: the run's :class:`kdrun.run_data.RunData`; ``stages``: its :class:`kdrun.stages.StageRunner`;
+    ``roles``: the scheme's :class:`kdrun.train.Roles`. Agreement is the top-1 match rate with the model in
+    the teacher role (or, without one, with the student).
     """
-    loader = run.test_loader
+    loader = data.test_loader
     labels = loader.labels
-    logits = {name: predict(t.model, loader) for name, t in run.models.items()}
-    ref = run.roles.get("teacher") or run.roles.get("student")
+    logits = {name: predict(t.model, loader) for name, t in stages.models.items()}
+    ref = roles.teacher or roles.student
     out = {}
-    for name, trained in run.models.items():
+    for name, trained in stages.models.items():
         scores = _scores(logits[name], labels)
         if name != ref:
             scores["agreement"] = agreement(logits[name], logits[ref])
@@ -77,10 +78,10 @@ def evaluate(run) -> tuple[dict, dict[str, torch.Tensor]]:
             out[name] = scores
             continue
         out[name] = {"last": scores}
-        best = run.stages.get(trained.stage, {}).get("best_epoch")
+        best = stages.log.summaries.get(trained.stage, {}).get("best_epoch")
         if best is not None:  # chosen on the held-out validation split, never on test
             m = copy.deepcopy(trained.model)
-            path = os.path.join(run.ckpt_dir, f"{trained.stage}_best.pt")
+            path = os.path.join(stages.ckpt_dir, f"{trained.stage}_best.pt")
             ckpt = io.load_checkpoint(path)  # verified
             if ckpt is None:
                 raise KdrunError(f"{path}: missing (written when the stage chose epoch {best}); rerun the stage")
@@ -89,8 +90,8 @@ def evaluate(run) -> tuple[dict, dict[str, torch.Tensor]]:
             out[name]["best_on_val"] = _scores(best_logits, labels) | {"epoch": best}
             if name != ref:
                 out[name]["best_on_val"]["agreement"] = agreement(best_logits, logits[ref])
-    bias = dict(run.cfg.get("evaluate", {}).get("logit_bias") or {})
-    student = run.roles.get("student")
+    bias = dict(cfg.get("evaluate", {}).get("logit_bias") or {})
+    student = roles.student
     if bias and student in out:  # e.g. Hinton et al. section 3: raise the bias of a class the transfer set lacked
         out[student]["with_logit_bias"] = _scores(biased(logits[student], bias), labels) | {
             "bias": {str(c): float(b) for c, b in bias.items()}
@@ -148,29 +149,31 @@ def _kdrun_version() -> str:
         return "unknown"
 
 
-def assemble(run, results: dict, logits: dict[str, torch.Tensor]) -> dict:
-    cfg, data, roles = run.cfg, run.data, run.roles
+def assemble(cfg, run_data, stages, roles, store_refs: dict, results: dict, logits: dict[str, torch.Tensor]) -> dict:
+    """``metrics.json`` of a run (arguments as :func:`evaluate`'s; ``store_refs``: the store entries it used)."""
+    data, trained = run_data.data, stages.models
     input_shape = (data.in_chans, data.image_size, data.image_size)
+    lat = cfg.trainer.latency
     models = {
-        role: model_stats(run.models[name].model, input_shape, run.models[name].mcfg.name, latency=cfg.trainer.latency)
+        role: model_stats(trained[name].model, input_shape, trained[name].mcfg.name, latency=lat)
         for role, name in roles.items()
         if role in ("teacher", "student")
     }
     test = dict(results)
-    test.setdefault("student", results[roles["student"]])  # online: the chosen peer
+    test.setdefault("student", results[roles.student])  # online: the chosen peer
     metrics = {
         "status": "complete",
         "seed": cfg.trainer.seed,
-        "device": str(run.device),
+        "device": str(run_data.device),
         "scheme": cfg.scheme.name,
-        "roles": roles,
+        "roles": dict(roles.items()),
         "dataset": {
             "name": data.name,
             "identity": data.identity,
             "num_classes": data.num_classes,
-            "train": len(run.train_set),
-            "student_train": len(run.student_set),
-            "val": len(run.val_set) if run.val_set else 0,
+            "train": len(run_data.train_set),
+            "student_train": len(run_data.student_set),
+            "val": len(run_data.val_set) if run_data.val_set else 0,
             "student_fraction": float(cfg.dataset.get("student_fraction", 1.0)),
             "test": len(data.test),
             "val_fraction": float(cfg.trainer.val_fraction),
@@ -179,15 +182,15 @@ def assemble(run, results: dict, logits: dict[str, torch.Tensor]) -> dict:
         "test": test,
         "models": models,
         "ratios": ratios(models),
-        "stages": run.stages,
-        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
-        "store": run.store_refs,
+        "stages": stages.log.summaries,
+        "timings_s": {k: round(v, 3) for k, v in stages.log.seconds.items()},
+        "store": store_refs,
         "versions": versions(),
         "command": " ".join(sys.argv),
     }
-    if "baseline" in roles:  # the gain with its uncertainty: a paired test on the test images
-        paired = mcnemar(logits[roles["student"]], logits[roles["baseline"]], run.test_loader.labels)
-        metrics["kd_gain_top1"] = round(last(test["student"])["top1"] - last(results[roles["baseline"]])["top1"], 3)
+    if roles.baseline is not None:  # the gain with its uncertainty: a paired test on the test images
+        paired = mcnemar(logits[roles.student], logits[roles.baseline], run_data.test_loader.labels)
+        metrics["kd_gain_top1"] = round(last(test["student"])["top1"] - last(results[roles.baseline])["top1"], 3)
         metrics["kd_gain_p_value"] = paired.p_value
         metrics["kd_gain"] = paired.as_dict()
     return metrics

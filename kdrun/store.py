@@ -325,3 +325,17 @@ def link_into(src: str, dst: str) -> None:
     if os.path.exists(dst):
         os.remove(dst)
     _link_or_copy(src, dst)
+
+
+class StoreRefs:
+    """The store entries one run uses, written to ``RUN_DIR/store_refs.json`` as soon as each is noted, so
+    ``kdrun store gc`` keeps them while the run lives (only the main worker writes)."""
+
+    def __init__(self, store: Store | None, run_dir: str, main: bool = True):
+        self.store, self.path, self.main = store, os.path.join(run_dir, "store_refs.json"), main
+        self.refs: dict[str, str] = {}
+
+    def note(self, kind: str, key: str) -> None:
+        self.refs[kind] = key
+        if self.main and self.store is not None:
+            io.write_json({"store": self.store.root, "refs": self.refs}, self.path)

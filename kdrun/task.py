@@ -38,7 +38,7 @@ def hydra_train(cfg: DictConfig) -> float:
             if not distributed.is_main():
                 return 0.0
         elif devices > 1:
-            kind = train.pick_device(cfg.trainer.device).type
+            kind = distributed.device_kind(cfg.trainer.device)
             log.info("data parallel: %d workers (%s)", devices, "nccl" if kind == "cuda" else "gloo")
             metrics = distributed.launch(devices, kind, train.run, cfg, run_dir, distributed.setup_worker)
         else:

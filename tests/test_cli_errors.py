@@ -133,7 +133,7 @@ def test_labels_outside_class_range(monkeypatch):
 
     from kdrun.data import DATASETS, DataBundle, ImageSet
     from kdrun.errors import ConfigError
-    from kdrun.train import load_dataset
+    from kdrun.run_data import load_dataset
 
     def broken(**_):
         images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)

@@ -472,7 +472,7 @@ def test_pickle_that_runs_code_is_never_executed(tmp_path, caplog):
 
     from kdrun.cache import CacheShape, LogitCache
     from kdrun.data.decode import load_cached
-    from kdrun.train import load_pretrained, load_teacher
+    from kdrun.weights import load_pretrained, load_teacher
 
     path, marker = evil_file(tmp_path)
     with pytest.raises(
@@ -516,7 +516,7 @@ def test_pretrained_that_is_not_a_state_dict_exit_2_one_line(kdrun, tmp_path):
 def test_pretrained_of_another_architecture_is_one_line(tmp_path):
     from torch import nn
 
-    from kdrun.train import load_pretrained
+    from kdrun.weights import load_pretrained
 
     path = tmp_path / "w.pt"
     torch.save(nn.Linear(3, 3).state_dict(), path)

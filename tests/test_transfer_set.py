@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdrun.data.base import ImageSet
-from kdrun.train import transfer_subset
+from kdrun.run_data import transfer_subset
 
 
 def labelled_set() -> ImageSet:
@@ -69,8 +69,10 @@ def test_no3_run_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["dataset"]["train"] == 1438 and m["dataset"]["student_train"] == 1438 - 146  # digits has 146 threes
-    logits = torch.load(run_dir / "teacher_logits.pt", weights_only=True)["logits"]
-    assert logits.shape[0] == m["dataset"]["student_train"]  # the teacher's logits on the transfer set only
+    from kdrun.cache import read_header
+
+    header = read_header(str(run_dir / "teacher_logits.kdlc"))
+    assert header["samples"] == m["dataset"]["student_train"]  # the teacher's logits on the transfer set only
     student = m["test"]["student"]
     biased_scores = student["with_logit_bias"]
     assert biased_scores["bias"] == {"3": 3.5}

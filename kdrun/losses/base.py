@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -122,7 +122,7 @@ class PreStage:
 
     name: str
     trainable: nn.Module
-    objective: object
+    objective: Any  # the engine's objective, and a context manager around the stage
     epochs: int
     optim: dict = field(default_factory=dict)
 

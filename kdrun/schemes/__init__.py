@@ -1,8 +1,9 @@
 """Distillation schemes: each module registers one function ``fn(run)`` by name (``scheme=NAME``).
 
-A scheme combines the building blocks of :class:`kdrun.train.Run` (``teacher``,
-``distil``, ``ce_model``) and sets ``run.roles`` (teacher, student, baseline) so
-the report knows which model plays which part.
+A scheme combines the building blocks of :class:`kdrun.train.Run` (``teacher()``,
+``distil()``, ``ce_model()``; the services ``run.data`` and ``run.stages``) and returns
+its :class:`kdrun.train.Roles` (which model is the teacher, the student, the
+baseline) so the report knows which model plays which part.
 """
 
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 from kdrun.registry import Registry
 
-SCHEMES: Registry[Callable[[Any], None]] = Registry("scheme", "scheme.name")  # fn(run: kdrun.train.Run)
+SCHEMES: Registry[Callable[[Any], Any]] = Registry("scheme", "scheme.name")  # fn(run: Run) -> Roles
 register_scheme = SCHEMES.register
 
 

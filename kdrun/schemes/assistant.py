@@ -6,33 +6,28 @@ assistants are models of intermediate size (``scheme.assistants=[resnet14]``, or
 items ``{name: mlp, kwargs: {hidden: [300, 300]}}``).
 With ``scheme.direct=true`` the same student is also distilled straight from the
 teacher (``student_direct``), so the run says what the assistants bought.
-Each link teaches frozen (eval mode, no autograd: :func:`kdrun.distill.freeze`), whether
+Each link teaches frozen (eval mode, no autograd; :meth:`kdrun.train.Run.distil` returns it so), whether
 its logits are cached or it runs online (feature methods, ``cache.enabled=false``).
 """
 
-from kdrun.distill import freeze
 from kdrun.errors import ConfigError
 from kdrun.schemes import model_cfg, register_scheme
+from kdrun.train import Roles
 
 
 @register_scheme("assistant")
-def assistant(run) -> None:
+def assistant(run) -> Roles:
     names = list(run.cfg.scheme.assistants or [])
     if not names:
         raise ConfigError("scheme.assistants: give at least one assistant model, e.g. scheme.assistants=[resnet14]")
     teacher = run.teacher()
-    prev, prev_name, prev_key = teacher, "teacher", run.teacher_key
+    prev = teacher
     for i, item in enumerate(names, start=1):
         mcfg = model_cfg(item, run.cfg.student)
-        stage = f"assistant{i}"
-        prev = run.distil(
-            stage, mcfg, freeze(prev), teacher_name=prev_name, teacher_key=prev_key, who=f"scheme.assistants[{i - 1}]"
-        )
-        prev_name, prev_key = stage, None
-    run.distil("student", run.cfg.student, freeze(prev), teacher_name=prev_name)
-    run.roles["student"] = "student"
+        prev = run.distil(f"assistant{i}", mcfg, prev, who=f"scheme.assistants[{i - 1}]")  # returned frozen
+    run.distil("student", run.cfg.student, prev)
     if run.cfg.scheme.direct:
-        run.distil("student_direct", run.cfg.student, teacher, teacher_key=run.teacher_key)
+        run.distil("student_direct", run.cfg.student, teacher)
     if run.cfg.baseline:
         run.ce_model("baseline", run.cfg.student, views=run.student_views)
-        run.roles["baseline"] = "baseline"
+    return Roles(student="student", teacher="teacher", baseline="baseline" if run.cfg.baseline else None)

@@ -24,6 +24,7 @@ from kdrun.errors import ConfigError
 from kdrun.evaluation import accuracy, predict
 from kdrun.losses.kd import soft_kl
 from kdrun.schemes import model_cfg, register_scheme
+from kdrun.train import Roles
 
 
 class Peers(nn.ModuleList):
@@ -53,27 +54,29 @@ class MutualObjective:
 
 
 @register_scheme("online")
-def online(run) -> None:
-    sc = run.cfg.scheme
+def online(run) -> Roles:
+    sc, stages = run.cfg.scheme, run.stages
     items = list(sc.peers or [run.cfg.student.name, run.cfg.student.name])
     if len(items) < 2:
         raise ConfigError(f"scheme.peers={items}: give two or more peer models")
     cfgs = [model_cfg(item, run.cfg.student) for item in items]
     # peer i starts from seed + i: identical peers would learn identical functions and teach nothing
-    peers = Peers([run.build(f"scheme.peers[{i}]", c, seed_offset=i) for i, c in enumerate(cfgs)])
-    run.fit("online", peers, MutualObjective(float(sc.temperature), float(sc.kl_weight)), epochs=run.tr.epochs)
-    val_scores = []
+    peers = Peers([stages.build(f"scheme.peers[{i}]", c, seed_offset=i) for i, c in enumerate(cfgs)])
+    stages.fit("online", peers, MutualObjective(float(sc.temperature), float(sc.kl_weight)), epochs=run.tr.epochs)
+    val_scores, val_loader = [], run.data.val_loader
     for i, (peer, mcfg) in enumerate(zip(peers, cfgs), start=1):
-        run.export(f"peer{i}", peer, mcfg)
-        run.record(f"peer{i}", peer, mcfg, None)
-        if run.val_loader is not None:
-            val_scores.append(accuracy(predict(peer, run.val_loader), run.val_loader.labels)[0])
+        stages.export(f"peer{i}", peer, mcfg)
+        stages.record(f"peer{i}", peer, mcfg, None)
+        if val_loader is not None:
+            val_scores.append(accuracy(predict(peer, val_loader), val_loader.labels)[0])
     best = 1 + (max(range(len(val_scores)), key=val_scores.__getitem__) if val_scores else 0)
-    run.roles["student"] = f"peer{best}"
-    run.stages["online"]["student_peer"] = best
-    run.stages["online"]["val_top1_by_model"] = {f"peer{i}": v for i, v in enumerate(val_scores, start=1)}
-    run.stages["online"]["chosen_by"] = "validation accuracy" if val_scores else "first peer (no validation split)"
+    stages.log.note(
+        "online",
+        student_peer=best,
+        val_top1_by_model={f"peer{i}": v for i, v in enumerate(val_scores, start=1)},
+        chosen_by="validation accuracy" if val_scores else "first peer (no validation split)",
+    )
     if run.cfg.baseline:
         for i, mcfg in enumerate(cfgs, start=1):
             run.ce_model(f"baseline_peer{i}", mcfg, who=f"scheme.peers[{i - 1}]", seed_offset=i - 1)
-        run.roles["baseline"] = f"baseline_peer{best}"
+    return Roles(student=f"peer{best}", baseline=f"baseline_peer{best}" if run.cfg.baseline else None)

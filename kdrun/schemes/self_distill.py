@@ -10,18 +10,16 @@ configured ``teacher`` is not used.
 
 from kdrun.errors import ConfigError
 from kdrun.schemes import register_scheme
+from kdrun.train import Roles
 
 
 @register_scheme("self")
-def self_distill(run) -> None:
+def self_distill(run) -> Roles:
     n = int(run.cfg.scheme.generations)
     if n < 2:
         raise ConfigError(f"scheme.generations={n}: must be an integer >= 2 (generation 1 is trained with CE)")
     mcfg = run.cfg.student
     prev = run.ce_model("gen1", mcfg)
-    run.roles["baseline"] = "gen1"
     for k in range(2, n + 1):
-        stage = "student" if k == n else f"gen{k}"
-        run.roles["teacher"] = "gen1" if k == 2 else f"gen{k - 1}"
-        prev = run.distil(stage, mcfg, prev.eval().requires_grad_(False), teacher_name=run.roles["teacher"])
-    run.roles["student"] = "student"
+        prev = run.distil("student" if k == n else f"gen{k}", mcfg, prev)
+    return Roles(student="student", teacher="gen1" if n == 2 else f"gen{n - 1}", baseline="gen1")

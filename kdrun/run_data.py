@@ -1,0 +1,180 @@
+"""The run's data: the dataset, its splits (train, validation, the student stages' transfer set, test),
+normalisation, augmentation, the number of cached views, and the loaders every stage draws from.
+
+:class:`RunData` is built once per run; in-memory splits go to the training device once and every
+loader of every stage shares them. Streamed splits (image folders too large for memory) stay files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun import distributed
+from kdrun.data import DATASETS, DataBundle, ImageSet
+from kdrun.data.base import FileSet
+from kdrun.data.loader import Normalize, TensorLoader
+from kdrun.data.stream import StreamLoader
+from kdrun.data.transforms import make_augment
+from kdrun.errors import ConfigError
+
+log = logging.getLogger("kdrun")
+
+
+def load_dataset(dcfg) -> DataBundle:
+    """Load (decode once) the configured dataset and check it against the config."""
+    kw = OmegaConf.to_container(dcfg, resolve=True)
+    assert isinstance(kw, dict)
+    for k in ("mean", "std", "augment", "student_fraction", "student_exclude"):  # used by the run, not the factory
+        kw.pop(k, None)
+    data = DATASETS.get(kw.pop("name"), "dataset.name")(**{str(k): v for k, v in kw.items()})
+    data.check(dcfg.get("num_classes"), dcfg.get("image_size"), dcfg.get("in_chans"))
+    for split, part in (("train", data.train), ("test", data.test)):
+        labels = getattr(part, "labels", None)
+        if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= data.num_classes):
+            raise ConfigError(
+                f"dataset={data.name}: {split} labels span [{int(labels.min())}, {int(labels.max())}], "
+                f"outside [0, {data.num_classes}) for its {data.num_classes} classes"
+            )
+    return data
+
+
+def split_validation(
+    train: ImageSet | FileSet, fraction: float, seed: int
+) -> tuple[ImageSet | FileSet, ImageSet | FileSet | None]:
+    """Hold ``fraction`` of the training split out (seeded) to choose a best epoch; never the test set."""
+    if fraction <= 0:
+        return train, None
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7))
+    n_val = max(1, int(round(len(train) * fraction)))
+    return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
+
+
+def transfer_subset(
+    train: ImageSet | FileSet, fraction: float, seed: int, exclude: list[int] | tuple[int, ...] = ()
+) -> ImageSet | FileSet:
+    """A seeded, class-stratified ``fraction`` of ``train`` (each class keeps at least one image), in index order,
+    without the classes in ``exclude``.
+
+    The student stages' transfer set (``dataset.student_fraction``, ``dataset.student_exclude``); the whole
+    split when ``fraction >= 1`` and nothing is excluded.
+    """
+    if fraction >= 1 and not exclude:
+        return train
+    gen = torch.Generator().manual_seed(seed + 11)
+    labels = train.labels.cpu()
+    keep = []
+    for c in labels.unique().tolist():
+        if c in exclude:
+            continue
+        members = (labels == c).nonzero().flatten()
+        n = max(1, int(round(len(members) * fraction)))
+        keep.append(members[torch.randperm(len(members), generator=gen)[:n]])
+    return train.subset(torch.cat(keep).sort().values)
+
+
+def on_device(split: ImageSet | FileSet, device: torch.device) -> ImageSet | FileSet:
+    """An in-memory split on ``device`` (files of a streamed split stay where they are)."""
+    if isinstance(split, ImageSet):
+        return ImageSet(split.images.to(device), split.labels.to(device))
+    return split
+
+
+class RunData:
+    """The dataset and its splits on ``device``, with the loaders of the run's stages."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device):
+        self.cfg, self.tr, self.device = cfg, cfg.trainer, device
+        t0 = time.perf_counter()
+        self.data = load_dataset(cfg.dataset)
+        train, val = split_validation(self.data.train, float(self.tr.val_fraction), self.tr.seed)
+        # the student stages' transfer set: all of the training split, or a seeded fraction of it
+        student = transfer_subset(
+            train,
+            float(cfg.dataset.get("student_fraction", 1.0)),
+            self.tr.seed,
+            list(cfg.dataset.get("student_exclude") or []),
+        )
+        # in-memory splits go to the training device once; every loader of every stage shares them
+        self.train_set: ImageSet | FileSet = on_device(train, device)
+        self.student_set: ImageSet | FileSet = on_device(student, device)
+        self.val_set: ImageSet | FileSet | None = on_device(val, device) if val is not None else None
+        self.test_set: ImageSet | FileSet = on_device(self.data.test, device)
+        self.seconds = time.perf_counter() - t0
+        self._log()
+        self.norm = Normalize(cfg.dataset.mean, cfg.dataset.std, self.data.in_chans, device)
+        aug = cfg.dataset.get("augment")
+        spec = OmegaConf.to_container(aug, resolve=True) if aug is not None else None
+        assert spec is None or isinstance(spec, dict)
+        self.augment = make_augment(spec, self.tr.seed)
+        views = cfg.cache.views
+        self.views = int(views) if views is not None else (8 if self.augment.enabled else 0)
+        self.val_loader = self.eval_loader(self.val_set)
+        self.test_loader = self.eval_loader(self.test_set)
+
+    def _log(self) -> None:
+        d = self.data
+        log.info(
+            "data: %s, %d train / %d val / %d test images, %d classes, %dx%dx%d",
+            d.name,
+            len(self.train_set),
+            len(self.val_set) if self.val_set else 0,
+            len(d.test),
+            d.num_classes,
+            d.in_chans,
+            d.image_size,
+            d.image_size,
+        )
+        if len(self.student_set) != len(self.train_set):
+            log.info(
+                "data: the student stages train on %d of the %d training images (dataset.student_fraction=%s, "
+                "student_exclude=%s); the teacher on all of them",
+                len(self.student_set),
+                len(self.train_set),
+                self.cfg.dataset.student_fraction,
+                list(self.cfg.dataset.get("student_exclude") or []),
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train_set, FileSet)
+
+    def loader(self, split: ImageSet | FileSet, batch_size: int, **kw) -> TensorLoader | StreamLoader:
+        """Batches from memory (decoded once), or streamed from the files of a split too big for memory."""
+        if isinstance(split, FileSet):
+            return StreamLoader(
+                split,
+                batch_size,
+                self.norm,
+                num_workers=int(self.cfg.dataset.get("workers") or 2),
+                device=self.device,
+                **kw,
+            )
+        return TensorLoader(split, batch_size, self.norm, device=self.device, **kw)
+
+    def train_loader(
+        self, views: int | None = None, split: ImageSet | FileSet | None = None
+    ) -> TensorLoader | StreamLoader:
+        """Shuffled, augmented batches of ``split`` (default: the whole training split); ``views``: None fresh
+        views, K > 0 one of K cached views, 0 plain."""
+        return self.loader(
+            split if split is not None else self.train_set,
+            self.tr.batch_size,
+            augment=self.augment,
+            shuffle=True,
+            seed=self.tr.seed,
+            views=views,
+            shard=distributed.world(),
+        )
+
+    def eval_loader(self, split: ImageSet | FileSet | None) -> TensorLoader | StreamLoader | None:
+        if split is None:
+            return None
+        return self.loader(split, self.tr.eval_batch_size, shuffle=False, views=0)

@@ -1,0 +1,148 @@
+"""The stage runner: builds models, trains stages (:func:`kdrun.engine.train_stage`), writes their
+checkpoints and keeps what each stage reports (:class:`StageLog`) and which models the run evaluates.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kdrun import loggers, report
+from kdrun.data.loader import TensorLoader
+from kdrun.data.stream import StreamLoader
+from kdrun.engine import StageResult, atomic_save, train_stage
+from kdrun.models import build_model
+from kdrun.run_data import RunData
+from kdrun.weights import load_pretrained, model_identity
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Trained:
+    """A model the run evaluates: its weights, config and the stage that trained it."""
+
+    model: nn.Module
+    mcfg: DictConfig
+    stage: str | None  # None when loaded, not trained here
+
+
+@dataclass
+class StageLog:
+    """What the stages report: per stage a summary for ``metrics.json`` (``summaries``) and its seconds."""
+
+    summaries: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def note(self, stage: str, **info) -> None:
+        """Add facts to a stage's summary (e.g. which peer an online scheme chose)."""
+        self.summaries.setdefault(stage, {}).update(info)
+
+    def add_seconds(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+class StageRunner:
+    """Builds, trains and saves the models of one run; ``models`` are the ones the report evaluates."""
+
+    def __init__(self, cfg: DictConfig, data: RunData, run_dir: str, fingerprint: str):
+        self.cfg, self.tr, self.data = cfg, cfg.trainer, data
+        self.device = data.device
+        self.run_dir, self.fingerprint = run_dir, fingerprint
+        self.ckpt_dir = os.path.join(run_dir, "checkpoints")
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        self.log = StageLog()
+        self.models: dict[str, Trained] = {}
+        self.ema: dict[str, nn.Module] = {}  # stage -> EMA of its model's weights (trainer.ema)
+        self.logger = loggers.Loggers()  # the run's trackers, set by kdrun.train.run()
+
+    def build(self, who: str, mcfg, seed_offset: int = 0) -> nn.Module:
+        """A fresh model for ``mcfg`` (``who`` names its config key in errors), initialised from
+        ``trainer.seed + seed_offset``: the student and its baseline start from the same weights."""
+        seed_everything(self.tr.seed + seed_offset)
+        ident = model_identity(mcfg, self.data.data)
+        model = build_model(
+            mcfg.name,
+            ident["num_classes"],
+            ident["in_chans"],
+            ident["image_size"],
+            key=f"{who}.name",
+            source=ident["source"],
+            weights=mcfg.get("weights"),
+            **ident["kwargs"],
+        )
+        if mcfg.get("pretrained"):
+            load_pretrained(mcfg.pretrained, model, f"{who}.pretrained={mcfg.pretrained}")
+        if self.tr.get("channels_last"):
+            model = model.to(memory_format=torch.channels_last)
+        return model.to(self.device)
+
+    def record(self, name: str, model: nn.Module, mcfg, stage: str | None) -> None:
+        """A model the report evaluates; with ``trainer.ema`` its stage's EMA weights too (``{name}_ema``)."""
+        self.models[name] = Trained(model, mcfg, stage)
+        ema = self.ema.get(stage or name)
+        if ema is not None:
+            self.export(f"{stage or name}_ema", ema, mcfg)
+            self.models[f"{name}_ema"] = Trained(ema, mcfg, None)
+
+    def fit(
+        self,
+        stage: str,
+        model: nn.Module,
+        objective,
+        *,
+        epochs: int,
+        optim_cfg=None,
+        trainable: nn.Module | None = None,
+        loader: TensorLoader | StreamLoader | None = None,
+        on_step=None,
+        precision: str | None = None,
+    ) -> StageResult:
+        """Train one stage (resuming its checkpoint if there is one) and note its summary and time.
+
+        ``trainable``: the stage's one trainable module when it is more than ``model`` (student + KD method).
+        With ``trainer.ema`` the EMA of ``model``'s weights is kept in ``self.ema[stage]``.
+        """
+        ema = self.tr.get("ema")
+        res = train_stage(
+            stage,
+            model,
+            objective,
+            loader or self.data.train_loader(),
+            epochs=epochs,
+            optim_cfg=optim_cfg if optim_cfg is not None else self.cfg.optim,
+            trainable=trainable,
+            val_loader=self.data.val_loader,
+            run_dir=self.run_dir,
+            log_every=self.tr.log_every,
+            checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
+            fingerprint=f"{self.fingerprint}-{stage}",
+            on_step=on_step,
+            precision=precision or self.tr.get("precision", "fp32"),
+            compile=bool(self.tr.get("compile")),
+            sync_bn=bool(self.tr.get("sync_bn")),
+            ema=float(ema) if ema else None,
+            logger=self.logger,
+        )
+        self.log.summaries[stage] = report.stage_summary(res)
+        self.log.seconds[stage] = res.seconds
+        if res.ema is not None:
+            self.ema[stage] = res.ema
+        return res
+
+    def export(self, stage: str, model: nn.Module, mcfg, extra: dict | None = None) -> str:
+        """Write ``checkpoints/{stage}.pt``: the model alone (plus its identity), ready to ship."""
+        path = os.path.join(self.ckpt_dir, f"{stage}.pt")
+        ident = model_identity(mcfg, self.data.data)
+        atomic_save({"identity": ident, "model": model.state_dict(), **(extra or {})}, path)
+        return path

@@ -1,0 +1,122 @@
+"""Where a run's teacher comes from: ``teacher.checkpoint``, the artifact store, or trained here (and stored).
+
+:class:`Teacher` is what a scheme passes to a distillation stage: the frozen model, its name (``teacher``,
+or the stage that trained it, e.g. an assistant), the store key of its weights (None when it is not in the
+store, so its logit cache stays in the run) and the precision of its forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kdrun import distributed
+from kdrun.engine import cross_entropy
+from kdrun.stages import StageRunner
+from kdrun.store import Store, StoreRefs, key_of, link_into, model_definition
+from kdrun.weights import load_teacher, model_identity
+
+log = logging.getLogger("kdrun")
+
+
+@dataclass
+class Teacher:
+    model: nn.Module  # frozen: eval mode, no autograd
+    name: str  # "teacher", or the stage that trained it
+    key: str | None  # store key of its weights; None: not stored
+    precision: str | None = None  # autocast of its forward pass; None: the stage's own
+
+
+class TeacherSource:
+    """Builds the run's teacher (``teacher`` config) and records it for the report."""
+
+    def __init__(self, cfg: DictConfig, stages: StageRunner, store: Store | None, refs: StoreRefs):
+        self.cfg, self.tr, self.stages, self.store, self.refs = cfg, cfg.trainer, stages, store, refs
+        self.data = stages.data
+
+    @property
+    def precision(self) -> str:
+        """``teacher.precision``, else ``trainer.precision``: the teacher's training, cache and online forward."""
+        return self.cfg.teacher.get("precision") or self.tr.get("precision", "fp32")
+
+    def optim(self):
+        return OmegaConf.merge(self.cfg.optim, self.cfg.teacher.get("optim") or {})
+
+    def recipe(self) -> dict:
+        """Everything that determines the trained teacher (its artifact-store key)."""
+        cfg, data = self.cfg, self.data
+        weights = {"weights": cfg.teacher.weights} if cfg.teacher.get("weights") else {}  # pretrained by name
+        return {
+            "model": model_identity(cfg.teacher, data.data),
+            "pretrained": cfg.teacher.get("pretrained"),
+            **weights,
+            "definition": model_definition(cfg.teacher.name, cfg.teacher.get("source", "kdrun")),
+            "data": data.data.identity,
+            "train": len(data.train_set),
+            "val_fraction": float(self.tr.val_fraction),
+            "optim": OmegaConf.to_container(self.optim(), resolve=True),
+            "epochs": self.tr.teacher_epochs,
+            "batch_size": self.tr.batch_size,
+            "seed": self.tr.seed,
+            "augment": data.augment.identity(),
+            "torch": torch.__version__.split("+")[0],
+            "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)],
+            "device": data.device.type,
+            "workers": distributed.size(),
+            "precision": self.precision,
+        }
+
+    def get(self) -> Teacher:
+        """The trained teacher: from ``teacher.checkpoint``, from the store, or trained here (and stored)."""
+        tcfg, stages = self.cfg.teacher, self.stages
+        model = stages.build("teacher", tcfg)
+        ident = model_identity(tcfg, self.data.data)
+        final = os.path.join(stages.ckpt_dir, "teacher.pt")
+        metrics_csv = os.path.join(stages.run_dir, "metrics_teacher.csv")
+        if tcfg.checkpoint:
+            load_teacher(tcfg.checkpoint, model, ident)
+            log.info("teacher: loaded %s from %s", tcfg.name, tcfg.checkpoint)
+            stages.log.note("teacher", source=str(tcfg.checkpoint))
+            key = key_of({"checkpoint": os.path.abspath(tcfg.checkpoint), "mtime": os.path.getmtime(tcfg.checkpoint)})
+        elif self.store is None:
+            key = key_of(self.recipe())
+            self._train(model, final)
+        else:
+            store, recipe = self.store, self.recipe()
+            key = key_of(recipe)
+            self.refs.note("teacher", key)
+            with distributed.main_only(store.lock("teacher", key)):
+                entry = distributed.shared(lambda: store.get("teacher", key))
+                if entry is not None:
+                    summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}")
+                    if distributed.is_main():
+                        link_into(entry.file("teacher.pt"), final)
+                        link_into(entry.file("metrics_teacher.csv"), metrics_csv)
+                    log.info("teacher: reused %s from the store (%s); not retrained", tcfg.name, entry.path)
+                    stages.log.note("teacher", **summary, source="store", store_key=key)
+                else:
+                    self._train(model, final)
+                    if distributed.is_main():
+                        files = {"teacher.pt": final, "metrics_teacher.csv": metrics_csv}
+                        entry = store.publish("teacher", key, files, recipe)
+                        log.info("teacher: stored as %s", entry.path)
+        model.eval().requires_grad_(False)
+        stages.record("teacher", model, tcfg, None)  # reported at its last epoch
+        return Teacher(model, "teacher", key, self.precision)
+
+    def _train(self, model: nn.Module, final: str) -> None:
+        stages = self.stages
+        stages.fit(
+            "teacher",
+            model,
+            cross_entropy,
+            epochs=self.tr.teacher_epochs,
+            optim_cfg=self.optim(),
+            precision=self.precision,
+        )
+        stages.export("teacher", model, self.cfg.teacher, {"summary": stages.log.summaries["teacher"]})

@@ -1,0 +1,81 @@
+"""Loading weights into models: trained kdrun teachers, pretrained state_dicts, and a model's identity.
+
+Every file is read with ``weights_only=True`` (nothing in it can run code); kdrun checkpoints are
+verified against their checksum (:mod:`kdrun.io`); a file that is not what it claims ends the run with
+one line naming it.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from kdrun import io as kio
+from kdrun.data import DataBundle
+from kdrun.errors import ConfigError
+
+
+def model_identity(mcfg, data: DataBundle) -> dict:
+    """What makes a model's weights fit another run: architecture, source, options, classes, input."""
+    return {
+        "arch": mcfg.name,
+        "source": mcfg.get("source", "kdrun"),
+        "kwargs": OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {},
+        "num_classes": data.num_classes,
+        "in_chans": data.in_chans,
+        "image_size": data.image_size,
+    }
+
+
+def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = None) -> dict:
+    """Load a kdrun teacher checkpoint into ``model`` after verifying its checksum (:mod:`kdrun.io`);
+    refuse a damaged file, another architecture or class count. ``what`` names the file in errors
+    (default ``teacher.checkpoint=PATH``)."""
+    what = what or f"teacher.checkpoint={path}"
+    try:
+        ckpt = kio.load(path, "checkpoint")
+    except kio.DamagedArtifact as e:
+        raise ConfigError(f"{what}: {e.reason}") from None
+    have = ckpt.get("identity")
+    if not isinstance(have, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ConfigError(f"{what}: not a kdrun teacher checkpoint (no 'identity' and 'model')")
+    if (have.get("arch"), have.get("num_classes")) != (want["arch"], want["num_classes"]):
+        raise ConfigError(
+            f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, "
+            f"but this run's teacher is {want['arch']} for {want['num_classes']} classes"
+        )
+    load_weights(model, ckpt["model"], what)
+    return ckpt.get("summary", {})
+
+
+def load_weights(model: nn.Module, state, what: str) -> None:
+    """``model.load_state_dict(state)``, or one line naming ``what`` when ``state`` does not fit the model."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{what}: not a state_dict (a mapping of parameter names to tensors)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = (first[1].strip() if len(first) > 1 else first[0])[:200] if first else ""
+        raise ConfigError(f"{what}: does not fit the model ({detail})") from None
+
+
+def load_pretrained(path: str, model: nn.Module, what: str) -> None:
+    """Initialise ``model`` from a local state_dict (or a kdrun checkpoint's ``model``), read with
+    ``weights_only=True``: a file that is not what it claims is one line naming ``what``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (truncated, not torch, or a pickle with more than weights)
+        raise ConfigError(
+            f"{what}: not a loadable state_dict ({type(e).__name__}; only tensors and plain "
+            "values are read, never code)"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        if "header" in state:  # a kdrun checkpoint: verify its checksum too
+            try:
+                state = kio.load(path, state["header"].get("kind", "checkpoint"))
+            except kio.DamagedArtifact as e:
+                raise ConfigError(f"{what}: {e.reason}") from None
+        state = state["model"]
+    load_weights(model, state, what)
