@@ -13,7 +13,7 @@ and a smoke run that only shows every side works: ``--subset 512 --test-subset 1
 
 The teacher is a resnet20 (any kdrun model) trained by ``kdrun train`` on the same folder, e.g. the one of
 ``kdrun train experiment=cifar10_cpu``; every side loads the SAME weights with kdrun's loader
-(:func:`kdrun.train.load_teacher`: checksum verified, architecture and class count from the checkpoint).
+(:func:`kdrun.weights.load_teacher`: checksum verified, architecture and class count from the checkpoint).
 Its normalisation is read from the teacher's run (``<run>/.hydra/config.yaml``; ``--mean/--std``
 override it; the CIFAR-10 JPEG copy's statistics when there is no run config).
 
@@ -373,7 +373,7 @@ def torchdistill_side(s: Setting) -> dict:
     from torchvision import datasets, transforms
 
     from kdrun.models import build_model
-    from kdrun.train import load_teacher
+    from kdrun.weights import load_teacher
 
     if "pre_epoch_with_teacher_eval" not in PRE_EPOCH_PROC_FUNC_DICT:
 
