@@ -48,9 +48,8 @@ from torch import nn
 from tqdm import tqdm
 
 from kdrun import distributed, io
-from kdrun.data.base import ImageSet
-from kdrun.data.loader import Normalize
-from kdrun.data.transforms import Augment, RandomResizedCrop
+from kdrun.data.loader import TensorLoader
+from kdrun.data.stream import StreamLoader
 from kdrun.engine import autocast
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 
@@ -285,37 +284,34 @@ def _create(path: str, shape: CacheShape, key: str) -> None:
 def fill_pass(
     cache: LogitCache,
     teacher: nn.Module,
-    data: ImageSet,
-    normalize: Normalize,
-    augment: Augment | RandomResizedCrop,
+    loader: TensorLoader | StreamLoader,
     batch_size: int,
-    device,
     precision: str = "fp32",
 ) -> float:
     """Fill every missing row in one pass before training (``cache.fill=pass``); returns the seconds.
 
-    Data parallel: rank r computes batches r, r + W, ... of the missing rows and writes them itself."""
+    ``loader``: the student stage's loader (its ``batches(index, view)`` rebuilds any view, from memory or
+    decoded from files in its workers). Data parallel: rank r computes batches r, r + W, ... of the missing
+    rows and writes them itself."""
     t0 = time.perf_counter()
     teacher.eval()
     rank, world = distributed.world()
     todo = torch.from_numpy(cache.missing())
-    jobs = list(todo.split(batch_size))
+    jobs = list(todo.split(batch_size))[rank::world]
+    mine = torch.cat(jobs) if jobs else todo[:0]
+    index, view = mine % cache.shape.samples, mine // cache.shape.samples
     bar = tqdm(
         total=len(todo), desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0, disable=rank != 0
     )
-    for batches, pos in enumerate(jobs[rank::world], start=1):
-        idx, view = pos % cache.shape.samples, pos // cache.shape.samples
-        images = data.images[idx].to(device)
-        if cache.shape.views > 0:
-            images = augment(images, idx.to(device), view.to(device))
-        with autocast(torch.device(device), precision):
-            cache.write(idx, view, teacher(normalize(images)).float())
-        bar.update(len(pos) * world)
+    for batches, batch in enumerate(loader.batches(index, view, batch_size), start=1):
+        with autocast(batch.x.device, precision):
+            cache.write(batch.index.cpu(), batch.view.cpu(), teacher(batch.x).float())
+        bar.update(len(batch.index) * world)
         maybe_kill("cache", batches)
         if STOP.requested is not None:  # SIGTERM/SIGINT: what is written stays; a resumed run fills the rest
             bar.close()
             raise Preempted(
-                f"cache: stopped by {STOP.requested} after {batches} of {len(jobs[rank::world])} batches; "
+                f"cache: stopped by {STOP.requested} after {batches} of {len(jobs)} batches; "
                 f"rerun the same command to resume, the filled rows are kept (exit code {EXIT_PREEMPTED})"
             )
     bar.close()

@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 
 from kdrun import distributed
 from kdrun.cache import FORMAT, SUFFIX, CacheShape, LogitCache, fill_pass
-from kdrun.data import ImageSet
 from kdrun.run_data import RunData
 from kdrun.stages import StageLog
 from kdrun.store import Store, StoreRefs, key_of, link_into
@@ -101,11 +100,10 @@ class LogitCaches:
             f", top {shape.topk} logits" if shape.topk else "",
         )
         info = {"source": source, "filled_before": filled, "seconds": 0.0, "fill": ccfg.get("fill")}
-        images = d.student_set  # a pass over files (stream mode) is not offered: those fill on first use
-        if ccfg.get("fill") == "pass" and not cache.complete and isinstance(images, ImageSet):
+        if ccfg.get("fill") == "pass" and not cache.complete:
             precision = teacher.precision or self.cfg.trainer.get("precision", "fp32")
-            batch = self.cfg.trainer.eval_batch_size
-            info["seconds"] = fill_pass(cache, teacher.model, images, d.norm, d.augment, batch, d.device, precision)
+            loader = d.train_loader(d.views, d.student_set)  # the student stage's views, from memory or files
+            info["seconds"] = fill_pass(cache, teacher.model, loader, self.cfg.trainer.eval_batch_size, precision)
             log.info("cache: filled %d rows in one pass in %.1fs", shape.rows - filled, info["seconds"])
             self.log.add_seconds("cache", info["seconds"])
         self.open_caches[teacher.name] = CacheUse(cache, ckey, recipe, damaged)

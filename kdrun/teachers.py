@@ -96,13 +96,16 @@ class TeacherSource:
                     summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}")
                     if distributed.is_main():
                         link_into(entry.file("teacher.pt"), final)
-                        link_into(entry.file("metrics_teacher.csv"), metrics_csv)
+                        if os.path.exists(entry.file("metrics_teacher.csv")):  # none for 0 epochs
+                            link_into(entry.file("metrics_teacher.csv"), metrics_csv)
                     log.info("teacher: reused %s from the store (%s); not retrained", tcfg.name, entry.path)
                     stages.log.note("teacher", **summary, source="store", store_key=key)
                 else:
                     self._train(model, final)
                     if distributed.is_main():
-                        files = {"teacher.pt": final, "metrics_teacher.csv": metrics_csv}
+                        files = {"teacher.pt": final}
+                        if os.path.exists(metrics_csv):  # trainer.teacher_epochs=0 writes no epoch rows
+                            files["metrics_teacher.csv"] = metrics_csv
                         entry = store.publish("teacher", key, files, recipe)
                         log.info("teacher: stored as %s", entry.path)
         model.eval().requires_grad_(False)

@@ -193,7 +193,8 @@ def kdrun_side(a, device: torch.device) -> dict:
             shape = CacheShape(len(train), a.views, classes)
             cache = LogitCache.open(os.path.join(run_dir, "teacher_logits.kdlc"), shape, "bench")
             precision = "bf16" if a.bf16 else "fp32"
-            fill_pass(cache, teacher, train, norm, augment, a.eval_batch, device, precision)
+            views_loader = TensorLoader(train, a.batch, norm, augment, seed=a.seed, device=device, views=a.views)
+            fill_pass(cache, teacher, views_loader, a.eval_batch, precision)
             ref.sync(device)
             ips["cache"] = shape.rows / (time.perf_counter() - t0)
         method = KD(temperature=a.temperature, alpha=a.alpha).to(device)

@@ -64,6 +64,7 @@ def run_side(name: str, a, out: str) -> dict:
         f"hydra.run.dir={run_dir}",
         *SIDES[name],
     ]
+    os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, f"{name}.log")
     with open(log_path, "w") as log:
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

@@ -30,7 +30,7 @@ def test_student_batches_replay_the_cached_views_exactly(tmp_path):
     views, batch = 4, 16
     teacher = Recorder()
     cache = LogitCache.open(str(tmp_path / "c.kdlc"), CacheShape(len(data), views, 3), "k")
-    fill_pass(cache, teacher, data, norm, augment, batch, "cpu")
+    fill_pass(cache, teacher, TensorLoader(data, 8, norm, augment, seed=7, views=views), batch)
     assert cache.complete
     seen = torch.cat(teacher.seen)
     # the pass walks view 0 over all images, then view 1, ...: row v * N + i holds (image i, view v)

@@ -84,3 +84,16 @@ def test_store_cli_bad_input(kdrun, tmp_path):
     assert p.returncode == 2 and "valid: ls, gc" in p.stderr
     p = kdrun("store", "gc", "foo=1")
     assert p.returncode == 2 and "foo=1: unknown argument" in p.stderr
+
+
+def test_untrained_teacher_is_stored_and_reused(kdrun, tmp_path):
+    """trainer.teacher_epochs=0 (a teacher used as initialised, e.g. for speed benchmarks) has no epoch rows:
+    it is stored without them and reused."""
+    store = tmp_path / "store"
+    args = [*FAST, "trainer.teacher_epochs=0", "trainer.epochs=1", f"store.dir={store}"]
+    p1 = kdrun("train", *args, f"hydra.run.dir={tmp_path / 'r1'}")
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    assert "teacher: stored as" in p1.stderr
+    p2 = kdrun("train", *args, f"hydra.run.dir={tmp_path / 'r2'}")
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert "reused resnet8 from the store" in p2.stderr
