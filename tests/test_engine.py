@@ -167,14 +167,14 @@ def test_teacher_stays_frozen_through_every_distillation_stage(tmp_path, monkeyp
     distil, checked = train.Run.distil, []
 
     def watched(self, stage, mcfg, teacher, *a, **kw):
-        before = snapshot(teacher)
+        before = snapshot(teacher.model)
         assert any("running_mean" in k for k in before)  # BatchNorm statistics are compared too
         student = distil(self, stage, mcfg, teacher, *a, **kw)
-        after = snapshot(teacher)
+        after = snapshot(teacher.model)
         assert before.keys() == after.keys()
         for k in before:
             assert torch.equal(before[k], after[k]), f"{stage}: teacher's {k} changed"
-        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
         checked.append(stage)
         return student
 
