@@ -68,12 +68,14 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version as pkg_version
+from typing import TYPE_CHECKING
 
-import torch
-from omegaconf import OmegaConf
+if TYPE_CHECKING:
+    import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference_kd import ROOT, subset_indices  # noqa: E402
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+# torch, torchvision, kdrun and torchdistill are imported where they are used: bad input is refused at once
 
 SIDES = ("kdrun-cache", "kdrun-online", "torchdistill")
 CIFAR10_JPEG_MEAN = (0.4913, 0.4821, 0.4465)  # the JPEG copy's training split, x/255 (configs/experiment/cifar10_cpu)
@@ -158,6 +160,8 @@ def normalisation(teacher_path: str, mean, std) -> tuple[list[float], list[float
     """``--mean/--std`` when given, else the teacher's run's ``dataset.mean/std``, else the CIFAR-10 JPEG copy's."""
     run_cfg = os.path.join(os.path.dirname(os.path.dirname(teacher_path)), ".hydra", "config.yaml")
     if (mean is None or std is None) and os.path.exists(run_cfg):
+        from omegaconf import OmegaConf
+
         ds = OmegaConf.load(run_cfg).get("dataset", {})
         mean = mean if mean is not None else list(ds.get("mean") or CIFAR10_JPEG_MEAN)
         std = std if std is not None else list(ds.get("std") or CIFAR10_JPEG_STD)
@@ -177,6 +181,9 @@ def link_subset(src: str, dst: str, n: int | None, seed: int) -> None:
     if n is None:
         os.symlink(os.path.abspath(src), dst)
         return
+    sys.path.insert(0, SCRIPTS)
+    from reference_kd import subset_indices
+
     files = image_files(src)
     for i in subset_indices(len(files), n, seed).tolist():
         cls, path = files[i]
@@ -343,6 +350,8 @@ def torchdistill_train_config(s: Setting, steps_per_epoch: int, sampler) -> dict
 
 
 def state_digest(model: torch.nn.Module) -> str:
+    import torch
+
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
@@ -350,20 +359,23 @@ def state_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-@torch.inference_mode()
 def top1(model: torch.nn.Module, loader, device: torch.device) -> float:
     """Top-1 (%) over ``loader``, as torchdistill's image-classification example's ``evaluate``."""
+    import torch
+
     model.eval()
     right = seen = 0
-    for x, y in loader:
-        right += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-        seen += len(y)
+    with torch.inference_mode():
+        for x, y in loader:
+            right += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+            seen += len(y)
     return 100.0 * right / seen
 
 
 def torchdistill_side(s: Setting) -> dict:
     """Train and evaluate with torchdistill; the parts' seconds and the top-1s (run in a process of its own)."""
     t_start = time.perf_counter()
+    import torch
     from torch.utils.data import RandomSampler, SequentialSampler
     from torchdistill.common.main_util import set_seed
     from torchdistill.core.distillation import get_distillation_box
@@ -486,8 +498,9 @@ def table(results: list[SideResult]) -> str:
     for r in results:
         speed = f"{ref.wall_s / r.wall_s:.2f}x" if ref else "-"
         rate = f"{r.images_per_s / ref.images_per_s:.2f}x" if ref else "-"
+        digits = 0 if r.images_per_s >= 100 else 1
         rows.append(
-            f"{r.side:<14}{r.wall_s:>9.1f}{r.images_per_s:>15.0f}{r.student_top1:>8.2f}{r.teacher_top1:>9.2f}"
+            f"{r.side:<14}{r.wall_s:>9.1f}{r.images_per_s:>15.{digits}f}{r.student_top1:>8.2f}{r.teacher_top1:>9.2f}"
             f"{speed:>15}{rate:>13}"
         )
     rows.append("")
@@ -499,7 +512,11 @@ def table(results: list[SideResult]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", help="a kdrun teacher checkpoint (<run>/checkpoints/teacher.pt)")
-    p.add_argument("--root", default=ROOT, help="image folder with train/<class>/* and test/<class>/*")
+    p.add_argument(
+        "--root",
+        default=None,
+        help="image folder with train/<class>/* and test/<class>/* (default: $KDRUN_DEV_CACHE/cifar10-jpg)",
+    )
     p.add_argument("--student", default="resnet8", help="a kdrun model (kdrun models)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--subset", type=int, default=None, help="seeded choice of N training images (smoke runs)")
@@ -560,6 +577,11 @@ def bench(a: argparse.Namespace) -> None:
             raise BadInput(f"--{name.replace('_', '-')} {v}: must be a positive integer")
     if not 0.0 <= a.alpha <= 1.0:
         raise BadInput(f"--alpha {a.alpha}: must be in [0, 1]")
+    if a.root is None:
+        sys.path.insert(0, SCRIPTS)
+        from reference_kd import ROOT
+
+        a.root = ROOT
     if not os.path.isdir(a.root):
         raise BadInput(f"--root {a.root}: no such folder (scripts/prepare_shared_data.py makes the CIFAR-10 JPEGs)")
 
@@ -576,17 +598,13 @@ def bench(a: argparse.Namespace) -> None:
             link_subset(os.path.join(a.root, "train"), os.path.join(root, "train"), a.subset, a.seed)
             link_subset(os.path.join(a.root, "test"), os.path.join(root, "test"), a.test_subset, a.seed)
         s = setting_from(a, os.path.abspath(root))
-        version = "-"
-        if "torchdistill" in sides:
-            from importlib.metadata import version as pkg_version
-
-            version = pkg_version("torchdistill")
+        version = pkg_version("torchdistill") if "torchdistill" in sides else "-"
         n_train = len(image_files(os.path.join(root, "train")))
         n_test = len(image_files(os.path.join(root, "test")))
         print(
             f"{s.teacher.arch} -> {s.student}, {n_train} train / {n_test} test images of {a.root}, "
             f"{s.epochs} epochs, batch {s.batch}, T={s.temperature}, alpha={s.alpha} (KL), SGD lr {s.lr} cosine, "
-            f"threads {s.threads or 'default'}, torch {torch.__version__}, torchdistill {version}"
+            f"threads {s.threads or 'default'}, torch {pkg_version('torch')}, torchdistill {version}"
         )
         results = []
         for side in sides:
