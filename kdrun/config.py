@@ -31,7 +31,7 @@ RULES = [
     ("trainer.teacher_epochs", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.epochs", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.batch_size", _int, lambda v: v > 0, "an integer > 0"),
-    ("trainer.eval_batch_size", _int, lambda v: v > 0, "an integer > 0"),
+    ("trainer.eval_batch_size", _int, lambda v: v > 0, "an integer > 0 (or null: 512 on a GPU, 64 on a CPU)"),
     ("trainer.seed", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.val_fraction", _num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("dataset.student_fraction", _num, lambda v: 0 < v <= 1, "a number in (0, 1]"),

@@ -103,7 +103,7 @@ class LogitCaches:
         if ccfg.get("fill") == "pass" and not cache.complete:
             precision = teacher.precision or self.cfg.trainer.get("precision", "fp32")
             loader = d.train_loader(d.views, d.student_set)  # the student stage's views, from memory or files
-            info["seconds"] = fill_pass(cache, teacher.model, loader, self.cfg.trainer.eval_batch_size, precision)
+            info["seconds"] = fill_pass(cache, teacher.model, loader, d.eval_batch_size, precision)
             log.info("cache: filled %d rows in one pass in %.1fs", shape.rows - filled, info["seconds"])
             self.log.add_seconds("cache", info["seconds"])
         self.open_caches[teacher.name] = CacheUse(cache, ckey, recipe, damaged)

@@ -110,6 +110,8 @@ class RunData:
         spec = OmegaConf.to_container(aug, resolve=True) if aug is not None else None
         assert spec is None or isinstance(spec, dict)
         self.augment = make_augment(spec, self.tr.seed)
+        eb = self.tr.get("eval_batch_size")
+        self.eval_batch_size = int(eb) if eb else (512 if device.type == "cuda" else 64)
         views = cfg.cache.views
         self.views = int(views) if views is not None else (8 if self.augment.enabled else 0)
         self.val_loader = self.eval_loader(self.val_set)
@@ -177,4 +179,4 @@ class RunData:
     def eval_loader(self, split: ImageSet | FileSet | None) -> TensorLoader | StreamLoader | None:
         if split is None:
             return None
-        return self.loader(split, self.tr.eval_batch_size, shuffle=False, views=0)
+        return self.loader(split, self.eval_batch_size, shuffle=False, views=0)

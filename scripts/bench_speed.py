@@ -275,7 +275,9 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, help="steps of the teacher stage (default: --steps)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each training stage")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--eval-batch", type=int, default=512, help="batch of the cache build / teacher pass")
+    p.add_argument(
+        "--eval-batch", type=int, help="batch of the cache build / teacher pass (default: 512 on cuda, 64 on cpu)"
+    )
     p.add_argument("--views", type=int, default=1, help="kdrun cache.views (K > 0: augmented student batches)")
     p.add_argument("--teacher", default="resnet20")
     p.add_argument("--student", default="resnet8")
@@ -302,6 +304,7 @@ def main() -> None:
     p.add_argument("--sides", default="both", choices=["both", "kdrun"])
     p.add_argument("--side", choices=["kdrun", "reference"], help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.eval_batch = a.eval_batch or (512 if a.device == "cuda" else 64)
     a.teacher_steps = a.teacher_steps or a.steps
     if min(a.steps, a.teacher_steps) <= a.warmup:
         p.error(f"--steps and --teacher-steps must exceed --warmup {a.warmup}")
