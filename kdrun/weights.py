@@ -28,18 +28,25 @@ def model_identity(mcfg, data: DataBundle) -> dict:
     }
 
 
+def read_checkpoint(path: str, what: str) -> dict:
+    """A kdrun model checkpoint (``identity`` and ``model``), checksum verified; one line naming ``what``
+    when the file is damaged or not one."""
+    try:
+        ckpt = kio.load(path, "checkpoint")
+    except kio.DamagedArtifact as e:
+        raise ConfigError(f"{what}: {e.reason}") from None
+    if not isinstance(ckpt.get("identity"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise ConfigError(f"{what}: not a kdrun teacher checkpoint (no 'identity' and 'model')")
+    return ckpt
+
+
 def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = None) -> dict:
     """Load a kdrun teacher checkpoint into ``model`` after verifying its checksum (:mod:`kdrun.io`);
     refuse a damaged file, another architecture or class count. ``what`` names the file in errors
     (default ``teacher.checkpoint=PATH``)."""
     what = what or f"teacher.checkpoint={path}"
-    try:
-        ckpt = kio.load(path, "checkpoint")
-    except kio.DamagedArtifact as e:
-        raise ConfigError(f"{what}: {e.reason}") from None
-    have = ckpt.get("identity")
-    if not isinstance(have, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ConfigError(f"{what}: not a kdrun teacher checkpoint (no 'identity' and 'model')")
+    ckpt = read_checkpoint(path, what)
+    have = ckpt["identity"]
     if (have.get("arch"), have.get("num_classes")) != (want["arch"], want["num_classes"]):
         raise ConfigError(
             f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, "

@@ -135,15 +135,13 @@ class SideResult:
 
 
 def read_teacher(path: str) -> Teacher:
-    from kdrun import io as kio
+    from kdrun.errors import ConfigError
+    from kdrun.weights import read_checkpoint
 
     try:
-        ckpt = kio.load(path, "checkpoint")
-    except kio.DamagedArtifact as e:
-        raise BadInput(f"--teacher {path}: {e.reason}") from None
-    ident = ckpt.get("identity")
-    if not isinstance(ident, dict) or not isinstance(ckpt.get("model"), dict):
-        raise BadInput(f"--teacher {path}: not a kdrun teacher checkpoint (no 'identity' and 'model')")
+        ident = read_checkpoint(path, f"--teacher {path}")["identity"]
+    except ConfigError as e:
+        raise BadInput(str(e)) from None
     if ident.get("source", "kdrun") != "kdrun":
         raise BadInput(f"--teacher {path}: a {ident.get('source')} model; this benchmark takes kdrun's models")
     return Teacher(
