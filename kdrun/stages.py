@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdrun import loggers, report
@@ -19,7 +19,23 @@ from kdrun.data.stream import StreamLoader
 from kdrun.engine import StageResult, atomic_save, train_stage
 from kdrun.models import build_model
 from kdrun.run_data import RunData
+from kdrun.store import key_of
 from kdrun.weights import load_pretrained, model_identity
+
+# Keys that say where a run reads and writes, how it is watched or how fast it goes, not what it trains:
+# a run resumed with other values of these (another KDRUN_DATA, data root given explicitly, another logger,
+# eval batch or thread count, another machine) continues; any other change is refused by the fingerprint.
+RESUME_IGNORED = ("paths", "logger", "store", "sweep", "evaluate", "hydra")
+RESUME_IGNORED_TRAINER = ("eval_batch_size", "device", "log_every", "latency", "checkpoint_every_steps", "threads")
+
+
+def resume_fingerprint(cfg: DictConfig) -> str:
+    """The key of the resolved config a stage's checkpoint must match to be resumed (see ``RESUME_IGNORED``)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    kept = {k: v for k, v in resolved.items() if k not in RESUME_IGNORED}
+    kept["trainer"] = {k: v for k, v in kept.get("trainer", {}).items() if k not in RESUME_IGNORED_TRAINER}
+    return key_of(kept)
 
 
 def seed_everything(seed: int) -> None:

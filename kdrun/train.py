@@ -32,8 +32,8 @@ from kdrun.logit_caches import LogitCaches
 from kdrun.losses import LOSSES
 from kdrun.models.registry import feature_points
 from kdrun.run_data import RunData
-from kdrun.stages import StageRunner, seed_everything
-from kdrun.store import Store, StoreRefs, key_of
+from kdrun.stages import StageRunner, resume_fingerprint, seed_everything
+from kdrun.store import Store, StoreRefs
 from kdrun.teachers import Teacher, TeacherSource
 
 log = logging.getLogger("kdrun")
@@ -68,8 +68,7 @@ class Run:
         self.store = Store(cfg.store.dir) if cfg.store.enabled else None
         self.refs = StoreRefs(self.store, run_dir, distributed.is_main())
         self.data = RunData(cfg, device)
-        fingerprint = key_of(dict(OmegaConf.to_container(cfg, resolve=True)))  # type: ignore[arg-type]
-        self.stages = StageRunner(cfg, self.data, run_dir, fingerprint)
+        self.stages = StageRunner(cfg, self.data, run_dir, resume_fingerprint(cfg))
         self.stages.log.seconds["data"] = self.data.seconds
         self.teachers = TeacherSource(cfg, self.stages, self.store, self.refs)
         self.caches = LogitCaches(cfg, self.data, self.stages.log, run_dir, self.store, self.refs)

@@ -102,3 +102,37 @@ def test_checkpoint_of_another_config_is_refused(kdrun, tmp_path, uninterrupted)
     p = kdrun("train", *ARGS, "optim.lr=0.2", f"hydra.run.dir={run_dir}")
     assert p.returncode == 2
     assert "teacher_last.pt: made by a different configuration of stage 'teacher'" in p.stderr
+
+
+def test_resume_fingerprint_ignores_where_and_how_not_what():
+    from kdrun.cli import compose
+    from kdrun.stages import resume_fingerprint
+
+    base = ["dataset=imagefolder", "dataset.root=/data/c10", "store.enabled=false"]
+    key = resume_fingerprint(compose(base))
+    moved = [
+        "paths.data=/elsewhere",
+        "paths.output=/o",
+        "trainer.eval_batch_size=32",
+        "trainer.device=cpu",
+        "trainer.log_every=7",
+        "trainer.threads=1",
+        "trainer.latency=false",
+        "logger=[csv]",
+    ]
+    assert resume_fingerprint(compose([*base, *moved])) == key
+    for change in ["optim.lr=0.2", "dataset.root=/data/other", "trainer.seed=1", "cache.topk=5", "loss.alpha=0.5"]:
+        assert resume_fingerprint(compose([*base, change])) != key, change
+
+
+def test_resume_elsewhere_ignores_paths_and_logging(kdrun, tmp_path, uninterrupted):
+    """Where data and outputs live and how progress is logged are not the run's configuration: a run moved
+    to another machine (another KDRUN_DATA) resumes; a change of what it trains is still refused (above)."""
+    run_dir = tmp_path / "run"
+    env = {"KDRUN_KILL_AT": "student:3:TERM", "KDRUN_DATA": str(tmp_path / "data_here")}
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env=env)
+    assert p.returncode == EXIT_PREEMPTED, p.stderr[-2000:]
+    p = kdrun("train", f"resume={run_dir}", "trainer.log_every=3", env={"KDRUN_DATA": str(tmp_path / "data_there")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "student: resuming from" in p.stderr and "teacher: already finished" in p.stderr
+    assert final_state(run_dir)[0] == uninterrupted[0]
