@@ -13,7 +13,9 @@
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), KDRUN_DATA (default ../shared/datasets),
 # KDRUN_CHECK_DIR (outputs and the extracted data; default outputs/gpu_check), KDRUN_PEAK_TFLOPS (the GPU's
-# dense bf16 peak; default 989, an H100 SXM). A machine without hydra/omegaconf: stage the wheels first with
+# dense bf16 peak; default 989, an H100 SXM or H200), KDRUN_CHECK_EPOCHS (step 3's epochs per stage; default 15),
+# KDRUN_CHECK_STEP_S (> 0: each step is stopped after this many seconds, and the table still prints what the
+# others measured: a short lease loses one step, not the whole check). A machine without hydra/omegaconf: stage the wheels first with
 # ../shared/device/prep.sh (into .whl/); the script installs .whl/*.whl into a private folder when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,14 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 data=${KDRUN_DATA:-../shared/datasets}
 t_start=$(date +%s)
+epochs=${KDRUN_CHECK_EPOCHS:-15}
+step_s=${KDRUN_CHECK_STEP_S:-0}
+step() {  # one step of the check; a failure or a time-out is reported and the check goes on to the table
+  local rc=0
+  if [ "$step_s" -gt 0 ]; then timeout "$step_s" "$@" || rc=$?; else "$@" || rc=$?; fi
+  [ "$rc" = 0 ] || echo "gpu_check: step '$*' ended with exit code $rc$([ "$rc" = 124 ] && echo " (time-out, ${step_s} s)")" >&2
+  return 0
+}
 
 if compgen -G ".whl/*.whl" > /dev/null; then  # wheels the machine lacks, staged by prep.sh
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$out/site" .whl/*.whl
@@ -81,7 +91,7 @@ else
   bench=(--device cuda --subset 10000 --steps 60 --warmup 15 --repeats 1 --batch 256 --eval-batch 1024 --workers 8
          --bf16 --channels-last --compile)
   pairs=("resnet32x4 resnet8x4" "resnet18 mbv2")
-  run_args=(experiment=cifar10_resnet56_resnet20 trainer.teacher_epochs=15 trainer.epochs=15 optim.schedule=cosine
+  run_args=(experiment=cifar10_resnet56_resnet20 "trainer.teacher_epochs=$epochs" "trainer.epochs=$epochs" optim.schedule=cosine
             trainer.precision=bf16 trainer.channels_last=true cache.enabled=true trainer.device=cuda)
   launcher=(--standalone --nproc-per-node=1)
 fi
@@ -92,21 +102,21 @@ common=(dataset=imagefolder "dataset.root=$cifar" "dataset.mean=$mean" "dataset.
 for pair in "${pairs[@]}"; do
   read -r teacher student <<< "$pair"
   echo "== bench_speed $teacher -> $student ($device)"
-  "$py" scripts/bench_speed.py --root "$cifar" --teacher "$teacher" --student "$student" "${bench[@]}" \
-    --json "$out/bench_${teacher}_${student}.json" | tee "$out/bench_${teacher}_${student}.log"
+  step "$py" scripts/bench_speed.py --root "$cifar" --teacher "$teacher" --student "$student" "${bench[@]}" \
+    --json "$out/bench_${teacher}_${student}.json" 2>&1 | tee "$out/bench_${teacher}_${student}.log"
 done
 
 # ---------------------------------------------------------------- 2. torchrun, one GPU, end to end
 echo "== torchrun ${launcher[*]} kdrun train (1 epoch)"
 rm -rf "$out/torchrun"
-"$py" -m torch.distributed.run "${launcher[@]}" -m kdrun.cli train "${common[@]}" teacher=resnet20 student=resnet8 \
+step "$py" -m torch.distributed.run "${launcher[@]}" -m kdrun.cli train "${common[@]}" teacher=resnet20 student=resnet8 \
   trainer.teacher_epochs=1 trainer.epochs=1 "trainer.device=$device" "hydra.run.dir=$out/torchrun" 2>&1 \
   | tail -n 12
 
 # ---------------------------------------------------------------- 3. CIFAR-10, 15 epochs (dry run: 1)
 echo "== kdrun train: CIFAR-10 (${run_args[*]})"
 rm -rf "$out/cifar10"
-"$py" -m kdrun.cli train "${common[@]}" "${run_args[@]}" "hydra.run.dir=$out/cifar10" 2>&1 | tail -n 12
+step "$py" -m kdrun.cli train "${common[@]}" "${run_args[@]}" "hydra.run.dir=$out/cifar10" 2>&1 | tail -n 12
 
 # ---------------------------------------------------------------- the table
 "$py" - "$out" "$device" "$(( $(date +%s) - t_start ))" "${KDRUN_PEAK_TFLOPS:-989}" <<'EOF'
