@@ -305,7 +305,7 @@ def fill_pass(
     )
     for batches, batch in enumerate(loader.batches(index, view, batch_size), start=1):
         with autocast(batch.x.device, precision):
-            cache.write(batch.index.cpu(), batch.view.cpu(), teacher(batch.x).float())
+            cache.write(*batch.on_host(), teacher(batch.x).float())
         bar.update(len(batch.index) * world)
         maybe_kill("cache", batches)
         if STOP.requested is not None:  # SIGTERM/SIGINT: what is written stays; a resumed run fills the rest

@@ -118,7 +118,7 @@ class Distill:
             logits = self._teacher(batch.x)
             assert self.teacher_tap is not None
             return Outputs(logits, [self.teacher_tap.features[n] for n in self.method.teacher_layers])
-        index, view = batch.index.cpu(), batch.view.cpu()
+        index, view = batch.on_host()  # no device-to-host copy: the loader keeps them
         logits, have = self.cache.lookup(index, view)
         if not bool(have.all()):  # first use of some (sample, view): the teacher runs on those images only
             miss = (~have).nonzero().squeeze(1)

@@ -89,6 +89,31 @@ def test_first_use_runs_the_teacher_once_per_image_and_view(tmp_path):
     assert reopened.filled == len(met)
 
 
+def test_cache_rows_come_from_the_loaders_host_copies(tmp_path):
+    """A batch carries its (index, view) in host memory too, so the cache is read without a device-to-host
+    copy on a GPU: the rows looked up are those of the host copies."""
+    from dataclasses import replace
+
+    from kdrun.distill import Distill
+    from kdrun.losses.kd import KD
+
+    data = ImageSet(torch.randint(0, 256, (24, 3, 12, 12), dtype=torch.uint8), torch.arange(24) % 5)
+    norm = Normalize([0.5] * 3, [0.25] * 3, 3, "cpu")
+    loader = TensorLoader(data, 8, norm, Augment(crop_pad=2, flip=True, seed=3), seed=3, views=2)
+    teacher, student = Counter().eval(), nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 5))
+    cache = LogitCache.open(str(tmp_path / "c.kdlc"), CacheShape(len(data), 2, 5), "k")
+    fill_pass(cache, teacher, loader, 8)
+    objective = Distill(KD(temperature=4.0, alpha=0.9), student, epochs=1, num_samples=24, teacher=teacher, cache=cache)
+    for b in loader.epoch(0):
+        assert b.host is not None and torch.equal(b.host[0], b.index) and torch.equal(b.host[1], b.view)
+        want = objective.teacher_outputs(b).logits
+        wrong_on_device = replace(b, index=(b.index + 1) % 24, view=1 - b.view)
+        assert torch.equal(objective.teacher_outputs(wrong_on_device).logits, want)
+    assert torch.equal(
+        next(iter(loader.batches(torch.tensor([3, 5]), torch.tensor([1, 0])))).host[0], torch.tensor([3, 5])
+    )
+
+
 def test_topk_rows_keep_the_largest_logits_and_the_logit_sum(tmp_path):
     from kdrun.cache import decode, encode
 

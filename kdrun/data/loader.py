@@ -45,6 +45,12 @@ class Batch:
     y: torch.Tensor  # labels [B]
     index: torch.Tensor  # positions in the split [B]
     view: torch.Tensor  # augmentation view of each sample [B]
+    host: tuple[torch.Tensor, torch.Tensor] | None = None  # (index, view) in host memory, when the loader has them
+
+    def on_host(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, view) as CPU tensors (the logit cache's row numbers): the loader's own host copies, so a
+        GPU step need not wait for the device to copy them back."""
+        return self.host if self.host is not None else (self.index.cpu(), self.view.cpu())
 
 
 def make_batch(
@@ -54,11 +60,13 @@ def make_batch(
     view: torch.Tensor,
     augment: Augment | RandomResizedCrop | None,
     normalize: Normalize,
+    host: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Batch:
-    """Augment (if any) and normalise uint8 ``images`` of samples ``idx`` under views ``view``."""
+    """Augment (if any) and normalise uint8 ``images`` of samples ``idx`` under views ``view`` (``host``: the
+    same ``idx`` and ``view`` in host memory)."""
     if augment is not None:
         images = augment(images, idx, view)
-    return Batch(normalize(images), labels, idx, view)
+    return Batch(normalize(images), labels, idx, view, host)
 
 
 def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, views: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,19 +128,22 @@ class TensorLoader:
         return n // b if self.drop_last else (n + b - 1) // b
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        order, views = epoch_plan(self.num_samples, self.seed, epoch, self.shuffle, self.views)
-        order, views = order.to(self.device), views.to(self.device)
+        order, views = epoch_plan(self.num_samples, self.seed, epoch, self.shuffle, self.views)  # on the host
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            idx = distributed.shard(idx, *self.shard)
+            host_idx = distributed.shard(order[step * self.batch_size : (step + 1) * self.batch_size], *self.shard)
+            host_view = views[host_idx]
+            idx, view = host_idx.to(self.device, non_blocking=True), host_view.to(self.device, non_blocking=True)
             images = self.images.index_select(0, idx)
-            yield make_batch(images, self.labels[idx], idx, views[idx], self.augment, self.normalize)
+            yield make_batch(images, self.labels[idx], idx, view, self.augment, self.normalize, (host_idx, host_view))
 
     def batches(self, index: torch.Tensor, view: torch.Tensor, batch_size: int | None = None) -> Iterator[Batch]:
         """The batches of samples ``index`` under views ``view`` (in that order, ``batch_size`` at a time, default
         the loader's): the same pixels an epoch gives those (index, view) pairs, e.g. to recompute a view."""
         b = batch_size or self.batch_size
-        index, view = index.to(self.device), view.to(self.device)
+        index, view = index.cpu(), view.cpu()
         for s in range(0, len(index), b):
-            idx, v = index[s : s + b], view[s : s + b]
-            yield make_batch(self.images.index_select(0, idx), self.labels[idx], idx, v, self.augment, self.normalize)
+            host = index[s : s + b], view[s : s + b]
+            idx, v = host[0].to(self.device), host[1].to(self.device)
+            yield make_batch(
+                self.images.index_select(0, idx), self.labels[idx], idx, v, self.augment, self.normalize, host
+            )

@@ -119,13 +119,14 @@ class StreamLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
-        for (idx, v), images in zip(plan, loader):
-            idx = idx.to(self.device)
+        for (host_idx, host_view), images in zip(plan, loader):
+            idx = host_idx.to(self.device)
             yield make_batch(
                 images.to(self.device, non_blocking=True),
                 self.labels[idx],
                 idx,
-                v.to(self.device),
+                host_view.to(self.device),
                 None,  # augmented in the worker
                 self.normalize,
+                (host_idx, host_view),
             )
