@@ -119,9 +119,12 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
     key = _unknown_key(e)
     if key:
         parent = key.rpartition(".")[0]
-        valid = _keys_of(
-            parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(key)], config_name
-        )
+
+        def touches(o: str) -> bool:  # the bad override itself, or one that sets the key's parent whole
+            k = o.split("=")[0].lstrip("+~")
+            return k == key or k.startswith(key + ".") or key.startswith(k + ".")
+
+        valid = _keys_of(parent, [o for o in overrides if not touches(o)], config_name)
         where = f" of {parent}" if parent else ""
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
     first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
@@ -152,7 +155,7 @@ def _keys_of(parent: str, overrides: list[str], config_name: str) -> str:
         cfg = compose(overrides, config_name)
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if isinstance(node, DictConfig):
-            return ", ".join(sorted(str(k) for k in node.keys()))
+            return ", ".join(sorted(str(k) for k in node.keys())) or "none (an empty mapping)"
     except Exception:
         pass
     return "?"

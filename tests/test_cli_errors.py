@@ -49,6 +49,11 @@ import pytest
         (["scheme=online", "scheme.peers=[resnet8]"], "scheme.peers=['resnet8']: give two or more peer models"),
         (["loss.layers.foo=1"], "loss.layers: unknown key; valid keys of loss: "),
         (
+            ["teacher.optim={lr: 0.1}"],
+            "teacher.optim.lr: unknown key; valid keys of teacher.optim: none (an empty mapping) "
+            "(use +teacher.optim.lr=... to add a new one)",
+        ),
+        (
             ["loss=at", "loss.layers.teacher=[stage9]", "loss.layers.student=[stage3]"],
             "loss.layers.teacher[0]=stage9: unknown feature layer 'stage9' for CifarResNet; valid: logits, pre_logits, "
             "stage1, ",
