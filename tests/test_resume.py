@@ -125,14 +125,19 @@ def test_resume_fingerprint_ignores_where_and_how_not_what():
         assert resume_fingerprint(compose([*base, change])) != key, change
 
 
-def test_resume_elsewhere_ignores_paths_and_logging(kdrun, tmp_path, uninterrupted):
-    """Where data and outputs live and how progress is logged are not the run's configuration: a run moved
+def test_resume_elsewhere_ignores_paths_and_checkpoint_spacing(kdrun, tmp_path, uninterrupted):
+    """Where data and outputs live and how checkpoints are spaced are not the run's configuration: a run moved
     to another machine (another KDRUN_DATA) resumes; a change of what it trains is still refused (above)."""
     run_dir = tmp_path / "run"
     env = {"KDRUN_KILL_AT": "student:3:TERM", "KDRUN_DATA": str(tmp_path / "data_here")}
     p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env=env)
     assert p.returncode == EXIT_PREEMPTED, p.stderr[-2000:]
-    p = kdrun("train", f"resume={run_dir}", "trainer.log_every=3", env={"KDRUN_DATA": str(tmp_path / "data_there")})
+    p = kdrun(
+        "train",
+        f"resume={run_dir}",
+        "trainer.checkpoint_every_steps=4",
+        env={"KDRUN_DATA": str(tmp_path / "data_there")},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "student: resuming from" in p.stderr and "teacher: already finished" in p.stderr
     assert final_state(run_dir)[0] == uninterrupted[0]
