@@ -1,13 +1,13 @@
 """What a distillation step costs with the logit cache warm, partly filled, empty, and with the teacher online.
 
-    python scripts/bench_cached_step.py [--root DIR] [--subset 6400] [--steps 30] [--warmup 5]
+    python scripts/bench_cached_step.py [--root DIR] [--subset 6400] [--steps 30] [--warmup 5] [--batch 128]
         [--teacher resnet20] [--student resnet8] [--channels-last] [--threads 2]
 
-Each figure is images/s of kdrun's own ``train_stage`` (``--steps`` steps of batch 128, the first ``--warmup``
+Each figure is images/s of kdrun's own ``train_stage`` (``--steps`` steps of ``--batch`` images, the first ``--warmup``
 untimed) on a seeded subset of the CIFAR-10 JPEG folder (default ``$KDRUN_DEV_CACHE/cifar10-jpg``): the student
 with CE alone; distilled from a cache of 8 views whose rows are all filled, 15 % missing, all missing (every
 step runs the teacher on its misses and writes them); distilled with the teacher online; and the teacher's
-forward pass alone at batch 128 and 19 (the size of a 15 %-miss step's teacher batch). fp32, CPU.
+forward pass alone at the batch size and at 15 % of it (a 15 %-miss step's teacher batch). fp32, CPU.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from kdrun.engine import cross_entropy, train_stage  # noqa: E402
 from kdrun.losses.kd import KD  # noqa: E402
 
 DEV_CACHE = os.environ.get("KDRUN_DEV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kdrun-dev"))
-BATCH, VIEWS = 128, 8
+VIEWS = 8
 
 
 def main() -> None:
@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--subset", type=int, default=6400)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--teacher", default="resnet20")
     p.add_argument("--student", default="resnet8")
     p.add_argument("--channels-last", action="store_true")
@@ -62,7 +63,7 @@ def main() -> None:
         return m.to(memory_format=torch.channels_last) if a.channels_last else m
 
     def fit(net, objective, views, trainable=None) -> float:
-        loader = TensorLoader(train, BATCH, norm, augment, shuffle=True, seed=0, views=views, drop_last=True)
+        loader = TensorLoader(train, a.batch, norm, augment, shuffle=True, seed=0, views=views, drop_last=True)
         clock = SteadyClock(a.warmup, cpu)
         with tempfile.TemporaryDirectory() as run_dir:
             train_stage(
@@ -76,7 +77,7 @@ def main() -> None:
                 run_dir=run_dir,
                 on_step=clock,
             )
-        return clock.images_per_s((a.steps - a.warmup) * BATCH)
+        return clock.images_per_s((a.steps - a.warmup) * a.batch)
 
     teacher = model(a.teacher).eval().requires_grad_(False)
     rows = {"CE alone": fit(model(a.student), cross_entropy, None)}
@@ -94,7 +95,7 @@ def main() -> None:
     objective = Distill(KD(temperature=4.0, alpha=0.9), student, 1, len(train), teacher=teacher)
     with objective:
         rows["teacher online"] = fit(student, objective, None, objective.module)
-    for b in (BATCH, 19):
+    for b in (a.batch, max(1, round(0.15 * a.batch))):
         x = torch.randn(b, 3, 32, 32)
         x = x.contiguous(memory_format=torch.channels_last) if a.channels_last else x
         with torch.no_grad():
@@ -106,7 +107,7 @@ def main() -> None:
                 n += b
         rows[f"teacher forward, batch {b}"] = n / (time.perf_counter() - t0)
     layout = "channels_last" if a.channels_last else "NCHW"
-    print(f"{a.teacher} -> {a.student}, {len(train)} images, batch {BATCH}, {a.threads} threads, fp32 {layout}")
+    print(f"{a.teacher} -> {a.student}, {len(train)} images, batch {a.batch}, {a.threads} threads, fp32 {layout}")
     for name, ips in rows.items():
         print(f"{name:<32} {ips:>8,.0f} img/s")
 

@@ -1,4 +1,4 @@
-"""Smoke test: scripts/reference_kd.py and scripts/bench_speed.py run end to end (no timing assertions).
+"""Smoke test: scripts/reference_kd.py, bench_speed.py and bench_cached_step.py run end to end (no timing assertions).
 
 Both run for 2 steps on a synthetic 32x32 JPEG folder of 2 classes in ``tmp_path``; scripts/bench_torchdistill.py
 runs one epoch of every side there (skipped when torchdistill is not installed).
@@ -63,6 +63,15 @@ def test_reference_and_bench_run(folder, tmp_path):
     for row in ("teacher (CE)", "cache / teacher pass", "distil (kdrun: cached)", "student alone (CE)"):
         assert row in out, out
     assert "student alone with CE" in out and "target distil" in out
+
+
+def test_bench_cached_step_runs(folder, tmp_path):
+    env = dict(os.environ, KDRUN_CACHE_DIR=str(tmp_path / "decode-cache"))
+    args = ["--root", str(folder), "--subset", "24", "--steps", "2", "--warmup", "1", "--batch", "8", "--threads", "1"]
+    out = run("bench_cached_step.py", *args, "--teacher", "resnet8", env=env)
+    for row in ("CE alone", "cache, 0% rows missing", "cache, 15% rows missing", "cache, 100% rows missing"):
+        assert row in out, out
+    assert "teacher online" in out and "teacher forward, batch 8 " in out
 
 
 def test_bench_torchdistill_runs_every_side(folder, tmp_path):
