@@ -83,6 +83,12 @@ def on_device(split: ImageSet | FileSet, device: torch.device) -> ImageSet | Fil
     return split
 
 
+def default_eval_batch_size(device: torch.device) -> int:
+    """``trainer.eval_batch_size: null``: 512 on a GPU; 64 on a CPU, whose forward pass is faster on batches that
+    stay in its caches (resnet20, channels_last, 2 cores: 1,997 img/s at 64, 782 at 512)."""
+    return 512 if device.type == "cuda" else 64
+
+
 class RunData:
     """The dataset and its splits on ``device``, with the loaders of the run's stages."""
 
@@ -111,7 +117,7 @@ class RunData:
         assert spec is None or isinstance(spec, dict)
         self.augment = make_augment(spec, self.tr.seed)
         eb = self.tr.get("eval_batch_size")
-        self.eval_batch_size = int(eb) if eb else (512 if device.type == "cuda" else 64)
+        self.eval_batch_size = int(eb) if eb else default_eval_batch_size(device)
         views = cfg.cache.views
         self.views = int(views) if views is not None else (8 if self.augment.enabled else 0)
         self.val_loader = self.eval_loader(self.val_set)

@@ -25,13 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reference_kd as ref  # noqa: E402
-from bench_speed import FixedSteps, SteadyClock, optim_cfg  # noqa: E402
+from bench_speed import timed_stage  # noqa: E402
 
 from kdrun.cache import CacheShape, LogitCache, fill_pass  # noqa: E402
 from kdrun.data import DATASETS  # noqa: E402
 from kdrun.data.loader import Augment, Normalize, TensorLoader  # noqa: E402
 from kdrun.distill import Distill  # noqa: E402
-from kdrun.engine import cross_entropy, train_stage  # noqa: E402
+from kdrun.engine import cross_entropy  # noqa: E402
 from kdrun.losses.kd import KD  # noqa: E402
 
 DEV_CACHE = os.environ.get("KDRUN_DEV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kdrun-dev"))
@@ -64,20 +64,8 @@ def main() -> None:
 
     def fit(net, objective, views, trainable=None) -> float:
         loader = TensorLoader(train, a.batch, norm, augment, shuffle=True, seed=0, views=views, drop_last=True)
-        clock = SteadyClock(a.warmup, cpu)
         with tempfile.TemporaryDirectory() as run_dir:
-            train_stage(
-                "s",
-                net,
-                objective,
-                FixedSteps(loader, a.steps),
-                epochs=1,
-                optim_cfg=optim_cfg(0.05),
-                trainable=trainable,
-                run_dir=run_dir,
-                on_step=clock,
-            )
-        return clock.images_per_s((a.steps - a.warmup) * a.batch)
+            return timed_stage("s", net, objective, loader, a.steps, a.warmup, 0.05, run_dir, trainable)
 
     teacher = model(a.teacher).eval().requires_grad_(False)
     rows = {"CE alone": fit(model(a.student), cross_entropy, None)}

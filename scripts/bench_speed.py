@@ -54,6 +54,7 @@ from kdrun.data.loader import Augment, Normalize, TensorLoader  # noqa: E402
 from kdrun.distill import Distill  # noqa: E402
 from kdrun.engine import cross_entropy, train_stage  # noqa: E402
 from kdrun.losses.kd import KD  # noqa: E402
+from kdrun.run_data import default_eval_batch_size  # noqa: E402
 
 STAGES = ("teacher", "cache", "distil", "student_ce")
 LABELS = {
@@ -147,6 +148,35 @@ class SteadyClock:
         return images / (time.perf_counter() - self.t0)
 
 
+def timed_stage(
+    stage: str,
+    net: nn.Module,
+    objective,
+    loader: TensorLoader,
+    steps: int,
+    warmup: int,
+    lr: float,
+    run_dir: str,
+    trainable: nn.Module | None = None,
+    compile: bool = False,
+) -> float:
+    """Images/s of ``steps`` steps of kdrun's ``train_stage`` on ``loader``, the first ``warmup`` untimed."""
+    clock = SteadyClock(warmup, loader.device)
+    train_stage(
+        stage,
+        net,
+        objective,
+        FixedSteps(loader, steps),
+        epochs=1,
+        optim_cfg=optim_cfg(lr),
+        trainable=trainable,
+        run_dir=run_dir,
+        on_step=clock,
+        compile=compile,
+    )
+    return clock.images_per_s((steps - warmup) * loader.batch_size)
+
+
 def kdrun_side(a, device: torch.device) -> dict:
     """All four stages through kdrun's code path; returns {"ips": {stage: images/s}, "mem": {stage: MiB}}."""
     data = DATASETS.get("imagefolder")(root=a.root, image_size=32)
@@ -168,20 +198,7 @@ def kdrun_side(a, device: torch.device) -> dict:
         loader = TensorLoader(
             train, a.batch, norm, augment, shuffle=True, seed=a.seed, device=device, views=views, drop_last=True
         )
-        clock = SteadyClock(a.warmup, device)
-        train_stage(
-            stage,
-            net,
-            objective,
-            FixedSteps(loader, steps),
-            epochs=1,
-            optim_cfg=optim_cfg(a.lr),
-            trainable=trainable,
-            run_dir=run_dir,
-            on_step=clock,
-            compile=a.compile,
-        )
-        return clock.images_per_s((steps - a.warmup) * a.batch)
+        return timed_stage(stage, net, objective, loader, steps, a.warmup, a.lr, run_dir, trainable, a.compile)
 
     with tempfile.TemporaryDirectory(prefix="bench-kdrun-") as run_dir:
         teacher = model(a.teacher)
@@ -304,7 +321,7 @@ def main() -> None:
     p.add_argument("--sides", default="both", choices=["both", "kdrun"])
     p.add_argument("--side", choices=["kdrun", "reference"], help=argparse.SUPPRESS)
     a = p.parse_args()
-    a.eval_batch = a.eval_batch or (512 if a.device == "cuda" else 64)
+    a.eval_batch = a.eval_batch or default_eval_batch_size(torch.device(a.device))
     a.teacher_steps = a.teacher_steps or a.steps
     if min(a.steps, a.teacher_steps) <= a.warmup:
         p.error(f"--steps and --teacher-steps must exceed --warmup {a.warmup}")

@@ -1,6 +1,6 @@
 """Smoke test: scripts/reference_kd.py, bench_speed.py and bench_cached_step.py run end to end (no timing assertions).
 
-Both run for 2 steps on a synthetic 32x32 JPEG folder of 2 classes in ``tmp_path``; scripts/bench_torchdistill.py
+They run for 2 steps on a synthetic 32x32 JPEG folder of 2 classes in ``tmp_path``; scripts/bench_torchdistill.py
 runs one epoch of every side there (skipped when torchdistill is not installed).
 """
 
