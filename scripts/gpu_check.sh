@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of issue 15 on one GPU, data from ../shared/datasets/. On an H200 (2026-11-26) steps 1 and 2 took
-# about 4.5 minutes and step 3 about 25 s per epoch of all three stages, so the default (8 epochs) is about
-# 8 minutes in all; give the device call a timeout that leaves room for a rerun.
+# over 4 minutes (the mbv2 pair ran past a 110 s limit) and step 3 took 104 s at 4 epochs of each stage, so
+# expect 8 minutes or more with the default of 8 epochs; give the device call a timeout that leaves room for a rerun.
 #   1. scripts/bench_speed.py --device cuda, bf16 + channels_last + compile, kdrun against the reference loop,
 #      for resnet32x4 -> resnet8x4 and resnet18 -> mbv2: images/s per stage, the teacher stage's model FLOP
 #      utilisation (MFU: 3 x forward FLOPs per image x images/s / the GPU's peak bf16 FLOP/s), cached KD
