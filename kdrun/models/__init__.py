@@ -4,6 +4,7 @@ from kdrun.models import (  # noqa: F401  (each import registers its models)
     cifar_resnet,
     mlp,
     mobilenetv2_cifar,
+    resnet9,
     resnet_cifar_bottleneck,
     shufflenet_cifar,
     torchvision_models,
