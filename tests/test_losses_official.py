@@ -594,11 +594,14 @@ def test_kdsvd_equals_repdistiller(k):
     agree(got, want, pairs)
 
 
-def test_kdsvd_refuses_unrelatable_layers():
+def test_kdsvd_and_fsp_refuse_unrelatable_layers():
     from kdrun.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^loss\.layers: kdsvd relates consecutive layers and needs at least 2"):
-        built("kdsvd", [(2, 8, 4, 4)], [(2, 8, 4, 4)])
+    for method in ("kdsvd", "fsp"):  # both relate consecutive layers: one pair is refused
+        with pytest.raises(
+            ConfigError, match=rf"^loss\.layers: {method} relates consecutive layers and needs at least 2"
+        ):
+            built(method, [(2, 8, 4, 4)], [(2, 8, 4, 4)])
     with pytest.raises(
         ConfigError,
         match=r"^loss\.layers: teacher stage1 \[16,4,4\] and student stage1 \[8,4,4\]: "

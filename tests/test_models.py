@@ -88,6 +88,16 @@ def test_published_param_counts(name):
     assert params_m == pytest.approx(PUBLISHED_PARAMS_M[name], rel=0.02)
 
 
+def test_resnet9_is_pages_network_and_scales_with_width():
+    # Page's DAWNBench ResNet-9: 6.57M parameters at 10 classes; width 32 (experiment=cifar10_cpu's teacher): 1.65M
+    assert count_params(build_model("resnet9", 10, 3, 32)) / 1e6 == pytest.approx(6.57, abs=0.01)
+    half = build_model("resnet9", 10, 3, 32, width=32)
+    assert count_params(half) / 1e6 == pytest.approx(1.65, abs=0.01)
+    assert feature_shapes(half, (3, 32, 32))["stage3"] == [1, 256, 4, 4]
+    with pytest.raises(ConfigError, match=r"kwargs.width=0: must be a positive channel count"):
+        build_model("resnet9", 10, 3, 32, width=0)
+
+
 def test_cifar_family_sizes_are_consistent():
     params = {
         n: count_params(build_model(n, 100, 3, 32))

@@ -197,6 +197,7 @@ class FeatureLoss(DistillLoss):
 
     needs_teacher_features = True
     max_pairs: int | None = None  # None: any number of pairs
+    min_pairs = 1  # 2: the method relates consecutive layers (fsp, kdsvd)
 
     def __init__(self, weight: float = 1.0, **kw):
         super().__init__(**kw)
@@ -213,6 +214,11 @@ class FeatureLoss(DistillLoss):
             )
         if self.max_pairs is not None and nt > self.max_pairs:
             raise ConfigError(f"loss.layers: {nt} layer pairs; {self.term} takes at most {self.max_pairs}")
+        if nt < self.min_pairs:
+            raise ConfigError(
+                f"loss.layers: {self.term} relates consecutive layers and needs at least {self.min_pairs} layer "
+                f"pairs, got {nt}; e.g. loss.layers.teacher=[stage1,stage2,stage3] (the same for the student)"
+            )
         self.adapters = nn.ModuleList()
         for i, (ts, ss) in enumerate(zip(t_shapes, s_shapes)):
             adapter = self.build_pair(i, torch.Size(ts), torch.Size(ss), num_samples)

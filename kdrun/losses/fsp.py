@@ -23,7 +23,6 @@ import itertools
 import torch
 from torch import nn
 
-from kdrun.errors import ConfigError
 from kdrun.losses.adapters import pool_to_smaller
 from kdrun.losses.base import (
     FeatureLoss,
@@ -48,6 +47,8 @@ def fsp_matrices(feats: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @register_loss("fsp")
 class FSP(FeatureLoss):
+    min_pairs = 2
+
     def __init__(self, init_epochs: int = 30, init_lr: float | None = None, **kw):
         super().__init__(**kw)
         check("init_epochs", init_epochs, int(init_epochs) == init_epochs and init_epochs >= 0, "an integer >= 0")
@@ -57,14 +58,6 @@ class FSP(FeatureLoss):
     def default_layers(self, teacher_points, student_points):
         stages = shared_stages(teacher_points, student_points)
         return stages, list(stages)
-
-    def build(self, t_shapes, s_shapes, num_samples):
-        super().build(t_shapes, s_shapes, num_samples)
-        if len(self.teacher_layers) < 2:
-            raise ConfigError(
-                f"loss.layers: fsp relates consecutive layers and needs at least 2 layer pairs, got "
-                f"{len(self.teacher_layers)}"
-            )
 
     def build_pair(self, i, t_shape, s_shape, num_samples):
         if len(t_shape) != 4 or len(s_shape) != 4:

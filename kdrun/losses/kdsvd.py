@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdrun.errors import ConfigError
 from kdrun.losses.base import (
     FeatureLoss,
     Outputs,
@@ -64,6 +63,8 @@ def _rbf(v: torch.Tensor, v_prev: torch.Tensor) -> torch.Tensor:
 
 @register_loss("kdsvd")
 class KDSVD(FeatureLoss):
+    min_pairs = 2
+
     def __init__(self, weight: float = 1.0, k: int = 1, **kw):
         super().__init__(weight=weight, **kw)
         check("k", k, int(k) == k and k >= 1, "an integer >= 1")
@@ -72,15 +73,6 @@ class KDSVD(FeatureLoss):
     def default_layers(self, teacher_points, student_points):
         stages = shared_stages(teacher_points, student_points)
         return stages, list(stages)
-
-    def build(self, t_shapes, s_shapes, num_samples):
-        super().build(t_shapes, s_shapes, num_samples)
-        if len(self.teacher_layers) < 2:
-            raise ConfigError(
-                f"loss.layers: kdsvd relates consecutive layers and needs at least 2 layer pairs, got "
-                f"{len(self.teacher_layers)}; e.g. loss.layers.teacher=[stage1,stage2,stage3] "
-                "(the same for the student)"
-            )
 
     def build_pair(self, i, t_shape, s_shape, num_samples):
         if len(t_shape) != 4 or len(s_shape) != 4:
