@@ -162,12 +162,12 @@ def test_cifar10_cpu_pairs_a_resnet_teacher_with_a_smaller_faster_mobilenet():
 
     cfg = compose_preset("cifar10_cpu")
     validate(cfg)
-    assert (cfg.teacher.name, cfg.student.name, cfg.dataset.name) == ("resnet20", "mbv2_cifar", "imagefolder")
+    assert (cfg.teacher.name, cfg.student.name, cfg.dataset.name) == ("resnet9", "mbv2_cifar", "imagefolder")
     assert cfg.dataset.root == f"{cfg.paths.data}/cifar10-jpg"  # no path of a particular machine
     teacher = build_model(cfg.teacher.name, 10, 3, 32, **cfg.teacher.kwargs)
     student = build_model(cfg.student.name, 10, 3, 32, **cfg.student.kwargs)
     params = [sum(p.numel() for p in m.parameters()) for m in (teacher, student)]
     flops = [count_flops(m, (3, 32, 32)) for m in (teacher, student)]
-    assert params[1] < params[0] and flops[1] * 10 < flops[0]
+    assert params[1] * 5 < params[0] and flops[1] * 20 < flops[0]
     assert cfg.teacher.precision == "bf16" and cfg.trainer.precision == "fp32" and cfg.trainer.val_fraction == 0.1
     assert teacher_optim(cfg).lr == 0.1 and cfg.optim.lr == 0.05 and cfg.cache.enabled is True
