@@ -528,11 +528,12 @@ def _annotate(ax, cells: list[list], grid: list[list[float]]) -> None:
 
 
 def read_curves(run_dir: str) -> dict[str, list[dict]]:
-    """Per-stage epoch rows of a run's ``metrics_{stage}.csv`` files (numbers as floats)."""
+    """Per-stage epoch rows of a run's ``metrics_{stage}.csv`` files (numbers as floats); the csv logger's
+    per-step ``metrics_{stage}_steps.csv`` files are not epoch rows and are skipped."""
     curves = {}
     for name in sorted(os.listdir(run_dir)):
         m = re.fullmatch(r"metrics_(.+)\.csv", name)
-        if m:
+        if m and not m.group(1).endswith("_steps"):
             with open(os.path.join(run_dir, name), newline="") as f:
                 curves[m.group(1)] = [{k: _float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     return curves

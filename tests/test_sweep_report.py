@@ -80,11 +80,16 @@ def make_run(
 
 
 def write_curve(run: str, stage: str, val: bool) -> None:
+    """The per-epoch CSV of a stage and, as the default csv logger writes beside it, the per-step one."""
     with open(os.path.join(run, f"metrics_{stage}.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["epoch", "lr", "loss_ce", "loss"] + (["val_top1"] if val else []))
         for epoch in range(1, 4):
             w.writerow([epoch, 0.1 / epoch, 2.0 / epoch, 2.0 / epoch] + ([50 + 10 * epoch] if val else []))
+    with open(os.path.join(run, f"metrics_{stage}_steps.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss_ce", "loss", "lr"])
+        w.writerow([50, 1.5, 1.5, 0.1])
 
 
 def read_csv(path) -> list[dict]:
@@ -208,6 +213,12 @@ def test_plots_written_as_png(tmp_path):
         if p.endswith(".png"):
             assert_png(p)
             assert f"]({os.path.basename(p)})" in (tmp_path / "report.md").read_text()
+
+
+def test_curves_read_epoch_files_not_the_per_step_logs(tmp_path):
+    run = make_run(tmp_path, "0", [], fake_metrics(80.0))
+    curves = sweep_report.read_curves(run)
+    assert set(curves) == {"student", "teacher"} and [r["epoch"] for r in curves["student"]] == [1.0, 2.0, 3.0]
 
 
 def test_random_search_gets_a_scatter_not_a_heatmap(tmp_path):
