@@ -36,9 +36,10 @@ class Residual(nn.Module):
 
 
 class Stage(nn.Sequential):
+    """conv-BN-ReLU to ``cout`` channels, 2x2 max-pool, then a residual block when ``residual``."""
+
     def __init__(self, cin: int, cout: int, residual: bool):
-        layers = [conv_bn_relu(cin, cout), nn.MaxPool2d(2)]
-        super().__init__(*layers, *([Residual(cout)] if residual else []))
+        super().__init__(conv_bn_relu(cin, cout), nn.MaxPool2d(2), *([Residual(cout)] if residual else []))
 
 
 class ResNet9(nn.Module):
