@@ -246,3 +246,14 @@ def test_models_main_report(capsys, monkeypatch):
 def test_models_main_bad_args(args, message):
     with pytest.raises(ConfigError, match=message):
         models_main(args)
+
+
+def test_latency_probe_matches_the_models_memory_format():
+    """A channels_last model is timed on channels_last input (not on layout conversions); others on NCHW."""
+    model = build_model("resnet8x4", 10, 3, 32)
+    assert report._probe(model, (3, 32, 32)).is_contiguous()
+    model = model.to(memory_format=torch.channels_last)
+    probe = report._probe(model, (3, 32, 32), batch=2)
+    assert probe.shape == (2, 3, 32, 32) and probe.is_contiguous(memory_format=torch.channels_last)
+    assert not probe.is_contiguous()
+    assert report._probe(build_model("mlp", 10, 1, 8), (1, 8, 8)).is_contiguous()

@@ -21,9 +21,17 @@ def count_params(model: nn.Module) -> int:
 
 
 def _probe(model: nn.Module, input_shape: tuple, batch: int = 1, device=None) -> torch.Tensor:
+    """A random input batch on the model's device, in the memory format of its convolution weights.
+
+    A model trained with ``trainer.channels_last`` keeps its weights channels_last; fed NCHW images, every
+    convolution would convert layouts, and latency would time those copies instead of the model."""
     p = next(model.parameters(), None)
     device = device or (p.device if p is not None else "cpu")
-    return torch.randn(batch, *input_shape, device=device)
+    x = torch.randn(batch, *input_shape, device=device)
+    conv = next((q for q in model.parameters() if q.dim() == 4), None)
+    if x.dim() == 4 and conv is not None and conv.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 @torch.no_grad()
