@@ -171,3 +171,15 @@ def test_cifar10_cpu_pairs_a_resnet_teacher_with_a_smaller_faster_mobilenet():
     assert params[1] * 5 < params[0] and flops[1] * 20 < flops[0]
     assert cfg.teacher.precision == "bf16" and cfg.trainer.precision == "fp32" and cfg.trainer.val_fraction == 0.1
     assert teacher_optim(cfg).lr == 0.1 and cfg.optim.lr == 0.05 and cfg.cache.enabled is True
+
+
+@pytest.mark.parametrize("loss", ["dkd", "dist", "ls_kd", "fitnet", "at", "rkd", "crd"])
+def test_cifar10_cpu_method_table_runs_each_method_with_its_own_settings(loss):
+    """Section 3's method table: the preset's KD settings (T = 4, alpha = 0.9) must not leak into other methods."""
+    cfg = compose_preset("cifar10_cpu", (f"loss={loss}",))
+    validate(cfg)
+    assert cfg.loss.name == loss
+    if loss == "dkd":
+        assert cfg.loss.alpha == 1.0 and cfg.loss.temperature == 4.0  # mdistiller's TCKD weight
+    if loss == "ls_kd":
+        assert cfg.loss.temperature == 2.0  # the paper's code
