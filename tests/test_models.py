@@ -257,3 +257,8 @@ def test_latency_probe_matches_the_models_memory_format():
     assert probe.shape == (2, 3, 32, 32) and probe.is_contiguous(memory_format=torch.channels_last)
     assert not probe.is_contiguous()
     assert report._probe(build_model("mlp", 10, 1, 8), (1, 8, 8)).is_contiguous()
+    # 1x1 and depthwise kernels are contiguous in both layouts: the first unambiguous weight decides
+    mixed = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 3))
+    assert report._probe(mixed, (3, 8, 8)).is_contiguous()
+    mixed = mixed.to(memory_format=torch.channels_last)
+    assert not report._probe(mixed, (3, 8, 8)).is_contiguous()

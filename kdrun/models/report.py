@@ -28,9 +28,13 @@ def _probe(model: nn.Module, input_shape: tuple, batch: int = 1, device=None) ->
     p = next(model.parameters(), None)
     device = device or (p.device if p is not None else "cpu")
     x = torch.randn(batch, *input_shape, device=device)
-    conv = next((q for q in model.parameters() if q.dim() == 4), None)
-    if x.dim() == 4 and conv is not None and conv.is_contiguous(memory_format=torch.channels_last):
-        x = x.contiguous(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    # the first 4-D weight whose layout is unambiguous (a 1x1 or depthwise kernel can be contiguous in both)
+    conv = next(
+        (q for q in model.parameters() if q.dim() == 4 and q.is_contiguous() != q.is_contiguous(memory_format=cl)), None
+    )
+    if x.dim() == 4 and conv is not None and conv.is_contiguous(memory_format=cl):
+        x = x.contiguous(memory_format=cl)
     return x
 
 
