@@ -19,7 +19,7 @@
 # Environment: PYTHON (default .venv/bin/python, else python3), KDRUN_DATA (default ../shared/datasets),
 # KDRUN_CHECK_DIR (outputs and the extracted data; default outputs/gpu_check), KDRUN_PEAK_TFLOPS (the GPU's
 # dense bf16 peak; default 989, an H100 SXM or H200), KDRUN_CHECK_EPOCHS (step 3's epochs per stage; default 8),
-# KDRUN_CHECK_STEPS (which steps, default "1 2 3 4"), KDRUN_CHECK_STEP_S (> 0: each step is stopped after this many seconds, and the table still prints what the
+# KDRUN_CHECK_STEPS (which steps, default "1 2 3 4"), KDRUN_CHECK_REPEATS (step 4's rounds per row, default 1), KDRUN_CHECK_STEP_S (> 0: each step is stopped after this many seconds, and the table still prints what the
 # others measured: a short lease loses one step, not the whole check). A machine without hydra/omegaconf: stage the wheels first with
 # ../shared/device/prep.sh (into .whl/); the script installs .whl/*.whl into a private folder when present.
 set -euo pipefail
@@ -131,7 +131,7 @@ if wanted 4; then
     for f in "${speed[@]}"; do [ "$f" = "$off" ] || flags+=("$f"); done
     echo "== bench_speed $teacher -> $student, kdrun alone, off: $off"
     step "$py" scripts/bench_speed.py --root "$cifar" --teacher "$teacher" --student "$student" "${bench[@]}" \
-      "${flags[@]}" --sides kdrun --json "$out/ablate_${off#--}.json" 2>&1 | tail -n 4
+      "${flags[@]}" --sides kdrun --repeats "${KDRUN_CHECK_REPEATS:-1}" --json "$out/ablate_${off#--}.json" 2>&1 | tail -n 4
   done
 fi
 
