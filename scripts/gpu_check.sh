@@ -115,17 +115,26 @@ wanted 1 && for pair in "${pairs[@]}"; do
 done
 
 # ---------------------------------------------------------------- 2. torchrun, one GPU, end to end
-wanted 2 && echo "== torchrun ${launcher[*]} kdrun train (1 epoch)" && rm -rf "$out/torchrun" && step "$py" -m torch.distributed.run "${launcher[@]}" -m kdrun.cli train "${common[@]}" teacher=resnet20 student=resnet8 \
-  trainer.teacher_epochs=1 trainer.epochs=1 "trainer.device=$device" "hydra.run.dir=$out/torchrun" 2>&1 \
-  | tail -n 12
+if wanted 2; then
+  echo "== torchrun ${launcher[*]} kdrun train (1 epoch)"
+  rm -rf "$out/torchrun"
+  step "$py" -m torch.distributed.run "${launcher[@]}" -m kdrun.cli train "${common[@]}" teacher=resnet20 student=resnet8 \
+    trainer.teacher_epochs=1 trainer.epochs=1 "trainer.device=$device" "hydra.run.dir=$out/torchrun" 2>&1 \
+    | tail -n 12
+fi
 
 # ---------------------------------------------------------------- 3. CIFAR-10, $epochs epochs (dry run: 1)
-wanted 3 && echo "== kdrun train: CIFAR-10 (${run_args[*]})" && rm -rf "$out/cifar10" && step "$py" -m kdrun.cli train "${common[@]}" "${run_args[@]}" "hydra.run.dir=$out/cifar10" 2>&1 | tail -n 12
+if wanted 3; then
+  echo "== kdrun train: CIFAR-10 (${run_args[*]})"
+  rm -rf "$out/cifar10"
+  step "$py" -m kdrun.cli train "${common[@]}" "${run_args[@]}" "hydra.run.dir=$out/cifar10" 2>&1 | tail -n 12
+fi
 
 # ---------------------------------------------------------------- 4. mbv2: each speed option off in turn
 if wanted 4; then
   ablate_pair=$([ "$dry" = 1 ] && echo "resnet8x4 resnet8x4" || echo "resnet8x4 mbv2")  # a small teacher: mbv2 is timed
   read -r teacher student <<< "$ablate_pair"
+  rm -f "$out"/ablate_*.json  # no row from an earlier check
   for off in none --bf16 --channels-last --compile; do
     flags=()
     for f in "${speed[@]}"; do [ "$f" = "$off" ] || flags+=("$f"); done
@@ -178,7 +187,7 @@ for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
     rows.append((f"{pair} cached KD / CE alone", f"{med(kd, 'ips', 'distil') / med(kd, 'ips', 'student_ce'):.2f}x",
                  "student images/s"))
 
-for off in ("none", "bf16", "channels-last", "compile"):
+for off in ("none", "bf16", "channels-last", "compile") if "4" in steps else ():
     path = os.path.join(out, f"ablate_{off}.json")
     if os.path.exists(path):
         b = json.load(open(path))
