@@ -104,20 +104,27 @@ def last(scores: dict) -> dict:
     return scores.get("last", scores)
 
 
-def model_stats(model: nn.Module, input_shape: tuple, name: str, latency: bool = True) -> dict:
+def model_stats(model: nn.Module, input_shape: tuple, name: str) -> dict:
     from kdrun.models import report as mr
 
     model = model.eval()
-    stats = {
+    return {
         "name": name,
         "params": mr.count_params(model),
         "flops": mr.count_flops(model, input_shape),
         "size_mb": round(mr.size_on_disk_mb(model), 4),
     }
-    if latency:
-        cpu_model = _cpu_copy(model)
-        stats["latency_ms_cpu_b1"] = round(mr.latency_ms(cpu_model, input_shape, batch=1, device="cpu"), 4)
-    return stats
+
+
+def add_cpu_latency(models: dict, nets: dict[str, nn.Module], input_shape: tuple) -> None:
+    """``latency_ms_cpu_b1`` (and the torch threads it ran on) into each entry of ``models``; the networks are
+    timed in alternating rounds (:func:`kdrun.models.report.latencies_ms`), so their ratio is a fair one."""
+    from kdrun.models import report as mr
+
+    timed = mr.latencies_ms({role: _cpu_copy(net) for role, net in nets.items()}, input_shape, batch=1, device="cpu")
+    for role, ms in timed.items():
+        models[role]["latency_ms_cpu_b1"] = round(ms, 4)
+        models[role]["latency_threads"] = torch.get_num_threads()
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
@@ -153,12 +160,11 @@ def assemble(cfg, run_data, stages, roles, store_refs: dict, results: dict, logi
     """``metrics.json`` of a run (arguments as :func:`evaluate`'s; ``store_refs``: the store entries it used)."""
     data, trained = run_data.data, stages.models
     input_shape = (data.in_chans, data.image_size, data.image_size)
-    lat = cfg.trainer.latency
-    models = {
-        role: model_stats(trained[name].model, input_shape, trained[name].mcfg.name, latency=lat)
-        for role, name in roles.items()
-        if role in ("teacher", "student")
-    }
+    named = {role: trained[name] for role, name in roles.items() if role in ("teacher", "student")}
+    models = {role: model_stats(m.model, input_shape, m.mcfg.name) for role, m in named.items()}
+    nets = {role: m.model for role, m in named.items()}
+    if cfg.trainer.latency:
+        add_cpu_latency(models, nets, input_shape)
     test = dict(results)
     test.setdefault("student", results[roles.student])  # online: the chosen peer
     metrics = {

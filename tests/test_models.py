@@ -262,3 +262,17 @@ def test_latency_probe_matches_the_models_memory_format():
     assert report._probe(mixed, (3, 8, 8)).is_contiguous()
     mixed = mixed.to(memory_format=torch.channels_last)
     assert not report._probe(mixed, (3, 8, 8)).is_contiguous()
+
+
+def test_latencies_alternate_between_models_and_restore_their_mode():
+    """Teacher and student are timed turn by turn (load from elsewhere falls on both alike), not one after the other."""
+    calls: list[str] = []
+    teacher, student = nn.Linear(4, 2), nn.Linear(4, 2)
+    teacher.register_forward_hook(lambda *_: calls.append("t"))
+    student.register_forward_hook(lambda *_: calls.append("s"))
+    student.eval()
+    out = report.latencies_ms({"teacher": teacher, "student": student}, (4,), warmup=1, min_time=0, rounds=3)
+    assert set(out) == {"teacher", "student"} and all(v > 0 for v in out.values())
+    # one warm-up each, then 3 rounds of 5 timed calls each, alternating
+    assert "".join(calls) == "ts" + ("t" * 5 + "s" * 5) * 3
+    assert teacher.training and not student.training

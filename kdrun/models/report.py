@@ -7,7 +7,9 @@ multiply-add = 2 FLOPs, convolutions and matmuls; no extra dependency).
 from __future__ import annotations
 
 import io
+import statistics
 import time
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -56,7 +58,6 @@ def size_on_disk_mb(model: nn.Module) -> float:
     return buf.tell() / 1e6
 
 
-@torch.inference_mode()
 def latency_ms(
     model: nn.Module,
     input_shape: tuple,
@@ -67,23 +68,46 @@ def latency_ms(
     max_iters: int = 200,
 ) -> float:
     """Median wall time of one forward pass in milliseconds (eval mode, after warm-up)."""
-    was = model.training
-    model.eval()
-    x = _probe(model, input_shape, batch, device)
+    return latencies_ms({"model": model}, input_shape, batch, device, warmup, min_time, max_iters, rounds=1)["model"]
+
+
+@torch.inference_mode()
+def latencies_ms(
+    models: Mapping[str, nn.Module],
+    input_shape: tuple,
+    batch: int = 1,
+    device="cpu",
+    warmup: int = 3,
+    min_time: float = 0.1,
+    max_iters: int = 100,
+    rounds: int = 5,
+) -> dict[str, float]:
+    """Median forward time (ms) of each model, timed in ``rounds`` alternating rounds of ``min_time`` s each.
+
+    Models compared with each other (teacher and student) are timed turn by turn rather than one after the
+    other, so a burst of load from another process falls on each of them alike and their ratio stays fair."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        model(x)
+    was = {name: m.training for name, m in models.items()}
+    probes = {}
+    for name, m in models.items():
+        m.eval()
+        probes[name] = _probe(m, input_shape, batch, device)
+        for _ in range(warmup):
+            m(probes[name])
     sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_iters and (time.perf_counter() - start < min_time or len(times) < 5):
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        times.append(time.perf_counter() - t0)
-    model.train(was)
-    times.sort()
-    return 1000.0 * times[len(times) // 2]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            x, own = probes[name], times[name]
+            n, start = len(own), time.perf_counter()
+            while len(own) - n < max_iters and (time.perf_counter() - start < min_time or len(own) - n < 5):
+                t0 = time.perf_counter()
+                m(x)
+                sync()
+                own.append(time.perf_counter() - t0)
+    for name, m in models.items():
+        m.train(was[name])
+    return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()
