@@ -5,7 +5,7 @@ from torch import nn
 
 from kdrun.cache import CacheShape, LogitCache, fill_pass
 from kdrun.data.base import ImageSet
-from kdrun.data.loader import Augment, Normalize, TensorLoader
+from kdrun.data.loader import Augment, Normalize, TensorLoader, epoch_plan
 
 
 class Recorder(nn.Module):
@@ -58,6 +58,20 @@ class Counter(nn.Module):
     def forward(self, x):
         self.images += len(x)
         return self.proj(x.flatten(1))
+
+
+def test_each_sample_cycles_through_all_cached_views_before_replaying_one():
+    """K cached views over E epochs: min(E, K) distinct views per sample (at random, 20 epochs of 8 views
+    would leave ~1.1 of them unseen), starting views spread over all K, and the same plan for the same seed."""
+    n, k = 500, 8
+    plans = torch.stack([epoch_plan(n, 3, e, True, k)[1] for e in range(2 * k + 3)])  # (epochs, samples)
+    for first in (0, 5):
+        window = plans[first : first + k]
+        assert all(len(set(window[:, i].tolist())) == k for i in range(n))  # k epochs: each view once
+    assert torch.equal(plans[k:], plans[: len(plans) - k])  # then the cycle repeats
+    assert torch.bincount(plans[0], minlength=k).min() > n / k / 2  # epoch 0's views cover all k
+    assert torch.equal(plans, torch.stack([epoch_plan(n, 3, e, True, k)[1] for e in range(2 * k + 3)]))
+    assert not torch.equal(plans[0], epoch_plan(n, 4, 0, True, k)[1])  # another seed, other starting views
 
 
 def test_first_use_runs_the_teacher_once_per_image_and_view(tmp_path):

@@ -73,13 +73,18 @@ def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, views: int | None) 
     """Sample order and augmentation view of every sample for one epoch: a pure function of (seed, epoch).
 
     ``views`` None: a fresh view per sample; K > 0: one of K cached views; 0: view 0 (no augmentation).
+    With K views every sample cycles through all K, from its own seeded starting view, before it sees one
+    again: over E epochs it meets min(E, K) distinct views (drawing a view at random per epoch would give
+    K(1 - (1 - 1/K)^E), e.g. 6.9 of 8 in 20 epochs), and with K >= E no view is replayed at all, so the
+    student sees what it would see with fresh augmentation.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
     if views is None:
         v = torch.randint(0, _M31, (n,), generator=g)
     elif views > 0:
-        v = torch.randint(0, views, (n,), generator=g)
+        start = torch.randint(0, views, (n,), generator=torch.Generator().manual_seed(seed * 100_003 - 1))
+        v = (start + epoch) % views
     else:
         v = torch.zeros(n, dtype=torch.long)
     return order, v
@@ -89,8 +94,8 @@ class TensorLoader:
     """Epochs of batches sampled from an :class:`ImageSet` held in (device) memory.
 
     ``views``: None draws a fresh augmentation per sample per epoch; an int K > 0
-    draws one of the K cached views per sample per step (replay of the logit
-    cache); 0 means un-augmented images. Order and views of epoch e depend only
+    replays one of the K cached views per sample per epoch, cycling through all K
+    (:func:`epoch_plan`); 0 means un-augmented images. Order and views of epoch e depend only
     on (seed, e), so ``epoch(e, start_step=k)`` resumes exactly.
     """
 
