@@ -390,6 +390,29 @@ def test_crd_nce_memory_and_clamped_negatives(rng, monkeypatch):
     assert torch.equal(m.z, z)  # the normalising constants are fixed after the first batch
 
 
+def test_crd_shared_negatives_equal_per_anchor_ones_drawn_alike(rng, monkeypatch):
+    """negatives=shared scores one draw of K against the whole batch: the same loss, gradients and banks as
+    per-anchor negatives that happen to be that draw for every anchor; and it draws a single row."""
+    N, B, K = 40, 6, 9
+    x, y = rng.normal(size=(B, 4)), rng.normal(size=(B, 6))
+    neg = torch.tensor(rng.integers(0, N, (1, K)))
+    index = np.array([3, 7, 0, 9, 21, 39])
+    out = {}
+    for mode in ("shared", "per_anchor"):
+        torch.manual_seed(5)
+        m = build("crd", [y.shape], [x.shape], num_samples=N, nce_k=K, embed_dim=3, negatives=mode)
+        assert m.sample_negatives(B, "cpu").shape == ((1, K) if mode == "shared" else (B, K))
+        monkeypatch.setattr(
+            m, "sample_negatives", lambda b, device, mode=mode: neg if mode == "shared" else neg.expand(b, K)
+        )
+        xs = t64(x, grad=True)
+        loss = run(m, [xs], [t64(y)], make_ctx(np.zeros(B, int), index=index, num_samples=N))["crd"]
+        loss.backward()
+        out[mode] = (loss.detach(), xs.grad, m.memory_s.clone(), m.memory_t.clone())
+    for a, b in zip(out["shared"], out["per_anchor"], strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_crd_keeps_its_memory_in_the_state_dict():
     m = build("crd", [(2, 6)], [(2, 4)], num_samples=50)
     assert {"memory_s", "memory_t", "z"} <= set(m.state_dict())
@@ -482,6 +505,7 @@ def test_a_single_layer_name_is_one_layer():
         ("dist", {"tau": 0.0}, "loss.tau"),
         ("at", {"weight": -1.0}, "loss.weight"),
         ("crd", {"nce_m": 1.5}, "loss.nce_m"),
+        ("crd", {"negatives": "hard"}, "loss.negatives"),
         ("cc", {"embed_dim": 0}, "loss.embed_dim"),
         ("rkd", {"ce_weight": -1.0}, "loss.ce_weight"),
     ],
@@ -595,6 +619,7 @@ def test_every_loss_yaml_builds_its_method(fname):
         ("crd", "nce_t", 0.07),
         ("crd", "nce_m", 0.5),
         ("crd", "embed_dim", 128),
+        ("crd", "negatives", "per_anchor"),
         ("vid", "weight", 1.0),
         ("vid", "init_pred_var", 5.0),
         ("vid", "eps", 1e-5),

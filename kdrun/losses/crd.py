@@ -19,6 +19,13 @@ K is clamped to N - 1 when the training set has fewer than K + 1 samples (a
 small run cannot draw 16384 distinct negatives meaningfully); negatives are
 drawn uniformly (RepDistiller's default CIFAR mode draws them from other
 classes, here a negative may share the anchor's class or, rarely, be itself).
+
+``negatives``: ``per_anchor`` (RepDistiller's, the default) draws K negatives for each
+anchor, i.e. gathers a [B, K, embed_dim] block of each bank every step (1 GB at B = 128,
+K = 16384): fine on a GPU, about 6 s a step on one CPU core. ``shared`` draws one set of K
+for the whole batch (as MoCo's queue does) and scores it with one [B, d] x [d, K] product:
+each anchor's negatives are still K uniform draws, so each anchor's expected loss is the
+same; only the draws of anchors in one batch are no longer independent.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class CRD(RelationLoss):
         nce_k: int = 16384,
         nce_t: float = 0.07,
         nce_m: float = 0.5,
+        negatives: str = "per_anchor",
         **kw,
     ):
         super().__init__(weight=weight, **kw)
@@ -64,6 +72,8 @@ class CRD(RelationLoss):
         check("nce_k", nce_k, int(nce_k) == nce_k and nce_k > 0, "an integer > 0")
         check("nce_t", nce_t, nce_t > 0, "a number > 0")
         check("nce_m", nce_m, 0 <= nce_m < 1, "a number in [0, 1)")
+        check("negatives", negatives, negatives in ("per_anchor", "shared"), "per_anchor or shared")
+        self.negatives = negatives
         self.embed_dim, self.nce_k, self.nce_t, self.nce_m = int(embed_dim), int(nce_k), nce_t, nce_m
         self.k = self.nce_k
         self.embed_t = nn.Identity()
@@ -82,12 +92,21 @@ class CRD(RelationLoss):
         return Embed(math.prod(s_shape[1:]), self.embed_dim, normalize=True)
 
     def sample_negatives(self, batch: int, device) -> torch.Tensor:
-        """[batch, K] training-set positions drawn uniformly."""
-        return torch.randint(0, self.num_samples, (batch, self.k), device=device)
+        """[batch, K] training-set positions drawn uniformly ([1, K] with ``negatives=shared``)."""
+        rows = 1 if self.negatives == "shared" else batch
+        return torch.randint(0, self.num_samples, (rows, self.k), device=device)
 
-    def _scores(self, anchor: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor, which: int) -> torch.Tensor:
-        """exp(anchor . memory[idx] / tau) / Z, [B, 1+K]; Z set once from the first batch."""
-        out = torch.exp(torch.einsum("bd,bkd->bk", anchor, memory[idx]) / self.nce_t)
+    def _scores(
+        self, anchor: torch.Tensor, memory: torch.Tensor, index: torch.Tensor, neg: torch.Tensor, which: int
+    ) -> torch.Tensor:
+        """exp(anchor . memory[j] / tau) / Z for j = the anchor's own slot, then its K negatives: [B, 1+K]; Z set
+        once from the first batch. ``neg``: [B, K] positions, or [1, K] shared by the batch."""
+        pos = (anchor * memory[index]).sum(1, keepdim=True)
+        if self.negatives == "shared":
+            neg_dot = anchor @ memory[neg[0]].T
+        else:
+            neg_dot = torch.einsum("bd,bkd->bk", anchor, memory[neg])
+        out = torch.exp(torch.cat([pos, neg_dot], dim=1) / self.nce_t)
         if self.z[which] < 0:
             self.z[which] = out.mean().detach() * self.num_samples
         return out / self.z[which].clone()
@@ -99,9 +118,9 @@ class CRD(RelationLoss):
     def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
         s, t = self.adapters[0](f_s), self.embed_t(f_t)
         index = ctx.index.to(s.device)
-        idx = torch.cat([index[:, None], self.sample_negatives(len(index), s.device)], dim=1)
-        loss = nce_loss(self._scores(s, self.memory_t, idx, 0), self.num_samples) + nce_loss(
-            self._scores(t, self.memory_s, idx, 1), self.num_samples
+        neg = self.sample_negatives(len(index), s.device)
+        loss = nce_loss(self._scores(s, self.memory_t, index, neg, 0), self.num_samples) + nce_loss(
+            self._scores(t, self.memory_s, index, neg, 1), self.num_samples
         )
         # data parallel: every rank applies the whole global batch's updates, so all ranks hold the same banks
         index, s, t = (distributed.all_gather_cat(v.detach()) for v in (index, s, t))
