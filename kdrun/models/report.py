@@ -10,6 +10,7 @@ import io
 import statistics
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,17 +59,11 @@ def size_on_disk_mb(model: nn.Module) -> float:
     return buf.tell() / 1e6
 
 
-def latency_ms(
-    model: nn.Module,
-    input_shape: tuple,
-    batch: int = 1,
-    device="cpu",
-    warmup: int = 3,
-    min_time: float = 0.3,
-    max_iters: int = 200,
-) -> float:
-    """Median wall time of one forward pass in milliseconds (eval mode, after warm-up)."""
-    return latencies_ms({"model": model}, input_shape, batch, device, warmup, min_time, max_iters, rounds=1)["model"]
+def latency_ms(model: nn.Module, input_shape: tuple, batch: int = 1, device="cpu", **timing: Any) -> float:
+    """Median wall time of one forward pass in milliseconds (eval mode, after warm-up); ``timing``: as for
+    :func:`latencies_ms` (one round of at least 0.3 s unless given)."""
+    timing = {"min_time": 0.3, "max_iters": 200} | timing
+    return latencies_ms({"model": model}, input_shape, batch, device, rounds=1, **timing)["model"]
 
 
 @torch.inference_mode()
