@@ -116,15 +116,16 @@ def model_stats(model: nn.Module, input_shape: tuple, name: str) -> dict:
     }
 
 
-def add_cpu_latency(models: dict, nets: dict[str, nn.Module], input_shape: tuple) -> None:
-    """``latency_ms_cpu_b1`` (and the torch threads it ran on) into each entry of ``models``; the networks are
-    timed in alternating rounds (:func:`kdrun.models.report.latencies_ms`), so their ratio is a fair one."""
+def cpu_latency(nets: dict[str, nn.Module], input_shape: tuple) -> dict[str, dict]:
+    """Per network, ``latency_ms_cpu_b1`` and the torch threads it ran on; the networks are timed in alternating
+    rounds (:func:`kdrun.models.report.latencies_ms`), so their ratio is a fair one."""
     from kdrun.models import report as mr
 
     timed = mr.latencies_ms({role: _cpu_copy(net) for role, net in nets.items()}, input_shape, batch=1, device="cpu")
-    for role, ms in timed.items():
-        models[role]["latency_ms_cpu_b1"] = round(ms, 4)
-        models[role]["latency_threads"] = torch.get_num_threads()
+    return {
+        role: {"latency_ms_cpu_b1": round(ms, 4), "latency_threads": torch.get_num_threads()}
+        for role, ms in timed.items()
+    }
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
@@ -162,9 +163,9 @@ def assemble(cfg, run_data, stages, roles, store_refs: dict, results: dict, logi
     input_shape = (data.in_chans, data.image_size, data.image_size)
     named = {role: trained[name] for role, name in roles.items() if role in ("teacher", "student")}
     models = {role: model_stats(m.model, input_shape, m.mcfg.name) for role, m in named.items()}
-    nets = {role: m.model for role, m in named.items()}
     if cfg.trainer.latency:
-        add_cpu_latency(models, nets, input_shape)
+        for role, lat in cpu_latency({role: m.model for role, m in named.items()}, input_shape).items():
+            models[role] |= lat
     test = dict(results)
     test.setdefault("student", results[roles.student])  # online: the chosen peer
     metrics = {
