@@ -120,9 +120,10 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
     if key:
         parent = key.rpartition(".")[0]
 
-        def touches(o: str) -> bool:  # the bad override itself, or one that sets the key's parent whole
+        def touches(o: str) -> bool:
+            # the bad override itself, one that sets the key's parent whole, or a sibling (which may be unknown too)
             k = o.split("=")[0].lstrip("+~")
-            return k == key or k.startswith(key + ".") or key.startswith(k + ".")
+            return k == key or key.startswith(k + ".") or k.startswith((parent or key) + ".")
 
         valid = _keys_of(parent, [o for o in overrides if not touches(o)], config_name)
         where = f" of {parent}" if parent else ""

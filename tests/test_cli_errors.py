@@ -54,6 +54,10 @@ import pytest
             "(use +teacher.optim.lr=... to add a new one)",
         ),
         (
+            ["experiment=hinton_mnist", "teacher.optim.name=adamw", "teacher.optim.momentum=0"],
+            "teacher.optim.name: unknown key; valid keys of teacher.optim: grad_clip, lr (use +teacher.optim.name=",
+        ),
+        (
             ["loss=at", "loss.layers.teacher=[stage9]", "loss.layers.student=[stage3]"],
             "loss.layers.teacher[0]=stage9: unknown feature layer 'stage9' for CifarResNet; valid: logits, pre_logits, "
             "stage1, ",
