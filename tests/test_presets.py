@@ -116,9 +116,10 @@ def test_hinton_mnist_composes_with_the_papers_nets():
     assert cfg.loss.name == "kd" and cfg.loss.temperature == 20.0 and 0.5 < cfg.loss.alpha <= 1
     assert cfg.optim.weight_decay == 0 and cfg.trainer.val_fraction == 0.1 and cfg.cache.views == 0
     assert cfg.optim.lr == 0.03 and cfg.optim.grad_clip == 5.0  # the student's, chosen on the validation split
-    assert teacher_optim(cfg).lr == 0.05 and teacher_optim(cfg).weight_decay == 0
-    assert teacher_optim(cfg).grad_clip is None  # the teacher is not clipped
-    assert (cfg.trainer.teacher_epochs, cfg.trainer.epochs) == (120, 60) and cfg.baseline is True
+    to = teacher_optim(cfg)
+    assert (to.name, to.lr, to.weight_decay) == ("adamw", 1.0e-3, 0) and cfg.teacher.precision == "bf16"
+    assert to.grad_clip is None  # the teacher is not clipped
+    assert (cfg.trainer.teacher_epochs, cfg.trainer.epochs) == (180, 60) and cfg.baseline is True
     assert cfg.dataset.root == cfg.paths.data  # no path of a particular machine: dataset.root or $KDRUN_DATA
 
 
