@@ -54,8 +54,9 @@ import pytest
             "(use +teacher.optim.lr=... to add a new one)",
         ),
         (
-            ["experiment=hinton_mnist", "teacher.optim.name=adamw", "teacher.optim.momentum=0"],
-            "teacher.optim.name: unknown key; valid keys of teacher.optim: grad_clip, lr (use +teacher.optim.name=",
+            ["experiment=hinton_mnist", "teacher.optim.momentum=0", "teacher.optim.nesterov=true"],
+            "teacher.optim.momentum: unknown key; valid keys of teacher.optim: grad_clip, lr, name "
+            "(use +teacher.optim.momentum=",
         ),
         (
             ["loss=at", "loss.layers.teacher=[stage9]", "loss.layers.student=[stage3]"],
