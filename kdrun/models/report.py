@@ -76,8 +76,10 @@ def latencies_ms(
     min_time: float = 0.1,
     max_iters: int = 100,
     rounds: int = 5,
+    min_iters: int = 5,
 ) -> dict[str, float]:
-    """Median forward time (ms) of each model, timed in ``rounds`` alternating rounds of ``min_time`` s each.
+    """Median forward time (ms) of each model, timed in ``rounds`` alternating rounds of ``min_time`` s (and at
+    least ``min_iters`` passes) each.
 
     Models compared with each other (teacher and student) are timed turn by turn rather than one after the
     other, so a burst of load from another process falls on each of them alike and their ratio stays fair."""
@@ -95,7 +97,7 @@ def latencies_ms(
         for name, m in models.items():
             x, own = probes[name], times[name]
             n, start = len(own), time.perf_counter()
-            while len(own) - n < max_iters and (time.perf_counter() - start < min_time or len(own) - n < 5):
+            while len(own) - n < max_iters and (time.perf_counter() - start < min_time or len(own) - n < min_iters):
                 t0 = time.perf_counter()
                 m(x)
                 sync()
