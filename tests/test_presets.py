@@ -114,7 +114,7 @@ def test_hinton_mnist_composes_with_the_papers_nets():
     assert s.name == "mlp" and list(s.kwargs.hidden) == [800, 800]
     assert s.kwargs.dropout == 0 and s.kwargs.input_dropout == 0 and s.kwargs.max_norm is None
     assert cfg.loss.name == "kd" and cfg.loss.temperature == 20.0 and 0.5 < cfg.loss.alpha <= 1
-    assert cfg.optim.weight_decay == 0 and cfg.trainer.val_fraction == 0.1 and cfg.cache.views == 0
+    assert cfg.optim.weight_decay == 0 and cfg.trainer.val_fraction == 0 and cfg.cache.views == 0
     assert cfg.optim.lr == 0.03 and cfg.optim.grad_clip == 5.0  # the student's, chosen on the validation split
     to = teacher_optim(cfg)
     assert (to.name, to.lr, to.weight_decay) == ("adamw", 1.0e-3, 0) and cfg.teacher.precision == "bf16"
