@@ -68,6 +68,7 @@ def report_main(args: list[str]) -> int:
             print(
                 f"  {setting} (n={g['n']}): student {pm(g['student_top1_mean'], g['student_top1_std'])}, "
                 f"baseline {pm(g['baseline_top1_mean'], g['baseline_top1_std'])}, "
+                f"teacher {pm(g['teacher_top1_mean'], g['teacher_top1_std'])}, "
                 f"KD gain {pm(g['kd_gain_top1_mean'], g['kd_gain_top1_std'])} pt, "
                 f"95% CI {interval(g['kd_gain_top1_ci95_low'], g['kd_gain_top1_ci95_high'])}"
             )

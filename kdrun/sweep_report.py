@@ -3,8 +3,12 @@
 A run is any directory holding ``.hydra/overrides.yaml``. Its status is
 ``complete`` (``metrics.json`` present), ``failed`` (a ``FAILED`` note),
 ``unreadable`` (a ``metrics.json`` that cannot be parsed) or ``running``
-(neither yet). Keys whose override values differ between runs are the swept
-keys; ``trainer.seed`` repeats of one setting are aggregated as mean ± std.
+(neither yet). Keys whose values differ between runs are the swept keys; a key
+that a run does not override takes that run's composed value (``.hydra/config.yaml``,
+or its config-group choice), so ``trainer.val_fraction=0`` given on the command
+line matches a preset that already sets 0. Keys that say only where a run reads or
+writes or how fast it runs (:data:`PLACE_KEYS`) never make a setting.
+``trainer.seed`` repeats of one setting are aggregated as mean ± std.
 A problem with one run or one plot is noted and never stops the rest.
 """
 
@@ -19,12 +23,25 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
+import yaml
+
 from kdrun.errors import ConfigError
 from kdrun.significance import mean_ci
 
 log = logging.getLogger("kdrun")
 
 SEED_KEY = "trainer.seed"
+# where a run reads or writes, how fast and how verbosely it runs: never part of what it trains
+PLACE_KEYS = (
+    "paths",
+    "store",
+    "logger",
+    "trainer.threads",
+    "trainer.log_every",
+    "trainer.latency",
+    "trainer.eval_batch_size",
+    "trainer.checkpoint_every_steps",
+)
 SKIP_DIRS = {".hydra", "checkpoints", ".submitit", "__pycache__"}
 SCORE_COLUMNS = [
     "student_top1",
@@ -52,6 +69,13 @@ class Run:
     scores: dict[str, float | None] = field(default_factory=dict)
     note: str = ""
     overrides_read: bool = True
+    composed: dict[str, str] = field(default_factory=dict)  # flattened scalar config values and group choices
+
+    def value(self, key: str) -> str:
+        """The run's value of ``key``: its override, else its composed value, else ``-``; numbers canonical."""
+        if key in self.overrides:
+            return canonical(self.overrides[key])
+        return self.composed.get(key, "-")
 
 
 # ---------------------------------------------------------------- finding and reading runs
@@ -90,6 +114,51 @@ def read_overrides(run_dir: str) -> dict[str, str]:
     return parse_overrides(lines or [])
 
 
+def canonical(text) -> str:
+    """One spelling per value: ``"0"``, ``0.0``, ``"0.0"`` -> ``"0"``; ``1e-3`` -> ``"0.001"``; ``True`` -> "true"."""
+    if isinstance(text, bool):
+        return str(text).lower()
+    if text is None:
+        return "null"
+    text = str(text)
+    if not _is_number(text):
+        return text
+    number = repr(float(text))
+    return number[:-2] if number.endswith(".0") else number
+
+
+def read_composed(run_dir: str) -> dict[str, str]:
+    """Scalar values of ``.hydra/config.yaml`` by dotted key, and config-group choices from ``.hydra/hydra.yaml``.
+
+    Values are as saved (interpolations unresolved); missing or unreadable files give nothing.
+    """
+    out: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif not isinstance(node, list):
+            out[prefix[:-1]] = canonical(node)
+
+    try:
+        with open(os.path.join(run_dir, ".hydra", "config.yaml")) as f:
+            walk(yaml.safe_load(f) or {}, "")
+    except (OSError, yaml.YAMLError):
+        pass
+    try:
+        with open(os.path.join(run_dir, ".hydra", "hydra.yaml")) as f:
+            choices = ((yaml.safe_load(f) or {}).get("hydra") or {}).get("runtime", {}).get("choices") or {}
+        out |= {k: canonical(v) for k, v in choices.items() if not k.startswith("hydra/")}
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    return out
+
+
+def is_place_key(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in PLACE_KEYS)
+
+
 def _last(entry: dict | None) -> dict:
     """Last-epoch scores of a ``metrics.json`` test entry (trained: ``{"last": ...}``; loaded: flat)."""
     if not isinstance(entry, dict):
@@ -122,16 +191,18 @@ def load_run(run_dir: str, root: str) -> Run:
         overrides = read_overrides(run_dir)
     except Exception as e:
         return Run(run_dir, name, {}, "unreadable", note=f".hydra/overrides.yaml: {e}", overrides_read=False)
+    composed = read_composed(run_dir)
     metrics_path, failed_path = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "FAILED")
     if os.path.isfile(metrics_path):
         try:
             with open(metrics_path) as f:
-                return Run(run_dir, name, overrides, "complete", scores_of(json.load(f)))
+                return Run(run_dir, name, overrides, "complete", scores_of(json.load(f)), composed=composed)
         except Exception as e:
-            return Run(run_dir, name, overrides, "unreadable", note=f"metrics.json: {type(e).__name__}: {e}")
+            note = f"metrics.json: {type(e).__name__}: {e}"
+            return Run(run_dir, name, overrides, "unreadable", note=note, composed=composed)
     if os.path.isfile(failed_path):
-        return Run(run_dir, name, overrides, "failed", note=_first_line(failed_path))
-    return Run(run_dir, name, overrides, "running", note="no metrics.json yet")
+        return Run(run_dir, name, overrides, "failed", note=_first_line(failed_path), composed=composed)
+    return Run(run_dir, name, overrides, "running", note="no metrics.json yet", composed=composed)
 
 
 def _first_line(path: str) -> str:
@@ -154,20 +225,22 @@ def _rank(run: Run) -> tuple:
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
-    """Override keys whose value differs between runs (or that only some runs set), in first-seen order."""
+    """Overridden keys whose value differs between runs, in first-seen order (place keys never)."""
     runs = [r for r in runs if r.overrides_read]
     keys: list[str] = []
     for run in runs:
-        keys += [k for k in run.overrides if k not in keys]
-    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+        keys += [k for k in run.overrides if k not in keys and not is_place_key(k)]
+    return [k for k in keys if len({r.value(k) for r in runs}) > 1]
 
 
 def common_overrides(runs: list[Run], swept: list[str]) -> dict[str, str]:
-    """Overrides that every run shares."""
+    """Overridden keys with one value in every run (whether overridden there or composed)."""
     runs = [r for r in runs if r.overrides_read]
-    if not runs:
-        return {}
-    return {k: v for k, v in runs[0].overrides.items() if k not in swept}
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.overrides if k not in keys and k not in swept]
+    values = {k: {r.value(k) for r in runs} for k in keys}
+    return {k: v.pop() for k, v in values.items() if len(v) == 1}
 
 
 # ---------------------------------------------------------------- tables
@@ -196,7 +269,7 @@ def run_rows(runs: list[Run], swept: list[str]) -> list[dict]:
     rows = []
     for run in runs:
         row = {"run": run.name or "."}
-        row |= {k: run.overrides.get(k, "-") for k in swept}
+        row |= {k: run.value(k) for k in swept}
         row["status"] = run.status
         row |= {c: run.scores.get(c) for c in SCORE_COLUMNS}
         row["note"] = run.note
@@ -205,7 +278,7 @@ def run_rows(runs: list[Run], swept: list[str]) -> list[dict]:
 
 
 def setting_of(run: Run, keys: list[str]) -> tuple:
-    return tuple(run.overrides.get(k, "-") for k in keys)
+    return tuple(run.value(k) for k in keys)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -237,7 +310,7 @@ def seed_groups(runs: list[Run], swept: list[str]) -> list[dict]:
 def _group_row(keys: list[str], setting: tuple, members: list[Run]) -> dict:
     row: dict = dict(zip(keys, setting))
     row["n"] = len(members)
-    for col in ("student_top1", "baseline_top1", "kd_gain_top1"):
+    for col in ("student_top1", "baseline_top1", "teacher_top1", "kd_gain_top1"):
         values = [m.scores[col] for m in members if m.scores.get(col) is not None]
         mean, std = mean_std(values) if values else (None, None)
         row[f"{col}_mean"], row[f"{col}_std"] = mean, std
@@ -320,13 +393,14 @@ def _total_wall(runs: list[Run]) -> float:
 
 def _group_markdown(groups: list[dict], swept: list[str]) -> str:
     keys = [k for k in swept if k != SEED_KEY]
-    header = [*keys, "n", "student top1", "baseline top1", "kd gain", "kd gain 95% CI"]
+    header = [*keys, "n", "student top1", "baseline top1", "teacher top1", "kd gain", "kd gain 95% CI"]
     body = [
         [
             *(g[k] for k in keys),
             g["n"],
             pm(g["student_top1_mean"], g["student_top1_std"]),
             pm(g["baseline_top1_mean"], g["baseline_top1_std"]),
+            pm(g["teacher_top1_mean"], g["teacher_top1_std"]),
             pm(g["kd_gain_top1_mean"], g["kd_gain_top1_std"]),
             interval(g["kd_gain_top1_ci95_low"], g["kd_gain_top1_ci95_high"]),
         ]
@@ -409,7 +483,7 @@ def _series(runs: list[Run], key: str, others: list[str]) -> tuple[dict[str, lis
     random or Optuna search) all runs form one scatter series.
     """
     groups = group_by_setting(runs, others) if others else {(): list(runs)}
-    grid = len(groups) <= MAX_SERIES and any(len({r.overrides.get(key) for r in g}) > 1 for g in groups.values())
+    grid = len(groups) <= MAX_SERIES and any(len({r.value(key) for r in g}) > 1 for g in groups.values())
     if not grid:
         return {"student (mean per value)": list(runs)}, False
     labels = {s: ", ".join(f"{k}={short(v)}" for k, v in zip(others, s)) or "student" for s in groups}
@@ -420,7 +494,7 @@ def plot_accuracy_vs(runs: list[Run], key: str, swept: list[str], out_dir: str) 
     """Student top-1 against the values of ``key`` (mean ± std over repeats), baseline dashed."""
     others = [k for k in swept if k not in (key, SEED_KEY)]
     complete = [r for r in runs if r.status == "complete" and r.scores.get("student_top1") is not None]
-    values = ordered_values({r.overrides.get(key, "-") for r in complete})
+    values = ordered_values({r.value(key) for r in complete})
     xpos, numeric = _x_positions(values)
     fig = _figure()
     ax = fig.add_subplot()
@@ -484,14 +558,14 @@ def plot_scatter(runs: list[Run], keys: list[str], out_dir: str) -> str:
     """Each run at (key 1, key 0), coloured by the student's top-1 (Optuna or random searches)."""
     fig = _figure()
     ax = fig.add_subplot()
-    x = [float(r.overrides[keys[1]]) for r in runs]
-    y = [float(r.overrides[keys[0]]) for r in runs]
+    x = [float(r.value(keys[1])) for r in runs]
+    y = [float(r.value(keys[0])) for r in runs]
     points = ax.scatter(x, y, c=[r.scores["student_top1"] for r in runs], cmap="viridis", s=60, edgecolors="k")
     fig.colorbar(points, ax=ax, label="student test top-1 (%)")
     best = runs[0]
     ax.annotate(
         f"best {best.scores['student_top1']:.2f}",
-        (float(best.overrides[keys[1]]), float(best.overrides[keys[0]])),
+        (float(best.value(keys[1])), float(best.value(keys[0]))),
         textcoords="offset points",
         xytext=(6, 6),
         fontsize=8,
@@ -565,7 +639,7 @@ def plot_curves(run: Run, swept: list[str], out_dir: str) -> str | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    setting = " ".join(f"{k}={short(v)}" for k, v in run.overrides.items() if k in swept)
+    setting = " ".join(f"{k}={short(run.value(k))}" for k in swept)
     fig.suptitle(
         f"training curves of the best run ({run.name or '.'}: {setting or 'only run'}, "
         f"student top-1 {run.scores['student_top1']:.2f})",
@@ -589,7 +663,7 @@ def write_plots(runs: list[Run], swept: list[str], out_dir: str) -> tuple[list[s
         import matplotlib  # noqa: F401
     except ImportError:
         return [], ["matplotlib is not installed (pip install matplotlib): no plots"]
-    varied = [k for k in swept if k != SEED_KEY and len({r.overrides.get(k) for r in complete}) > 1]
+    varied = [k for k in swept if k != SEED_KEY and len({r.value(k) for r in complete}) > 1]
     notes = []
     if len(varied) > MAX_KEY_PLOTS:
         notes.append(f"only the first {MAX_KEY_PLOTS} of {len(varied)} varied keys plotted")

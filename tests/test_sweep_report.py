@@ -60,13 +60,27 @@ def fake_metrics(
 
 
 def make_run(
-    root, name: str, overrides: list[str], metrics: dict | None = None, failed: str | None = None, curves: bool = True
+    root,
+    name: str,
+    overrides: list[str],
+    metrics: dict | None = None,
+    failed: str | None = None,
+    curves: bool = True,
+    config: dict | None = None,
+    choices: dict | None = None,
 ) -> str:
-    """A run directory: .hydra/overrides.yaml, then metrics.json, a FAILED note, or nothing (running)."""
+    """A run directory: .hydra/overrides.yaml (and the composed config.yaml and group choices when given),
+    then metrics.json, a FAILED note, or nothing (running)."""
     run = os.path.join(str(root), name)
     os.makedirs(os.path.join(run, ".hydra"))
     with open(os.path.join(run, ".hydra", "overrides.yaml"), "w") as f:
         yaml.safe_dump(["trainer=smoke", *overrides], f)
+    if config is not None:
+        with open(os.path.join(run, ".hydra", "config.yaml"), "w") as f:
+            yaml.safe_dump(config, f)
+    if choices is not None:
+        with open(os.path.join(run, ".hydra", "hydra.yaml"), "w") as f:
+            yaml.safe_dump({"hydra": {"runtime": {"choices": {"hydra/launcher": "basic", **choices}}}}, f)
     if curves:
         write_curve(run, "student", val=True)
         write_curve(run, "teacher", val=False)
@@ -149,7 +163,61 @@ def test_mean_std_over_seeds(tmp_path):
     assert [g["student_top1_mean"] for g in groups] == [82.0, 78.0, 76.0, 72.0]
     md = (tmp_path / "report.md").read_text()
     assert "## Mean ± std over seeds" in md
-    assert "| 4 | 0.5 | 3 | 82.00 ± 2.00 | 60.00 ± 0.00 | 22.00 ± 2.00 |" in md
+    assert "| 4 | 0.5 | 3 | 82.00 ± 2.00 | 60.00 ± 0.00 | 95.00 ± 0.00 | 22.00 ± 2.00 |" in md
+
+
+def test_canonical_spellings():
+    assert [sweep_report.canonical(v) for v in ("0", 0.0, "0.0", "1e-3", "5.0e-4", "4", 8)] == [
+        "0",
+        "0",
+        "0",
+        "0.001",
+        "0.0005",
+        "4",
+        "8",
+    ]
+    assert [sweep_report.canonical(v) for v in (True, None, "[64]", "resnet9", "6.4248703846447945")] == [
+        "true",
+        "null",
+        "[64]",
+        "resnet9",
+        "6.4248703846447945",
+    ]
+
+
+def seed_runs(root, with_composed: bool) -> list[str]:
+    """Two seeds of one setting run by hand: run 0 repeats the preset's val_fraction (0.0) and its teacher on the
+    command line, run 1 does not; they write to different stores with different thread counts."""
+    composed = {"trainer": {"val_fraction": 0.0, "seed": 0, "threads": 1}, "teacher": {"name": "resnet9"}}
+    runs = [
+        ["trainer.seed=0", "trainer.val_fraction=0", "teacher=resnet9", "store.dir=/a/store", "trainer.threads=1"],
+        ["trainer.seed=1", "store.dir=/b/store", "trainer.threads=2"],
+    ]
+    for seed, overrides in enumerate(runs):
+        make_run(
+            root,
+            f"s{seed}",
+            overrides,
+            fake_metrics(80.0 + seed, teacher=90.0 - seed, seed=seed),
+            config=composed if with_composed else None,
+            choices={"teacher": "resnet9", "student": "mbv2_cifar"} if with_composed else None,
+        )
+    return sweep_report.swept_keys(sweep_report.collect(str(root)))
+
+
+def test_seeds_pool_when_other_keys_only_repeat_the_composed_value_or_name_a_place(tmp_path):
+    assert seed_runs(tmp_path, with_composed=True) == ["trainer.seed"]
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| 2 | 80.50 ± 0.71 | 60.00 ± 0.00 | 89.50 ± 0.71 |" in md
+    assert "`trainer.val_fraction=0`" in md and "`teacher=resnet9`" in md  # common to both
+    assert "store.dir" not in md  # differs, but says only where a run writes
+
+
+def test_without_a_composed_config_an_override_only_one_run_gives_is_swept(tmp_path):
+    assert seed_runs(tmp_path, with_composed=False) == ["trainer.seed", "trainer.val_fraction", "teacher"]
+    write_report(tmp_path)
+    assert "Mean ± std" not in (tmp_path / "report.md").read_text()
 
 
 def test_no_group_table_without_seed_repeats(tmp_path):
