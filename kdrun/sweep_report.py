@@ -191,18 +191,17 @@ def load_run(run_dir: str, root: str) -> Run:
         overrides = read_overrides(run_dir)
     except Exception as e:
         return Run(run_dir, name, {}, "unreadable", note=f".hydra/overrides.yaml: {e}", overrides_read=False)
-    composed = read_composed(run_dir)
+    run = Run(run_dir, name, overrides, "running", note="no metrics.json yet", composed=read_composed(run_dir))
     metrics_path, failed_path = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "FAILED")
     if os.path.isfile(metrics_path):
         try:
             with open(metrics_path) as f:
-                return Run(run_dir, name, overrides, "complete", scores_of(json.load(f)), composed=composed)
+                run.status, run.scores, run.note = "complete", scores_of(json.load(f)), ""
         except Exception as e:
-            note = f"metrics.json: {type(e).__name__}: {e}"
-            return Run(run_dir, name, overrides, "unreadable", note=note, composed=composed)
-    if os.path.isfile(failed_path):
-        return Run(run_dir, name, overrides, "failed", note=_first_line(failed_path), composed=composed)
-    return Run(run_dir, name, overrides, "running", note="no metrics.json yet", composed=composed)
+            run.status, run.note = "unreadable", f"metrics.json: {type(e).__name__}: {e}"
+    elif os.path.isfile(failed_path):
+        run.status, run.note = "failed", _first_line(failed_path)
+    return run
 
 
 def _first_line(path: str) -> str:
