@@ -29,6 +29,14 @@ def _join(rank, world, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
+def _leave():
+    """Tear down together: rank 0 hosts the TCP store, and a rank that destroys its group while another is
+    still in a collective can abort gloo ("terminate called without an active exception"; seen once, in a
+    full `make test`)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _mlp():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
@@ -47,7 +55,7 @@ def _grad_worker(rank, world, port, out_dir):
     idx = distributed.shard(torch.arange(len(y)), rank, world)
     torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
     torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_ddp_gradients_equal_the_full_batch_gradient(tmp_path):
@@ -82,7 +90,7 @@ def _crd_worker(rank, world, port, out_dir):
     mine = distributed.shard(torch.arange(8), rank, world)
     crd.pair_loss(0, fs[mine], ft[mine], StepContext(torch.zeros(len(mine), dtype=torch.long), index[mine], 0, 1, 16))
     torch.save({"s": crd.memory_s, "t": crd.memory_t}, os.path.join(out_dir, f"bank{rank}.pt"))
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_crd_memory_banks_gather_every_ranks_updates(tmp_path):
