@@ -120,11 +120,21 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_augment(cfg: DictConfig) -> None:
-    """``dataset.augment``: a kind and keys :func:`kdrun.data.transforms.make_augment` accepts."""
+    """``dataset.augment``: a kind and keys :func:`kdrun.data.transforms.make_augment` accepts;
+    ``evaluate.flip_tta`` only for models trained on mirrored images."""
     from kdrun.data.transforms import make_augment
 
     aug = cfg.dataset.get("augment")
-    make_augment(OmegaConf.to_container(aug, resolve=True) if aug is not None else None, 0)
+    augment = make_augment(OmegaConf.to_container(aug, resolve=True) if aug is not None else None, 0)
+    tta = (cfg.get("evaluate") or {}).get("flip_tta", False)
+    if not isinstance(tta, bool):
+        raise ConfigError(f"evaluate.flip_tta={tta}: must be true or false")
+    if tta and not augment.flip:
+        raise ConfigError(
+            f"evaluate.flip_tta=true: dataset={cfg.dataset.name} trains without mirrored images "
+            "(dataset.augment.flip=false; digits, for one, must not be mirrored); valid: false, "
+            "or dataset.augment.flip=true"
+        )
 
 
 def _validate_classes(cfg: DictConfig) -> None:

@@ -7,11 +7,17 @@ from torch import nn
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader) -> torch.Tensor:
-    """Logits of ``model`` over the loader's split, in order (float32, on CPU; one copy at the end)."""
+def predict(model: nn.Module, loader, flip_tta: bool = False) -> torch.Tensor:
+    """Logits of ``model`` over the loader's split, in order (float32, on CPU; one copy at the end).
+
+    ``flip_tta``: the mean of the logits of each image and of its mirror image (horizontal-flip test-time
+    augmentation, as Page's DAWNBench ResNet-9 and airbench report CIFAR-10 accuracy)."""
     was_training = model.training
     model.eval()
-    out = [model(b.x).float() for b in loader.epoch(0)]
+    if flip_tta:
+        out = [(0.5 * (model(b.x).float() + model(b.x.flip(-1)).float())) for b in loader.epoch(0)]
+    else:
+        out = [model(b.x).float() for b in loader.epoch(0)]
     model.train(was_training)
     return torch.cat(out).cpu() if out else torch.empty(0)
 

@@ -96,7 +96,28 @@ def evaluate(cfg, data, stages, roles) -> tuple[dict, dict[str, torch.Tensor]]:
         out[student]["with_logit_bias"] = _scores(biased(logits[student], bias), labels) | {
             "bias": {str(c): float(b) for c, b in bias.items()}
         }
+    if (cfg.get("evaluate") or {}).get("flip_tta"):
+        _score_flip_tta(out, stages, roles, loader)
     return out, logits
+
+
+def _score_flip_tta(out: dict, stages, roles, loader) -> None:
+    """``evaluate.flip_tta``: every model's last-epoch scores on the mean logits of each test image and its mirror
+    (``with_flip_tta``), agreement under the same protocol, and the student's gain over the baseline with its
+    paired test. The run's own figures (and the logit caches, and the distillation targets) stay single-view."""
+    labels = loader.labels
+    tta = {name: predict(t.model, loader, flip_tta=True) for name, t in stages.models.items()}
+    ref = roles.teacher or roles.student
+    for name, logits in tta.items():
+        scores = _scores(logits, labels)
+        if name != ref:
+            scores["agreement"] = agreement(logits, tta[ref])
+        out[name]["with_flip_tta"] = scores
+    if roles.baseline is not None:
+        s, b = out[roles.student]["with_flip_tta"], out[roles.baseline]["with_flip_tta"]
+        paired = mcnemar(tta[roles.student], tta[roles.baseline], labels)
+        s["kd_gain_top1"] = round(s["top1"] - b["top1"], 3)
+        s["kd_gain"] = paired.as_dict()
 
 
 def last(scores: dict) -> dict:
@@ -266,6 +287,8 @@ def summary_table(m: dict) -> str:
         if "with_logit_bias" in scores:
             b = scores["with_logit_bias"]
             lines.append(row("  with logit bias " + ",".join(f"{c}:{v:+g}" for c, v in b["bias"].items()), b))
+        if "with_flip_tta" in scores:
+            lines.append(row("  flip TTA", scores["with_flip_tta"]))
     tail = f"test split of {m['dataset']['name']} ({m['dataset']['test']} images), last epoch"
     if r:
         tail += f"; compression {r['compression_params']:.1f}x params"
@@ -281,5 +304,8 @@ def summary_table(m: dict) -> str:
                 f" (exact McNemar p = {g['p_value']:.3g}: {g['student_only']} test images right only with KD, "
                 f"{g['baseline_only']} only without)"
             )
+    tta = test.get("student", {}).get("with_flip_tta", {})
+    if "kd_gain" in tta:
+        tail += f"; with flip TTA {tta['kd_gain_top1']:+.2f} pt (p = {tta['kd_gain']['p_value']:.3g})"
     tail += f"; {m['timings_s']['total']:.1f} s"
     return "\n".join(lines + [tail])
