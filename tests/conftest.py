@@ -8,6 +8,8 @@ import pytest
 KDRUN = [sys.executable, "-m", "kdrun.cli"]
 # runs started by tests keep their outputs/ (and the default artifact store) out of the repository
 WORKDIR = tempfile.mkdtemp(prefix="kdrun-tests-")
+# the smallest whole run: embedded digits, resnet8 teacher and student, a step or two per stage, no store
+SMOKE_RUN = ("trainer=smoke", "teacher=resnet8", "student=resnet8", "store.enabled=false")
 
 
 def run_kdrun(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:

@@ -50,15 +50,12 @@ def test_run_reports_flip_tta_beside_single_view(tmp_path):
     """Every model gets a ``with_flip_tta`` entry (its agreement under the same protocol), the student its paired
     gain over the baseline; the single-view figures and KD gain stay the run's own."""
     from kdrun.report import last
-    from tests.conftest import run_kdrun
+    from tests.conftest import SMOKE_RUN, run_kdrun
 
     run_dir = tmp_path / "run"
     p = run_kdrun(
         "train",
-        "trainer=smoke",
-        "teacher=resnet8",
-        "student=resnet8",
-        "store.enabled=false",
+        *SMOKE_RUN,
         "dataset.augment.flip=true",
         "evaluate.flip_tta=true",
         f"hydra.run.dir={run_dir}",

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from kdrun import loggers
-from tests.conftest import run_kdrun
+from tests.conftest import SMOKE_RUN, run_kdrun
 
 SCHEDULED_T = "loss.temperature={schedule: linear, start: 8, end: 1, per: step}"
 
@@ -22,10 +22,7 @@ def tracked(tmp_path_factory):
     run_dir, db = root / "run", root / "mlflow.db"
     p = run_kdrun(
         "train",
-        "trainer=smoke",
-        "teacher=resnet8",
-        "student=resnet8",
-        "store.enabled=false",
+        *SMOKE_RUN,
         "dataset.student_fraction=1.0",  # the whole split: 12 student steps (digits' default 10% has 2)
         "trainer.log_every=4",
         "trainer.threads=1",

@@ -147,7 +147,7 @@ def test_streamed_image_folder_runs_end_to_end(tmp_path):
     """dataset.mode=stream: batches decoded from files by DataLoader workers; the logit cache fills on first use."""
     from PIL import Image
 
-    from tests.conftest import run_kdrun
+    from tests.conftest import SMOKE_RUN, run_kdrun
 
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 24), ("test", 8)):
@@ -159,11 +159,8 @@ def test_streamed_image_folder_runs_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     p = run_kdrun(
         "train",
-        "trainer=smoke",
-        "teacher=resnet8",
-        "student=resnet8",
+        *SMOKE_RUN,
         "trainer.latency=false",
-        "store.enabled=false",
         "dataset=imagefolder",
         f"dataset.root={tmp_path / 'data'}",
         "dataset.image_size=16",

@@ -52,15 +52,12 @@ def test_biased_adds_to_one_class_logit():
 def test_no3_run_end_to_end(tmp_path):
     """A transfer set without 3s: the student stages never see one, the teacher does; the biased student is
     scored too, and the per-class errors add up."""
-    from tests.conftest import run_kdrun
+    from tests.conftest import SMOKE_RUN, run_kdrun
 
     run_dir = tmp_path / "run"
     p = run_kdrun(
         "train",
-        "trainer=smoke",
-        "teacher=resnet8",
-        "student=resnet8",
-        "store.enabled=false",
+        *SMOKE_RUN,
         "dataset.student_fraction=1.0",
         "dataset.student_exclude=[3]",
         "evaluate.logit_bias={3:3.5}",
