@@ -172,6 +172,7 @@ def test_cifar10_cpu_pairs_a_resnet_teacher_with_a_smaller_faster_mobilenet():
     assert params[1] * 5 < params[0] and flops[1] * 20 < flops[0]
     assert cfg.teacher.precision == "bf16" and cfg.trainer.precision == "fp32" and cfg.trainer.val_fraction == 0
     assert teacher_optim(cfg).lr == 0.1 and cfg.optim.lr == 0.05 and cfg.cache.enabled is True
+    assert cfg.evaluate.flip_tta is True  # its augmentation mirrors images, so the check passes
 
 
 @pytest.mark.parametrize("loss", ["dkd", "dist", "ls_kd", "fitnet", "at", "rkd", "crd"])
