@@ -132,8 +132,8 @@ def _validate_augment(cfg: DictConfig) -> None:
     if tta and not augment.flip:
         raise ConfigError(
             f"evaluate.flip_tta=true: dataset={cfg.dataset.name} trains without mirrored images "
-            "(dataset.augment.flip=false; digits, for one, must not be mirrored); valid: false, "
-            "or dataset.augment.flip=true"
+            "(dataset.augment.flip=false); valid: false, or dataset.augment.flip=true for images whose mirror "
+            "is a valid image of the same class (not digits)"
         )
 
 
