@@ -23,6 +23,16 @@ def run_kdrun(*args: str, cwd=None, env=None, timeout=300) -> subprocess.Complet
     )
 
 
+def run_smoke(run_dir, *overrides: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """A :data:`SMOKE_RUN` training run into ``run_dir`` with ``overrides``; its process and ``metrics.json``
+    (asserted to have finished)."""
+    import json
+
+    p = run_kdrun("train", *SMOKE_RUN, *overrides, f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p, json.loads((run_dir / "metrics.json").read_text())
+
+
 @pytest.fixture
 def kdrun():
     return run_kdrun

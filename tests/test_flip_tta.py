@@ -1,8 +1,6 @@
 """Horizontal-flip test-time augmentation (evaluate.flip_tta): the mean logits of each image and its mirror,
 reported beside the single-view figures, never instead of them."""
 
-import json
-
 import pytest
 import torch
 from torch import nn
@@ -50,18 +48,9 @@ def test_run_reports_flip_tta_beside_single_view(tmp_path):
     """Every model gets a ``with_flip_tta`` entry (its agreement under the same protocol), the student its paired
     gain over the baseline; the single-view figures and KD gain stay the run's own."""
     from kdrun.report import last
-    from tests.conftest import SMOKE_RUN, run_kdrun
+    from tests.conftest import run_smoke
 
-    run_dir = tmp_path / "run"
-    p = run_kdrun(
-        "train",
-        *SMOKE_RUN,
-        "dataset.augment.flip=true",
-        "evaluate.flip_tta=true",
-        f"hydra.run.dir={run_dir}",
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    m = json.loads((run_dir / "metrics.json").read_text())
+    p, m = run_smoke(tmp_path / "run", "dataset.augment.flip=true", "evaluate.flip_tta=true")
     test = m["test"]
     for name in ("teacher", "student", "baseline"):
         tta, single = test[name]["with_flip_tta"], last(test[name])

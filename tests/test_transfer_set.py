@@ -1,8 +1,6 @@
 """The student stages' transfer set (dataset.student_fraction, dataset.student_exclude) and the
 evaluation of a class-biased student (evaluate.logit_bias): Hinton et al. (2015), sections 3 and 5."""
 
-import json
-
 import pytest
 import torch
 
@@ -52,19 +50,12 @@ def test_biased_adds_to_one_class_logit():
 def test_no3_run_end_to_end(tmp_path):
     """A transfer set without 3s: the student stages never see one, the teacher does; the biased student is
     scored too, and the per-class errors add up."""
-    from tests.conftest import SMOKE_RUN, run_kdrun
+    from tests.conftest import run_smoke
 
     run_dir = tmp_path / "run"
-    p = run_kdrun(
-        "train",
-        *SMOKE_RUN,
-        "dataset.student_fraction=1.0",
-        "dataset.student_exclude=[3]",
-        "evaluate.logit_bias={3:3.5}",
-        f"hydra.run.dir={run_dir}",
+    p, m = run_smoke(
+        run_dir, "dataset.student_fraction=1.0", "dataset.student_exclude=[3]", "evaluate.logit_bias={3:3.5}"
     )
-    assert p.returncode == 0, p.stderr[-2000:]
-    m = json.loads((run_dir / "metrics.json").read_text())
     assert m["dataset"]["train"] == 1438 and m["dataset"]["student_train"] == 1438 - 146  # digits has 146 threes
     from kdrun.cache import read_header
 
