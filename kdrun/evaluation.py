@@ -7,17 +7,22 @@ from torch import nn
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader, flip_tta: bool = False) -> torch.Tensor:
+def predict(model: nn.Module, loader, flip_tta: bool = False, single: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of ``model`` over the loader's split, in order (float32, on CPU; one copy at the end).
 
     ``flip_tta``: the mean of the logits of each image and of its mirror image (horizontal-flip test-time
-    augmentation, as Page's DAWNBench ResNet-9 and airbench report CIFAR-10 accuracy)."""
+    augmentation, as Page's DAWNBench ResNet-9 and airbench report CIFAR-10 accuracy); ``single``: this model's
+    single-view logits when already computed, so only the mirror images are run."""
+    if flip_tta:
+        plain = single if single is not None else _logits(model, loader, mirror=False)
+        return 0.5 * (plain + _logits(model, loader, mirror=True))
+    return _logits(model, loader, mirror=False)
+
+
+def _logits(model: nn.Module, loader, mirror: bool) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    if flip_tta:
-        out = [(0.5 * (model(b.x).float() + model(b.x.flip(-1)).float())) for b in loader.epoch(0)]
-    else:
-        out = [model(b.x).float() for b in loader.epoch(0)]
+    out = [model(b.x.flip(-1) if mirror else b.x).float() for b in loader.epoch(0)]
     model.train(was_training)
     return torch.cat(out).cpu() if out else torch.empty(0)
 

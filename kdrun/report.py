@@ -97,16 +97,16 @@ def evaluate(cfg, data, stages, roles) -> tuple[dict, dict[str, torch.Tensor]]:
             "bias": {str(c): float(b) for c, b in bias.items()}
         }
     if (cfg.get("evaluate") or {}).get("flip_tta"):
-        _score_flip_tta(out, stages, roles, loader)
+        _score_flip_tta(out, stages, roles, loader, logits)
     return out, logits
 
 
-def _score_flip_tta(out: dict, stages, roles, loader) -> None:
+def _score_flip_tta(out: dict, stages, roles, loader, single: dict[str, torch.Tensor]) -> None:
     """``evaluate.flip_tta``: every model's last-epoch scores on the mean logits of each test image and its mirror
     (``with_flip_tta``), agreement under the same protocol, and the student's gain over the baseline with its
     paired test. The run's own figures (and the logit caches, and the distillation targets) stay single-view."""
     labels = loader.labels
-    tta = {name: predict(t.model, loader, flip_tta=True) for name, t in stages.models.items()}
+    tta = {name: predict(t.model, loader, flip_tta=True, single=single[name]) for name, t in stages.models.items()}
     ref = roles.teacher or roles.student
     for name, logits in tta.items():
         scores = _scores(logits, labels)
