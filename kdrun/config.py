@@ -47,6 +47,7 @@ RULES = [
     ("trainer.checkpoint_every_steps", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.precision", lambda v: isinstance(v, str), lambda v: v in PRECISIONS, "fp32, bf16 or fp16"),
     ("teacher.precision", lambda v: isinstance(v, str), lambda v: v in PRECISIONS, "fp32, bf16 or fp16 (or null)"),
+    ("teacher.label_smoothing", _num, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.1 (0: plain CE)"),
     ("trainer.threads", _int, lambda v: v >= 1, "an integer >= 1 (or null)"),
     ("trainer.ema", _num, lambda v: 0 < v < 1, "a decay in (0, 1), e.g. 0.999 (or null)"),
     ("optim.grad_clip", _num, lambda v: v >= 0, "a number >= 0 (or null: no clipping)"),

@@ -40,9 +40,9 @@ log = logging.getLogger("kdrun")
 Objective = Callable[[nn.Module, Batch, int], dict[str, torch.Tensor]]
 
 
-def cross_entropy(model: nn.Module, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
-    """The plain supervised objective (teacher and baseline stages)."""
-    return {"ce": F.cross_entropy(model(batch.x), batch.y)}
+def cross_entropy(model: nn.Module, batch: Batch, epoch: int, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """The plain supervised objective (teacher and baseline stages); ``label_smoothing`` as in torch's CE."""
+    return {"ce": F.cross_entropy(model(batch.x), batch.y, label_smoothing=label_smoothing)}
 
 
 def autocast(device: torch.device, precision: str):

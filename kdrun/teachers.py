@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -44,6 +45,10 @@ class TeacherSource:
         """``teacher.precision``, else ``trainer.precision``: the teacher's training, cache and online forward."""
         return self.cfg.teacher.get("precision") or self.tr.get("precision", "fp32")
 
+    @property
+    def label_smoothing(self) -> float:
+        return float(self.cfg.teacher.get("label_smoothing") or 0.0)
+
     def optim(self):
         return OmegaConf.merge(self.cfg.optim, self.cfg.teacher.get("optim") or {})
 
@@ -51,10 +56,14 @@ class TeacherSource:
         """Everything that determines the trained teacher (its artifact-store key)."""
         cfg, data = self.cfg, self.data
         weights = {"weights": cfg.teacher.weights} if cfg.teacher.get("weights") else {}  # pretrained by name
+        smoothing = (
+            {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
+        )  # keys of earlier runs kept
         return {
             "model": model_identity(cfg.teacher, data.data),
             "pretrained": cfg.teacher.get("pretrained"),
             **weights,
+            **smoothing,
             "definition": model_definition(cfg.teacher.name, cfg.teacher.get("source", "kdrun")),
             "data": data.data.identity,
             "train": len(data.train_set),
@@ -117,7 +126,7 @@ class TeacherSource:
         stages.fit(
             "teacher",
             model,
-            cross_entropy,
+            partial(cross_entropy, label_smoothing=self.label_smoothing),
             epochs=self.tr.teacher_epochs,
             optim_cfg=self.optim(),
             precision=self.precision,

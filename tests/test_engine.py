@@ -1,5 +1,6 @@
-"""The training engine: per-step LR schedules (closed forms), gradient clipping, EMA, a frozen teacher in
-every scheme, no logit cache without a consumer, compile with feature methods and the online scheme."""
+"""The training engine: the CE objective (label smoothing, a fixed value), per-step LR schedules
+(closed forms), gradient clipping, EMA, a frozen teacher in every scheme, no logit cache without a consumer,
+compile with feature methods and the online scheme."""
 
 import json
 import math
@@ -10,9 +11,22 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.data.base import ImageSet
-from kdrun.data.loader import Normalize, TensorLoader
-from kdrun.engine import train_stage
+from kdrun.data.loader import Batch, Normalize, TensorLoader
+from kdrun.engine import cross_entropy, train_stage
 from kdrun.optim import build_scheduler
+
+# ---------------------------------------------------------------- CE objective
+
+
+def test_cross_entropy_label_smoothing_is_szegedys_mixture():
+    """(1 - e) * -log p_y + e * mean_c(-log p_c), for logits (2, 0, -1) and label 0: log p = (-0.16986,
+    -2.16986, -3.16986) (log-sum-exp 2.16986); at e = 0.3: 0.7 * 0.16986 + 0.3 * 1.83653 = 0.66986."""
+    z = torch.tensor([[2.0, 0.0, -1.0]])
+    batch = Batch(torch.zeros(1, 1), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    ce = cross_entropy(lambda x: z, batch, 0, label_smoothing=0.3)["ce"]
+    assert ce.item() == pytest.approx(0.66986, abs=1e-4)
+    assert cross_entropy(lambda x: z, batch, 0)["ce"].item() == pytest.approx(0.16986, abs=1e-4)
+
 
 # ---------------------------------------------------------------- LR per step
 

@@ -97,3 +97,20 @@ def test_untrained_teacher_is_stored_and_reused(kdrun, tmp_path):
     p2 = kdrun("train", *args, f"hydra.run.dir={tmp_path / 'r2'}")
     assert p2.returncode == 0, p2.stderr[-2000:]
     assert "reused resnet8 from the store" in p2.stderr
+
+
+def test_teacher_label_smoothing_trains_its_own_teacher(kdrun, tmp_path):
+    """teacher.label_smoothing changes the teacher's CE, so it is part of the teacher's store key: a smoothed
+    teacher is trained and stored beside the plain one, never reused for it, and a second plain run reuses
+    the plain one (whose key is the one runs had before the option existed)."""
+    store = tmp_path / "store"
+    runs = {"plain": [], "smoothed": ["teacher.label_smoothing=0.2"], "again": []}
+    err = {}
+    for name, extra in runs.items():
+        p = kdrun("train", *FAST, *extra, f"store.dir={store}", f"hydra.run.dir={tmp_path / name}")
+        assert p.returncode == 0, p.stderr[-2000:]
+        err[name] = p.stderr
+    assert "teacher: stored as" in err["plain"] and "teacher: stored as" in err["smoothed"]
+    assert "reused resnet8 from the store" in err["again"]
+    ce = {n: (tmp_path / n / "metrics_teacher.csv").read_text() for n in ("plain", "smoothed")}
+    assert ce["plain"] != ce["smoothed"]  # same seed and data: only the loss differs
