@@ -27,6 +27,7 @@ import pytest
         (["cache.fill=sometimes"], "cache.fill=sometimes: must be first_use or pass"),
         (["cache.topk=10"], "cache.topk=10: must be below dataset.num_classes=10 (null keeps every logit)"),
         (["teacher.precision=fp8"], "teacher.precision=fp8: must be fp32, bf16 or fp16 (or null)"),
+        (["teacher.label_smoothing=1"], "teacher.label_smoothing=1: must be a number in [0, 1), e.g. 0.1"),
         (["optim=nosuch"], "optim=nosuch: unknown option; valid: "),
         (
             ["trainer.device=cuda"] if not __import__("torch").cuda.is_available() else ["trainer.device=tpu"],
