@@ -56,9 +56,8 @@ class TeacherSource:
         """Everything that determines the trained teacher (its artifact-store key)."""
         cfg, data = self.cfg, self.data
         weights = {"weights": cfg.teacher.weights} if cfg.teacher.get("weights") else {}  # pretrained by name
-        smoothing = (
-            {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
-        )  # keys of earlier runs kept
+        # only when set, so the teachers stored before the option keep their keys
+        smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
         return {
             "model": model_identity(cfg.teacher, data.data),
             "pretrained": cfg.teacher.get("pretrained"),
