@@ -47,6 +47,7 @@ class TeacherSource:
 
     @property
     def label_smoothing(self) -> float:
+        """``teacher.label_smoothing`` of the teacher's CE (0: plain CE)."""
         return float(self.cfg.teacher.get("label_smoothing") or 0.0)
 
     def optim(self):
