@@ -121,12 +121,14 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_augment(cfg: DictConfig) -> None:
-    """``dataset.augment``: a kind and keys :func:`kdrun.data.transforms.make_augment` accepts;
+    """``dataset.augment`` and ``teacher.augment``: a kind and keys :func:`kdrun.data.transforms.make_augment` accepts;
     ``evaluate.flip_tta`` only for models trained on mirrored images."""
     from kdrun.data.transforms import make_augment
+    from kdrun.run_data import augment_specs
 
-    aug = cfg.dataset.get("augment")
-    augment = make_augment(OmegaConf.to_container(aug, resolve=True) if aug is not None else None, 0)
+    spec, teacher_spec = augment_specs(cfg)
+    augment = make_augment(spec, 0)
+    make_augment({**spec, **teacher_spec}, 0, where="teacher.augment")
     tta = (cfg.get("evaluate") or {}).get("flip_tta", False)
     if not isinstance(tta, bool):
         raise ConfigError(f"evaluate.flip_tta={tta}: must be true or false")

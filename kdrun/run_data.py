@@ -18,7 +18,7 @@ from kdrun.data import DATASETS, DataBundle, ImageSet
 from kdrun.data.base import FileSet
 from kdrun.data.loader import Normalize, TensorLoader
 from kdrun.data.stream import StreamLoader
-from kdrun.data.transforms import make_augment
+from kdrun.data.transforms import Augment, RandomResizedCrop, make_augment
 from kdrun.errors import ConfigError
 
 log = logging.getLogger("kdrun")
@@ -40,6 +40,16 @@ def load_dataset(dcfg) -> DataBundle:
                 f"outside [0, {data.num_classes}) for its {data.num_classes} classes"
             )
     return data
+
+
+def augment_specs(cfg: DictConfig) -> tuple[dict, dict]:
+    """(``dataset.augment``, ``teacher.augment``) as plain dicts (empty when unset)."""
+    specs = []
+    for aug in (cfg.dataset.get("augment"), cfg.teacher.get("augment")):
+        spec = OmegaConf.to_container(aug, resolve=True) if aug is not None else {}
+        assert isinstance(spec, dict)
+        specs.append({str(k): v for k, v in spec.items()})
+    return specs[0], specs[1]
 
 
 def split_validation(
@@ -112,10 +122,11 @@ class RunData:
         self.seconds = time.perf_counter() - t0
         self._log()
         self.norm = Normalize(cfg.dataset.mean, cfg.dataset.std, self.data.in_chans, device)
-        aug = cfg.dataset.get("augment")
-        spec = OmegaConf.to_container(aug, resolve=True) if aug is not None else None
-        assert spec is None or isinstance(spec, dict)
-        self.augment = make_augment(spec, self.tr.seed)
+        spec, teacher_spec = augment_specs(cfg)
+        mean = list(cfg.dataset.mean)
+        self.augment = make_augment(spec, self.tr.seed, mean)
+        # the teacher's own training: teacher.augment's keys over dataset.augment (the same when it sets none)
+        self.teacher_augment = make_augment({**spec, **teacher_spec}, self.tr.seed, mean, "teacher.augment")
         eb = self.tr.get("eval_batch_size")
         self.eval_batch_size = int(eb) if eb else default_eval_batch_size(device)
         views = cfg.cache.views
@@ -168,14 +179,17 @@ class RunData:
         return TensorLoader(split, batch_size, self.norm, device=self.device, **kw)
 
     def train_loader(
-        self, views: int | None = None, split: ImageSet | FileSet | None = None
+        self,
+        views: int | None = None,
+        split: ImageSet | FileSet | None = None,
+        augment: Augment | RandomResizedCrop | None = None,
     ) -> TensorLoader | StreamLoader:
         """Shuffled, augmented batches of ``split`` (default: the whole training split); ``views``: None fresh
-        views, K > 0 one of K cached views, 0 plain."""
+        views, K > 0 one of K cached views, 0 plain; ``augment``: default the student stages' ``self.augment``."""
         return self.loader(
             split if split is not None else self.train_set,
             self.tr.batch_size,
-            augment=self.augment,
+            augment=augment if augment is not None else self.augment,
             shuffle=True,
             seed=self.tr.seed,
             views=views,

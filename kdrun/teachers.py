@@ -72,7 +72,7 @@ class TeacherSource:
             "epochs": self.tr.teacher_epochs,
             "batch_size": self.tr.batch_size,
             "seed": self.tr.seed,
-            "augment": data.augment.identity(),
+            "augment": data.teacher_augment.identity(),
             "torch": torch.__version__.split("+")[0],
             "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)],
             "device": data.device.type,
@@ -129,6 +129,7 @@ class TeacherSource:
             partial(cross_entropy, label_smoothing=self.label_smoothing),
             epochs=self.tr.teacher_epochs,
             optim_cfg=self.optim(),
+            loader=self.data.train_loader(augment=self.data.teacher_augment),
             precision=self.precision,
         )
         stages.export("teacher", model, self.cfg.teacher, {"summary": stages.log.summaries["teacher"]})

@@ -28,6 +28,8 @@ import pytest
         (["cache.topk=10"], "cache.topk=10: must be below dataset.num_classes=10 (null keeps every logit)"),
         (["teacher.precision=fp8"], "teacher.precision=fp8: must be fp32, bf16 or fp16 (or null)"),
         (["teacher.label_smoothing=1"], "teacher.label_smoothing=1: must be a number in [0, 1), e.g. 0.1"),
+        (["+teacher.augment.cutout=-8"], "teacher.augment.cutout=-8: must be an integer >= 0"),
+        (["+dataset.augment.cutout=1.5"], "dataset.augment.cutout=1.5: must be an integer >= 0"),
         (["optim=nosuch"], "optim=nosuch: unknown option; valid: "),
         (
             ["trainer.device=cuda"] if not __import__("torch").cuda.is_available() else ["trainer.device=tpu"],

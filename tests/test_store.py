@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from kdrun.store import Store, key_of
 
 FAST = ["trainer=smoke", "teacher=resnet8", "student=resnet8", "trainer.latency=false", "baseline=false"]
@@ -99,18 +101,22 @@ def test_untrained_teacher_is_stored_and_reused(kdrun, tmp_path):
     assert "reused resnet8 from the store" in p2.stderr
 
 
-def test_teacher_label_smoothing_trains_its_own_teacher(kdrun, tmp_path):
-    """teacher.label_smoothing changes the teacher's CE, so it is part of the teacher's store key: a smoothed
-    teacher is trained and stored beside the plain one, never reused for it, and a second plain run reuses
-    the plain one (whose key is the one runs had before the option existed)."""
+@pytest.mark.parametrize(
+    "option", ["teacher.label_smoothing=0.2", "+teacher.augment.cutout=4"], ids=["label_smoothing", "cutout"]
+)
+def test_a_teacher_option_trains_its_own_teacher(kdrun, tmp_path, option):
+    """teacher.label_smoothing (the teacher's CE) and teacher.augment (the images of its training) change the
+    teacher, so they are part of its store key: such a teacher is trained and stored beside the plain one,
+    never reused for it, and a second plain run reuses the plain one (whose key is the one runs had before the
+    options existed)."""
     store = tmp_path / "store"
-    runs = {"plain": [], "smoothed": ["teacher.label_smoothing=0.2"], "again": []}
+    runs = {"plain": [], "option": [option], "again": []}
     err = {}
     for name, extra in runs.items():
         p = kdrun("train", *FAST, *extra, f"store.dir={store}", f"hydra.run.dir={tmp_path / name}")
         assert p.returncode == 0, p.stderr[-2000:]
         err[name] = p.stderr
-    assert "teacher: stored as" in err["plain"] and "teacher: stored as" in err["smoothed"]
+    assert "teacher: stored as" in err["plain"] and "teacher: stored as" in err["option"]
     assert "reused resnet8 from the store" in err["again"]
-    ce = {n: (tmp_path / n / "metrics_teacher.csv").read_text() for n in ("plain", "smoothed")}
-    assert ce["plain"] != ce["smoothed"]  # same seed and data: only the loss differs
+    ce = {n: (tmp_path / n / "metrics_teacher.csv").read_text() for n in ("plain", "option")}
+    assert ce["plain"] != ce["option"]  # same seed and data: only the loss or the teacher's images differ

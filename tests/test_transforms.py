@@ -118,7 +118,12 @@ def test_eval_view_resizes_the_shorter_side_then_centre_crops(h, w):
     "spec, message",
     [
         ({"kind": "mixup"}, "dataset.augment.kind=mixup: valid: pad_crop, random_resized_crop"),
-        ({"crop_pads": 4}, "dataset.augment.crop_pads: unknown key; valid keys: kind, crop_pad, flip, scale, ratio"),
+        (
+            {"crop_pads": 4},
+            "dataset.augment.crop_pads: unknown key; valid keys: kind, crop_pad, flip, cutout, scale, ratio",
+        ),
+        ({"cutout": -1}, "dataset.augment.cutout=-1: must be an integer >= 0"),
+        ({"kind": "random_resized_crop", "cutout": 8}, "dataset.augment.cutout=8: only with kind=pad_crop"),
         ({"kind": "random_resized_crop", "scale": [0.5, 0.1]}, "dataset.augment.scale=[0.5, 0.1]: must be"),
         ({"ratio": [0, 1]}, "dataset.augment.ratio=[0, 1]: must be"),
         ({"flip": "yes"}, "dataset.augment.flip=yes: must be true or false"),
@@ -138,6 +143,36 @@ def test_make_augment_defaults_keep_pad_crop_and_its_store_identity():
     assert full == a
     r = make_augment({"kind": "random_resized_crop", "crop_pad": 4, "flip": True, "scale": [0.25, 1]}, 7)
     assert r == RandomResizedCrop((0.25, 1.0), (0.75, 4 / 3), True, 7) and r.identity()[0] == "random_resized_crop"
+    cut = make_augment({"crop_pad": 4, "flip": True, "cutout": 8}, 7, mean=[0.4913, 0.4821, 0.4465])
+    assert cut == Augment(4, True, 7, cutout=8, fill=(125, 123, 114))  # the mean colour: 0 once normalised
+    assert cut.identity() == [4, True, {"cutout": 8, "fill": [125, 123, 114]}]
+    with pytest.raises(ConfigError, match=r"^teacher\.augment\.cutout=x: must be an integer >= 0"):
+        make_augment({"cutout": "x"}, 7, where="teacher.augment")
+
+
+def test_cutout_erases_one_square_of_the_mean_colour_replayably():
+    """Each image loses one cutout x cutout square (only its part inside the image when the hashed centre is
+    near an edge), every channel set to its fill; the square is a function of (seed, index, view)."""
+    n, size, side = 400, 16, 6
+    cut = Augment(0, False, seed=5, cutout=side, fill=(10, 20, 30))
+    images = torch.full((n, 3, size, size), 200, dtype=torch.uint8)
+    index, view = torch.arange(n), torch.arange(n) % 3
+    out = cut(images, index, view)
+    erased = out[:, 0] == 10
+    assert torch.equal(erased, out[:, 1] == 20) and torch.equal(erased, out[:, 2] == 30)
+    assert ((out == 200) | erased[:, None]).all()  # nothing else touched
+    rows, cols = erased.any(2), erased.any(1)
+    assert torch.equal(erased, rows[:, :, None] & cols[:, None, :])  # one axis-aligned rectangle
+    height, width = rows.sum(1), cols.sum(1)
+    assert (height >= side // 2).all() and (height <= side).all() and (width <= side).all()
+    clipped = rows[:, 0] | rows[:, -1] | cols[:, 0] | cols[:, -1]
+    assert ((height * width == side * side) | clipped).all() and 0 < clipped.float().mean() < 0.7
+    first_row = rows.float().argmax(1)
+    assert len(first_row.unique()) > size // 2  # the squares wander over the whole image
+    again = cut(images[:50].flip(0), index[:50].flip(0), view[:50].flip(0)).flip(0)
+    assert torch.equal(again, out[:50])  # replayable, in any batch
+    assert not torch.equal(cut(images, index, view + 1), out)
+    assert torch.equal(Augment(0, False, seed=5)(images, index, view), images)  # cutout 0: off
 
 
 # ---------------------------------------------------------------- stream mode: replayable views

@@ -4,7 +4,8 @@ The parameters of each (index, view) (crop offsets, crop box, flip) are hashed f
 :func:`hash3`, never drawn from a stateful RNG, so the pixels a teacher saw when its logits were cached can be
 rebuilt later, in any order, by any process. Two kinds (``dataset.augment.kind``):
 
-- :class:`Augment` (``pad_crop``, the CIFAR recipe): pad by ``crop_pad`` pixels, crop back, maybe flip;
+- :class:`Augment` (``pad_crop``, the CIFAR recipe): pad by ``crop_pad`` pixels, crop back, maybe flip, maybe
+  erase a ``cutout`` x ``cutout`` square (DeVries & Taylor 2017);
 - :class:`RandomResizedCrop` (``random_resized_crop``, the ImageNet recipe): a crop of ``scale`` of the area
   and aspect ratio in ``ratio`` (torchvision's rule: 10 tries, then a centre crop), resized to the image size,
   maybe flipped.
@@ -18,7 +19,7 @@ PIL image (stream mode, in the DataLoader workers: the crop is taken from the fi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,19 +73,29 @@ def fit_image(im: Image.Image, size: int, crop_fraction: float | None = None) ->
 
 @dataclass(frozen=True)
 class Augment:
-    """``pad_crop``: pad-and-random-crop plus horizontal flip, parameters hashed from (seed, index, view)."""
+    """``pad_crop``: pad-and-random-crop plus horizontal flip, parameters hashed from (seed, index, view).
+
+    ``cutout`` > 0 then sets a ``cutout`` x ``cutout`` square of every image to ``fill`` (one uint8 value per
+    channel, or one for all: the dataset's mean colour, which is 0 after normalisation, as in DeVries & Taylor,
+    "Improved regularization of convolutional neural networks with cutout", 2017). As in their code, the square's
+    centre is any pixel, so near an edge only the part inside the image is erased (Page's ResNet-9 code keeps the
+    whole square inside).
+    """
 
     crop_pad: int = 0
     flip: bool = False
     seed: int = 0
+    cutout: int = 0
+    fill: tuple[int, ...] = (0,)
 
     @property
     def enabled(self) -> bool:
-        return self.crop_pad > 0 or self.flip
+        return self.crop_pad > 0 or self.flip or self.cutout > 0
 
     def identity(self) -> list:
-        """What determines the pixels (store keys), without the seed."""
-        return [self.crop_pad, self.flip]
+        """What determines the pixels (store keys), without the seed; ``cutout`` only when set, so the keys
+        of runs without it are those of before it existed."""
+        return [self.crop_pad, self.flip, *([{"cutout": self.cutout, "fill": list(self.fill)}] if self.cutout else [])]
 
     def params(self, index: torch.Tensor, view: torch.Tensor):
         span = 2 * self.crop_pad + 1
@@ -110,7 +121,20 @@ class Augment:
         inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
         src = torch.where(inside, rows[:, :, None] * W + cols[:, None, :], H * W)  # [B, H, W]; H*W: the zero
         flat = F.pad(images.reshape(B, C, H * W), (0, 1))
-        return flat.gather(2, src.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
+        out = flat.gather(2, src.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
+        return self.erase(out, index.to(dev), view.to(dev)) if self.cutout else out
+
+    def erase(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """Cutout: the square of side ``cutout`` centred on a hashed pixel of each image, set to ``fill``."""
+        B, C, H, W = images.shape
+        dev, half = images.device, self.cutout // 2
+        cy = hash3(self.seed, index, view, 4) % H
+        cx = hash3(self.seed, index, view, 5) % W
+        rows = torch.arange(H, device=dev) - (cy[:, None] - half)  # [B, H]: inside when in [0, cutout)
+        cols = torch.arange(W, device=dev) - (cx[:, None] - half)
+        square = ((rows >= 0) & (rows < self.cutout))[:, :, None] & ((cols >= 0) & (cols < self.cutout))[:, None, :]
+        fill = torch.tensor(self.fill, dtype=images.dtype, device=dev).view(1, -1, 1, 1)
+        return torch.where(square[:, None], fill, images)
 
     def one(self, im: Image.Image, index: int, view: int, size: int, crop_fraction: float | None = None) -> np.ndarray:
         """The view of one decoded image: its un-augmented view (:func:`fit_image`, the one memory mode keeps),
@@ -211,38 +235,53 @@ class RandomResizedCrop:
         return to_array(im)
 
 
-AUGMENT_KEYS = ("kind", "crop_pad", "flip", "scale", "ratio")
+AUGMENT_KEYS = ("kind", "crop_pad", "flip", "cutout", "scale", "ratio")
 
 
-def _pair(key: str, v, ok, valid: str) -> tuple[float, float]:
+def _pair(where: str, key: str, v, ok, valid: str) -> tuple[float, float]:
     good = isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
     if not good or isinstance(v[0], bool) or not ok(float(v[0]), float(v[1])):
-        raise ConfigError(f"dataset.augment.{key}={v}: must be {valid}")
+        raise ConfigError(f"{where}.{key}={v}: must be {valid}")
     return float(v[0]), float(v[1])
 
 
-def make_augment(spec: Mapping | None, seed: int) -> Augment | RandomResizedCrop:
+def _count(where: str, key: str, v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f"{where}.{key}={v}: must be an integer >= 0")
+    return v
+
+
+def make_augment(
+    spec: Mapping | None, seed: int, mean: Sequence[float] = (0.0,), where: str = "dataset.augment"
+) -> Augment | RandomResizedCrop:
     """The augmentation of ``dataset.augment`` (``kind``: pad_crop (default) | random_resized_crop; ``crop_pad``,
-    ``flip``, ``scale``, ``ratio``); each kind reads its own keys. Raises ConfigError naming a bad key."""
+    ``flip``, ``cutout``, ``scale``, ``ratio``); each kind reads its own keys. ``mean``: the dataset's mean (x/255)
+    per channel, the colour cutout fills with. Raises ConfigError naming a bad key under ``where``."""
     spec = dict(spec or {})
     unknown = sorted(set(spec) - set(AUGMENT_KEYS))
     if unknown:
-        raise ConfigError(f"dataset.augment.{unknown[0]}: unknown key; valid keys: {', '.join(AUGMENT_KEYS)}")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; valid keys: {', '.join(AUGMENT_KEYS)}")
     kind = spec.get("kind") or "pad_crop"
     if kind not in KINDS:
-        raise ConfigError(f"dataset.augment.kind={kind}: valid: {', '.join(KINDS)}")
-    pad = spec.get("crop_pad") or 0
-    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
-        raise ConfigError(f"dataset.augment.crop_pad={pad}: must be an integer >= 0")
+        raise ConfigError(f"{where}.kind={kind}: valid: {', '.join(KINDS)}")
+    pad = _count(where, "crop_pad", spec.get("crop_pad") or 0)
+    cutout = _count(where, "cutout", spec.get("cutout") or 0)
+    if cutout and kind != "pad_crop":
+        raise ConfigError(f"{where}.cutout={cutout}: only with kind=pad_crop (the CIFAR recipe); valid here: 0")
     flip = spec.get("flip", False)
     if not isinstance(flip, bool):
-        raise ConfigError(f"dataset.augment.flip={flip}: must be true or false")
-    scale = _pair("scale", spec.get("scale", (0.08, 1.0)), lambda a, b: 0 < a <= b <= 1, "[min, max] in (0, 1]")
-    ratio = _pair("ratio", spec.get("ratio", (3 / 4, 4 / 3)), lambda a, b: 0 < a <= b, "[min, max], 0 < min <= max")
-    return KINDS[kind](pad, flip, scale, ratio, seed)
+        raise ConfigError(f"{where}.flip={flip}: must be true or false")
+    scale = _pair(where, "scale", spec.get("scale", (0.08, 1.0)), lambda a, b: 0 < a <= b <= 1, "[min, max] in (0, 1]")
+    ratio = _pair(
+        where, "ratio", spec.get("ratio", (3 / 4, 4 / 3)), lambda a, b: 0 < a <= b, "[min, max], 0 < min <= max"
+    )
+    fill = tuple(min(255, max(0, round(255 * float(m)))) for m in mean)
+    return KINDS[kind](pad, flip, cutout, fill, scale, ratio, seed)
 
 
 KINDS: dict[str, Callable[..., Augment | RandomResizedCrop]] = {
-    "pad_crop": lambda pad, flip, scale, ratio, seed: Augment(pad, flip, seed),
-    "random_resized_crop": lambda pad, flip, scale, ratio, seed: RandomResizedCrop(scale, ratio, flip, seed),
+    "pad_crop": lambda pad, flip, cutout, fill, scale, ratio, seed: Augment(pad, flip, seed, cutout, fill),
+    "random_resized_crop": lambda pad, flip, cutout, fill, scale, ratio, seed: RandomResizedCrop(
+        scale, ratio, flip, seed
+    ),
 }
