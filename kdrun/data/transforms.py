@@ -112,9 +112,10 @@ class Augment:
         """
         if not self.enabled:
             return images
-        dy, dx, flip = self.params(index.to(images.device), view.to(images.device))
         B, C, H, W = images.shape
         dev, p = images.device, self.crop_pad
+        index, view = index.to(dev), view.to(dev)
+        dy, dx, flip = self.params(index, view)
         rows = dy[:, None] - p + torch.arange(H, device=dev)  # [B, H] source row of each output row
         j = torch.arange(W, device=dev)
         cols = dx[:, None] - p + torch.where(flip[:, None], W - 1 - j, j)  # [B, W]
@@ -122,7 +123,7 @@ class Augment:
         src = torch.where(inside, rows[:, :, None] * W + cols[:, None, :], H * W)  # [B, H, W]; H*W: the zero
         flat = F.pad(images.reshape(B, C, H * W), (0, 1))
         out = flat.gather(2, src.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
-        return self.erase(out, index.to(dev), view.to(dev)) if self.cutout else out
+        return self.erase(out, index, view) if self.cutout else out
 
     def erase(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """Cutout: the square of side ``cutout`` centred on a hashed pixel of each image, set to ``fill``."""
