@@ -20,6 +20,8 @@ commands:
                              kdrun train resume=RUN_DIR continues an interrupted run)
   models [NAME] [dataset=D] list the model zoo, or one model's report
   report DIR                write report.md/report.csv/plots for a run, a sweep or a tree of them
+  compare RUN_A RUN_B       two runs' models image by image: top-1 difference, its 95% interval and
+                            the exact McNemar test (on the validation split when both hold one)
   store ls|gc               list or clean the artifact store of trained teachers and logit caches
   export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher]
                             ONNX/TorchScript (+int8) files with parity, top-1 and latency
@@ -312,6 +314,7 @@ COMMANDS = {
     "train": train_command,
     "models": _delegate("models_cli", "models_main"),
     "report": _delegate("report_cli", "report_main"),
+    "compare": _delegate("compare", "compare_main"),
     "store": _delegate("store_cli", "store_main"),
     "export": _delegate("export", "export_main"),
 }

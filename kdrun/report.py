@@ -6,6 +6,7 @@ import copy
 import os
 import platform
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,9 +58,18 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return round(100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item(), 3)
 
 
-def evaluate(cfg, data, stages, roles) -> tuple[dict, dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate` measured on the test split, by model name."""
+
+    scores: dict  # metrics.json ``test``
+    logits: dict[str, torch.Tensor]  # last-epoch logits
+    flip_tta: dict[str, torch.Tensor] = field(default_factory=dict)  # the same with flip TTA (evaluate.flip_tta)
+
+
+def evaluate(cfg, data, stages, roles) -> Evaluation:
     """Test-set scores of every model the run's ``stages`` trained or loaded (last epoch; plus
-    best-on-validation where chosen), and every model's last-epoch test logits (by model name).
+    best-on-validation where chosen), and every model's last-epoch test logits.
 
     ``data``: the run's :class:`kdrun.run_data.RunData`; ``stages``: its :class:`kdrun.stages.StageRunner`;
     ``roles``: the scheme's :class:`kdrun.train.Roles`. Agreement is the top-1 match rate with the model in
@@ -96,15 +106,15 @@ def evaluate(cfg, data, stages, roles) -> tuple[dict, dict[str, torch.Tensor]]:
         out[student]["with_logit_bias"] = _scores(biased(logits[student], bias), labels) | {
             "bias": {str(c): float(b) for c, b in bias.items()}
         }
-    if (cfg.get("evaluate") or {}).get("flip_tta"):
-        _score_flip_tta(out, stages, roles, loader, logits)
-    return out, logits
+    tta = _score_flip_tta(out, stages, roles, loader, logits) if (cfg.get("evaluate") or {}).get("flip_tta") else {}
+    return Evaluation(out, logits, tta)
 
 
-def _score_flip_tta(out: dict, stages, roles, loader, single: dict[str, torch.Tensor]) -> None:
+def _score_flip_tta(out: dict, stages, roles, loader, single: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``evaluate.flip_tta``: every model's last-epoch scores on the mean logits of each test image and its mirror
     (``with_flip_tta``), agreement under the same protocol, and the student's gain over the baseline with its
-    paired test. The run's own figures (and the logit caches, and the distillation targets) stay single-view."""
+    paired test; returns the flip-TTA logits. The run's own figures (and the logit caches, and the distillation
+    targets) stay single-view."""
     labels = loader.labels
     tta = {name: predict(t.model, loader, flip_tta=True, single=single[name]) for name, t in stages.models.items()}
     ref = roles.teacher or roles.student
@@ -118,6 +128,7 @@ def _score_flip_tta(out: dict, stages, roles, loader, single: dict[str, torch.Te
         paired = mcnemar(tta[roles.student], tta[roles.baseline], labels)
         s["kd_gain_top1"] = round(s["top1"] - b["top1"], 3)
         s["kd_gain"] = paired.as_dict()
+    return tta
 
 
 def last(scores: dict) -> dict:

@@ -6,6 +6,8 @@
   discordant image is a fair coin, so the exact two-sided p-value is the
   binomial test of ``b`` successes in ``b + c`` trials at 1/2 (McNemar's test,
   exact form; ``scipy.stats.binomtest``).
+* :func:`paired_interval` is the confidence interval of such a paired difference (of two runs' models on the
+  same images: ``kdrun compare``).
 * :func:`mean_ci` is the Student-t interval of a mean over seeds.
 """
 
@@ -32,16 +34,33 @@ class PairedTest:
 
 def mcnemar(student_logits: torch.Tensor, baseline_logits: torch.Tensor, labels: torch.Tensor) -> PairedTest:
     """The paired comparison of two classifiers' top-1 predictions on the same labelled images."""
+    labels = labels.cpu()
+    b, c = discordant(student_logits.argmax(1).cpu() == labels, baseline_logits.argmax(1).cpu() == labels)
+    gain = 100.0 * (b - c) / max(len(labels), 1)
+    return PairedTest(round(gain, 3), b, c, exact_mcnemar_p(b, c))
+
+
+def discordant(a_ok: torch.Tensor, b_ok: torch.Tensor) -> tuple[int, int]:
+    """(images only ``a`` gets right, images only ``b`` gets right) from two per-image correctness masks."""
+    return int((a_ok & ~b_ok).sum()), int((~a_ok & b_ok).sum())
+
+
+def exact_mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of ``b`` and ``c`` discordant images (1.0 when there are none)."""
     from scipy.stats import binomtest
 
-    labels = labels.cpu()
-    s_ok = student_logits.argmax(1).cpu() == labels
-    b_ok = baseline_logits.argmax(1).cpu() == labels
-    b = int((s_ok & ~b_ok).sum())
-    c = int((~s_ok & b_ok).sum())
-    p = float(binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
-    gain = 100.0 * (b - c) / max(len(labels), 1)
-    return PairedTest(round(gain, 3), b, c, p)
+    return float(binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
+
+
+def paired_interval(b: int, c: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wald ``level`` interval, in percentage points, of the difference of two accuracies measured on the
+    same ``n`` images, ``b`` right only for the first model and ``c`` only for the second (Agresti, *Categorical
+    Data Analysis*, 10.1: the difference (b - c) / n with variance ((b + c) - (b - c)^2 / n) / n^2)."""
+    from scipy.stats import norm
+
+    d = (b - c) / n
+    half = float(norm.ppf(0.5 + level / 2)) * math.sqrt(max((b + c) - (b - c) ** 2 / n, 0.0)) / n
+    return 100.0 * (d - half), 100.0 * (d + half)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import distributed, loggers, report, schedules
+from kdrun import distributed, loggers, predictions, report, schedules
 from kdrun.config import loss_kwargs
 from kdrun.distill import Distill, probe_shapes
 from kdrun.engine import cross_entropy
@@ -195,10 +195,11 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
             return None
 
         t0 = time.perf_counter()
-        results, logits = report.evaluate(cfg, r.data, stages, roles)
+        ev = report.evaluate(cfg, r.data, stages, roles)
+        predictions.write(run_dir, predictions.collect(cfg, r.data, stages, roles, ev))  # for `kdrun compare`
         stages.log.seconds["evaluate"] = time.perf_counter() - t0
         stages.log.seconds["total"] = time.perf_counter() - t_start
-        metrics = report.assemble(cfg, r.data, stages, roles, r.refs.refs, results, logits)
+        metrics = report.assemble(cfg, r.data, stages, roles, r.refs.refs, ev.scores, ev.logits)
         stages.logger.finish(
             metrics, {role: os.path.join(stages.ckpt_dir, f"{name}.pt") for role, name in roles.items()}
         )

@@ -1,0 +1,127 @@
+"""predictions.pt and `kdrun compare`: two runs' models image by image, with the paired test and its interval."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from kdrun.compare import compare
+from kdrun.predictions import FILE, SplitPredictions, read
+from kdrun.significance import paired_interval
+from tests.conftest import run_kdrun, run_smoke
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two smoke runs with a validation split: seeds 0 and 1 (so other validation images)."""
+    root = tmp_path_factory.mktemp("compare")
+    out = {}
+    for seed in (0, 1):
+        run_dir = root / f"s{seed}"
+        flip = ("dataset.augment.flip=true", "evaluate.flip_tta=true")
+        _, metrics = run_smoke(run_dir, "trainer.val_fraction=0.1", f"trainer.seed={seed}", *flip)
+        out[seed] = (run_dir, metrics)
+    return out
+
+
+def test_predictions_hold_every_model_on_test_and_validation(runs):
+    run_dir, m = runs[0]
+    p = read(str(run_dir))
+    assert p.roles == m["roles"]
+    test, val = p.splits["test"], p.splits["val"]
+    assert len(test.labels) == m["dataset"]["test"] and len(val.labels) == m["dataset"]["val"]
+    for name, scores in m["test"].items():
+        last = scores.get("last", scores)
+        assert 100 * test.correct(name).float().mean().item() == pytest.approx(last["top1"], abs=1e-3)
+        assert int((~test.correct(name)).sum()) == last["errors"]
+        tta = scores["with_flip_tta"]
+        assert 100 * test.correct(name, tta=True).float().mean().item() == pytest.approx(tta["top1"], abs=1e-3)
+    for name, summary in m["stages"].items():  # the last epoch's validation top-1 the stage logged
+        if name in val.top1:
+            assert 100 * val.correct(name).float().mean().item() == pytest.approx(summary["final_val_top1"], abs=1e-3)
+
+
+def test_compare_student_with_baseline_reproduces_the_runs_kd_gain(runs):
+    run_dir, m = runs[0]
+    p = run_kdrun("compare", f"{run_dir}:student", f"{run_dir}:baseline", "--split", "test")
+    assert p.returncode == 0, p.stderr
+    row = next(line for line in p.stdout.splitlines() if line.startswith("student vs baseline"))
+    cells = row.split()
+    g = m["kd_gain"]
+    assert float(cells[3]) == pytest.approx(m["test"]["student"]["last"]["top1"], abs=0.01)
+    assert float(cells[4]) == pytest.approx(m["test"]["baseline"]["last"]["top1"], abs=0.01)
+    assert float(cells[5]) == pytest.approx(m["kd_gain_top1"], abs=0.01)
+    assert (int(cells[-3]), int(cells[-2])) == (g["student_only"], g["baseline_only"])
+    assert float(cells[-1]) == pytest.approx(g["p_value"], rel=1e-2)
+    assert "test split, 359 images" in p.stdout
+
+
+def test_compare_defaults_to_the_validation_split_and_every_shared_role(runs):
+    run_dir, _ = runs[0]
+    p = run_kdrun("compare", str(run_dir), str(run_dir))
+    assert p.returncode == 0, p.stderr
+    assert "val split, 144 images" in p.stdout
+    rows = [line.split() for line in p.stdout.splitlines()[-3:]]
+    assert [r[0] for r in rows] == ["teacher", "student", "baseline"]
+    assert all(r[3] == "+0.00" and r[-3:] == ["0", "0", "1"] for r in rows)  # a run against itself
+
+
+def test_compare_across_seeds_on_the_test_split(runs):
+    (a, ma), (b, mb) = runs[0], runs[1]
+    p = run_kdrun("compare", str(a), str(b), "--split", "test", "--tta")
+    assert p.returncode == 0, p.stderr
+    assert "last epoch, flip TTA" in p.stdout
+    teacher = next(line.split() for line in p.stdout.splitlines() if line.startswith("teacher"))
+    assert float(teacher[1]) == pytest.approx(ma["test"]["teacher"]["with_flip_tta"]["top1"], abs=0.01)
+    assert float(teacher[2]) == pytest.approx(mb["test"]["teacher"]["with_flip_tta"]["top1"], abs=0.01)
+
+
+def test_compare_counts_the_discordant_images_and_their_interval():
+    labels = torch.zeros(100, dtype=torch.long)
+    # 10 images right only for A, 4 only for B, 80 right for both, 6 wrong for both
+    a = torch.tensor([0] * 10 + [1] * 4 + [0] * 80 + [2] * 6, dtype=torch.int32)
+    b = torch.tensor([1] * 10 + [0] * 4 + [0] * 80 + [1] * 6, dtype=torch.int32)
+    sa, sb = SplitPredictions("x/test", labels, {"m": a}), SplitPredictions("x/test", labels, {"m": b})
+    c = compare(sa, "m", sb, "m")
+    assert (c.images, c.a_only, c.b_only) == (100, 10, 4)
+    assert (c.top1_a, c.top1_b, c.difference) == (pytest.approx(90.0), pytest.approx(84.0), pytest.approx(6.0))
+    assert c.p_value == pytest.approx(0.1795654296875)  # 2 * P(X <= 4), X ~ Binomial(14, 1/2)
+    # Wald interval of a paired difference: 6 +- 1.95996 * sqrt(14 - 6^2 / 100) (points, n = 100)
+    half = 1.959963984540054 * math.sqrt(14 - 36 / 100)
+    assert c.ci95 == (pytest.approx(6 - half), pytest.approx(6 + half))
+    assert paired_interval(0, 0, 50) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["{a}", "{b}"], "were scored on different val images"),  # seeds 0 and 1: other validation splits
+        (["{a}", "{a}:nosuch"], "no model 'nosuch' in"),
+        (["{a}", "{a}", "--split", "train"], "compare --split train: valid: val, test"),
+        (["{a}", "{a}", "--bogus"], "compare --bogus: unknown option"),
+        (["{a}"], "compare: needs two runs, got 1"),
+        (["{a}", "{empty}"], "has no predictions.pt"),
+        (["{a}", "{a}/nowhere"], "is not a directory"),
+    ],
+)
+def test_compare_refuses_bad_input_with_one_line(runs, tmp_path, args, expected):
+    (tmp_path / "empty").mkdir()
+    fill = {"a": runs[0][0], "b": runs[1][0], "empty": tmp_path / "empty"}
+    p = run_kdrun("compare", *[x.format(**fill) for x in args])
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert expected in p.stderr and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_compare_refuses_a_split_a_run_lacks_and_tta_it_never_scored(tmp_path):
+    _, _ = run_smoke(tmp_path / "plain")
+    plain = tmp_path / "plain"
+    p = run_kdrun("compare", str(plain), str(plain), "--split", "val")
+    assert p.returncode == 2 and "has no validation split (trainer.val_fraction=0); valid: test" in p.stderr
+    p = run_kdrun("compare", str(plain), str(plain), "--tta")
+    assert p.returncode == 2 and "both runs need flip-TTA predictions" in p.stderr
+    blob = (plain / FILE).read_bytes()
+    (plain / FILE).write_bytes(blob[: len(blob) // 2])  # truncated
+    p = run_kdrun("compare", str(plain), str(plain))
+    assert p.returncode == 2 and f"{plain / FILE}: unreadable or damaged" in p.stderr, p.stderr
+    assert json.loads((plain / "metrics.json").read_text())["status"] == "complete"
