@@ -27,6 +27,7 @@ def test_run_writes_every_file(smoke_run):
         ".hydra/overrides.yaml",
         "train.log",
         "metrics.json",
+        "predictions.pt",
         "metrics_teacher.csv",
         "metrics_student.csv",
         "metrics_baseline.csv",
