@@ -14,6 +14,7 @@ and prints the best runs.
   --top N      rows of the table to print (default 10; the files hold all)"""
 
 PRINTED_COLUMNS = ["student_top1", "baseline_top1", "kd_gain_top1", "kd_gain_p", "agreement", "wall_s"]
+VAL_COLUMNS = ["student_val_top1", "vs_best_val", "vs_best_val_p"]  # printed when some run has them
 
 
 def parse_args(args: list[str]) -> dict:
@@ -55,7 +56,8 @@ def report_main(args: list[str]) -> int:
 
     opts = parse_args(args)
     rep = build(opts["dir"], opts["out"])
-    columns = ["run", *rep.swept, "status", *PRINTED_COLUMNS]
+    val = [c for c in VAL_COLUMNS if any(row.get(c) is not None for row in rep.rows)]
+    columns = ["run", *rep.swept, "status", *PRINTED_COLUMNS, *val]
     shown = min(opts["top"], len(rep.rows))
     print(f"{len(rep.rows)} runs under {opts['dir']} (best {shown} by distilled student top-1):")
     print(text_table(rep.rows, columns, limit=opts["top"]))

@@ -46,6 +46,9 @@ SKIP_DIRS = {".hydra", "checkpoints", ".submitit", "__pycache__"}
 SCORE_COLUMNS = [
     "student_top1",
     "student_best_val_top1",
+    "student_val_top1",
+    "vs_best_val",
+    "vs_best_val_p",
     "teacher_top1",
     "baseline_top1",
     "agreement",
@@ -175,6 +178,7 @@ def scores_of(metrics: dict) -> dict[str, float | None]:
     return {
         "student_top1": _last(student).get("top1"),
         "student_best_val_top1": (student.get("best_on_val") or {}).get("top1"),
+        "student_val_top1": ((metrics.get("stages") or {}).get(roles.get("student", "")) or {}).get("final_val_top1"),
         "teacher_top1": _last(teacher).get("top1"),
         "baseline_top1": _last(baseline).get("top1"),
         "agreement": _last(student).get("agreement"),
@@ -215,7 +219,39 @@ def _first_line(path: str) -> str:
 def collect(root: str) -> list[Run]:
     """All runs under ``root``: complete ones by the distilled student's top-1 (best first), then the rest."""
     runs = [load_run(d, root) for d in find_run_dirs(root)]
+    paired_with_best(runs)
     return sorted(runs, key=_rank)
+
+
+def paired_with_best(runs: list[Run]) -> None:
+    """``vs_best_val`` and ``vs_best_val_p`` of each complete run: its distilled student against the best one on the
+    same validation images (the highest last-epoch validation top-1 among the runs with the same split), image by
+    image from their ``predictions.pt`` (:func:`kdrun.compare.compare`: the difference in points, the exact McNemar
+    p-value). Runs without such a file (or a validation split) get neither."""
+    from kdrun import predictions
+    from kdrun.compare import compare
+    from kdrun.errors import KdrunError
+
+    same_images: dict[str, list[tuple[Run, predictions.SplitPredictions, str]]] = {}
+    for run in runs:
+        if run.status != "complete" or not os.path.isfile(os.path.join(run.path, predictions.FILE)):
+            continue
+        try:
+            p = predictions.read(run.path)
+        except KdrunError as e:
+            run.note = f"{predictions.FILE}: {e}"
+            continue
+        val, student = p.splits.get("val"), p.roles.get("student", "")
+        if val is not None and student in val.top1:
+            same_images.setdefault(val.images, []).append((run, val, student))
+    for members in same_images.values():
+        if len(members) < 2:
+            continue
+        _, best, best_student = max(members, key=lambda m: float(m[1].correct(m[2]).float().mean()))
+        for run, val, student in members:
+            c = compare(val, student, best, best_student)
+            run.scores["vs_best_val"] = c.difference
+            run.scores["vs_best_val_p"] = None if val is best else c.p_value
 
 
 def _rank(run: Run) -> tuple:
@@ -370,7 +406,9 @@ def markdown(
         f"# kdrun report: {os.path.abspath(root)}",
         "",
         f"{len(runs)} runs: {status_counts(runs)}. Sorted by the distilled student's last-epoch "
-        "test top-1 (%); `agreement` is the student's top-1 match rate with the teacher; "
+        "test top-1 (%); `agreement` is the student's top-1 match rate with the teacher; `student_val_top1` its "
+        "last-epoch top-1 on the validation split, `vs_best_val` that minus the best one's on the same validation "
+        "images, paired image by image (`vs_best_val_p`: exact McNemar test; `kdrun compare` gives the interval); "
         f"`wall_s` is a run's own time (sum over runs: {_total_wall(runs):.1f} s).",
     ]
     common = common_overrides(runs, swept)

@@ -1,15 +1,22 @@
 """predictions.pt and `kdrun compare`: two runs' models image by image, with the paired test and its interval."""
 
-import json
 import math
 
 import pytest
 import torch
 
+from kdrun.cli import main
 from kdrun.compare import compare
-from kdrun.predictions import FILE, SplitPredictions, read
+from kdrun.predictions import FILE, RunPredictions, SplitPredictions, read, write
 from kdrun.significance import paired_interval
-from tests.conftest import run_kdrun, run_smoke
+from tests.conftest import run_smoke
+
+
+def kdrun_compare(capsys, *args) -> tuple[int, str, str]:
+    """``kdrun compare ARGS`` in this process (the command line's own entry point): exit code, stdout, stderr."""
+    code = main(["compare", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +49,11 @@ def test_predictions_hold_every_model_on_test_and_validation(runs):
             assert 100 * val.correct(name).float().mean().item() == pytest.approx(summary["final_val_top1"], abs=1e-3)
 
 
-def test_compare_student_with_baseline_reproduces_the_runs_kd_gain(runs):
+def test_compare_student_with_baseline_reproduces_the_runs_kd_gain(runs, capsys):
     run_dir, m = runs[0]
-    p = run_kdrun("compare", f"{run_dir}:student", f"{run_dir}:baseline", "--split", "test")
-    assert p.returncode == 0, p.stderr
-    row = next(line for line in p.stdout.splitlines() if line.startswith("student vs baseline"))
+    code, out, err = kdrun_compare(capsys, f"{run_dir}:student", f"{run_dir}:baseline", "--split", "test")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("student vs baseline"))
     cells = row.split()
     g = m["kd_gain"]
     assert float(cells[3]) == pytest.approx(m["test"]["student"]["last"]["top1"], abs=0.01)
@@ -54,25 +61,25 @@ def test_compare_student_with_baseline_reproduces_the_runs_kd_gain(runs):
     assert float(cells[5]) == pytest.approx(m["kd_gain_top1"], abs=0.01)
     assert (int(cells[-3]), int(cells[-2])) == (g["student_only"], g["baseline_only"])
     assert float(cells[-1]) == pytest.approx(g["p_value"], rel=1e-2)
-    assert "test split, 359 images" in p.stdout
+    assert "test split, 359 images" in out
 
 
-def test_compare_defaults_to_the_validation_split_and_every_shared_role(runs):
+def test_compare_defaults_to_the_validation_split_and_every_shared_role(runs, capsys):
     run_dir, _ = runs[0]
-    p = run_kdrun("compare", str(run_dir), str(run_dir))
-    assert p.returncode == 0, p.stderr
-    assert "val split, 144 images" in p.stdout
-    rows = [line.split() for line in p.stdout.splitlines()[-3:]]
+    code, out, err = kdrun_compare(capsys, run_dir, run_dir)
+    assert code == 0, err
+    assert "val split, 144 images" in out
+    rows = [line.split() for line in out.splitlines()[-3:]]
     assert [r[0] for r in rows] == ["teacher", "student", "baseline"]
     assert all(r[3] == "+0.00" and r[-3:] == ["0", "0", "1"] for r in rows)  # a run against itself
 
 
-def test_compare_across_seeds_on_the_test_split(runs):
+def test_compare_across_seeds_on_the_test_split(runs, capsys):
     (a, ma), (b, mb) = runs[0], runs[1]
-    p = run_kdrun("compare", str(a), str(b), "--split", "test", "--tta")
-    assert p.returncode == 0, p.stderr
-    assert "last epoch, flip TTA" in p.stdout
-    teacher = next(line.split() for line in p.stdout.splitlines() if line.startswith("teacher"))
+    code, out, err = kdrun_compare(capsys, a, b, "--split", "test", "--tta")
+    assert code == 0, err
+    assert "last epoch, flip TTA" in out
+    teacher = next(line.split() for line in out.splitlines() if line.startswith("teacher"))
     assert float(teacher[1]) == pytest.approx(ma["test"]["teacher"]["with_flip_tta"]["top1"], abs=0.01)
     assert float(teacher[2]) == pytest.approx(mb["test"]["teacher"]["with_flip_tta"]["top1"], abs=0.01)
 
@@ -105,23 +112,25 @@ def test_compare_counts_the_discordant_images_and_their_interval():
         (["{a}", "{a}/nowhere"], "is not a directory"),
     ],
 )
-def test_compare_refuses_bad_input_with_one_line(runs, tmp_path, args, expected):
+def test_compare_refuses_bad_input_with_one_line(runs, tmp_path, capsys, args, expected):
     (tmp_path / "empty").mkdir()
     fill = {"a": runs[0][0], "b": runs[1][0], "empty": tmp_path / "empty"}
-    p = run_kdrun("compare", *[x.format(**fill) for x in args])
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert expected in p.stderr and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    code, out, err = kdrun_compare(capsys, *[x.format(**fill) for x in args])
+    assert code == 2, out + err
+    assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_compare_refuses_a_split_a_run_lacks_and_tta_it_never_scored(tmp_path):
-    _, _ = run_smoke(tmp_path / "plain")
-    plain = tmp_path / "plain"
-    p = run_kdrun("compare", str(plain), str(plain), "--split", "val")
-    assert p.returncode == 2 and "has no validation split (trainer.val_fraction=0); valid: test" in p.stderr
-    p = run_kdrun("compare", str(plain), str(plain), "--tta")
-    assert p.returncode == 2 and "both runs need flip-TTA predictions" in p.stderr
-    blob = (plain / FILE).read_bytes()
-    (plain / FILE).write_bytes(blob[: len(blob) // 2])  # truncated
-    p = run_kdrun("compare", str(plain), str(plain))
-    assert p.returncode == 2 and f"{plain / FILE}: unreadable or damaged" in p.stderr, p.stderr
-    assert json.loads((plain / "metrics.json").read_text())["status"] == "complete"
+def test_compare_refuses_a_split_a_run_lacks_and_tta_it_never_scored(tmp_path, capsys):
+    labels = torch.zeros(6, dtype=torch.long)
+    test_only = {"test": SplitPredictions("d/test", labels, {"student": torch.zeros(6, dtype=torch.int32)})}
+    write(str(tmp_path), RunPredictions({"student": "student"}, test_only))  # trainer.val_fraction=0, no flip TTA
+    code, _, err = kdrun_compare(capsys, tmp_path, tmp_path, "--split", "val")
+    assert code == 2 and "has no validation split (trainer.val_fraction=0); valid: test" in err
+    code, _, err = kdrun_compare(capsys, tmp_path, tmp_path, "--tta")
+    assert code == 2 and "both runs need flip-TTA predictions" in err
+    code, out, _ = kdrun_compare(capsys, tmp_path, tmp_path)
+    assert code == 0 and "test split, 6 images" in out  # the default without a validation split
+    blob = (tmp_path / FILE).read_bytes()
+    (tmp_path / FILE).write_bytes(blob[: len(blob) // 2])  # truncated
+    code, _, err = kdrun_compare(capsys, tmp_path, tmp_path)
+    assert code == 2 and f"{tmp_path / FILE}: unreadable or damaged" in err, err

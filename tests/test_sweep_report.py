@@ -463,3 +463,35 @@ def test_multirun_without_failures_exits_0(tmp_path):
     make_run(tmp_path, "0", ["loss.temperature=1"], fake_metrics(80.0))
     callbacks.SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert callbacks.LAST_SWEEP.jobs == 1 and sweep_exit_code() == 0
+
+
+def write_predictions(run: str, student_ok: list[bool], images: str = "d/val(val_fraction=0.1, seed=0)") -> None:
+    """A predictions.pt whose student gets the validation images right where ``student_ok`` says (label 0)."""
+    import torch
+
+    from kdrun.predictions import RunPredictions, SplitPredictions, write
+
+    labels = torch.zeros(len(student_ok), dtype=torch.long)
+    top1 = {"student": torch.tensor([0 if ok else 1 for ok in student_ok], dtype=torch.int32)}
+    splits = {"val": SplitPredictions(images, labels, top1), "test": SplitPredictions("d/test", labels, top1)}
+    write(run, RunPredictions({"student": "student"}, splits))
+
+
+def test_runs_on_the_same_validation_images_are_paired_with_the_best(tmp_path):
+    """Each student against the best one on the same validation images, image by image: 20 images, the best
+    right on 18; another right on 12 of them (6 only the best, 0 only the other: p = 2 / 2^6)."""
+    best = make_run(tmp_path, "0", ["loss.temperature=4"], fake_metrics(80.0))
+    worse = make_run(tmp_path, "1", ["loss.temperature=1"], fake_metrics(85.0))
+    other = make_run(tmp_path, "2", ["loss.temperature=8"], fake_metrics(70.0))
+    make_run(tmp_path, "3", ["loss.temperature=16"], fake_metrics(60.0))  # no predictions.pt: no paired column
+    write_predictions(best, [True] * 18 + [False] * 2)
+    write_predictions(worse, [True] * 12 + [False] * 8)
+    write_predictions(other, [True] * 20, images="d/val(val_fraction=0.1, seed=1)")  # other images: unpaired
+    write_report(tmp_path)
+    rows = {r["loss.temperature"]: r for r in read_csv(tmp_path / "report.csv")}
+    assert float(rows["4"]["vs_best_val"]) == 0.0 and rows["4"]["vs_best_val_p"] == ""
+    assert float(rows["1"]["vs_best_val"]) == pytest.approx(-30.0)
+    assert float(rows["1"]["vs_best_val_p"]) == pytest.approx(2 / 2**6)
+    for t in ("8", "16"):
+        assert rows[t]["vs_best_val"] == "" and rows[t]["vs_best_val_p"] == ""
+    assert "`vs_best_val` that minus the best one's" in (tmp_path / "report.md").read_text()
