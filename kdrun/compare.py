@@ -45,8 +45,11 @@ class Comparison:
     p_value: float  # exact two-sided McNemar
 
 
-def compare(a: predictions.SplitPredictions, model_a: str, b: predictions.SplitPredictions, model_b: str, tta=False):
-    """:class:`Comparison` of ``model_a`` of split ``a`` with ``model_b`` of split ``b`` (the same images)."""
+def compare(
+    a: predictions.SplitPredictions, model_a: str, b: predictions.SplitPredictions, model_b: str, tta: bool = False
+) -> Comparison:
+    """``model_a`` of split ``a`` against ``model_b`` of split ``b`` (the same images; ``tta``: their flip-TTA
+    predictions)."""
     a_ok, b_ok = a.correct(model_a, tta), b.correct(model_b, tta)
     n = len(a_ok)
     x, y = discordant(a_ok, b_ok)
