@@ -30,6 +30,7 @@ commands:
 
 CONFIG_MODULE = "kdrun.configs"
 EXIT_SWEEP_FAILED = 1  # some jobs of a multirun failed (the others ran; report.md lists both)
+EXIT_BROKEN_PIPE = 141  # the reader of stdout closed it (128 + SIGPIPE, as a shell reports such a command)
 # Hydra flags that take a value (skipped when collecting overrides)
 _FLAGS_WITH_VALUE = {
     "--config-name",
@@ -345,7 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd = COMMANDS.get(argv[0])
     if cmd is None:
         return fail(f"unknown command '{argv[0]}'; valid: {', '.join(COMMANDS)}")
-    return cmd(argv[1:])
+    try:
+        code = cmd(argv[1:])
+        sys.stdout.flush()  # a reader that has gone shows here, not in the flush at exit
+        return code
+    except BrokenPipeError:  # e.g. `kdrun report DIR | head`: the reader has gone, so stop quietly as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

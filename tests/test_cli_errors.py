@@ -199,3 +199,17 @@ def test_unwritable_output_directory(kdrun, tmp_path):
         f"kdrun: error: hydra.run.dir={target}: cannot create the output directory "
         f"({os.path.dirname(target)} is not writable); choose another with hydra.run.dir=PATH"
     )
+
+
+def test_a_reader_that_has_gone_ends_the_command_quietly():
+    """`kdrun models | head -0`: stdout is closed before kdrun writes; no traceback, exit 141 (128 + SIGPIPE)."""
+    import subprocess
+
+    from tests.conftest import KDRUN, WORKDIR
+
+    p = subprocess.Popen([*KDRUN, "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORKDIR)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
