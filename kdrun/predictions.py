@@ -75,10 +75,7 @@ def collect(cfg, data, stages, roles, evaluation) -> RunPredictions:
 
 
 def write(run_dir: str, preds: RunPredictions) -> None:
-    splits = {
-        name: {"images": s.images, "labels": s.labels, "top1": s.top1, "flip_tta": s.flip_tta}
-        for name, s in preds.splits.items()
-    }
+    splits = {name: dict(vars(s)) for name, s in preds.splits.items()}  # read() rebuilds them from these fields
     io.save({"roles": preds.roles, "splits": splits}, os.path.join(run_dir, FILE), KIND)
 
 
