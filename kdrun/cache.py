@@ -45,13 +45,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from kdrun import distributed, io
 from kdrun.data.loader import TensorLoader
 from kdrun.data.stream import StreamLoader
 from kdrun.engine import autocast
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
+from kdrun.progress import progress
 
 log = logging.getLogger("kdrun")
 FORMAT = 1  # version of the file layout (part of every logit-cache store key)
@@ -300,9 +300,7 @@ def fill_pass(
     jobs = list(todo.split(batch_size))[rank::world]
     mine = torch.cat(jobs) if jobs else todo[:0]
     index, view = mine % cache.shape.samples, mine // cache.shape.samples
-    bar = tqdm(
-        total=len(todo), desc="cache", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0, disable=rank != 0
-    )
+    bar = progress(total=len(todo), desc="cache", unit="img", disable=rank != 0)
     for batches, batch in enumerate(loader.batches(index, view, batch_size), start=1):
         with autocast(batch.x.device, precision):
             cache.write(*batch.on_host(), teacher(batch.x).float())

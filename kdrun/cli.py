@@ -255,8 +255,10 @@ def expand_resume(args: list[str]) -> list[str]:
 
 def train_command(args: list[str]) -> int:
     from kdrun.errors import KdrunError
+    from kdrun.progress import check_env
 
     try:
+        check_env()  # KDRUN_PROGRESS, KDRUN_PROGRESS_SECONDS
         args = expand_resume(args)
     except KdrunError as e:
         return fail(str(e), e.exit_code)

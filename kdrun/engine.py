@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from kdrun import distributed
 from kdrun.data.loader import Batch, TensorLoader
@@ -34,6 +33,7 @@ from kdrun.evaluation import accuracy, predict
 from kdrun.io import atomic_save, load_checkpoint, rng_state, set_rng_state
 from kdrun.optim import build_optimizer, build_scheduler
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
+from kdrun.progress import progress
 
 log = logging.getLogger("kdrun")
 
@@ -182,14 +182,12 @@ def train_stage(
         first = start_step if epoch == start_epoch else 0
         if first == 0 or lr is None:
             lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step (it changes every step)
-        bar = tqdm(
+        bar = progress(
             loader.epoch(epoch, first),
             total=len(loader),
             initial=first,
-            leave=False,
-            dynamic_ncols=True,
             desc=f"{stage} {epoch + 1}/{epochs}",
-            mininterval=1.0,
+            unit="steps",
             disable=not distributed.is_main(),
         )
         for step, batch in enumerate(bar, start=first):
