@@ -128,7 +128,11 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
             k = o.split("=")[0].lstrip("+~")
             return k == key or key.startswith(k + ".") or k.startswith((parent or key) + ".")
 
-        valid = _keys_of(parent, [o for o in overrides if not touches(o)], config_name)
+        def chooses_group(o: str) -> bool:  # loss=crd: keys come from the option chosen, so keep it
+            k, _, v = o.partition("=")
+            return bool(_group_options(k.lstrip("+~"))) and not v.lstrip().startswith("{")
+
+        valid = _keys_of(parent, [o for o in overrides if chooses_group(o) or not touches(o)], config_name)
         where = f" of {parent}" if parent else ""
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
     first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
@@ -187,6 +191,8 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
             check_writable(cfg, multirun)
             if multirun:
                 check_objective(cfg)
+            else:
+                check_resumable(cfg)
 
 
 def check_objective(cfg) -> None:
@@ -203,6 +209,35 @@ def check_objective(cfg) -> None:
             f"sweep.metric={metric}, measured on a validation split held out of the training data; "
             "set trainer.val_fraction > 0 (e.g. 0.1)"
         )
+
+
+def check_resumable(cfg) -> None:
+    """A run directory with stage checkpoints is continued only by the configuration that made them. Refuse any
+    other now: once Hydra starts the job it rewrites the directory's ``.hydra/`` with the new overrides and sets the
+    finished run's ``metrics.json`` aside, so a refusal from the stage itself would leave the run broken."""
+    from omegaconf import OmegaConf
+
+    from kdrun.errors import ConfigError
+    from kdrun.io import load_checkpoint
+    from kdrun.stages import resume_fingerprint
+
+    try:
+        run_dir = str(cfg.hydra.run.dir)
+    except Exception:  # interpolations that need a running job: a fresh directory
+        return
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    lasts = sorted(f for f in os.listdir(ckpt_dir) if f.endswith("_last.pt")) if os.path.isdir(ckpt_dir) else []
+    if not lasts:
+        return
+    fingerprint = resume_fingerprint(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    for name in lasts:
+        ckpt = load_checkpoint(os.path.join(ckpt_dir, name))
+        stage = name.removesuffix("_last.pt")
+        if ckpt is not None and ckpt.get("fingerprint") != f"{fingerprint}-{stage}":
+            raise ConfigError(
+                f"hydra.run.dir={run_dir}: checkpoints/{name} was made by a different configuration; continue the "
+                f"run as it was (kdrun train resume={run_dir}) or give a new hydra.run.dir"
+            )
 
 
 def _can_create_in(parent: str) -> bool:

@@ -6,6 +6,7 @@ import signal
 import pytest
 import torch
 
+from kdrun.errors import KdrunError
 from kdrun.preempt import EXIT_PREEMPTED
 
 ARGS = [
@@ -99,9 +100,55 @@ def test_checkpoint_of_another_config_is_refused(kdrun, tmp_path, uninterrupted)
     # killed after the step-5 checkpoint
     p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "teacher:7"})
     assert p.returncode == -signal.SIGKILL
+    saved = (run_dir / ".hydra" / "overrides.yaml").read_text()
     p = kdrun("train", *ARGS, "optim.lr=0.2", f"hydra.run.dir={run_dir}")
     assert p.returncode == 2
-    assert "teacher_last.pt: made by a different configuration of stage 'teacher'" in p.stderr
+    assert p.stderr.strip() == (
+        f"kdrun: error: hydra.run.dir={run_dir}: checkpoints/teacher_last.pt was made by a different "
+        f"configuration; continue the run as it was (kdrun train resume={run_dir}) or give a new hydra.run.dir"
+    )
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == saved  # refused before Hydra rewrote it
+
+
+def test_refused_change_leaves_a_finished_run_intact(tmp_path):
+    """`resume=DIR` with another value is refused before anything in DIR changes: the run stays complete."""
+    from tests.conftest import run_kdrun, run_smoke
+
+    run_dir = tmp_path / "run"
+    run_smoke(run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    p = run_kdrun("train", f"resume={run_dir}", "trainer.epochs=3")
+    assert p.returncode == 2 and "checkpoints/baseline_last.pt was made by a different configuration" in p.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    p = run_kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "student: already finished" in p.stderr and (run_dir / "metrics.json").exists()
+
+
+def test_stage_refuses_a_checkpoint_of_another_config(tmp_path):
+    """The stage's own check, for what reaches it without the command line's (e.g. a sweep job rerun in place)."""
+    from kdrun.engine import train_stage
+    from tests.test_engine import Linear, optim, tiny_loader
+
+    def objective(net, batch, epoch):
+        return {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}
+
+    def run(fingerprint):
+        train_stage(
+            "s",
+            Linear(),
+            objective,
+            tiny_loader(n=4),
+            epochs=1,
+            optim_cfg=optim(),
+            run_dir=str(tmp_path),
+            fingerprint=fingerprint,
+        )
+
+    run("a")
+    run("a")  # the finished stage is taken as it is
+    with pytest.raises(KdrunError, match="s_last.pt: made by a different configuration of stage 's'"):
+        run("b")
 
 
 def test_resume_fingerprint_ignores_where_and_how_not_what():
