@@ -212,9 +212,11 @@ def _validate_loss_builds(cfg: DictConfig) -> None:
     """The KD method is built here as the student stage will build it (its own checks run, those of every
     term of a combo too), and each scheduled hyperparameter must be one the method lets a schedule set."""
     from kdrun.losses import LOSSES
+    from kdrun.losses.base import check_numbers
 
     name = cfg.loss.name
     static, scheds = schedules.split(loss_kwargs(cfg.loss))
+    check_numbers(LOSSES.get(name, "loss.name"), static)
     method = LOSSES.get(name, "loss.name")(**static)
     for key, sched in scheds.items():
         attr = inspect.getattr_static(method, key, None)

@@ -37,7 +37,11 @@ import pytest
         ),
         (
             ["+loss.ce_weight={schedule: linear, start: 1, end: 0}"],
-            "loss.ce_weight: cannot follow a schedule in loss 'kd' (fixed when the method is built); give a number",
+            "loss.ce_weight: KD weighs its CE term by 1 - loss.alpha; set loss.alpha instead",
+        ),
+        (
+            ["loss=dkd", "loss.ce_weight={schedule: linear, start: 1, end: 0}"],
+            "loss.ce_weight: cannot follow a schedule in loss 'dkd' (fixed when the method is built); give a number",
         ),
         (["loss=combo", "loss.terms.kd.alpha=1.5"], "loss.terms.kd.alpha=1.5: must be a number in [0, 1]"),
         (["sweep.metric=student.test_top1"], "sweep.metric=student.test_top1: a test-set metric cannot be optimised"),
@@ -51,6 +55,19 @@ import pytest
         (["scheme=self", "scheme.generations=1"], "scheme.generations=1: must be an integer >= 2"),
         (["scheme=online", "scheme.peers=[resnet8]"], "scheme.peers=['resnet8']: give two or more peer models"),
         (["loss.layers.foo=1"], "loss.layers: unknown key; valid keys of loss: "),
+        (
+            ["loss=crd", "loss.feat_dim=64"],
+            "loss.feat_dim: unknown key; valid keys of loss: ce_weight, embed_dim, layers, name, nce_k, nce_m, ",
+        ),
+        (["loss=dist", "loss.tau=abc"], "loss.tau=abc: must be a number"),
+        (["loss=dkd", "loss.warmup=[1]"], "loss.warmup=[1]: must be a number"),
+        (["loss=combo", "loss.terms.kd.temperature=0"], "loss.terms.kd.temperature=0: must be a number > 0"),
+        (["loss=combo", "loss.terms.kd.temperature=abc"], "loss.terms.kd.temperature=abc: must be a number"),
+        (
+            ["loss=combo", "loss.terms.kd.alpha={schedule: linear, start: 0.1, end: 0.9}"],
+            "loss.terms.kd.alpha: a term of a combo takes numbers, not schedules",
+        ),
+        (["+loss.ce_weight=0.5"], "loss.ce_weight: KD weighs its CE term by 1 - loss.alpha; set loss.alpha instead"),
         (
             ["teacher.optim={lr: 0.1}"],
             "teacher.optim.lr: unknown key; valid keys of teacher.optim: none (an empty mapping) "

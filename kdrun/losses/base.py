@@ -150,6 +150,21 @@ def constructor_params(cls: type) -> list[str]:
     return sorted(params - {"self", "kw", "kwargs"})
 
 
+def check_numbers(cls: type, kwargs: dict, prefix: str = "loss.") -> None:
+    """ConfigError ``loss.KEY=VALUE: must be a number`` for each keyword of ``cls``'s constructor (or its
+    DistillLoss bases') whose default is a number and whose given value is not (a word, a list, a mapping): the
+    methods' own range checks compare numbers."""
+    numeric: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and issubclass(klass, DistillLoss):
+            for name, p in inspect.signature(klass.__init__).parameters.items():
+                if isinstance(p.default, int | float) and not isinstance(p.default, bool):
+                    numeric.add(name)
+    for key, value in kwargs.items():
+        if key in numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"{prefix}{key}={value}: must be a number")
+
+
 def shared_stages(teacher_points: list[str], student_points: list[str]) -> list[str]:
     """The ``stageN`` feature points both models have, in the teacher's order; ConfigError if none."""
     stages = [n for n in teacher_points if _is_stage(n) and n in student_points]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from kdrun.errors import ConfigError
@@ -28,6 +29,7 @@ from kdrun.losses.base import (
     DistillLoss,
     Outputs,
     StepContext,
+    check_numbers,
     constructor_params,
     register_loss,
 )
@@ -70,6 +72,13 @@ class Combo(DistillLoss):
                     raise ConfigError(
                         f"loss.terms.{name}.{key}: not a parameter of loss '{name}'; valid: {', '.join(valid)}"
                     )
+            for key, value in kwargs.items():
+                if isinstance(value, dict | DictConfig) and "schedule" in value:
+                    raise ConfigError(
+                        f"loss.terms.{name}.{key}: a term of a combo takes numbers, not schedules (a schedule "
+                        f"sets loss.KEY of a single method)"
+                    )
+            check_numbers(cls, kwargs, prefix=f"loss.terms.{name}.")
             with _term_keys(name):
                 self.terms[name] = cls(**kwargs)
         self.needs_teacher_features = any(m.needs_teacher_features for m in self.terms.values())

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillLoss, Outputs, StepContext, check, register_loss
 
 
@@ -48,7 +49,10 @@ class KD(DistillLoss):
     value_rules: ClassVar[dict] = {"alpha": (lambda v: 0 <= v <= 1, "a number in [0, 1]")}
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, **kw):
+        if "ce_weight" in kw:  # the base class would take it, and ce_weight below would ignore it
+            raise ConfigError("loss.ce_weight: KD weighs its CE term by 1 - loss.alpha; set loss.alpha instead")
         super().__init__(**kw)
+        check("temperature", temperature, temperature > 0, "a number > 0")
         check("alpha", alpha, 0 <= alpha <= 1, "a number in [0, 1]")
         self.temperature = temperature
         self.alpha = alpha
