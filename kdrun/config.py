@@ -10,14 +10,24 @@ import inspect
 import os
 import re
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdrun import schedules
 from kdrun.errors import ConfigError
+from kdrun.optim import OPTIMIZERS, SCHEDULES
 
 
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _one_of(names) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _bool(v) -> bool:
+    return isinstance(v, bool)
 
 
 def _int(v) -> bool:
@@ -50,25 +60,37 @@ RULES = [
     ("teacher.label_smoothing", _num, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.1 (0: plain CE)"),
     ("trainer.threads", _int, lambda v: v >= 1, "an integer >= 1 (or null)"),
     ("trainer.ema", _num, lambda v: 0 < v < 1, "a decay in (0, 1), e.g. 0.999 (or null)"),
-    ("optim.grad_clip", _num, lambda v: v >= 0, "a number >= 0 (or null: no clipping)"),
     ("cache.views", _int, lambda v: v >= 0, "an integer >= 0"),
     ("cache.fill", lambda v: isinstance(v, str), lambda v: v in ("first_use", "pass"), "first_use or pass"),
     ("cache.topk", _int, lambda v: v >= 1, "an integer >= 1 (or null: every logit)"),
-    ("optim.lr", _num, lambda v: v > 0, "a number > 0"),
-    ("optim.weight_decay", _num, lambda v: v >= 0, "a number >= 0"),
-    (
-        "optim.schedule",
-        lambda v: isinstance(v, str),
-        lambda v: v in ("cosine", "step", "constant"),
-        "cosine, step or constant",
-    ),
     ("loss.temperature", _num, lambda v: v > 0, "a number > 0"),
     ("loss.ce_weight", _num, lambda v: v >= 0, "a number >= 0"),
     ("loss.weight", _num, lambda v: v >= 0, "a number >= 0"),
     ("scheme.temperature", _num, lambda v: v > 0, "a number > 0"),
     ("scheme.kl_weight", _num, lambda v: v >= 0, "a number >= 0"),
     ("scheme.generations", _int, lambda v: v >= 2, "an integer >= 2 (generation 1 is trained with CE)"),
+    ("scheme.direct", _bool, lambda v: True, "true or false"),
 ]
+
+# the optimiser's keys, for optim.* and for the teacher's own overrides teacher.optim.*
+OPTIM_RULES = [
+    ("name", lambda v: isinstance(v, str), lambda v: v in OPTIMIZERS, _one_of(OPTIMIZERS)),
+    ("lr", _num, lambda v: v > 0, "a number > 0"),
+    ("momentum", _num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("weight_decay", _num, lambda v: v >= 0, "a number >= 0"),
+    ("nesterov", _bool, lambda v: True, "true or false"),
+    ("schedule", lambda v: isinstance(v, str), lambda v: v in SCHEDULES, _one_of(SCHEDULES)),
+    (
+        "milestones",
+        lambda v: isinstance(v, ListConfig) and all(_int(m) for m in v),
+        lambda v: all(m >= 0 for m in v),
+        "a list of epochs (integers >= 0), e.g. [150, 180, 210]",
+    ),
+    ("gamma", _num, lambda v: v > 0, "a number > 0"),
+    ("warmup_epochs", _int, lambda v: v >= 0, "an integer >= 0"),
+    ("grad_clip", _num, lambda v: v >= 0, "a number >= 0 (or null: no clipping)"),
+]
+RULES += [(f"{prefix}.{key}", *rule) for prefix in ("optim", "teacher.optim") for key, *rule in OPTIM_RULES]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -87,6 +109,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={v}: must be {valid}")
     _validate_names(cfg)
     _validate_augment(cfg)
+    if cfg.dataset.name == "imagefolder" and not cfg.dataset.get("root"):
+        from kdrun.data.imagefolder import ROOT_NOT_SET
+
+        raise ConfigError(ROOT_NOT_SET)  # before the run directory exists (the reader checks it again)
     _validate_classes(cfg)
     _validate_loss(cfg)
     _validate_loss_builds(cfg)

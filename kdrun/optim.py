@@ -22,6 +22,7 @@ from torch.optim import lr_scheduler
 from kdrun.errors import KdrunError
 
 SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "adamw", "adam")
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -38,7 +39,7 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise KdrunError(f"optim.name={name}: unknown optimiser; valid: adam, adamw, sgd")
+    raise KdrunError(f"optim.name={name}: unknown optimiser; valid: {', '.join(OPTIMIZERS)}")
 
 
 def build_scheduler(

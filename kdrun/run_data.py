@@ -55,7 +55,10 @@ def augment_specs(cfg: DictConfig) -> tuple[dict, dict]:
 def split_validation(
     train: ImageSet | FileSet, fraction: float, seed: int
 ) -> tuple[ImageSet | FileSet, ImageSet | FileSet | None]:
-    """Hold ``fraction`` of the training split out (seeded) to choose a best epoch; never the test set."""
+    """Hold ``fraction`` of the training split out (seeded) to choose a best epoch; never the test set.
+
+    A uniform draw, not stratified by class: each class's share of the split varies by its sampling noise (the
+    figures recorded in the presets were chosen on these splits, so the draw stays as it is)."""
     if fraction <= 0:
         return train, None
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7))

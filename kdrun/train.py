@@ -119,7 +119,7 @@ class Run:
             objective = Distill(method, student, teacher=t_model, cache=cache, **common)
             self.student_views = data.views
             loader = data.train_loader(data.views, data.student_set)  # replays view v of each sample (K=0: plain)
-        probe_loader = data.eval_loader(data.student_set.subset(torch.arange(2)))
+        probe_loader = data.eval_loader(data.student_set.subset(torch.arange(min(2, len(data.student_set)))))
         assert probe_loader is not None
         x_probe = next(probe_loader.epoch(0)).x
         method.build(

@@ -31,6 +31,13 @@ import pytest
         (["+teacher.augment.cutout=-8"], "teacher.augment.cutout=-8: must be an integer >= 0"),
         (["+dataset.augment.cutout=1.5"], "dataset.augment.cutout=1.5: must be an integer >= 0"),
         (["optim=nosuch"], "optim=nosuch: unknown option; valid: "),
+        (["optim.name=foo"], "optim.name=foo: must be sgd, adamw or adam"),
+        (["optim.momentum=-1"], "optim.momentum=-1: must be a number in [0, 1)"),
+        (["optim.warmup_epochs=abc"], "optim.warmup_epochs=abc: must be an integer >= 0"),
+        (["optim.milestones=[a]"], "optim.milestones=['a']: must be a list of epochs (integers >= 0), e.g. [150, "),
+        (["optim.nesterov=1"], "optim.nesterov=1: must be true or false"),
+        (["+teacher.optim.lr=-1"], "teacher.optim.lr=-1: must be a number > 0"),
+        (["dataset=imagefolder"], "dataset.root is not set: give the folder holding <train_split>/<class>/<image>"),
         (
             ["trainer.device=cuda"] if not __import__("torch").cuda.is_available() else ["trainer.device=tpu"],
             "trainer.device=",
@@ -61,6 +68,7 @@ import pytest
         ),
         (["loss=dist", "loss.tau=abc"], "loss.tau=abc: must be a number"),
         (["loss=dkd", "loss.warmup=[1]"], "loss.warmup=[1]: must be a number"),
+        (["loss=dkd", "loss.warmup=2.5"], "loss.warmup=2.5: must be an integer >= 0 (0: no warm-up)"),
         (["loss=combo", "loss.terms.kd.temperature=0"], "loss.terms.kd.temperature=0: must be a number > 0"),
         (["loss=combo", "loss.terms.kd.temperature=abc"], "loss.terms.kd.temperature=abc: must be a number"),
         (

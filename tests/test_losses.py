@@ -650,7 +650,7 @@ def test_method_runs_in_the_distill_stage(name):
     from kdrun.distill import Distill, probe_shapes
     from kdrun.models import build_model
 
-    teacher = build_model("resnet20", 10, 1, 8).eval().requires_grad_(False)
+    teacher = build_model("resnet20", 10, 1, 8)  # as it leaves its own training stage: train mode, with grads
     student = build_model("resnet8", 10, 1, 8)
     kw = OmegaConf.to_container(
         OmegaConf.load(resources.files("kdrun.configs") / "loss" / f"{name}.yaml"), resolve=True
@@ -665,10 +665,15 @@ def test_method_runs_in_the_distill_stage(name):
         probe_shapes(teacher, method.teacher_layers, x[:2]), probe_shapes(student, method.student_layers, x[:2]), 40
     )
     method.bind_teacher(teacher)
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     objective = Distill(method, student, epochs=2, num_samples=40, teacher=teacher)
     batch = Batch(x, torch.randint(0, 10, (6,)), torch.arange(6), torch.zeros(6, dtype=torch.long))
     with objective:
         terms = objective(objective.module, batch, 0)
+    # Distill keeps the teacher frozen: eval mode (BatchNorm statistics untouched) and no autograd
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     ce_only = name in ("fsp", "ab")  # their distillation is their init stage; the student stage is CE only
     assert "ce" in terms and len(terms) >= (1 if ce_only else 2) and all(torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()
@@ -683,7 +688,7 @@ def test_online_teacher_runs_at_teacher_precision(precision, dtype):
     from kdrun.distill import Distill
     from kdrun.models import build_model
 
-    teacher = build_model("resnet8", 10, 1, 8).eval().requires_grad_(False)
+    teacher = build_model("resnet8", 10, 1, 8)  # Distill freezes it
     student = build_model("resnet8", 10, 1, 8)
     method = LOSSES.get("kd")(temperature=4.0, alpha=0.9)
     objective = Distill(method, student, epochs=1, num_samples=6, teacher=teacher, teacher_precision=precision)

@@ -174,3 +174,13 @@ def test_streamed_image_folder_runs_end_to_end(tmp_path):
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["dataset"]["train"] == 48 and m["dataset"]["test"] == 16
     assert (run_dir / "teacher_logits.kdlc").exists()  # filled on first use from the streamed batches
+
+
+def test_a_single_training_image_runs(tmp_path):
+    """A validation split that leaves one training image: the stages still build (the feature probe takes what
+    there is) and the run finishes."""
+    from tests.conftest import run_smoke
+
+    p, metrics = run_smoke(tmp_path / "run", "trainer.val_fraction=0.999")
+    assert "1 train / 1437 val" in p.stderr
+    assert set(metrics["test"]) >= {"teacher", "student", "baseline"}

@@ -26,6 +26,11 @@ from kdrun.errors import ConfigError
 
 log = logging.getLogger("kdrun")
 
+ROOT_NOT_SET = (
+    "dataset.root is not set: give the folder holding <train_split>/<class>/<image> "
+    "and <test_split>/<class>/<image>, e.g. dataset.root=/data/myset"
+)
+
 
 def _subdirs(path: str) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
@@ -74,10 +79,7 @@ def imagefolder(
     memory mode that view is what is decoded and kept, so augmentations crop it (stream mode crops the file).
     """
     if not root:
-        raise ConfigError(
-            "dataset.root is not set: give the folder holding <train_split>/<class>/<image> "
-            "and <test_split>/<class>/<image>, e.g. dataset.root=/data/myset"
-        )
+        raise ConfigError(ROOT_NOT_SET)
     if in_chans not in (1, 3):
         raise ConfigError(f"dataset.in_chans={in_chans}: valid: 1 (grey) or 3 (RGB)")
     root = os.path.abspath(os.path.expanduser(root))

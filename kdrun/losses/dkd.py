@@ -59,7 +59,7 @@ class DKD(DistillLoss):
         check("alpha", alpha, alpha >= 0, "a number >= 0")
         check("beta", beta, beta >= 0, "a number >= 0")
         check("temperature", temperature, temperature > 0, "a number > 0")
-        check("warmup", warmup, warmup >= 0, "an integer >= 0 (0: no warm-up)")
+        check("warmup", warmup, warmup >= 0 and float(warmup).is_integer(), "an integer >= 0 (0: no warm-up)")
         self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, int(warmup)
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
