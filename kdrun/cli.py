@@ -284,7 +284,9 @@ def expand_resume(args: list[str]) -> list[str]:
         raise ConfigError(f"resume={run_dir}: not a kdrun run directory (no .hydra/overrides.yaml)")
     from omegaconf import OmegaConf
 
-    previous = [o for o in OmegaConf.to_container(OmegaConf.load(saved)) if not o.startswith("hydra.run.dir=")]
+    from kdrun.io import load_yaml
+
+    previous = [o for o in OmegaConf.to_container(load_yaml(saved)) if not o.startswith("hydra.run.dir=")]
     return [*previous, *rest, f"hydra.run.dir={run_dir}"]
 
 

@@ -459,12 +459,11 @@ def export_model(
 
 def run_export(opts: ExportOptions) -> dict:
     """Export every requested model; returns the ``export.json`` content (written last)."""
-    from omegaconf import OmegaConf
 
     ckpts = check_run(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    cfg = OmegaConf.load(os.path.join(opts.run_dir, ".hydra", "config.yaml"))
+    cfg = io.load_yaml(os.path.join(opts.run_dir, ".hydra", "config.yaml"))
     test, train = load_images(cfg)
     out_dir = os.path.join(opts.run_dir, "export")
     os.makedirs(out_dir, exist_ok=True)

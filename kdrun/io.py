@@ -208,6 +208,19 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:160] if text else "no detail"
 
 
+def load_yaml(path: str):
+    """A YAML file kdrun wrote and reads back (a run's ``.hydra/config.yaml``, ``overrides.yaml``) as OmegaConf;
+    KdrunError naming the file when it cannot be parsed (e.g. edited by hand)."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.load(path)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as e:
+        raise KdrunError(f"{path}: cannot be read as YAML ({_first_line(e)})") from None
+
+
 def header_of(path: str) -> dict | None:
     """The header of artifact ``path`` without verifying it (None when unreadable)."""
     try:

@@ -743,9 +743,8 @@ class Report:
 def build(path: str, out: str | None = None) -> Report:
     """Collect the runs under ``path`` and write the report files into ``out`` (default: ``path``)."""
     if not os.path.isdir(path):
-        raise ConfigError(
-            f"report {path}: no such directory; give a run directory, a multirun directory or a folder holding them"
-        )
+        what = "not a directory" if os.path.exists(path) else "no such directory"
+        raise ConfigError(f"report {path}: {what}; give a run directory, a multirun directory or a folder holding them")
     runs = collect(path)
     if not runs:
         raise ConfigError(f"report {path}: no kdrun runs found (no .hydra/overrides.yaml in it or below it)")

@@ -238,3 +238,22 @@ def test_a_reader_that_has_gone_ends_the_command_quietly():
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_damaged_run_files_are_one_line(kdrun, tmp_path):
+    """A run's .hydra files edited into invalid YAML: export and resume name the file; report names a file given
+    for a directory."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "student.pt").write_bytes(b"x")
+    (run / ".hydra" / "config.yaml").write_text("a: [b\n")
+    (run / ".hydra" / "overrides.yaml").write_text("- [a\n")
+    for args, file in ((["export", str(run)], "config.yaml"), (["train", f"resume={run}"], "overrides.yaml")):
+        p = kdrun(*args)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.strip().startswith(f"kdrun: error: {run}/.hydra/{file}: cannot be read as YAML ("), p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+    assert not (run / "export").exists()
+    p = kdrun("report", str(run / ".hydra" / "config.yaml"))
+    assert p.returncode == 2 and ": not a directory; give a run directory" in p.stderr
