@@ -122,8 +122,13 @@ def train_stage(
     os.makedirs(ckpt_dir, exist_ok=True)
     csv_path = os.path.join(run_dir, f"metrics_{stage}.csv")
     last_path = os.path.join(ckpt_dir, f"{stage}_last.pt")
+    # a new best epoch's weights go to best_next first and become best_path once last_path records that epoch:
+    # a crash between the two writes leaves no best_path whose epoch disagrees with the checkpoint's
+    best_path = os.path.join(ckpt_dir, f"{stage}_best.pt")
+    best_next = best_path + ".next"
     result = StageResult()
     start_epoch, start_step, sums, seen, elapsed, lr = 0, 0, {}, 0, 0.0, None
+    resumed_logged: dict = {}
 
     ckpt = load_checkpoint(last_path)
     if ckpt is not None:
@@ -141,8 +146,10 @@ def train_stage(
         set_rng_state(ckpt["rng"])
         start_epoch, start_step, seen, elapsed = ckpt["epoch"], ckpt["step"], ckpt["seen"], ckpt["seconds"]
         lr = ckpt.get("epoch_lr")  # the LR at the first step of the interrupted epoch (its CSV row)
+        resumed_logged = ckpt.get("epoch_logged") or {}
         sums = {k: v.to(loader.device) for k, v in ckpt["sums"].items()}
         result.history, result.best_epoch, result.best_val_top1 = ckpt["history"], *ckpt["best"]
+        _settle_best(best_next, best_path, result.best_epoch)
         result.resumed_from = f"epoch {start_epoch + 1} step {start_step}"
         _rewrite_csv(csv_path, result.history)
         if start_epoch >= epochs:
@@ -162,6 +169,7 @@ def train_stage(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch_lr": lr,
+                "epoch_logged": logged,
                 "scaler": scaler.state_dict(),
                 "ema": averaged.state_dict() if averaged is not None else None,
                 "rng": rng_state(),
@@ -178,8 +186,9 @@ def train_stage(
     t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         trainable.train()
-        logged: dict = {}
         first = start_step if epoch == start_epoch else 0
+        # the scheduled values in effect (their CSV columns); a resumed epoch starts from those it had reached
+        logged: dict = dict(resumed_logged) if epoch == start_epoch and first > 0 else {}
         if first == 0 or lr is None:
             lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step (it changes every step)
         bar = progress(
@@ -249,15 +258,14 @@ def train_stage(
                 row["val_top1_ema"] = accuracy(predict(averaged.module, val_loader), val_loader.labels)[0]
             if result.best_val_top1 is None or row["val_top1"] > result.best_val_top1:
                 result.best_epoch, result.best_val_top1 = epoch + 1, row["val_top1"]
-                atomic_save(
-                    {"stage": stage, "epoch": epoch + 1, "model": model.state_dict()},
-                    os.path.join(ckpt_dir, f"{stage}_best.pt"),
-                )
+                atomic_save({"stage": stage, "epoch": epoch + 1, "model": model.state_dict()}, best_next)
         result.history.append(row)
         _append_csv(csv_path, row, header=len(result.history) == 1)
         if logger:
             logger.log_epoch(stage, epoch + 1, row)
         save(epoch + 1, 0)
+        if distributed.is_main() and os.path.exists(best_next):  # the checkpoint now records this best epoch
+            os.replace(best_next, best_path)
         log.info(
             "%s %s", stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         )
@@ -266,6 +274,18 @@ def train_stage(
     result.images_per_s = seen / result.seconds if result.seconds > 0 else 0.0
     result.ema = averaged.module if averaged is not None else None
     return result
+
+
+def _settle_best(best_next: str, best_path: str, best_epoch: int | None) -> None:
+    """Promote the pending best weights to ``best_path`` when the stage's checkpoint chose their epoch; drop them
+    when it did not (the process died before that checkpoint, and the epoch is being trained again)."""
+    if not distributed.is_main() or not os.path.exists(best_next):
+        return
+    pending = load_checkpoint(best_next)
+    if pending is not None and pending.get("epoch") == best_epoch:
+        os.replace(best_next, best_path)
+    else:
+        os.remove(best_next)
 
 
 def _check_finite(value: float, stage: str, epoch: int, step: int) -> None:
@@ -288,8 +308,12 @@ def _rewrite_csv(path: str, history: list[dict]) -> None:
 def _append_csv(path: str, row: dict, header: bool) -> None:
     if not distributed.is_main():
         return
+    fields = list(row)
+    if not header and os.path.exists(path):  # the file's own columns: a row never lands under another's header
+        with open(path, newline="") as f:
+            fields = next(csv.reader(f), None) or fields
     with open(path, "w" if header else "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         if header:
             w.writeheader()
         w.writerow(row)

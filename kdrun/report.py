@@ -95,6 +95,11 @@ def evaluate(cfg, data, stages, roles) -> Evaluation:
             ckpt = io.load_checkpoint(path)  # verified
             if ckpt is None:
                 raise KdrunError(f"{path}: missing (written when the stage chose epoch {best}); rerun the stage")
+            if ckpt.get("epoch") != best:
+                raise KdrunError(
+                    f"{path}: holds epoch {ckpt.get('epoch')}, but the stage chose epoch {best} on the validation "
+                    "split; rerun the stage"
+                )
             m.load_state_dict(ckpt["model"])
             best_logits = predict(m, loader)
             out[name]["best_on_val"] = _scores(best_logits, labels) | {"epoch": best}

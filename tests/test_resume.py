@@ -26,6 +26,7 @@ ARGS = [
     "optim.grad_clip=5",
     "trainer.ema=0.9",
     "dataset.student_fraction=1.0",
+    "loss.temperature={schedule: linear, start: 8, end: 2}",  # a scheduled value: a column of the CSV rows
 ]  # 12 steps per student epoch: the kill points below fall inside them
 
 
@@ -67,13 +68,14 @@ def test_sigkill_then_resume_is_bit_identical(kdrun, tmp_path, uninterrupted, ki
         assert torch.equal(weights[k], want_weights[k]), k
 
 
-def test_sigterm_checkpoints_and_exits_for_requeue(kdrun, tmp_path, uninterrupted):
+@pytest.mark.parametrize("step", [3, 12])  # 12: the epoch's last step, so the resumed epoch runs no step
+def test_sigterm_checkpoints_and_exits_for_requeue(kdrun, tmp_path, uninterrupted, step):
     run_dir = tmp_path / "run"
-    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "student:3:TERM"})
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": f"student:{step}:TERM"})
     assert p.returncode == EXIT_PREEMPTED, p.stderr[-2000:]
-    assert "student: stopped by SIGTERM at epoch 1, step 3; checkpoint saved" in p.stderr
+    assert f"student: stopped by SIGTERM at epoch 1, step {step}; checkpoint saved" in p.stderr
     ckpt = torch.load(run_dir / "checkpoints" / "student_last.pt", weights_only=False)
-    assert (ckpt["epoch"], ckpt["step"]) == (0, 3)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, step)
     assert not (run_dir / "metrics.json").exists()
     p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}")  # the same command again resumes
     assert p.returncode == 0, p.stderr[-2000:]
@@ -188,3 +190,44 @@ def test_resume_elsewhere_ignores_paths_and_checkpoint_spacing(kdrun, tmp_path, 
     assert p.returncode == 0, p.stderr[-2000:]
     assert "student: resuming from" in p.stderr and "teacher: already finished" in p.stderr
     assert final_state(run_dir)[0] == uninterrupted[0]
+
+
+def test_best_weights_agree_with_the_checkpoint_after_a_crash(tmp_path, monkeypatch):
+    """A new best epoch whose checkpoint was never written (the process died between the two files) is trained
+    again on resume; if it is no longer the best, the best weights on disk are still those of the chosen epoch."""
+    from kdrun import engine
+    from kdrun.io import load_checkpoint
+    from tests.test_engine import Linear, optim, tiny_loader
+
+    def objective(net, batch, epoch):
+        return {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}
+
+    val_top1 = iter([50.0, 60.0, 40.0])  # epoch 1, epoch 2 (a new best), epoch 2 again after the resume
+    monkeypatch.setattr(engine, "accuracy", lambda logits, labels: [next(val_top1)] * 2)
+    real_save = engine.atomic_save
+
+    def power_cut(obj, path, *args, **kw):
+        if path.endswith("s_last.pt") and obj["epoch"] == 2:
+            raise RuntimeError("power cut")
+        real_save(obj, path, *args, **kw)
+
+    def run():
+        return engine.train_stage(
+            "s",
+            Linear(),
+            objective,
+            tiny_loader(n=4),
+            epochs=2,
+            optim_cfg=optim(),
+            run_dir=str(tmp_path),
+            val_loader=tiny_loader(n=4),
+        )
+
+    monkeypatch.setattr(engine, "atomic_save", power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run()
+    monkeypatch.setattr(engine, "atomic_save", real_save)
+    result = run()
+    best = tmp_path / "checkpoints" / "s_best.pt"
+    assert result.best_epoch == 1 and load_checkpoint(str(best))["epoch"] == 1
+    assert not (tmp_path / "checkpoints" / "s_best.pt.next").exists()
