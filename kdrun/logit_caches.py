@@ -50,8 +50,13 @@ class LogitCaches:
     def recipe(self, teacher: Teacher, shape: CacheShape) -> dict:
         """Everything that determines the cache's rows (its artifact-store key)."""
         d, ds = self.data, self.cfg.dataset
+        # the autocast of the teacher's forward that fills the rows (a teacher.checkpoint's key does not hold it);
+        # only when not fp32, so the caches stored before keep their keys
+        precision = teacher.precision or self.cfg.trainer.get("precision", "fp32")
+        forward = {"teacher_precision": precision} if precision != "fp32" else {}
         return {
             "teacher": teacher.key,
+            **forward,
             "format": FORMAT,
             "data": d.data.identity,
             "train": len(d.train_set),

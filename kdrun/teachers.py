@@ -77,6 +77,7 @@ class TeacherSource:
             "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)],
             "device": data.device.type,
             "workers": distributed.size(),
+            **({"sync_bn": True} if distributed.size() > 1 and self.tr.get("sync_bn") else {}),
             "precision": self.precision,
         }
 

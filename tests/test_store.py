@@ -120,3 +120,26 @@ def test_a_teacher_option_trains_its_own_teacher(kdrun, tmp_path, option):
     assert "reused resnet8 from the store" in err["again"]
     ce = {n: (tmp_path / n / "metrics_teacher.csv").read_text() for n in ("plain", "option")}
     assert ce["plain"] != ce["option"]  # same seed and data: only the loss or the teacher's images differ
+
+
+def test_logits_of_another_teacher_precision_are_not_reused(kdrun, tmp_path):
+    """A teacher.checkpoint's store key is its file; the logit cache's key adds the precision of the forward pass
+    that filled it, so fp32 logits are never taken from a bf16 fill (or the reverse)."""
+    store = tmp_path / "store"
+    p = kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={tmp_path / 'r0'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ckpt = tmp_path / "r0" / "checkpoints" / "teacher.pt"
+    source = {}
+    for name, precision in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16_again", "bf16")):
+        run = tmp_path / name
+        p = kdrun(
+            "train",
+            *FAST,
+            f"teacher.checkpoint={ckpt}",
+            f"teacher.precision={precision}",
+            f"store.dir={store}",
+            f"hydra.run.dir={run}",
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        source[name] = json.loads((run / "metrics.json").read_text())["stages"]["cache"]["source"]
+    assert source["fp32"] != "store" and source["bf16_again"] == "store", source
