@@ -94,10 +94,14 @@ def test_compare_counts_the_discordant_images_and_their_interval():
     assert (c.images, c.a_only, c.b_only) == (100, 10, 4)
     assert (c.top1_a, c.top1_b, c.difference) == (pytest.approx(90.0), pytest.approx(84.0), pytest.approx(6.0))
     assert c.p_value == pytest.approx(0.1795654296875)  # 2 * P(X <= 4), X ~ Binomial(14, 1/2)
-    # Wald interval of a paired difference: 6 +- 1.95996 * sqrt(14 - 6^2 / 100) (points, n = 100)
-    half = 1.959963984540054 * math.sqrt(14 - 36 / 100)
-    assert c.ci95 == (pytest.approx(6 - half), pytest.approx(6 + half))
-    assert paired_interval(0, 0, 50) == (0.0, 0.0)
+    # Agresti-Min interval of a paired difference: Wald on the table with 0.5 added to each cell
+    # (b = 10.5, c = 4.5, n = 102): 100 * (6 / 102 +- 1.95996 * sqrt(15 - 6^2 / 102) / 102) points
+    centre, half = 600 / 102, 100 * 1.959963984540054 * math.sqrt(15 - 36 / 102) / 102
+    assert c.ci95 == (pytest.approx(centre - half), pytest.approx(centre + half))
+    # no discordant image: not a zero-width interval (Wald's), +- 1.95996 * 100 / 52 points for 50 images
+    assert paired_interval(0, 0, 50) == (pytest.approx(-196 / 52, rel=1e-4), pytest.approx(196 / 52, rel=1e-4))
+    low, high = paired_interval(6, 0, 6)  # every image discordant: Wald gives [100, 100]
+    assert high == 100.0 and 0 < low < 80
 
 
 @pytest.mark.parametrize(
