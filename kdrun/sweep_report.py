@@ -342,6 +342,23 @@ def seed_groups(runs: list[Run], swept: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: -r["student_top1_mean"])
 
 
+def distinct(runs: list[Run], swept: list[str]) -> list[Run]:
+    """The first run (in the tree's order) of each setting of the swept keys, seed included: the same setting and
+    seed found twice in the tree (a sweep run again into another folder) is one repeat, not two independent ones,
+    for the means, intervals and plots; the others are named in a warning (the per-run table keeps them all)."""
+    first: dict[tuple, Run] = {}
+    out = []
+    for run in runs:
+        setting = setting_of(run, swept)
+        if run.status == "complete" and setting in first:
+            log.warning("report: %s repeats the setting of %s; counted once", run.name, first[setting].name)
+            continue
+        if run.status == "complete":
+            first[setting] = run
+        out.append(run)
+    return out
+
+
 def _group_row(keys: list[str], setting: tuple, members: list[Run]) -> dict:
     row: dict = dict(zip(keys, setting))
     row["n"] = len(members)
@@ -751,8 +768,9 @@ def build(path: str, out: str | None = None) -> Report:
     out = out or path
     os.makedirs(out, exist_ok=True)
     swept = swept_keys(runs)
-    rows, groups = run_rows(runs, swept), seed_groups(runs, swept)
-    plots, plot_notes = write_plots(runs, swept, out)
+    unique = distinct(runs, swept)
+    rows, groups = run_rows(runs, swept), seed_groups(unique, swept)
+    plots, plot_notes = write_plots(unique, swept, out)
     md_path, csv_path = os.path.join(out, "report.md"), os.path.join(out, "report.csv")
     with open(md_path, "w") as f:
         f.write(markdown(path, runs, swept, groups, plots, plot_notes))

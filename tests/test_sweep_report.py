@@ -166,6 +166,18 @@ def test_mean_std_over_seeds(tmp_path):
     assert "| 4 | 0.5 | 3 | 82.00 ± 2.00 | 60.00 ± 0.00 | 95.00 ± 0.00 | 22.00 ± 2.00 |" in md
 
 
+def test_a_seed_found_twice_is_one_repeat(tmp_path, caplog):
+    """The same sweep twice in the tree (e.g. run again into another folder): each seed counts once."""
+    grid_with_seeds(tmp_path / "first")
+    grid_with_seeds(tmp_path / "again")
+    report = sweep_report.build(str(tmp_path))
+    groups = report.groups
+    assert len(report.rows) == 24  # the per-run table lists every run
+    assert [g["n"] for g in groups] == [3, 3, 3, 3]
+    assert groups[0]["student_top1_std"] == pytest.approx(2.0)  # 80, 82, 84 as with one sweep
+    assert sum("counted once" in r.getMessage() for r in caplog.records) == 12
+
+
 def test_canonical_spellings():
     assert [sweep_report.canonical(v) for v in ("0", 0.0, "0.0", "1e-3", "5.0e-4", "4", 8)] == [
         "0",
