@@ -442,6 +442,30 @@ def test_gc_removes_a_lock_only_while_holding_it_and_lockers_retry(tmp_path):
             assert again and os.path.exists(lock)
 
 
+def test_a_locker_whose_lock_file_gc_removed_retries_on_the_new_one(tmp_path, monkeypatch):
+    """gc removes the lock file between a locker's open and its flock: the flock then holds a file no one else
+    sees, so the locker must notice (another inode at the path) and lock the file that is there."""
+    import fcntl
+
+    from kdrun import store as store_module
+
+    path = str(tmp_path / "entry.lock")
+    open(path, "w").close()
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:
+            os.remove(path)  # gc, between this locker's open and its flock
+        calls.append(op)
+        return real(fd, op)
+
+    monkeypatch.setattr(store_module.fcntl, "flock", flock)
+    fd = store_module._acquire(path, blocking=False)
+    assert fd is not None and len(calls) == 2  # locked the removed file, saw it, locked the new one
+    assert os.fstat(fd).st_ino == os.stat(path).st_ino
+    os.close(fd)
+
+
 # ---------------------------------------------------------------- stale reuse
 
 
