@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdrun import distributed
+from kdrun import distributed, io
 from kdrun.engine import cross_entropy
 from kdrun.stages import StageRunner
 from kdrun.store import Store, StoreRefs, key_of, link_into, model_definition
@@ -61,7 +61,8 @@ class TeacherSource:
         smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
         return {
             "model": model_identity(cfg.teacher, data.data),
-            "pretrained": cfg.teacher.get("pretrained"),
+            # the starting weights by their contents: another file at the same path is another teacher
+            "pretrained": io.sha256_file(cfg.teacher.pretrained) if cfg.teacher.get("pretrained") else None,
             **weights,
             **smoothing,
             "definition": model_definition(cfg.teacher.name, cfg.teacher.get("source", "kdrun")),

@@ -143,3 +143,27 @@ def test_logits_of_another_teacher_precision_are_not_reused(kdrun, tmp_path):
         assert p.returncode == 0, p.stderr[-2000:]
         source[name] = json.loads((run / "metrics.json").read_text())["stages"]["cache"]["source"]
     assert source["fp32"] != "store" and source["bf16_again"] == "store", source
+
+
+def test_a_changed_pretrained_file_is_another_teacher(kdrun, tmp_path):
+    """teacher.pretrained is keyed by the file's contents: new weights at the same path train a new teacher."""
+    import torch
+
+    from kdrun.models import build_model
+
+    weights, store = tmp_path / "start.pt", tmp_path / "store"
+    err = []
+    for seed in (0, 1, 1):
+        torch.manual_seed(seed)
+        torch.save(build_model("resnet8", 10, 1, 8).state_dict(), weights)
+        p = kdrun(
+            "train",
+            *FAST,
+            f"teacher.pretrained={weights}",
+            f"store.dir={store}",
+            f"hydra.run.dir={tmp_path / str(len(err))}",
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        err.append(p.stderr)
+    assert "teacher: stored as" in err[0] and "teacher: stored as" in err[1]  # seed 1's weights: not seed 0's teacher
+    assert "reused resnet8 from the store" in err[2]  # the same file again
