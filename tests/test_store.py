@@ -167,3 +167,19 @@ def test_a_changed_pretrained_file_is_another_teacher(kdrun, tmp_path):
         err.append(p.stderr)
     assert "teacher: stored as" in err[0] and "teacher: stored as" in err[1]  # seed 1's weights: not seed 0's teacher
     assert "reused resnet8 from the store" in err[2]  # the same file again
+
+
+def test_teacher_key_holds_sync_bn_only_with_several_workers(tmp_path, monkeypatch):
+    """SyncBatchNorm changes what a data-parallel teacher learns, so it is part of that teacher's key; with one
+    worker it does nothing and the key is the one it always was."""
+    from kdrun import distributed, train
+    from kdrun.cli import compose
+    from kdrun.store import key_of
+
+    def key(workers, *overrides):
+        monkeypatch.setattr(distributed, "size", lambda: workers)
+        cfg = compose(["store.enabled=false", *overrides])
+        return key_of(train.Run(cfg, str(tmp_path)).teachers.recipe())
+
+    assert key(1, "trainer.sync_bn=true") == key(1, "trainer.sync_bn=false")
+    assert key(2, "trainer.sync_bn=true") != key(2, "trainer.sync_bn=false")
