@@ -127,25 +127,22 @@ def test_refused_change_leaves_a_finished_run_intact(tmp_path):
     assert "student: already finished" in p.stderr and (run_dir / "metrics.json").exists()
 
 
-def test_stage_refuses_a_checkpoint_of_another_config(tmp_path):
-    """The stage's own check, for what reaches it without the command line's (e.g. a sweep job rerun in place)."""
-    from kdrun.engine import train_stage
+def tiny_stage(run_dir, **kw):
+    """A stage ``s`` of a 4-weight linear model on 4 tiny images (``kw``: epochs and the rest of train_stage's)."""
+    from kdrun import engine
     from tests.test_engine import Linear, optim, tiny_loader
 
     def objective(net, batch, epoch):
         return {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}
 
+    return engine.train_stage("s", Linear(), objective, tiny_loader(n=4), optim_cfg=optim(), run_dir=str(run_dir), **kw)
+
+
+def test_stage_refuses_a_checkpoint_of_another_config(tmp_path):
+    """The stage's own check, for what reaches it without the command line's (e.g. a sweep job rerun in place)."""
+
     def run(fingerprint):
-        train_stage(
-            "s",
-            Linear(),
-            objective,
-            tiny_loader(n=4),
-            epochs=1,
-            optim_cfg=optim(),
-            run_dir=str(tmp_path),
-            fingerprint=fingerprint,
-        )
+        tiny_stage(tmp_path, epochs=1, fingerprint=fingerprint)
 
     run("a")
     run("a")  # the finished stage is taken as it is
@@ -197,10 +194,7 @@ def test_best_weights_agree_with_the_checkpoint_after_a_crash(tmp_path, monkeypa
     again on resume; if it is no longer the best, the best weights on disk are still those of the chosen epoch."""
     from kdrun import engine
     from kdrun.io import load_checkpoint
-    from tests.test_engine import Linear, optim, tiny_loader
-
-    def objective(net, batch, epoch):
-        return {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}
+    from tests.test_engine import tiny_loader
 
     val_top1 = iter([50.0, 60.0, 40.0])  # epoch 1, epoch 2 (a new best), epoch 2 again after the resume
     monkeypatch.setattr(engine, "accuracy", lambda logits, labels: [next(val_top1)] * 2)
@@ -212,16 +206,7 @@ def test_best_weights_agree_with_the_checkpoint_after_a_crash(tmp_path, monkeypa
         real_save(obj, path, *args, **kw)
 
     def run():
-        return engine.train_stage(
-            "s",
-            Linear(),
-            objective,
-            tiny_loader(n=4),
-            epochs=2,
-            optim_cfg=optim(),
-            run_dir=str(tmp_path),
-            val_loader=tiny_loader(n=4),
-        )
+        return tiny_stage(tmp_path, epochs=2, val_loader=tiny_loader(n=4))
 
     monkeypatch.setattr(engine, "atomic_save", power_cut)
     with pytest.raises(RuntimeError, match="power cut"):
