@@ -141,25 +141,30 @@ def register_loss(name: str | None = None):
     return deco
 
 
+def _constructor_parameters(cls: type) -> list[inspect.Parameter]:
+    """The parameters of the constructors of ``cls`` and of its DistillLoss bases."""
+    return [
+        p
+        for klass in cls.__mro__
+        if "__init__" in vars(klass) and issubclass(klass, DistillLoss)
+        for p in inspect.signature(klass.__init__).parameters.values()
+    ]
+
+
 def constructor_params(cls: type) -> list[str]:
     """The keyword arguments a method's config may set: its constructor's and its bases', sorted."""
-    params: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass) and issubclass(klass, DistillLoss):
-            params.update(inspect.signature(klass.__init__).parameters)
-    return sorted(params - {"self", "kw", "kwargs"})
+    return sorted({p.name for p in _constructor_parameters(cls)} - {"self", "kw", "kwargs"})
 
 
 def check_numbers(cls: type, kwargs: dict, prefix: str = "loss.") -> None:
     """ConfigError ``loss.KEY=VALUE: must be a number`` for each keyword of ``cls``'s constructor (or its
     DistillLoss bases') whose default is a number and whose given value is not (a word, a list, a mapping): the
     methods' own range checks compare numbers."""
-    numeric: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass) and issubclass(klass, DistillLoss):
-            for name, p in inspect.signature(klass.__init__).parameters.items():
-                if isinstance(p.default, int | float) and not isinstance(p.default, bool):
-                    numeric.add(name)
+    numeric = {
+        p.name
+        for p in _constructor_parameters(cls)
+        if isinstance(p.default, int | float) and not isinstance(p.default, bool)
+    }
     for key, value in kwargs.items():
         if key in numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise ConfigError(f"{prefix}{key}={value}: must be a number")
