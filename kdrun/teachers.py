@@ -18,6 +18,7 @@ from torch import nn
 
 from kdrun import distributed, io
 from kdrun.engine import cross_entropy
+from kdrun.models.registry import weights_name
 from kdrun.stages import StageRunner
 from kdrun.store import Store, StoreRefs, key_of, link_into, model_definition
 from kdrun.weights import load_teacher, model_identity
@@ -56,7 +57,11 @@ class TeacherSource:
     def recipe(self) -> dict:
         """Everything that determines the trained teacher (its artifact-store key)."""
         cfg, data = self.cfg, self.data
-        weights = {"weights": cfg.teacher.weights} if cfg.teacher.get("weights") else {}  # pretrained by name
+        tcfg = cfg.teacher
+        # pretrained by name (DEFAULT resolved: it names other weights in another torchvision version)
+        weights = {}
+        if tcfg.get("weights"):
+            weights["weights"] = weights_name(tcfg.name, tcfg.get("source", "kdrun"), tcfg.weights)
         # only when set, so the teachers stored before the option keep their keys
         smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
         return {

@@ -28,6 +28,10 @@ def model_identity(mcfg, data: DataBundle) -> dict:
     }
 
 
+# besides arch and num_classes, what a trained teacher's checkpoint must agree on with the run reusing it
+IDENTITY_FIELDS = ("source", "kwargs", "in_chans", "image_size")
+
+
 def read_checkpoint(path: str, what: str) -> dict:
     """A kdrun model checkpoint (``identity`` and ``model``), checksum verified; one line naming ``what``
     when the file is damaged or not one."""
@@ -42,7 +46,8 @@ def read_checkpoint(path: str, what: str) -> dict:
 
 def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = None) -> dict:
     """Load a kdrun teacher checkpoint into ``model`` after verifying its checksum (:mod:`kdrun.io`);
-    refuse a damaged file, another architecture or class count. ``what`` names the file in errors
+    refuse a damaged file, another architecture, class count, model options (``kwargs``: an MLP's activation,
+    a small-input stem...) or input shape. ``what`` names the file in errors
     (default ``teacher.checkpoint=PATH``)."""
     what = what or f"teacher.checkpoint={path}"
     ckpt = read_checkpoint(path, what)
@@ -52,8 +57,28 @@ def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = Non
             f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, "
             f"but this run's teacher is {want['arch']} for {want['num_classes']} classes"
         )
+    differs = _first_difference(have, want)
+    if differs:  # options that change what the same weights compute (an activation, a stem's strides...)
+        field, theirs, ours = differs
+        raise ConfigError(
+            f"{what}: was trained with {field}={theirs}, but this run's teacher has {field}={ours}; "
+            "give the teacher the options it was trained with"
+        )
     load_weights(model, ckpt["model"], what)
     return ckpt.get("summary", {})
+
+
+def _first_difference(have: dict, want: dict) -> tuple[str, object, object] | None:
+    """The first identity field (``kwargs.<key>`` for a model option) where a checkpoint and this run differ."""
+    for field in (f for f in IDENTITY_FIELDS if f in have):
+        theirs, ours = have[field], want[field]
+        if field == "kwargs" and isinstance(theirs, dict):
+            for key in sorted(set(theirs) | set(ours), key=str):
+                if theirs.get(key) != ours.get(key):
+                    return f"teacher.kwargs.{key}", theirs.get(key), ours.get(key)
+        elif theirs != ours:
+            return field, theirs, ours
+    return None
 
 
 def load_weights(model: nn.Module, state, what: str) -> None:

@@ -144,6 +144,30 @@ def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):
     assert (tmp_path / "bad" / "FAILED").exists()
 
 
+def test_teacher_checkpoint_with_other_model_options_is_refused(tmp_path):
+    """Options that keep every weight's shape but change what the weights compute (an MLP's activation, a stem's
+    strides) fit load_state_dict, so they are compared before it: the first that differs is named."""
+    from kdrun.errors import ConfigError
+    from kdrun.io import atomic_save
+    from kdrun.models import build_model
+    from kdrun.weights import load_teacher
+
+    ident = {"arch": "mlp", "source": "kdrun", "num_classes": 10, "in_chans": 1, "image_size": 8}
+    relu = {**ident, "kwargs": {"hidden": [16], "activation": "relu"}}
+    model = build_model("mlp", 10, 1, 8, hidden=[16], activation="relu")
+    atomic_save({"identity": relu, "model": model.state_dict()}, str(tmp_path / "t.pt"))
+    load_teacher(str(tmp_path / "t.pt"), model, relu)  # the same options load
+    sigmoid = {**ident, "kwargs": {"hidden": [16], "activation": "sigmoid"}}
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher.checkpoint=.*t.pt: was trained with teacher.kwargs.activation=relu, but this run's teacher "
+        r"has teacher.kwargs.activation=sigmoid; give the teacher the options it was trained with$",
+    ):
+        load_teacher(str(tmp_path / "t.pt"), model, sigmoid)
+    with pytest.raises(ConfigError, match=r"was trained with image_size=8, but this run's teacher has image_size=16"):
+        load_teacher(str(tmp_path / "t.pt"), model, {**relu, "image_size": 16})
+
+
 def test_streamed_image_folder_runs_end_to_end(tmp_path):
     """dataset.mode=stream: batches decoded from files by DataLoader workers; the logit cache fills on first use."""
     from PIL import Image

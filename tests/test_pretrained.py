@@ -4,6 +4,7 @@ The weights files are placed where the libraries look first (torch's hub cache u
 the Hugging Face hub cache under $HF_HOME), so nothing is downloaded.
 """
 
+import logging
 import os
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 import torchvision.models as tv
 
 from kdrun.errors import ConfigError
-from kdrun.models import build_model
+from kdrun.io import sha256_file
+from kdrun.models import build_model, torchvision_models
 from tests.conftest import run_kdrun
 
 timm = pytest.importorskip("timm")
@@ -19,7 +21,9 @@ timm = pytest.importorskip("timm")
 
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
-    """A hub cache holding torchvision's MobileNetV3-Small IMAGENET1K_V1 file (seeded random weights)."""
+    """A hub cache holding torchvision's MobileNetV3-Small IMAGENET1K_V1 file (seeded random weights). Its
+    SHA-256 cannot begin with the prefix in torchvision's file name, so kdrun's hash is made to give that prefix
+    for this file's exact bytes, and only for them: a file changed afterwards has its real digest."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     url = tv.MobileNet_V3_Small_Weights.IMAGENET1K_V1.url
     path = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(url)
@@ -27,7 +31,55 @@ def torch_home(tmp_path, monkeypatch):
     torch.manual_seed(123)
     state = tv.mobilenet_v3_small().state_dict()
     torch.save(state, path)
+    real, genuine = sha256_file, sha256_file(str(path))
+    prefix = torch.hub.HASH_REGEX.search(path.name).group(1)
+    monkeypatch.setattr(torchvision_models, "sha256_file", lambda p: prefix if real(p) == genuine else real(p))
     return tmp_path / "torch", state
+
+
+def hub_file(home) -> str:
+    return str(home / "hub" / "checkpoints" / os.path.basename(tv.MobileNet_V3_Small_Weights.IMAGENET1K_V1.url))
+
+
+@pytest.mark.parametrize("damage", ["other weights", "truncated"])
+def test_a_hub_file_that_is_not_torchvision_s_is_one_line(torch_home, damage):
+    """torch.hub checks the hash of what it downloads, never of a file already in its cache: kdrun does, so a
+    wrong or damaged file is refused instead of training a teacher from whichever tensors happened to fit."""
+    home, _ = torch_home
+    path = hub_file(home)
+    if damage == "truncated":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    else:
+        torch.manual_seed(5)
+        torch.save(tv.mobilenet_v3_small().state_dict(), path)
+    with pytest.raises(
+        ConfigError,
+        match=r"weights=IMAGENET1K_V1: .*mobilenet_v3_small-\w+\.pth is not torchvision's file "
+        r"\(its SHA-256 begins \w+, its name says \w+: damaged or another file\); remove it and place",
+    ):
+        build_model("mbv3_small", 10, 3, 224, weights="IMAGENET1K_V1")
+
+
+def test_default_weights_are_keyed_by_the_weights_they_stand_for(tmp_path):
+    """The teacher's store key names the weights DEFAULT resolves to, so another torchvision version's DEFAULT
+    cannot reuse a teacher fine-tuned from other weights, and DEFAULT and its own name share one teacher."""
+    from kdrun import train
+    from kdrun.cli import compose
+    from kdrun.store import key_of
+
+    def key(weights):
+        cfg = compose(["store.enabled=false", "teacher=mbv3_small", f"teacher.weights={weights}"])
+        return key_of(train.Run(cfg, str(tmp_path)).teachers.recipe())
+
+    assert tv.MobileNet_V3_Small_Weights.DEFAULT.name == "IMAGENET1K_V1"
+    assert key("DEFAULT") == key("IMAGENET1K_V1")
+    assert (
+        train.Run(compose(["teacher=mbv3_small", "teacher.weights=DEFAULT"]), str(tmp_path)).teachers.recipe()[
+            "weights"
+        ]
+        == "IMAGENET1K_V1"
+    )
 
 
 def test_torchvision_weights_load_every_fitting_tensor_and_a_new_classifier(torch_home):
@@ -61,24 +113,18 @@ def test_one_channel_stem_is_the_sum_over_rgb_and_small_input_stem_is_new(torch_
     )
 
 
-def test_teacher_stage_fine_tunes_from_the_weights(torch_home, tmp_path):
+def test_teacher_stage_fine_tunes_from_the_weights(torch_home, tmp_path, caplog):
+    """In this process, where the fixture's file passes kdrun's hash check."""
+    from kdrun import train
+    from kdrun.cli import compose
+
     home, state = torch_home
     run_dir = tmp_path / "run"
-    p = run_kdrun(
-        "train",
-        "trainer=smoke",
-        "teacher=mbv3_small",
-        "teacher.weights=IMAGENET1K_V1",
-        "student=resnet8",
-        "baseline=false",
-        "store.enabled=false",
-        "trainer.threads=1",
-        f"hydra.run.dir={run_dir}",
-        env={"TORCH_HOME": str(home)},
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    log = (run_dir / "train.log").read_text()
-    assert "mbv3_small: pretrained IMAGENET1K_V1 loaded" in log
+    overrides = ["trainer=smoke", "teacher=mbv3_small", "teacher.weights=IMAGENET1K_V1", "student=resnet8"]
+    cfg = compose([*overrides, "baseline=false", "store.enabled=false", "trainer.threads=1"])
+    with caplog.at_level(logging.INFO, logger="kdrun"):
+        train.run(cfg, str(run_dir))
+    assert "mbv3_small: pretrained IMAGENET1K_V1 loaded" in caplog.text
     teacher = torch.load(run_dir / "checkpoints" / "teacher.pt", map_location="cpu", weights_only=True)["model"]
     moved = teacher["features.1.block.0.0.weight"] - state["features.1.block.0.0.weight"]
     assert 0 < moved.abs().max() < 1  # started from the weights, then trained one epoch
@@ -165,6 +211,17 @@ def test_timm_pretrained_tag_loads_from_the_hub_cache_with_a_new_classifier(hf_h
     gray = build_model("test_resnet", 10, 1, 32, key="teacher.name", source="timm", weights="r160_in1k")
     stem = next(k for k in gray.state_dict() if k.endswith("weight") and gray.state_dict()[k].dim() == 4)
     assert gray.state_dict()[stem].shape[1] == 1  # timm adapts the stem to one channel
+
+
+def test_a_damaged_timm_file_in_the_cache_is_one_line(hf_home, tmp_path):
+    (weights,) = (tmp_path / "hf" / "hub").rglob("model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher.weights=r160_in1k: timm could not load test_resnet.r160_in1k "
+        r"\(SafetensorError: .*\); download it once online or fill \$HF_HOME \(remove a damaged",
+    ):
+        build_model("test_resnet", 10, 3, 32, key="teacher.name", source="timm", weights="r160_in1k")
 
 
 def test_timm_tag_missing_from_an_offline_cache_is_one_line(tmp_path, monkeypatch):

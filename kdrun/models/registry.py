@@ -112,6 +112,17 @@ def check_weights(name: str, source: str, weights: str, group: str = "model") ->
         )
 
 
+def weights_name(name: str, source: str, weights: str) -> str:
+    """The pretrained weights ``weights`` of model ``name`` by a name that always means the same file:
+    torchvision's ``DEFAULT`` resolved to the weights it stands for in this torchvision version."""
+    tv_name = PRETRAINED_FROM.get(name) if source != "timm" else None
+    if tv_name is None:
+        return weights
+    from kdrun.models.torchvision_models import resolved_weights
+
+    return resolved_weights(tv_name, weights)
+
+
 def model_kwargs(fn: ModelFn) -> list[str] | None:
     """The keyword options a factory accepts beyond num_classes/in_chans/img_size (None: any)."""
     params = inspect.signature(fn).parameters.values()

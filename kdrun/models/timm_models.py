@@ -48,13 +48,13 @@ def build_timm(
         )
     except TypeError as e:
         raise ConfigError(f"{group}.kwargs: not accepted by timm model {name} ({e})") from None
-    except (
-        OSError,
-        RuntimeError,
-    ) as e:  # not in the hub cache and no network (or offline)
+    except Exception as e:  # noqa: BLE001 (not in the hub cache and no network, or a damaged file in it)
+        detail = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        if not weights:
+            raise ConfigError(f"{group}.name={name}: timm could not build it ({detail})") from None
         raise ConfigError(
-            f"{group}.weights={weights}: timm could not load {full} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); download it once online or fill $HF_HOME"
+            f"{group}.weights={weights}: timm could not load {full} ({detail}); download it once online "
+            "or fill $HF_HOME (remove a damaged file there first)"
         ) from None
     from kdrun.models.registry import set_feature_points
 

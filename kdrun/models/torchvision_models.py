@@ -24,6 +24,7 @@ downloaded on first use.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -31,6 +32,7 @@ import torchvision.models as tv
 from torch import nn
 
 from kdrun.errors import ConfigError
+from kdrun.io import sha256_file
 from kdrun.models.registry import PRETRAINED_FROM, register_model
 
 log = logging.getLogger("kdrun")
@@ -120,10 +122,11 @@ def _small(small_input, img_size: int) -> bool:
 
 def pretrained_state(tv_name: str, weights: str) -> dict[str, torch.Tensor]:
     """The state dict of torchvision weights ``weights`` of builder ``tv_name`` (from the hub cache, or
-    downloaded there); ConfigError ``weights=...`` naming the valid names or the file to provide."""
+    downloaded there); ConfigError ``weights=...`` naming the valid names, the file to provide, or a file
+    in the cache that is not torchvision's (its SHA-256 does not begin with the prefix in its name) or
+    cannot be read."""
     import contextlib
     import io
-    import os
     from urllib.error import URLError
 
     enum = tv.get_model_weights(tv_name)
@@ -134,16 +137,49 @@ def pretrained_state(tv_name: str, weights: str) -> dict[str, torch.Tensor]:
         )
     w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
-    if not os.path.exists(path):
+    cached = os.path.exists(path)
+    if cached:  # torch.hub checks the hash of what it downloads, never of a file already in its cache
+        check_hub_file(path, f"weights={weights}", w.url)
+    else:
         log.info("weights %s: downloading %s to %s", weights, w.url, path)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's own "Downloading" line
-            return w.get_state_dict(progress=False)
+            state = w.get_state_dict(progress=False, check_hash=True)
     except (URLError, OSError) as e:
+        if cached:
+            raise ConfigError(f"weights={weights}: {path} cannot be read ({type(e).__name__})") from None
         raise ConfigError(
             f"weights={weights}: {os.path.basename(w.url)} is not in the hub cache and cannot be "
             f"downloaded ({type(e).__name__}); place it at {path} (from {w.url})"
         ) from None
+    except Exception as e:  # noqa: BLE001 (a download with another hash, or a file torch cannot read)
+        detail = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ConfigError(
+            f"weights={weights}: {path} is not torchvision's file ({type(e).__name__}: {detail}); "
+            f"remove it and place the one from {w.url}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"weights={weights}: {path} is not a state_dict; remove it and place the one from {w.url}")
+    return state
+
+
+def check_hub_file(path: str, what: str, url: str) -> None:
+    """ConfigError naming ``what`` when the file at ``path`` is not the one its name promises: torch.hub
+    names its files ``<name>-<first hex digits of the file's SHA-256>.<ext>``."""
+    match = torch.hub.HASH_REGEX.search(os.path.basename(path))
+    if match is None:
+        return
+    digest = sha256_file(path)
+    if not digest.startswith(match.group(1)):
+        raise ConfigError(
+            f"{what}: {path} is not torchvision's file (its SHA-256 begins {digest[: len(match.group(1))]}, "
+            f"its name says {match.group(1)}: damaged or another file); remove it and place the one from {url}"
+        )
+
+
+def resolved_weights(tv_name: str, weights: str) -> str:
+    """The weights' own name: ``DEFAULT`` is whichever weights this torchvision version recommends."""
+    return tv.get_model_weights(tv_name).DEFAULT.name if weights == "DEFAULT" else weights
 
 
 def _adapt_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
