@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -104,7 +105,8 @@ def parse_args(args: list[str]) -> ExportOptions:
         )
     if len(positional) > 1 or positional[0].startswith("-"):
         raise ExportError(
-            f"export {positional[-1]}: unexpected argument; valid: RUN_DIR, format=, quantize=, models=, atol=, calib="
+            f"export {positional[-1]}: unexpected argument; valid: RUN_DIR, format=, quantize=, models=, atol=, "
+            "calib=, threads="
         )
     opts = ExportOptions(run_dir=positional[0])
     for arg in (a for a in args if "=" in a):
@@ -139,7 +141,7 @@ def _number(key: str, value: str, kind, minimum):
         v = kind(value)
     except ValueError:
         v = None
-    if v is None or v < minimum:
+    if v is None or not math.isfinite(v) or v < minimum:
         raise ExportError(f"{key}={value}: must be a {'whole ' if kind is int else ''}number >= {minimum}")
     return v
 
@@ -221,6 +223,7 @@ def load_images(cfg) -> tuple[Images, Images]:
 def load_model(path: str) -> tuple[nn.Module, dict]:
     """A model rebuilt from the identity stored in its kdrun checkpoint, weights loaded, in eval mode."""
     from kdrun.models import build_model
+    from kdrun.weights import load_weights
 
     try:
         ckpt = io.load(path, "checkpoint")  # weights_only, checksum verified
@@ -237,7 +240,7 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
         source=ident.get("source", "kdrun"),
         **(ident.get("kwargs") or {}),
     )
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], f"export: {path}")  # one line when the model definition changed since
     return model.eval(), ident
 
 

@@ -15,6 +15,7 @@ A problem with one run or one plot is noted and never stops the rest.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from kdrun import io as kio
 from kdrun.errors import ConfigError
 from kdrun.significance import mean_ci
 
@@ -399,11 +401,12 @@ def text_table(rows: list[dict], columns: list[str], limit: int | None = None) -
 
 def write_csv(rows: list[dict], path: str) -> None:
     columns = list(rows[0]) if rows else ["run", "status"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=columns)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    kio.write_text(path, text.getvalue())
 
 
 def status_counts(runs: list[Run]) -> str:
@@ -766,14 +769,16 @@ def build(path: str, out: str | None = None) -> Report:
     if not runs:
         raise ConfigError(f"report {path}: no kdrun runs found (no .hydra/overrides.yaml in it or below it)")
     out = out or path
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"report --out {out}: cannot create it ({e.strerror or type(e).__name__})") from None
     swept = swept_keys(runs)
     unique = distinct(runs, swept)
     rows, groups = run_rows(runs, swept), seed_groups(unique, swept)
     plots, plot_notes = write_plots(unique, swept, out)
     md_path, csv_path = os.path.join(out, "report.md"), os.path.join(out, "report.csv")
-    with open(md_path, "w") as f:
-        f.write(markdown(path, runs, swept, groups, plots, plot_notes))
+    kio.write_text(md_path, markdown(path, runs, swept, groups, plots, plot_notes))
     write_csv(rows, csv_path)
     return Report(runs, swept, rows, groups, [md_path, csv_path, *plots])
 

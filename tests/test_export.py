@@ -128,6 +128,24 @@ def test_parity_failure_names_the_gap_and_writes_nothing(run_dir, tmp_path):
     assert not (copy / "export").exists()
 
 
+def test_a_checkpoint_its_model_no_longer_fits_is_one_line(run_dir, tmp_path):
+    """A model definition changed since the run (here: the checkpoint names another architecture)."""
+    import shutil
+
+    from kdrun import io
+    from kdrun.errors import KdrunError
+    from kdrun.export import ExportOptions, run_export
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    path = copy / "checkpoints" / "student.pt"
+    ckpt = io.load(str(path), "checkpoint")
+    io.atomic_save({**ckpt, "identity": {**ckpt["identity"], "arch": "resnet8"}}, str(path))
+    with pytest.raises(KdrunError, match=r"^export: .*student.pt: does not fit the model \(.*\)$"):
+        run_export(ExportOptions(run_dir=str(copy), models=["student"]))
+    assert not (copy / "export").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -149,6 +167,7 @@ def test_parity_failure_names_the_gap_and_writes_nothing(run_dir, tmp_path):
             "quantize=int8: needs format=onnx",
         ),
         (["RUN", "calib=0"], "calib=0: must be a whole number >= 1"),
+        (["RUN", "atol=nan"], "atol=nan: must be a number >= 0.0"),
         (["RUN", "colour=red"], "colour: unknown option"),
         ([], "missing RUN_DIR"),
     ],

@@ -347,6 +347,13 @@ def test_tree_of_sweeps_and_single_run(tmp_path):
 # ---------------------------------------------------------------- kdrun report
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path):
+    make_run(tmp_path / "runs", "0", ["loss.temperature=1"], fake_metrics(70.0))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^report --out .*file/sub: cannot create it \(Not a directory\)$"):
+        report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "file" / "sub")])
+
+
 def test_report_command_prints_table_and_paths(tmp_path, capsys):
     make_run(tmp_path / "runs", "0", ["loss.temperature=1"], fake_metrics(70.0))
     make_run(tmp_path / "runs", "1", ["loss.temperature=4"], fake_metrics(80.0))
