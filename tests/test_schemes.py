@@ -32,6 +32,44 @@ def test_online_mutual_learning(kdrun, tmp_path):
     assert not torch.equal(w1["conv1.weight"], w2["conv1.weight"])  # peers start (and stay) different
 
 
+def traced_run(tmp_path, monkeypatch, *overrides) -> tuple[dict, dict]:
+    """An in-process run; with {stage: (steps per epoch, views of its loader)} as each stage trained."""
+    from kdrun import stages, train
+    from kdrun.cli import compose
+
+    seen, real = {}, stages.train_stage
+
+    def traced(stage, model, objective, loader, **kw):
+        seen[stage] = (len(loader), loader.views)
+        return real(stage, model, objective, loader, **kw)
+
+    monkeypatch.setattr(stages, "train_stage", traced)
+    metrics = train.run(compose([*FAST, "trainer.batch_size=16", *overrides]), str(tmp_path / "run"))
+    assert metrics is not None
+    return seen, metrics
+
+
+def test_online_peers_train_as_their_baselines_do(tmp_path, monkeypatch):
+    """On the student stages' images (dataset.student_fraction=0.1 by default: 143 of 1438), under each peer's
+    weight constraints, and with trainer.ema every peer has its EMA too."""
+    overrides = ["scheme=online", "student=mlp", "student.kwargs.hidden=[32]", "student.kwargs.max_norm=0.5"]
+    seen, m = traced_run(tmp_path, monkeypatch, *overrides, "trainer.ema=0.9")
+    assert seen["online"] == seen["baseline_peer1"] == seen["baseline_peer2"] == (9, None)  # 143 images / 16
+    for name in ("peer1", "peer2", "baseline_peer1"):
+        w = torch.load(tmp_path / "run" / "checkpoints" / f"{name}.pt", weights_only=True)["model"]
+        norms = w["layers.0.fc.weight"].norm(dim=1)
+        assert norms.max() <= 0.5 + 1e-5, name
+    assert {"peer1_ema", "peer2_ema", "baseline_peer1_ema"} <= set(m["test"])
+    assert (tmp_path / "run" / "checkpoints" / "peer2_ema.pt").is_file()
+
+
+def test_self_distillation_baseline_sees_the_students_views(tmp_path, monkeypatch):
+    """Generation 1 is the baseline: with the logit cache (8 replayed views of the augmented digits) it trains on
+    the cached views the later generations read, not on fresh ones."""
+    seen, _ = traced_run(tmp_path, monkeypatch, "scheme=self", "scheme.generations=2", "dataset.augment.crop_pad=1")
+    assert seen["gen1"] == seen["student"] == (9, 8)
+
+
 def test_self_born_again_generations(kdrun, tmp_path):
     m = run(kdrun, tmp_path, "scheme=self", "scheme.generations=3")
     assert {"gen1", "gen2", "student"} <= set(m["test"])

@@ -9,8 +9,9 @@ with the other peers' predictions treated as constants (detached), as in the
 paper's alternating updates. Every peer is evaluated and saved
 (``checkpoints/peerN.pt``); the student is the peer with the best validation
 accuracy when ``trainer.val_fraction > 0``, else the first peer (never chosen
-on the test set). With ``baseline=true`` each peer architecture is also
-trained alone with CE from the same initial weights (``baseline_peerN``).
+on the test set). The peers train on the student stages' images (``dataset.student_fraction``,
+``dataset.student_exclude``) with fresh augmentation; with ``baseline=true`` each peer architecture is also
+trained alone with CE on those images from the same initial weights (``baseline_peerN``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class Peers(nn.ModuleList):
         logits = [p(x) for p in self]
         return logits if each else torch.stack(logits).mean(0)
 
+    def apply_constraints(self) -> None:
+        """Each peer's own weight constraints (e.g. an MLP's max-norm), as the trainer applies a model's."""
+        for peer in self:
+            if hasattr(peer, "apply_constraints"):
+                peer.apply_constraints()
+
 
 class MutualObjective:
     def __init__(self, temperature: float, kl_weight: float):
@@ -62,10 +69,17 @@ def online(run) -> Roles:
     cfgs = [model_cfg(item, run.cfg.student) for item in items]
     # peer i starts from seed + i: identical peers would learn identical functions and teach nothing
     peers = Peers([stages.build(f"scheme.peers[{i}]", c, seed_offset=i) for i, c in enumerate(cfgs)])
-    stages.fit("online", peers, MutualObjective(float(sc.temperature), float(sc.kl_weight)), epochs=run.tr.epochs)
-    val_scores, val_loader = [], run.data.val_loader
+    data = run.data
+    # the student stages' images (dataset.student_fraction, student_exclude) on fresh views, as the baselines'
+    loader = data.train_loader(None, data.student_set)
+    objective = MutualObjective(float(sc.temperature), float(sc.kl_weight))
+    stages.fit("online", peers, objective, epochs=run.tr.epochs, loader=loader)
+    val_scores, val_loader = [], data.val_loader
+    ema = stages.ema.get("online")  # trainer.ema: the EMA of every peer's weights, one Peers module
     for i, (peer, mcfg) in enumerate(zip(peers, cfgs), start=1):
         stages.export(f"peer{i}", peer, mcfg)
+        if ema is not None:
+            stages.ema[f"peer{i}"] = ema[i - 1]
         stages.record(f"peer{i}", peer, mcfg, None)
         if val_loader is not None:
             val_scores.append(accuracy(predict(peer, val_loader), val_loader.labels)[0])

@@ -3,7 +3,8 @@
 Generation 1 is the student architecture trained with CE alone; generation
 k + 1 has the same architecture and is distilled from generation k with the
 configured KD method, for ``scheme.generations`` generations in all. The last
-generation is reported as the student, generation 1 as the baseline, and every
+generation is reported as the student, generation 1 (trained on the images and views the distilled
+generations see: the logit cache's replayed views, or fresh ones) as the baseline, and every
 generation's accuracy is in ``metrics.json`` (``test.gen1`` ...). The
 configured ``teacher`` is not used.
 """
@@ -19,7 +20,7 @@ def self_distill(run) -> Roles:
     if n < 2:
         raise ConfigError(f"scheme.generations={n}: must be an integer >= 2 (generation 1 is trained with CE)")
     mcfg = run.cfg.student
-    prev = run.ce_model("gen1", mcfg)
+    prev = run.ce_model("gen1", mcfg, views=run.distil_views())  # the baseline: the students' images and views
     for k in range(2, n + 1):
         prev = run.distil("student" if k == n else f"gen{k}", mcfg, prev)
     return Roles(student="student", teacher="gen1" if n == 2 else f"gen{n - 1}", baseline="gen1")
