@@ -84,8 +84,10 @@ def shard(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return idx[rank::world_size]
 
 
-def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False, find_unused: bool = False) -> nn.Module:
     """``module`` as DDP when there are several workers (BatchNorm -> SyncBatchNorm with ``sync_bn``), else as is.
+    ``find_unused``: some parameters get no gradient in a step (a pre-stage trains a student's features, not its
+    classifier).
 
     Buffers are synced once, at the start, not at each forward: BatchNorm statistics are rank 0's own either
     way (rank 0 evaluates and saves), and a method's large buffers (CRD's memory banks) are kept equal by the
@@ -96,11 +98,30 @@ def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.M
     if sync_bn:
         if device.type != "cuda":
             raise ConfigError("trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs")
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # converts in place below the root
+        module = to_sync_bn(module)
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(
-        module, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True
+        module,
+        device_ids=ids,
+        forward_sync_buffers=False,
+        gradient_as_bucket_view=True,
+        find_unused_parameters=find_unused,
     )
+
+
+def to_sync_bn(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm below it made a SyncBatchNorm, in place below the root; those already
+    converted are kept as they are (with their hooks). Convert before feature taps attach: a converted module is
+    a new object, so hooks on the one it replaces no longer fire."""
+    if isinstance(module, nn.SyncBatchNorm):
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        converted = to_sync_bn(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

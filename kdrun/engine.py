@@ -85,6 +85,7 @@ def train_stage(
     sync_bn: bool = False,
     ema: float | None = None,
     logger=None,
+    find_unused: bool = False,
 ) -> StageResult:
     """Train ``model`` for ``epochs`` with ``objective``; resumable at any epoch or checkpointed step.
 
@@ -107,10 +108,10 @@ def train_stage(
     when it is finished); ``fingerprint`` guards against resuming another config.
     ``precision``: fp32, or bf16/fp16 autocast (fp16 with a gradient scaler).
     ``logger``: experiment trackers (:class:`kdrun.loggers.Loggers`) fed every ``log_every`` steps
-    and every epoch.
+    and every epoch. ``find_unused``: some of ``trainable``'s parameters get no gradient (DDP must look for them).
     """
     trainable = model if trainable is None else trainable
-    net = distributed.wrap(trainable, loader.device, sync_bn)  # DDP with several workers, else trainable
+    net = distributed.wrap(trainable, loader.device, sync_bn, find_unused)  # DDP with several workers
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, epochs, len(loader))

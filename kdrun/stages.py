@@ -123,13 +123,16 @@ class StageRunner:
         loader: TensorLoader | StreamLoader | None = None,
         on_step=None,
         precision: str | None = None,
+        pre_stage: bool = False,
     ) -> StageResult:
         """Train one stage (resuming its checkpoint if there is one) and note its summary and time.
 
         ``trainable``: the stage's one trainable module when it is more than ``model`` (student + KD method).
-        With ``trainer.ema`` the EMA of ``model``'s weights is kept in ``self.ema[stage]``.
+        With ``trainer.ema`` the EMA of ``model``'s weights is kept in ``self.ema[stage]``. ``pre_stage``: a KD
+        method's stage before the student's (FT's paraphraser, AB's and FSP's initialisation): ``model`` is not
+        a classifier, so it is neither validated nor averaged, and part of it may get no gradient.
         """
-        ema = self.tr.get("ema")
+        ema = None if pre_stage else self.tr.get("ema")
         res = train_stage(
             stage,
             model,
@@ -138,7 +141,7 @@ class StageRunner:
             epochs=epochs,
             optim_cfg=optim_cfg if optim_cfg is not None else self.cfg.optim,
             trainable=trainable,
-            val_loader=self.data.val_loader,
+            val_loader=None if pre_stage else self.data.val_loader,
             run_dir=self.run_dir,
             log_every=self.tr.log_every,
             checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
@@ -149,6 +152,7 @@ class StageRunner:
             sync_bn=bool(self.tr.get("sync_bn")),
             ema=float(ema) if ema else None,
             logger=self.logger,
+            find_unused=pre_stage,
         )
         self.log.summaries[stage] = report.stage_summary(res)
         self.log.seconds[stage] = res.seconds

@@ -87,7 +87,7 @@ class Run:
         t_model = teacher.model
         common = dict(epochs=tr.epochs, num_samples=len(data.student_set), teacher_precision=teacher.precision)
         # the logit cache is made only for a student that trains on it (not with trainer.epochs=0)
-        if method.needs_teacher_features or not cfg.cache.enabled or not tr.epochs:
+        if self._teacher_online(method):
             if method.needs_teacher_features and not (method.teacher_layers or method.student_layers):
                 method.teacher_layers, method.student_layers = method.default_layers(
                     list(feature_points(t_model)), list(feature_points(student))
@@ -129,6 +129,8 @@ class Run:
         )
         method.bind_teacher(t_model)
         method.to(data.device)
+        if tr.get("sync_bn") and distributed.size() > 1:  # before the feature taps attach to the BatchNorms
+            distributed.to_sync_bn(objective.module)
         for pre in method.pre_stages(t_model, student):  # FT's paraphraser, AB's / FSP's init: stages of their own
             with pre.objective:
                 stages.fit(
@@ -138,6 +140,7 @@ class Run:
                     epochs=pre.epochs,
                     optim_cfg=OmegaConf.merge(cfg.optim, pre.optim),
                     loader=loader,
+                    pre_stage=True,
                 )
 
         def on_step(epoch: int, step: int) -> dict:
@@ -162,6 +165,17 @@ class Run:
         stages.export(stage, student, mcfg, {"loss_state": method.state_dict()})
         stages.record(stage, student, mcfg, stage)
         return Teacher(student.eval().requires_grad_(False), stage, None)
+
+    def _teacher_online(self, method) -> bool:
+        """Whether a student distilled with ``method`` has its teacher run on fresh views (features, no cache,
+        or no epochs) rather than reading the logit cache's replayed views."""
+        return bool(method.needs_teacher_features or not self.cfg.cache.enabled or not self.tr.epochs)
+
+    def distil_views(self) -> int | None:
+        """The views a student distilled in this run trains on, known before any is: ``data.views`` from the
+        logit cache, or None (fresh views) when the teacher runs online. For a baseline trained first."""
+        static, _ = schedules.split(loss_kwargs(self.cfg.loss))
+        return None if self._teacher_online(LOSSES.get(self.cfg.loss.name, "loss.name")(**static)) else self.data.views
 
     def ce_model(
         self, stage: str, mcfg, who: str = "student", views: int | None = None, seed_offset: int = 0

@@ -241,3 +241,13 @@ def test_sync_bn_on_cpus_is_refused_before_anything_runs(kdrun, tmp_path):
         "kdrun: error: trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs"
     ]
     assert not run_dir.exists()
+
+
+def test_two_workers_run_a_method_with_an_initialisation_stage(kdrun, tmp_path):
+    """AB's initialisation stage trains the student's features, so its classifier gets no gradient there, and
+    its adapters (the teacher is 4x wider) serve that stage alone: DDP must wait for neither."""
+    run_dir = tmp_path / "run"
+    args = ["trainer=smoke", "teacher=resnet8x4", "student=resnet8", "loss=ab", "loss.init_epochs=1"]
+    p = kdrun("train", *args, "trainer.devices=2", "store.enabled=false", "baseline=false", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "student_init_last.pt").is_file() and (run_dir / "metrics.json").is_file()

@@ -790,6 +790,28 @@ def test_a_methods_pre_stage_is_a_resumable_stage_of_the_run(kdrun, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "loss",
+    [
+        ["loss=ab", "loss.init_epochs=1"],
+        ["loss=ft", "loss.paraphraser_epochs=1"],
+        ["loss=combo", "~loss.terms", "+loss.terms={ab: {init_epochs: 1}, fsp: {init_epochs: 1}}"],
+    ],
+    ids=["ab", "ft", "ab+fsp"],
+)
+def test_pre_stages_run_beside_a_validation_split(kdrun, tmp_path, loss):
+    """A pre-stage trains no classifier, so it is not validated (it used to crash with trainer.val_fraction > 0);
+    a combo's pre-stages are named by their term, so two terms' initialisations are two stages."""
+    run = tmp_path / "run"
+    args = ["trainer=smoke", "teacher=resnet14", "student=resnet8", "trainer.val_fraction=0.1", *loss]
+    p = kdrun("train", *args, "store.enabled=false", "baseline=false", f"hydra.run.dir={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    stages = sorted(f.name for f in (run / "checkpoints").glob("student_*_last.pt"))
+    want = {"ab": ["student_init_last.pt"], "ft": ["student_paraphraser_last.pt"]}
+    assert stages == want.get(loss[0][5:], ["student_ab_init_last.pt", "student_fsp_init_last.pt"])
+    assert "val_top1" not in (run / f"metrics_{stages[0][:-8]}.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize(
     "teacher_name, student_name", [("resnet20", "resnet8"), ("wrn_16_2", "wrn_16_1"), ("resnet20", "mbv2_tiny")]
 )
 def test_ofd_margins_come_from_the_bn_before_each_teacher_preactivation(teacher_name, student_name):

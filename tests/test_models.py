@@ -82,6 +82,33 @@ def test_unknown_feature_name_lists_valid_names(name):
     assert all(point in msg for point in model.feature_points)
 
 
+def test_a_feature_changed_in_place_after_its_capture_is_refused():
+    """torchvision's BasicBlock adds the shortcut to bn2's output and applies an in-place ReLU: read afterwards,
+    'layer1.0.bn2' would be the block's output. The block itself is read as it is."""
+    from kdrun.errors import ConfigError
+
+    model = build_model("resnet18", 10, 3, 32).eval()
+    with FeatureTap(model, ["layer1.0.bn2", "layer1.0"]) as tap, torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert tap.features["layer1.0"].min() >= 0
+    with pytest.raises(ConfigError, match=r"feature layer 'layer1.0.bn2': an in-place operation later in the forward"):
+        tap.features["layer1.0.bn2"]
+
+
+def test_taps_attached_after_the_sync_bn_conversion_fire_and_a_second_conversion_keeps_them():
+    """Under trainer.sync_bn the run converts the student before its taps attach (a converted BatchNorm is a new
+    module: hooks on the old one would never fire); the conversion in the DDP wrapper then keeps it."""
+    from kdrun.distributed import to_sync_bn
+
+    model = to_sync_bn(build_model("resnet8", 10, 1, 8).eval())
+    bn = model.bn1  # the feature point "stem"
+    assert isinstance(bn, torch.nn.SyncBatchNorm)
+    with FeatureTap(model, ["stem"]) as tap:
+        assert to_sync_bn(model).bn1 is bn
+        model(torch.randn(2, 1, 8, 8))
+    assert tap.features["stem"].shape[1] == bn.num_features
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS_M))
 def test_published_param_counts(name):
     params_m = count_params(build_model(name, 100, 3, 32)) / 1e6

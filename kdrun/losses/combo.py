@@ -17,6 +17,7 @@ A term may set its own ``layers``; the others get their method's defaults.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import torch
@@ -142,7 +143,12 @@ class Combo(DistillLoss):
                 m.bind_teacher(teacher)
 
     def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list:
-        return [stage for m in self.terms.values() for stage in m.pre_stages(teacher, student)]
+        # named by their term (``student_ab_init``): two terms' stages of one name would share one checkpoint
+        return [
+            dataclasses.replace(stage, name=f"{term}_{stage.name}")
+            for term, m in self.terms.items()
+            for stage in m.pre_stages(teacher, student)
+        ]
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         t_feats, s_feats = self._split(t.feats, "teacher_layers"), self._split(s.feats, "student_layers")

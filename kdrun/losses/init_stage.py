@@ -47,6 +47,9 @@ class InitObjective:
     def __exit__(self, *exc) -> None:
         self.step.tap.close()
         self.tap.close()
+        # the adapters serve this stage alone: frozen, the student stage neither steps them nor waits (under DDP)
+        # for gradients they never get
+        self.step.adapters.requires_grad_(False)
 
     def __call__(self, net: nn.Module, batch, epoch: int) -> dict[str, torch.Tensor]:
         self.teacher.eval()

@@ -52,13 +52,45 @@ def _example(modules: dict) -> str:
     return paths[len(paths) // 2] if paths else next(iter(modules), "")
 
 
+def _version(t) -> int | None:
+    try:
+        return t._version
+    except (AttributeError, RuntimeError):  # not a tensor, or an inference tensor (no version counter)
+        return None
+
+
+class Captured(dict):
+    """Feature name -> the tensor its hook captured. Reading one that an in-place operation changed after its
+    capture raises instead of handing over another layer's values: e.g. a BatchNorm output in torchvision's
+    residual block, where ``out += identity`` and an in-place ReLU follow the tapped module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: dict[str, int | None] = {}
+
+    def capture(self, name: str, value) -> None:
+        self[name] = value
+        self.versions[name] = _version(value)
+
+    def __getitem__(self, name: str):
+        value = super().__getitem__(name)
+        was = self.versions.get(name)
+        if was is not None and _version(value) != was:
+            raise ConfigError(
+                f"feature layer '{name}': an in-place operation later in the forward pass (such as `out += "
+                "identity` or ReLU(inplace=True)) changed its output after it was captured, so it would be read "
+                "as another layer's; tap the module whose output is final (e.g. the block, not its BatchNorm)"
+            )
+        return value
+
+
 class FeatureTap:
     """Context manager recording the named features of ``model`` during forward."""
 
     def __init__(self, model: nn.Module, names: list[str] | tuple[str, ...]):
         self.model = unwrap(model)
         self.names = list(names)
-        self.features: dict = {}
+        self.features = Captured()
         self._handles: list = []
         self._targets = [(n, *resolve(model, n)) for n in self.names]
 
@@ -81,13 +113,13 @@ class FeatureTap:
 
     def _hook(self, name):
         def fn(_mod, _inp, out):
-            self.features[name] = out
+            self.features.capture(name, out)
 
         return fn
 
     def _pre_hook(self, name):
         def fn(_mod, inp):
-            self.features[name] = inp[0]
+            self.features.capture(name, inp[0])
 
         return fn
 
