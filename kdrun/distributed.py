@@ -89,9 +89,10 @@ def wrap(module: nn.Module, device: torch.device, sync_bn: bool = False, find_un
     ``find_unused``: some parameters get no gradient in a step (a pre-stage trains a student's features, not its
     classifier).
 
-    Buffers are synced once, at the start, not at each forward: BatchNorm statistics are rank 0's own either
-    way (rank 0 evaluates and saves), and a method's large buffers (CRD's memory banks) are kept equal by the
-    method. Gradients are views into DDP's buckets (no copy).
+    Buffers are synced once, at the start, not at each forward: during a stage BatchNorm statistics are each
+    worker's own (rank 0 evaluates and saves its), and at the stage's end every worker takes rank 0's
+    (:func:`broadcast_buffers`); a method's large buffers (CRD's memory banks) are kept equal by the method.
+    Gradients are views into DDP's buckets (no copy).
     """
     if size() == 1:
         return module
@@ -122,6 +123,13 @@ def to_sync_bn(module: nn.Module) -> nn.Module:
         if converted is not child:
             setattr(module, name, converted)
     return module
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics, which DDP here never syncs) on every worker."""
+    if size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

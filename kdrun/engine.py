@@ -274,6 +274,11 @@ def train_stage(
     result.seconds = elapsed + time.perf_counter() - t0
     result.images_per_s = seen / result.seconds if result.seconds > 0 else 0.0
     result.ema = averaged.module if averaged is not None else None
+    # each worker has kept BatchNorm statistics of its own shards; the stage's model is rank 0's (saved, scored,
+    # stored), so every worker goes on with it: a teacher filling its share of the logit cache among them
+    distributed.broadcast_buffers(trainable)
+    if averaged is not None:
+        distributed.broadcast_buffers(averaged)
     return result
 
 

@@ -251,3 +251,34 @@ def test_two_workers_run_a_method_with_an_initialisation_stage(kdrun, tmp_path):
     p = kdrun("train", *args, "trainer.devices=2", "store.enabled=false", "baseline=false", f"hydra.run.dir={run_dir}")
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run_dir / "checkpoints" / "student_init_last.pt").is_file() and (run_dir / "metrics.json").is_file()
+
+
+def test_every_worker_fills_the_logit_cache_with_the_teacher_rank_0_saved(kdrun, tmp_path):
+    """Each worker keeps BatchNorm statistics of its own shards while a stage trains; at the end every worker takes
+    rank 0's, so the rows a second worker writes into the logit cache are the saved teacher's logits too."""
+    from omegaconf import OmegaConf
+
+    from kdrun.cache import CacheShape, LogitCache, read_header
+    from kdrun.run_data import RunData
+    from kdrun.stages import StageRunner
+    from kdrun.weights import load_teacher, model_identity
+
+    run = tmp_path / "run"
+    args = ["trainer=smoke", "trainer.teacher_epochs=3", "dataset.augment.crop_pad=1", "baseline=false"]
+    p = kdrun("train", *args, "trainer.devices=2", "store.enabled=false", f"hydra.run.dir={run}", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    data = RunData(cfg, torch.device("cpu"))
+    teacher = StageRunner(cfg, data, str(tmp_path / "scratch"), "x").build("teacher", cfg.teacher)
+    load_teacher(str(run / "checkpoints" / "teacher.pt"), teacher, model_identity(cfg.teacher, data.data))
+    header = read_header(str(run / "teacher_logits.kdlc"))
+    shape = CacheShape(header["samples"], header["views"], header["classes"], header["topk"])
+    cache = LogitCache.attach(str(run / "teacher_logits.kdlc"), shape, header["key"])
+    n, views = len(data.student_set), shape.views
+    index, view = torch.arange(n).repeat(views), torch.arange(views).repeat_interleave(n)
+    cached, filled = cache.lookup(index, view)
+    loader = data.train_loader(views, data.student_set)
+    with torch.no_grad():
+        want = torch.cat([teacher.eval()(b.x).float() for b in loader.batches(index, view, 64)]).half().float()
+    assert filled.sum() == n  # one epoch: one view of each image, half of them from each worker
+    torch.testing.assert_close(cached[filled], want[filled], rtol=0, atol=0)
