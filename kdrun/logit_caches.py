@@ -64,7 +64,7 @@ class LogitCaches:
             "topk": shape.topk,
             "student_fraction": float(ds.get("student_fraction", 1.0)),
             "student_exclude": sorted(ds.get("student_exclude") or []),
-            "augment": [*d.augment.identity(), d.augment.seed],
+            "augment": [*d.augment_key(d.augment), d.augment.seed],
             "normalize": [list(ds.mean), list(ds.std)],
         }
 

@@ -168,6 +168,13 @@ class RunData:
     def streamed(self) -> bool:
         return isinstance(self.train_set, FileSet)
 
+    def augment_key(self, augment: Augment | RandomResizedCrop) -> list:
+        """What makes ``augment``'s views (for store keys): a random-resized crop streamed from files is cut
+        from the full-resolution image, in memory from the decoded copy at ``image_size``, so the same crop
+        box gives other pixels (pad-crops and flips of the two are the same)."""
+        source = ["full-resolution files"] if self.streamed and isinstance(augment, RandomResizedCrop) else []
+        return [*augment.identity(), *source]
+
     def loader(self, split: ImageSet | FileSet, batch_size: int, **kw) -> TensorLoader | StreamLoader:
         """Batches from memory (decoded once), or streamed from the files of a split too big for memory."""
         if isinstance(split, FileSet):

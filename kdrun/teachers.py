@@ -78,7 +78,7 @@ class TeacherSource:
             "epochs": self.tr.teacher_epochs,
             "batch_size": self.tr.batch_size,
             "seed": self.tr.seed,
-            "augment": data.teacher_augment.identity(),
+            "augment": data.augment_key(data.teacher_augment),
             "torch": torch.__version__.split("+")[0],
             "normalize": [list(cfg.dataset.mean), list(cfg.dataset.std)],
             "device": data.device.type,

@@ -183,3 +183,44 @@ def test_teacher_key_holds_sync_bn_only_with_several_workers(tmp_path, monkeypat
 
     assert key(1, "trainer.sync_bn=true") == key(1, "trainer.sync_bn=false")
     assert key(2, "trainer.sync_bn=true") != key(2, "trainer.sync_bn=false")
+
+
+def test_a_random_resized_crop_streamed_from_files_is_keyed_apart_from_one_of_the_decoded_copy(tmp_path):
+    """Streamed, a random-resized crop is cut from the full-resolution file; in memory, from the copy decoded at
+    dataset.image_size: the same box gives other pixels, so neither the teacher nor the logit cache of one is
+    reused for the other. Pad-crops are the same pixels either way and keep one key."""
+    from PIL import Image
+
+    from kdrun import train
+    from kdrun.cache import CacheShape
+    from kdrun.cli import compose
+    from kdrun.teachers import Teacher
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (24, 24), (40 * i, 200 if c == "b" else 0, 30)).save(
+                    tmp_path / "data" / split / c / f"{i}.png"
+                )
+
+    def keys(mode, *augment):
+        cfg = compose(
+            [
+                "dataset=imagefolder",
+                f"dataset.root={tmp_path / 'data'}",
+                "dataset.image_size=16",
+                f"dataset.mode={mode}",
+                f"dataset.cache_dir={tmp_path / 'cache'}",
+                "store.enabled=false",
+                *augment,
+            ]
+        )
+        run = train.Run(cfg, str(tmp_path / "run"))
+        teacher = Teacher(None, "teacher", "k", "fp32")
+        return key_of(run.teachers.recipe()), key_of(run.caches.recipe(teacher, CacheShape(8, 8, 2, None)))
+
+    rrc = ["dataset.augment.kind=random_resized_crop", "dataset.augment.flip=true"]
+    streamed, decoded = keys("stream", *rrc), keys("memory", *rrc)
+    assert streamed[0] != decoded[0] and streamed[1] != decoded[1]
+    assert keys("stream", "dataset.augment.crop_pad=2") == keys("memory", "dataset.augment.crop_pad=2")
