@@ -191,6 +191,7 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
             check_writable(cfg, multirun)
             if multirun:
                 check_objective(cfg)
+                check_sweep_dir(cfg, overrides)
             else:
                 check_resumable(cfg)
 
@@ -209,6 +210,45 @@ def check_objective(cfg) -> None:
             f"sweep.metric={metric}, measured on a validation split held out of the training data; "
             "set trainer.val_fraction > 0 (e.g. 0.1)"
         )
+
+
+def check_sweep_dir(cfg, overrides: list[str]) -> None:
+    """A sweep into a ``hydra.sweep.dir`` that holds runs: job N's directory is ``N/``, so each run there must be
+    the one the new sweep's job N is (the same sweep, continued). Refuse any other before Hydra rewrites its
+    ``.hydra/`` and the job sets its ``metrics.json`` aside. BasicSweeper only: other sweepers number their own."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from kdrun.errors import ConfigError
+    from kdrun.io import load_yaml
+
+    sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+    sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or "")
+    if not sweeper.endswith("BasicSweeper") or sweep.get("subdir") != "${hydra.job.num}":
+        return
+    try:
+        sweep_dir = str(cfg.hydra.sweep.dir)
+    except Exception:  # interpolations that need a running job: a fresh directory
+        return
+    if not os.path.isdir(sweep_dir):
+        return
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    task = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra.")]
+    jobs = [job for batch in BasicSweeper.split_arguments(task, None) for job in batch]
+    for num, job in enumerate(jobs):
+        job_dir = os.path.join(sweep_dir, str(num))
+        if not any(os.path.exists(os.path.join(job_dir, f)) for f in ("checkpoints", "metrics.json")):
+            continue
+        path = os.path.join(job_dir, ".hydra", "overrides.yaml")
+        had = [str(o) for o in load_yaml(path)] if os.path.exists(path) else None
+        if had != job:
+            theirs = " ".join(o for o in had or [] if o not in job) or "other overrides"
+            ours = " ".join(o for o in job if o not in (had or [])) or "those alone"
+            raise ConfigError(
+                f"hydra.sweep.dir={sweep_dir}: job {num} there is a run of {theirs}, not of {ours}; rerun that "
+                "sweep as it was, or give a new hydra.sweep.dir"
+            )
 
 
 def check_resumable(cfg) -> None:

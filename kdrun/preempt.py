@@ -26,6 +26,7 @@ class Preempted(KdrunError):
 
 class _Stop:
     requested: str | None = None
+    installed: bool = False
 
 
 STOP = _Stop()
@@ -38,13 +39,23 @@ def _handler(signum, _frame) -> None:
 
 
 def install_handlers() -> None:
-    """Route SIGTERM and SIGINT to the stop flag (main thread only)."""
-    STOP.requested = None
+    """Route SIGTERM and SIGINT to the stop flag (main thread only), once per process: the flag is never cleared,
+    so a signal that arrives outside a training loop (evaluation, or between two jobs of a sweep) still stops
+    the next job before it starts (:func:`check_stop`)."""
+    if STOP.installed:
+        return
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _handler)
+        STOP.installed = True
     except ValueError:  # not the main thread (some launchers): keep the default handlers
         pass
+
+
+def check_stop(what: str) -> None:
+    """Raise :class:`Preempted` when a stop was requested before ``what`` began."""
+    if STOP.requested is not None:
+        raise Preempted(f"stopped by {STOP.requested} before {what}; run the same command again to continue")
 
 
 def maybe_kill(stage: str, global_step: int) -> None:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun import distributed
 from kdrun.config import validate
 from kdrun.errors import KdrunError
-from kdrun.preempt import Preempted, install_handlers
+from kdrun.preempt import Preempted, check_stop, install_handlers
 
 log = logging.getLogger("kdrun")
 
@@ -27,6 +27,11 @@ def hydra_train(cfg: DictConfig) -> float:
 
     run_dir = HydraConfig.get().runtime.output_dir
     install_handlers()
+    try:  # a SIGTERM between two jobs of a sweep (or during the last one's evaluation) ends the sweep here
+        check_stop(f"job {run_dir} started")
+    except Preempted as e:
+        print(f"kdrun: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     for stale in ("FAILED", "metrics.json"):  # a rerun in the same directory resumes: not complete yet
         if os.path.exists(os.path.join(run_dir, stale)):
             os.remove(os.path.join(run_dir, stale))

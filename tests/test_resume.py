@@ -97,6 +97,24 @@ def test_sigterm_while_filling_the_cache_in_a_pass_exits_for_requeue(kdrun, tmp_
     assert final_state(run_dir)[0] == uninterrupted[0]
 
 
+def test_a_stop_requested_outside_a_training_loop_ends_the_sweep_before_the_next_job(monkeypatch):
+    """A SIGTERM during a job's evaluation, or between two jobs of a sweep, finds no training loop to stop: the
+    flag stays set (installing the handlers for the next job used to clear it) and that job does not start."""
+    import signal
+
+    from kdrun import preempt
+
+    monkeypatch.setattr(preempt.STOP, "requested", None)
+    monkeypatch.setattr(preempt.STOP, "installed", False)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # pytest keeps its own handlers
+    preempt.install_handlers()  # job 1
+    preempt.check_stop("job 1 started")
+    preempt._handler(signal.SIGTERM, None)  # during job 1's evaluation
+    preempt.install_handlers()  # job 2
+    with pytest.raises(preempt.Preempted, match=r"^stopped by SIGTERM before job 2 started; run the same command"):
+        preempt.check_stop("job 2 started")
+
+
 def test_checkpoint_of_another_config_is_refused(kdrun, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     # killed after the step-5 checkpoint
@@ -125,6 +143,24 @@ def test_refused_change_leaves_a_finished_run_intact(tmp_path):
     p = run_kdrun("train", f"resume={run_dir}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "student: already finished" in p.stderr and (run_dir / "metrics.json").exists()
+
+
+def test_a_sweep_into_a_folder_of_another_sweep_leaves_its_runs_intact(tmp_path):
+    """Job N of a sweep is the folder N/: another sweep into the same hydra.sweep.dir is refused before Hydra
+    rewrites a finished job's .hydra/ and the job sets its metrics.json aside; the same sweep again continues."""
+    from tests.conftest import SMOKE_RUN, run_kdrun
+
+    sweep = ["-m", *SMOKE_RUN, "baseline=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    p = run_kdrun("train", *sweep, "loss.temperature=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    before = {f: f.read_bytes() for f in (tmp_path / "sweep").rglob("*") if f.is_file()}
+    p = run_kdrun("train", *sweep, "loss.temperature=8")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "job 0 there is a run of loss.temperature=1, not of loss.temperature=8; rerun that sweep as it" in p.stderr
+    assert {f: f.read_bytes() for f in (tmp_path / "sweep").rglob("*") if f.is_file()} == before
+    p = run_kdrun("train", *sweep, "loss.temperature=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "student: already finished" in p.stderr and (tmp_path / "sweep" / "0" / "metrics.json").exists()
 
 
 def tiny_stage(run_dir, **kw):
