@@ -233,6 +233,29 @@ def test_a_slurm_task_joins_the_group_slurm_describes(monkeypatch):
     assert "WORLD_SIZE" not in os.environ
 
 
+def test_a_task_of_submitit_s_local_executor_joins_its_group(monkeypatch):
+    """sweep=slurm_local with tasks_per_node=2: submitit's local executor describes its tasks in variables of its
+    own (no SLURM_NTASKS); they used to run as separate whole pipelines racing in one run directory."""
+    pytest.importorskip("submitit")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    env = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_NTASKS": "2",
+        "SUBMITIT_LOCAL_GLOBALID": "1",
+        "SUBMITIT_LOCAL_LOCALID": "1",
+        "SUBMITIT_LOCAL_JOB_ID": "1234",
+        "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+        "SUBMITIT_LOCAL_NODEID": "0",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with mock.patch.dict(os.environ):
+        distributed._slurm_env()
+        exported = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    assert exported == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+
+
 def test_sync_bn_on_cpus_is_refused_before_anything_runs(kdrun, tmp_path):
     run_dir = tmp_path / "run"
     p = kdrun("train", "trainer.sync_bn=true", "trainer.device=cpu", "trainer.devices=2", f"hydra.run.dir={run_dir}")
