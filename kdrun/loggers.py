@@ -140,14 +140,25 @@ class CsvLogger(Logger):
             return
         path = os.path.join(self.run_dir, f"metrics_{stage}_steps.csv")
         row = {"step": step, **scalars}
-        new = stage not in self.columns
-        if new:
-            self.columns[stage] = list(row)
-        with open(path, "w" if new else "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns[stage], extrasaction="ignore")
-            if new:
+        if stage not in self.columns:  # this process's first row of the stage: a resumed stage keeps the rows before
+            self.columns[stage], kept = _rows_before(path, step)
+            self.columns[stage] = self.columns[stage] or list(row)
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.columns[stage], extrasaction="ignore")
                 w.writeheader()
-            w.writerow(row)
+                w.writerows(kept)
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns[stage], extrasaction="ignore").writerow(row)
+
+
+def _rows_before(path: str, step: int) -> tuple[list[str], list[dict]]:
+    """The header and the rows of ``path`` logged before global step ``step`` (none when there is no file)."""
+    if not os.path.exists(path):
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if (r.get("step") or "").isdigit() and int(r["step"]) < step]
+        return list(reader.fieldnames or []), rows
 
 
 class TensorBoardLogger(Logger):

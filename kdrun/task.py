@@ -39,6 +39,8 @@ def hydra_train(cfg: DictConfig) -> float:
         validate(cfg)
         devices = int(cfg.trainer.get("devices", 1))
         if distributed.init_from_env(cfg.trainer.device):  # started by torchrun: this process is one worker
+            if not distributed.is_main():  # rank 0 alone fills the console and train.log, as with trainer.devices
+                log.setLevel(logging.WARNING)
             metrics = train.run(cfg, run_dir)
             if not distributed.is_main():
                 return 0.0

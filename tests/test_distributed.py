@@ -207,6 +207,7 @@ def test_two_torchrun_nodes_end_with_the_weights_of_one_process(tmp_path, one_pr
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[1][-2000:] for o in outs)
     assert (run_dir / "metrics.json").exists()
     assert_same_weights(weights(run_dir), one_process)
+    assert (run_dir / "train.log").read_text().count(" teacher epoch=1 ") == 1  # rank 0's lines alone
 
 
 def test_a_slurm_task_joins_the_group_slurm_describes(monkeypatch):

@@ -51,6 +51,25 @@ def test_csv_logger_writes_per_step_rows(tracked):
         assert float(r["loss"]) == pytest.approx(float(r["loss_kd"]) + float(r["loss_ce"]), rel=1e-5)
 
 
+def test_csv_steps_of_a_resumed_stage_follow_those_logged_before(tmp_path):
+    """A stage resumed from its checkpoint at step 4 logs from step 5 on in a new process: the rows before stay
+    (the file used to be started afresh), those after the checkpoint are logged again, once."""
+    from omegaconf import OmegaConf
+
+    from kdrun.loggers import CsvLogger
+
+    first = CsvLogger(str(tmp_path), OmegaConf.create({}))
+    for step in range(1, 7):  # killed after step 6; the checkpoint holds step 4
+        first.step("student", step, {"loss": float(step)})
+    resumed = CsvLogger(str(tmp_path), OmegaConf.create({}))
+    for step in range(5, 9):
+        resumed.step("student", step, {"loss": 10.0 + step})
+    rows = list(csv.DictReader((tmp_path / "metrics_student_steps.csv").read_text().splitlines()))
+    assert [(int(r["step"]), float(r["loss"])) for r in rows] == [(1, 1), (2, 2), (3, 3), (4, 4)] + [
+        (s, 10 + s) for s in range(5, 9)
+    ]
+
+
 def test_tensorboard_event_file_holds_steps_epochs_config_and_final_metrics(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
