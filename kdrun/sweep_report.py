@@ -135,21 +135,31 @@ def canonical(text) -> str:
 def read_composed(run_dir: str) -> dict[str, str]:
     """Scalar values of ``.hydra/config.yaml`` by dotted key, and config-group choices from ``.hydra/hydra.yaml``.
 
-    Values are as saved (interpolations unresolved); missing or unreadable files give nothing.
+    Interpolations are resolved within the config (``loss.beta: ${oc.select:pair_defaults.dkd.beta,8.0}`` is 8.0,
+    as the run used it, so it pools with a run that overrode ``loss.beta=8``); one that needs the running job
+    (``${hydra:...}``) stays as saved. Missing or unreadable files give nothing.
     """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     out: dict[str, str] = {}
 
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
+    def walk(node: DictConfig, prefix: str) -> None:
+        for k in node.keys():
+            try:
+                v = node[k]
+            except Exception:  # noqa: BLE001 (an interpolation that cannot be resolved here: as saved)
+                v = node._get_node(k)._value()  # type: ignore[union-attr]
+            if isinstance(v, DictConfig):
                 walk(v, f"{prefix}{k}.")
-        elif not isinstance(node, list):
-            out[prefix[:-1]] = canonical(node)
+            elif not isinstance(v, ListConfig | list):
+                out[f"{prefix}{k}"] = canonical(v)
 
     try:
-        with open(os.path.join(run_dir, ".hydra", "config.yaml")) as f:
-            walk(yaml.safe_load(f) or {}, "")
-    except (OSError, yaml.YAMLError):
+        composed = OmegaConf.load(os.path.join(run_dir, ".hydra", "config.yaml"))
+        if isinstance(composed, DictConfig):
+            walk(composed, "")
+    except (OSError, yaml.YAMLError, OmegaConfBaseException):
         pass
     try:
         with open(os.path.join(run_dir, ".hydra", "hydra.yaml")) as f:

@@ -166,6 +166,27 @@ def test_mean_std_over_seeds(tmp_path):
     assert "| 4 | 0.5 | 3 | 82.00 ± 2.00 | 60.00 ± 0.00 | 95.00 ± 0.00 | 22.00 ± 2.00 |" in md
 
 
+def test_a_value_one_run_takes_by_interpolation_pools_with_another_run_overriding_it(tmp_path):
+    """A preset's ``loss.beta: ${oc.select:pair_defaults.dkd.beta,8.0}`` is 8 in the run: the same setting as a run
+    with ``loss.beta=8``, so their seeds make one group (read unresolved, they used to be two settings)."""
+    beta = "${oc.select:pair_defaults.dkd.beta,8.0}"
+    make_run(
+        tmp_path, "a", ["trainer.seed=0"], fake_metrics(70.0), config={"loss": {"beta": beta}, "trainer": {"seed": 0}}
+    )
+    make_run(
+        tmp_path,
+        "b",
+        ["loss.beta=8", "trainer.seed=1"],
+        fake_metrics(72.0),
+        config={"loss": {"beta": 8}, "trainer": {"seed": 1}},
+    )
+    runs = sweep_report.collect(str(tmp_path))
+    swept = sweep_report.swept_keys(runs)
+    assert swept == ["trainer.seed"]
+    (group,) = sweep_report.seed_groups(runs, swept)
+    assert group["n"] == 2 and group["student_top1_mean"] == pytest.approx(71.0)
+
+
 def test_a_seed_found_twice_is_one_repeat(tmp_path, caplog):
     """The same sweep twice in the tree (e.g. run again into another folder): each seed counts once."""
     grid_with_seeds(tmp_path / "first")
