@@ -210,51 +210,49 @@ def test_two_torchrun_nodes_end_with_the_weights_of_one_process(tmp_path, one_pr
     assert (run_dir / "train.log").read_text().count(" teacher epoch=1 ") == 1  # rank 0's lines alone
 
 
-def test_a_slurm_task_joins_the_group_slurm_describes(monkeypatch):
-    """SLURM (submitit launcher, several tasks): rank, world, local rank and master come from SLURM's environment."""
+SLURM_TASK = {  # a SLURM job's fourth task, on its second node
+    "SLURM_NTASKS": "4",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_ID": "42",
+    "SLURM_JOB_NODELIST": "gpu[01-02]",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NODEID": "1",
+    "SUBMITIT_EXECUTOR": "slurm",
+}
+# sweep=slurm_local with tasks_per_node=2: submitit's local executor describes its tasks in variables of its own
+# (no SLURM_NTASKS); its tasks used to run as separate whole pipelines racing in one run directory
+LOCAL_TASK = {
+    "SUBMITIT_EXECUTOR": "local",
+    "SUBMITIT_LOCAL_NTASKS": "2",
+    "SUBMITIT_LOCAL_GLOBALID": "1",
+    "SUBMITIT_LOCAL_LOCALID": "1",
+    "SUBMITIT_LOCAL_JOB_ID": "1234",
+    "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+    "SUBMITIT_LOCAL_NODEID": "0",
+}
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        (SLURM_TASK, {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu01"}),
+        (LOCAL_TASK, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": socket.gethostname()}),
+    ],
+    ids=["slurm", "submitit-local"],
+)
+def test_a_slurm_task_joins_the_group_its_environment_describes(monkeypatch, env, want):
+    """SLURM (submitit launcher, several tasks): rank, world, local rank and master come from its environment."""
     pytest.importorskip("submitit")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)
-    env = {
-        "SLURM_NTASKS": "4",
-        "SLURM_PROCID": "3",
-        "SLURM_LOCALID": "1",
-        "SLURM_JOB_ID": "42",
-        "SLURM_JOB_NODELIST": "gpu[01-02]",
-        "SLURM_JOB_NUM_NODES": "2",
-        "SLURM_NODEID": "1",
-        "SUBMITIT_EXECUTOR": "slurm",
-    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with mock.patch.dict(os.environ):  # _slurm_env exports RANK, WORLD_SIZE, ...: none may leak into later tests
         distributed._slurm_env()
         exported = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    assert exported == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu01"}
+    assert exported == want
     assert "WORLD_SIZE" not in os.environ
-
-
-def test_a_task_of_submitit_s_local_executor_joins_its_group(monkeypatch):
-    """sweep=slurm_local with tasks_per_node=2: submitit's local executor describes its tasks in variables of its
-    own (no SLURM_NTASKS); they used to run as separate whole pipelines racing in one run directory."""
-    pytest.importorskip("submitit")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
-        monkeypatch.delenv(k, raising=False)
-    env = {
-        "SUBMITIT_EXECUTOR": "local",
-        "SUBMITIT_LOCAL_NTASKS": "2",
-        "SUBMITIT_LOCAL_GLOBALID": "1",
-        "SUBMITIT_LOCAL_LOCALID": "1",
-        "SUBMITIT_LOCAL_JOB_ID": "1234",
-        "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
-        "SUBMITIT_LOCAL_NODEID": "0",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    with mock.patch.dict(os.environ):
-        distributed._slurm_env()
-        exported = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    assert exported == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
 
 
 def test_sync_bn_on_cpus_is_refused_before_anything_runs(kdrun, tmp_path):
