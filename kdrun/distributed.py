@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -165,9 +166,22 @@ def shared(fn):
     return box[0]
 
 
-def main_only(ctx):
-    """``ctx`` on rank 0, a no-op elsewhere (e.g. a file lock other workers must not wait on)."""
-    return ctx if is_main() else nullcontext()
+@contextmanager
+def lock_on_main(lock, try_lock, device: torch.device, poll_s: float = 5.0):
+    """A lock held by rank 0 for the whole group. ``lock()`` waits for it (used alone); ``try_lock()`` yields
+    whether it got it (e.g. :meth:`kdrun.store.Store.lock` / ``try_lock``). With several workers rank 0 tries every
+    ``poll_s`` seconds and every worker waits with it in one tiny collective per try, so a wait longer than the
+    process group's timeout (another job training the same teacher for an hour) ends no worker."""
+    if size() == 1:
+        with lock():
+            yield
+        return
+    while True:
+        with try_lock() if is_main() else nullcontext(False) as held:
+            if any_flag(bool(held), device):
+                yield
+                return
+        time.sleep(poll_s)
 
 
 def barrier() -> None:

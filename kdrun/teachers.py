@@ -106,7 +106,9 @@ class TeacherSource:
             store, recipe = self.store, self.recipe()
             key = key_of(recipe)
             self.refs.note("teacher", key)
-            with distributed.main_only(store.lock("teacher", key)):
+            # another job may hold it while it trains this teacher: every worker waits (DDP), then reuses it
+            locks = partial(store.lock, "teacher", key), partial(store.try_lock, "teacher", key)
+            with distributed.lock_on_main(*locks, self.data.device):
                 entry = distributed.shared(lambda: store.get("teacher", key))
                 if entry is not None:
                     summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}")

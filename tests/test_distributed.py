@@ -126,6 +126,36 @@ def test_each_rank_binds_its_local_gpu(monkeypatch):
     assert distributed.bind_device("auto") == torch.device("cuda") and chosen[-1] == 0
 
 
+def _lock_worker(rank, world, port, store_dir, out_dir):
+    from datetime import timedelta
+
+    from kdrun.store import Store
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=3)
+    )
+    store, cpu = Store(store_dir), torch.device("cpu")
+    locks = (lambda: store.lock("teacher", "k"), lambda: store.try_lock("teacher", "k"))
+    with distributed.lock_on_main(*locks, cpu, poll_s=0.2):
+        got = distributed.shared(lambda: "rank 0 holds the lock")
+    open(os.path.join(out_dir, f"lock{rank}"), "w").write(got)
+    _leave()
+
+
+def test_workers_wait_together_for_a_store_lock_held_longer_than_the_group_timeout(tmp_path):
+    """Another job holds the teacher's store lock (it is training that teacher) for longer than the process group's
+    timeout: rank 0 used to block on the file lock while the other workers timed out in their broadcast."""
+    import time
+
+    from kdrun.store import Store
+
+    with Store(str(tmp_path / "store")).lock("teacher", "k"):
+        ctx = mp.spawn(_lock_worker, args=(2, _port(), str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False)
+        time.sleep(6)  # twice the workers' collective timeout
+    ctx.join()
+    assert [(tmp_path / f"lock{r}").read_text() for r in (0, 1)] == ["rank 0 holds the lock"] * 2
+
+
 # ---------------------------------------------------------------- end to end (tiny MLPs on digits)
 
 ARGS = [
