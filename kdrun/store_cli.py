@@ -1,7 +1,7 @@
 """``kdrun store ls|gc``: inspect and clean the artifact store of teachers and logit caches.
 
-    kdrun store ls [dir=outputs/.store] [verify=true]
-    kdrun store gc [dir=outputs/.store] [runs=outputs] [older_than=DAYS] [dry_run=true]
+    kdrun store ls [dir=outputs/.store] [verify=true|false]
+    kdrun store gc [dir=outputs/.store] [runs=DIR] [older_than=DAYS] [dry_run=true|false]
 
 ``ls`` lists every entry with its size, age and state (``ok``, or why it cannot
 be used); it never modifies the store (``verify=true`` also checks every file's
@@ -9,46 +9,159 @@ SHA-256, else sizes only). ``gc`` removes every entry that no run under
 ``runs`` references (each run lists the entries it used in
 ``store_refs.json``), damaged and half-written entries, and temporary
 directories of killed builders; with ``older_than`` it also keeps referenced
-entries only when they are younger than that many days. It removes an entry
+entries only when they are younger than that many days, except those a run
+that has not finished (no ``metrics.json`` yet: running, interrupted or failed)
+uses. ``runs`` defaults to the output root the store lives in (``store.dir`` is
+``${paths.output}/.store``, so ``dir=/x/.store`` reads the runs under ``/x``);
+a ``runs`` directory that does not exist is an error.
+
+Every argument is checked before the store is touched: an unknown key, a
+boolean other than true/false (any case, as Hydra reads them), a number of days
+that is not finite and >= 0, or a store or runs directory that does not exist
+is one line and exit code 2, and nothing is removed. ``gc`` removes an entry
 only while holding its lock: an entry being built or read is skipped, and a
-lock a live process holds is never removed.
+lock a live process holds is never removed. Before removing unreferenced or old
+entries it reads the runs' references again with those entries locked, so a run
+that started using one meanwhile keeps it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import cache
 
 from kdrun.errors import ConfigError
 from kdrun.store import Entry, Store
 
-DEFAULTS = {"dir": "outputs/.store", "runs": "outputs", "older_than": None, "dry_run": "false", "verify": "false"}
+KEYS = {"ls": ("dir", "verify"), "gc": ("dir", "runs", "older_than", "dry_run")}
+BOOLEANS = ("verify", "dry_run")
+REFS_FILE = "store_refs.json"
+DONE_FILE = "metrics.json"  # written last by a run: it has finished
+BATCH = 128  # removal candidates held locked together while the runs' references are read again
 
 
-def parse(args: list[str], allowed: set[str]) -> dict:
-    opts = {k: v for k, v in DEFAULTS.items() if k in allowed}
+@cache
+def configured() -> tuple[str, str]:
+    """(``paths.output``, ``store.dir``) as ``kdrun train``'s packaged config sets them:
+    ``outputs`` and ``outputs/.store``."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    conf = files("kdrun.configs")
+    paths = OmegaConf.create(conf.joinpath("paths", "default.yaml").read_text())
+    train = OmegaConf.create(conf.joinpath("train.yaml").read_text())
+    store = OmegaConf.to_container(train.store)  # unresolved: store.dir is ${paths.output}/.store
+    cfg = OmegaConf.create({"paths": {"output": paths.output}, "store": store})
+    return str(cfg.paths.output), str(cfg.store.dir)
+
+
+def default_runs(store_dir: str) -> str | None:
+    """The output root whose store ``store_dir`` is (``X`` for ``X/.store``), or None when ``store_dir`` is
+    not laid out as ``store.dir`` is by default (``${paths.output}/.store``)."""
+    output, default_store = configured()
+    inner = os.path.relpath(default_store, output)  # .store
+    if inner.startswith(".." + os.sep) or inner == "..":
+        return None
+    path, suffix = os.path.abspath(store_dir), os.sep + inner
+    return (path[: -len(suffix)] or os.sep) if path.endswith(suffix) else None
+
+
+def _boolean(key: str, value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ConfigError(f"{key}={value}: must be true or false")
+    return value.lower() == "true"
+
+
+def _days(key: str, value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        days = math.nan
+    if not (math.isfinite(days) and days >= 0):
+        raise ConfigError(f"{key}={value}: must be a number of days >= 0 (e.g. {key}=30)")
+    return days
+
+
+def parse(cmd: str, args: list[str]) -> dict:
+    """The options of ``kdrun store CMD``, every one checked (ConfigError, one line, on the first bad one):
+    ``dir`` (str), ``runs`` (str or None: not given), ``older_than`` (days or None), ``dry_run``/``verify``."""
+    allowed = KEYS[cmd]
+    opts: dict = {"dir": configured()[1], "runs": None, "older_than": None, "dry_run": False, "verify": False}
+    valid = ", ".join(f"{k}=..." for k in sorted(allowed))
     for a in args:
         key, eq, value = a.partition("=")
+        if not eq and key in allowed:
+            raise ConfigError(f"{a}: needs a value ({a}=...); valid: {valid}")
         if not eq or key not in allowed:
-            raise ConfigError(f"{a}: unknown argument; valid: {', '.join(f'{k}=...' for k in sorted(allowed))}")
-        opts[key] = value
-    return opts
+            raise ConfigError(f"{a}: unknown argument; valid: {valid}")
+        if key in BOOLEANS:
+            opts[key] = _boolean(key, value)
+        elif key == "older_than":
+            opts[key] = _days(key, value)
+        elif not value.strip():
+            raise ConfigError(f"{key}=: empty; give a directory ({key}=DIR)")
+        else:
+            opts[key] = value
+    return {k: v for k, v in opts.items() if k in allowed}
 
 
-def referenced(runs_root: str, store_root: str) -> set[tuple[str, str]]:
-    """(kind, key) of every entry a run under ``runs_root`` used from the store at ``store_root``."""
-    refs = set()
-    for dirpath, dirnames, filenames in os.walk(runs_root):
+def runs_root(opts: dict) -> str:
+    """The directory holding the runs that use the store: ``runs=``, else the output root the store is in."""
+    runs = opts["runs"]
+    if runs is None:
+        runs = default_runs(opts["dir"])
+        if runs is None:
+            raise ConfigError(
+                f"runs: not given, and dir={opts['dir']} is not an output root's .store; give the directory "
+                "holding the runs that use this store (their paths.output), runs=DIR"
+            )
+    if not os.path.isdir(runs):
+        raise ConfigError(
+            f"runs={runs}: no such directory; valid: the directory holding the runs that use the store "
+            f"(their paths.output; by default the one dir= is in, here {default_runs(opts['dir']) or 'none'})"
+        )
+    return runs
+
+
+@dataclass
+class Refs:
+    """The store entries the runs under a root use."""
+
+    used: set[tuple[str, str]] = field(default_factory=set)  # (kind, key) used by any run
+    unfinished: dict[tuple[str, str], str] = field(default_factory=dict)  # ... by a run without metrics.json: its dir
+    unreadable: list[str] = field(default_factory=list)  # run directories or reference files that could not be read
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def referenced(runs: str, store_root: str) -> Refs:
+    """The entries of the store at ``store_root`` that runs under ``runs`` use (their ``store_refs.json``)."""
+    refs = Refs()
+    for dirpath, dirnames, filenames in os.walk(runs, onerror=lambda e: refs.unreadable.append(str(e.filename))):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if "store_refs.json" in filenames:
-            try:
-                with open(os.path.join(dirpath, "store_refs.json")) as f:
-                    info = json.load(f)
-            except (OSError, ValueError):
-                continue
-            if info.get("store") and os.path.abspath(info["store"]) == store_root:
-                refs.update(info.get("refs", {}).items())
+        if REFS_FILE not in filenames:
+            continue
+        path = os.path.join(dirpath, REFS_FILE)
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            store, used = info.get("store"), {(str(k), str(v)) for k, v in info.get("refs", {}).items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            refs.unreadable.append(path)
+            continue
+        if not isinstance(store, str) or not _same_dir(store, store_root):
+            continue
+        refs.used |= used
+        if not os.path.exists(os.path.join(dirpath, DONE_FILE)):
+            refs.unfinished.update(dict.fromkeys(used, dirpath))
     return refs
 
 
@@ -57,51 +170,102 @@ def describe(e: Entry, now: float) -> str:
     return f"{e.kind:<8} {e.key}  {e.size / 2**20:9.2f} MB  {(now - e.created) / 86400:7.2f} days  {state}"
 
 
-def _true(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes")
+def _why(entry: Entry | None, refs: Refs, max_age: float | None, now: float) -> str | None:
+    """Why ``entry`` goes (None: it stays). Call under the entry's lock."""
+    if entry is None:  # only temporary directories, and no builder holds the lock: a killed one's
+        return "partial build"
+    if entry.problem:
+        return entry.problem
+    ident = (entry.kind, entry.key)
+    if ident not in refs.used:
+        return "unreferenced"
+    if ident in refs.unfinished:  # its run is still going (or will be resumed): never too old
+        return None
+    if max_age is not None and now - entry.created > max_age:
+        return "older than limit"
+    return None
+
+
+def _line(kind: str, key: str, entry: Entry | None, now: float, why: str) -> str:
+    return f"{describe(entry, now)} ({why})" if entry is not None else f"{kind:<8} {key}  ({why})"
+
+
+def gc(store: Store, runs: str, max_age: float | None, dry: bool, now: float) -> int:
+    """Remove (or, ``dry``, list) what :func:`_why` says goes; print one line each; return the bytes freed."""
+    refs = referenced(runs, store.root)
+    if refs.unreadable:
+        raise ConfigError(
+            f"runs={runs}: cannot read {refs.unreadable[0]}, so which entries its run uses is unknown; make it "
+            "readable or remove that run, then run gc again (nothing was removed)"
+        )
+    freed = 0
+    pending: list[tuple[str, str, Entry | None, str, ExitStack]] = []  # removal candidates, each locked
+
+    def remove_pending() -> int:
+        """Remove the candidates that the runs' references, read again now that they are locked, leave unused:
+        a run notes an entry in its store_refs.json before it takes the entry's lock."""
+        fresh, gone = referenced(runs, store.root), 0
+        while pending:
+            kind, key, entry, why, held = pending.pop(0)
+            with held:
+                if entry is not None and entry.problem is None:  # unreferenced or old: still so?
+                    if fresh.unreadable:
+                        print(f"kept     {_line(kind, key, entry, now, f'cannot read {fresh.unreadable[0]}')}")
+                        continue
+                    if _why(entry, fresh, max_age, now) is None:
+                        print(f"kept     {_line(kind, key, entry, now, 'a run started using it during gc')}")
+                        continue
+                store.remove(kind, key)
+                print(f"removed {_line(kind, key, entry, now, why)}")
+                gone += entry.size if entry is not None else 0
+        return gone
+
+    try:
+        for kind, key in store.entry_keys():
+            held = ExitStack()
+            if not held.enter_context(store.try_lock(kind, key)):  # being built, or read by a running job
+                held.close()
+                print(f"skipped  {kind:<8} {key}  (in use by another process)")
+                continue
+            entry = store.inspect(kind, key, verify=False)
+            why = _why(entry, refs, max_age, now)
+            if why is not None and not dry:
+                pending.append((kind, key, entry, why, held))
+                if len(pending) >= BATCH:
+                    freed += remove_pending()
+                continue
+            held.close()
+            if why is not None:
+                print(f"would remove {_line(kind, key, entry, now, why)}")
+                freed += entry.size if entry is not None else 0
+            elif entry is not None and max_age is not None and now - entry.created > max_age:
+                run = refs.unfinished[(entry.kind, entry.key)]
+                print(f"kept     {_line(kind, key, entry, now, f'older than limit; used by unfinished run {run}')}")
+        freed += remove_pending()
+    finally:
+        for *_, held in pending:  # only after an error: release the locks still held
+            held.close()
+    return freed
 
 
 def store_main(args: list[str]) -> int:
-    if not args or args[0] not in ("ls", "gc"):
+    if not args or args[0] not in KEYS:
         raise ConfigError("kdrun store: give a subcommand; valid: ls, gc")
-    cmd, rest = args[0], args[1:]
-    opts = parse(rest, {"dir", "verify"} if cmd == "ls" else {"dir", "runs", "older_than", "dry_run"})
+    cmd = args[0]
+    opts = parse(cmd, args[1:])
     store = Store(opts["dir"])
     if not os.path.isdir(store.root):
         raise ConfigError(f"dir={opts['dir']}: no artifact store there")
     now = time.time()
     if cmd == "ls":
-        entries = store.entries(verify=_true(opts["verify"]))
+        entries = store.entries(verify=opts["verify"])
         print(f"{'kind':<8} {'key':<16}  {'size':>12}  {'age':>12}  state")
         for e in entries:
             print(describe(e, now))
         print(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.2f} MB in {store.root}")
         return 0
-    try:
-        max_age = float(opts["older_than"]) * 86400 if opts["older_than"] is not None else None
-    except ValueError:
-        raise ConfigError(f"older_than={opts['older_than']}: must be a number of days") from None
-    refs = referenced(opts["runs"], store.root)
-    dry = _true(opts["dry_run"])
-    freed = 0
-    for kind, key in store.entry_keys():
-        with store.try_lock(kind, key) as locked:
-            if not locked:  # being built, or read by a running job: never touched
-                print(f"skipped  {kind:<8} {key}  (in use by another process)")
-                continue
-            entry = store.inspect(kind, key, verify=False)
-            if entry is None:  # only temporary directories of a killed builder
-                print(("would remove " if dry else "removed ") + f"{kind:<8} {key}  (partial build)")
-                if not dry:
-                    store.remove(kind, key)
-                continue
-            unused = (entry.kind, entry.key) not in refs
-            too_old = max_age is not None and now - entry.created > max_age
-            if entry.problem or unused or too_old:
-                why = entry.problem or ("unreferenced" if unused else "older than limit")
-                print(("would remove " if dry else "removed ") + describe(entry, now) + f" ({why})")
-                freed += entry.size
-                if not dry:
-                    store.remove(kind, key)
-    print(f"{'would free' if dry else 'freed'} {freed / 2**20:.2f} MB")
+    runs = runs_root(opts)
+    max_age = opts["older_than"] * 86400 if opts["older_than"] is not None else None
+    freed = gc(store, runs, max_age, opts["dry_run"], now)
+    print(f"{'would free' if opts['dry_run'] else 'freed'} {freed / 2**20:.2f} MB")
     return 0

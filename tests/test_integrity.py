@@ -378,6 +378,7 @@ def test_gc_while_a_sweep_builds_skips_locked_entries_and_keeps_their_locks(tmp_
     root = tmp_path / "store"
     src = tmp_path / "a.bin"
     src.write_bytes(b"z" * 100)
+    (tmp_path / "no_runs").mkdir()
     store = Store(str(root))
     store.publish("teacher", "unused", {"a.bin": str(src)}, {})
     store.publish("logits", "reading", {"a.bin": str(src)}, {})
