@@ -38,6 +38,8 @@ from kdrun import io
 from kdrun.errors import KdrunError
 from kdrun.preempt import maybe_kill
 
+KINDS = ("teacher", "logits")  # what kdrun stores: trained teachers and logit caches
+
 log = logging.getLogger("kdrun")
 MARKER = "COMPLETE"
 TMP = ".tmp-"
@@ -257,11 +259,12 @@ class Store:
         return [os.path.join(kdir, n) for n in sorted(names) if n.startswith(key + TMP)]
 
     def entry_keys(self) -> list[tuple[str, str]]:
-        """(kind, key) of every entry directory, complete or not, and of leftover temporary directories."""
+        """(kind, key) of every entry directory, complete or not, and of leftover temporary directories; only under
+        the kinds kdrun stores (:data:`KINDS`), so a ``dir=`` that is not a store exposes none of its folders."""
         out = set()
         if not os.path.isdir(self.root):
             return []
-        for kind in sorted(os.listdir(self.root)):
+        for kind in KINDS:
             kdir = os.path.join(self.root, kind)
             if not os.path.isdir(kdir):
                 continue

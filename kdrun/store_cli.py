@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from kdrun.errors import ConfigError
-from kdrun.store import Entry, Store
+from kdrun.store import KINDS, Entry, Store
 
 KEYS = {"ls": ("dir", "verify"), "gc": ("dir", "runs", "older_than", "dry_run")}
 BOOLEANS = ("verify", "dry_run")
@@ -254,8 +254,8 @@ def store_main(args: list[str]) -> int:
     cmd = args[0]
     opts = parse(cmd, args[1:])
     store = Store(opts["dir"])
-    if not os.path.isdir(store.root):
-        raise ConfigError(f"dir={opts['dir']}: no artifact store there")
+    if not any(os.path.isdir(os.path.join(store.root, kind)) for kind in KINDS):  # e.g. dir=$HOME
+        raise ConfigError(f"dir={opts['dir']}: no artifact store there (no {' or '.join(f'{k}/' for k in KINDS)})")
     now = time.time()
     if cmd == "ls":
         entries = store.entries(verify=opts["verify"])

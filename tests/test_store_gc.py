@@ -272,3 +272,16 @@ def test_an_entry_locked_by_a_running_job_is_skipped(tmp_path, monkeypatch, caps
         holder.communicate(timeout=60)
     assert code == 0 and f"skipped  teacher  {TEACHER}  (in use by another process)" in stdout, stdout
     assert entries(store) == [("teacher", TEACHER)] and (out / ".store" / "teacher" / f"{TEACHER}.lock").exists()
+
+
+def test_a_folder_that_is_not_a_store_is_refused_and_loses_nothing(tmp_path):
+    """``dir=$HOME`` by mistake: gc looks only under the kinds kdrun stores, and a folder with none is no store."""
+    from kdrun.errors import ConfigError
+    from kdrun.store_cli import store_main
+
+    home = tmp_path / "home"
+    (home / "projects" / "thesis").mkdir(parents=True)
+    (home / "runs").mkdir()
+    with pytest.raises(ConfigError, match=r"dir=.*home: no artifact store there \(no teacher/ or logits/\)"):
+        store_main(["gc", f"dir={home}", f"runs={home / 'runs'}"])
+    assert (home / "projects" / "thesis").is_dir()
