@@ -1,12 +1,25 @@
 """kdrun's Optuna sweeper (hydra_plugins/kdrun_optuna): persistent studies on optuna >= 4."""
 
 import os
+import shlex
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
 optuna = pytest.importorskip("optuna")
-from hydra_plugins.kdrun_optuna.sweeper import WORKER_ATTR, open_storage, search_space  # noqa: E402 (after importorskip)
+from hydra_plugins.kdrun_optuna.sweeper import (  # noqa: E402 (after importorskip)
+    FINGERPRINT_ATTR,
+    HEARTBEAT_ATTR,
+    WORKER_ATTR,
+    Heartbeat,
+    fail_stale_trials,
+    fingerprint,
+    fixed_config,
+    open_storage,
+    search_space,
+)
 from tests.conftest import KDRUN  # noqa: E402
 
 TINY = [
@@ -31,6 +44,7 @@ def test_optuna_preset_selects_the_persistent_sweeper():
     assert sw._target_ == "hydra_plugins.kdrun_optuna.sweeper.KdrunOptunaSweeper"
     assert sw.storage == "journal:/somewhere/optuna/kdrun_kd.journal"
     assert sw.direction == "maximize" and sw.sampler._target_ == "optuna.samplers.TPESampler"
+    assert sw.max_failures is None and sw.grace_period > sw.heartbeat_interval > 0
     assert int(optuna.__version__.split(".")[0]) >= 4
 
 
@@ -70,9 +84,11 @@ def test_search_space_from_hydra_override_grammar():
     assert fixed == {"d": "8"}  # the command line wins
 
 
-def sweep(out, *args, env=None, background=False):
+def sweep(out, *args, env=None, background=False, check=True, timeout=900):
     cmd = [*KDRUN, "train", "-m", "sweep=optuna", *TINY, f"paths.output={out}", *args]
     full_env = dict(os.environ, **(env or {}))
+    if not env or "HYDRA_FULL_ERROR" not in env:
+        full_env.pop("HYDRA_FULL_ERROR", None)  # errors must be the one line users see
     if background:
         return subprocess.Popen(
             cmd,
@@ -89,9 +105,10 @@ def sweep(out, *args, env=None, background=False):
         env=full_env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
     )
-    assert p.returncode == 0, p.stderr[-3000:]
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
     return p
 
 
@@ -146,3 +163,146 @@ def test_two_processes_share_one_study(tmp_path):
     assert len({t.number for t in trials}) == len(trials)
     workers = {t.user_attrs[WORKER_ATTR] for t in complete}
     assert len(workers) == 2  # each process ran trials of the same study
+
+
+SPACE = {
+    "loss.temperature": optuna.distributions.FloatDistribution(1, 10),
+    "loss.alpha": optuna.distributions.FloatDistribution(0.1, 0.9),
+}
+
+
+@pytest.mark.parametrize(("budget", "jobs"), [(["hydra.sweeper.n_trials=2"], 2), (["hydra.sweeper.max_failures=1"], 1)])
+def test_a_sweep_whose_trials_all_fail_stops(tmp_path, budget, jobs):
+    """Failed trials do not count toward n_trials: the sweep stops after max_failures of them (null: n_trials),
+    with exit code 1 as any sweep with failed jobs (it used to start trial after trial until killed)."""
+    p = sweep(
+        tmp_path,
+        "dataset=mnist",
+        f"dataset.root={tmp_path / 'no_such_data'}",  # every job fails at once: its files are not there
+        "hydra.sweep.dir=s",
+        *budget,
+        check=False,
+        timeout=120,
+    )
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert f"optuna: stopped after {jobs} failed trials (hydra.sweeper.max_failures={jobs})" in p.stdout + p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"kdrun: error: {jobs} of {jobs} sweep jobs failed; job 0: ")
+    assert sorted(d.name for d in (tmp_path / "s").iterdir() if d.is_dir()) == [str(i) for i in range(jobs)]
+    assert [t.state for t in load(tmp_path).trials] == [optuna.trial.TrialState.FAIL] * jobs
+
+
+def test_a_study_refuses_a_sweep_of_another_experiment(tmp_path):
+    """The study records the fixed config of the sweep that made it; a sweep of another experiment on the same
+    study (another student here) is refused before it runs anything, instead of reporting the other's best."""
+    sweep(tmp_path, "hydra.sweeper.n_trials=0", "hydra.sweep.dir=a")  # creates the study, runs nothing
+    assert FINGERPRINT_ATTR in load(tmp_path).user_attrs
+    p = sweep(tmp_path, "student=mbv2_tiny", "hydra.sweeper.n_trials=1", "hydra.sweep.dir=b", check=False)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("kdrun: error: hydra.sweeper.study_name=kdrun_kd: ")
+    assert "student.name: resnet8 there, mbv2_tiny here" in p.stderr and "hydra.sweeper.study_name=NAME" in p.stderr
+    assert not (tmp_path / "b").exists() and load(tmp_path).trials == []
+    p = sweep(
+        tmp_path, "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=0", "hydra.sweep.dir=c", check=False
+    )
+    assert p.returncode == 2 and "was made to maximize its objective" in p.stderr
+
+
+def test_the_fingerprint_ignores_the_search_space_and_where_outputs_go():
+    from hydra import compose, initialize_config_module
+
+    def fp(*overrides, params=None):
+        """The fingerprint a sweep with these command-line overrides records (sweep ones go to the sweeper)."""
+        plain = [o for o in overrides if "(" not in o]
+        with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["sweep=optuna", *TINY, *plain], return_hydra_config=True)
+        merged = {**dict(cfg.hydra.sweeper.params), **(params or {})}
+        space, fixed = search_space(merged, [o for o in overrides if not o.startswith("hydra.")])
+        return fingerprint(fixed_config(cfg, space, {k: fixed[k] for k in merged if k in fixed}))
+
+    base = fp()
+    assert fp("paths.output=/elsewhere", "trainer.threads=2", "hydra.sweeper.sampler.seed=3") == base
+    assert fp("hydra.sweeper.n_trials=50", "loss.temperature=choice(1,2,4)") == base  # searched otherwise
+    assert fp("loss.temperature=4") != base  # fixed instead of searched
+    assert fp("student=mbv2_tiny") != base and fp("trainer.epochs=2") != base
+    assert fp(params={"loss.alpha": "0.5"}) != base  # a fixed value in params is part of the experiment
+
+
+def test_a_silent_running_trial_is_failed_and_queued_again():
+    """A trial left RUNNING by a process on another host (killed with its node) is failed once it has shown no
+    heartbeat for grace_period seconds; trials with a recent heartbeat (or start) are left alone."""
+    study = optuna.create_study(direction="maximize")
+    dead, alive, just_started = (study.ask(SPACE) for _ in range(3))
+    for t in (dead, alive, just_started):
+        t.set_user_attr(WORKER_ATTR, "node17:4242")
+    dead.set_user_attr(HEARTBEAT_ATTR, time.time() - 3600)
+    alive.set_user_attr(HEARTBEAT_ATTR, time.time() - 10)
+
+    assert fail_stale_trials(study, grace_period=600) == [dead.number]
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "RUNNING", "WAITING"]  # the retry, queued
+    retry = study.ask(SPACE)
+    assert retry.params == trials[0].params and retry.user_attrs["retry_of"] == dead.number
+
+
+def test_a_heartbeat_stamps_the_running_trials():
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask(SPACE)
+    with Heartbeat([trial], interval=0.05):
+        first = study.trials[0].user_attrs[HEARTBEAT_ATTR]
+        time.sleep(0.3)
+        later = study.trials[0].user_attrs[HEARTBEAT_ATTR]
+    assert later > first
+    time.sleep(0.15)
+    assert study.trials[0].user_attrs[HEARTBEAT_ATTR] == later  # stopped with the block
+    study.tell(trial, 1.0)
+    with Heartbeat([trial], interval=0.05):  # a finished trial is not stamped, and that is no error
+        time.sleep(0.1)
+
+
+def test_a_trial_left_running_on_another_node_does_not_block_the_budget(tmp_path):
+    """A preempted job requeued elsewhere left trial 0 RUNNING (another host); its heartbeat stopped an hour
+    ago: the sweep fails it, runs its parameters again and completes the study."""
+    study = optuna.create_study(
+        study_name="kdrun_kd",
+        storage=open_storage(f"journal:{tmp_path}/optuna/kdrun_kd.journal"),
+        direction="maximize",
+    )
+    stale = study.ask(SPACE)
+    stale.set_user_attr(WORKER_ATTR, "node17:4242")
+    stale.set_user_attr(HEARTBEAT_ATTR, time.time() - 3600)
+    sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=s")
+    trials = load(tmp_path).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
+
+
+def test_a_typo_in_the_direction_is_one_line(tmp_path):
+    p = sweep(tmp_path, "hydra.sweeper.direction=maximise", "hydra.sweep.dir=s", check=False, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr == "kdrun: error: hydra.sweeper.direction=maximise: unknown direction; valid: maximize, minimize\n"
+    assert sorted(os.listdir(tmp_path)) == []  # no sweep directory, no study
+
+
+def test_the_search_space_examples_of_the_preset_work(tmp_path):
+    """The command lines in sweep/optuna.yaml's comments pass kdrun's checks and change the search space as they
+    say (``hydra.sweeper.params.loss.temperature=...`` cannot: Hydra cannot address a key holding a dot)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from kdrun.cli import precheck
+
+    preset = Path(__file__).parents[1] / "kdrun" / "configs" / "sweep" / "optuna.yaml"
+    examples, line = [], ""
+    for comment in (ln[1:].strip() for ln in preset.read_text().splitlines() if ln.startswith("#")):
+        line = f"{line} {comment}".strip() if line.endswith("\\") or comment.startswith("kdrun train") else ""
+        if line and not line.endswith("\\"):
+            examples.append(line.replace("\\", " "))
+            line = ""
+    for example in examples:
+        args = [a for a in shlex.split(example)[2:] if a != "-m"] + [f"paths.output={tmp_path}"]
+        precheck(args, "train", multirun=True)  # raises kdrun's one-line error on a form Hydra cannot apply
+        plain = [o.input_line for o in OverridesParser.create().parse_overrides(args) if not o.is_sweep_override()]
+        space, _ = search_space(dict(hydra_cfg(plain).sweeper.params), [a for a in args if not a.startswith("hydra.")])
+        assert space["loss.temperature"] == CategoricalDistribution([1, 2, 4, 8]), example
+        assert space["loss.alpha"] == FloatDistribution(0.1, 0.9), example
+    assert len(examples) == 2  # a sweep override of the key, and params={key:"..."}

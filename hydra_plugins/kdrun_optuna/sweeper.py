@@ -6,23 +6,39 @@ on NFS, with the ``open`` lock) or any Optuna RDB URL (``sqlite:///optuna.db``, 
 ``null`` keeps it in memory. The same command run again loads the study (``load_if_exists``) and
 continues it: trial numbers go on from where it stopped, and the sweeper stops once the study holds
 ``n_trials`` finished trials (counting those of earlier runs and of other processes sharing the
-study), so N SLURM jobs started with the same command share the budget. A trial left RUNNING by a
-process of this machine that no longer exists (a killed job) is marked FAIL and its parameters are
-queued again.
+study), so N SLURM jobs started with the same command share the budget.
+
+A study belongs to one experiment: it records a fingerprint of the fixed (not searched) config when it
+is created, and a sweep whose fixed config differs (another student, dataset, ...) or that optimises in
+the other ``direction`` is refused (exit 2) rather than continuing the study of another experiment.
+
+A process stamps its running trials every ``heartbeat_interval`` seconds (user attr
+``kdrun_heartbeat``). A RUNNING trial whose process is gone is marked FAIL and its parameters are
+queued again: at once when that process was on this machine, otherwise once the trial has shown no
+heartbeat for ``grace_period`` seconds (a job killed on another node; the clocks of the nodes must
+agree to well within ``grace_period``). Failed trials do not count toward ``n_trials``, so the sweep
+stops, logging why, after ``max_failures`` failed trials of its own (default ``n_trials``); the failed
+jobs' FAILED notes then make ``kdrun train -m`` exit with 1, as for any sweep with failed jobs.
 
 The search space is ``params`` (and ``-m`` sweep overrides on the command line), in Hydra's override
 grammar: ``choice(a,b)`` -> categorical, ``range(lo,hi,step)`` -> int/float steps,
 ``interval(lo,hi)`` -> float, ``tag(int, interval(lo,hi))`` -> int, ``tag(log, interval(lo,hi))`` -> log
 scale; plain values are fixed for every trial. Each trial is one Hydra job; the task's return value
-is the objective (``direction``). ``optimization_results.yaml`` in the sweep directory holds the best
-trial of the whole study.
+is the objective (``direction``); a job that fails or returns None/NaN is a FAIL trial.
+``optimization_results.yaml`` in the sweep directory holds the best trial of the whole study.
 """
 
 # (no ``from __future__ import annotations``: Hydra executes this module outside sys.modules while it
 # scans for plugins, and dataclasses cannot resolve postponed annotations there)
+import hashlib
+import json
 import logging
+import math
 import os
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +53,21 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 WORKER_ATTR = "kdrun_worker"  # "host:pid" of the process that asked for a trial
+HEARTBEAT_ATTR = "kdrun_heartbeat"  # unix time that process last showed it still runs the trial
+FINGERPRINT_ATTR = "kdrun_fingerprint"  # study attr: hash of the fixed config of the study's experiment
+FIXED_CONFIG_ATTR = "kdrun_fixed_config"  # study attr: that config (JSON), to name what differs
+DIRECTIONS = ("maximize", "minimize")
+# not part of an experiment's identity: where outputs go, how they are logged, and trainer settings that do
+# not change the result (as for resuming a run, kdrun/stages.py: RESUME_IGNORED*); sweep.metric does count
+FINGERPRINT_IGNORED = ("hydra", "paths", "logger", "store")
+FINGERPRINT_IGNORED_TRAINER = (
+    "eval_batch_size",
+    "device",
+    "log_every",
+    "latency",
+    "checkpoint_every_steps",
+    "threads",
+)
 
 
 @dataclass
@@ -48,6 +79,9 @@ class KdrunOptunaSweeperConf:
     storage: Any = None  # journal:PATH | an Optuna RDB URL | null (in memory)
     n_trials: int = 20  # finished trials the study should hold (all runs and processes together)
     n_jobs: int = 1  # trials launched at a time by this process (its launcher runs them)
+    max_failures: int | None = None  # failed trials after which this process stops (int >= 1); null: n_trials
+    heartbeat_interval: float = 60.0  # seconds between the stamps a process puts on its running trials
+    grace_period: float = 600.0  # a RUNNING trial without a stamp for this long is failed and queued again
     params: Any = None  # {key: override grammar}
 
 
@@ -134,25 +168,138 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_stale_trials(study) -> list[int]:
-    """Mark FAIL the RUNNING trials whose process (on this host) is gone, and queue their parameters again."""
+def _last_seen(trial) -> float:
+    """Unix time of the last sign of life of a RUNNING trial: its heartbeat, else its start."""
+    beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+    if isinstance(beat, (int, float)):
+        return float(beat)
+    return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+
+
+def fail_stale_trials(study, grace_period: float | None = None) -> list[int]:
+    """Mark FAIL the RUNNING trials whose process is gone, and queue their parameters again: a process of
+    this host that no longer exists, or (any host) no heartbeat for more than ``grace_period`` seconds."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
+    host, now = socket.gethostname(), time.time()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get(WORKER_ATTR, "")
         w_host, _, pid = worker.rpartition(":")
-        if w_host == host and pid.isdigit() and not _alive(int(pid)):
+        gone = w_host == host and pid.isdigit() and not _alive(int(pid))
+        silent = grace_period is not None and now - _last_seen(t) > grace_period
+        if not (gone or silent):
+            continue
+        try:
             study.tell(t.number, state=TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
-            failed.append(t.number)
+        except (UpdateFinishedTrialError, ValueError):  # another process finished or failed it meanwhile
+            continue
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        failed.append(t.number)
     if failed:
         log.info(
-            "optuna: trials %s were left running by a process that is gone: marked FAIL, queued again",
+            "optuna: trials %s were left running by a process that is gone (or silent for more than "
+            "hydra.sweeper.grace_period=%gs): marked FAIL, queued again",
             failed,
+            grace_period,
         )
     return failed
+
+
+class Heartbeat:
+    """While in the ``with`` block, a daemon thread stamps ``HEARTBEAT_ATTR`` (unix time) on ``trials`` every
+    ``interval`` seconds, so processes elsewhere can tell them from trials of a process that has died."""
+
+    def __init__(self, trials: list, interval: float):
+        self.trials, self.interval = trials, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kdrun-optuna-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        now = time.time()
+        for t in self.trials:
+            try:
+                t.set_user_attr(HEARTBEAT_ATTR, now)
+            except Exception:  # noqa: BLE001 (finished meanwhile, or the storage hiccuped: the next beat retries)
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def __enter__(self) -> "Heartbeat":
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _drop(tree: dict, key: str) -> None:
+    """Remove a dotted key from nested dicts (nothing when it is not there)."""
+    *parents, leaf = key.split(".")
+    node: Any = tree
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def fixed_config(config: DictConfig, space: dict, fixed_params: dict) -> dict:
+    """What makes an experiment: the task config less ``FINGERPRINT_IGNORED*`` and the searched keys, plus the
+    fixed values of ``params`` (the jobs get them as overrides). Interpolations are kept as written."""
+    tree = OmegaConf.to_container(
+        OmegaConf.masked_copy(config, [str(k) for k in config if k not in FINGERPRINT_IGNORED]),
+        resolve=False,
+        enum_to_str=True,
+    )
+    assert isinstance(tree, dict)
+    if isinstance(tree.get("trainer"), dict):
+        tree["trainer"] = {k: v for k, v in tree["trainer"].items() if k not in FINGERPRINT_IGNORED_TRAINER}
+    for key in space:
+        _drop(tree, key)
+    tree = json.loads(json.dumps(tree, sort_keys=True, default=str))
+    if fixed_params:
+        tree["hydra.sweeper.params"] = {k: str(v) for k, v in sorted(fixed_params.items())}
+    return tree
+
+
+def fingerprint(tree: dict) -> str:
+    return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(ours: dict, theirs: dict, limit: int = 3) -> str:
+    a, b = _flat(ours), _flat(theirs)
+    missing = object()
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    shown = [f"{k}: {_show(b, k)} there, {_show(a, k)} here" for k in keys[:limit]]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(shown) + more
+
+
+def _show(flat: dict, key: str) -> str:
+    return "(unset)" if key not in flat else str(flat[key])[:60]
+
+
+def refuse(msg: str) -> None:
+    """Bad input to the sweeper: one line ``kdrun: error: ...`` and exit 2, as ``kdrun``'s own checks (a traceback
+    with HYDRA_FULL_ERROR=1). Called before the sweep launches anything."""
+    from kdrun.errors import ConfigError
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise ConfigError(msg)
+    sys.stdout.flush()
+    print(f"kdrun: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(ConfigError.exit_code)
 
 
 class KdrunOptunaSweeper(Sweeper):
@@ -164,14 +311,20 @@ class KdrunOptunaSweeper(Sweeper):
         storage: str | None = None,
         n_trials: int = 20,
         n_jobs: int = 1,
+        max_failures: int | None = None,
+        heartbeat_interval: float = 60.0,
+        grace_period: float = 600.0,
         params: Any = None,
     ):
         self.sampler_cfg = sampler
-        self.direction = str(direction)
+        self.direction = str(getattr(direction, "value", direction))
         self.study_name = str(study_name)
         self.storage = storage
         self.n_trials = int(n_trials)
         self.n_jobs = max(1, int(n_jobs))
+        self.max_failures = max(1, self.n_trials) if max_failures is None else int(max_failures)
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.grace_period = float(grace_period)
         self.params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else params
         self.launcher = None
         self.config: DictConfig | None = None
@@ -196,25 +349,70 @@ class KdrunOptunaSweeper(Sweeper):
             return instantiate(self.sampler_cfg)
         return self.sampler_cfg
 
+    def check_settings(self) -> None:
+        """Refuse (one line, exit 2) settings that cannot work, before the study is opened."""
+        if self.direction not in DIRECTIONS:
+            refuse(f"hydra.sweeper.direction={self.direction}: unknown direction; valid: {', '.join(DIRECTIONS)}")
+        if self.max_failures < 1:
+            refuse(f"hydra.sweeper.max_failures={self.max_failures}: must be >= 1 (null: n_trials)")
+        if not self.heartbeat_interval > 0 or not self.grace_period > self.heartbeat_interval:
+            refuse(
+                f"hydra.sweeper.grace_period={self.grace_period:g}: must exceed "
+                f"hydra.sweeper.heartbeat_interval={self.heartbeat_interval:g} (> 0), or live trials would be "
+                "taken for dead ones"
+            )
+
     def study(self):
         import optuna
 
-        if self.direction not in ("maximize", "minimize"):
-            raise ValueError(f"hydra.sweeper.direction={self.direction}: valid: maximize, minimize")
-        return optuna.create_study(
-            study_name=self.study_name,
-            storage=open_storage(self.storage),
-            sampler=self._sampler(),
-            direction=self.direction,
-            load_if_exists=True,
-        )
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "created"/"using an existing study": sweep() logs it
+        try:
+            return optuna.create_study(
+                study_name=self.study_name,
+                storage=open_storage(self.storage),
+                sampler=self._sampler(),
+                direction=self.direction,
+                load_if_exists=True,
+            )
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+
+    def check_experiment(self, study, space: dict, fixed: dict) -> None:
+        """The study must be this experiment's: the same fixed config (recorded by the sweep that created the
+        study; a study without the record adopts this one's) and the same direction; else refuse."""
+        fixed_params = {k: fixed[k] for k in (self.params or {}) if k in fixed}
+        ours = fixed_config(self.config, space, fixed_params) if self.config is not None else {}
+        where = f"study {self.study_name} in {self.storage or 'memory'}"
+        hint = "give this sweep its own study with hydra.sweeper.study_name=NAME (or another hydra.sweeper.storage)"
+        theirs = study.user_attrs.get(FINGERPRINT_ATTR)
+        if theirs is None:  # a new study (or one made before kdrun recorded this): it is this experiment's now
+            if study.trials:
+                log.info("optuna: %s had no record of its experiment: it now holds this sweep's", where)
+            study.set_user_attr(FINGERPRINT_ATTR, fingerprint(ours))
+            study.set_user_attr(FIXED_CONFIG_ATTR, json.dumps(ours, sort_keys=True))
+        elif theirs != fingerprint(ours):
+            try:
+                diff = _differences(ours, json.loads(study.user_attrs.get(FIXED_CONFIG_ATTR, "{}")))
+            except (TypeError, ValueError):
+                diff = ""
+            refuse(
+                f"hydra.sweeper.study_name={self.study_name}: {where} belongs to an experiment with another "
+                f"fixed config ({diff or 'fingerprint ' + str(theirs)}); its trials do not apply here: {hint}"
+            )
+        if study.direction.name.lower() != self.direction:
+            refuse(
+                f"hydra.sweeper.direction={self.direction}: {where} was made to "
+                f"{study.direction.name.lower()} its objective; {hint}"
+            )
 
     def sweep(self, arguments: list[str]) -> None:
         from optuna.trial import TrialState
 
+        self.check_settings()
         space, fixed = search_space(self.params, arguments)
         study = self.study()
-        fail_stale_trials(study)
+        self.check_experiment(study, space, fixed)
         log.info(
             "optuna: study %s in %s, %d finished trials of %d; search space %s",
             self.study_name,
@@ -223,34 +421,42 @@ class KdrunOptunaSweeper(Sweeper):
             self.n_trials,
             list(space),
         )
+        failures = 0
         while True:
-            remaining = self.n_trials - _count(study, TrialState.COMPLETE) - _count(study, TrialState.RUNNING)
+            fail_stale_trials(study, self.grace_period)
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+            remaining = self.n_trials - _count(study, TrialState.COMPLETE) - len(running)
             if remaining <= 0:
+                if running:
+                    log.info(
+                        "optuna: trials %s run in other processes and count toward n_trials=%d (one that shows "
+                        "no heartbeat for hydra.sweeper.grace_period=%gs is failed and run again)",
+                        running,
+                        self.n_trials,
+                        self.grace_period,
+                    )
                 break
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
+            if failures >= self.max_failures:
+                log.error(
+                    "optuna: stopped after %d failed trials (hydra.sweeper.max_failures=%d); the study holds %d "
+                    "finished trials of n_trials=%d; the FAILED note of each job says why",
+                    failures,
+                    self.max_failures,
+                    _count(study, TrialState.COMPLETE),
+                    self.n_trials,
+                )
+                break
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining, self.max_failures - failures))]
             for t in trials:
                 t.set_user_attr(WORKER_ATTR, this_worker())
             overrides = [
                 tuple(f"{k}={v}" for k, v in fixed.items()) + tuple(f"{k}={t.params[k]}" for k in space) for t in trials
             ]
-            returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
+            with Heartbeat(trials, self.heartbeat_interval):
+                returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
             for t, ret in zip(trials, returns, strict=True):
-                try:
-                    value = ret.return_value
-                except Exception as e:  # noqa: BLE001 (the job failed: so does its trial, the study goes on)
-                    log.warning(
-                        "optuna: trial %d failed (%s: %s)",
-                        t.number,
-                        type(e).__name__,
-                        e,
-                    )
-                    study.tell(t, state=TrialState.FAIL)
-                    continue
-                t.set_user_attr("run_dir", str(ret.working_dir))
-                if value is None:
-                    study.tell(t, state=TrialState.FAIL)
-                else:
-                    study.tell(t, float(value))
+                if not _tell(study, t, ret):
+                    failures += 1
         self._write_results(study)
 
     def _write_results(self, study) -> None:
@@ -280,3 +486,29 @@ class KdrunOptunaSweeper(Sweeper):
 
 def _count(study, state) -> int:
     return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+def _tell(study, trial, ret) -> bool:
+    """Tell the study a job's outcome: its objective, or FAIL when the job failed or returned None/NaN.
+    True when the trial is COMPLETE."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        value = ret.return_value
+        value = None if value is None else float(value)
+    except Exception as e:  # noqa: BLE001 (the job failed: so does its trial, the study goes on)
+        log.warning("optuna: trial %d failed (%s: %s)", trial.number, type(e).__name__, e)
+        value = None
+    ok = value is not None and math.isfinite(value)
+    try:
+        if getattr(ret, "working_dir", None):
+            trial.set_user_attr("run_dir", str(ret.working_dir))
+        if ok:
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+    except (UpdateFinishedTrialError, ValueError) as e:  # failed as stale by another process meanwhile
+        log.warning("optuna: trial %d was already finished elsewhere (%s); its result is not recorded", trial.number, e)
+        return False
+    return ok
