@@ -365,9 +365,9 @@ def sweep_exit_code() -> int:
     name, reason = outcome.failed[0]
     more = f" (and {len(outcome.failed) - 1} more)" if len(outcome.failed) > 1 else ""
     where = outcome.report or outcome.sweep_dir
+    others = "the other jobs completed" if len(outcome.failed) < outcome.jobs else "none completed"
     return fail(
-        f"{len(outcome.failed)} of {outcome.jobs} sweep jobs failed; job {name}: {reason}{more}; "
-        f"the other jobs completed; see {where}",
+        f"{len(outcome.failed)} of {outcome.jobs} sweep jobs failed; job {name}: {reason}{more}; {others}; see {where}",
         code=EXIT_SWEEP_FAILED,
     )
 

@@ -494,6 +494,23 @@ def test_multirun_end_reports_failed_jobs_and_the_exit_code_says_so(tmp_path, ca
     assert sweep_exit_code() == 0  # the outcome is consumed once
 
 
+def test_a_multirun_whose_jobs_all_failed_says_none_completed(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from kdrun import callbacks
+    from kdrun.cli import sweep_exit_code
+
+    for job in ("0", "1"):
+        make_run(tmp_path, job, [f"loss.temperature={job}"], failed="dataset.root=/nope: no such directory")
+    callbacks.SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert sweep_exit_code() == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("kdrun: error: 2 of 2 sweep jobs failed; job 0: dataset.root=/nope")
+        and "; none completed;" in err
+    )
+
+
 def test_multirun_without_failures_exits_0(tmp_path):
     from omegaconf import OmegaConf
 
