@@ -223,14 +223,15 @@ def train_stage(
             seen += len(batch.y) * distributed.size()
             if kill is not None:
                 kill(stage, epoch * len(loader) + step + 1)
-            if (step + 1) % log_every == 0:  # one host sync every log_every steps
+            global_step = epoch * len(loader) + step + 1
+            if global_step % log_every == 0:  # one host sync every log_every steps of the stage, across epochs
                 value = float(distributed.all_sum(loss.detach().clone())) / distributed.size()
                 _check_finite(value, stage, epoch, step)
                 bar.set_postfix(loss=f"{value:.4f}")
                 if logger:
                     logger.log_step(
                         stage,
-                        epoch * len(loader) + step + 1,
+                        global_step,
                         terms,
                         loss=value,
                         lr=optimizer.param_groups[0]["lr"],

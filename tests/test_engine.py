@@ -225,3 +225,34 @@ def test_compile_trains_feature_methods_and_the_online_scheme(kdrun, tmp_path, o
     m = json.loads((run_dir / "metrics.json").read_text())
     stage = "online" if "scheme=online" in overrides else "student"
     assert m["stages"][stage]["epochs"] == 1 and math.isfinite(m["stages"][stage]["final_train_loss"])
+
+
+def test_log_every_counts_the_stage_s_steps_across_epochs(tmp_path):
+    """Epochs of 2 steps with log_every=3: steps 3 and 6 of the stage are logged (counted within each epoch, as
+    before, no step was ever logged: every digits stage of the default run is shorter than log_every=50)."""
+    from kdrun import engine
+
+    logged = []
+
+    class Steps:
+        def log_step(self, stage, step, terms, **values):
+            logged.append(step)
+
+        def log_epoch(self, *a):
+            pass
+
+    def objective(net, batch, epoch):
+        return {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}
+
+    engine.train_stage(
+        "s",
+        Linear(),
+        objective,
+        tiny_loader(n=4, batch=2),
+        epochs=3,
+        optim_cfg=optim(),
+        run_dir=str(tmp_path),
+        log_every=3,
+        logger=Steps(),
+    )
+    assert logged == [3, 6]

@@ -17,10 +17,10 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from kdrun import io
 from kdrun.data.transforms import fit_image, to_array
+from kdrun.progress import progress
 from kdrun.errors import ConfigError
 
 log = logging.getLogger("kdrun")
@@ -77,7 +77,8 @@ def decode_files(
     out = np.empty((len(files), in_chans, image_size, image_size), dtype=np.uint8)
     tasks = [(files[i : i + _CHUNK], image_size, in_chans, crop_fraction) for i in range(0, len(files), _CHUNK)]
     workers = min(workers or os.cpu_count() or 1, len(tasks))
-    with tqdm(total=len(files), desc=desc, unit="img", leave=False, dynamic_ncols=True, mininterval=1.0) as bar:
+    bar = progress(total=len(files), desc=desc, unit="img")  # a bar on a terminal, log lines in a file
+    try:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 results = pool.map(_decode_chunk, tasks)
@@ -89,6 +90,8 @@ def decode_files(
                 chunk = _decode_chunk(task)
                 out[i * _CHUNK : i * _CHUNK + len(chunk)] = chunk
                 bar.update(len(chunk))
+    finally:
+        bar.close()
     return torch.from_numpy(out)
 
 
