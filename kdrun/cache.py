@@ -50,6 +50,7 @@ from kdrun import distributed, io
 from kdrun.data.loader import TensorLoader
 from kdrun.data.stream import StreamLoader
 from kdrun.engine import autocast
+from kdrun.errors import KdrunError
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 from kdrun.progress import progress
 
@@ -97,9 +98,19 @@ class CacheShape:
         return {"format": FORMAT, "key": key} | {k: getattr(self, k) for k in ("samples", "views", "classes", "topk")}
 
 
+FP16_MAX = 65504.0
+
+
 def encode(logits: torch.Tensor, shape: CacheShape) -> np.ndarray:
-    """Rows [B, row_bytes] (uint8) of logits [B, C]."""
+    """Rows [B, row_bytes] (uint8) of logits [B, C]; KdrunError for logits fp16 cannot hold (they would read
+    back as inf, and the KD targets as NaN)."""
     x = logits.detach().float().cpu()
+    if not bool(x.abs().le(FP16_MAX).all()):
+        worst = float(x.abs().nan_to_num(nan=float("inf")).max())
+        raise KdrunError(
+            f"cache: a teacher logit of magnitude {worst:.4g} does not fit the cache's fp16 (at most {FP16_MAX:g}); "
+            "the teacher has diverged or is unnormalised: check it, or run with cache.enabled=false"
+        )
     if shape.topk is None:
         return x.half().numpy().view(np.uint8).reshape(len(x), -1)
     k = shape.topk
@@ -296,7 +307,9 @@ def fill_pass(
     t0 = time.perf_counter()
     teacher.eval()
     rank, world = distributed.world()
-    todo = torch.from_numpy(cache.missing())
+    # rank 0's list, read before any rank writes: a rank reading its own after another began would split the
+    # rows differently and leave some to no one
+    todo = torch.from_numpy(distributed.shared(cache.missing))
     jobs = list(todo.split(batch_size))[rank::world]
     mine = torch.cat(jobs) if jobs else todo[:0]
     index, view = mine % cache.shape.samples, mine // cache.shape.samples

@@ -139,6 +139,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}=fp16: needs a CUDA GPU; use bf16 on CPUs")
     if cfg.trainer.get("sync_bn") and not dev.startswith("cuda") and not _cuda_auto(dev):
         raise ConfigError("trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs")
+    workers = int(os.environ.get("WORLD_SIZE") or cfg.trainer.get("devices") or 1)  # torchrun's, or spawned
+    if workers > 1 and int(cfg.trainer.batch_size) % workers:
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size}: must be a multiple of the {workers} data-parallel "
+            "workers, which take equal shares of every batch (else its first images would be drawn twice)"
+        )
     if dev.startswith("cuda"):
         import torch
 

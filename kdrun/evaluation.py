@@ -33,6 +33,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[floa
     res = []
     for k in ks:
         k = min(k, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
+        # top-1 by argmax, as errors, agreement and the McNemar test count (topk breaks exact ties otherwise)
+        topk = logits.argmax(1, keepdim=True) if k == 1 else logits.topk(k, dim=1).indices
         res.append(100.0 * (topk == labels[:, None]).any(dim=1).float().mean().item())
     return res

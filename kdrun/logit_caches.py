@@ -105,7 +105,8 @@ class LogitCaches:
             f", top {shape.topk} logits" if shape.topk else "",
         )
         info = {"source": source, "filled_before": filled, "seconds": 0.0, "fill": ccfg.get("fill")}
-        if ccfg.get("fill") == "pass" and not cache.complete:
+        # rank 0's answer for all: another rank may already be writing rows when a rank looks for itself
+        if ccfg.get("fill") == "pass" and not distributed.shared(lambda: cache.complete):
             precision = teacher.precision or self.cfg.trainer.get("precision", "fp32")
             loader = d.train_loader(d.views, d.student_set)  # the student stage's views, from memory or files
             info["seconds"] = fill_pass(cache, teacher.model, loader, d.eval_batch_size, precision)

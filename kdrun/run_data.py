@@ -119,7 +119,8 @@ class RunData:
         )
         # in-memory splits go to the training device once; every loader of every stage shares them
         self.train_set: ImageSet | FileSet = on_device(train, device)
-        self.student_set: ImageSet | FileSet = on_device(student, device)
+        # all of the training split (student_fraction=1, nothing excluded) is the same split: not a second copy
+        self.student_set: ImageSet | FileSet = self.train_set if student is train else on_device(student, device)
         self.val_set: ImageSet | FileSet | None = on_device(val, device) if val is not None else None
         self.test_set: ImageSet | FileSet = on_device(self.data.test, device)
         self.seconds = time.perf_counter() - t0

@@ -19,6 +19,10 @@ import pytest
         (["-m", "loss.alpha=0.5,2"], "loss.alpha=2: must be a number in [0, 1]"),
         (["trainer.batch_size=abc"], "trainer.batch_size=abc: must be an integer > 0"),
         (["trainer.batch_size=-8"], "trainer.batch_size=-8: must be an integer > 0"),
+        (
+            ["trainer.devices=3", "trainer.batch_size=128"],
+            "trainer.batch_size=128: must be a multiple of the 3 data-parallel workers",
+        ),
         (["cache.views=-1"], "cache.views=-1: must be an integer >= 0"),
         (
             ["dataset=imagefolder", "dataset.augment.kind=mixup"],

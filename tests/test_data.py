@@ -291,3 +291,37 @@ def test_shared_cifar10_imagefolder_and_its_cache(cifar10_folder, tmp_path, monk
     monkeypatch.setattr(imagefolder_module, "decode_files", None)  # a second load must not decode
     again = load("imagefolder", **kw)
     assert torch.equal(again.test.images, data.test.images)
+
+
+def test_the_whole_training_split_as_transfer_set_is_not_a_second_copy():
+    """dataset.student_fraction=1 with nothing excluded: the student stages train on the very split the teacher
+    does, put on the device once (a second copy doubled the GPU memory the training images take)."""
+    from kdrun.cli import compose
+    from kdrun.run_data import RunData
+
+    data = RunData(compose(["dataset.student_fraction=1.0"]), torch.device("cpu"))
+    assert data.student_set is data.train_set
+    data = RunData(compose(["dataset.student_fraction=0.5"]), torch.device("cpu"))
+    assert data.student_set is not data.train_set and len(data.student_set) < len(data.train_set)
+
+
+def test_top1_breaks_exact_ties_as_errors_agreement_and_mcnemar_do():
+    """All-equal logits: argmax takes class 0 (the errors, agreement and McNemar count), topk took another."""
+    from kdrun.evaluation import accuracy
+
+    logits, labels = torch.zeros(4, 10), torch.zeros(4, dtype=torch.long)
+    assert accuracy(logits, labels, ks=(1,)) == [100.0]
+    assert (logits.argmax(1) == labels).all()
+
+
+def test_a_logit_beyond_fp16_is_refused_by_the_cache_not_stored_as_inf():
+    from kdrun.cache import CacheShape, decode, encode
+    from kdrun.errors import KdrunError
+
+    shape = CacheShape(2, 0, 3, None)
+    ok = torch.tensor([[60000.0, 1.0, -60000.0]])
+    assert torch.equal(decode(encode(ok, shape), shape), ok.half().float())
+    with pytest.raises(KdrunError, match=r"cache: a teacher logit of magnitude 7e\+04 does not fit the cache's fp16"):
+        encode(torch.tensor([[70000.0, 1.0, 0.0]]), shape)
+    with pytest.raises(KdrunError, match="does not fit"):
+        encode(torch.tensor([[float("nan"), 1.0, 0.0]]), shape)

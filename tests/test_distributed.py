@@ -93,6 +93,36 @@ def _crd_worker(rank, world, port, out_dir):
     _leave()
 
 
+def _fill_worker(rank, world, port, out_dir):
+    import time
+
+    from kdrun.cache import CacheShape, LogitCache, fill_pass
+    from tests.test_engine import tiny_loader
+
+    _join(rank, world, port)
+    path, shape = os.path.join(out_dir, "t.kdlc"), CacheShape(12, 0, 3, None)
+    if rank == 0:
+        LogitCache.open(path, shape, "k")
+    dist.barrier()
+    cache = LogitCache.attach(path, shape, "k")
+    if rank == 1:
+        time.sleep(1.0)  # rank 0 is writing its first batches by now
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    fill_pass(cache, teacher, tiny_loader(n=12, batch=2), batch_size=2)
+    _leave()
+
+
+def test_a_cache_filled_by_two_workers_in_one_pass_is_complete(tmp_path):
+    """The rows to fill are rank 0's list, read before any worker writes: a worker that read its own list after
+    another had begun split the rows otherwise, and left some to no one."""
+    from kdrun.cache import CacheShape, LogitCache
+
+    mp.spawn(_fill_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
+    cache = LogitCache.attach(str(tmp_path / "t.kdlc"), CacheShape(12, 0, 3, None), "k")
+    assert cache.filled == 12 and cache.complete
+
+
 def test_crd_memory_banks_gather_every_ranks_updates(tmp_path):
     mp.spawn(_crd_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
     banks = [torch.load(tmp_path / f"bank{r}.pt") for r in (0, 1)]

@@ -82,7 +82,8 @@ def test_parallel_runs_build_the_teacher_once(tmp_path):
 def test_store_cli_bad_input(kdrun, tmp_path):
     p = kdrun("store", "ls", f"dir={tmp_path / 'none'}")
     assert p.returncode == 2
-    assert p.stderr.strip() == f"kdrun: error: dir={tmp_path / 'none'}: no artifact store there (no teacher/ or logits/)"
+    want = f"kdrun: error: dir={tmp_path / 'none'}: no artifact store there (no teacher/ or logits/)"
+    assert p.stderr.strip() == want
     p = kdrun("store", "rm")
     assert p.returncode == 2 and "valid: ls, gc" in p.stderr
     p = kdrun("store", "gc", "foo=1")

@@ -20,8 +20,8 @@ from PIL import Image
 
 from kdrun import io
 from kdrun.data.transforms import fit_image, to_array
-from kdrun.progress import progress
 from kdrun.errors import ConfigError
+from kdrun.progress import progress
 
 log = logging.getLogger("kdrun")
 KIND = "decoded"

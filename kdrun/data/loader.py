@@ -75,7 +75,7 @@ def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, views: int | None) 
     ``views`` None: a fresh view per sample; K > 0: one of K cached views; 0: view 0 (no augmentation).
     With K views every sample cycles through all K, from its own seeded starting view, before it sees one
     again: over E epochs it meets min(E, K) distinct views (drawing a view at random per epoch would give
-    K(1 - (1 - 1/K)^E), e.g. 6.9 of 8 in 20 epochs), and with K >= E no view is replayed at all, so the
+    K(1 - (1 - 1/K)^E), e.g. 7.4 of 8 in 20 epochs), and with K >= E no view is replayed at all, so the
     student sees what it would see with fresh augmentation.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
