@@ -143,6 +143,14 @@ def test_interrupted_study_resumes_its_trial_count(tmp_path):
     assert "n_trials_complete: 3" in results and "best_params" in results
 
 
+def test_a_continued_study_proposes_new_trials_not_its_first_ones_again(tmp_path):
+    """The sampler's seed (0 in the preset) would replay the first process's random start in the second."""
+    sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=first")
+    sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweep.dir=second")
+    first, second = load(tmp_path).trials
+    assert second.state == optuna.trial.TrialState.COMPLETE and second.params != first.params
+
+
 def test_two_processes_share_one_study(tmp_path):
     procs = [
         sweep(

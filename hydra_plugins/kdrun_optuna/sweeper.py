@@ -368,7 +368,7 @@ class KdrunOptunaSweeper(Sweeper):
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "created"/"using an existing study": sweep() logs it
         try:
-            return optuna.create_study(
+            study = optuna.create_study(
                 study_name=self.study_name,
                 storage=open_storage(self.storage),
                 sampler=self._sampler(),
@@ -377,6 +377,9 @@ class KdrunOptunaSweeper(Sweeper):
             )
         finally:
             optuna.logging.set_verbosity(verbosity)
+        if study.trials:  # a study continued: the seeded sampler would propose its first trials over again
+            study.sampler.reseed_rng()
+        return study
 
     def check_experiment(self, study, space: dict, fixed: dict) -> None:
         """The study must be this experiment's: the same fixed config (recorded by the sweep that created the
