@@ -38,6 +38,13 @@ from functools import cache
 from kdrun.errors import ConfigError
 from kdrun.store import KINDS, Entry, Store
 
+USAGE = """usage: kdrun store ls [dir=outputs/.store] [verify=true|false]
+       kdrun store gc [dir=outputs/.store] [runs=DIR] [older_than=DAYS] [dry_run=true|false]
+
+ls   every entry (trained teachers, logit caches) with its size, age and state; never modifies the store
+gc   removes entries no run under runs= uses (default: the output root the store is in), damaged or
+     half-written ones, and with older_than= those older than DAYS that no unfinished run uses;
+     dry_run=true lists what it would remove"""
 KEYS = {"ls": ("dir", "verify"), "gc": ("dir", "runs", "older_than", "dry_run")}
 BOOLEANS = ("verify", "dry_run")
 REFS_FILE = "store_refs.json"
@@ -249,6 +256,9 @@ def gc(store: Store, runs: str, max_age: float | None, dry: bool, now: float) ->
 
 
 def store_main(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
     if not args or args[0] not in KEYS:
         raise ConfigError("kdrun store: give a subcommand; valid: ls, gc")
     cmd = args[0]

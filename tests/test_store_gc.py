@@ -285,3 +285,9 @@ def test_a_folder_that_is_not_a_store_is_refused_and_loses_nothing(tmp_path):
     with pytest.raises(ConfigError, match=r"dir=.*home: no artifact store there \(no teacher/ or logits/\)"):
         store_main(["gc", f"dir={home}", f"runs={home / 'runs'}"])
     assert (home / "projects" / "thesis").is_dir()
+
+
+def test_help_prints_the_usage(kdrun):
+    for args in (["--help"], ["gc", "-h"]):
+        p = kdrun("store", *args)
+        assert p.returncode == 0 and p.stdout.startswith("usage: kdrun store ls") and "dry_run=true" in p.stdout
