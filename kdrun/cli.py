@@ -120,6 +120,12 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
         if group and options:
             return f"{group}={option}: unknown option; valid: {', '.join(sorted(options))}"
     key = _unknown_key(e)
+    if key and key.startswith("hydra.sweeper.params."):  # its keys hold dots: Hydra cannot address one of them
+        return (
+            f"{key}: hydra.sweeper.params' keys hold dots, so no override can address one; give the key as a sweep "
+            "override ('loss.temperature=choice(1,2,4,8)') or set params entries with quoted values "
+            "('hydra.sweeper.params={loss.temperature:\"choice(1,2,4,8)\"}')"
+        )
     if key:
         parent = key.rpartition(".")[0]
 
@@ -160,7 +166,7 @@ def _keys_of(parent: str, overrides: list[str], config_name: str) -> str:
     from omegaconf import DictConfig, OmegaConf
 
     try:
-        cfg = compose(overrides, config_name)
+        cfg = compose(overrides, config_name, with_hydra=parent.split(".")[0] == "hydra")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if isinstance(node, DictConfig):
             return ", ".join(sorted(str(k) for k in node.keys())) or "none (an empty mapping)"

@@ -291,6 +291,24 @@ def test_a_typo_in_the_direction_is_one_line(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []  # no sweep directory, no study
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0: must be an integer >= 1"),
+        (
+            "hydra.sweeper.params.loss.temperature=choice(1,2,4,8)",
+            "hydra.sweeper.params.loss: hydra.sweeper.params' keys hold dots, so no override can address one; give "
+            "the key as a sweep override ('loss.temperature=choice(1,2,4,8)')",
+        ),
+    ],
+    ids=["no-trials", "dotted-params-key"],
+)
+def test_an_impossible_budget_or_params_key_is_one_line(tmp_path, override, message):
+    p = sweep(tmp_path, override, "hydra.sweep.dir=s", check=False, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith(f"kdrun: error: {message}") and p.stderr.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_the_search_space_examples_of_the_preset_work(tmp_path):
     """The command lines in sweep/optuna.yaml's comments pass kdrun's checks and change the search space as they
     say (``hydra.sweeper.params.loss.temperature=...`` cannot: Hydra cannot address a key holding a dot)."""
