@@ -353,8 +353,6 @@ class KdrunOptunaSweeper(Sweeper):
         """Refuse (one line, exit 2) settings that cannot work, before the study is opened."""
         if self.direction not in DIRECTIONS:
             refuse(f"hydra.sweeper.direction={self.direction}: unknown direction; valid: {', '.join(DIRECTIONS)}")
-        if not isinstance(self.n_trials, int) or self.n_trials < 1:
-            refuse(f"hydra.sweeper.n_trials={self.n_trials}: must be an integer >= 1")
         if self.max_failures < 1:
             refuse(f"hydra.sweeper.max_failures={self.max_failures}: must be >= 1 (null: n_trials)")
         if not self.heartbeat_interval > 0 or not self.grace_period > self.heartbeat_interval:
