@@ -129,7 +129,10 @@ def to_sync_bn(module: nn.Module) -> nn.Module:
 def broadcast_buffers(module: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics, which DDP here never syncs) on every worker."""
     if size() > 1:
+        nccl = dist.get_backend() == "nccl"
         for buf in module.buffers():
+            if nccl and buf.device.type != "cuda":  # e.g. AveragedModel's n_averaged: a count, equal on every rank
+                continue
             dist.broadcast(buf, src=0)
 
 

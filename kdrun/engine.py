@@ -138,8 +138,14 @@ def train_stage(
                 f"{last_path}: made by a different configuration of stage '{stage}'; "
                 "use a new hydra.run.dir (or delete the checkpoint) to start over"
             )
-        trainable.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            trainable.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. made by a kdrun whose stage trained other parameters
+            raise KdrunError(
+                f"{last_path}: does not fit stage '{stage}' as this kdrun builds it ({type(e).__name__}; made by "
+                "another version?); use a new hydra.run.dir (or delete the checkpoint) to start the stage over"
+            ) from None
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt.get("scaler", {}))
         if averaged is not None:

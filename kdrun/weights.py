@@ -68,14 +68,32 @@ def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = Non
     return ckpt.get("summary", {})
 
 
+# model options that act only while training (a teacher is used frozen, in eval mode): they may differ
+TRAINING_ONLY = ("dropout", "input_dropout", "max_norm", "drop_rate", "drop_path_rate")
+
+
+def _option_defaults(arch: str, source: str) -> dict:
+    """The defaults of a kdrun model factory's options (an option left out equals its default)."""
+    import inspect
+
+    from kdrun.models.registry import MODELS
+
+    if source != "kdrun" or arch not in MODELS:
+        return {}
+    params = inspect.signature(MODELS.get(arch)).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
 def _first_difference(have: dict, want: dict) -> tuple[str, object, object] | None:
     """The first identity field (``kwargs.<key>`` for a model option) where a checkpoint and this run differ."""
+    defaults = _option_defaults(str(want["arch"]), str(want.get("source", "kdrun")))
     for field in (f for f in IDENTITY_FIELDS if f in have):
         theirs, ours = have[field], want[field]
         if field == "kwargs" and isinstance(theirs, dict):
-            for key in sorted(set(theirs) | set(ours), key=str):
-                if theirs.get(key) != ours.get(key):
-                    return f"teacher.kwargs.{key}", theirs.get(key), ours.get(key)
+            for key in sorted((set(theirs) | set(ours)) - set(TRAINING_ONLY), key=str):
+                a, b = theirs.get(key, defaults.get(key)), ours.get(key, defaults.get(key))
+                if a != b:
+                    return f"teacher.kwargs.{key}", a, b
         elif theirs != ours:
             return field, theirs, ours
     return None

@@ -95,6 +95,25 @@ def test_a_feature_changed_in_place_after_its_capture_is_refused():
         tap.features["layer1.0.bn2"]
 
 
+def test_features_read_inside_a_compiled_forward_are_not_taken_for_changed_ones():
+    """trainer.compile=true: the graph's version counters are not the returned tensors', so the in-place check
+    stands aside there (it refused every feature point of mbv3_small)."""
+
+    class Step(torch.nn.Module):  # reads its features inside the compiled forward, as kdrun's StudentStep does
+        def __init__(self, model, names):
+            super().__init__()
+            self.student, self.names, self.tap = model, names, FeatureTap(model, names)
+
+        def forward(self, x):
+            return self.student(x).sum() + sum(self.tap.features[n].float().mean() for n in self.names)
+
+    model = build_model("mbv3_small", 10, 3, 32).train()
+    step = Step(model, ["stem", "stage2", "pre_logits"])
+    with step.tap:
+        out = torch.compile(step, backend="aot_eager")(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(out)
+
+
 def test_taps_attached_after_the_sync_bn_conversion_fire_and_a_second_conversion_keeps_them():
     """Under trainer.sync_bn the run converts the student before its taps attach (a converted BatchNorm is a new
     module: hooks on the old one would never fire); the conversion in the DDP wrapper then keeps it."""

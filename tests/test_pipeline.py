@@ -166,6 +166,8 @@ def test_teacher_checkpoint_with_other_model_options_is_refused(tmp_path):
         load_teacher(str(tmp_path / "t.pt"), model, sigmoid)
     with pytest.raises(ConfigError, match=r"was trained with image_size=8, but this run's teacher has image_size=16"):
         load_teacher(str(tmp_path / "t.pt"), model, {**relu, "image_size": 16})
+    # what acts only in training (dropout, max-norm) may differ, and an option left out is its default
+    load_teacher(str(tmp_path / "t.pt"), model, {**ident, "kwargs": {"hidden": [16], "dropout": 0.5}})
 
 
 def test_streamed_image_folder_runs_end_to_end(tmp_path):

@@ -186,6 +186,34 @@ def test_stage_refuses_a_checkpoint_of_another_config(tmp_path):
         run("b")
 
 
+def test_a_checkpoint_of_a_stage_that_trained_other_parameters_is_one_line(tmp_path):
+    """Same configuration, but a kdrun whose stage trains other parameters (AB's adapters are frozen after their
+    own stage now): one line, not a traceback from the optimiser."""
+    from torch import nn
+
+    from kdrun import engine
+    from tests.test_engine import Linear, optim, tiny_loader
+
+    def objective(net, batch, epoch):
+        return {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}
+
+    tiny_stage(tmp_path, epochs=2, fingerprint="a")
+    model = Linear()
+    wider = nn.ModuleDict({"m": model, "extra": nn.Linear(2, 2)})
+    with pytest.raises(KdrunError, match=r"s_last.pt: does not fit stage 's' as this kdrun builds it"):
+        engine.train_stage(
+            "s",
+            model,
+            objective,
+            tiny_loader(n=4),
+            optim_cfg=optim(),
+            run_dir=str(tmp_path),
+            epochs=2,
+            fingerprint="a",
+            trainable=wider,
+        )
+
+
 def test_resume_fingerprint_ignores_where_and_how_not_what():
     from kdrun.cli import compose
     from kdrun.stages import resume_fingerprint

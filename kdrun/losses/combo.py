@@ -143,11 +143,12 @@ class Combo(DistillLoss):
                 m.bind_teacher(teacher)
 
     def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list:
-        # named by their term (``student_ab_init``): two terms' stages of one name would share one checkpoint
+        # two terms' stages of one name would share one checkpoint: those are named by their term (student_ab_init)
+        stages = [(term, stage) for term, m in self.terms.items() for stage in m.pre_stages(teacher, student)]
+        names = [stage.name for _, stage in stages]
         return [
-            dataclasses.replace(stage, name=f"{term}_{stage.name}")
-            for term, m in self.terms.items()
-            for stage in m.pre_stages(teacher, student)
+            dataclasses.replace(stage, name=f"{term}_{stage.name}") if names.count(stage.name) > 1 else stage
+            for term, stage in stages
         ]
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:

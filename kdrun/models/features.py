@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Self
 
+import torch
 from torch import nn
 
 from kdrun.errors import ConfigError
@@ -53,6 +54,8 @@ def _example(modules: dict) -> str:
 
 
 def _version(t) -> int | None:
+    if torch.compiler.is_compiling():  # a compiled graph's counters are not the returned tensor's: no check there
+        return None
     try:
         return t._version
     except (AttributeError, RuntimeError):  # not a tensor, or an inference tensor (no version counter)
