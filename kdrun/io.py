@@ -180,7 +180,7 @@ def load(path: str, kind: str, key: str | None = None) -> dict:
             "values, e.g. code to run, and is refused)",
         ) from None
     except Exception as e:  # noqa: BLE001 (truncated, not a torch file at all)
-        raise DamagedArtifact(path, f"unreadable or damaged ({type(e).__name__}: {_first_line(e)})") from None
+        raise DamagedArtifact(path, f"unreadable or damaged ({type(e).__name__}: {first_line(e)})") from None
     header = blob.get(HEADER) if isinstance(blob, dict) else None
     if not isinstance(header, dict) or "sha256" not in header:
         raise DamagedArtifact(path, "not a kdrun artifact (no checksummed header)")
@@ -203,7 +203,8 @@ def load(path: str, kind: str, key: str | None = None) -> dict:
     return blob
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (colour codes removed, at most 160 characters) for one-line errors."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
     return text.splitlines()[0][:160] if text else "no detail"
 
@@ -218,7 +219,7 @@ def load_yaml(path: str):
     try:
         return OmegaConf.load(path)
     except (OSError, yaml.YAMLError, OmegaConfBaseException) as e:
-        raise KdrunError(f"{path}: cannot be read as YAML ({_first_line(e)})") from None
+        raise KdrunError(f"{path}: cannot be read as YAML ({first_line(e)})") from None
 
 
 def header_of(path: str) -> dict | None:

@@ -216,11 +216,11 @@ def load_run(run_dir: str, root: str) -> Run:
         except Exception as e:
             run.status, run.note = "unreadable", f"metrics.json: {type(e).__name__}: {e}"
     elif os.path.isfile(failed_path):
-        run.status, run.note = "failed", _first_line(failed_path)
+        run.status, run.note = "failed", first_line(failed_path)
     return run
 
 
-def _first_line(path: str) -> str:
+def first_line(path: str) -> str:
     try:
         with open(path) as f:
             return f.readline().strip()[:200]

@@ -57,17 +57,9 @@ HEARTBEAT_ATTR = "kdrun_heartbeat"  # unix time that process last showed it stil
 FINGERPRINT_ATTR = "kdrun_fingerprint"  # study attr: hash of the fixed config of the study's experiment
 FIXED_CONFIG_ATTR = "kdrun_fixed_config"  # study attr: that config (JSON), to name what differs
 DIRECTIONS = ("maximize", "minimize")
-# not part of an experiment's identity: where outputs go, how they are logged, and trainer settings that do
-# not change the result (as for resuming a run, kdrun/stages.py: RESUME_IGNORED*); sweep.metric does count
+# not part of an experiment's identity: where outputs go, how they are logged, and the trainer settings that do
+# not change the result (kdrun.stages.RESUME_IGNORED_TRAINER, as for resuming a run); sweep.metric does count
 FINGERPRINT_IGNORED = ("hydra", "paths", "logger", "store")
-FINGERPRINT_IGNORED_TRAINER = (
-    "eval_batch_size",
-    "device",
-    "log_every",
-    "latency",
-    "checkpoint_every_steps",
-    "threads",
-)
 
 
 @dataclass
@@ -255,8 +247,9 @@ def _flat(tree: Any, prefix: str = "") -> dict:
 
 
 def fixed_config(config: DictConfig, space: dict, fixed_params: dict) -> dict:
-    """What makes an experiment: the task config less ``FINGERPRINT_IGNORED*`` and the searched keys, plus the
-    fixed values of ``params`` (the jobs get them as overrides). Interpolations are kept as written."""
+    """What makes an experiment: the task config less ``FINGERPRINT_IGNORED``, the trainer's
+    ``RESUME_IGNORED_TRAINER`` and the searched keys, plus the fixed values of ``params`` (the jobs get them as
+    overrides). Interpolations are kept as written."""
     tree = OmegaConf.to_container(
         OmegaConf.masked_copy(config, [str(k) for k in config if k not in FINGERPRINT_IGNORED]),
         resolve=False,
@@ -264,7 +257,9 @@ def fixed_config(config: DictConfig, space: dict, fixed_params: dict) -> dict:
     )
     assert isinstance(tree, dict)
     if isinstance(tree.get("trainer"), dict):
-        tree["trainer"] = {k: v for k, v in tree["trainer"].items() if k not in FINGERPRINT_IGNORED_TRAINER}
+        from kdrun.stages import RESUME_IGNORED_TRAINER
+
+        tree["trainer"] = {k: v for k, v in tree["trainer"].items() if k not in RESUME_IGNORED_TRAINER}
     for key in space:
         _drop(tree, key)
     tree = json.loads(json.dumps(tree, sort_keys=True, default=str))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from kdrun.errors import ConfigError
+from kdrun.io import first_line
 
 
 def build_timm(
@@ -49,7 +50,7 @@ def build_timm(
     except TypeError as e:
         raise ConfigError(f"{group}.kwargs: not accepted by timm model {name} ({e})") from None
     except Exception as e:  # noqa: BLE001 (not in the hub cache and no network, or a damaged file in it)
-        detail = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        detail = f"{type(e).__name__}: {first_line(e)}"
         if not weights:
             raise ConfigError(f"{group}.name={name}: timm could not build it ({detail})") from None
         raise ConfigError(

@@ -32,7 +32,7 @@ import torchvision.models as tv
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.io import sha256_file
+from kdrun.io import first_line, sha256_file
 from kdrun.models.registry import PRETRAINED_FROM, register_model
 
 log = logging.getLogger("kdrun")
@@ -153,9 +153,8 @@ def pretrained_state(tv_name: str, weights: str) -> dict[str, torch.Tensor]:
             f"downloaded ({type(e).__name__}); place it at {path} (from {w.url})"
         ) from None
     except Exception as e:  # noqa: BLE001 (a download with another hash, or a file torch cannot read)
-        detail = (str(e).strip().splitlines() or [""])[0][:120]
         raise ConfigError(
-            f"weights={weights}: {path} is not torchvision's file ({type(e).__name__}: {detail}); "
+            f"weights={weights}: {path} is not torchvision's file ({type(e).__name__}: {first_line(e)}); "
             f"remove it and place the one from {w.url}"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
