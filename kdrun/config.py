@@ -12,7 +12,7 @@ import re
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from kdrun import schedules
+from kdrun import distributed, schedules
 from kdrun.errors import ConfigError
 from kdrun.optim import OPTIMIZERS, SCHEDULES
 
@@ -139,7 +139,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}=fp16: needs a CUDA GPU; use bf16 on CPUs")
     if cfg.trainer.get("sync_bn") and not dev.startswith("cuda") and not _cuda_auto(dev):
         raise ConfigError("trainer.sync_bn=true: SyncBatchNorm needs CUDA GPUs; leave it false on CPUs")
-    workers = int(os.environ.get("WORLD_SIZE") or cfg.trainer.get("devices") or 1)  # torchrun's, or spawned
+    workers = distributed.launched_workers()  # torchrun's or SLURM's, else spawned (trainer.devices)
+    if workers == 1:
+        workers = int(cfg.trainer.get("devices") or 1)
     if workers > 1 and int(cfg.trainer.batch_size) % workers:
         raise ConfigError(
             f"trainer.batch_size={cfg.trainer.batch_size}: must be a multiple of the {workers} data-parallel "

@@ -200,9 +200,23 @@ def backend_for(device_type: str) -> str:
 TASK_COUNTS = ("SLURM_NTASKS", "SUBMITIT_LOCAL_NTASKS")
 
 
+def _task_count() -> str | None:
+    """The variable of :data:`TASK_COUNTS` that says this process is one of several tasks (None: it is alone)."""
+    return next((k for k in TASK_COUNTS if int(os.environ.get(k, "1")) > 1), None)
+
+
+def launched_workers() -> int:
+    """How many workers the launcher describes in the environment (torchrun's ``WORLD_SIZE``, else SLURM's or
+    submitit's task count; 1 when none), known before the process group is joined."""
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    tasks = _task_count()
+    return int(os.environ[tasks]) if tasks else 1
+
+
 def _slurm_env() -> None:
     """Describe the process group from SLURM's environment (one task per process), the torchrun way."""
-    tasks = next((k for k in TASK_COUNTS if int(os.environ.get(k, "1")) > 1), None)
+    tasks = _task_count()
     if "WORLD_SIZE" in os.environ or tasks is None:
         return
     try:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kdrun import distributed
+from kdrun.errors import ConfigError
 
 
 def _port() -> int:
@@ -313,6 +314,23 @@ def test_a_slurm_task_joins_the_group_its_environment_describes(monkeypatch, env
         exported = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     assert exported == want
     assert "WORLD_SIZE" not in os.environ
+
+
+@pytest.mark.parametrize("env", [SLURM_TASK, LOCAL_TASK], ids=["slurm", "submitit-local"])
+def test_a_batch_the_slurm_tasks_cannot_share_equally_is_refused(monkeypatch, env):
+    """The batch-size check ran before the SLURM bridge set WORLD_SIZE, so it counted one worker for a job's
+    tasks: with 4 tasks a batch of 5 was padded with repeated images."""
+    from kdrun.cli import compose
+    from kdrun.config import validate
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SUBMITIT_LOCAL_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    tasks = int(env.get("SLURM_NTASKS") or env["SUBMITIT_LOCAL_NTASKS"])
+    validate(compose([f"trainer.batch_size={4 * tasks}"]))
+    with pytest.raises(ConfigError, match=rf"trainer.batch_size=5: must be a multiple of the {tasks} data-parallel"):
+        validate(compose(["trainer.batch_size=5"]))
 
 
 def test_sync_bn_on_cpus_is_refused_before_anything_runs(kdrun, tmp_path):
