@@ -6,6 +6,7 @@ the Hugging Face hub cache under $HF_HOME), so nothing is downloaded.
 
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -172,6 +173,33 @@ def test_weights_not_in_cache_and_no_network_is_one_line(tmp_path, monkeypatch):
         r"cache and cannot be downloaded \(OSError\); place it at .*empty",
     ):
         build_model("mbv3_small", 10, 3, 32, key="teacher.name", weights="IMAGENET1K_V1")
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["hash refused, removed", "kept, unreadable"])
+def test_a_download_that_is_not_torchvision_s_file_is_one_line(tmp_path, monkeypatch, kept):
+    """torch.hub removes a download whose SHA-256 is not the one its name promises: the message must not ask the
+    user to remove a file that is not there. A download kept but unreadable is named, to be removed."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+
+    def download(url, dst, *a, **k):
+        if kept:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "wb").write(b"<html>a proxy's error page</html>")
+            return
+        raise RuntimeError(f'invalid hash value (expected "ab12", got "{"0" * 64}")')
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    path = hub_file(tmp_path / "home")
+    if kept:
+        want = rf"weights=IMAGENET1K_V1: {re.escape(path)} is not torchvision's file \(\w+: .*\); remove it and place"
+    else:
+        want = (
+            r"weights=IMAGENET1K_V1: the file downloaded from https://\S+ is not torchvision's \(RuntimeError: "
+            rf"invalid hash value .*\); nothing was kept: retry, or place the file at {re.escape(path)}$"
+        )
+    with pytest.raises(ConfigError, match=want):
+        build_model("mbv3_small", 10, 3, 32, key="teacher.name", weights="IMAGENET1K_V1")
+    assert os.path.exists(path) == kept
 
 
 def offline_cache(monkeypatch, home):

@@ -153,9 +153,14 @@ def pretrained_state(tv_name: str, weights: str) -> dict[str, torch.Tensor]:
             f"downloaded ({type(e).__name__}); place it at {path} (from {w.url})"
         ) from None
     except Exception as e:  # noqa: BLE001 (a download with another hash, or a file torch cannot read)
+        why = f"{type(e).__name__}: {first_line(e)}"
+        if not os.path.exists(path):  # torch.hub removes a download whose hash is not the one in its name
+            raise ConfigError(
+                f"weights={weights}: the file downloaded from {w.url} is not torchvision's ({why}); nothing was "
+                f"kept: retry, or place the file at {path}"
+            ) from None
         raise ConfigError(
-            f"weights={weights}: {path} is not torchvision's file ({type(e).__name__}: {first_line(e)}); "
-            f"remove it and place the one from {w.url}"
+            f"weights={weights}: {path} is not torchvision's file ({why}); remove it and place the one from {w.url}"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"weights={weights}: {path} is not a state_dict; remove it and place the one from {w.url}")
