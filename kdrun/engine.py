@@ -135,8 +135,8 @@ def train_stage(
     if ckpt is not None:
         if ckpt.get("fingerprint") != fingerprint or ckpt.get("epochs") != epochs:
             raise KdrunError(
-                f"{last_path}: made by a different configuration of stage '{stage}'; "
-                "use a new hydra.run.dir (or delete the checkpoint) to start over"
+                f"{last_path}: made by a different configuration of stage '{stage}' (or by a kdrun that trained "
+                "it differently); use a new hydra.run.dir (or delete the checkpoint) to start over"
             )
         try:
             trainable.load_state_dict(ckpt["model"])

@@ -29,13 +29,20 @@ RESUME_IGNORED = ("paths", "logger", "store", "sweep", "evaluate", "hydra")
 RESUME_IGNORED_TRAINER = ("eval_batch_size", "device", "log_every", "latency", "checkpoint_every_steps", "threads")
 
 
+# Raised when a stage of an unchanged config comes to train differently (other images, another objective), so
+# a run an older kdrun began is not resumed into stages that no longer match the ones it finished.
+# 2: online peers train on the student stages' images, and self's first generation on the students' views.
+RECIPE = 2
+
+
 def resume_fingerprint(cfg: DictConfig) -> str:
-    """The key of the resolved config a stage's checkpoint must match to be resumed (see ``RESUME_IGNORED``)."""
+    """The key of the resolved config a stage's checkpoint must match to be resumed (see ``RESUME_IGNORED``),
+    and of the :data:`RECIPE` that trains it."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     kept = {k: v for k, v in resolved.items() if k not in RESUME_IGNORED}
     kept["trainer"] = {k: v for k, v in kept.get("trainer", {}).items() if k not in RESUME_IGNORED_TRAINER}
-    return key_of(kept)
+    return key_of({"recipe": RECIPE, "config": kept})
 
 
 def seed_everything(seed: int) -> None:

@@ -186,6 +186,20 @@ def test_stage_refuses_a_checkpoint_of_another_config(tmp_path):
         run("b")
 
 
+def test_a_run_an_older_recipe_began_is_not_resumed(monkeypatch):
+    """Same config, but stages an older kdrun trained on other images (online peers on the whole split): the
+    fingerprint a stage's checkpoint must match names the recipe, so such a run is refused, not finished with
+    stages of two kinds."""
+    from kdrun import stages
+    from kdrun.cli import compose
+
+    cfg = compose(["scheme=online"])
+    now = stages.resume_fingerprint(cfg)
+    assert stages.resume_fingerprint(compose(["scheme=online"])) == now
+    monkeypatch.setattr(stages, "RECIPE", stages.RECIPE - 1)
+    assert stages.resume_fingerprint(cfg) != now
+
+
 def test_a_checkpoint_of_a_stage_that_trained_other_parameters_is_one_line(tmp_path):
     """Same configuration, but a kdrun whose stage trains other parameters (AB's adapters are frozen after their
     own stage now): one line, not a traceback from the optimiser."""
