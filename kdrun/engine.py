@@ -65,6 +65,12 @@ class StageResult:
     ema: nn.Module | None = None  # the EMA of the model's weights (trainer.ema), else None
 
 
+# Steps between two checks, by every data-parallel worker together, of whether a stop (SIGTERM, SIGINT) was
+# requested: each check is one collective and, on GPUs, a host sync that drains the queue of launched kernels,
+# so not every step; a worker alone checks its own flag at every step, which costs nothing.
+STOP_POLL_STEPS = 10
+
+
 def train_stage(
     stage: str,
     model: nn.Module,
@@ -227,9 +233,9 @@ def train_stage(
             for k, v in terms.items():  # accumulate on the device: no host sync per step
                 sums[k] = sums.get(k, 0) + v.detach() * len(batch.y)
             seen += len(batch.y) * distributed.size()
-            if kill is not None:
-                kill(stage, epoch * len(loader) + step + 1)
             global_step = epoch * len(loader) + step + 1
+            if kill is not None:
+                kill(stage, global_step)
             if global_step % log_every == 0:  # one host sync every log_every steps of the stage, across epochs
                 value = float(distributed.all_sum(loss.detach().clone())) / distributed.size()
                 _check_finite(value, stage, epoch, step)
@@ -243,7 +249,9 @@ def train_stage(
                         lr=optimizer.param_groups[0]["lr"],
                         **logged,
                     )
-            stop = distributed.any_flag(STOP.requested is not None, loader.device)
+            stop = STOP.requested is not None
+            if distributed.size() > 1:  # every worker stops after the same step, or DDP's next all-reduce hangs
+                stop = global_step % STOP_POLL_STEPS == 0 and distributed.any_flag(stop, loader.device)
             if stop or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0 and step + 1 < len(loader)):
                 _check_finite(float(sum(sums.values())), stage, epoch, step)  # never checkpoint a NaN
                 save(epoch, step + 1)

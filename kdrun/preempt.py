@@ -1,7 +1,8 @@
 """Graceful stop on SIGTERM / SIGINT (SLURM preemption, Ctrl-C).
 
-The handler only sets a flag; the training loop checks it after each step,
-finishes that step, writes a checkpoint and raises :class:`Preempted`, which
+The handler only sets a flag; the training loop checks it after each step (data-parallel
+workers together, every ``kdrun.engine.STOP_POLL_STEPS`` steps), writes a checkpoint and
+raises :class:`Preempted`, which
 the CLI turns into exit code 75 (EX_TEMPFAIL, "try again"): requeue the job
 with the same command (or ``kdrun train resume=RUN_DIR``) to continue.
 

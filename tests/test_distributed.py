@@ -239,6 +239,25 @@ def test_two_workers_end_with_the_weights_of_one_process(kdrun, tmp_path, one_pr
     assert_same_weights(weights(run_dir), one_process)
 
 
+def test_two_workers_stop_together_for_a_requeue_and_resume(kdrun, tmp_path, one_process):
+    """SIGTERM (SLURM signals every task of a preempted job): the workers agree on a stop every STOP_POLL_STEPS
+    steps, not every step (each check is a collective, and a host sync on GPUs), save one checkpoint and exit
+    75; the same command resumes and ends with the weights of one process."""
+    from kdrun.engine import STOP_POLL_STEPS
+    from kdrun.preempt import EXIT_PREEMPTED
+
+    run_dir = tmp_path / "two"
+    args = ["train", *ARGS, "trainer.devices=2", f"hydra.run.dir={run_dir}"]
+    p = kdrun(*args, env={"KDRUN_KILL_AT": "student:3:TERM"}, timeout=600)
+    assert p.returncode == EXIT_PREEMPTED, p.stderr[-3000:]
+    assert f"student: stopped by SIGTERM at epoch 1, step {STOP_POLL_STEPS}; checkpoint saved" in p.stderr
+    assert torch.load(run_dir / "checkpoints" / "student_last.pt", weights_only=False)["step"] == STOP_POLL_STEPS
+    p = kdrun(*args, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "student: resuming from" in p.stderr
+    assert_same_weights(weights(run_dir), one_process)
+
+
 def test_two_torchrun_nodes_end_with_the_weights_of_one_process(tmp_path, one_process):
     """``torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d``: two "nodes" on localhost."""
     from tests.conftest import WORKDIR
