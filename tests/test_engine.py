@@ -4,6 +4,7 @@ compile with feature methods and the online scheme."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -220,11 +221,16 @@ def test_compile_trains_feature_methods_and_the_online_scheme(kdrun, tmp_path, o
         "trainer.compile=true",
         f"hydra.run.dir={run_dir}",
         timeout=900,
+        env={"TORCH_LOGS": "dynamo"},  # torch's own account of what it traced and compiled
     )
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     stage = "online" if "scheme=online" in overrides else "student"
     assert m["stages"][stage]["epochs"] == 1 and math.isfinite(m["stages"][stage]["final_train_loss"])
+    # the trainable module's forward (the distiller wrapping the student, or the peers) was compiled by inductor
+    traced = re.findall(r"torchdynamo start tracing (\w+) ", p.stderr)
+    assert "forward" in traced, traced
+    assert "done compiler function inductor" in p.stderr
 
 
 def test_log_every_counts_the_stage_s_steps_across_epochs(tmp_path):

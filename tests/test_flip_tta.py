@@ -66,6 +66,23 @@ def test_run_reports_flip_tta_beside_single_view(tmp_path):
     assert m["kd_gain_top1"] == pytest.approx(test["student"]["last"]["top1"] - test["baseline"]["last"]["top1"])
     out = p.stdout + p.stderr
     assert out.count("  flip TTA") == 3 and "with flip TTA" in out
+    # each figure recounted from the saved weights: the run's own on the test images as they are, flip TTA's on
+    # the mean logits of each image and its mirror
+    from kdrun import io
+    from kdrun.export import load_images, load_model
+
+    images, _ = load_images(io.load_yaml(str(tmp_path / "run" / ".hydra" / "config.yaml")))
+    differ = False
+    for name in ("teacher", "student", "baseline"):
+        model, _ = load_model(str(tmp_path / "run" / "checkpoints" / f"{name}.pt"))
+        with torch.no_grad():
+            plain, mirror = model(images.x), model(images.x.flip(-1))
+        wrong = plain.argmax(1) != images.y
+        wrong_tta = (plain + mirror).argmax(1) != images.y
+        assert last(test[name])["errors"] == int(wrong.sum()), name
+        assert test[name]["with_flip_tta"]["errors"] == int(wrong_tta.sum()), name
+        differ |= bool((wrong != wrong_tta).any())
+    assert differ  # else the two protocols could be swapped unnoticed
 
 
 @pytest.mark.parametrize(
