@@ -8,7 +8,9 @@ USAGE = """usage: kdrun report DIR [--out DIR2] [--top N]
 
 Finds every run under DIR (a run directory, a multirun directory or any folder
 holding them), writes report.md, report.csv and PNG plots into DIR (or DIR2)
-and prints the best runs.
+and prints the first runs of its order: by the distilled student's validation
+top-1 when every run holds a validation split, else by its test top-1 (an
+order for reading; choose settings on validation figures only).
 
   --out DIR2   write the report files here instead of DIR
   --top N      rows of the table to print (default 10; the files hold all)"""
@@ -52,14 +54,15 @@ def report_main(args: list[str]) -> int:
         print(USAGE)
         return 0
     from kdrun.export import export_table, read_export
-    from kdrun.sweep_report import build, text_table
+    from kdrun.sweep_report import RANKED_BY, build, text_table
 
     opts = parse_args(args)
     rep = build(opts["dir"], opts["out"])
     val = [c for c in VAL_COLUMNS if any(row.get(c) is not None for row in rep.rows)]
     columns = ["run", *rep.swept, "status", *PRINTED_COLUMNS, *val]
     shown = min(opts["top"], len(rep.rows))
-    print(f"{len(rep.rows)} runs under {opts['dir']} (best {shown} by distilled student top-1):")
+    order = "best" if rep.ranked_by == "student_val_top1" else "top"
+    print(f"{len(rep.rows)} runs under {opts['dir']} ({order} {shown} by {RANKED_BY[rep.ranked_by]}):")
     print(text_table(rep.rows, columns, limit=opts["top"]))
     if rep.groups:
         from kdrun.sweep_report import interval, pm

@@ -200,6 +200,9 @@ def scores_of(metrics: dict) -> dict[str, float | None]:
     }
 
 
+NOT_KDRUN = "not a kdrun run's (no trainer settings, or no roles and test scores)"
+
+
 def load_run(run_dir: str, root: str) -> Run:
     """Read one run directory; any problem becomes its status and note, never an exception."""
     name = os.path.relpath(run_dir, root)
@@ -207,14 +210,21 @@ def load_run(run_dir: str, root: str) -> Run:
         overrides = read_overrides(run_dir)
     except Exception as e:
         return Run(run_dir, name, {}, "unreadable", note=f".hydra/overrides.yaml: {e}", overrides_read=False)
-    run = Run(run_dir, name, overrides, "running", note="no metrics.json yet", composed=read_composed(run_dir))
+    composed = read_composed(run_dir)
+    if composed and not any(k.startswith("trainer.") for k in composed):  # another Hydra application's run
+        return Run(run_dir, name, {}, "unreadable", note=f".hydra/config.yaml: {NOT_KDRUN}", overrides_read=False)
+    run = Run(run_dir, name, overrides, "running", note="no metrics.json yet", composed=composed)
     metrics_path, failed_path = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "FAILED")
     if os.path.isfile(metrics_path):
         try:
             with open(metrics_path) as f:
-                run.status, run.scores, run.note = "complete", scores_of(json.load(f)), ""
+                metrics = json.load(f)
         except Exception as e:
             run.status, run.note = "unreadable", f"metrics.json: {type(e).__name__}: {e}"
+            return run
+        if not isinstance(metrics, dict) or not {"roles", "test"} <= metrics.keys():
+            return Run(run_dir, name, {}, "unreadable", note=f"metrics.json: {NOT_KDRUN}", overrides_read=False)
+        run.status, run.scores, run.note = "complete", scores_of(metrics), ""
     elif os.path.isfile(failed_path):
         run.status, run.note = "failed", first_line(failed_path)
     return run
@@ -229,10 +239,34 @@ def first_line(path: str) -> str:
 
 
 def collect(root: str) -> list[Run]:
-    """All runs under ``root``: complete ones by the distilled student's top-1 (best first), then the rest."""
+    """All runs under ``root``: complete ones by :func:`rank_key` (best first), then the rest."""
     runs = [load_run(d, root) for d in find_run_dirs(root)]
     paired_with_best(runs)
-    return sorted(runs, key=_rank)
+    key = rank_key(runs)
+    return sorted(runs, key=lambda r: _rank(r, key))
+
+
+# How the complete runs are ordered, best first, and how the report words that order: by the distilled student's
+# validation top-1 when every complete run has a validation split (held out of training: a choice may rest on it),
+# else by its test top-1, which orders the table for reading but must never choose a setting.
+RANKED_BY = {
+    "student_val_top1": "the distilled student's last-epoch validation top-1",
+    "student_top1": "the distilled student's last-epoch test top-1 (not every run holds a validation split: "
+    "an order for reading, not a choice)",
+}
+
+
+def rank_key(runs: list[Run]) -> str:
+    """``student_val_top1`` when every complete run has one, else ``student_top1`` (see :data:`RANKED_BY`)."""
+    complete = [r for r in runs if r.status == "complete" and r.scores.get("student_top1") is not None]
+    if complete and all(r.scores.get("student_val_top1") is not None for r in complete):
+        return "student_val_top1"
+    return "student_top1"
+
+
+def top_label(key: str) -> str:
+    """What the first run of the order is called: the best on validation, or only the highest on test."""
+    return "best by validation top-1" if key == "student_val_top1" else "highest test top-1 (not a choice)"
 
 
 def paired_with_best(runs: list[Run]) -> None:
@@ -266,8 +300,8 @@ def paired_with_best(runs: list[Run]) -> None:
             run.scores["vs_best_val_p"] = None if val is best else c.p_value
 
 
-def _rank(run: Run) -> tuple:
-    top1 = run.scores.get("student_top1")
+def _rank(run: Run, key: str) -> tuple:
+    top1 = run.scores.get(key)
     return (run.status != "complete", top1 is None, -(top1 or 0.0), _natural_key(run.name))
 
 
@@ -435,8 +469,8 @@ def markdown(
     parts = [
         f"# kdrun report: {os.path.abspath(root)}",
         "",
-        f"{len(runs)} runs: {status_counts(runs)}. Sorted by the distilled student's last-epoch "
-        "test top-1 (%); `agreement` is the student's top-1 match rate with the teacher; `student_val_top1` its "
+        f"{len(runs)} runs: {status_counts(runs)}. Sorted by {RANKED_BY[rank_key(runs)]}; scores are top-1 "
+        "in %; `agreement` is the student's top-1 match rate with the teacher; `student_val_top1` its "
         "last-epoch top-1 on the validation split, `vs_best_val` that minus the best one's on the same validation "
         "images, paired image by image (`vs_best_val_p`: exact McNemar test; `kdrun compare` gives the interval); "
         f"`wall_s` is a run's own time (sum over runs: {_total_wall(runs):.1f} s).",
@@ -622,16 +656,18 @@ def plot_two_keys(runs: list[Run], keys: list[str], out_dir: str) -> str | None:
 
 
 def plot_scatter(runs: list[Run], keys: list[str], out_dir: str) -> str:
-    """Each run at (key 1, key 0), coloured by the student's top-1 (Optuna or random searches)."""
+    """Each run at (key 1, key 0), coloured by the student's test top-1 (Optuna or random searches); the first run
+    of the report's order (:func:`rank_key`) marked as what it is."""
     fig = _figure()
     ax = fig.add_subplot()
     x = [float(r.value(keys[1])) for r in runs]
     y = [float(r.value(keys[0])) for r in runs]
     points = ax.scatter(x, y, c=[r.scores["student_top1"] for r in runs], cmap="viridis", s=60, edgecolors="k")
     fig.colorbar(points, ax=ax, label="student test top-1 (%)")
-    best = runs[0]
+    key = rank_key(runs)
+    best = sorted(runs, key=lambda r: _rank(r, key))[0]
     ax.annotate(
-        f"best {best.scores['student_top1']:.2f}",
+        f"{top_label(key)}: {best.scores[key]:.2f}",
         (float(best.value(keys[1])), float(best.value(keys[0]))),
         textcoords="offset points",
         xytext=(6, 6),
@@ -687,8 +723,9 @@ def _float(text: str | None) -> float | None:
         return None
 
 
-def plot_curves(run: Run, swept: list[str], out_dir: str) -> str | None:
-    """Loss, learning rate and (with a validation split) val top-1 per epoch of every stage of ``run``."""
+def plot_curves(run: Run, swept: list[str], out_dir: str, ranked_by: str | None = None) -> str | None:
+    """Loss, learning rate and (with a validation split) val top-1 per epoch of every stage of ``run``, the first
+    of the order ``ranked_by`` (:func:`rank_key`)."""
     from matplotlib.ticker import MaxNLocator
 
     curves = {s: rows for s, rows in read_curves(run.path).items() if rows}
@@ -707,9 +744,14 @@ def plot_curves(run: Run, swept: list[str], out_dir: str) -> str | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     setting = " ".join(f"{k}={short(run.value(k))}" for k in swept)
+    key = rank_key([run]) if ranked_by is None else ranked_by
+    figure = (
+        f"student validation top-1 {run.scores[key]:.2f}"
+        if key == "student_val_top1"
+        else (f"student test top-1 {run.scores['student_top1']:.2f}")
+    )
     fig.suptitle(
-        f"training curves of the best run ({run.name or '.'}: {setting or 'only run'}, "
-        f"student top-1 {run.scores['student_top1']:.2f})",
+        f"training curves of the run with the {top_label(key)} ({run.name or '.'}: {setting or 'only run'}, {figure})",
         fontsize=10,
     )
     return _save(fig, out_dir, "curves_best.png")
@@ -732,14 +774,45 @@ def write_plots(runs: list[Run], swept: list[str], out_dir: str) -> tuple[list[s
         return [], ["matplotlib is not installed (pip install matplotlib): no plots"]
     varied = [k for k in swept if k != SEED_KEY and len({r.value(k) for r in complete}) > 1]
     notes = []
+    for group in confounded(complete, varied):
+        varied = [k for k in varied if k not in group]
+        notes.append(
+            f"{', '.join(group)} not plotted alone: across these runs they change together, so the effect of one "
+            "cannot be told from the others' (runs of different experiments?)"
+        )
     if len(varied) > MAX_KEY_PLOTS:
         notes.append(f"only the first {MAX_KEY_PLOTS} of {len(varied)} varied keys plotted")
     jobs = [(f"student vs {k}", plot_accuracy_vs, (complete, k, swept, out_dir)) for k in varied[:MAX_KEY_PLOTS]]
     if len(varied) == 2:
         jobs.append(("heat map", plot_two_keys, (complete, varied, out_dir)))
-    jobs.append(("training curves", plot_curves, (complete[0], swept, out_dir)))
+    key = rank_key(complete)
+    first = sorted(complete, key=lambda r: _rank(r, key))[0]
+    jobs.append(("training curves", plot_curves, (first, swept, out_dir, key)))
     paths, failures = _run_plot_jobs(jobs)
     return paths, notes + failures
+
+
+def confounded(runs: list[Run], keys: list[str]) -> list[list[str]]:
+    """Groups of ``keys`` whose values pair one to one across ``runs`` while repeating (e.g. trainer.epochs=8
+    always with trainer.batch_size=128, and 20 with 32, over several runs each: two experiments side by side). A
+    plot of any one of them would show the effect of all; values that never repeat (a random search's) pair one to
+    one by chance and are not grouped."""
+    groups: list[list[str]] = []
+    for key in keys:
+        values = [r.value(key) for r in runs]
+        if len(set(values)) == len(values):
+            continue
+        group = next((g for g in groups if _one_to_one([(r.value(g[0]), r.value(key)) for r in runs])), None)
+        if group is None:
+            groups.append([key])
+        else:
+            group.append(key)
+    return [g for g in groups if len(g) > 1]
+
+
+def _one_to_one(pairs: list[tuple[str, str]]) -> bool:
+    left, right = {a for a, _ in pairs}, {b for _, b in pairs}
+    return len(set(pairs)) == len(left) == len(right)
 
 
 def _run_plot_jobs(jobs: list) -> tuple[list[str], list[str]]:
@@ -768,6 +841,7 @@ class Report:
     rows: list[dict]
     groups: list[dict]
     paths: list[str]
+    ranked_by: str  # the score that orders the runs (rank_key)
 
 
 def build(path: str, out: str | None = None) -> Report:
@@ -778,6 +852,8 @@ def build(path: str, out: str | None = None) -> Report:
     runs = collect(path)
     if not runs:
         raise ConfigError(f"report {path}: no kdrun runs found (no .hydra/overrides.yaml in it or below it)")
+    if all(NOT_KDRUN in r.note for r in runs):  # nothing written into another application's folders
+        raise ConfigError(f"report {path}: no kdrun runs found; {runs[0].name}/{runs[0].note}")
     out = out or path
     try:
         os.makedirs(out, exist_ok=True)
@@ -790,7 +866,7 @@ def build(path: str, out: str | None = None) -> Report:
     md_path, csv_path = os.path.join(out, "report.md"), os.path.join(out, "report.csv")
     kio.write_text(md_path, markdown(path, runs, swept, groups, plots, plot_notes))
     write_csv(rows, csv_path)
-    return Report(runs, swept, rows, groups, [md_path, csv_path, *plots])
+    return Report(runs, swept, rows, groups, [md_path, csv_path, *plots], rank_key(runs))
 
 
 def write_report(path: str, out: str | None = None) -> list[str]:

@@ -552,3 +552,61 @@ def test_runs_on_the_same_validation_images_are_paired_with_the_best(tmp_path):
     for t in ("8", "16"):
         assert rows[t]["vs_best_val"] == "" and rows[t]["vs_best_val_p"] == ""
     assert "`vs_best_val` that minus the best one's" in (tmp_path / "report.md").read_text()
+
+
+def with_val(test: float, val: float) -> dict:
+    """fake_metrics with the student's last-epoch validation top-1 (a run with a validation split)."""
+    return fake_metrics(test) | {"stages": {"student": {"final_val_top1": val}}}
+
+
+def test_runs_are_ranked_on_validation_and_test_never_names_a_best(tmp_path, monkeypatch, capsys):
+    """Run 0 leads on the test images, run 1 on the held-out validation split: run 1 is the best, first in the
+    table, the printed list and the curves plot. With a run lacking validation figures the order is test's, and
+    the report calls it an order for reading, never the best."""
+    make_run(tmp_path, "0", ["loss.temperature=1"], with_val(90.0, 70.0))
+    make_run(tmp_path, "1", ["loss.temperature=4"], with_val(80.0, 75.0))
+    curves = []
+    monkeypatch.setattr(sweep_report, "plot_curves", lambda run, swept, out, key: curves.append((run.name, key)))
+    assert report_main([str(tmp_path)]) == 0
+    assert "(best 2 by the distilled student's last-epoch validation top-1)" in capsys.readouterr().out
+    assert [r["run"] for r in read_csv(tmp_path / "report.csv")] == ["1", "0"]
+    assert curves == [("1", "student_val_top1")]
+    assert "Sorted by the distilled student's last-epoch validation top-1;" in (tmp_path / "report.md").read_text()
+
+    make_run(tmp_path, "2", ["loss.temperature=8"], fake_metrics(85.0))
+    curves.clear()
+    assert report_main([str(tmp_path)]) == 0
+    assert "(top 3 by the distilled student's last-epoch test top-1 (not every run" in capsys.readouterr().out
+    assert [r["run"] for r in read_csv(tmp_path / "report.csv")] == ["0", "2", "1"]
+    assert curves == [("0", "student_top1")]
+    assert "an order for reading, not a choice" in (tmp_path / "report.md").read_text()
+    assert sweep_report.top_label("student_top1") == "highest test top-1 (not a choice)"
+
+
+def test_keys_that_change_together_are_not_plotted_alone(tmp_path):
+    """Two experiments side by side (8 epochs at batch 128, 20 at batch 32, each with kd and dkd): a plot of
+    either key would show the effect of both; the method, crossed with them, is plotted."""
+    for name, (epochs, batch) in {"a": (8, 128), "b": (20, 32)}.items():
+        for loss in ("kd", "dkd"):
+            overrides = [f"loss={loss}", f"trainer.epochs={epochs}", f"trainer.batch_size={batch}"]
+            make_run(tmp_path, f"{name}_{loss}", overrides, fake_metrics(70.0 + epochs + len(loss)))
+    names = {os.path.basename(p) for p in write_report(tmp_path)}
+    assert "student_vs_loss.png" in names
+    assert not any("epochs" in n or "batch_size" in n or n.startswith("heatmap_") for n in names), names
+    md = (tmp_path / "report.md").read_text()
+    assert "trainer.epochs, trainer.batch_size not plotted alone: across these runs they change together" in md
+
+
+def test_a_folder_of_another_application_is_not_a_run(tmp_path):
+    """A Hydra run of another program (overrides, a metrics.json of its own): alone it is one line and nothing is
+    written into it; beside kdrun runs it is listed as not a kdrun run and adds no swept key."""
+    foreign = make_run(tmp_path / "other", "job", ["lr=0.1"], {"accuracy": 0.9}, curves=False)
+    with pytest.raises(ConfigError, match=r"report .*job: no kdrun runs found; \./metrics\.json: not a kdrun run's"):
+        write_report(foreign)
+    assert sorted(os.listdir(foreign)) == [".hydra", "metrics.json"]
+    make_run(tmp_path / "other", "0", ["loss.temperature=1"], fake_metrics(70.0))
+    make_run(tmp_path / "other", "1", ["loss.temperature=4"], fake_metrics(80.0))
+    write_report(tmp_path / "other")
+    rows = read_csv(tmp_path / "other" / "report.csv")
+    assert "lr" not in rows[0] and (rows[-1]["run"], rows[-1]["status"]) == ("job", "unreadable")
+    assert "`job`: unreadable: metrics.json: not a kdrun run's" in (tmp_path / "other" / "report.md").read_text()
