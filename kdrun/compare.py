@@ -147,7 +147,11 @@ def compare_main(args: list[str]) -> int:
         raise ConfigError(
             f"compare: {a.run_dir} and {b.run_dir} were scored on different {split} images ({sa.images} vs "
             f"{sb.images}); a paired comparison needs the same dataset"
-            + (" and the same trainer.val_fraction and trainer.seed" if split == "val" else "")
+            + (
+                " and the same trainer.val_fraction and trainer.seed; or compare them on the test images (--split test)"
+                if split == "val"
+                else ""
+            )
         )
     rows = []
     for label, ma, mb in _pairs(a, b):
@@ -166,4 +170,29 @@ def compare_main(args: list[str]) -> int:
             f"{label[:22]:<22} {c.top1_a:8.2f} {c.top1_b:8.2f} {c.difference:+7.2f}  {ci:<16} "
             f"{c.a_only:7d} {c.b_only:7d}  {c.p_value:.3g}"
         )
+    for line in caveats(a.run_dir, b.run_dir, len(sa.labels)):
+        print(line)
     return 0
+
+
+def caveats(run_a: str, run_b: str, images: int) -> list[str]:
+    """What the interval and p-value above do not cover: the runs' training randomness."""
+    lines = [
+        f"The interval and p-value cover the draw of these {images} images for these trained models, not training "
+        "randomness (another trainer.seed trains other models): to compare settings, repeat each over seeds "
+        "(kdrun report: mean ± std and t-intervals per setting)."
+    ]
+    if os.path.realpath(run_a) != os.path.realpath(run_b) and _differ_only_in_seed(run_a, run_b):
+        lines.append("A and B differ only in trainer.seed: a difference between them is training randomness.")
+    return lines
+
+
+def _differ_only_in_seed(run_a: str, run_b: str) -> bool:
+    """Whether the two runs' overrides (compared through their composed configs) differ in the seed alone."""
+    from kdrun.sweep_report import SEED_KEY, is_place_key, load_run
+
+    a, b = load_run(run_a, run_a), load_run(run_b, run_b)
+    if not (a.overrides_read and b.overrides_read):
+        return False
+    keys = {k for k in (*a.overrides, *b.overrides) if k != SEED_KEY and not is_place_key(k)}
+    return a.value(SEED_KEY) != b.value(SEED_KEY) and all(a.value(k) == b.value(k) for k in keys)

@@ -69,7 +69,7 @@ def test_compare_defaults_to_the_validation_split_and_every_shared_role(runs, ca
     code, out, err = kdrun_compare(capsys, run_dir, run_dir)
     assert code == 0, err
     assert "val split, 144 images" in out
-    rows = [line.split() for line in out.splitlines()[-3:]]
+    rows = [line.split() for line in out.splitlines() if line.split()[0] in ("teacher", "student", "baseline")]
     assert [r[0] for r in rows] == ["teacher", "student", "baseline"]
     assert all(r[3] == "+0.00" and r[-3:] == ["0", "0", "1"] for r in rows)  # a run against itself
 
@@ -82,6 +82,27 @@ def test_compare_across_seeds_on_the_test_split(runs, capsys):
     teacher = next(line.split() for line in out.splitlines() if line.startswith("teacher"))
     assert float(teacher[1]) == pytest.approx(ma["test"]["teacher"]["with_flip_tta"]["top1"], abs=0.01)
     assert float(teacher[2]) == pytest.approx(mb["test"]["teacher"]["with_flip_tta"]["top1"], abs=0.01)
+    # a p-value of two models is not one of two settings: the runs differ in their seed alone, and it says so
+    assert "not training randomness (another trainer.seed trains other models)" in out
+    assert out.strip().endswith(
+        "A and B differ only in trainer.seed: a difference between them is training randomness."
+    )
+
+
+def test_runs_of_two_settings_get_no_seed_only_note(runs, tmp_path, capsys):
+    """The note is the seeds': a run of another setting (its overrides copied, one changed) does not get it."""
+    import shutil
+
+    a, _ = runs[0]
+    other = tmp_path / "other"
+    shutil.copytree(a, other)
+    overrides = other / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text().replace("trainer.seed=0", "trainer.seed=1") + "- loss.temperature=8\n")
+    code, out, err = kdrun_compare(capsys, a, other, "--split", "test")
+    assert code == 0, err
+    assert "not training randomness" in out and "differ only in trainer.seed" not in out
+    overrides.write_text(overrides.read_text().replace("- loss.temperature=8\n", ""))
+    assert "differ only in trainer.seed" in kdrun_compare(capsys, a, other, "--split", "test")[1]
 
 
 def test_compare_counts_the_discordant_images_and_their_interval():
@@ -107,7 +128,7 @@ def test_compare_counts_the_discordant_images_and_their_interval():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["{a}", "{b}"], "were scored on different val images"),  # seeds 0 and 1: other validation splits
+        (["{a}", "{b}"], "and the same trainer.val_fraction and trainer.seed; or compare them on the test images (--s"),
         (["{a}", "{a}:nosuch"], "no model 'nosuch' in"),
         (["{a}", "{a}", "--split", "train"], "compare --split train: valid: val, test"),
         (["{a}", "{a}", "--bogus"], "compare --bogus: unknown option"),
