@@ -248,12 +248,15 @@ def check_sweep_dir(cfg, overrides: list[str]) -> None:
             continue
         path = os.path.join(job_dir, ".hydra", "overrides.yaml")
         had = [str(o) for o in load_yaml(path)] if os.path.exists(path) else None
-        if had != job:
+        if had is None or sorted(had) != sorted(job):  # the same overrides in another order make the same run
             theirs = " ".join(o for o in had or [] if o not in job) or "other overrides"
             ours = " ".join(o for o in job if o not in (had or [])) or "those alone"
+            order = ""
+            if had is not None and sorted(had) in [sorted(j) for j in jobs]:
+                order = " (the same sweep with its arguments in another order: Hydra numbers the jobs in that order)"
             raise ConfigError(
-                f"hydra.sweep.dir={sweep_dir}: job {num} there is a run of {theirs}, not of {ours}; rerun that "
-                "sweep as it was, or give a new hydra.sweep.dir"
+                f"hydra.sweep.dir={sweep_dir}: job {num} there is a run of {theirs}, not of {ours}{order}; rerun "
+                "that sweep as it was, or give a new hydra.sweep.dir"
             )
 
 

@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from kdrun.errors import KdrunError
+from kdrun.errors import ConfigError, KdrunError
 from kdrun.preempt import EXIT_PREEMPTED
 
 ARGS = [
@@ -161,6 +161,33 @@ def test_a_sweep_into_a_folder_of_another_sweep_leaves_its_runs_intact(tmp_path)
     p = run_kdrun("train", *sweep, "loss.temperature=1")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "student: already finished" in p.stderr and (tmp_path / "sweep" / "0" / "metrics.json").exists()
+
+
+def test_a_sweep_given_again_in_another_order_is_continued_or_named_so(tmp_path):
+    """Job N of a sweep is its N-th point in the order of its arguments: the same overrides in another order
+    within a job are the same run; jobs numbered otherwise are refused with the reason, not "other overrides"."""
+    from kdrun.cli import check_sweep_dir, compose
+
+    sweep = tmp_path / "sweep"
+    for num, job in enumerate([["loss=kd", "trainer.seed=0"], ["loss=kd", "trainer.seed=1"]]):
+        (sweep / str(num) / ".hydra").mkdir(parents=True)
+        (sweep / str(num) / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in job))
+        (sweep / str(num) / "metrics.json").write_text("{}")
+
+    def check(*overrides):
+        first = compose(["loss=kd", f"hydra.sweep.dir={sweep}"], with_hydra=True)  # the sweep's first point
+        check_sweep_dir(first, [*overrides, f"hydra.sweep.dir={sweep}"])
+
+    check("loss=kd", "trainer.seed=0,1")
+    check("trainer.seed=0,1", "loss=kd")  # job N: the same overrides, listed in another order
+    with pytest.raises(
+        ConfigError,
+        match=r"job 1 there is a run of loss=kd trainer.seed=1, not of trainer.seed=0 "
+        r"loss=dkd \(the same sweep with its arguments in another order: Hydra numbers",
+    ):
+        check("trainer.seed=0,1", "loss=kd,dkd")
+    with pytest.raises(ConfigError, match=r"job 1 there is a run of trainer.seed=1, not of trainer.seed=2; rerun"):
+        check("loss=kd", "trainer.seed=0,2")
 
 
 def tiny_stage(run_dir, **kw):
