@@ -62,6 +62,7 @@ class StageResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     resumed_from: str | None = None  # "epoch E step S" when the stage continued a checkpoint
+    earlier_seconds: float = 0.0  # of ``seconds``, those spent by earlier processes (recorded in the checkpoint)
     ema: nn.Module | None = None  # the EMA of the model's weights (trainer.ema), else None
 
 
@@ -158,6 +159,7 @@ def train_stage(
             averaged.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
         start_epoch, start_step, seen, elapsed = ckpt["epoch"], ckpt["step"], ckpt["seen"], ckpt["seconds"]
+        result.earlier_seconds = elapsed
         lr = ckpt.get("epoch_lr")  # the LR at the first step of the interrupted epoch (its CSV row)
         resumed_logged = ckpt.get("epoch_logged") or {}
         sums = {k: v.to(loader.device) for k, v in ckpt["sums"].items()}

@@ -66,6 +66,7 @@ class StageLog:
 
     summaries: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    earlier_seconds: float = 0.0  # stage time spent by earlier processes of this run (a resumed or rerun run)
 
     def note(self, stage: str, **info) -> None:
         """Add facts to a stage's summary (e.g. which peer an online scheme chose)."""
@@ -163,6 +164,7 @@ class StageRunner:
         )
         self.log.summaries[stage] = report.stage_summary(res)
         self.log.seconds[stage] = res.seconds
+        self.log.earlier_seconds += res.earlier_seconds
         if res.ema is not None:
             self.ema[stage] = res.ema
         return res

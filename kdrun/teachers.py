@@ -110,7 +110,7 @@ class TeacherSource:
             locks = partial(store.lock, "teacher", key), partial(store.try_lock, "teacher", key)
             with distributed.lock_on_main(*locks, self.data.device):
                 entry = distributed.shared(lambda: store.get("teacher", key))
-                if entry is not None:
+                if entry is not None and not self._finished_here():
                     summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}")
                     if distributed.is_main():
                         link_into(entry.file("teacher.pt"), final)
@@ -118,9 +118,9 @@ class TeacherSource:
                             link_into(entry.file("metrics_teacher.csv"), metrics_csv)
                     log.info("teacher: reused %s from the store (%s); not retrained", tcfg.name, entry.path)
                     stages.log.note("teacher", **summary, source="store", store_key=key)
-                else:
+                else:  # not stored, or trained in this run (run again: its record stays the run's own)
                     self._train(model, final)
-                    if distributed.is_main():
+                    if entry is None and distributed.is_main():
                         files = {"teacher.pt": final}
                         if os.path.exists(metrics_csv):  # trainer.teacher_epochs=0 writes no epoch rows
                             files["metrics_teacher.csv"] = metrics_csv
@@ -129,6 +129,11 @@ class TeacherSource:
         model.eval().requires_grad_(False)
         stages.record("teacher", model, tcfg, None)  # reported at its last epoch
         return Teacher(model, "teacher", key, self.precision)
+
+    def _finished_here(self) -> bool:
+        """Whether this run's own teacher stage has finished (the run is being run again)."""
+        ckpt = io.load_checkpoint(os.path.join(self.stages.ckpt_dir, "teacher_last.pt"))
+        return ckpt is not None and ckpt.get("epoch", 0) >= ckpt.get("epochs", 0)
 
     def _train(self, model: nn.Module, final: str) -> None:
         stages = self.stages

@@ -212,7 +212,9 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
         ev = report.evaluate(cfg, r.data, stages, roles)
         predictions.write(run_dir, predictions.collect(cfg, r.data, stages, roles, ev))  # for `kdrun compare`
         stages.log.seconds["evaluate"] = time.perf_counter() - t0
-        stages.log.seconds["total"] = time.perf_counter() - t_start
+        # the run's time over all its processes: this one's, and the stage time earlier ones recorded in checkpoints
+        stages.log.seconds["this_process"] = time.perf_counter() - t_start
+        stages.log.seconds["total"] = stages.log.seconds["this_process"] + stages.log.earlier_seconds
         metrics = report.assemble(cfg, r.data, stages, roles, r.refs.refs, ev.scores, ev.logits)
         stages.logger.finish(
             metrics, {role: os.path.join(stages.ckpt_dir, f"{name}.pt") for role, name in roles.items()}

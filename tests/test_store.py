@@ -43,6 +43,19 @@ def test_two_runs_share_teacher_and_logits(kdrun, tmp_path):
     assert m1["test"]["teacher"] == m2["test"]["teacher"]
     assert m2["stages"]["cache"]["source"] == "store"
     assert (tmp_path / "r2" / "metrics_teacher.csv").is_file()
+    # the first run again, finished: its own teacher stage, not the store's entry, and its cost as recorded
+    p3 = kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={tmp_path / 'r1'}")
+    assert p3.returncode == 0, p3.stderr[-2000:]
+    assert "teacher: already finished" in p3.stderr and "from the store" not in p3.stderr.split("cache")[0]
+    m3 = json.loads((tmp_path / "r1" / "metrics.json").read_text())
+    assert m3["test"] == m1["test"] and m3["stages"]["teacher"].keys() == m1["stages"]["teacher"].keys()
+    assert "store_key" not in m3["stages"]["teacher"]  # a store reuse notes the key it took
+    t1, t3 = m1["timings_s"], m3["timings_s"]  # stage times as their checkpoints recorded them (to the last save)
+    assert t3["teacher"] == pytest.approx(t1["teacher"], abs=0.05) and t3["student"] == pytest.approx(
+        t1["student"], abs=0.05
+    )
+    assert t3["this_process"] < t3["total"]
+    assert t3["total"] == pytest.approx(t3["this_process"] + t3["teacher"] + t3["student"], abs=0.05)
 
     p = kdrun("store", "ls", f"dir={store}")
     assert p.returncode == 0 and "2 entries" in p.stdout and "teacher" in p.stdout and "logits" in p.stdout
