@@ -610,3 +610,13 @@ def test_a_folder_of_another_application_is_not_a_run(tmp_path):
     rows = read_csv(tmp_path / "other" / "report.csv")
     assert "lr" not in rows[0] and (rows[-1]["run"], rows[-1]["status"]) == ("job", "unreadable")
     assert "`job`: unreadable: metrics.json: not a kdrun run's" in (tmp_path / "other" / "report.md").read_text()
+
+
+def test_the_optuna_line_gives_the_study_s_validation_figure_rounded(tmp_path):
+    make_run(tmp_path, "0", ["loss.temperature=1"], fake_metrics(70.0))
+    make_run(tmp_path, "1", ["loss.temperature=4"], fake_metrics(80.0))
+    results = {"name": "optuna", "best_params": {"loss.temperature": 4.0}, "best_value": 11.11111119389534}
+    (tmp_path / "optimization_results.yaml").write_text(yaml.safe_dump(results))
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Best trial: `loss.temperature=4.0` -> 11.11 (the study's sweep.metric, on validation)" in md
