@@ -79,7 +79,7 @@ class SweepReport(Callback):
         try:
             runs = collect(sweep_dir)
             outcome.jobs = len(runs)
-            outcome.failed = [(r.name, r.note) for r in runs if r.status == "failed"]
+            outcome.failed = [(r.name, r.note) for r in runs if r.status in ("failed", "stopped")]
         except Exception as e:  # noqa: BLE001 (no run directory at all: nothing to count)
             log.warning("sweep: could not read the jobs of %s: %s", sweep_dir, e)
         try:

@@ -2,6 +2,7 @@
 
 A run is any directory holding ``.hydra/overrides.yaml``. Its status is
 ``complete`` (``metrics.json`` present), ``failed`` (a ``FAILED`` note),
+``stopped`` (the ``FAILED`` note of a SIGTERM/SIGINT stop: the same command continues it),
 ``unreadable`` (a ``metrics.json`` that cannot be parsed) or ``running``
 (neither yet). Keys whose values differ between runs are the swept keys; a key
 that a run does not override takes that run's composed value (``.hydra/config.yaml``,
@@ -200,6 +201,7 @@ def scores_of(metrics: dict) -> dict[str, float | None]:
     }
 
 
+STOPPED = re.compile(r"\bstopped by SIG[A-Z]+\b")
 NOT_KDRUN = "not a kdrun run's (no trainer settings, or no roles and test scores)"
 
 
@@ -226,7 +228,9 @@ def load_run(run_dir: str, root: str) -> Run:
             return Run(run_dir, name, {}, "unreadable", note=f"metrics.json: {NOT_KDRUN}", overrides_read=False)
         run.status, run.scores, run.note = "complete", scores_of(metrics), ""
     elif os.path.isfile(failed_path):
-        run.status, run.note = "failed", first_line(failed_path)
+        run.note = first_line(failed_path)
+        # stopped by SIGTERM/SIGINT (preemption, Ctrl-C) with its checkpoint saved: the same command continues it
+        run.status = "stopped" if STOPPED.search(run.note) else "failed"
     return run
 
 

@@ -268,6 +268,8 @@ def test_failed_running_and_unreadable_runs_listed_not_plotted(tmp_path, monkeyp
     bad = make_run(tmp_path, "4", ["loss.temperature=32"])
     with open(os.path.join(bad, "metrics.json"), "w") as f:
         f.write("{truncated")
+    stop = "student: stopped by SIGTERM at epoch 1, step 3; checkpoint saved, rerun the same command to resume"
+    make_run(tmp_path, "5", ["loss.temperature=64"], failed=stop)
     plotted = []
     original = sweep_report.plot_accuracy_vs
     monkeypatch.setattr(sweep_report, "plot_accuracy_vs", lambda runs, *a: plotted.extend(runs) or original(runs, *a))
@@ -279,12 +281,13 @@ def test_failed_running_and_unreadable_runs_listed_not_plotted(tmp_path, monkeyp
         ("2", "failed"),
         ("3", "running"),
         ("4", "unreadable"),
+        ("5", "stopped"),  # preempted, checkpoint saved: not a failure, the same command continues it
     ]
     assert rows[2]["note"] == "RuntimeError: out of memory" and rows[2]["student_top1"] == ""
     assert sorted(r.name for r in plotted) == ["0", "1"]
     md = (tmp_path / "report.md").read_text()
     assert "`2`: failed: RuntimeError: out of memory" in md and "`3`: running" in md and "`4`: unreadable" in md
-    assert "5 runs: 2 complete, 1 failed, 1 running, 1 unreadable" in md
+    assert "6 runs: 2 complete, 1 failed, 1 running, 1 stopped, 1 unreadable" in md and f"`5`: stopped: {stop}" in md
 
 
 def test_unreadable_overrides_do_not_invent_swept_keys(tmp_path):
