@@ -1,9 +1,10 @@
 """The view a student rebuilds is bit-identical to the view the teacher's cached logits were computed on."""
 
+import numpy as np
 import torch
 from torch import nn
 
-from kdrun.cache import CacheShape, LogitCache, fill_pass
+from kdrun.cache import CacheShape, LogitCache, decode, encode, fill_pass
 from kdrun.data.base import ImageSet
 from kdrun.data.loader import Augment, Normalize, TensorLoader, epoch_plan
 
@@ -208,3 +209,28 @@ def test_reading_a_large_cache_keeps_resident_memory_bounded(tmp_path):
         assert have.all() and torch.equal(logits[:, 0], (idx // 4000 * 4000).float())
         peak = max(peak, _rss_mb() - before)
     assert peak < 16, peak  # batch temporaries; through a memory map: ~50-80 MB
+
+
+def test_the_file_layout_is_view_major_and_stays_so(tmp_path):
+    """Row (sample i, view v) lies at data_offset + (v * samples + i) * row_bytes: the layout of every cache in
+    existing stores (format 1). A reader with another order would hand each image another image's logits."""
+    shape = CacheShape(samples=3, views=2, classes=2)
+    cache = LogitCache.open(str(tmp_path / "c.kdlc"), shape, "k")
+    index, view = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 0, 0, 1, 1, 1])
+    logits = torch.stack([torch.tensor([float(10 * v + i), -1.0]) for i, v in zip(index.tolist(), view.tolist())])
+    cache.write(index, view, logits)
+    cache.flush()
+    data = (tmp_path / "c.kdlc").read_bytes()
+    for i, v in ((1, 0), (2, 1), (0, 1)):
+        at = shape.data_offset + (v * shape.samples + i) * shape.row_bytes
+        row = np.frombuffer(data[at : at + shape.row_bytes], np.float16)
+        assert row.tolist() == [10 * v + i, -1.0]
+
+
+def test_top_k_rows_hold_class_indices_past_int16(tmp_path):
+    """40,000 classes: the top-k indices need int32 (int16 wraps past 32,767)."""
+    shape = CacheShape(samples=1, views=0, classes=40_000, topk=3)
+    logits = torch.zeros(1, 40_000)
+    logits[0, [39_999, 32_768, 5]] = torch.tensor([9.0, 8.0, 7.0])
+    back = decode(encode(logits, shape), shape)
+    assert back[0].topk(3).indices.tolist() == [39_999, 32_768, 5]

@@ -326,3 +326,28 @@ def test_a_logit_beyond_fp16_is_refused_by_the_cache_not_stored_as_inf():
         encode(torch.tensor([[70000.0, 1.0, 0.0]]), shape)
     with pytest.raises(KdrunError, match="does not fit"):
         encode(torch.tensor([[float("nan"), 1.0, 0.0]]), shape)
+
+
+def test_errors_count_by_true_class_and_top_k_by_rank():
+    from kdrun.evaluation import accuracy
+    from kdrun.report import _scores
+
+    logits = torch.tensor([[0.0, 5, 0, 0, 0, 0, 0], [5.0, 0, 0, 0, 0, 0, 0], [0.0, 0, 9, 0, 0, 0, 0]])
+    scores = _scores(logits, torch.tensor([0, 0, 2]))
+    assert scores["errors"] == 1 and scores["errors_by_class"] == [1, 0, 0, 0, 0, 0, 0]  # a 0 called 1: class 0's
+    ranked = torch.tensor([[6.0, 5, 4, 3, 2, 1, 0]])  # the label, class 4, ranked exactly 5th
+    assert accuracy(ranked, torch.tensor([4]), ks=(1, 4, 5)) == [0.0, 0.0, 100.0]
+
+
+def test_the_validation_split_follows_the_seed_and_keeps_the_draw_the_presets_chose_on():
+    """The presets' recorded choices were made on these splits: the draw is pinned, and each seed has its own."""
+    from kdrun.run_data import split_validation
+
+    train = ImageSet(torch.zeros(20, 1, 2, 2, dtype=torch.uint8), torch.arange(20))  # label = index
+
+    def held_out(seed):
+        rest, val = split_validation(train, 0.2, seed)
+        assert sorted(rest.labels.tolist() + val.labels.tolist()) == list(range(20))  # held out of training
+        return val.labels.tolist()
+
+    assert held_out(0) == [9, 12, 15, 17] and held_out(1) == [3, 11, 17, 18]

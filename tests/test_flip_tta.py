@@ -72,7 +72,7 @@ def test_run_reports_flip_tta_beside_single_view(tmp_path):
     from kdrun.export import load_images, load_model
 
     images, _ = load_images(io.load_yaml(str(tmp_path / "run" / ".hydra" / "config.yaml")))
-    differ = False
+    differ, teacher_says = False, None
     for name in ("teacher", "student", "baseline"):
         model, _ = load_model(str(tmp_path / "run" / "checkpoints" / f"{name}.pt"))
         with torch.no_grad():
@@ -82,6 +82,11 @@ def test_run_reports_flip_tta_beside_single_view(tmp_path):
         assert last(test[name])["errors"] == int(wrong.sum()), name
         assert test[name]["with_flip_tta"]["errors"] == int(wrong_tta.sum()), name
         differ |= bool((wrong != wrong_tta).any())
+        if teacher_says is None:
+            teacher_says = plain.argmax(1)
+        else:  # agreement: the share of test images on which the model and the teacher name the same class
+            same = 100 * (plain.argmax(1) == teacher_says).float().mean().item()
+            assert last(test[name])["agreement"] == pytest.approx(same, abs=1e-3), name
     assert differ  # else the two protocols could be swapped unnoticed
 
 

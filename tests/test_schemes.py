@@ -24,6 +24,12 @@ def test_online_mutual_learning(kdrun, tmp_path):
     assert {"peer1", "peer2", "baseline_peer1", "baseline_peer2"} <= set(m["test"])
     assert m["stages"]["online"]["chosen_by"] == "validation accuracy"
     assert m["roles"]["student"] == f"peer{m['stages']['online']['student_peer']}"
+    val = m["stages"]["online"][
+        "val_top1_by_model"
+    ]  # the peer with the best validation top-1, against its own baseline
+    assert (
+        m["roles"]["student"] == max(val, key=val.get) and m["roles"]["baseline"] == f"baseline_{m['roles']['student']}"
+    )
     rows = list(csv.DictReader((tmp_path / "run" / "metrics_online.csv").open()))
     assert {"loss_ce_peer1", "loss_kl_peer1", "loss_ce_peer2", "loss_kl_peer2"} <= set(rows[0])
     w1, w2 = (

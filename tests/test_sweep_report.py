@@ -161,6 +161,12 @@ def test_mean_std_over_seeds(tmp_path):
     assert groups[0]["student_top1_mean"] == pytest.approx(82.0)
     assert groups[0]["student_top1_std"] == pytest.approx(2.0)  # sample std of 80, 82, 84
     assert [g["student_top1_mean"] for g in groups] == [82.0, 78.0, 76.0, 72.0]
+    # KD gains 20, 22, 24: 22 +- t(0.975, 2) * 2 / sqrt(3), Student's 95% interval (not a 68% one)
+    half = 4.302652729911275 * 2 / 3**0.5
+    assert (groups[0]["kd_gain_top1_ci95_low"], groups[0]["kd_gain_top1_ci95_high"]) == (
+        pytest.approx(22 - half, abs=1e-3),
+        pytest.approx(22 + half, abs=1e-3),
+    )
     md = (tmp_path / "report.md").read_text()
     assert "## Mean ± std over seeds" in md
     assert "| 4 | 0.5 | 3 | 82.00 ± 2.00 | 60.00 ± 0.00 | 95.00 ± 0.00 | 22.00 ± 2.00 |" in md
