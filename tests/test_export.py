@@ -66,7 +66,18 @@ def test_export_writes_onnx_int8_and_json(run_dir, exported):
         assert q["calibration_images"] == 64
         assert q["top1_drop"] == pytest.approx(m["top1"] - q["top1"], abs=1e-3)
         assert q["size_mb"] == pytest.approx(os.path.getsize(out / q["file"]) / 1e6, abs=1e-3)
+        for k, v in q["speedup"].items():  # fp32 time over int8 time: above 1 means int8 is faster
+            assert v == pytest.approx(m["latency_ms"][k] / q["latency_ms"][k], rel=1e-2), k
     assert "onnx int8" in exported.stdout and "student" in exported.stdout
+    # the int8 top-1 is the int8 file's own, recounted on the run's test images
+    from kdrun import io
+    from kdrun.export import load_images
+
+    test, _ = load_images(io.load_yaml(str(run_dir / ".hydra" / "config.yaml")))
+    for m in by_name.values():
+        sess = onnxruntime.InferenceSession(str(out / m["int8"]["file"]), providers=["CPUExecutionProvider"])
+        logits = sess.run(None, {sess.get_inputs()[0].name: test.x.numpy()})[0]
+        assert m["int8"]["top1"] == pytest.approx(100 * (logits.argmax(1) == test.y.numpy()).mean(), abs=1e-3)
 
 
 def test_exported_onnx_has_dynamic_batch_and_matches_the_checkpoint(run_dir, exported):
