@@ -33,7 +33,7 @@ train: $(STAMP)
 LINT_FIRST ?= lint
 
 # the tests spread over the cores (pytest-xdist; most of them wait on one single-threaded kdrun subprocess):
-# 10 minutes on 2 cores against 17 in one process. `make test PARALLEL=` runs them in one process.
+# about 12 minutes on 2 cores against 17 in one process. `make test PARALLEL=` runs them in one process.
 PARALLEL ?= -n auto --maxprocesses=4
 
 test: $(TEST_STAMP) $(LINT_FIRST)

@@ -677,8 +677,7 @@ def plot_scatter(runs: list[Run], keys: list[str], out_dir: str) -> str:
     y = [float(r.value(keys[0])) for r in runs]
     points = ax.scatter(x, y, c=[r.scores["student_top1"] for r in runs], cmap="viridis", s=60, edgecolors="k")
     fig.colorbar(points, ax=ax, label="student test top-1 (%)")
-    key = rank_key(runs)
-    best = sorted(runs, key=lambda r: _rank(r, key))[0]
+    key, best = rank_key(runs), runs[0]  # the runs come in the report's order (collect)
     ax.annotate(
         f"{top_label(key)}: {best.scores[key]:.2f}",
         (float(best.value(keys[1])), float(best.value(keys[0]))),
@@ -736,7 +735,7 @@ def _float(text: str | None) -> float | None:
         return None
 
 
-def plot_curves(run: Run, swept: list[str], out_dir: str, ranked_by: str | None = None) -> str | None:
+def plot_curves(run: Run, swept: list[str], out_dir: str, ranked_by: str) -> str | None:
     """Loss, learning rate and (with a validation split) val top-1 per epoch of every stage of ``run``, the first
     of the order ``ranked_by`` (:func:`rank_key`)."""
     from matplotlib.ticker import MaxNLocator
@@ -757,14 +756,11 @@ def plot_curves(run: Run, swept: list[str], out_dir: str, ranked_by: str | None 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     setting = " ".join(f"{k}={short(run.value(k))}" for k in swept)
-    key = rank_key([run]) if ranked_by is None else ranked_by
-    figure = (
-        f"student validation top-1 {run.scores[key]:.2f}"
-        if key == "student_val_top1"
-        else (f"student test top-1 {run.scores['student_top1']:.2f}")
-    )
+    split = "validation" if ranked_by == "student_val_top1" else "test"
+    figure = f"student {split} top-1 {run.scores[ranked_by]:.2f}"
     fig.suptitle(
-        f"training curves of the run with the {top_label(key)} ({run.name or '.'}: {setting or 'only run'}, {figure})",
+        f"training curves of the run with the {top_label(ranked_by)} ({run.name or '.'}: {setting or 'only run'}, "
+        f"{figure})",
         fontsize=10,
     )
     return _save(fig, out_dir, "curves_best.png")
@@ -798,9 +794,7 @@ def write_plots(runs: list[Run], swept: list[str], out_dir: str) -> tuple[list[s
     jobs = [(f"student vs {k}", plot_accuracy_vs, (complete, k, swept, out_dir)) for k in varied[:MAX_KEY_PLOTS]]
     if len(varied) == 2:
         jobs.append(("heat map", plot_two_keys, (complete, varied, out_dir)))
-    key = rank_key(complete)
-    first = sorted(complete, key=lambda r: _rank(r, key))[0]
-    jobs.append(("training curves", plot_curves, (first, swept, out_dir, key)))
+    jobs.append(("training curves", plot_curves, (complete[0], swept, out_dir, rank_key(complete))))
     paths, failures = _run_plot_jobs(jobs)
     return paths, notes + failures
 
