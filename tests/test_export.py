@@ -103,6 +103,82 @@ def test_int8_model_is_quantized(run_dir, exported):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+@pytest.fixture(scope="module")
+def traced(run_dir, tmp_path_factory):
+    """An int8 export of the student in this process, every runtime it builds traced: ``calls`` (runtime,
+    batch size) of each call; ``calib`` the images quantization was calibrated on. The int8 session is a
+    stand-in that is right on every test image (the real one's top-1 is too close to fp32's to tell them
+    apart), and timing is a single call whose "milliseconds" are the batch size it ran."""
+    import shutil
+
+    from kdrun import export, io
+
+    copy = tmp_path_factory.mktemp("traced") / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    test, train = export.load_images(io.load_yaml(str(copy / ".hydra" / "config.yaml")))
+    label_of = {x.numpy().tobytes(): int(y) for x, y in zip(test.x, test.y)}
+    calls, calib = [], []
+    real_ort, real_eager, real_quantize = export.ort_fn, export.eager_fn, export.quantize_int8
+
+    def traced_fn(runtime, fn):
+        def run(x):
+            calls.append((runtime, len(x)))
+            return fn(x)
+
+        return run
+
+    def always_right(x):
+        out = np.zeros((len(x), 10), np.float32)
+        out[np.arange(len(x)), [label_of[r.numpy().tobytes()] for r in x]] = 1.0
+        return out
+
+    def ort_fn(path, threads=None):
+        real_ort(path, threads)  # the file loads
+        return traced_fn("int8", always_right) if path.endswith(".int8.onnx") else traced_fn("onnx", real_ort(path))
+
+    def quantize_int8(fp32_path, out_path, images, workdir):
+        calib.append(images.clone())
+        return real_quantize(fp32_path, out_path, images, workdir)
+
+    def timed_ms(fn, *args, **kwargs):
+        start = len(calls)
+        fn()
+        assert len(calls) == start + 1
+        return float(calls[start][1]), float(calls[start][1])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export, "ort_fn", ort_fn)
+        mp.setattr(export, "eager_fn", lambda model: traced_fn("eager", real_eager(model)))
+        mp.setattr(export, "quantize_int8", quantize_int8)
+        mp.setattr(export, "timed_ms", timed_ms)
+        doc = export.run_export(export.ExportOptions(run_dir=str(copy), quantize="int8", calib=64))
+    (m,) = doc["models"]
+    return m, calls, calib, test, train
+
+
+def test_int8_top1_is_the_int8_sessions(traced):
+    m, calls, _, test, _ = traced
+    assert m["top1"] < 100  # the fp32 export is not always right: an int8 top-1 taken from it would show
+    assert m["int8"]["top1"] == 100.0 and m["int8"]["top1_drop"] == pytest.approx(m["top1"] - 100.0, abs=1e-3)
+    assert sum(b for r, b in calls if r == "int8") >= len(test.x)  # the whole test split went through it
+
+
+def test_int8_is_calibrated_on_training_images(traced):
+    _, _, calib, test, train = traced
+    (images,) = calib
+    train_rows = {x.numpy().tobytes() for x in train.x}
+    rows = [x.numpy().tobytes() for x in images]
+    assert len(rows) == len(set(rows)) == 64
+    assert all(r in train_rows for r in rows)
+
+
+def test_latency_is_timed_at_batch_1_and_32(traced):
+    """The stand-in timing reports the batch size each timed call ran on, for every runtime."""
+    m, *_ = traced
+    want = {"b1": 1.0, "b1_best": 1.0, "b32": 32.0, "b32_best": 32.0}
+    assert m["latency_ms"] == m["eager_latency_ms"] == m["int8"]["latency_ms"] == want
+
+
 def test_report_shows_the_export(run_dir, exported):
     p = run_kdrun("report", str(run_dir))
     assert p.returncode == 0, p.stderr

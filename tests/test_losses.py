@@ -390,6 +390,27 @@ def test_crd_nce_memory_and_clamped_negatives(rng, monkeypatch):
     assert torch.equal(m.z, z)  # the normalising constants are fixed after the first batch
 
 
+def test_crd_memory_update_keeps_m_of_the_old_slot(rng):
+    """M[i] <- normalise(m * M[i] + (1 - m) * embedding_i) at m = 0.9: at the default 0.5 a swap of m and 1 - m
+    would not show."""
+    N, B, mom = 10, 4, 0.9
+    x, y = rng.normal(size=(B, 4)), rng.normal(size=(B, 6))
+    m = build("crd", [y.shape], [x.shape], num_samples=N, embed_dim=3, nce_m=mom)
+    index = np.array([3, 7, 0, 9])
+    mem_s, mem_t = m.memory_s.numpy().astype(np.float64).copy(), m.memory_t.numpy().astype(np.float64).copy()
+    es, et = m.adapters[0].linear, m.embed_t.linear
+    s = np_normalize(x @ es.weight.detach().numpy().T + es.bias.detach().numpy())
+    t = np_normalize(y @ et.weight.detach().numpy().T + et.bias.detach().numpy())
+    run(m, [t64(x)], [t64(y)], make_ctx(np.zeros(B, int), index=index, num_samples=N))
+    for b, i in enumerate(index):
+        want_s = [mom * mem_s[i, d] + (1 - mom) * s[b, d] for d in range(3)]
+        want_t = [mom * mem_t[i, d] + (1 - mom) * t[b, d] for d in range(3)]
+        np.testing.assert_allclose(m.memory_s.numpy()[i], np.array(want_s) / np.linalg.norm(want_s), atol=1e-5)
+        np.testing.assert_allclose(m.memory_t.numpy()[i], np.array(want_t) / np.linalg.norm(want_t), atol=1e-5)
+    untouched = [i for i in range(N) if i not in index]
+    np.testing.assert_allclose(m.memory_t.numpy()[untouched], mem_t[untouched], atol=1e-7)
+
+
 def test_crd_shared_negatives_equal_per_anchor_ones_drawn_alike(rng, monkeypatch):
     """negatives=shared scores one draw of K against the whole batch: the same loss, gradients and banks as
     per-anchor negatives that happen to be that draw for every anchor; and it draws a single row."""

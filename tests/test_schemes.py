@@ -89,6 +89,52 @@ def test_assistant_chain_with_direct_comparison(kdrun, tmp_path):
     assert (tmp_path / "run" / "assistant1_logits.kdlc").is_file()
 
 
+def test_assistant_direct_student_is_distilled_from_the_teacher(tmp_path, monkeypatch):
+    """The chain teacher -> assistant1 -> student, and student_direct straight from the teacher (the comparison
+    that says what the assistant bought)."""
+    from kdrun import train
+
+    taught_by, real = {}, train.Run.distil
+
+    def distil(self, stage, mcfg, teacher, who="student"):
+        taught_by[stage] = teacher.name
+        return real(self, stage, mcfg, teacher, who=who)
+
+    monkeypatch.setattr(train.Run, "distil", distil)
+    traced_run(tmp_path, monkeypatch, "scheme=assistant", "scheme.assistants=[resnet8]", "baseline=false")
+    assert taught_by == {"assistant1": "teacher", "student": "assistant1", "student_direct": "teacher"}
+
+
+def test_mutual_kl_is_averaged_over_the_other_peers():
+    """Three peers with fixed logits (one sample, two classes, T=1): p1 = (1/2, 1/2), p2 = (3/4, 1/4),
+    p3 = (1/4, 3/4). Peer 1: KL(p2||p1) = KL(p3||p1) = 3/4 ln 3 - ln 2; peer 2 (and 3, by symmetry):
+    KL(p1||p2) + KL(p3||p2) = 1/2 ln(4/3) + 1/2 ln 3 = ln 2. Each sum is divided by K - 1 = 2."""
+    import math
+
+    from torch import nn
+
+    from kdrun.data.loader import Batch
+    from kdrun.schemes.online import MutualObjective, Peers
+
+    class Fixed(nn.Module):
+        def __init__(self, *logits):
+            super().__init__()
+            self.z = nn.Parameter(torch.tensor([logits]))
+
+        def forward(self, x):
+            return self.z.expand(len(x), -1)
+
+    ln3 = math.log(3)
+    peers = Peers([Fixed(0.0, 0.0), Fixed(ln3, 0.0), Fixed(0.0, ln3)])
+    batch = Batch(torch.zeros(1, 1, 8, 8), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    terms = MutualObjective(temperature=1.0, kl_weight=0.6)(peers, batch, 0)
+    assert set(terms) == {f"{t}_peer{i}" for t in ("ce", "kl") for i in (1, 2, 3)}
+    assert terms["kl_peer1"].item() == pytest.approx(0.6 * (0.75 * ln3 - math.log(2)), rel=1e-5)
+    assert terms["kl_peer2"].item() == pytest.approx(0.6 * math.log(2) / 2, rel=1e-5)
+    assert terms["kl_peer3"].item() == pytest.approx(0.6 * math.log(2) / 2, rel=1e-5)
+    assert terms["ce_peer2"].item() == pytest.approx(-math.log(0.75), rel=1e-5)
+
+
 def test_bad_scheme_values_are_one_line(kdrun, tmp_path):
     p = kdrun("train", *FAST, "scheme=online", "scheme.peers=[resnet8,nosuchnet]", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and "scheme.peers[1]=nosuchnet: unknown model; valid:" in p.stderr

@@ -3,15 +3,17 @@
 The runs here are directories with the files a run leaves (``store_refs.json`` written by :class:`StoreRefs`,
 ``metrics.json`` once finished); no training, so every test takes well under a second."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from kdrun import store_cli
 from kdrun.cli import main
-from kdrun.store import Store, StoreRefs, key_of
+from kdrun.store import MARKER, Store, StoreRefs, key_of
 
 TEACHER, LOGITS = key_of({"t": 1}), key_of({"l": 1})
 
@@ -44,6 +46,15 @@ def snapshot(root):
 
 def entries(store):
     return sorted((e.kind, e.key) for e in store.entries())
+
+
+def age(store, kind, key, seconds):
+    """Make the entry ``kind/key`` of ``store`` ``seconds`` old (its COMPLETE marker's creation time)."""
+    marker = os.path.join(store.inspect(kind, key).path, MARKER)
+    with open(marker) as f:
+        info = json.load(f)
+    with open(marker, "w") as f:
+        json.dump(info | {"created": time.time() - seconds}, f)
 
 
 def kdrun_main(capsys, monkeypatch, *args):
@@ -220,6 +231,37 @@ def test_older_than_keeps_what_an_unfinished_run_uses(tmp_path, monkeypatch, cap
         capsys, monkeypatch, "store", "gc", f"dir={out / '.store'}", f"runs={out}", "older_than=0"
     )
     assert code == 0 and entries(store) == [], stdout
+
+
+def test_older_than_is_in_days(tmp_path, monkeypatch, capsys):
+    """older_than=1 is one day: of two entries a finished run uses, the one 2 hours old stays and the one 2 days
+    old goes."""
+    out = tmp_path / "out"
+    store = make_store(out / ".store", ("teacher", TEACHER), ("logits", LOGITS))
+    make_run(out / "train" / "done", store, ("teacher", TEACHER), ("logits", LOGITS))
+    age(store, "teacher", TEACHER, 2 * 3600)
+    age(store, "logits", LOGITS, 2 * 86400)
+    code, stdout, _ = kdrun_main(
+        capsys, monkeypatch, "store", "gc", f"dir={out / '.store'}", f"runs={out}", "older_than=1"
+    )
+    assert code == 0 and stdout.count("removed") == 1, stdout
+    assert f"removed logits   {LOGITS}" in stdout and "(older than limit)" in stdout
+    assert entries(store) == [("teacher", TEACHER)]
+
+
+def test_runs_of_another_store_keep_nothing_here(tmp_path, monkeypatch, capsys):
+    """A run under runs= whose store_refs.json names another store (holding the same key: the same teacher
+    recipe built there) says nothing about this store's entries: here that teacher is unreferenced and goes,
+    while the entry a run of this store uses stays; the other store is not touched."""
+    out = tmp_path / "out"
+    store = make_store(out / ".store", ("teacher", TEACHER), ("logits", LOGITS))
+    other = make_store(tmp_path / "other" / ".store", ("teacher", TEACHER))
+    make_run(out / "train" / "elsewhere", other, ("teacher", TEACHER))
+    make_run(out / "train" / "here", store, ("logits", LOGITS))
+    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={out / '.store'}", f"runs={out}")
+    assert code == 0 and stdout.count("removed") == 1, stdout
+    assert f"removed teacher  {TEACHER}" in stdout and "(unreferenced)" in stdout
+    assert entries(store) == [("logits", LOGITS)] and entries(other) == [("teacher", TEACHER)]
 
 
 def test_a_run_that_starts_using_an_entry_during_gc_keeps_it(tmp_path, monkeypatch, capsys):
