@@ -316,7 +316,12 @@ def fill_pass(
     bar = progress(total=len(todo), desc="cache", unit="img", disable=rank != 0)
     for batches, batch in enumerate(loader.batches(index, view, batch_size), start=1):
         with autocast(batch.x.device, precision):
-            cache.write(*batch.on_host(), teacher(batch.x).float())
+            logits = teacher(batch.x).float()
+        try:
+            cache.write(*batch.on_host(), logits)
+        except KdrunError as e:  # a logit fp16 cannot hold: alone, raised here; with several workers, by all below
+            distributed.defer(e)
+            break
         bar.update(len(batch.index) * world)
         maybe_kill("cache", batches)
         if STOP.requested is not None:  # SIGTERM/SIGINT: what is written stays; a resumed run fills the rest
@@ -327,5 +332,6 @@ def fill_pass(
             )
     bar.close()
     cache.flush()
+    distributed.agree(False, loader.device)
     distributed.barrier()
     return time.perf_counter() - t0

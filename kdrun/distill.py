@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun import distributed
 from kdrun.cache import LogitCache
 from kdrun.data.loader import Batch
 from kdrun.engine import autocast
+from kdrun.errors import KdrunError
 from kdrun.losses.base import DistillLoss, Outputs, StepContext
 from kdrun.models.features import FeatureTap
 
@@ -123,7 +125,11 @@ class Distill:
         if not bool(have.all()):  # first use of some (sample, view): the teacher runs on those images only
             miss = (~have).nonzero().squeeze(1)
             fresh = self._teacher(batch.x[miss.to(batch.x.device)])
-            logits[miss] = self.cache.write(index[miss], view[miss], fresh)
+            try:
+                logits[miss] = self.cache.write(index[miss], view[miss], fresh)
+            except KdrunError as e:  # a logit fp16 cannot hold: alone, raised here; with several workers, by
+                distributed.defer(e)  # every one at the engine's next agreement, before any checkpoint
+                logits[miss] = fresh.float().cpu()
         return Outputs(logits.to(batch.x.device, non_blocking=True))
 
     def __call__(self, net: nn.Module, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:

@@ -160,6 +160,39 @@ def any_flag(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+# the first error a worker deferred (:func:`defer`), raised by every worker at their next :func:`agree`
+_DEFERRED: list[KdrunError] = []
+
+
+def defer(err: KdrunError) -> None:
+    """Hold this worker's ``err`` until the workers next :func:`agree`, where every worker raises it. A worker
+    that raised alone (e.g. a teacher logit the cache cannot hold, met on its own shard) would leave the others
+    waiting in their next collective until the group timed out; under a bare ``srun`` nothing else ends them.
+    Alone, ``err`` is raised at once."""
+    if size() == 1:
+        raise err
+    if not _DEFERRED:  # the first one: what follows it may be its consequence
+        _DEFERRED.append(err)
+
+
+def agree(stop: bool, device) -> bool:
+    """Whether any worker's ``stop`` is set, on every worker (one tiny collective); raises on every worker the
+    error a worker deferred (the lowest such rank's), so that all of them end together."""
+    if size() == 1:
+        return stop
+    rank, n = world()
+    t = torch.tensor([1.0 if stop else 0.0, float(n - rank) if _DEFERRED else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    stop_any, culprit = bool(t[0].item()), n - int(t[1].item())
+    if culprit < n:
+        box: list[KdrunError | None] = [_DEFERRED[0] if rank == culprit else None]
+        dist.broadcast_object_list(box, src=culprit)
+        _DEFERRED.clear()
+        assert box[0] is not None
+        raise box[0]
+    return stop_any
+
+
 def shared(fn):
     """``fn()`` computed on rank 0 and handed to every worker (e.g. an artifact-store lookup)."""
     if size() == 1:

@@ -252,9 +252,13 @@ def train_stage(
                         **logged,
                     )
             stop = STOP.requested is not None
-            if distributed.size() > 1:  # every worker stops after the same step, or DDP's next all-reduce hangs
-                stop = global_step % STOP_POLL_STEPS == 0 and distributed.any_flag(stop, loader.device)
-            if stop or (checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0 and step + 1 < len(loader)):
+            every = checkpoint_every_steps
+            checkpoint = every > 0 and (step + 1) % every == 0 and step + 1 < len(loader)  # not the epoch's last
+            if distributed.size() > 1:  # every worker stops after the same step, or DDP's next all-reduce hangs;
+                # a worker's deferred error (distributed.defer) is raised by all here, and never checkpointed
+                polled = global_step % STOP_POLL_STEPS == 0 or checkpoint
+                stop = polled and distributed.agree(stop, loader.device)
+            if stop or checkpoint:
                 _check_finite(float(sum(sums.values())), stage, epoch, step)  # never checkpoint a NaN
                 save(epoch, step + 1)
                 if stop:
@@ -264,6 +268,7 @@ def train_stage(
                         f"saved, rerun the same command to resume (exit code {EXIT_PREEMPTED})"
                     )
         bar.close()
+        distributed.agree(False, loader.device)  # a deferred error ends every worker before the epoch's checkpoint
         n = loader.num_samples if not loader.drop_last else len(loader) * loader.batch_size
         row = {"epoch": epoch + 1, "lr": lr, **logged}
         row.update({f"loss_{k}": float(distributed.all_sum(v)) / n for k, v in sums.items()})

@@ -6,6 +6,7 @@ memory banks stay equal across ranks; each rank binds its own device; end to end
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kdrun import distributed
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, KdrunError
 
 
 def _port() -> int:
@@ -401,3 +402,104 @@ def test_every_worker_fills_the_logit_cache_with_the_teacher_rank_0_saved(kdrun,
         want = torch.cat([teacher.eval()(b.x).float() for b in loader.batches(index, view, 64)]).half().float()
     assert filled.sum() == n  # one epoch: one view of each image, half of them from each worker
     torch.testing.assert_close(cached[filled], want[filled], rtol=0, atol=0)
+
+
+def _join_briefly(rank, world, port):
+    """A group whose collectives give up after 60 s: a worker left waiting fails the test instead of hanging it."""
+    from datetime import timedelta
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+
+
+def _outcome(out_dir, rank, fn):
+    """Run ``fn()``; write what it returned or raised to ``{out_dir}/outcome{rank}.txt``."""
+    try:
+        got = f"returned {fn()!r}"
+    except KdrunError as e:
+        got = f"raised {type(e).__name__} {e}"
+    with open(os.path.join(out_dir, f"outcome{rank}.txt"), "w") as f:
+        f.write(got)
+
+
+def _outcomes(out_dir, world=2):
+    return [open(os.path.join(out_dir, f"outcome{r}.txt")).read() for r in range(world)]
+
+
+def _agree_worker(rank, world, port, out_dir):
+    _join_briefly(rank, world, port)
+    first = distributed.agree(rank == 1, torch.device("cpu"))  # a stop asked by one worker is every worker's
+    if rank == 1:
+        distributed.defer(ConfigError("cache: rank 1's logit does not fit"))
+        distributed.defer(KdrunError("a consequence of the first"))  # the first error is the one raised
+    _outcome(out_dir, rank, lambda: (first, distributed.agree(False, torch.device("cpu"))))
+    after = distributed.agree(False, torch.device("cpu"))  # raised once: the workers go on together
+    assert after is False
+    _leave()
+
+
+def test_an_error_one_worker_defers_is_raised_by_every_worker_at_their_next_agreement(tmp_path):
+    mp.spawn(_agree_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
+    assert _outcomes(str(tmp_path)) == ["raised ConfigError cache: rank 1's logit does not fit"] * 2
+
+
+class _Overflows(torch.nn.Module):
+    """A teacher whose logits fp16 cannot hold on rank 1 only."""
+
+    def forward(self, x):
+        scale = 1e6 if dist.get_rank() == 1 else 1.0
+        return x.flatten(1)[:, :3] * scale
+
+
+def _fill_overflow_worker(rank, world, port, out_dir):
+    from kdrun.cache import CacheShape, LogitCache, fill_pass
+    from tests.test_engine import tiny_loader
+
+    _join_briefly(rank, world, port)
+    path, shape = os.path.join(out_dir, "t.kdlc"), CacheShape(12, 0, 3, None)
+    if rank == 0:
+        LogitCache.open(path, shape, "k")
+    dist.barrier()
+    cache = LogitCache.attach(path, shape, "k")
+    _outcome(out_dir, rank, lambda: fill_pass(cache, _Overflows(), tiny_loader(n=12, batch=2), batch_size=2) and None)
+    _leave()
+
+
+def test_a_logit_the_cache_cannot_hold_on_one_worker_ends_every_worker_of_the_fill_pass(tmp_path):
+    """Rank 1's teacher logits overflow fp16: before, rank 1 raised alone and rank 0 went on to wait at the pass's
+    barrier (under a bare srun until the group timed out); now both raise the cache's message."""
+    mp.spawn(_fill_overflow_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
+    outcomes = _outcomes(str(tmp_path))
+    assert outcomes[0] == outcomes[1], outcomes
+    assert re.match(r"raised KdrunError cache: a teacher logit of magnitude [\d.]+e\+0[56] does not fit", outcomes[0])
+
+
+def _stage_defer_worker(rank, world, port, out_dir):
+    from kdrun.engine import train_stage
+    from tests.test_engine import Linear, optim, tiny_loader
+
+    _join_briefly(rank, world, port)
+    steps = []
+
+    def objective(net, batch, epoch):
+        steps.append(len(steps) + 1)
+        if rank == 1 and len(steps) == 2:  # e.g. the distiller meeting a logit the cache cannot hold
+            distributed.defer(KdrunError("cache: rank 1 failed at step 2"))
+        return {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}
+
+    run = lambda: train_stage(  # noqa: E731
+        "s", Linear(), objective, tiny_loader(n=48, batch=2), epochs=2, optim_cfg=optim(lr=0.01),
+        run_dir=out_dir, checkpoint_every_steps=4,
+    )  # fmt: skip
+    _outcome(out_dir, rank, lambda: run() and None)
+    with open(os.path.join(out_dir, f"steps{rank}.txt"), "w") as f:
+        f.write(str(len(steps)))
+    _leave()
+
+
+def test_an_error_one_worker_meets_mid_stage_ends_every_worker_before_the_next_checkpoint(tmp_path):
+    mp.spawn(_stage_defer_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
+    assert _outcomes(str(tmp_path)) == ["raised KdrunError cache: rank 1 failed at step 2"] * 2
+    assert [open(tmp_path / f"steps{r}.txt").read() for r in (0, 1)] == ["4", "4"]  # the first agreement: step 4
+    assert not (tmp_path / "checkpoints" / "s_last.pt").exists()  # its checkpoint never written
