@@ -21,7 +21,7 @@ from PIL import Image
 from kdrun.data import DATASETS, FileSet, ImageSet
 from kdrun.data import imagefolder as imagefolder_module
 from kdrun.data.decode import load_cached
-from kdrun.data.loader import Augment, Normalize, TensorLoader
+from kdrun.data.loader import Augment, Normalize, TensorLoader, epoch_batches
 from kdrun.data.stream import StreamLoader, select_mode
 from kdrun.errors import ConfigError
 
@@ -242,15 +242,42 @@ def test_stream_loader_yields_the_tensor_loaders_batches(folder, tmp_path, num_w
     common = dict(batch_size=4, normalize=norm, augment=Augment(2, True, 1), seed=5)
     ref = TensorLoader(memory.train, **common)
     got = StreamLoader(stream.train, **common, num_workers=num_workers)
-    assert (len(got), got.num_samples) == (len(ref), ref.num_samples) == (3, 9)
+    assert (len(got), got.num_samples) == (len(ref), ref.num_samples) == (2, 9)  # batches of 4 and 5 (not 4, 4, 1)
     for epoch, start in ((0, 0), (1, 1)):
         pairs = list(zip(ref.epoch(epoch, start), got.epoch(epoch, start), strict=True))
-        assert len(pairs) == 3 - start
+        assert len(pairs) == 2 - start
+        if start == 0:
+            assert sorted(torch.cat([a.index for a, _ in pairs]).tolist()) == list(range(9))
         for a, b in pairs:
             assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.index, b.index)
             assert torch.equal(a.view, b.view)
     sub = stream.train.subset(torch.tensor([8, 0]))
     assert sub.labels.tolist() == [2, 0] and len(sub) == 2
+
+
+@pytest.mark.parametrize(
+    "n, drop_last, workers, sizes",
+    [
+        (129, False, 1, [64, 65]),  # a last batch of one image joins the one before
+        (130, False, 1, [64, 64, 2]),
+        (130, False, 2, [64, 66]),  # two workers: one image each
+        (131, False, 2, [64, 64, 3]),
+        (129, True, 1, [64, 64]),
+        (128, False, 1, [64, 64]),
+        (1, False, 1, [1]),
+    ],
+)
+def test_an_epoch_never_ends_in_a_batch_of_one_image_per_worker(n, drop_last, workers, sizes):
+    bounds = epoch_batches(n, 64, drop_last, workers)
+    assert [s.stop - s.start for s in bounds] == sizes
+    assert bounds[0].start == 0 and all(a.stop == b.start for a, b in zip(bounds, bounds[1:]))
+    data = ImageSet(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.zeros(n, dtype=torch.long))
+    norm = Normalize([0.5], [0.5], 1, "cpu")
+    shares = [TensorLoader(data, 64, norm, drop_last=drop_last, shard=(r, workers)) for r in range(workers)]
+    per_worker = [[len(b.y) for b in loader.epoch(0)] for loader in shares]
+    assert per_worker == [[-(-size // workers) for size in sizes]] * workers  # a padded equal share of each
+    seen = set(torch.cat([b.index for loader in shares for b in loader.epoch(3)]).tolist())
+    assert len(seen) == (64 * (n // 64) if drop_last else n)  # every image in every epoch, unless dropped
 
 
 # ---------------------------------------------------------------- the real shared copies (skip when absent)

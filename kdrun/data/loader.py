@@ -23,7 +23,17 @@ from kdrun import distributed
 from kdrun.data.base import ImageSet
 from kdrun.data.transforms import _M31, Augment, RandomResizedCrop, hash3
 
-__all__ = ["Augment", "RandomResizedCrop", "hash3", "Normalize", "Batch", "TensorLoader", "epoch_plan", "make_batch"]
+__all__ = [
+    "Augment",
+    "RandomResizedCrop",
+    "hash3",
+    "Normalize",
+    "Batch",
+    "TensorLoader",
+    "epoch_batches",
+    "epoch_plan",
+    "make_batch",
+]
 
 
 class Normalize:
@@ -90,6 +100,22 @@ def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, views: int | None) 
     return order, v
 
 
+def epoch_batches(n: int, batch_size: int, drop_last: bool = False, workers: int = 1) -> list[slice]:
+    """The slices of an epoch's sample order that make its global batches, ``batch_size`` samples each. The last,
+    partial one is dropped with ``drop_last``; kept otherwise, except that a remainder that would give each of
+    the ``workers`` a single sample joins the batch before it. A training step on one image normalises by one
+    image's BatchNorm statistics, with a full step's weight: at 129 images and batch 64, one step in three, it
+    cost the default run's distilled student 24 pt of test top-1, and the baseline 11."""
+    full, rest = divmod(n, batch_size)
+    bounds = [slice(i * batch_size, (i + 1) * batch_size) for i in range(full)]
+    if rest and not drop_last:
+        if full and rest <= workers:
+            bounds[-1] = slice((full - 1) * batch_size, n)
+        else:
+            bounds.append(slice(full * batch_size, n))
+    return bounds
+
+
 class TensorLoader:
     """Epochs of batches sampled from an :class:`ImageSet` held in (device) memory.
 
@@ -123,19 +149,19 @@ class TensorLoader:
         self.device = torch.device(device)
         self.views = views
         self.drop_last = drop_last
+        self.bounds = epoch_batches(self.num_samples, batch_size, drop_last, shard[1])  # each epoch's batches
 
     @property
     def num_samples(self) -> int:
         return int(self.labels.shape[0])
 
     def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        return n // b if self.drop_last else (n + b - 1) // b
+        return len(self.bounds)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order, views = epoch_plan(self.num_samples, self.seed, epoch, self.shuffle, self.views)  # on the host
         for step in range(start_step, len(self)):
-            host_idx = distributed.shard(order[step * self.batch_size : (step + 1) * self.batch_size], *self.shard)
+            host_idx = distributed.shard(order[self.bounds[step]], *self.shard)
             host_view = views[host_idx]
             idx, view = host_idx.to(self.device, non_blocking=True), host_view.to(self.device, non_blocking=True)
             images = self.images.index_select(0, idx)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdrun import distributed
 from kdrun.data.base import FileSet
 from kdrun.data.decode import decode_image, open_image
-from kdrun.data.loader import Augment, Batch, Normalize, epoch_plan, make_batch
+from kdrun.data.loader import Augment, Batch, Normalize, epoch_batches, epoch_plan, make_batch
 from kdrun.data.transforms import RandomResizedCrop
 from kdrun.errors import ConfigError
 
@@ -87,21 +87,18 @@ class StreamLoader:
         self.drop_last = drop_last
         self.num_workers = num_workers
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self.bounds = epoch_batches(self.num_samples, batch_size, drop_last, shard[1])  # each epoch's batches
 
     @property
     def num_samples(self) -> int:
         return int(self.labels.shape[0])
 
     def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        return n // b if self.drop_last else (n + b - 1) // b
+        return len(self.bounds)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order, views = epoch_plan(self.num_samples, self.seed, epoch, self.shuffle, self.views)
-        steps = [
-            distributed.shard(order[s * self.batch_size : (s + 1) * self.batch_size], *self.shard)
-            for s in range(start_step, len(self))
-        ]
+        steps = [distributed.shard(order[self.bounds[s]], *self.shard) for s in range(start_step, len(self))]
         return self._load([(idx, views[idx]) for idx in steps])
 
     def batches(self, index: torch.Tensor, view: torch.Tensor, batch_size: int | None = None) -> Iterator[Batch]:
