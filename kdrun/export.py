@@ -13,7 +13,14 @@ Writes the trained models of a run for deployment, next to the run, in ``RUN_DIR
 
 Every exported file is evaluated on the whole test split (top-1) and timed on the CPU at batch 1 and
 32 against PyTorch eager; ``export.json`` holds every figure and ``kdrun report RUN_DIR`` prints it.
-Files are built in a temporary folder and moved into ``export/`` only when every check passed.
+``models=student_best`` exports the epoch a validation split chose (``trainer.val_fraction``).
+
+What a deployer feeds the model (the run's test-time preprocessing: pixels, mean and std, layout) and the
+class names of its outputs are in ``export.json`` (``input``) and in each file: the ONNX metadata property
+``kdrun.input``, the TorchScript extra file ``kdrun.input.json``, both that same JSON.
+
+Files are built in a temporary folder; only when every check passed does it replace ``export/`` whole, so
+the folder never holds a file of an earlier export that ``export.json`` does not describe.
 """
 
 from __future__ import annotations
@@ -26,13 +33,18 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdrun import io
 from kdrun.errors import KdrunError
+
+if TYPE_CHECKING:
+    from kdrun.data.base import DataBundle
 
 USAGE = """usage: kdrun export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher,baseline]
                     [atol=1e-4] [calib=256] [threads=N]
@@ -146,16 +158,22 @@ def _number(key: str, value: str, kind, minimum):
     return v
 
 
+BEST_SUFFIX = "_best.pt"
+
+
 def checkpoints_of(run_dir: str) -> dict[str, str]:
-    """Exported checkpoints of a run (``checkpoints/<name>.pt``, not the ``_last``/``_best`` states)."""
+    """Exportable checkpoints of a run: ``checkpoints/<name>.pt`` (a stage's last epoch), and ``<name>_best``
+    for the epoch a validation split chose (``<name>_best.pt``), never the ``_last`` training states."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         return {}
-    return {
-        f[:-3]: os.path.join(ckpt_dir, f)
-        for f in sorted(os.listdir(ckpt_dir))
-        if f.endswith(".pt") and not f.endswith(("_last.pt", "_best.pt"))
-    }
+    files = sorted(os.listdir(ckpt_dir))
+    shipped = [f for f in files if f.endswith(".pt") and not f.endswith(("_last.pt", BEST_SUFFIX))]
+    out = {f[:-3]: os.path.join(ckpt_dir, f) for f in shipped}
+    for f in shipped:
+        if (best := f[:-3] + BEST_SUFFIX) in files:
+            out[best[:-3]] = os.path.join(ckpt_dir, best)
+    return out
 
 
 def check_run(opts: ExportOptions) -> dict[str, str]:
@@ -189,13 +207,14 @@ class Images:
     y: torch.Tensor
 
 
-def load_images(cfg) -> tuple[Images, Images]:
-    """(test split, training split) of the run's dataset, normalised as the run saw them (no augmentation)."""
+def load_images(cfg, data: DataBundle | None = None) -> tuple[Images, Images]:
+    """(test split, training split) of the run's dataset (``data``: already loaded), normalised as the run saw
+    them (no augmentation)."""
     from kdrun.data.loader import Normalize, TensorLoader
     from kdrun.data.stream import StreamLoader
     from kdrun.run_data import load_dataset
 
-    data = load_dataset(cfg.dataset)
+    data = data if data is not None else load_dataset(cfg.dataset)
     norm = Normalize(cfg.dataset.mean, cfg.dataset.std, data.in_chans, "cpu")
 
     def images(split) -> Images:
@@ -220,16 +239,41 @@ def load_images(cfg) -> tuple[Images, Images]:
     return images(data.test), images(data.train)
 
 
+def input_spec(cfg, data: DataBundle) -> dict:
+    """What a deployer feeds the exported model and what comes out: the run's test-time preprocessing, written
+    into ``export.json`` and each exported file (ONNX metadata ``kdrun.input``, TorchScript extra file)."""
+    size, chans = data.image_size, data.in_chans
+    return {
+        "name": "images",
+        "shape": ["batch", chans, size, size],
+        "dtype": "float32",
+        "layout": "NCHW" + (", RGB" if chans == 3 else ", grey"),
+        "pixels": data.pixels or f"the {data.name} images as they are: {size}x{size}, uint8",
+        "normalize": "(pixels / 255 - mean) / std, per channel",
+        "mean": [float(v) for v in cfg.dataset.mean],
+        "std": [float(v) for v in cfg.dataset.std],
+        "output": {"name": "logits", "shape": ["batch", data.num_classes], "classes": list(data.classes)},
+    }
+
+
 def load_model(path: str) -> tuple[nn.Module, dict]:
-    """A model rebuilt from the identity stored in its kdrun checkpoint, weights loaded, in eval mode."""
+    """A model rebuilt from the identity stored in its kdrun checkpoint, weights loaded, in eval mode. A stage's
+    best-on-validation weights (``<stage>_best.pt``) take the identity of the stage's own checkpoint."""
     from kdrun.models import build_model
     from kdrun.weights import load_weights
 
-    try:
-        ckpt = io.load(path, "checkpoint")  # weights_only, checksum verified
-    except io.DamagedArtifact as e:
-        raise ExportError(f"export: {path}: {e.reason}") from None
-    ident = ckpt.get("identity") if isinstance(ckpt, dict) else None
+    def read(p: str) -> dict:
+        try:
+            ckpt = io.load(p, "checkpoint")  # weights_only, checksum verified
+        except io.DamagedArtifact as e:
+            raise ExportError(f"export: {p}: {e.reason}") from None
+        return ckpt if isinstance(ckpt, dict) else {}
+
+    ckpt = read(path)
+    ident = ckpt.get("identity")
+    shipped = path.removesuffix(BEST_SUFFIX) + ".pt"
+    if not ident and path.endswith(BEST_SUFFIX) and os.path.isfile(shipped):
+        ident = read(shipped).get("identity")
     if not ident:
         raise ExportError(f"export: {path}: not a kdrun checkpoint (no 'identity')")
     model = build_model(
@@ -391,6 +435,16 @@ def calibration_images(train: Images, n: int, seed: int) -> torch.Tensor:
     return train.x[idx]
 
 
+def _tag_onnx(path: str, spec: dict) -> None:
+    """Write ``spec`` into the ONNX file's metadata (property ``kdrun.input``, JSON)."""
+    import onnx
+
+    model = onnx.load(path)
+    props = {p.key: p.value for p in model.metadata_props} | {"kdrun.input": json.dumps(spec)}
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, path)
+
+
 def export_model(
     name: str,
     path: str,
@@ -399,8 +453,10 @@ def export_model(
     train: Images,
     workdir: str,
     seed: int = 0,
+    spec: dict | None = None,
 ) -> ModelExport:
-    """Export one checkpoint into ``workdir``; ExportError when parity fails."""
+    """Export one checkpoint into ``workdir``, ``spec`` (:func:`input_spec`) written into the file; ExportError
+    when parity fails."""
     model, ident = load_model(path)
     eager = eager_fn(model)
     ref = in_chunks(eager, test.x)
@@ -409,12 +465,15 @@ def export_model(
         file = f"{name}.onnx"
         out = os.path.join(workdir, file)
         exporter = _onnx_export(model, test.x[:2], out)
+        if spec is not None:
+            _tag_onnx(out, spec)
         run = ort_fn(out, opts.threads)
     else:
         file, exporter = f"{name}.torchscript.pt", "torch.jit.trace"
         out = os.path.join(workdir, file)
+        extra = {"kdrun.input.json": json.dumps(spec)} if spec is not None else {}
         with torch.inference_mode():
-            torch.jit.save(torch.jit.trace(model, test.x[:2]), out)
+            torch.jit.save(torch.jit.trace(model, test.x[:2]), out, _extra_files=extra)
         run = eager_fn(torch.jit.load(out).eval())
     got = in_chunks(run, test.x)
     diff = float(np.abs(got[:n_par] - ref[:n_par]).max())
@@ -442,6 +501,8 @@ def export_model(
         qout = os.path.join(workdir, qfile)
         calib = calibration_images(train, opts.calib, seed)
         quantize_int8(out, qout, calib, workdir)
+        if spec is not None:
+            _tag_onnx(qout, spec)
         qrun = ort_fn(qout, opts.threads)
         qtop1 = top1(in_chunks(qrun, test.x), test.y)
         qlat = latencies(qrun, test.x)
@@ -466,48 +527,67 @@ def run_export(opts: ExportOptions) -> dict:
     ckpts = check_run(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    cfg = io.load_yaml(os.path.join(opts.run_dir, ".hydra", "config.yaml"))
-    test, train = load_images(cfg)
-    out_dir = os.path.join(opts.run_dir, "export")
-    os.makedirs(out_dir, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".tmp-", dir=out_dir)
+    cfg = read_config(opts.run_dir)
+    from kdrun.run_data import load_dataset
+
+    data = load_dataset(cfg.dataset)
+    test, train = load_images(cfg, data)
+    spec = input_spec(cfg, data)
+    work = tempfile.mkdtemp(prefix=".export-tmp-", dir=opts.run_dir)
+    final = os.path.join(work, "export")  # becomes RUN_DIR/export once every model passed
+    os.makedirs(final)
     try:
         results = [
-            export_model(
-                name,
-                path,
-                opts,
-                test,
-                train,
-                work,
-                seed=int(cfg.trainer.get("seed", 0)),
-            )
+            export_model(name, path, opts, test, train, work, seed=int(cfg.trainer.get("seed", 0)), spec=spec)
             for name, path in ckpts.items()
         ]
         for r in results:
             for f in [r.file] + ([r.int8.file] if r.int8 else []):
                 for part in (f, f + ".data"):
                     if os.path.exists(os.path.join(work, part)):
-                        os.replace(os.path.join(work, part), os.path.join(out_dir, part))
+                        os.replace(os.path.join(work, part), os.path.join(final, part))
+        doc = {
+            "run_dir": os.path.abspath(opts.run_dir),
+            "dataset": str(cfg.dataset.name),
+            "test_images": len(test.x),
+            "input": spec,
+            "options": asdict(opts) | {"run_dir": opts.run_dir},
+            "threads": {
+                "torch": torch.get_num_threads(),
+                "onnxruntime": opts.threads or "default",
+                "cpu_count": os.cpu_count(),
+            },
+            "versions": _versions(),
+            "models": [asdict(r) for r in results],
+        }
+        io.write_json(doc, os.path.join(final, "export.json"))
+        _replace_dir(final, os.path.join(opts.run_dir, "export"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if not os.listdir(out_dir):
-            os.rmdir(out_dir)
-    doc = {
-        "run_dir": os.path.abspath(opts.run_dir),
-        "dataset": str(cfg.dataset.name),
-        "test_images": len(test.x),
-        "options": asdict(opts) | {"run_dir": opts.run_dir},
-        "threads": {
-            "torch": torch.get_num_threads(),
-            "onnxruntime": opts.threads or "default",
-            "cpu_count": os.cpu_count(),
-        },
-        "versions": _versions(),
-        "models": [asdict(r) for r in results],
-    }
-    io.write_json(doc, os.path.join(out_dir, "export.json"))
     return doc
+
+
+def read_config(run_dir: str) -> DictConfig:
+    """The run's ``.hydra/config.yaml``; one line naming the file when it cannot be read or lacks what export
+    needs (e.g. emptied or edited by hand)."""
+    path = os.path.join(run_dir, ".hydra", "config.yaml")
+    cfg = io.load_yaml(path)
+    needed = ("dataset.name", "dataset.mean", "dataset.std", "trainer")
+    missing = [k for k in needed if not isinstance(cfg, DictConfig) or OmegaConf.select(cfg, k) is None]
+    if missing:
+        raise ExportError(f"export: {path}: not a kdrun run's config (no {missing[0]})")
+    return cfg
+
+
+def _replace_dir(new: str, dest: str) -> None:
+    """Put folder ``new`` at ``dest``, replacing what was there (renamed aside first, then removed)."""
+    old = None
+    if os.path.exists(dest):
+        old = f"{dest}.old-tmp-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _versions() -> dict:
@@ -573,10 +653,26 @@ def export_main(args: list[str]) -> int:
         print(USAGE)
         return 0
     opts = parse_args(args)
+    out_dir = os.path.join(opts.run_dir, "export")
+    before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
     doc = run_export(opts)
     print(export_table(doc))
-    print(f"written: {os.path.join(opts.run_dir, 'export')}/ ({', '.join(_files(doc))}, export.json)")
+    print(input_line(doc["input"]))
+    print(f"written: {out_dir}/ ({', '.join(_files(doc))}, export.json)")
+    gone = sorted(before - set(os.listdir(out_dir)))
+    if gone:
+        print(f"removed, with the earlier export.json they belonged to: {', '.join(gone)}")
     return 0
+
+
+def input_line(spec: dict) -> str:
+    """The preprocessing a deployer needs, on one line (all of it is in export.json's ``input``)."""
+    mean, std = (", ".join(f"{v:.4g}" for v in spec[k]) for k in ("mean", "std"))
+    return (
+        f"input '{spec['name']}': {spec['dtype']} {spec['layout']} {spec['shape']} = {spec['normalize']}, "
+        f"mean [{mean}], std [{std}]; pixels: {spec['pixels']}; output '{spec['output']['name']}': "
+        f"{len(spec['output']['classes'])} classes (names in export.json)"
+    )
 
 
 def _files(doc: dict) -> list[str]:

@@ -272,3 +272,84 @@ def test_directory_without_checkpoints_is_refused(tmp_path):
     assert p.returncode == 2 and "no checkpoint in" in p.stderr
     p = run_kdrun("export", str(tmp_path / ".hydra"))
     assert p.returncode == 2 and "not a kdrun run directory" in p.stderr
+
+
+def test_the_input_a_deployer_feeds_is_written_down_and_reproduces_the_runs_images(run_dir, exported):
+    """export.json's ``input`` and the ONNX files' ``kdrun.input`` metadata say how to turn a raw image into the
+    model's input; done by hand from scikit-learn's raw digits, it gives exactly the run's test images."""
+    from sklearn.datasets import load_digits
+
+    from kdrun import io
+    from kdrun.export import load_images
+
+    doc = json.loads((run_dir / "export" / "export.json").read_text())
+    spec = doc["input"]
+    cfg = io.load_yaml(str(run_dir / ".hydra" / "config.yaml"))
+    assert spec["mean"] == list(cfg.dataset.mean) and spec["std"] == list(cfg.dataset.std)
+    assert spec["shape"] == ["batch", 1, 8, 8] and spec["dtype"] == "float32" and spec["name"] == "images"
+    assert spec["output"] == {"name": "logits", "shape": ["batch", 10], "classes": [str(i) for i in range(10)]}
+    for file in ("student.onnx", "student.int8.onnx", "teacher.onnx"):
+        sess = onnxruntime.InferenceSession(str(run_dir / "export" / file), providers=["CPUExecutionProvider"])
+        assert json.loads(sess.get_modelmeta().custom_metadata_map["kdrun.input"]) == spec, file
+        assert sess.get_inputs()[0].name == spec["name"]
+    assert "x 255/16, rounded to uint8" in spec["pixels"] and "(pixels / 255 - mean) / std" in spec["normalize"]
+    pixels = np.round(load_digits().images * 255 / 16)  # the documented recipe, by hand
+    mine = torch.from_numpy(((pixels / 255 - spec["mean"][0]) / spec["std"][0])[:, None]).float()
+    test, _ = load_images(cfg)
+    found = {x.numpy().round(5).tobytes() for x in mine}
+    assert all(x.numpy().round(5).tobytes() in found for x in test.x)
+    assert "input 'images': float32 NCHW, grey" in exported.stdout
+
+
+def test_a_later_export_replaces_the_earlier_one_whole(run_dir, tmp_path):
+    """Files of an earlier export that the new export.json does not describe are not left behind."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)  # with the module's ONNX + int8 export
+    p = run_kdrun("export", str(copy), "format=torchscript", "threads=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(os.listdir(copy / "export")) == ["export.json", "student.torchscript.pt"]
+    assert "removed, with the earlier export.json they belonged to: student.int8.onnx, student.onnx" in p.stdout
+    assert not [f for f in os.listdir(copy) if f.startswith(".export")]  # no scratch folder left
+    extra = {"kdrun.input.json": ""}
+    torch.jit.load(str(copy / "export" / "student.torchscript.pt"), _extra_files=extra)
+    assert json.loads(extra["kdrun.input.json"]) == json.loads((copy / "export" / "export.json").read_text())["input"]
+
+
+def test_the_epoch_a_validation_split_chose_can_be_exported(run_dir, tmp_path):
+    """``models=student_best``: the weights of ``checkpoints/student_best.pt`` (the engine's file: no identity of
+    its own, the stage's checkpoint gives it), not the last epoch's."""
+    import shutil
+
+    from kdrun import io
+    from kdrun.export import load_model
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    last = io.load(str(copy / "checkpoints" / "student.pt"), "checkpoint")
+    best = {k: -v if k.endswith("weight") and v.ndim == 2 else v for k, v in last["model"].items()}  # another model
+    io.atomic_save({"stage": "student", "epoch": 1, "model": best}, str(copy / "checkpoints" / "student_best.pt"))
+    p = run_kdrun("export", str(copy), "models=student,student_best", "threads=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    model, _ = load_model(str(copy / "checkpoints" / "student_best.pt"))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        want, other = model(x).numpy(), load_model(str(copy / "checkpoints" / "student.pt"))[0](x).numpy()
+    sess = onnxruntime.InferenceSession(str(copy / "export" / "student_best.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"images": x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-4 and np.abs(got - other).max() > 1e-2
+
+
+@pytest.mark.parametrize("text", ["", "{}\n", "dataset: {name: digits}\n"])
+def test_a_run_config_export_cannot_use_is_one_line(run_dir, tmp_path, text):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    (copy / ".hydra" / "config.yaml").write_text(text)
+    before = sorted(os.listdir(copy))
+    p = run_kdrun("export", str(copy))
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "config.yaml: not a kdrun run's config (no dataset." in p.stderr
+    assert sorted(os.listdir(copy)) == before  # nothing written

@@ -67,6 +67,9 @@ class DataBundle:
     test: ImageSet | FileSet
     classes: list[str]
     identity: str  # stable string naming exactly this data (used in cache keys)
+    # how an image of the data becomes the models' uint8 pixels, for a deployer (``kdrun export`` records it);
+    # "": the data set's own images, as they are
+    pixels: str = ""
 
     @property
     def num_classes(self) -> int:

@@ -25,4 +25,5 @@ def digits(test_fraction: float = 0.2, split_seed: int = 0, **_) -> DataBundle:
     test_mask[torch.cat(test_idx)] = True
     train, test = ImageSet(images[~test_mask], labels[~test_mask]), ImageSet(images[test_mask], labels[test_mask])
     ident = f"digits-{tensor_digest(images, labels)}-tf{test_fraction}-s{split_seed}"
-    return DataBundle("digits", train, test, [str(i) for i in range(10)], ident)
+    pixels = "scikit-learn's 0..16 grey values x 255/16, rounded to uint8"
+    return DataBundle("digits", train, test, [str(i) for i in range(10)], ident, pixels)

@@ -111,6 +111,12 @@ def imagefolder(
     key = files_key(root, train_files + test_files, train_split, test_split, image_size, in_chans, *crop)
     identity = f"imagefolder-{key}"
     n = len(train_files) + len(test_files)
+    pixels = f"each file decoded to {'RGB' if in_chans == 3 else 'grey'} and " + (
+        f"resized to {image_size}x{image_size} (bilinear; as is when already that size)"
+        if eval_crop_fraction is None
+        else f"its shorter side resized to {int(round(image_size / eval_crop_fraction))} (bilinear), then the "
+        f"centre {image_size}x{image_size} crop"
+    )
     if select_mode(mode, n * in_chans * image_size**2, max_memory_gb) == "stream":
         log.info("data: %d images > dataset.max_memory_gb=%s decoded: streaming from files", n, max_memory_gb)
         return DataBundle(
@@ -119,6 +125,7 @@ def imagefolder(
             FileSet(test_files, test_labels, image_size, in_chans, eval_crop_fraction),
             classes,
             identity,
+            pixels,
         )
     path = os.path.join(resolve_cache_dir(cache_dir), f"{identity}.pt")
     cached = load_cached(path, key)
@@ -139,4 +146,5 @@ def imagefolder(
         ImageSet(tensors["test"], test_labels),
         classes,
         identity,
+        pixels,
     )
