@@ -48,11 +48,13 @@ if TYPE_CHECKING:
 
 USAGE = """usage: kdrun export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher,baseline]
                     [atol=1e-4] [calib=256] [threads=N]
+                    (models=student_best: the epoch a validation split chose)
 
 Writes RUN_DIR/export/<model>.onnx (dynamic batch; or <model>.torchscript.pt), checks parity with
 onnxruntime on 256 test images (largest |delta logit| <= atol), evaluates test top-1 and CPU latency at
 batch 1 and 32 against PyTorch eager; quantize=int8 adds <model>.int8.onnx (static PTQ calibrated on
-`calib` training images). Every figure goes to RUN_DIR/export/export.json."""
+`calib` training images). Every figure goes to RUN_DIR/export/export.json, with the input a deployer feeds
+(pixels, mean/std, layout) and the class names; each export replaces RUN_DIR/export/ whole."""
 
 FORMATS = ("onnx", "torchscript")
 QUANTIZE = ("none", "int8")
