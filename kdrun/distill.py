@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun import distributed
-from kdrun.cache import LogitCache
+from kdrun.cache import FP16_MAX, LogitCache
 from kdrun.data.loader import Batch
 from kdrun.engine import autocast
 from kdrun.errors import KdrunError
@@ -129,7 +129,8 @@ class Distill:
                 logits[miss] = self.cache.write(index[miss], view[miss], fresh)
             except KdrunError as e:  # a logit fp16 cannot hold: alone, raised here; with several workers, by
                 distributed.defer(e)  # every one at the engine's next agreement, before any checkpoint
-                logits[miss] = fresh.float().cpu()
+                # finite until then, so that no other check (a non-finite loss) speaks first
+                logits[miss] = fresh.float().cpu().clamp(-FP16_MAX, FP16_MAX).nan_to_num()
         return Outputs(logits.to(batch.x.device, non_blocking=True))
 
     def __call__(self, net: nn.Module, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
