@@ -20,7 +20,8 @@ from kdrun.errors import ConfigError
 USAGE = """usage: kdrun models [NAME [dataset=NAME] [num_classes=N] [image_size=N] [in_chans=N] [source=kdrun|timm]]
 
 Without NAME: list every registered model. With NAME: parameters, forward FLOPs, size on
-disk, CPU (and GPU) latency at batch 1 and 64, and every feature point with its shape."""
+disk, CPU (and GPU) latency at batch 1 and 64 (the fastest call and the median; a warning when
+the timing was disturbed by other processes), and every feature point with its shape."""
 
 DEFAULT_DATASET = "digits"
 INT_ARGS = ("num_classes", "image_size", "in_chans")
@@ -123,7 +124,13 @@ def print_report(name: str, source: str, spec: dict) -> None:
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         on_device = model.to(device)
         b1, b64 = (mr.latency_ms(on_device, shape, batch=b, device=device) for b in (1, 64))
-        print(f"latency {device:<6} {b1:.3f} ms at batch 1, {b64:.3f} ms at batch 64")
+        print(
+            f"latency {device:<6} {b1.best:.3f} ms at batch 1, {b64.best:.3f} ms at batch 64 "
+            f"(fastest calls; medians {b1.median:.3f} and {b64.median:.3f} ms)"
+        )
+        contention = mr.Contention.of([b1, b64])
+        if contention.busy:
+            print(f"{'':<15}{contention.note()}, {mr.load_text(*mr.cpu_load())}")
     model.cpu()
     shapes = mr.feature_shapes(model, shape)
     print("feature points (shape at batch 1):")

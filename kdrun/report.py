@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
@@ -17,6 +17,9 @@ from kdrun import io
 from kdrun.engine import StageResult, accuracy, predict
 from kdrun.errors import KdrunError
 from kdrun.significance import mcnemar
+
+if TYPE_CHECKING:
+    from kdrun.models import report as mr
 
 
 def stage_summary(res: StageResult) -> dict:
@@ -153,26 +156,61 @@ def model_stats(model: nn.Module, input_shape: tuple, name: str) -> dict:
     }
 
 
-def cpu_latency(nets: dict[str, nn.Module], input_shape: tuple) -> dict[str, dict]:
-    """Per network, ``latency_ms_cpu_b1`` and ``latency_ms_cpu_b32`` (one forward pass of a batch of 1 and of 32)
-    and the torch threads they ran on. The networks are timed in alternating rounds
+@dataclass(frozen=True)
+class CpuLatency:
+    """What :func:`cpu_latency` measured: each network's :class:`~kdrun.models.report.Timing` at batch 1 and
+    32, and the conditions: torch threads, the 1-minute load average when timing began (it lags, and counts
+    this run's own training just before), the CPUs this process may use."""
+
+    b1: dict[str, mr.Timing]
+    b32: dict[str, mr.Timing]
+    threads: int
+    load_1min: float | None
+    cpus: int
+
+    @property
+    def contention(self) -> mr.Contention:
+        from kdrun.models import report as mr
+
+        return mr.Contention.of([*self.b1.values(), *self.b32.values()])
+
+    def stats(self, role: str) -> dict:
+        """``metrics.json`` keys of one network: ``latency_ms_cpu_b1`` / ``_b32`` the median call (as ever),
+        ``latency_ms_cpu_b1_best`` / ``_b32_best`` the fastest, and the torch threads."""
+        out: dict[str, Any] = {}
+        for b, timing in (("b1", self.b1[role]), ("b32", self.b32[role])):
+            out[f"latency_ms_cpu_{b}"] = round(timing.median, 4)
+            out[f"latency_ms_cpu_{b}_best"] = round(timing.best, 4)
+        return out | {"latency_threads": self.threads}
+
+    def verdict(self) -> dict:
+        """``metrics.json`` ``cpu_timing``: what the speed-ups are a ratio of, the conditions, and whether the
+        timing was disturbed (:class:`~kdrun.models.report.Contention`)."""
+        c = self.contention
+        return {
+            "speedups_from": "best",  # ratios.speedup_cpu_*: teacher's fastest call over the student's
+            "load_1min": self.load_1min,
+            "cpus": self.cpus,
+            "median_over_best_max": round(c.spread, 3),
+            "queued_max": None if c.queued is None else round(c.queued, 3),
+            "busy": c.busy,
+        }
+
+
+def cpu_latency(nets: dict[str, nn.Module], input_shape: tuple) -> CpuLatency:
+    """Median and best time of one forward pass of each network at batch 1 and 32 on the CPU, and the
+    conditions they were timed in. The networks are timed in alternating rounds
     (:func:`kdrun.models.report.latencies_ms`), so their ratio is a fair one. Both batches are reported because
     they rank models differently: at batch 1 a deep, thin student can be bound by per-layer dispatch, while at 32
     its arithmetic counts."""
     from kdrun.models import report as mr
 
     cpu = {role: _cpu_copy(net) for role, net in nets.items()}
+    load, cpus = mr.cpu_load()
     b1 = mr.latencies_ms(cpu, input_shape, batch=1, device="cpu")
     # a large model's batch of 32 takes seconds on a CPU: a few passes, still in alternating rounds
     b32 = mr.latencies_ms(cpu, input_shape, batch=32, device="cpu", warmup=1, rounds=3, min_iters=1)
-    return {
-        role: {
-            "latency_ms_cpu_b1": round(b1[role], 4),
-            "latency_ms_cpu_b32": round(b32[role], 4),
-            "latency_threads": torch.get_num_threads(),
-        }
-        for role in cpu
-    }
+    return CpuLatency(b1, b32, torch.get_num_threads(), load, cpus)
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
@@ -210,9 +248,10 @@ def assemble(cfg, run_data, stages, roles, store_refs: dict, results: dict, logi
     input_shape = (data.in_chans, data.image_size, data.image_size)
     named = {role: trained[name] for role, name in roles.items() if role in ("teacher", "student")}
     models = {role: model_stats(m.model, input_shape, m.mcfg.name) for role, m in named.items()}
-    if cfg.trainer.latency:
-        for role, lat in cpu_latency({role: m.model for role, m in named.items()}, input_shape).items():
-            models[role] |= lat
+    timing = cpu_latency({role: m.model for role, m in named.items()}, input_shape) if cfg.trainer.latency else None
+    if timing is not None:
+        for role in models:
+            models[role] |= timing.stats(role)
     test = dict(results)
     test.setdefault("student", results[roles.student])  # online: the chosen peer
     metrics = {
@@ -236,6 +275,7 @@ def assemble(cfg, run_data, stages, roles, store_refs: dict, results: dict, logi
         "test": test,
         "models": models,
         "ratios": ratios(models),
+        **({"cpu_timing": timing.verdict()} if timing is not None else {}),
         "stages": stages.log.summaries,
         "timings_s": {k: round(v, 3) for k, v in stages.log.seconds.items()},
         "store": store_refs,
@@ -251,6 +291,8 @@ def assemble(cfg, run_data, stages, roles, store_refs: dict, results: dict, logi
 
 
 def ratios(models: dict) -> dict:
+    """Teacher over student: parameters, size, FLOPs, and ``speedup_cpu_b1`` / ``_b32`` from their fastest calls
+    (``latency_ms_cpu_*_best``: a burst of load from elsewhere inflates medians, rarely the best call)."""
     if "teacher" not in models:
         return {}
     t, s = models["teacher"], models["student"]
@@ -260,9 +302,21 @@ def ratios(models: dict) -> dict:
         "flops_ratio": round(t["flops"] / max(s["flops"], 1), 3),
     }
     for b in ("b1", "b32"):
-        if f"latency_ms_cpu_{b}" in t:
-            out[f"speedup_cpu_{b}"] = round(t[f"latency_ms_cpu_{b}"] / s[f"latency_ms_cpu_{b}"], 3)
+        if f"latency_ms_cpu_{b}_best" in t:
+            out[f"speedup_cpu_{b}"] = round(t[f"latency_ms_cpu_{b}_best"] / s[f"latency_ms_cpu_{b}_best"], 3)
     return out
+
+
+def cpu_timing_note(m: dict) -> str:
+    """How the summary qualifies CPU times: fastest calls, and a warning when the cores were busy."""
+    from kdrun.models import report as mr
+
+    note = "fastest calls"
+    v = m.get("cpu_timing")
+    if v and v["busy"]:
+        note += "; " + mr.Contention(v["median_over_best_max"], v["queued_max"]).note()
+        note += ", " + mr.load_text(v["load_1min"], v["cpus"])
+    return note
 
 
 def write_json(obj: dict, path: str) -> None:
@@ -280,7 +334,7 @@ def summary_table(m: dict) -> str:
         agree = f"{scores['agreement']:6.2f}" if "agreement" in scores else "     -"
         extra = ""
         if stats:
-            lat = f"{stats['latency_ms_cpu_b1']:8.3f}" if "latency_ms_cpu_b1" in stats else "       -"
+            lat = f"{stats['latency_ms_cpu_b1_best']:8.3f}" if "latency_ms_cpu_b1_best" in stats else "       -"
             extra = f" {stats['params'] / 1e6:8.3f} {stats['flops'] / 1e6:9.2f} {stats['size_mb']:8.3f} {lat}"
         return f"{label[:30]:<30} {scores['top1']:6.2f} {top5} {scores['errors']:6d} {agree}{extra}"
 
@@ -312,6 +366,7 @@ def summary_table(m: dict) -> str:
         tail += f", CPU speed-up {r['speedup_cpu_b1']:.2f}x at batch 1"
         if "speedup_cpu_b32" in r:
             tail += f", {r['speedup_cpu_b32']:.2f}x at batch 32"
+        tail += f" ({cpu_timing_note(m)})"
     if "kd_gain_top1" in m:
         tail += f", KD gain {m['kd_gain_top1']:+.2f} pt top-1 over {roles['baseline']}"
         if "kd_gain" in m:

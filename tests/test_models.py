@@ -318,7 +318,7 @@ def test_latencies_alternate_between_models_and_restore_their_mode():
     student.register_forward_hook(lambda *_: calls.append("s"))
     student.eval()
     out = report.latencies_ms({"teacher": teacher, "student": student}, (4,), warmup=1, min_time=0, rounds=3)
-    assert set(out) == {"teacher", "student"} and all(v > 0 for v in out.values())
+    assert set(out) == {"teacher", "student"} and all(0 < t.best <= t.median for t in out.values())
     # one warm-up each, then 3 rounds of 5 timed calls each, alternating
     assert "".join(calls) == "ts" + ("t" * 5 + "s" * 5) * 3
     assert teacher.training and not student.training
