@@ -95,18 +95,25 @@ def _crd_worker(rank, world, port, out_dir):
     _leave()
 
 
-def _fill_worker(rank, world, port, out_dir):
-    import time
+def _shared_cache(rank, out_dir):
+    """A 12-image cache file every worker writes: rank 0 creates it, the others attach."""
+    from kdrun.cache import CacheShape, LogitCache
 
-    from kdrun.cache import CacheShape, LogitCache, fill_pass
-    from tests.test_engine import tiny_loader
-
-    _join(rank, world, port)
     path, shape = os.path.join(out_dir, "t.kdlc"), CacheShape(12, 0, 3, None)
     if rank == 0:
         LogitCache.open(path, shape, "k")
     dist.barrier()
-    cache = LogitCache.attach(path, shape, "k")
+    return LogitCache.attach(path, shape, "k")
+
+
+def _fill_worker(rank, world, port, out_dir):
+    import time
+
+    from kdrun.cache import fill_pass
+    from tests.test_engine import tiny_loader
+
+    _join(rank, world, port)
+    cache = _shared_cache(rank, out_dir)
     if rank == 1:
         time.sleep(1.0)  # rank 0 is writing its first batches by now
     torch.manual_seed(0)
@@ -453,15 +460,11 @@ class _Overflows(torch.nn.Module):
 
 
 def _fill_overflow_worker(rank, world, port, out_dir):
-    from kdrun.cache import CacheShape, LogitCache, fill_pass
+    from kdrun.cache import fill_pass
     from tests.test_engine import tiny_loader
 
     _join_briefly(rank, world, port)
-    path, shape = os.path.join(out_dir, "t.kdlc"), CacheShape(12, 0, 3, None)
-    if rank == 0:
-        LogitCache.open(path, shape, "k")
-    dist.barrier()
-    cache = LogitCache.attach(path, shape, "k")
+    cache = _shared_cache(rank, out_dir)
     _outcome(out_dir, rank, lambda: fill_pass(cache, _Overflows(), tiny_loader(n=12, batch=2), batch_size=2) and None)
     _leave()
 
