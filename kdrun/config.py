@@ -118,7 +118,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_loss_builds(cfg)
     _validate_sweep(cfg)
     _validate_scheme_lists(cfg)
-    _validate_layers(cfg)
+    _validate_models(cfg)
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt and not os.path.isfile(ckpt):
         raise ConfigError(
@@ -246,12 +246,24 @@ def _validate_loss_builds(cfg: DictConfig) -> None:
     """The KD method is built here as the student stage will build it (its own checks run, those of every
     term of a combo too), and each scheduled hyperparameter must be one the method lets a schedule set."""
     from kdrun.losses import LOSSES
-    from kdrun.losses.base import check_numbers
+    from kdrun.losses.base import FeatureLoss, check_numbers
 
     name = cfg.loss.name
     static, scheds = schedules.split(loss_kwargs(cfg.loss))
     check_numbers(LOSSES.get(name, "loss.name"), static)
     method = LOSSES.get(name, "loss.name")(**static)
+    if method.teacher_layers and not method.needs_teacher_features:  # it would read features no one captures
+        raise ConfigError(
+            f"loss.layers.teacher: loss '{name}' reads no teacher features (its class has needs_teacher_features "
+            "= False); drop the key, or set needs_teacher_features = True in the method"
+        )
+    if isinstance(method, FeatureLoss) and (method.teacher_layers or method.student_layers):
+        method.check_pairs()  # the pairs the config names, before the teacher trains
+    if cfg.scheme.name == "online" and name != "kd":
+        raise ConfigError(
+            f"loss={name}: scheme=online trains its peers with deep mutual learning's own KL (scheme.temperature, "
+            "scheme.kl_weight) and uses no KD method; leave loss at kd"
+        )
     for key, sched in scheds.items():
         attr = inspect.getattr_static(method, key, None)
         settable = (
@@ -282,26 +294,25 @@ def _validate_sweep(cfg: DictConfig) -> None:
     objective.parse(OmegaConf.select(cfg, "sweep.metric", default=None))
 
 
-def _validate_layers(cfg: DictConfig) -> None:
-    """Configured feature layers must exist in the models (checked before any training)."""
-    layers = cfg.loss.get("layers") or {}
-    wanted = {who: list(layers.get(who) or []) for who in ("teacher", "student")}
-    if not any(wanted.values()):
-        return
+def _validate_models(cfg: DictConfig) -> None:
+    """The teacher and the student are built once (CPU, no weights) with their options, so a bad
+    ``student.kwargs.*`` is refused before the teacher trains; configured feature layers must exist in them."""
     from kdrun.models import build_model, resolve
 
     d = cfg.dataset
     if d.get("num_classes") is None or d.get("image_size") is None:
         return  # sizes known only once the data is read; checked then
-    for who, names in wanted.items():
+    layers = cfg.loss.get("layers") or {}
+    for who in ("teacher", "student"):
         mcfg = cfg[who]
-        if mcfg.get("source", "kdrun") != "kdrun" or not names:
-            continue
+        if mcfg.get("source", "kdrun") != "kdrun":
+            continue  # timm's: its own registry checks its options
         kwargs = OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {}
         model = build_model(
             mcfg.name, int(d.num_classes), int(d.get("in_chans") or 3), int(d.image_size), key=f"{who}.name", **kwargs
         )
-        for i, name in enumerate(names):
+        names = layers.get(who) or []
+        for i, name in enumerate([names] if isinstance(names, str) else list(names)):
             try:
                 resolve(model, name)
             except ConfigError as e:

@@ -95,6 +95,15 @@ import pytest
             "loss.layers.teacher[0]=stage9: unknown feature layer 'stage9' for CifarResNet; valid: logits, pre_logits, "
             "stage1, ",
         ),
+        # a model option the model refuses, before the teacher trains (it used to cost the teacher stage)
+        (["student=resnet9", "student.kwargs.width=0"], "student.kwargs.width=0: must be a positive channel count"),
+        (["teacher=resnet9", "teacher.kwargs.width=-1"], "teacher.kwargs.width=-1: must be a positive channel count"),
+        (
+            ["loss=fitnet", "loss.layers.teacher=[stage1,stage2]", "loss.layers.student=[stage3]"],
+            "loss.layers: 2 teacher and 1 student layers; give loss.layers.teacher=[...] and loss.layers.student=",
+        ),
+        (["loss=kd", "+loss.layers.teacher=[stage3]"], "loss.layers.teacher: loss 'kd' reads no teacher features"),
+        (["scheme=online", "loss=dkd"], "loss=dkd: scheme=online trains its peers with deep mutual learning's own KL"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(kdrun, tmp_path, args, expected):

@@ -226,6 +226,15 @@ class FeatureLoss(DistillLoss):
         self.adapters = nn.ModuleList()
 
     def build(self, t_shapes, s_shapes, num_samples):
+        self.check_pairs()
+        self.adapters = nn.ModuleList()
+        for i, (ts, ss) in enumerate(zip(t_shapes, s_shapes)):
+            adapter = self.build_pair(i, torch.Size(ts), torch.Size(ss), num_samples)
+            self.adapters.append(adapter if adapter is not None else nn.Identity())
+
+    def check_pairs(self) -> None:
+        """ConfigError unless the teacher and student layer lists pair up as this method needs (also checked when
+        the config is read, for layers the config names)."""
         nt, ns = len(self.teacher_layers), len(self.student_layers)
         if nt != ns or nt == 0:
             raise ConfigError(
@@ -239,10 +248,6 @@ class FeatureLoss(DistillLoss):
                 f"loss.layers: {self.term} relates consecutive layers and needs at least {self.min_pairs} layer "
                 f"pairs, got {nt}; e.g. loss.layers.teacher=[stage1,stage2,stage3] (the same for the student)"
             )
-        self.adapters = nn.ModuleList()
-        for i, (ts, ss) in enumerate(zip(t_shapes, s_shapes)):
-            adapter = self.build_pair(i, torch.Size(ts), torch.Size(ss), num_samples)
-            self.adapters.append(adapter if adapter is not None else nn.Identity())
 
     def build_pair(self, i: int, t_shape: torch.Size, s_shape: torch.Size, num_samples: int) -> nn.Module | None:
         return None
