@@ -55,3 +55,21 @@ def test_validation_names_key_and_valid_range(override, message):
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("package", ["kdrun.losses", "kdrun.models"])
+def test_every_module_of_the_method_and_model_packages_is_loaded_with_them(package):
+    """A new method or model family is its own module and its YAML: importing the package imports every module
+    in it (where its decorator registers it), with no list to extend. In a fresh interpreter, where no other test
+    has imported a module by itself."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import pkgutil, sys, {package} as p; "
+        "left = sorted(m.name for m in pkgutil.iter_modules(p.__path__) "
+        "if p.__name__ + '.' + m.name not in sys.modules); "
+        "print(len(list(pkgutil.iter_modules(p.__path__))), left)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    assert int(out[0]) > 5 and out[1].strip() == "[]", out

@@ -1,15 +1,11 @@
-"""Model zoo: every module here registers its models by name on import."""
+"""Model zoo: every module of this package is imported here, and each registers its models by name on import,
+so a new model family is its own module plus its ``configs/student/<name>.yaml``, listed nowhere else."""
 
-from kdrun.models import (  # noqa: F401  (each import registers its models)
-    cifar_resnet,
-    mlp,
-    mobilenetv2_cifar,
-    resnet9,
-    resnet_cifar_bottleneck,
-    shufflenet_cifar,
-    torchvision_models,
-    vgg,
-    wrn,
-)
-from kdrun.models.features import FeatureTap, resolve  # noqa: F401
-from kdrun.models.registry import MODELS, build_model, register_model  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from kdrun.models.features import FeatureTap, resolve  # noqa: E402, F401
+from kdrun.models.registry import MODELS, build_model, register_model  # noqa: E402, F401
