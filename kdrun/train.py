@@ -105,6 +105,9 @@ class Run:
                 cfg.loss.name,
                 why,
             )
+            unused = [f"cache.{k}={v}" for k, v in cache_choices(cfg.cache).items()]
+            if unused and cfg.cache.enabled and method.needs_teacher_features:
+                log.warning("%s: %s not used: with no logit cache they change nothing", stage, ", ".join(unused))
             objective = Distill(method, student, teacher=t_model, **common)
             self.student_views = None
             loader = data.train_loader(None, data.student_set)  # fresh augmentation; teacher sees the same batch
@@ -193,6 +196,13 @@ class Run:
         stages.export(stage, model, mcfg)
         stages.record(stage, model, mcfg, stage)
         return Teacher(model.eval().requires_grad_(False), stage, None)
+
+
+def cache_choices(ccfg) -> dict:
+    """The ``cache.*`` keys set away from their defaults (views, topk, fill=pass): what a run whose teacher runs
+    online does not use."""
+    chosen = {k: ccfg.get(k) for k in ("views", "topk") if ccfg.get(k) is not None}
+    return chosen | ({"fill": ccfg.fill} if ccfg.get("fill") == "pass" else {})
 
 
 def run(cfg: DictConfig, run_dir: str) -> dict | None:

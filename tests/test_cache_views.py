@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.cache import CacheShape, LogitCache, decode, encode, fill_pass
@@ -234,3 +235,18 @@ def test_top_k_rows_hold_class_indices_past_int16(tmp_path):
     logits[0, [39_999, 32_768, 5]] = torch.tensor([9.0, 8.0, 7.0])
     back = decode(encode(logits, shape), shape)
     assert back[0].topk(3).indices.tolist() == [39_999, 32_768, 5]
+
+
+def test_a_feature_method_says_which_cache_keys_it_does_not_use(kdrun, tmp_path):
+    """A feature method runs the teacher online: cache keys set away from their defaults change nothing, and the
+    run says so (a logit method with the same keys does use them, and says nothing)."""
+    from kdrun.train import cache_choices
+
+    args = ["trainer=smoke", "teacher=resnet8", "student=resnet8", "baseline=false", "store.enabled=false"]
+    keys = ["cache.topk=3", "cache.fill=pass"]
+    p = kdrun("train", *args, "loss=at", *keys, f"hydra.run.dir={tmp_path / 'at'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "student: cache.topk=3, cache.fill=pass not used: with no logit cache they change nothing" in p.stderr
+    p = kdrun("train", *args, "loss=kd", *keys, f"hydra.run.dir={tmp_path / 'kd'}")
+    assert p.returncode == 0 and "not used" not in p.stderr, p.stderr[-2000:]
+    assert cache_choices(OmegaConf.create({"views": None, "topk": None, "fill": "first_use"})) == {}
