@@ -37,6 +37,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def is_main() -> bool:
     return world()[0] == 0
 
@@ -295,8 +300,7 @@ def _entry(rank: int, n: int, port: int, backend: str, fn, args, setup, queue) -
     )
     # the cores shared out, as torchrun does (OMP_NUM_THREADS); trainer.threads, when set, overrides this in
     # train.run. With torch's default (every core) in each, 2 workers on 2 cores ran a tiny MLP run 3.5x slower
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // n))
+    torch.set_num_threads(max(1, usable_cores() // n))
     setup(rank, args[1])
     if backend == "nccl":
         torch.cuda.set_device(rank)

@@ -119,9 +119,10 @@ def cpu_load() -> tuple[float | None, int]:
     """(1-minute load average or None where the system has none, CPUs this process may run on): the context of
     a CPU timing. The load average lags by a minute and counts this process's own recent work;
     :class:`Contention` is the verdict."""
+    from kdrun.distributed import usable_cores
+
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return load, cpus
+    return load, usable_cores()
 
 
 def load_text(load: float | None, cpus: int) -> str:
