@@ -220,6 +220,8 @@ class LogitCache:
         returns them (rounded to fp16; with top-k, the tail filled in)."""
         pos = self.positions(index, view)
         rows = encode(logits, self.shape)
+        if distributed.deferring():  # this worker's run is ending: its logits may come from a stand-in image
+            return decode(rows, self.shape)
         self._write(pos, rows)  # rows before flags: a row is marked filled only once written
         self._flags[pos] = 1
         self.teacher_rows += len(pos)
@@ -315,6 +317,8 @@ def fill_pass(
     index, view = mine % cache.shape.samples, mine // cache.shape.samples
     bar = progress(total=len(todo), desc="cache", unit="img", disable=rank != 0)
     for batches, batch in enumerate(loader.batches(index, view, batch_size), start=1):
+        if distributed.deferring():  # e.g. an image this worker could not decode: raised by all below
+            break
         with autocast(batch.x.device, precision):
             logits = teacher(batch.x).float()
         try:

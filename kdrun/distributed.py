@@ -180,6 +180,12 @@ def defer(err: KdrunError) -> None:
         _DEFERRED.append(err)
 
 
+def deferring() -> bool:
+    """Whether this worker holds an error for the workers' next :func:`agree`: its run is ending, and what it
+    computes until then (e.g. from the zeros standing in for an image it could not decode) must not be kept."""
+    return bool(_DEFERRED)
+
+
 def agree(stop: bool, device) -> bool:
     """Whether any worker's ``stop`` is set, on every worker (one tiny collective); raises on every worker the
     error a worker deferred (the lowest such rank's), so that all of them end together."""

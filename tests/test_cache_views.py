@@ -105,6 +105,21 @@ def test_first_use_runs_the_teacher_once_per_image_and_view(tmp_path):
     assert reopened.filled == len(met)
 
 
+def test_a_worker_holding_an_error_for_the_others_stores_no_logit(tmp_path, monkeypatch):
+    """A data-parallel worker that deferred an error (e.g. an image it could not decode, now zeros) computes on
+    until the workers' next agreement: the logits it hands the student are returned, but none enters the file."""
+    from kdrun import distributed
+    from kdrun.errors import ConfigError
+
+    cache = LogitCache.open(str(tmp_path / "c.kdlc"), CacheShape(4, 0, 3), "k")
+    cache.write(torch.tensor([0]), torch.tensor([0]), torch.ones(1, 3))
+    monkeypatch.setattr(distributed, "_DEFERRED", [ConfigError("x.png: not a readable image")])
+    got = cache.write(torch.tensor([1, 2]), torch.tensor([0, 0]), torch.full((2, 3), 2.0))
+    assert torch.equal(got, torch.full((2, 3), 2.0))
+    assert cache.missing().tolist() == [1, 2, 3] and cache.teacher_rows == 1
+    assert LogitCache.open(cache.path, cache.shape, "k").filled == 1
+
+
 def test_cache_rows_come_from_the_loaders_host_copies(tmp_path):
     """A batch carries its (index, view) in host memory too, so the cache is read without a device-to-host
     copy on a GPU: the rows looked up are those of the host copies."""

@@ -255,6 +255,20 @@ def test_stream_loader_yields_the_tensor_loaders_batches(folder, tmp_path, num_w
     assert sub.labels.tolist() == [2, 0] and len(sub) == 2
 
 
+def test_an_image_the_loaders_workers_cannot_decode_is_one_line_naming_it(tmp_path):
+    """Streamed: the decoding happens in a DataLoader worker, whose exception used to reach the user as the
+    worker's traceback ("Caught ConfigError in DataLoader worker process 0. Original Traceback ...")."""
+    files = [str(tmp_path / f"{i}.png") for i in range(4)]
+    for f in files[:3]:
+        Image.new("L", (4, 4), 7).save(f)
+    open(files[3], "wb").write(b"not an image")  # e.g. a download cut short
+    data = FileSet(files, torch.tensor([0, 1, 0, 1]), 4, 1)
+    loader = StreamLoader(data, 2, Normalize([0.5], [0.5], 1, "cpu"), shuffle=False, num_workers=1)
+    first = next(iter(loader.epoch(0)))
+    assert first.index.tolist() == [0, 1] and torch.equal(first.x, torch.full((2, 1, 4, 4), (7 / 255 - 0.5) / 0.5))
+    one_line_error(lambda: list(loader.epoch(0)), f"{files[3]}: not a readable image")
+
+
 @pytest.mark.parametrize(
     "n, drop_last, workers, sizes",
     [

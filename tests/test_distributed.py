@@ -506,3 +506,79 @@ def test_an_error_one_worker_meets_mid_stage_ends_every_worker_before_the_next_c
     assert _outcomes(str(tmp_path)) == ["raised KdrunError cache: rank 1 failed at step 2"] * 2
     assert [open(tmp_path / f"steps{r}.txt").read() for r in (0, 1)] == ["4", "4"]  # the first agreement: step 4
     assert not (tmp_path / "checkpoints" / "s_last.pt").exists()  # its checkpoint never written
+
+
+def _images_one_unreadable(out_dir, n=12, bad=5):
+    """``n`` 2x2 grey PNGs in ``out_dir``; file ``bad`` is not an image (e.g. a download cut short)."""
+    from PIL import Image
+
+    files = [os.path.join(out_dir, f"{i}.png") for i in range(n)]
+    for i, f in enumerate(files):
+        if i == bad:
+            open(f, "wb").write(b"not an image")
+        else:
+            Image.new("L", (2, 2), 10 * i).save(f)
+    return files
+
+
+def _stream(files, rank, world, batch=4):
+    from kdrun.data import FileSet
+    from kdrun.data.loader import Normalize
+    from kdrun.data.stream import StreamLoader
+
+    data = FileSet(files, torch.arange(len(files)) % 2, 2, 1)
+    norm = Normalize([0.5], [0.5], 1, "cpu")
+    return StreamLoader(data, batch, norm, shuffle=False, num_workers=0, shard=(rank, world))
+
+
+def _stream_stage_worker(rank, world, port, out_dir):
+    from kdrun.engine import train_stage
+    from tests.test_engine import Linear, optim
+
+    _join_briefly(rank, world, port)
+    files = [os.path.join(out_dir, f"{i}.png") for i in range(12)]
+    run = lambda: train_stage(  # noqa: E731
+        "s", Linear(), lambda net, b, e: {"ce": ((net(b.x) - b.y.float()) ** 2).mean()}, _stream(files, rank, world),
+        epochs=1, optim_cfg=optim(lr=0.01), run_dir=out_dir,
+    )  # fmt: skip
+    _outcome(out_dir, rank, lambda: run() and None)
+    _leave()
+
+
+def test_an_image_one_worker_cannot_decode_ends_every_worker_with_its_one_line(tmp_path):
+    """Streamed, image 5 falls to rank 1 alone: before, rank 1 raised alone and rank 0 waited in the next gradient
+    all-reduce (under torchrun or a bare srun, until the group timed out). Now both raise the file's one line
+    at the epoch's end, and no checkpoint of that epoch is written."""
+    files = _images_one_unreadable(str(tmp_path))
+    assert distributed.shard(torch.arange(4, 8), 1, 2).tolist() == [5, 7]  # rank 1's share of the second batch
+    mp.spawn(_stream_stage_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
+    outcomes = _outcomes(str(tmp_path))
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0].startswith(f"raised ConfigError {files[5]}: not a readable image (") and "\n" not in outcomes[0]
+    assert not (tmp_path / "checkpoints" / "s_last.pt").exists()
+
+
+def _stream_fill_worker(rank, world, port, out_dir):
+    from kdrun.cache import fill_pass
+
+    _join_briefly(rank, world, port)
+    cache = _shared_cache(rank, out_dir)
+    files = [os.path.join(out_dir, f"{i}.png") for i in range(12)]
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    _outcome(out_dir, rank, lambda: fill_pass(cache, teacher, _stream(files, rank, world), batch_size=2) and None)
+    _leave()
+
+
+def test_an_image_one_worker_cannot_decode_ends_the_fill_pass_of_every_worker_and_is_not_cached(tmp_path):
+    """The pass splits the 12 missing rows into jobs of 2 images: rank 1 fills rows 2-3, 6-7 and 10-11, and cannot
+    decode image 3. Both workers raise the file's one line; no logit rank 1 computed from the zeros standing in
+    for image 3 (or after it) is stored."""
+    from kdrun.cache import CacheShape, LogitCache
+
+    files = _images_one_unreadable(str(tmp_path), bad=3)
+    mp.spawn(_stream_fill_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
+    outcomes = _outcomes(str(tmp_path))
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0].startswith(f"raised ConfigError {files[3]}: not a readable image (")
+    cache = LogitCache.attach(str(tmp_path / "t.kdlc"), CacheShape(12, 0, 3, None), "k")
+    assert cache.missing().tolist() == [2, 3, 6, 7, 10, 11]  # rank 0's rows all filled; rank 1's none

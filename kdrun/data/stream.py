@@ -37,7 +37,9 @@ def select_mode(mode: str, decoded_bytes: int, max_memory_gb: float) -> str:
 
 
 class _Views(Dataset):
-    """Item ``(index, view)``: the uint8 ``[C, S, S]`` pixels of sample ``index`` under ``view`` (in a worker)."""
+    """Item ``(index, view)``: the uint8 ``[C, S, S]`` pixels of sample ``index`` under ``view`` (in a worker),
+    and ``""``; for a file it cannot decode, zeros and the one-line error, which the main process raises (a
+    DataLoader worker's own exception would reach the user as a traceback of the worker)."""
 
     def __init__(self, data: FileSet, augment: Augment | RandomResizedCrop | None):
         self.data = data
@@ -46,13 +48,17 @@ class _Views(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, str]:
         i, v = item
         d = self.data
-        if self.augment is None:
-            return torch.from_numpy(decode_image(d.files[i], d.image_size, d.in_chans, d.crop_fraction))
-        im = open_image(d.files[i], d.in_chans)
-        return torch.from_numpy(self.augment.one(im, i, v, d.image_size, d.crop_fraction))
+        try:
+            if self.augment is None:
+                pixels = decode_image(d.files[i], d.image_size, d.in_chans, d.crop_fraction)
+            else:
+                pixels = self.augment.one(open_image(d.files[i], d.in_chans), i, v, d.image_size, d.crop_fraction)
+        except ConfigError as e:
+            return torch.zeros((d.in_chans, d.image_size, d.image_size), dtype=torch.uint8), str(e)
+        return torch.from_numpy(pixels), ""
 
 
 class StreamLoader:
@@ -116,7 +122,9 @@ class StreamLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
-        for (host_idx, host_view), images in zip(plan, loader):
+        for (host_idx, host_view), (images, errors) in zip(plan, loader):
+            if any(errors):
+                self._failed(ConfigError(next(e for e in errors if e)))
             idx = host_idx.to(self.device)
             yield make_batch(
                 images.to(self.device, non_blocking=True),
@@ -127,3 +135,13 @@ class StreamLoader:
                 self.normalize,
                 (host_idx, host_view),
             )
+
+    def _failed(self, err: ConfigError) -> None:
+        """An image this worker could not decode. Alone, or where every worker reads the same files (evaluation),
+        raised at once; a worker with its own shard of a training epoch holds it for the workers' next agreement
+        (:func:`kdrun.distributed.defer`), so that all of them end together instead of the others waiting in their
+        next collective. Until then the image is zeros, and nothing this worker computes is stored."""
+        if self.shard[1] > 1:
+            distributed.defer(err)
+        else:
+            raise err
