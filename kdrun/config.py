@@ -13,6 +13,7 @@ import re
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdrun import distributed, schedules
+from kdrun.data.stream import MODES
 from kdrun.errors import ConfigError
 from kdrun.optim import OPTIMIZERS, SCHEDULES
 
@@ -46,6 +47,12 @@ RULES = [
     ("trainer.val_fraction", _num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("dataset.student_fraction", _num, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("dataset.eval_crop_fraction", _num, lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.875 (or null: resize)"),
+    ("dataset.image_size", _int, lambda v: v > 0, "an integer > 0"),
+    ("dataset.in_chans", _int, lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
+    ("dataset.num_classes", _int, lambda v: v >= 2, "an integer >= 2"),
+    ("dataset.workers", _int, lambda v: v >= 1, "an integer >= 1 (or null: all CPUs)"),
+    ("dataset.mode", lambda v: isinstance(v, str), lambda v: v in MODES, _one_of(MODES)),
+    ("dataset.max_memory_gb", _num, lambda v: v > 0, "a number > 0"),
     ("trainer.log_every", _int, lambda v: v > 0, "an integer > 0"),
     (
         "trainer.device",
@@ -108,6 +115,7 @@ def validate(cfg: DictConfig) -> None:
         if not type_ok(v) or not range_ok(v):
             raise ConfigError(f"{key}={v}: must be {valid}")
     _validate_names(cfg)
+    _validate_normalize(cfg.dataset)
     _validate_augment(cfg)
     if cfg.dataset.name == "imagefolder" and not cfg.dataset.get("root"):
         from kdrun.data.imagefolder import ROOT_NOT_SET
@@ -174,9 +182,28 @@ def _validate_augment(cfg: DictConfig) -> None:
         )
 
 
+def _validate_normalize(dcfg: DictConfig) -> None:
+    """``dataset.mean`` and ``dataset.std``: one value, or one per channel, of pixels scaled to [0, 1]."""
+    chans = int(dcfg.get("in_chans") or 3)
+    counts = "1 number" if chans == 1 else f"1 or {chans} numbers"
+    for key, in_range, bounds in (("mean", lambda x: 0 <= x <= 1, "[0, 1]"), ("std", lambda x: 0 < x <= 1, "(0, 1]")):
+        v = dcfg.get(key)
+        ok = isinstance(v, ListConfig) and len(v) in (1, chans) and all(_num(x) and in_range(x) for x in v)
+        if not ok:
+            raise ConfigError(
+                f"dataset.{key}={v}: must be {counts} in {bounds} (of pixels / 255) for dataset.in_chans={chans}, "
+                "e.g. the training split's own per-channel statistics"
+            )
+
+
 def _validate_classes(cfg: DictConfig) -> None:
-    """Class indices in ``dataset.student_exclude`` and ``evaluate.logit_bias`` lie in [0, num_classes)."""
-    n = cfg.dataset.get("num_classes")
+    check_class_indices(cfg, cfg.dataset.get("num_classes"), f"dataset.num_classes={cfg.dataset.get('num_classes')}")
+
+
+def check_class_indices(cfg: DictConfig, n: int | None, what: str) -> None:
+    """Class indices in ``dataset.student_exclude`` and ``evaluate.logit_bias``, and ``cache.topk``, against ``n``
+    classes (``what``: where the count comes from). Validation checks the configured ``dataset.num_classes``; an
+    image folder's (``num_classes: null``) are known only once it is read, and the run checks them again then."""
     valid = f"class indices in [0, {n})" if n else "class indices >= 0"
 
     def ok(c) -> bool:
@@ -185,9 +212,13 @@ def _validate_classes(cfg: DictConfig) -> None:
     exclude = cfg.dataset.get("student_exclude") or []
     if not all(ok(c) for c in exclude):
         raise ConfigError(f"dataset.student_exclude={list(exclude)}: must be a list of {valid}")
+    if n and set(range(n)) <= set(exclude):
+        raise ConfigError(
+            f"dataset.student_exclude={list(exclude)}: leaves none of the {n} classes for the student stages"
+        )
     topk = (cfg.get("cache") or {}).get("topk")
     if n and _int(topk) and topk >= n:
-        raise ConfigError(f"cache.topk={topk}: must be below dataset.num_classes={n} (null keeps every logit)")
+        raise ConfigError(f"cache.topk={topk}: must be below {what} (null keeps every logit)")
     bias = (cfg.get("evaluate") or {}).get("logit_bias") or {}
     for c, b in bias.items():
         c = int(c) if isinstance(c, str) and c.isdigit() else c

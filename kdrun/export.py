@@ -25,6 +25,7 @@ the folder never holds a file of an earlier export that ``export.json`` does not
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,7 +46,7 @@ from kdrun import io
 from kdrun.errors import KdrunError
 
 if TYPE_CHECKING:
-    from kdrun.data.base import DataBundle
+    from kdrun.data.base import DataBundle, FileSet, ImageSet
 
 USAGE = """usage: kdrun export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher,baseline]
                     [atol=1e-4] [calib=256] [threads=N]
@@ -209,36 +211,30 @@ class Images:
     y: torch.Tensor
 
 
+def split_images(cfg, split: ImageSet | FileSet, in_chans: int) -> Images:
+    """One split (or a subset of one) of the run's dataset, decoded and normalised as the run saw it (no
+    augmentation)."""
+    from kdrun.data.base import ImageSet
+    from kdrun.data.loader import Normalize, TensorLoader
+    from kdrun.data.stream import StreamLoader
+
+    norm = Normalize(cfg.dataset.mean, cfg.dataset.std, in_chans, "cpu")
+    if isinstance(split, ImageSet):
+        loader: TensorLoader | StreamLoader = TensorLoader(split, 512, norm, shuffle=False, views=0)
+    else:
+        workers = int(cfg.dataset.get("workers") or 2)
+        loader = StreamLoader(split, 256, norm, num_workers=workers, device="cpu", shuffle=False, views=0)
+    batches = list(loader.epoch(0))
+    return Images(torch.cat([b.x.cpu() for b in batches]), torch.cat([b.y.cpu() for b in batches]))
+
+
 def load_images(cfg, data: DataBundle | None = None) -> tuple[Images, Images]:
     """(test split, training split) of the run's dataset (``data``: already loaded), normalised as the run saw
     them (no augmentation)."""
-    from kdrun.data.loader import Normalize, TensorLoader
-    from kdrun.data.stream import StreamLoader
     from kdrun.run_data import load_dataset
 
     data = data if data is not None else load_dataset(cfg.dataset)
-    norm = Normalize(cfg.dataset.mean, cfg.dataset.std, data.in_chans, "cpu")
-
-    def images(split) -> Images:
-        if hasattr(split, "images"):
-            loader = TensorLoader(split, 512, norm, shuffle=False, views=0)
-        else:
-            loader = StreamLoader(
-                split,
-                256,
-                norm,
-                num_workers=int(cfg.dataset.get("workers") or 2),
-                device="cpu",
-                shuffle=False,
-                views=0,
-            )
-        batches = list(loader.epoch(0))
-        return Images(
-            torch.cat([b.x.cpu() for b in batches]),
-            torch.cat([b.y.cpu() for b in batches]),
-        )
-
-    return images(data.test), images(data.train)
+    return split_images(cfg, data.test, data.in_chans), split_images(cfg, data.train, data.in_chans)
 
 
 def input_spec(cfg, data: DataBundle) -> dict:
@@ -259,8 +255,9 @@ def input_spec(cfg, data: DataBundle) -> dict:
 
 
 def load_model(path: str) -> tuple[nn.Module, dict]:
-    """A model rebuilt from the identity stored in its kdrun checkpoint, weights loaded, in eval mode. A stage's
-    best-on-validation weights (``<stage>_best.pt``) take the identity of the stage's own checkpoint."""
+    """A model rebuilt from the identity stored in its kdrun checkpoint, weights loaded, in eval mode, and that
+    identity with the names of the classes it was trained on (``classes``). A stage's best-on-validation weights
+    (``<stage>_best.pt``) take the identity and classes of the stage's own checkpoint."""
     from kdrun.models import build_model
     from kdrun.weights import load_weights
 
@@ -272,10 +269,10 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
         return ckpt if isinstance(ckpt, dict) else {}
 
     ckpt = read(path)
-    ident = ckpt.get("identity")
     shipped = path.removesuffix(BEST_SUFFIX) + ".pt"
-    if not ident and path.endswith(BEST_SUFFIX) and os.path.isfile(shipped):
-        ident = read(shipped).get("identity")
+    if not ckpt.get("identity") and path.endswith(BEST_SUFFIX) and os.path.isfile(shipped):
+        ckpt = {**read(shipped), "model": ckpt.get("model")}  # the stage's identity and classes, these weights
+    ident = ckpt.get("identity")
     if not ident:
         raise ExportError(f"export: {path}: not a kdrun checkpoint (no 'identity')")
     model = build_model(
@@ -287,7 +284,7 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
         **(ident.get("kwargs") or {}),
     )
     load_weights(model, ckpt["model"], f"export: {path}")  # one line when the model definition changed since
-    return model.eval(), ident
+    return model.eval(), {**ident, "classes": ckpt.get("classes")}  # classes: None in checkpoints of before
 
 
 def top1(logits: np.ndarray | torch.Tensor, labels: torch.Tensor) -> float:
@@ -430,11 +427,11 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, workdir: s
     os.remove(prepped)
 
 
-def calibration_images(train: Images, n: int, seed: int) -> torch.Tensor:
-    """``n`` training images drawn with ``seed`` (never test images)."""
+def calibration_images(cfg, data: DataBundle, n: int, seed: int) -> torch.Tensor:
+    """``n`` training images drawn with ``seed`` (never test images); only those are decoded, not the split."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(train.x), generator=g)[:n]
-    return train.x[idx]
+    idx = torch.randperm(len(data.train), generator=g)[:n]
+    return split_images(cfg, data.train.subset(idx), data.in_chans).x
 
 
 def _tag_onnx(path: str, spec: dict) -> None:
@@ -447,19 +444,38 @@ def _tag_onnx(path: str, spec: dict) -> None:
     onnx.save(model, path)
 
 
+def check_fits(name: str, path: str, ident: dict, data: DataBundle) -> None:
+    """The checkpoint was trained on data shaped as the run's dataset reads now (classes, channels, size); else
+    the exported file would label its logits with classes it was not trained on."""
+    have = {"num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size}
+    for key, value in have.items():
+        if ident.get(key) != value:
+            raise ExportError(
+                f"export {name}: {path} was trained with {key}={ident.get(key)}, but the run's dataset "
+                f"({data.name}) now reads {key}={value}; export it against the data it was trained on"
+            )
+    trained = ident.get("classes")  # checkpoints before classes were stored have only their count
+    if trained is not None and list(trained) != list(data.classes):
+        diff = next(i for i, (a, b) in enumerate(zip(trained, data.classes, strict=True)) if a != b)
+        raise ExportError(
+            f"export {name}: {path} was trained on other classes than the run's dataset ({data.name}) now has: "
+            f"class {diff} was '{trained[diff]}', now '{data.classes[diff]}'; export it against the data it was "
+            "trained on"
+        )
+
+
 def export_model(
     name: str,
-    path: str,
+    model: nn.Module,
+    ident: dict,
     opts: ExportOptions,
     test: Images,
-    train: Images,
     workdir: str,
-    seed: int = 0,
+    calibration: Callable[[], torch.Tensor],
     spec: dict | None = None,
 ) -> ModelExport:
-    """Export one checkpoint into ``workdir``, ``spec`` (:func:`input_spec`) written into the file; ExportError
-    when parity fails."""
-    model, ident = load_model(path)
+    """Export one model (:func:`load_model`) into ``workdir``, ``spec`` (:func:`input_spec`) written into the file;
+    ExportError when parity fails. ``calibration``: the int8 calibration images, loaded when first asked for."""
     eager = eager_fn(model)
     ref = in_chunks(eager, test.x)
     n_par = min(PARITY_IMAGES, len(test.x))
@@ -501,7 +517,7 @@ def export_model(
     if opts.quantize == "int8":
         qfile = f"{name}.int8.onnx"
         qout = os.path.join(workdir, qfile)
-        calib = calibration_images(train, opts.calib, seed)
+        calib = calibration()
         quantize_int8(out, qout, calib, workdir)
         if spec is not None:
             _tag_onnx(qout, spec)
@@ -533,15 +549,21 @@ def run_export(opts: ExportOptions) -> dict:
     from kdrun.run_data import load_dataset
 
     data = load_dataset(cfg.dataset)
-    test, train = load_images(cfg, data)
+    models = {}
+    for name, path in ckpts.items():  # before any image is decoded
+        models[name] = load_model(path)
+        check_fits(name, path, models[name][1], data)
+    test = split_images(cfg, data.test, data.in_chans)
+    seed = int(cfg.trainer.get("seed", 0))
+    calibration = functools.cache(lambda: calibration_images(cfg, data, opts.calib, seed))
     spec = input_spec(cfg, data)
     work = tempfile.mkdtemp(prefix=".export-tmp-", dir=opts.run_dir)
     final = os.path.join(work, "export")  # becomes RUN_DIR/export once every model passed
     os.makedirs(final)
     try:
         results = [
-            export_model(name, path, opts, test, train, work, seed=int(cfg.trainer.get("seed", 0)), spec=spec)
-            for name, path in ckpts.items()
+            export_model(name, model, ident, opts, test, work, calibration, spec=spec)
+            for name, (model, ident) in models.items()
         ]
         for r in results:
             for f in [r.file] + ([r.int8.file] if r.int8 else []):

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import distributed
+from kdrun.config import check_class_indices
 from kdrun.data import DATASETS, DataBundle, ImageSet
 from kdrun.data.base import FileSet
 from kdrun.data.loader import Normalize, TensorLoader
@@ -109,6 +110,10 @@ class RunData:
         self.cfg, self.tr, self.device = cfg, cfg.trainer, device
         t0 = time.perf_counter()
         self.data = load_dataset(cfg.dataset)
+        # an image folder's classes are known only now (dataset.num_classes null): its class indices again
+        check_class_indices(
+            cfg, self.data.num_classes, f"the {self.data.num_classes} classes of dataset.root={cfg.dataset.get('root')}"
+        )
         train, val = split_validation(self.data.train, float(self.tr.val_fraction), self.tr.seed)
         # the student stages' transfer set: all of the training split, or a seeded fraction of it
         student = transfer_subset(

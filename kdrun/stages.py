@@ -170,8 +170,10 @@ class StageRunner:
         return res
 
     def export(self, stage: str, model: nn.Module, mcfg, extra: dict | None = None) -> str:
-        """Write ``checkpoints/{stage}.pt``: the model alone (plus its identity), ready to ship."""
+        """Write ``checkpoints/{stage}.pt``: the model alone (plus its identity and the names of its classes, which
+        ``kdrun export`` checks against the data it reads), ready to ship."""
         path = os.path.join(self.ckpt_dir, f"{stage}.pt")
         ident = model_identity(mcfg, self.data.data)
-        atomic_save({"identity": ident, "model": model.state_dict(), **(extra or {})}, path)
+        classes = list(self.data.data.classes)
+        atomic_save({"identity": ident, "classes": classes, "model": model.state_dict(), **(extra or {})}, path)
         return path

@@ -73,3 +73,82 @@ def test_every_module_of_the_method_and_model_packages_is_loaded_with_them(packa
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
     assert int(out[0]) > 5 and out[1].strip() == "[]", out
+
+
+def composed(*overrides: str):
+    with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+FOLDER = ("dataset=imagefolder", "dataset.root=/data/myset")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dataset.image_size=0"], "dataset.image_size=0: must be an integer > 0"),
+        (["dataset.image_size=15.5"], "dataset.image_size=15.5: must be an integer > 0"),
+        (["dataset.image_size=abc"], "dataset.image_size=abc: must be an integer > 0"),
+        (["dataset.in_chans=2"], "dataset.in_chans=2: must be 1 (grey) or 3 (RGB)"),
+        (["dataset.num_classes=two"], "dataset.num_classes=two: must be an integer >= 2"),
+        ([*FOLDER, "dataset.workers=-1"], "dataset.workers=-1: must be an integer >= 1 (or null: all CPUs)"),
+        ([*FOLDER, "dataset.workers=0"], "dataset.workers=0: must be an integer >= 1 (or null: all CPUs)"),
+        ([*FOLDER, "dataset.mode=disk"], "dataset.mode=disk: must be auto, memory or stream"),
+        ([*FOLDER, "dataset.max_memory_gb=0"], "dataset.max_memory_gb=0: must be a number > 0"),
+        (["dataset.std=[0]"], "dataset.std=[0]: must be 1 number in (0, 1] (of pixels / 255)"),
+        (["dataset.mean=[33.3]"], "dataset.mean=[33.3]: must be 1 number in [0, 1] (of pixels / 255)"),
+        (
+            [*FOLDER, "dataset.mean=[124,116,104]"],
+            "dataset.mean=[124, 116, 104]: must be 1 or 3 numbers in [0, 1] (of pixels / 255)",
+        ),
+        (
+            [*FOLDER, "dataset.std=[0.2,0.2]"],
+            "dataset.std=[0.2, 0.2]: must be 1 or 3 numbers in (0, 1] (of pixels / 255)",
+        ),
+        (
+            [*FOLDER, "dataset.in_chans=1"],
+            "dataset.mean=[0.485, 0.456, 0.406]: must be 1 number in [0, 1] (of pixels / 255) for dataset.in_chans=1",
+        ),
+    ],
+)
+def test_dataset_keys_name_the_key_and_what_is_valid(overrides, message):
+    cfg = composed(*overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_grey_folder_with_its_own_statistics_validates():
+    validate(composed(*FOLDER, "dataset.in_chans=1", "dataset.mean=[0.5]", "dataset.std=[0.25]"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dataset.student_exclude=[5]", "dataset.student_exclude=[5]: must be a list of class indices in [0, 2)"),
+        ("dataset.student_exclude=[0,1]", "dataset.student_exclude=[0, 1]: leaves none of the 2 classes"),
+        ("cache.topk=5", "cache.topk=5: must be below the 2 classes of dataset.root="),
+        ("evaluate.logit_bias={5: 1.0}", "evaluate.logit_bias="),
+    ],
+)
+def test_class_indices_are_checked_against_the_classes_found_in_the_folder(tmp_path, override, message):
+    """With dataset.num_classes null the classes are known only once the folder is read: the run checks them
+    then, before anything trains (they used to end in a traceback after training, or be ignored)."""
+    import torch
+
+    from kdrun.run_data import RunData
+    from tests.test_data import make_folder
+
+    make_folder(tmp_path / "imgs", classes=("ant", "bee"))
+    cfg = composed(
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'imgs'}",
+        f"dataset.cache_dir={tmp_path / 'c'}",
+        "dataset.image_size=8",
+        "dataset.workers=1",
+        override,
+    )
+    validate(cfg)  # num_classes unknown yet
+    with pytest.raises(ConfigError) as e:
+        RunData(cfg, torch.device("cpu"))
+    assert str(e.value).startswith(message), str(e.value)

@@ -158,6 +158,73 @@ def test_imagefolder_errors_are_one_line(folder, tmp_path):
     one_line_error(lambda: load("imagefolder", **kw), "class 'bee'", "test_split")
 
 
+def test_imagefolder_layout_errors_name_the_folder_and_the_fix(folder, tmp_path):
+    root, _ = folder
+    kw = dict(image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    missing = tmp_path / "nowhere"
+    one_line_error(lambda: load("imagefolder", root=str(missing), **kw), f"dataset.root={missing}: no such folder")
+    one_line_error(
+        lambda: load("imagefolder", root=str(root), test_split="train", **kw),
+        "dataset.test_split=train: the same folder as dataset.train_split",
+    )
+    (root / "test").rename(root / "val")  # the usual other name of the held-out split
+    one_line_error(lambda: load("imagefolder", root=str(root), **kw), "dataset.test_split=test", "test_split=val")
+    one = tmp_path / "one"
+    make_folder(one, classes=("cat",))
+    one_line_error(lambda: load("imagefolder", root=str(one), **kw), "has 1 class folder", "at least 2")
+    assert not (tmp_path / "c").exists()  # nothing decoded, nothing cached
+
+
+def test_files_that_are_not_images_are_skipped_and_counted(folder, tmp_path, caplog):
+    root, _ = folder
+    (root / "train" / "ant" / "notes.txt").write_text("labels by hand")
+    (root / "train" / "ant" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    (root / "train" / "bee" / "more").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / "bee" / "more" / "x.png")
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        data = load("imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    assert len(data.train) == 9
+    assert "skipped 3 entries" in caplog.text and "notes.txt" in caplog.text, caplog.text
+
+
+def test_sixteen_bit_grey_images_are_scaled_to_eight_bits(tmp_path):
+    """Pillow's own conversion of a 16-bit image to 8 bits clips: every pixel above 255 became 255."""
+    root = tmp_path / "imgs"
+    make_folder(root, classes=("a", "b"), size=4, mode="L")
+    ramp = (np.arange(16, dtype=np.uint16) * 16).reshape(4, 4)
+    Image.fromarray(ramp * 257).save(root / "train" / "a" / "000.png")  # 16 bits: 0 .. 61680
+    with Image.open(root / "train" / "a" / "000.png") as im:
+        assert im.mode.startswith("I;16")
+    for chans in (1, 3):
+        data = load("imagefolder", root=str(root), image_size=4, in_chans=chans, cache_dir=str(tmp_path / "c"))
+        assert data.train.images[0].tolist() == [ramp.tolist()] * chans
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(root / "train" / "a" / "001.tif")
+    one_line_error(
+        lambda: load("imagefolder", root=str(root), image_size=4, in_chans=1, cache_dir=str(tmp_path / "c")),
+        "001.tif: floating-point pixels",
+    )
+
+
+def test_an_image_too_large_for_pillow_and_an_unreadable_first_image_are_one_line(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    kw = dict(root=str(root), cache_dir=str(tmp_path / "c"), workers=1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # an 8x8 image is then a "decompression bomb"
+    one_line_error(lambda: load("imagefolder", image_size=8, **kw), "000.png: not a readable image", "Decompression")
+    monkeypatch.undo()
+    (root / "train" / "ant" / "000.png").write_bytes(b"cut short")
+    one_line_error(lambda: load("imagefolder", image_size=None, **kw), "ant/000.png: not a readable image")
+
+
+def test_an_unwritable_decode_cache_warns_and_the_run_goes_on(folder, tmp_path, caplog):
+    root, _ = folder
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        data = load("imagefolder", root=str(root), image_size=8, cache_dir=str(blocker / "cache"), workers=1)
+    assert len(data.train) == 9 and "could not keep the decoded images" in caplog.text, caplog.text
+    assert blocker.read_text() == ""
+
+
 # ---------------------------------------------------------------- torchvision datasets, idx files
 
 

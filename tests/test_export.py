@@ -353,3 +353,51 @@ def test_a_run_config_export_cannot_use_is_one_line(run_dir, tmp_path, text):
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
     assert "config.yaml: not a kdrun run's config (no dataset." in p.stderr
     assert sorted(os.listdir(copy)) == before  # nothing written
+
+
+def test_a_checkpoint_trained_on_other_classes_is_refused_before_any_image_is_decoded(run_dir, tmp_path, monkeypatch):
+    """The exported file's class names come from the data read at export time: a folder grown or renamed since
+    training used to label the model's logits with classes it was not trained on."""
+    import shutil
+
+    from kdrun import export, io
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    path = str(copy / "checkpoints" / "student.pt")
+    ckpt = io.load(path, "checkpoint")
+    assert ckpt["classes"] == [str(i) for i in range(10)]
+    decoded = []
+    monkeypatch.setattr(export, "split_images", lambda *a: decoded.append(a) or pytest.fail("decoded images"))
+    io.atomic_save({**ckpt, "classes": ["0", "1", "2", "three", *ckpt["classes"][4:]]}, path)
+    with pytest.raises(export.ExportError) as e:
+        export.run_export(export.ExportOptions(run_dir=str(copy)))
+    assert str(e.value) == (
+        f"export student: {path} was trained on other classes than the run's dataset (digits) now has: class 3 "
+        "was 'three', now '3'; export it against the data it was trained on"
+    )
+    io.atomic_save({**ckpt, "identity": {**ckpt["identity"], "image_size": 16}}, path)
+    with pytest.raises(export.ExportError, match="was trained with image_size=16, but the run's dataset"):
+        export.run_export(export.ExportOptions(run_dir=str(copy)))
+    assert not decoded and not (copy / "export").exists()
+
+
+def test_only_the_test_split_and_the_calibration_images_are_decoded(run_dir, tmp_path, monkeypatch):
+    """The whole training split used to be decoded into float32 even with no int8 model to calibrate (for a
+    streamed dataset, a training set too big for memory); int8 takes only its calibration images. A checkpoint
+    written before classes were stored exports as before."""
+    import shutil
+
+    from kdrun import export, io
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    path = str(copy / "checkpoints" / "student.pt")
+    io.atomic_save({k: v for k, v in io.load(path, "checkpoint").items() if k != "classes"}, path)
+    sizes, real = [], export.split_images
+    monkeypatch.setattr(export, "split_images", lambda cfg, split, c: sizes.append(len(split)) or real(cfg, split, c))
+    doc = export.run_export(export.ExportOptions(run_dir=str(copy), threads=1))
+    assert sizes == [doc["test_images"]] == [359]  # the digits test split
+    sizes.clear()
+    export.run_export(export.ExportOptions(run_dir=str(copy), threads=1, quantize="int8", calib=64))
+    assert sizes == [359, 64]

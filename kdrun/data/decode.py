@@ -44,14 +44,34 @@ def files_key(root: str, files: list[str], *extra) -> str:
 
 
 def open_image(path: str, in_chans: int) -> Image.Image:
-    """One image file, decoded in full as grey (``in_chans`` 1) or RGB; ConfigError naming an unreadable file."""
+    """One image file, decoded in full as grey (``in_chans`` 1) or RGB; ConfigError naming an unreadable file.
+
+    16-bit pixels (greyscale PNG/TIFF, Pillow's modes ``I;16*`` and ``I``) are scaled to 8 bits (``/ 257``), where
+    Pillow's own conversion clips every value above 255 to white; floating-point pixels are refused (their range
+    is the writer's choice)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if in_chans == 1 else "RGB")
             im.load()
-            return im
-    except (OSError, ValueError) as e:
+            if im.mode.startswith("I"):
+                im = _eight_bits(np.asarray(im), path)
+            elif im.mode == "F":
+                raise ConfigError(
+                    f"{path}: floating-point pixels (Pillow mode F), whose range kdrun cannot know; "
+                    "save the images with 8- or 16-bit integer pixels"
+                )
+            return im.convert("L" if in_chans == 1 else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _eight_bits(pixels: np.ndarray, path: str) -> Image.Image:
+    """Integer pixels of up to 16 bits as an 8-bit grey image, 65535 -> 255."""
+    if pixels.size and (int(pixels.min()) < 0 or int(pixels.max()) > 65535):
+        raise ConfigError(
+            f"{path}: integer pixels in [{int(pixels.min())}, {int(pixels.max())}], beyond 16 bits; "
+            "save the images with 8- or 16-bit pixels"
+        )
+    return Image.fromarray(np.rint(pixels.astype(np.float32) / 257.0).astype(np.uint8), "L")
 
 
 def decode_image(path: str, image_size: int, in_chans: int, crop_fraction: float | None = None) -> np.ndarray:
@@ -95,10 +115,22 @@ def decode_files(
     return torch.from_numpy(out)
 
 
-def save_cached(path: str, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    """Write ``tensors`` (+ JSON-like ``meta``) to ``path`` atomically, as a checksummed artifact for ``key``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    io.save({"meta": meta or {}, "tensors": tensors}, path, KIND, key)
+def save_cached(path: str, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> bool:
+    """Write ``tensors`` (+ JSON-like ``meta``) to ``path`` atomically, as a checksummed artifact for ``key``;
+    False, with a warning, when the folder cannot take it (the run goes on with the images it decoded)."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        io.save({"meta": meta or {}, "tensors": tensors}, path, KIND, key)
+    except OSError as e:
+        log.warning(
+            "data: could not keep the decoded images in %s (%s: %s); the next run decodes them again "
+            "(set dataset.cache_dir or $KDRUN_CACHE_DIR to a writable folder)",
+            path,
+            type(e).__name__,
+            e.strerror or e,
+        )
+        return False
+    return True
 
 
 def load_cached(path: str, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:

@@ -16,10 +16,9 @@ import os
 import time
 
 import torch
-from PIL import Image
 
 from kdrun.data.base import DataBundle, FileSet, ImageSet, register_dataset
-from kdrun.data.decode import IMG_EXTENSIONS, decode_files, files_key, load_cached, save_cached
+from kdrun.data.decode import IMG_EXTENSIONS, decode_files, files_key, load_cached, open_image, save_cached
 from kdrun.data.decode import cache_dir as resolve_cache_dir
 from kdrun.data.stream import select_mode
 from kdrun.errors import ConfigError
@@ -37,8 +36,11 @@ def _subdirs(path: str) -> list[str]:
 
 
 def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], torch.Tensor]:
-    """Sorted image files of ``root/split/<class>/`` for every class, and their labels."""
-    files, labels = [], []
+    """Sorted image files of ``root/split/<class>/`` for every class, and their labels; what else the class folders
+    hold (other files, subfolders, hidden files such as macOS's ``._*``) is skipped with one warning counting it."""
+    files: list[str] = []
+    labels: list[int] = []
+    skipped: list[str] = []
     for label, c in enumerate(classes):
         d = os.path.join(root, split, c)
         if not os.path.isdir(d):
@@ -46,14 +48,57 @@ def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], to
                 f"dataset.root={root}: class '{c}' of the training split has no folder {d} "
                 f"(every class needs images in dataset.train_split and dataset.test_split)"
             )
-        found = sorted(e.path for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        found: list[str] = []
+        for e in os.scandir(d):
+            image = e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMG_EXTENSIONS)
+            (found if image else skipped).append(e.path)
+        found.sort()
         if not found:
             raise ConfigError(
                 f"dataset.root={root}: {d} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})"
             )
         files += found
         labels += [label] * len(found)
+    if skipped:
+        skipped.sort()
+        log.warning(
+            "data: %s: skipped %d entries of the class folders that are not image files (subfolders, hidden "
+            "files, other extensions), e.g. %s",
+            os.path.join(root, split),
+            len(skipped),
+            ", ".join(os.path.relpath(p, os.path.join(root, split)) for p in skipped[:3]),
+        )
     return files, torch.tensor(labels, dtype=torch.long)
+
+
+def _check_layout(root: str, train_split: str, test_split: str) -> None:
+    """The root and both split folders exist, and are two folders."""
+    if not os.path.isdir(root):
+        raise ConfigError(f"dataset.root={root}: no such folder (expected {root}/<split>/<class>/<image>)")
+    if os.path.normpath(train_split) == os.path.normpath(test_split):
+        raise ConfigError(
+            f"dataset.test_split={test_split}: the same folder as dataset.train_split; the test images must be "
+            "held out of training (a best epoch is chosen on trainer.val_fraction of the training split)"
+        )
+    for key, split in (("train_split", train_split), ("test_split", test_split)):
+        if not os.path.isdir(os.path.join(root, split)):
+            others = [d for d in _subdirs(root) if d not in (train_split, test_split)]
+            hint = (
+                f"; set dataset.{key}={others[0]}, the other folder there"
+                if len(others) == 1
+                else f"; its other folders: {', '.join(others)}"
+                if others
+                else ""
+            )
+            raise ConfigError(
+                f"dataset.{key}={split}: no folder {os.path.join(root, split)} "
+                f"(expected {root}/<split>/<class>/<image>){hint}"
+            )
+
+
+def first_image_height(path: str, in_chans: int) -> int:
+    """The height of the first training image (``dataset.image_size: null``); one line when it is unreadable."""
+    return open_image(path, in_chans).size[1]
 
 
 @register_dataset("imagefolder")
@@ -83,15 +128,14 @@ def imagefolder(
     if in_chans not in (1, 3):
         raise ConfigError(f"dataset.in_chans={in_chans}: valid: 1 (grey) or 3 (RGB)")
     root = os.path.abspath(os.path.expanduser(root))
-    for key, split in (("train_split", train_split), ("test_split", test_split)):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise ConfigError(
-                f"dataset.{key}={split}: no folder {os.path.join(root, split)} "
-                f"(expected {root}/<split>/<class>/<image>)"
-            )
+    _check_layout(root, train_split, test_split)
     classes = _subdirs(os.path.join(root, train_split))
-    if not classes:
-        raise ConfigError(f"dataset.root={root}: {os.path.join(root, train_split)} has no class folders")
+    if len(classes) < 2:
+        raise ConfigError(
+            f"dataset.root={root}: {os.path.join(root, train_split)} has {len(classes)} class folder"
+            f"{'' if len(classes) == 1 else 's'}{': ' + classes[0] if classes else ''}; a classifier needs at "
+            "least 2 (one folder of images per class)"
+        )
     extra = sorted(set(_subdirs(os.path.join(root, test_split))) - set(classes))
     if extra:
         raise ConfigError(f"dataset.root={root}: {test_split}/ has classes not in {train_split}/: {', '.join(extra)}")
@@ -103,8 +147,7 @@ def imagefolder(
     train_files, train_labels = scan_split(root, train_split, classes)
     test_files, test_labels = scan_split(root, test_split, classes)
     if image_size is None:
-        with Image.open(train_files[0]) as im:
-            image_size = im.size[1]
+        image_size = first_image_height(train_files[0], in_chans)
     image_size = int(image_size)
     eval_crop_fraction = float(eval_crop_fraction) if eval_crop_fraction is not None else None
     crop = () if eval_crop_fraction is None else (eval_crop_fraction,)  # none: the keys of before
@@ -118,7 +161,8 @@ def imagefolder(
         f"centre {image_size}x{image_size} crop"
     )
     if select_mode(mode, n * in_chans * image_size**2, max_memory_gb) == "stream":
-        log.info("data: %d images > dataset.max_memory_gb=%s decoded: streaming from files", n, max_memory_gb)
+        why = f"> dataset.max_memory_gb={max_memory_gb} decoded" if mode == "auto" else "(dataset.mode=stream)"
+        log.info("data: %d images %s: streaming from files", n, why)
         return DataBundle(
             "imagefolder",
             FileSet(train_files, train_labels, image_size, in_chans, eval_crop_fraction),
@@ -135,8 +179,9 @@ def imagefolder(
             split: decode_files(files, image_size, in_chans, workers, f"decode {name}", eval_crop_fraction)
             for split, files, name in (("train", train_files, train_split), ("test", test_files, test_split))
         }
-        save_cached(path, key, tensors, {"classes": classes, "root": root})
-        log.info("data: decoded %d images in %.1fs, cached in %s", n, time.perf_counter() - t0, path)
+        kept = save_cached(path, key, tensors, {"classes": classes, "root": root})
+        where = f", cached in {path}" if kept else ""
+        log.info("data: decoded %d images in %.1fs%s", n, time.perf_counter() - t0, where)
     else:
         tensors = cached[0]
         log.info("data: %d decoded images from the cache %s", n, path)
