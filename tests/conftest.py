@@ -36,3 +36,22 @@ def run_smoke(run_dir, *overrides: str) -> tuple[subprocess.CompletedProcess, di
 @pytest.fixture
 def kdrun():
     return run_kdrun
+
+
+@pytest.fixture
+def kdrun_here(monkeypatch, capsys):
+    """The ``kdrun`` command line in this process, for bad input refused before anything runs: about 0.1 s where a
+    subprocess spends 5 s importing torch and Hydra. Reaching training fails the test (the error was not found up
+    front); an exception escaping ``main`` fails it too (a user would have seen a traceback)."""
+    from kdrun import cli, task
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.chdir(WORKDIR)
+    monkeypatch.setattr(task, "hydra_train", lambda: pytest.fail("reached training: the error was not found up front"))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run

@@ -106,15 +106,24 @@ import pytest
         (["scheme=online", "loss=dkd"], "loss=dkd: scheme=online trains its peers with deep mutual learning's own KL"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(kdrun, tmp_path, args, expected):
+def test_bad_input_exits_2_with_one_line(kdrun_here, tmp_path, args, expected):
+    """In this process (the exit code and the stream are the same in a subprocess: test_a_user_sees_one_line)."""
     run_dir = tmp_path / "run"
-    p = kdrun("train", *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}")
+    p = kdrun_here("train", *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}")
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("kdrun: error: " + expected), lines[0]
     assert "Traceback" not in p.stderr + p.stdout
     assert not run_dir.exists()  # nothing written
+
+
+def test_a_user_sees_one_line(kdrun, tmp_path):
+    """What the in-process cases above check, once through a real process: its exit code and its whole stderr."""
+    run_dir = tmp_path / "run"
+    p = kdrun("train", "loss.alpha=1.5", f"hydra.run.dir={run_dir}")
+    assert (p.returncode, p.stderr, p.stdout) == (2, "kdrun: error: loss.alpha=1.5: must be a number in [0, 1]\n", "")
+    assert not run_dir.exists()
 
 
 def test_unknown_option_lists_valid_ones(kdrun, tmp_path):

@@ -135,10 +135,11 @@ def test_mutual_kl_is_averaged_over_the_other_peers():
     assert terms["ce_peer2"].item() == pytest.approx(-math.log(0.75), rel=1e-5)
 
 
-def test_bad_scheme_values_are_one_line(kdrun, tmp_path):
-    p = kdrun("train", *FAST, "scheme=online", "scheme.peers=[resnet8,nosuchnet]", f"hydra.run.dir={tmp_path / 'r'}")
+def test_bad_scheme_values_are_one_line(kdrun_here, tmp_path):
+    peers = "scheme.peers=[resnet8,nosuchnet]"
+    p = kdrun_here("train", *FAST, "scheme=online", peers, f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and "scheme.peers[1]=nosuchnet: unknown model; valid:" in p.stderr
-    p = kdrun("train", *FAST, "scheme=nosuch", f"hydra.run.dir={tmp_path / 'r'}")
+    p = kdrun_here("train", *FAST, "scheme=nosuch", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and "scheme=nosuch: unknown option; valid: assistant, offline, online, self" in p.stderr
 
 
@@ -173,7 +174,7 @@ def test_bad_schedules(spec, message):
     assert message in str(e.value)
 
 
-def test_schedule_out_of_range_is_refused(kdrun, tmp_path):
-    p = kdrun("train", *FAST, "+loss.alpha={schedule:linear,start:0.5,end:1.5}", f"hydra.run.dir={tmp_path / 'r'}")
+def test_schedule_out_of_range_is_refused(kdrun_here, tmp_path):
+    p = kdrun_here("train", *FAST, "+loss.alpha={schedule:linear,start:0.5,end:1.5}", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2
     assert "loss.alpha: schedule reaches 1.5; must be a number in [0, 1]" in p.stderr

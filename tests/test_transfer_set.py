@@ -77,9 +77,7 @@ def test_no3_run_end_to_end(tmp_path):
         ("dataset.student_fraction=0", "dataset.student_fraction=0: must be a number in (0, 1]"),
     ],
 )
-def test_bad_transfer_set_or_bias_is_one_line_exit_2(override, message, tmp_path):
-    from tests.conftest import run_kdrun
-
-    p = run_kdrun("train", override, f"hydra.run.dir={tmp_path / 'run'}")
+def test_bad_transfer_set_or_bias_is_one_line_exit_2(kdrun_here, override, message, tmp_path):
+    p = kdrun_here("train", override, f"hydra.run.dir={tmp_path / 'run'}")
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "run").exists()
