@@ -34,6 +34,15 @@ class SplitPredictions:
         """Per image: does ``model`` (a name in :attr:`top1`) get it right (bool [N])."""
         return (self.flip_tta if tta else self.top1)[model] == self.labels
 
+    def every_other(self, start: int) -> SplitPredictions:
+        """Images ``start``, ``start + 2``, ... of the split (``start`` 0 or 1: its two halves)."""
+        return SplitPredictions(
+            f"{self.images}[{start}::2]",
+            self.labels[start::2],
+            {k: v[start::2] for k, v in self.top1.items()},
+            {k: v[start::2] for k, v in self.flip_tta.items()},
+        )
+
 
 @dataclass(frozen=True)
 class RunPredictions:

@@ -371,9 +371,10 @@ def summary_table(m: dict) -> str:
         tail += f", KD gain {m['kd_gain_top1']:+.2f} pt top-1 over {roles['baseline']}"
         if "kd_gain" in m:
             g = m["kd_gain"]
+            ci = f"95% interval [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}] pt, " if "ci95" in g else ""
             tail += (
-                f" (exact McNemar p = {g['p_value']:.3g}: {g['student_only']} test images right only with KD, "
-                f"{g['baseline_only']} only without)"
+                f" ({ci}exact McNemar p = {g['p_value']:.3g}: {g['student_only']} test images right only with KD, "
+                f"{g['baseline_only']} only without; over the draw of these images, not training seeds)"
             )
     tta = test.get("student", {}).get("with_flip_tta", {})
     if "kd_gain" in tta:

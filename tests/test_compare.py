@@ -1,14 +1,13 @@
 """predictions.pt and `kdrun compare`: two runs' models image by image, with the paired test and its interval."""
 
-import math
-
 import pytest
 import torch
+from scipy.stats import beta
 
 from kdrun.cli import main
 from kdrun.compare import compare
 from kdrun.predictions import FILE, RunPredictions, SplitPredictions, read, write
-from kdrun.significance import paired_interval
+from kdrun.significance import exact_mcnemar_p, paired_interval
 from tests.conftest import run_smoke
 
 
@@ -115,14 +114,29 @@ def test_compare_counts_the_discordant_images_and_their_interval():
     assert (c.images, c.a_only, c.b_only) == (100, 10, 4)
     assert (c.top1_a, c.top1_b, c.difference) == (pytest.approx(90.0), pytest.approx(84.0), pytest.approx(6.0))
     assert c.p_value == pytest.approx(0.1795654296875)  # 2 * P(X <= 4), X ~ Binomial(14, 1/2)
-    # Agresti-Min interval of a paired difference: Wald on the table with 0.5 added to each cell
-    # (b = 10.5, c = 4.5, n = 102): 100 * (6 / 102 +- 1.95996 * sqrt(15 - 6^2 / 102) / 102) points
-    centre, half = 600 / 102, 100 * 1.959963984540054 * math.sqrt(15 - 36 / 102) / 102
-    assert c.ci95 == (pytest.approx(centre - half), pytest.approx(centre + half))
-    # no discordant image: not a zero-width interval (Wald's), +- 1.95996 * 100 / 52 points for 50 images
-    assert paired_interval(0, 0, 50) == (pytest.approx(-196 / 52, rel=1e-4), pytest.approx(196 / 52, rel=1e-4))
-    low, high = paired_interval(6, 0, 6)  # every image discordant: Wald gives [100, 100]
-    assert high == 100.0 and 0 < low < 80
+    # the interval of the exact test: pi = 10 / 14's Clopper-Pearson bounds (beta quantiles), times 2, minus 1,
+    # times the 14 discordant images of 100, in points
+    low, high = beta.ppf(0.025, 10, 5), beta.ppf(0.975, 11, 4)
+    assert c.ci95 == (pytest.approx(100 * (2 * low - 1) * 14 / 100), pytest.approx(100 * (2 * high - 1) * 14 / 100))
+    # no discordant image: not a zero-width interval, +- the discordant rate's bound 1 - 0.025^(1/50)
+    assert paired_interval(0, 0, 50) == (pytest.approx(-100 * (1 - 0.025 ** (1 / 50))), pytest.approx(7.112, abs=1e-3))
+    low, high = paired_interval(6, 0, 6)  # every image discordant
+    assert high == pytest.approx(100.0) and 0 < low < 80
+
+
+@pytest.mark.parametrize("n", [40, 10_000])
+def test_the_interval_excludes_0_exactly_when_the_exact_test_says_p_below_5_percent(n):
+    """The interval used before (Agresti-Min's Wald) excluded 0 for b = 9, c = 2 on 10,000 images, where the exact
+    test printed beside it says p = 0.065."""
+    for b in range(0, 21):
+        for c in range(0, 21 - b):
+            if b + c > n:
+                continue
+            low, high = paired_interval(b, c, n)
+            p = exact_mcnemar_p(b, c)
+            assert (low > 0 or high < 0) == (p < 0.05), (b, c, low, high, p)
+            assert low <= 100 * (b - c) / n <= high
+    assert paired_interval(9, 2, 10_000)[0] < 0 < paired_interval(9, 2, 10_000)[1]
 
 
 @pytest.mark.parametrize(

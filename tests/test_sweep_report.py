@@ -205,6 +205,17 @@ def test_a_seed_found_twice_is_one_repeat(tmp_path, caplog):
     assert sum("counted once" in r.getMessage() for r in caplog.records) == 12
 
 
+def test_of_a_setting_found_twice_the_first_by_name_counts_not_the_higher_scoring(tmp_path, caplog):
+    """A rerun of the same setting and seed (GPU nondeterminism) scoring higher used to be the one counted, as the
+    runs were already sorted by score: the mean kept the luckier copy."""
+    for name, score in (("a", 70.0), ("b", 72.0)):
+        for seed in (0, 1):
+            make_run(tmp_path / name, str(seed), [f"trainer.seed={seed}"], fake_metrics(score + seed, seed=seed))
+    (group,) = sweep_report.build(str(tmp_path)).groups
+    assert group["n"] == 2 and group["student_top1_mean"] == pytest.approx(70.5)
+    assert "b/0 repeats the setting of a/0; counted once" in caplog.text
+
+
 def test_canonical_spellings():
     assert [sweep_report.canonical(v) for v in ("0", 0.0, "0.0", "1e-3", "5.0e-4", "4", 8)] == [
         "0",
@@ -545,7 +556,8 @@ def write_predictions(run: str, student_ok: list[bool], images: str = "d/val(val
 
 def test_runs_on_the_same_validation_images_are_paired_with_the_best(tmp_path):
     """Each student against the best one on the same validation images, image by image: 20 images, the best
-    right on 18; another right on 12 of them (6 only the best, 0 only the other: p = 2 / 2^6)."""
+    right on 18; another right on 12 of them. Scored on the 10 odd-numbered images: 9 against 6 right (3 only the
+    best, 0 only the other: p = 2 / 2^3)."""
     best = make_run(tmp_path, "0", ["loss.temperature=4"], fake_metrics(80.0))
     worse = make_run(tmp_path, "1", ["loss.temperature=1"], fake_metrics(85.0))
     other = make_run(tmp_path, "2", ["loss.temperature=8"], fake_metrics(70.0))
@@ -557,10 +569,38 @@ def test_runs_on_the_same_validation_images_are_paired_with_the_best(tmp_path):
     rows = {r["loss.temperature"]: r for r in read_csv(tmp_path / "report.csv")}
     assert float(rows["4"]["vs_best_val"]) == 0.0 and rows["4"]["vs_best_val_p"] == ""
     assert float(rows["1"]["vs_best_val"]) == pytest.approx(-30.0)
-    assert float(rows["1"]["vs_best_val_p"]) == pytest.approx(2 / 2**6)
+    assert float(rows["1"]["vs_best_val_p"]) == pytest.approx(2 / 2**3)
     for t in ("8", "16"):
         assert rows[t]["vs_best_val"] == "" and rows[t]["vs_best_val_p"] == ""
     assert "`vs_best_val` that minus the best one's" in (tmp_path / "report.md").read_text()
+
+
+def test_the_best_is_chosen_on_half_the_validation_images_and_judged_on_the_other_half(tmp_path):
+    """Chosen and compared on the same images, the best also wins by its luck in being chosen. Here "lucky" is
+    right on every even-numbered image and half the odd ones; "steady" on 9 of 10 of each: lucky is chosen (10 of
+    10 against 9), and on the odd images steady is ahead of it (9 against 5). Two other runs are compared with the
+    same best: their p-values are Holm-adjusted over the three comparisons."""
+    from kdrun.significance import exact_mcnemar_p, holm
+
+    def pattern(even: list[bool], odd: list[bool]) -> list[bool]:
+        return [x for pair in zip(even, odd, strict=True) for x in pair]
+
+    runs = {
+        "lucky": pattern([True] * 10, [True] * 5 + [False] * 5),
+        "steady": pattern([True] * 9 + [False], [True] * 9 + [False]),
+        "poor": pattern([True] * 5 + [False] * 5, [False] * 10),
+        "same": pattern([True] * 8 + [False] * 2, [True] * 5 + [False] * 5),
+    }
+    for i, (name, ok) in enumerate(runs.items()):
+        write_predictions(make_run(tmp_path, str(i), [f"+tag={name}"], fake_metrics(80.0)), ok)
+    write_report(tmp_path)
+    rows = {r["tag"]: r for r in read_csv(tmp_path / "report.csv")}
+    assert rows["lucky"]["vs_best_val_p"] == "" and float(rows["lucky"]["vs_best_val"]) == 0.0
+    assert float(rows["steady"]["vs_best_val"]) == pytest.approx(40.0)  # 9 - 5 of the 10 odd images
+    raw = [exact_mcnemar_p(4, 0), exact_mcnemar_p(0, 5), 1.0]  # steady, poor, same against lucky, odd images
+    for name, p in zip(("steady", "poor", "same"), holm(raw), strict=True):
+        assert float(rows[name]["vs_best_val_p"]) == pytest.approx(p), name
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
 def with_val(test: float, val: float) -> dict:
@@ -629,3 +669,41 @@ def test_the_optuna_line_gives_the_study_s_validation_figure_rounded(tmp_path):
     write_report(tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "Best trial: `loss.temperature=4.0` -> 11.11 (the study's sweep.metric, on validation)" in md
+
+
+def test_a_setting_of_one_run_shows_no_spread_not_plus_minus_zero(tmp_path):
+    """Beside settings repeated over seeds, one run alone has no standard deviation: it used to read "± 0.00"."""
+    for job, (t, seed) in enumerate((("1", 0), ("1", 1), ("4", 0))):
+        make_run(
+            tmp_path, str(job), [f"loss.temperature={t}", f"trainer.seed={seed}"], fake_metrics(70.0 + job, seed=seed)
+        )
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    (row,) = [line for line in md.splitlines() if line.startswith("| 4 ")]
+    assert "72.00 (1 run)" in row and "±" not in row, row
+    assert "70.50 ± 0.71" in md
+    groups = {g["loss.temperature"]: g for g in sweep_report.build(str(tmp_path)).groups}
+    assert groups["4"]["n"] == 1 and groups["4"]["student_top1_std"] is None
+
+
+def test_p_values_keep_two_significant_digits():
+    """With two decimals 0.049 and 0.051 both read 0.05, on either side of the usual threshold."""
+    assert [sweep_report.cell("kd_gain_p", p) for p in (0.049, 0.051, 0.0549, 0.5, 0.0)] == [
+        "0.049",
+        "0.051",
+        "0.055",
+        "0.5",
+        "< 1e-300",
+    ]
+    assert sweep_report.cell("kd_gain_top1", 0.049) == "0.05" and sweep_report.cell("vs_best_val_p", None) == "-"
+
+
+def test_an_online_runs_student_keeps_its_validation_score():
+    """scheme=online trains its peers in one stage ("online"): the student's validation top-1 is under that stage's
+    val_top1_by_model, not under a stage of its name. Missing, one such run switched the whole order to test top-1."""
+    metrics = fake_metrics(80.0) | {
+        "roles": {"teacher": "peer1", "student": "peer2"},
+        "stages": {"online": {"final_val_top1": 70.0, "val_top1_by_model": {"peer1": 70.0, "peer2": 75.5}}},
+    }
+    assert sweep_report.scores_of(metrics)["student_val_top1"] == 75.5
+    assert sweep_report.scores_of(fake_metrics(80.0))["student_val_top1"] is None
