@@ -54,9 +54,10 @@ def hydra_train(cfg: DictConfig) -> float:
         _mark_failed(run_dir, str(e))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"kdrun: error: {e}", file=sys.stderr)
         if _in_sweep() and not isinstance(e, Preempted):  # costs only this job: the others run
+            print(f"kdrun: error: {e}", file=sys.stderr)
             return math.nan
+        print(f"kdrun: error: {e}{'' if isinstance(e, Preempted) else _resume_hint(run_dir)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except BaseException as e:
         _mark_failed(run_dir, f"{type(e).__name__}: {e}")
@@ -82,6 +83,14 @@ def objective(metrics: dict, cfg: DictConfig) -> float:
 def _in_sweep() -> bool:
     """True in a job of a multirun: a failure there marks the job FAILED instead of ending the sweep."""
     return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _resume_hint(run_dir: str) -> str:
+    """What a failed run keeps, when it had written checkpoints: the command that continues it from them."""
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpts) and any(f.endswith(".pt") for f in os.listdir(ckpts)):
+        return f"; its checkpoints are kept: once that is fixed, kdrun train resume={run_dir} continues the run"
+    return ""
 
 
 def _mark_failed(run_dir: str, msg: str) -> None:

@@ -174,7 +174,9 @@ def test_teacher_checkpoint_with_other_model_options_is_refused(tmp_path):
 
 
 def test_streamed_image_folder_runs_end_to_end(tmp_path):
-    """dataset.mode=stream: batches decoded from files by DataLoader workers; the logit cache fills on first use."""
+    """dataset.mode=stream: batches decoded from files by DataLoader workers; the logit cache fills on first use.
+    A test image that cannot be decoded, met at the final evaluation, ends the run in one line saying how to
+    continue it; once the file is fixed, that command only evaluates."""
     from PIL import Image
 
     from tests.conftest import SMOKE_RUN, run_kdrun
@@ -186,6 +188,9 @@ def test_streamed_image_folder_runs_end_to_end(tmp_path):
             for i in range(n):
                 red = int(torch.randint(0, 255, (1,), generator=g))
                 Image.new("RGB", (16, 16), (red, colour, 30)).save(tmp_path / "data" / split / c / f"{i}.png")
+    broken = tmp_path / "data" / "test" / "b" / "3.png"
+    good = broken.read_bytes()
+    broken.write_bytes(good[:40])  # a copy cut short
     run_dir = tmp_path / "run"
     p = run_kdrun(
         "train",
@@ -198,8 +203,17 @@ def test_streamed_image_folder_runs_end_to_end(tmp_path):
         f"dataset.cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={run_dir}",
     )
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 2, p.stderr[-2000:]
     assert "read from the logit cache; the teacher fills missing rows on first use" in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kdrun: error: {broken}: not a readable image ("), last
+    assert last.endswith(
+        f"; its checkpoints are kept: once that is fixed, kdrun train resume={run_dir} continues the run"
+    )
+    broken.write_bytes(good)
+    p = run_kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stderr.count("already finished") >= 3, p.stderr[-2000:]  # teacher, student, baseline: evaluated only
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["dataset"]["train"] == 48 and m["dataset"]["test"] == 16
     assert (run_dir / "teacher_logits.kdlc").exists()  # filled on first use from the streamed batches
