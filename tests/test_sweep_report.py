@@ -707,3 +707,22 @@ def test_an_online_runs_student_keeps_its_validation_score():
     }
     assert sweep_report.scores_of(metrics)["student_val_top1"] == 75.5
     assert sweep_report.scores_of(fake_metrics(80.0))["student_val_top1"] is None
+
+
+def test_settings_repeated_over_seeds_are_ordered_by_validation_when_every_run_has_it(tmp_path):
+    """The runs were ranked by validation top-1 while the settings' table stayed ordered by test top-1, with no
+    validation column: a reader choosing from that table chose on the test set."""
+    job = 0
+    for t, test, val in (("1", 80.0, 70.0), ("4", 75.0, 78.0)):
+        for seed in (0, 1):
+            metrics = with_val(test + seed, val + seed) | {"seed": seed}
+            make_run(tmp_path, str(job), [f"loss.temperature={t}", f"trainer.seed={seed}"], metrics)
+            job += 1
+    groups = sweep_report.build(str(tmp_path)).groups
+    assert [g["loss.temperature"] for g in groups] == ["4", "1"]
+    assert groups[0]["student_val_top1_mean"] == pytest.approx(78.5)
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Settings by the distilled student's mean validation top-1." in md and "student val top1" in md
+    make_run(tmp_path, str(job), ["loss.temperature=1", "trainer.seed=2"], fake_metrics(82.0, seed=2))  # no val
+    assert [g["loss.temperature"] for g in sweep_report.build(str(tmp_path)).groups] == ["1", "4"]
