@@ -67,6 +67,20 @@ def split_validation(
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
 
 
+def warn_classes_held_out(train: ImageSet | FileSet, classes: list[str]) -> None:
+    """A warning naming the classes the validation split took every training image of (a folder of a few images
+    per class): the models never see them trained, and score 0 on them."""
+    left = set(train.labels.cpu().unique().tolist())
+    missing = [c for i, c in enumerate(classes) if i not in left]
+    if missing:
+        log.warning(
+            "data: trainer.val_fraction holds out every training image of %d class(es): %s; they are never trained "
+            "on (lower trainer.val_fraction, or add images)",
+            len(missing),
+            ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""),
+        )
+
+
 def transfer_subset(
     train: ImageSet | FileSet, fraction: float, seed: int, exclude: list[int] | tuple[int, ...] = ()
 ) -> ImageSet | FileSet:
@@ -115,6 +129,8 @@ class RunData:
             cfg, self.data.num_classes, f"the {self.data.num_classes} classes of dataset.root={cfg.dataset.get('root')}"
         )
         train, val = split_validation(self.data.train, float(self.tr.val_fraction), self.tr.seed)
+        if val is not None:
+            warn_classes_held_out(train, self.data.classes)
         # the student stages' transfer set: all of the training split, or a seeded fraction of it
         student = transfer_subset(
             train,

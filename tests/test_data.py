@@ -459,3 +459,19 @@ def test_the_validation_split_follows_the_seed_and_keeps_the_draw_the_presets_ch
         return val.labels.tolist()
 
     assert held_out(0) == [9, 12, 15, 17] and held_out(1) == [3, 11, 17, 18]
+
+
+def test_a_validation_split_that_takes_a_whole_class_is_a_warning(caplog):
+    from kdrun.run_data import split_validation, warn_classes_held_out
+
+    data = ImageSet(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 0, 1]))
+    for seed in range(50):  # a seed whose draw holds out the one image of class "b"
+        train, val = split_validation(data, 0.2, seed)
+        if 1 in val.labels.tolist():
+            break
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        warn_classes_held_out(train, ["a", "b"])
+    assert "holds out every training image of 1 class(es): b" in caplog.text
+    caplog.clear()
+    warn_classes_held_out(data, ["a", "b"])
+    assert not caplog.text
