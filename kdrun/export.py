@@ -550,7 +550,7 @@ def run_export(opts: ExportOptions) -> dict:
 
     data = load_dataset(cfg.dataset)
     models = {}
-    for name, path in ckpts.items():  # before any image is decoded
+    for name, path in ckpts.items():  # before the test images are prepared (float32, all of them)
         models[name] = load_model(path)
         check_fits(name, path, models[name][1], data)
     test = split_images(cfg, data.test, data.in_chans)

@@ -355,7 +355,9 @@ def test_a_run_config_export_cannot_use_is_one_line(run_dir, tmp_path, text):
     assert sorted(os.listdir(copy)) == before  # nothing written
 
 
-def test_a_checkpoint_trained_on_other_classes_is_refused_before_any_image_is_decoded(run_dir, tmp_path, monkeypatch):
+def test_a_checkpoint_trained_on_other_classes_is_refused_before_the_test_split_is_prepared(
+    run_dir, tmp_path, monkeypatch
+):
     """The exported file's class names come from the data read at export time: a folder grown or renamed since
     training used to label the model's logits with classes it was not trained on."""
     import shutil
@@ -367,8 +369,8 @@ def test_a_checkpoint_trained_on_other_classes_is_refused_before_any_image_is_de
     path = str(copy / "checkpoints" / "student.pt")
     ckpt = io.load(path, "checkpoint")
     assert ckpt["classes"] == [str(i) for i in range(10)]
-    decoded = []
-    monkeypatch.setattr(export, "split_images", lambda *a: decoded.append(a) or pytest.fail("decoded images"))
+    prepared = []
+    monkeypatch.setattr(export, "split_images", lambda *a: prepared.append(a) or pytest.fail("prepared images"))
     io.atomic_save({**ckpt, "classes": ["0", "1", "2", "three", *ckpt["classes"][4:]]}, path)
     with pytest.raises(export.ExportError) as e:
         export.run_export(export.ExportOptions(run_dir=str(copy)))
@@ -379,7 +381,7 @@ def test_a_checkpoint_trained_on_other_classes_is_refused_before_any_image_is_de
     io.atomic_save({**ckpt, "identity": {**ckpt["identity"], "image_size": 16}}, path)
     with pytest.raises(export.ExportError, match="was trained with image_size=16, but the run's dataset"):
         export.run_export(export.ExportOptions(run_dir=str(copy)))
-    assert not decoded and not (copy / "export").exists()
+    assert not prepared and not (copy / "export").exists()
 
 
 def test_only_the_test_split_and_the_calibration_images_are_decoded(run_dir, tmp_path, monkeypatch):
