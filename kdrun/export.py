@@ -456,11 +456,11 @@ def check_fits(name: str, path: str, ident: dict, data: DataBundle) -> None:
             )
     trained = ident.get("classes")  # checkpoints before classes were stored have only their count
     if trained is not None and list(trained) != list(data.classes):
-        diff = next(i for i, (a, b) in enumerate(zip(trained, data.classes, strict=True)) if a != b)
+        diff = next((i for i, (a, b) in enumerate(zip(trained, data.classes)) if a != b), None)
+        what = f"class {diff} was '{trained[diff]}', now '{data.classes[diff]}'" if diff is not None else "its list"
         raise ExportError(
             f"export {name}: {path} was trained on other classes than the run's dataset ({data.name}) now has: "
-            f"class {diff} was '{trained[diff]}', now '{data.classes[diff]}'; export it against the data it was "
-            "trained on"
+            f"{what}; export it against the data it was trained on"
         )
 
 
