@@ -50,7 +50,7 @@ RULES = [
     ("dataset.image_size", _int, lambda v: v > 0, "an integer > 0"),
     ("dataset.in_chans", _int, lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
     ("dataset.num_classes", _int, lambda v: v >= 2, "an integer >= 2"),
-    ("dataset.workers", _int, lambda v: v >= 1, "an integer >= 1 (or null: all CPUs)"),
+    ("dataset.workers", _int, lambda v: v >= 0, "an integer >= 0 (0: in the main process; or null: the default)"),
     ("dataset.mode", lambda v: isinstance(v, str), lambda v: v in MODES, _one_of(MODES)),
     ("dataset.max_memory_gb", _num, lambda v: v > 0, "a number > 0"),
     ("trainer.log_every", _int, lambda v: v > 0, "an integer > 0"),

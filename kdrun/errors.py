@@ -13,3 +13,8 @@ class KdrunError(Exception):
 
 class ConfigError(KdrunError):
     """A config value or key that cannot be used; the message names the key."""
+
+
+class UnreadableImage(ConfigError):
+    """An image file that cannot be decoded; the message names the file. Met mid-run (streamed images), the run's
+    checkpoints stay good: once the file is fixed, resuming the run continues it."""

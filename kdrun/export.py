@@ -216,13 +216,13 @@ def split_images(cfg, split: ImageSet | FileSet, in_chans: int) -> Images:
     augmentation)."""
     from kdrun.data.base import ImageSet
     from kdrun.data.loader import Normalize, TensorLoader
-    from kdrun.data.stream import StreamLoader
+    from kdrun.data.stream import StreamLoader, stream_workers
 
     norm = Normalize(cfg.dataset.mean, cfg.dataset.std, in_chans, "cpu")
     if isinstance(split, ImageSet):
         loader: TensorLoader | StreamLoader = TensorLoader(split, 512, norm, shuffle=False, views=0)
     else:
-        workers = int(cfg.dataset.get("workers") or 2)
+        workers = stream_workers(cfg.dataset)
         loader = StreamLoader(split, 256, norm, num_workers=workers, device="cpu", shuffle=False, views=0)
     batches = list(loader.epoch(0))
     return Images(torch.cat([b.x.cpu() for b in batches]), torch.cat([b.y.cpu() for b in batches]))

@@ -18,7 +18,7 @@ from kdrun.config import check_class_indices
 from kdrun.data import DATASETS, DataBundle, ImageSet
 from kdrun.data.base import FileSet
 from kdrun.data.loader import Normalize, TensorLoader
-from kdrun.data.stream import StreamLoader
+from kdrun.data.stream import StreamLoader, stream_workers
 from kdrun.data.transforms import Augment, RandomResizedCrop, make_augment
 from kdrun.errors import ConfigError
 
@@ -204,7 +204,7 @@ class RunData:
                 split,
                 batch_size,
                 self.norm,
-                num_workers=int(self.cfg.dataset.get("workers") or 2),
+                num_workers=stream_workers(self.cfg.dataset),
                 device=self.device,
                 **kw,
             )

@@ -59,22 +59,27 @@ def paired_interval(b: int, c: int, n: int, level: float = 0.95) -> tuple[float,
     """The ``level`` interval, in percentage points, of the difference of two accuracies measured on the same ``n``
     images, ``b`` right only for the first model and ``c`` only for the second.
 
-    The interval of the exact McNemar test (:func:`exact_mcnemar_p`), so the two never disagree: it excludes 0
-    exactly when p < 1 - ``level``. Given the ``b + c`` discordant images, the difference is
-    ``(2 pi - 1) (b + c) / n`` for pi the share of them the first model wins; pi's Clopper-Pearson interval maps
-    to the difference's. With no discordant image the difference is bounded by the discordant rate, whose
-    one-sided Clopper-Pearson bound is ``1 - ((1 - level) / 2) ** (1 / n)``. (The Agresti-Min Wald interval used
-    before excluded 0 at p = 0.065, for b = 9, c = 2.)"""
-    from scipy.stats import binomtest
+    The smallest interval holding two: Agresti & Min's (2005, *Statistics in Medicine* 24: 729-740; the Wald
+    interval of (b - c) / n after adding 0.5 to each cell of the paired table), whose coverage is near ``level``
+    over the draw of the images, and the interval of the exact McNemar test (:func:`exact_mcnemar_p`), given the
+    ``b + c`` discordant images (pi's Clopper-Pearson interval, for pi the share of them the first model wins,
+    mapped to ``(2 pi - 1) (b + c) / n``). The first alone excluded 0 where the exact test printed beside it says
+    p = 0.065 (b = 9, c = 2); the second alone is too narrow away from 0, as it takes (b + c) / n as known. Their
+    hull excludes 0 exactly when p < 1 - ``level`` (every b + c < 60 at n = 40 ... 10,000), and covers at least
+    as often as Agresti-Min's."""
+    from scipy.stats import binomtest, norm
 
-    if n <= 0:
-        raise ValueError("paired_interval: no images")
-    d = b + c
-    if d == 0:
-        bound = 100.0 * (1.0 - ((1.0 - level) / 2) ** (1.0 / n))
-        return -bound, bound
-    ci = binomtest(b, d, 0.5).proportion_ci(confidence_level=level, method="exact")
-    return 100.0 * (2 * ci.low - 1) * d / n, 100.0 * (2 * ci.high - 1) * d / n
+    if n <= 0 or b < 0 or c < 0 or b + c > n:
+        raise ValueError(f"paired_interval: b={b}, c={c} discordant of n={n} images")
+    b_, c_, n_ = b + 0.5, c + 0.5, n + 2.0
+    d = (b_ - c_) / n_
+    half = float(norm.ppf(0.5 + level / 2)) * math.sqrt(max((b_ + c_) - (b_ - c_) ** 2 / n_, 0.0)) / n_
+    low, high = 100.0 * (d - half), 100.0 * (d + half)
+    if b + c:
+        ci = binomtest(b, b + c, 0.5).proportion_ci(confidence_level=level, method="exact")
+        low = min(low, 100.0 * (2 * ci.low - 1) * (b + c) / n)
+        high = max(high, 100.0 * (2 * ci.high - 1) * (b + c) / n)
+    return max(-100.0, low), min(100.0, high)  # a difference lies in [-100, 100]
 
 
 @dataclass(frozen=True)

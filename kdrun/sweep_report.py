@@ -322,6 +322,8 @@ def paired_with_best(runs: list[Run]) -> None:
             if run is not best_run:
                 others.append((run, c.p_value))
         best_run.scores["vs_best_val_p"] = None
+        # the table is sorted on the whole split, the best chosen on its even half: it need not be the top row
+        best_run.note = best_run.note or f"the best of {len(members)} on these validation images (even-numbered)"
         for (run, _), p_adjusted in zip(others, holm([p for _, p in others]), strict=True):
             run.scores["vs_best_val_p"] = p_adjusted
 

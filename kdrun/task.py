@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import sys
 
 import hydra
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun import distributed
 from kdrun.config import validate
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, UnreadableImage
 from kdrun.preempt import Preempted, check_stop, install_handlers
 
 log = logging.getLogger("kdrun")
@@ -57,7 +58,7 @@ def hydra_train(cfg: DictConfig) -> float:
         if _in_sweep() and not isinstance(e, Preempted):  # costs only this job: the others run
             print(f"kdrun: error: {e}", file=sys.stderr)
             return math.nan
-        print(f"kdrun: error: {e}{'' if isinstance(e, Preempted) else _resume_hint(run_dir)}", file=sys.stderr)
+        print(f"kdrun: error: {e}{_resume_hint(e, run_dir)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except BaseException as e:
         _mark_failed(run_dir, f"{type(e).__name__}: {e}")
@@ -85,11 +86,13 @@ def _in_sweep() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _resume_hint(run_dir: str) -> str:
-    """What a failed run keeps, when it had written checkpoints: the command that continues it from them."""
+def _resume_hint(err: KdrunError, run_dir: str) -> str:
+    """For an image file met mid-run that cannot be decoded (a streamed split), when the run had written
+    checkpoints: the command that continues it once the file is fixed. Not for other errors, whose fix is often a
+    config change that resuming refuses (a checkpoint resumes only with the configuration that made it)."""
     ckpts = os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(ckpts) and any(f.endswith(".pt") for f in os.listdir(ckpts)):
-        return f"; its checkpoints are kept: once that is fixed, kdrun train resume={run_dir} continues the run"
+    if isinstance(err, UnreadableImage) and os.path.isdir(ckpts) and any(f.endswith(".pt") for f in os.listdir(ckpts)):
+        return f"; the checkpoints are kept: once the file is fixed, kdrun train resume={shlex.quote(run_dir)} goes on"
     return ""
 
 

@@ -167,6 +167,12 @@ def test_imagefolder_layout_errors_name_the_folder_and_the_fix(folder, tmp_path)
         lambda: load("imagefolder", root=str(root), test_split="train", **kw),
         "dataset.test_split=train: the same folder as dataset.train_split",
     )
+    os.symlink(root / "train", root / "train_link")  # another name of the same folder (or Train on macOS)
+    one_line_error(
+        lambda: load("imagefolder", root=str(root), test_split="train_link", **kw),
+        "dataset.test_split=train_link: the same folder as dataset.train_split",
+    )
+    (root / "train_link").unlink()
     (root / "test").rename(root / "val")  # the usual other name of the held-out split
     one_line_error(lambda: load("imagefolder", root=str(root), **kw), "dataset.test_split=test", "test_split=val")
     one = tmp_path / "one"
@@ -198,11 +204,32 @@ def test_sixteen_bit_grey_images_are_scaled_to_eight_bits(tmp_path):
     for chans in (1, 3):
         data = load("imagefolder", root=str(root), image_size=4, in_chans=chans, cache_dir=str(tmp_path / "c"))
         assert data.train.images[0].tolist() == [ramp.tolist()] * chans
+    # 32-bit integers that say nothing of their depth: as they are in [0, 255] (not / 257: near black), else refused
+    Image.fromarray(ramp.astype(np.int32)).save(root / "train" / "a" / "001.tif")
+    data = load("imagefolder", root=str(root), image_size=4, in_chans=1, cache_dir=str(tmp_path / "c"))
+    assert data.train.images[2, 0].tolist() == ramp.tolist()  # after 000.png, 001.png
+    Image.fromarray(ramp.astype(np.int32) * 100).save(root / "train" / "a" / "001.tif")
+    one_line_error(
+        lambda: load("imagefolder", root=str(root), image_size=4, in_chans=1, cache_dir=str(tmp_path / "c")),
+        "001.tif: 32-bit pixels in [0, 24000], whose range kdrun cannot know",
+    )
     Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(root / "train" / "a" / "001.tif")
     one_line_error(
         lambda: load("imagefolder", root=str(root), image_size=4, in_chans=1, cache_dir=str(tmp_path / "c")),
         "001.tif: floating-point pixels",
     )
+
+
+def test_a_new_decoder_makes_new_keys(folder, tmp_path, monkeypatch):
+    """Images decoded (and teachers trained on them) before the decoder changed, e.g. 16-bit images clipped to
+    white, are not reused: the dataset's identity, and so the decode cache and the store's keys, change with it."""
+    from kdrun.data import decode
+
+    root, _ = folder
+    kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    now = load("imagefolder", **kw).identity
+    monkeypatch.setattr(decode, "DECODER", decode.DECODER - 1)
+    assert load("imagefolder", **kw).identity != now
 
 
 def test_an_image_too_large_for_pillow_and_an_unreadable_first_image_are_one_line(folder, tmp_path, monkeypatch):
@@ -475,3 +502,17 @@ def test_a_validation_split_that_takes_a_whole_class_is_a_warning(caplog):
     caplog.clear()
     warn_classes_held_out(data, ["a", "b"])
     assert not caplog.text
+
+
+def test_workers_0_decodes_in_the_main_process_not_in_2_workers(folder, tmp_path, monkeypatch):
+    """dataset.workers=0 used to become 2 DataLoader workers (``or 2``), and all CPUs for the decode pool."""
+    from omegaconf import OmegaConf
+
+    from kdrun.data import decode
+    from kdrun.data.stream import stream_workers
+
+    assert [stream_workers(OmegaConf.create({"workers": w})) for w in (0, 3, None)] == [0, 3, 2]
+    root, _ = folder
+    monkeypatch.setattr(decode, "ProcessPoolExecutor", lambda *a: pytest.fail("a process pool for workers=0"))
+    data = load("imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=0)
+    assert len(data.train) == 9

@@ -207,9 +207,7 @@ def test_streamed_image_folder_runs_end_to_end(tmp_path):
     assert "read from the logit cache; the teacher fills missing rows on first use" in p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith(f"kdrun: error: {broken}: not a readable image ("), last
-    assert last.endswith(
-        f"; its checkpoints are kept: once that is fixed, kdrun train resume={run_dir} continues the run"
-    )
+    assert last.endswith(f"; the checkpoints are kept: once the file is fixed, kdrun train resume={run_dir} goes on")
     broken.write_bytes(good)
     p = run_kdrun("train", f"resume={run_dir}")
     assert p.returncode == 0, p.stderr[-2000:]
@@ -227,3 +225,19 @@ def test_a_single_training_image_runs(tmp_path):
     p, metrics = run_smoke(tmp_path / "run", "trainer.val_fraction=0.999")
     assert "1 train / 1437 val" in p.stderr
     assert set(metrics["test"]) >= {"teacher", "student", "baseline"}
+
+
+def test_the_resume_hint_is_for_an_unreadable_image_only(tmp_path):
+    """Most errors are fixed by changing the config, which resuming refuses (a checkpoint resumes only with the
+    configuration that made it): pointing to `resume=` there would send the user into a second error."""
+    from kdrun.errors import ConfigError, UnreadableImage
+    from kdrun.task import _resume_hint
+
+    run_dir = tmp_path / "my run"
+    assert _resume_hint(UnreadableImage("x.png: not a readable image"), str(run_dir)) == ""  # nothing to keep yet
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "teacher.pt").write_bytes(b"")
+    assert _resume_hint(ConfigError("student: non-finite loss (nan)"), str(run_dir)) == ""
+    assert _resume_hint(UnreadableImage("x.png: not a readable image"), str(run_dir)) == (
+        f"; the checkpoints are kept: once the file is fixed, kdrun train resume='{run_dir}' goes on"
+    )

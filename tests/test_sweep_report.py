@@ -596,6 +596,7 @@ def test_the_best_is_chosen_on_half_the_validation_images_and_judged_on_the_othe
     write_report(tmp_path)
     rows = {r["tag"]: r for r in read_csv(tmp_path / "report.csv")}
     assert rows["lucky"]["vs_best_val_p"] == "" and float(rows["lucky"]["vs_best_val"]) == 0.0
+    assert rows["lucky"]["note"] == "the best of 4 on these validation images (even-numbered)"
     assert float(rows["steady"]["vs_best_val"]) == pytest.approx(40.0)  # 9 - 5 of the 10 odd images
     raw = [exact_mcnemar_p(4, 0), exact_mcnemar_p(0, 5), 1.0]  # steady, poor, same against lucky, odd images
     for name, p in zip(("steady", "poor", "same"), holm(raw), strict=True):

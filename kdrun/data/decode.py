@@ -20,11 +20,14 @@ from PIL import Image
 
 from kdrun import io
 from kdrun.data.transforms import fit_image, to_array
-from kdrun.errors import ConfigError
+from kdrun.errors import UnreadableImage
 from kdrun.progress import progress
 
 log = logging.getLogger("kdrun")
 KIND = "decoded"
+# what the decoder does to a file's pixels, in every key made from files (:func:`files_key`): 2 scales 16-bit
+# images to 8 bits (1 clipped them to white)
+DECODER = 2
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _CHUNK = 1024  # files per pool task
 
@@ -36,7 +39,7 @@ def cache_dir(path: str | None = None) -> str:
 
 def files_key(root: str, files: list[str], *extra) -> str:
     """A short hash of the files' relative paths, sizes and mtimes plus ``extra`` (e.g. image size)."""
-    h = hashlib.sha1(repr((io.FORMAT, extra)).encode())
+    h = hashlib.sha1(repr((io.FORMAT, DECODER, extra)).encode())
     for f in files:
         st = os.stat(f)
         h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -44,34 +47,50 @@ def files_key(root: str, files: list[str], *extra) -> str:
 
 
 def open_image(path: str, in_chans: int) -> Image.Image:
-    """One image file, decoded in full as grey (``in_chans`` 1) or RGB; ConfigError naming an unreadable file.
+    """One image file, decoded in full as grey (``in_chans`` 1) or RGB; :class:`UnreadableImage` naming a file it
+    cannot read.
 
-    16-bit pixels (greyscale PNG/TIFF, Pillow's modes ``I;16*`` and ``I``) are scaled to 8 bits (``/ 257``), where
-    Pillow's own conversion clips every value above 255 to white; floating-point pixels are refused (their range
-    is the writer's choice)."""
+    16-bit grey pixels (PNG, TIFF: Pillow's modes ``I;16*``, and ``I`` for a file that says it holds 16 bits) are
+    scaled to 8 bits (``/ 257``), where Pillow's own conversion clips every value above 255 to white. Integer pixels
+    of another or unknown depth are used as they are when they lie in [0, 255], else refused, as are floating-point
+    pixels: their range is the writer's choice."""
     try:
         with Image.open(path) as im:
             im.load()
             if im.mode.startswith("I"):
-                im = _eight_bits(np.asarray(im), path)
+                im = _eight_bits(np.asarray(im), _bit_depth(im), path)
             elif im.mode == "F":
-                raise ConfigError(
+                raise UnreadableImage(
                     f"{path}: floating-point pixels (Pillow mode F), whose range kdrun cannot know; "
                     "save the images with 8- or 16-bit integer pixels"
                 )
             return im.convert("L" if in_chans == 1 else "RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise UnreadableImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def _eight_bits(pixels: np.ndarray, path: str) -> Image.Image:
-    """Integer pixels of up to 16 bits as an 8-bit grey image, 65535 -> 255."""
-    if pixels.size and (int(pixels.min()) < 0 or int(pixels.max()) > 65535):
-        raise ConfigError(
-            f"{path}: integer pixels in [{int(pixels.min())}, {int(pixels.max())}], beyond 16 bits; "
-            "save the images with 8- or 16-bit pixels"
-        )
-    return Image.fromarray(np.rint(pixels.astype(np.float32) / 257.0).astype(np.uint8), "L")
+def _bit_depth(im: Image.Image) -> int | None:
+    """The bits per pixel an integer-mode image's file declares, where it says: 16 for Pillow's ``I;16*`` modes
+    and for PNG (whose only integer mode beyond 8 bits is 16-bit grey), TIFF's BitsPerSample; else None."""
+    if im.mode.startswith("I;16") or im.format == "PNG":
+        return 16
+    bits = getattr(im, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return int(bits) if bits else None
+
+
+def _eight_bits(pixels: np.ndarray, bits: int | None, path: str) -> Image.Image:
+    """Integer grey pixels as an 8-bit image: 16-bit ones scaled (65535 -> 255), others as they are in [0, 255]."""
+    low, high = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
+    if bits == 16 and low >= 0 and high <= 65535:
+        return Image.fromarray(np.rint(pixels.astype(np.float32) / 257.0).astype(np.uint8), "L")
+    if low >= 0 and high <= 255:
+        return Image.fromarray(pixels.astype(np.uint8), "L")
+    raise UnreadableImage(
+        f"{path}: {bits or 'integer'}-bit pixels in [{low}, {high}], whose range kdrun cannot know; save the images "
+        "with 8- or 16-bit pixels"
+    )
 
 
 def decode_image(path: str, image_size: int, in_chans: int, crop_fraction: float | None = None) -> np.ndarray:
@@ -96,7 +115,7 @@ def decode_files(
     """Decode ``files`` into uint8 ``[N, C, S, S]``, in ``workers`` processes (default: all CPUs)."""
     out = np.empty((len(files), in_chans, image_size, image_size), dtype=np.uint8)
     tasks = [(files[i : i + _CHUNK], image_size, in_chans, crop_fraction) for i in range(0, len(files), _CHUNK)]
-    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    workers = min(workers if workers is not None else os.cpu_count() or 1, len(tasks))  # 0: in this process
     bar = progress(total=len(files), desc=desc, unit="img")  # a bar on a terminal, log lines in a file
     try:
         if workers > 1:

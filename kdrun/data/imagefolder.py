@@ -75,11 +75,6 @@ def _check_layout(root: str, train_split: str, test_split: str) -> None:
     """The root and both split folders exist, and are two folders."""
     if not os.path.isdir(root):
         raise ConfigError(f"dataset.root={root}: no such folder (expected {root}/<split>/<class>/<image>)")
-    if os.path.normpath(train_split) == os.path.normpath(test_split):
-        raise ConfigError(
-            f"dataset.test_split={test_split}: the same folder as dataset.train_split; the test images must be "
-            "held out of training (a best epoch is chosen on trainer.val_fraction of the training split)"
-        )
     for key, split in (("train_split", train_split), ("test_split", test_split)):
         if not os.path.isdir(os.path.join(root, split)):
             others = [d for d in _subdirs(root) if d not in (train_split, test_split)]
@@ -94,6 +89,11 @@ def _check_layout(root: str, train_split: str, test_split: str) -> None:
                 f"dataset.{key}={split}: no folder {os.path.join(root, split)} "
                 f"(expected {root}/<split>/<class>/<image>){hint}"
             )
+    if os.path.samefile(os.path.join(root, train_split), os.path.join(root, test_split)):  # Train = train on macOS
+        raise ConfigError(
+            f"dataset.test_split={test_split}: the same folder as dataset.train_split; the test images must be "
+            "held out of training (a best epoch is chosen on trainer.val_fraction of the training split)"
+        )
 
 
 def first_image_height(path: str, in_chans: int) -> int:

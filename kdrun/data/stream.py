@@ -22,9 +22,16 @@ from kdrun.data.base import FileSet
 from kdrun.data.decode import decode_image, open_image
 from kdrun.data.loader import Augment, Batch, Normalize, epoch_batches, epoch_plan, make_batch
 from kdrun.data.transforms import RandomResizedCrop
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, UnreadableImage
 
 MODES = ("auto", "memory", "stream")
+
+
+def stream_workers(dcfg) -> int:
+    """The DataLoader workers that decode a streamed split: ``dataset.workers`` (0: in the main process), 2 when
+    it is null (the decode pool of an in-memory folder takes every CPU instead)."""
+    workers = dcfg.get("workers")
+    return int(workers) if workers is not None else 2
 
 
 def select_mode(mode: str, decoded_bytes: int, max_memory_gb: float) -> str:
@@ -124,7 +131,7 @@ class StreamLoader:
         )
         for (host_idx, host_view), (images, errors) in zip(plan, loader):
             if any(errors):
-                self._failed(ConfigError(next(e for e in errors if e)))
+                self._failed(UnreadableImage(next(e for e in errors if e)))
             idx = host_idx.to(self.device)
             yield make_batch(
                 images.to(self.device, non_blocking=True),
