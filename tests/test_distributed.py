@@ -554,7 +554,9 @@ def test_an_image_one_worker_cannot_decode_ends_every_worker_with_its_one_line(t
     mp.spawn(_stream_stage_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
     outcomes = _outcomes(str(tmp_path))
     assert outcomes[0] == outcomes[1], outcomes
-    assert outcomes[0].startswith(f"raised ConfigError {files[5]}: not a readable image (") and "\n" not in outcomes[0]
+    assert (
+        outcomes[0].startswith(f"raised UnreadableImage {files[5]}: not a readable image (") and "\n" not in outcomes[0]
+    )
     assert not (tmp_path / "checkpoints" / "s_last.pt").exists()
 
 
@@ -579,6 +581,6 @@ def test_an_image_one_worker_cannot_decode_ends_the_fill_pass_of_every_worker_an
     mp.spawn(_stream_fill_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
     outcomes = _outcomes(str(tmp_path))
     assert outcomes[0] == outcomes[1], outcomes
-    assert outcomes[0].startswith(f"raised ConfigError {files[3]}: not a readable image (")
+    assert outcomes[0].startswith(f"raised UnreadableImage {files[3]}: not a readable image (")
     cache = LogitCache.attach(str(tmp_path / "t.kdlc"), CacheShape(12, 0, 3, None), "k")
     assert cache.missing().tolist() == [2, 3, 6, 7, 10, 11]  # rank 0's rows all filled; rank 1's none
