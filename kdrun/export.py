@@ -25,7 +25,6 @@ the folder never holds a file of an earlier export that ``export.json`` does not
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -33,7 +32,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -471,11 +469,11 @@ def export_model(
     opts: ExportOptions,
     test: Images,
     workdir: str,
-    calibration: Callable[[], torch.Tensor],
+    calib: torch.Tensor | None,
     spec: dict | None = None,
 ) -> ModelExport:
     """Export one model (:func:`load_model`) into ``workdir``, ``spec`` (:func:`input_spec`) written into the file;
-    ExportError when parity fails. ``calibration``: the int8 calibration images, loaded when first asked for."""
+    ExportError when parity fails. ``calib``: the int8 calibration images (``quantize=int8``)."""
     eager = eager_fn(model)
     ref = in_chunks(eager, test.x)
     n_par = min(PARITY_IMAGES, len(test.x))
@@ -517,7 +515,7 @@ def export_model(
     if opts.quantize == "int8":
         qfile = f"{name}.int8.onnx"
         qout = os.path.join(workdir, qfile)
-        calib = calibration()
+        assert calib is not None
         quantize_int8(out, qout, calib, workdir)
         if spec is not None:
             _tag_onnx(qout, spec)
@@ -554,15 +552,15 @@ def run_export(opts: ExportOptions) -> dict:
         models[name] = load_model(path)
         check_fits(name, path, models[name][1], data)
     test = split_images(cfg, data.test, data.in_chans)
-    seed = int(cfg.trainer.get("seed", 0))
-    calibration = functools.cache(lambda: calibration_images(cfg, data, opts.calib, seed))
+    int8 = opts.quantize == "int8"
+    calib = calibration_images(cfg, data, opts.calib, int(cfg.trainer.get("seed", 0))) if int8 else None
     spec = input_spec(cfg, data)
     work = tempfile.mkdtemp(prefix=".export-tmp-", dir=opts.run_dir)
     final = os.path.join(work, "export")  # becomes RUN_DIR/export once every model passed
     os.makedirs(final)
     try:
         results = [
-            export_model(name, model, ident, opts, test, work, calibration, spec=spec)
+            export_model(name, model, ident, opts, test, work, calib, spec=spec)
             for name, (model, ident) in models.items()
         ]
         for r in results:

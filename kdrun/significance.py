@@ -67,19 +67,32 @@ def paired_interval(b: int, c: int, n: int, level: float = 0.95) -> tuple[float,
     p = 0.065 (b = 9, c = 2); the second alone is too narrow away from 0, as it takes (b + c) / n as known. Their
     hull excludes 0 exactly when p < 1 - ``level`` (every b + c < 60 at n = 40 ... 10,000), and covers at least
     as often as Agresti-Min's."""
-    from scipy.stats import binomtest, norm
-
     if n <= 0 or b < 0 or c < 0 or b + c > n:
         raise ValueError(f"paired_interval: b={b}, c={c} discordant of n={n} images")
+    wald, exact = agresti_min_interval(b, c, n, level), exact_conditional_interval(b, c, n, level)
+    low, high = (wald[0], wald[1]) if exact is None else (min(wald[0], exact[0]), max(wald[1], exact[1]))
+    return max(-100.0, low), min(100.0, high)  # a difference lies in [-100, 100]
+
+
+def agresti_min_interval(b: int, c: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Agresti & Min's interval of a paired difference, in points: Wald's after adding 0.5 to each cell."""
+    from scipy.stats import norm
+
     b_, c_, n_ = b + 0.5, c + 0.5, n + 2.0
     d = (b_ - c_) / n_
     half = float(norm.ppf(0.5 + level / 2)) * math.sqrt(max((b_ + c_) - (b_ - c_) ** 2 / n_, 0.0)) / n_
-    low, high = 100.0 * (d - half), 100.0 * (d + half)
-    if b + c:
-        ci = binomtest(b, b + c, 0.5).proportion_ci(confidence_level=level, method="exact")
-        low = min(low, 100.0 * (2 * ci.low - 1) * (b + c) / n)
-        high = max(high, 100.0 * (2 * ci.high - 1) * (b + c) / n)
-    return max(-100.0, low), min(100.0, high)  # a difference lies in [-100, 100]
+    return 100.0 * (d - half), 100.0 * (d + half)
+
+
+def exact_conditional_interval(b: int, c: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
+    """The exact McNemar test's interval, in points, given the ``b + c`` discordant images: the Clopper-Pearson
+    interval of the share pi the first model wins, mapped to ``(2 pi - 1) (b + c) / n``; None without any."""
+    from scipy.stats import binomtest
+
+    if not b + c:
+        return None
+    ci = binomtest(b, b + c, 0.5).proportion_ci(confidence_level=level, method="exact")
+    return 100.0 * (2 * ci.low - 1) * (b + c) / n, 100.0 * (2 * ci.high - 1) * (b + c) / n
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch
-from scipy.stats import binomtest, norm
 
 from kdrun.compare import compare
 from kdrun.predictions import SplitPredictions
-from kdrun.significance import holm, paired_interval
+from kdrun.significance import agresti_min_interval, exact_conditional_interval, holm, paired_interval
 
 
 def flagged(error_rates: list[float], images: int, sweeps: int, seed: int) -> dict[str, tuple[float, float, float]]:
@@ -56,17 +54,9 @@ def flagged(error_rates: list[float], images: int, sweeps: int, seed: int) -> di
     return {m: (c[0] / (sweeps * (k - 1)), c[1] / sweeps, c[2] / sweeps) for m, c in counts.items()}
 
 
-def agresti_min(b: int, c: int, n: int) -> tuple[float, float]:
-    b_, c_, n_ = b + 0.5, c + 0.5, n + 2.0
-    half = float(norm.ppf(0.975)) * math.sqrt(max((b_ + c_) - (b_ - c_) ** 2 / n_, 0.0)) / n_
-    return 100 * ((b_ - c_) / n_ - half), 100 * ((b_ - c_) / n_ + half)
-
-
 def conditional_exact(b: int, c: int, n: int) -> tuple[float, float]:
-    if b + c == 0:
-        return 0.0, 0.0
-    ci = binomtest(b, b + c, 0.5).proportion_ci(confidence_level=0.95, method="exact")
-    return 100 * (2 * ci.low - 1) * (b + c) / n, 100 * (2 * ci.high - 1) * (b + c) / n
+    """The exact test's interval alone (zero width without a discordant image, as taken on its own)."""
+    return exact_conditional_interval(b, c, n) or (0.0, 0.0)
 
 
 def coverage(interval, draws: np.ndarray, images: int, truth: float) -> float:
@@ -101,7 +91,8 @@ def main() -> None:
         draws = rng.multinomial(images, [p10, p01, 1 - p10 - p01], size=args.draws)
         truth = 100 * (p10 - p01)
 
-        row = [coverage(f, draws, images, truth) for f in (agresti_min, conditional_exact, paired_interval)]
+        intervals = (agresti_min_interval, conditional_exact, paired_interval)
+        row = [coverage(f, draws, images, truth) for f in intervals]
         print(f"| {p10} / {p01} / {images} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
 
 

@@ -73,7 +73,7 @@ def test_kd_gain_comes_with_its_paired_test(smoke_run):
     assert d["student_fraction"] == 0.1 and d["train"] == 1294 and abs(d["student_train"] - 129) <= 5
     g = m["kd_gain"]
     assert 0 <= m["kd_gain_p_value"] <= 1 and g["p_value"] == m["kd_gain_p_value"]
-    low, high = g["ci95"]  # the test's own interval: excludes 0 exactly when p < 0.05
+    low, high = g["ci95"]  # the paired interval: excludes 0 exactly when p < 0.05
     assert low <= m["kd_gain_top1"] <= high and (low > 0 or high < 0) == (g["p_value"] < 0.05)
     assert f"95% interval [{low:+.2f}, {high:+.2f}] pt, exact McNemar p" in p.stdout + p.stderr
     # the gain is the difference of discordant images over the test split, and equals the top-1 difference

@@ -96,11 +96,6 @@ def _check_layout(root: str, train_split: str, test_split: str) -> None:
         )
 
 
-def first_image_height(path: str, in_chans: int) -> int:
-    """The height of the first training image (``dataset.image_size: null``); one line when it is unreadable."""
-    return open_image(path, in_chans).size[1]
-
-
 @register_dataset("imagefolder")
 def imagefolder(
     root: str | None = None,
@@ -147,7 +142,7 @@ def imagefolder(
     train_files, train_labels = scan_split(root, train_split, classes)
     test_files, test_labels = scan_split(root, test_split, classes)
     if image_size is None:
-        image_size = first_image_height(train_files[0], in_chans)
+        image_size = open_image(train_files[0], in_chans).size[1]  # one line when it is unreadable
     image_size = int(image_size)
     eval_crop_fraction = float(eval_crop_fraction) if eval_crop_fraction is not None else None
     crop = () if eval_crop_fraction is None else (eval_crop_fraction,)  # none: the keys of before
