@@ -59,11 +59,14 @@ def test_run_reports_flip_tta_beside_single_view(tmp_path):
         assert "top1" in single and single is not tta
     assert "agreement" in test["student"]["with_flip_tta"] and "agreement" not in test["teacher"]["with_flip_tta"]
     s, b = test["student"]["with_flip_tta"], test["baseline"]["with_flip_tta"]
-    assert s["kd_gain_top1"] == pytest.approx(s["top1"] - b["top1"], abs=1e-3)
+    assert s["kd_gain_top1"] == pytest.approx(s["top1"] - b["top1"], abs=1.5e-3)  # two rounded figures
     gain = s["kd_gain"]
+    assert s["kd_gain_top1"] == round(100 * (gain["student_only"] - gain["baseline_only"]) / m["dataset"]["test"], 3)
     assert gain["student_only"] - gain["baseline_only"] == b["errors"] - s["errors"]
     assert 0 <= gain["p_value"] <= 1
-    assert m["kd_gain_top1"] == pytest.approx(test["student"]["last"]["top1"] - test["baseline"]["last"]["top1"])
+    assert m["kd_gain_top1"] == pytest.approx(
+        test["student"]["last"]["top1"] - test["baseline"]["last"]["top1"], abs=1.5e-3
+    )
     out = p.stdout + p.stderr
     assert out.count("  flip TTA") == 3 and "with flip TTA" in out
     # each figure recounted from the saved weights: the run's own on the test images as they are, flip TTA's on

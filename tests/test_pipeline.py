@@ -77,9 +77,9 @@ def test_kd_gain_comes_with_its_paired_test(smoke_run):
     assert low <= m["kd_gain_top1"] <= high and (low > 0 or high < 0) == (g["p_value"] < 0.05)
     assert f"95% interval [{low:+.2f}, {high:+.2f}] pt, exact McNemar p" in p.stdout + p.stderr
     # the gain is the difference of discordant images over the test split, and equals the top-1 difference
-    assert m["kd_gain_top1"] == pytest.approx(100 * (g["student_only"] - g["baseline_only"]) / 359, abs=1e-2)
+    assert m["kd_gain_top1"] == round(100 * (g["student_only"] - g["baseline_only"]) / 359, 3)
     assert m["kd_gain_top1"] == pytest.approx(
-        m["test"]["student"]["last"]["top1"] - m["test"]["baseline"]["last"]["top1"], abs=1e-2
+        m["test"]["student"]["last"]["top1"] - m["test"]["baseline"]["last"]["top1"], abs=1.5e-3
     )
     assert "exact McNemar p =" in p.stdout + p.stderr
 
