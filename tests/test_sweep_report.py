@@ -14,7 +14,7 @@ import os
 import pytest
 import yaml
 
-from kdrun import sweep_report
+from kdrun import sweep_plots, sweep_report
 from kdrun.errors import ConfigError
 from kdrun.report_cli import report_main
 from kdrun.sweep_report import write_report
@@ -288,8 +288,8 @@ def test_failed_running_and_unreadable_runs_listed_not_plotted(tmp_path, monkeyp
     stop = "student: stopped by SIGTERM at epoch 1, step 3; checkpoint saved, rerun the same command to resume"
     make_run(tmp_path, "5", ["loss.temperature=64"], failed=stop)
     plotted = []
-    original = sweep_report.plot_accuracy_vs
-    monkeypatch.setattr(sweep_report, "plot_accuracy_vs", lambda runs, *a: plotted.extend(runs) or original(runs, *a))
+    original = sweep_plots.plot_accuracy_vs
+    monkeypatch.setattr(sweep_plots, "plot_accuracy_vs", lambda runs, *a: plotted.extend(runs) or original(runs, *a))
     write_report(tmp_path)
     rows = read_csv(tmp_path / "report.csv")
     assert [(r["run"], r["status"]) for r in rows] == [
@@ -338,7 +338,7 @@ def test_plots_written_as_png(tmp_path):
 
 def test_curves_read_epoch_files_not_the_per_step_logs(tmp_path):
     run = make_run(tmp_path, "0", [], fake_metrics(80.0))
-    curves = sweep_report.read_curves(run)
+    curves = sweep_plots.read_curves(run)
     assert set(curves) == {"student", "teacher"} and [r["epoch"] for r in curves["student"]] == [1.0, 2.0, 3.0]
 
 
@@ -354,7 +354,7 @@ def test_random_search_gets_a_scatter_not_a_heatmap(tmp_path):
 def test_heatmap_cells_are_means_over_seeds(tmp_path):
     grid_with_seeds(tmp_path, seeds=(0, 1))
     runs = sweep_report.collect(str(tmp_path))
-    rows, cols, cells = sweep_report.heat_matrix(runs, "loss.temperature", "loss.alpha")
+    rows, cols, cells = sweep_plots.heat_matrix(runs, "loss.temperature", "loss.alpha")
     assert rows == ["1", "4"] and cols == ["0.5", "0.9"]
     assert cells[1][0] == pytest.approx((81.0, 2**0.5, 2))
 
@@ -365,7 +365,7 @@ def test_one_failing_plot_does_not_stop_the_report(tmp_path, monkeypatch):
     def broken(*args):
         raise ValueError("no colours left")
 
-    monkeypatch.setattr(sweep_report, "plot_heatmap", broken)
+    monkeypatch.setattr(sweep_plots, "plot_heatmap", broken)
     paths = write_report(tmp_path)
     assert any(p.endswith("curves_best.png") for p in paths)
     assert "heat map: ValueError: no colours left" in (tmp_path / "report.md").read_text()
@@ -616,7 +616,7 @@ def test_runs_are_ranked_on_validation_and_test_never_names_a_best(tmp_path, mon
     make_run(tmp_path, "0", ["loss.temperature=1"], with_val(90.0, 70.0))
     make_run(tmp_path, "1", ["loss.temperature=4"], with_val(80.0, 75.0))
     curves = []
-    monkeypatch.setattr(sweep_report, "plot_curves", lambda run, swept, out, key: curves.append((run.name, key)))
+    monkeypatch.setattr(sweep_plots, "plot_curves", lambda run, swept, out, key: curves.append((run.name, key)))
     assert report_main([str(tmp_path)]) == 0
     assert "(best 2 by the distilled student's last-epoch validation top-1)" in capsys.readouterr().out
     assert [r["run"] for r in read_csv(tmp_path / "report.csv")] == ["1", "0"]
