@@ -92,7 +92,7 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
                 continue
             choices.append([f"{o.get_key_element()}={v}" for v in values])
         else:
-            choices.append([o.input_line])
+            choices.append([str(o.input_line)])
     points = [[c[0] for c in choices]]
     for i, c in enumerate(choices):
         for v in c[1:]:
@@ -231,7 +231,7 @@ def check_sweep_dir(cfg, overrides: list[str]) -> None:
 
     sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
     sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or "")
-    if not sweeper.endswith("BasicSweeper") or sweep.get("subdir") != "${hydra.job.num}":
+    if not sweeper.endswith("BasicSweeper") or not isinstance(sweep, dict) or sweep.get("subdir") != "${hydra.job.num}":
         return
     try:
         sweep_dir = str(cfg.hydra.sweep.dir)
@@ -335,7 +335,10 @@ def expand_resume(args: list[str]) -> list[str]:
 
     from kdrun.io import load_yaml
 
-    previous = [o for o in OmegaConf.to_container(load_yaml(saved)) if not o.startswith("hydra.run.dir=")]
+    lines = OmegaConf.to_container(load_yaml(saved))
+    if not isinstance(lines, list):
+        raise ConfigError(f"resume={run_dir}: {saved} is not a list of overrides; valid: a kdrun run directory")
+    previous = [str(o) for o in lines if not str(o).startswith("hydra.run.dir=")]
     return [*previous, *rest, f"hydra.run.dir={run_dir}"]
 
 

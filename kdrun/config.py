@@ -97,7 +97,11 @@ OPTIM_RULES = [
     ("warmup_epochs", _int, lambda v: v >= 0, "an integer >= 0"),
     ("grad_clip", _num, lambda v: v >= 0, "a number >= 0 (or null: no clipping)"),
 ]
-RULES += [(f"{prefix}.{key}", *rule) for prefix in ("optim", "teacher.optim") for key, *rule in OPTIM_RULES]
+RULES += [
+    (f"{prefix}.{key}", parse, ok, valid)
+    for prefix in ("optim", "teacher.optim")
+    for key, parse, ok, valid in OPTIM_RULES
+]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -217,7 +221,7 @@ def check_class_indices(cfg: DictConfig, n: int | None, what: str) -> None:
             f"dataset.student_exclude={list(exclude)}: leaves none of the {n} classes for the student stages"
         )
     topk = (cfg.get("cache") or {}).get("topk")
-    if n and _int(topk) and topk >= n:
+    if n and isinstance(topk, int) and _int(topk) and topk >= n:
         raise ConfigError(f"cache.topk={topk}: must be below {what} (null keeps every logit)")
     bias = (cfg.get("evaluate") or {}).get("logit_bias") or {}
     for c, b in bias.items():
@@ -257,9 +261,16 @@ def _validate_names(cfg: DictConfig) -> None:
 
 def loss_kwargs(loss_cfg) -> dict:
     """The loss config as constructor kwargs (without ``name``)."""
-    kw = OmegaConf.to_container(loss_cfg, resolve=True)
+    kw = plain_dict(loss_cfg)
     kw.pop("name", None)
     return kw
+
+
+def plain_dict(node) -> dict:
+    """A config mapping as a plain dict, interpolations resolved."""
+    out = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(out, dict), f"not a mapping: {node!r}"
+    return out
 
 
 def _validate_loss(cfg: DictConfig) -> None:
@@ -314,7 +325,7 @@ def _validate_scheme_lists(cfg: DictConfig) -> None:
     """Model lists of the schemes (checked again where the scheme runs, with the same messages)."""
     peers = OmegaConf.select(cfg, "scheme.peers", default=None)
     if cfg.scheme.name == "online" and peers is not None and len(peers) < 2:
-        raise ConfigError(f"scheme.peers={list(OmegaConf.to_container(peers))}: give two or more peer models")
+        raise ConfigError(f"scheme.peers={list(peers)}: give two or more peer models")
     if cfg.scheme.name == "assistant" and not OmegaConf.select(cfg, "scheme.assistants", default=None):
         raise ConfigError("scheme.assistants: give at least one assistant model, e.g. scheme.assistants=[resnet14]")
 
@@ -338,7 +349,7 @@ def _validate_models(cfg: DictConfig) -> None:
         mcfg = cfg[who]
         if mcfg.get("source", "kdrun") != "kdrun":
             continue  # timm's: its own registry checks its options
-        kwargs = OmegaConf.to_container(mcfg.kwargs, resolve=True) if mcfg.get("kwargs") else {}
+        kwargs = plain_dict(mcfg.kwargs) if mcfg.get("kwargs") else {}
         model = build_model(
             mcfg.name, int(d.num_classes), int(d.get("in_chans") or 3), int(d.image_size), key=f"{who}.name", **kwargs
         )

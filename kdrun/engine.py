@@ -31,6 +31,7 @@ from kdrun.data.stream import StreamLoader
 from kdrun.errors import KdrunError
 from kdrun.evaluation import accuracy, predict
 from kdrun.io import atomic_save, load_checkpoint, rng_state, set_rng_state
+from kdrun.losses.base import sum_terms
 from kdrun.optim import build_optimizer, build_scheduler
 from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 from kdrun.progress import progress
@@ -125,7 +126,7 @@ def train_stage(
     clip = float(optim_cfg.get("grad_clip") or 0)
     scaler = torch.amp.GradScaler(loader.device.type, enabled=precision == "fp16")
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True) if ema else None
-    net = torch.compile(net) if compile else net
+    net = torch.compile(net) if compile else net  # type: ignore[assignment]  # a module still, to call
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     csv_path = os.path.join(run_dir, f"metrics_{stage}.csv")
@@ -163,7 +164,8 @@ def train_stage(
         lr = ckpt.get("epoch_lr")  # the LR at the first step of the interrupted epoch (its CSV row)
         resumed_logged = ckpt.get("epoch_logged") or {}
         sums = {k: v.to(loader.device) for k, v in ckpt["sums"].items()}
-        result.history, result.best_epoch, result.best_val_top1 = ckpt["history"], *ckpt["best"]
+        result.history = ckpt["history"]
+        result.best_epoch, result.best_val_top1 = ckpt["best"]
         _settle_best(best_next, best_path, result.best_epoch)
         result.resumed_from = f"epoch {start_epoch + 1} step {start_step}"
         _rewrite_csv(csv_path, result.history)
@@ -219,7 +221,7 @@ def train_stage(
                 logged = on_step(epoch, step)
             with autocast(loader.device, precision):
                 terms = objective(net, batch, epoch)
-            loss = sum(terms.values())
+            loss = sum_terms(terms.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # DDP: gradients all-reduced in buckets while backward runs
             if clip > 0:
@@ -228,8 +230,9 @@ def train_stage(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            if hasattr(model, "apply_constraints"):  # e.g. max-norm weight constraints (Hinton's MNIST MLP)
-                model.apply_constraints()
+            constrain = getattr(model, "apply_constraints", None)  # e.g. max-norm (Hinton's MNIST MLP)
+            if callable(constrain):
+                constrain()
             if averaged is not None:
                 averaged.update_parameters(model)
             for k, v in terms.items():  # accumulate on the device: no host sync per step
@@ -339,7 +342,7 @@ def _append_csv(path: str, row: dict, header: bool) -> None:
     fields = list(row)
     if not header and os.path.exists(path):  # the file's own columns: a row never lands under another's header
         with open(path, newline="") as f:
-            fields = next(csv.reader(f), None) or fields
+            fields = next(csv.reader(f), []) or fields
     with open(path, "w" if header else "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         if header:

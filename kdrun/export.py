@@ -615,7 +615,7 @@ def _replace_dir(new: str, dest: str) -> None:
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"torch": torch.__version__}
+    out = {"torch": str(torch.__version__)}
     for pkg in ("onnx", "onnxruntime", "onnxscript"):
         try:
             out[pkg] = version(pkg)

@@ -70,7 +70,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(f)`` on a temporary file next to ``path``, fsync, rename onto ``path``, fsync the directory.
 
     An OSError (disk full, permissions) becomes a one-line KdrunError; any failure removes the
@@ -269,7 +269,7 @@ def rng_state() -> dict:
         "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
         "numpy": [
             name,
-            torch.from_numpy(keys.astype(np.int64)),
+            torch.from_numpy(np.asarray(keys).astype(np.int64)),
             int(pos),
             int(has_gauss),
             float(cached),

@@ -190,8 +190,10 @@ class TensorBoardLogger(Logger):
 
         final = {f"final/{k}": v for k, v in numeric(flatten(metrics)).items() if _is_final(k)}
         params = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(self.config).items()}
+        file_writer = self.writer.file_writer
+        assert file_writer is not None  # SummaryWriter opens it when made
         for item in hparams(params, final):  # the HPARAMS tab: config next to the final figures
-            self.writer.file_writer.add_summary(item)
+            file_writer.add_summary(item)
         for k, v in final.items():
             self.writer.add_scalar(k, v, 0)
         self.writer.flush()
@@ -281,9 +283,9 @@ class WandbLogger(Logger):
             import wandb
         except ImportError:
             raise ConfigError("logger=wandb: wandb is not installed (pip install wandb)") from None
-        self.wandb = wandb
+        self.wandb: Any = wandb  # its API as the installed version has it (wandb's types change between releases)
         self.opts, self.run_dir = opts, run_dir
-        self.run = None
+        self.run: Any = None
         self.stages: set[str] = set()
 
     def start(self, config: dict) -> None:
@@ -360,7 +362,7 @@ def names(cfg: DictConfig) -> list[str]:
     node = cfg.get("logger")
     if node is None:
         return []
-    return list(node.keys()) if isinstance(node, DictConfig) else [str(n) for n in node]
+    return [str(n) for n in (node.keys() if isinstance(node, DictConfig) else node)]
 
 
 def check(cfg: DictConfig) -> None:
@@ -379,5 +381,7 @@ def build(cfg: DictConfig, run_dir: str) -> Loggers:
         opts = node.get(name) if isinstance(node, DictConfig) else None
         made.append(LOGGERS[name](run_dir, opts if isinstance(opts, DictConfig) else OmegaConf.create({})))
     loggers = Loggers(made)
-    loggers.start(OmegaConf.to_container(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)  # cfg is a DictConfig
+    loggers.start(config)
     return loggers

@@ -70,7 +70,7 @@ def model_definition(name: str, source: str = "kdrun") -> str:
         return "unknown"
     parts = [str(getattr(fn, "VERSION", ""))]
     try:
-        with open(inspect.getsourcefile(fn), "rb") as f:
+        with open(inspect.getsourcefile(fn) or "", "rb") as f:  # "": no source file (OSError)
             parts.append(hashlib.sha1(f.read()).hexdigest()[:12])
     except (OSError, TypeError):
         parts.append(fn.__module__)
@@ -134,6 +134,7 @@ class Store:
         """Exclusive lock on one entry (waits while another process builds or removes it)."""
         os.makedirs(os.path.join(self.root, kind), exist_ok=True)
         fd = _acquire(self._lock_path(kind, key), blocking=True)
+        assert fd is not None  # blocking: it waits for the lock
         try:
             yield
         finally:

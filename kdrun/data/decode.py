@@ -55,8 +55,9 @@ def open_image(path: str, in_chans: int) -> Image.Image:
     of another or unknown depth are used as they are when they lie in [0, 255], else refused, as are floating-point
     pixels: their range is the writer's choice."""
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            opened.load()
+            im: Image.Image = opened
             if im.mode.startswith("I"):
                 im = _eight_bits(np.asarray(im), _bit_depth(im), path)
             elif im.mode == "F":

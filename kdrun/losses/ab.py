@@ -32,6 +32,7 @@ from kdrun.losses.base import (
     check,
     preact_stages,
     register_loss,
+    sum_terms,
 )
 from kdrun.losses.init_stage import InitObjective, InitStep
 
@@ -64,11 +65,16 @@ class AB(FeatureLoss):
         return ChannelAdapter(s_shape[1], t_shape[1], relu=False)
 
     def init_loss(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        n, total = len(s_feats), 0.0
-        for i, (f_s, f_t) in enumerate(zip(s_feats, t_feats)):
-            source = match_spatial(self.adapters[i](f_s), f_t.shape[-2:])
-            total = total + 2.0 ** (i - n + 1) * boundary_loss(source, f_t, self.margin) / len(f_s) / 1000 * 3
-        return {"ab": total}
+        n = len(s_feats)
+        terms = (
+            2.0 ** (i - n + 1)
+            * boundary_loss(match_spatial(self.adapters[i](f_s), f_t.shape[-2:]), f_t, self.margin)
+            / len(f_s)
+            / 1000
+            * 3
+            for i, (f_s, f_t) in enumerate(zip(s_feats, t_feats))
+        )
+        return {"ab": sum_terms(terms)}
 
     def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list[PreStage]:
         step = InitStep(student, self.adapters, self.student_layers, self.init_loss)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,7 @@ class ChannelAdapter(nn.Sequential):
         super().__init__(*layers)
 
 
-def match_spatial(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def match_spatial(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``x`` [B,C,H,W] resized to ``size`` with bilinear interpolation (unchanged when it already matches)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
@@ -42,8 +44,8 @@ def pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     if ha == hb:
         return a, b
     if ha[0] * ha[1] > hb[0] * hb[1]:
-        return F.adaptive_avg_pool2d(a, tuple(hb)), b
-    return a, F.adaptive_avg_pool2d(b, tuple(ha))
+        return F.adaptive_avg_pool2d(a, (hb[0], hb[1])), b
+    return a, F.adaptive_avg_pool2d(b, (ha[0], ha[1]))
 
 
 class Embed(nn.Module):

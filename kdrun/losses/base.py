@@ -17,8 +17,11 @@ from the logit cache and the teacher never runs during distillation.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import operator
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -63,6 +66,7 @@ def _names(value) -> list[str]:
 class DistillLoss(nn.Module):
     """Base class of every KD method. Parameters (adapters) it owns train with the student."""
 
+    term: str  # the key of its loss term in the logs (``register``: the method's name unless the class sets one)
     needs_teacher_features: bool = False
     # key -> (predicate, what is valid): ranges of this method's config values that ``kdrun.config``
     # checks before anything runs, schedules included (e.g. KD's alpha in [0, 1]; DKD's alpha may exceed 1)
@@ -202,6 +206,11 @@ def check(key: str, value, ok: bool, valid: str) -> None:
         raise ConfigError(f"loss.{key}={value}: must be {valid}")
 
 
+def sum_terms(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of one or more loss terms, in order (``sum`` would start from the integer 0, and return it for none)."""
+    return functools.reduce(operator.add, terms)
+
+
 def shape_str(name: str, shape) -> str:
     """``stage3 [64,8,8]``: a feature's name and per-sample shape, for error messages."""
     return f"{name} [{','.join(str(d) for d in tuple(shape)[1:])}]"
@@ -263,7 +272,7 @@ class FeatureLoss(DistillLoss):
         raise NotImplementedError
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
-        total = sum(
+        total = sum_terms(
             self.pair_loss(i, f_s.float(), f_t.detach().float(), ctx)
             for i, (f_s, f_t) in enumerate(zip(s.feats, t.feats))
         )

@@ -59,7 +59,7 @@ class Combo(DistillLoss):
                 f"loss.terms: give at least one method, e.g. {{kd: {{}}, at: {{weight: 1000}}}}; "
                 f"valid: {', '.join(self._valid())}"
             )
-        self.terms = nn.ModuleDict()
+        self.terms: dict[str, DistillLoss] = nn.ModuleDict()  # type: ignore[assignment]  # of DistillLosses
         for name, kwargs in dict(terms).items():
             if name not in LOSSES or name == "combo":
                 raise ConfigError(f"loss.terms.{name}: unknown KD method; valid: {', '.join(self._valid())}")

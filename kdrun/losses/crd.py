@@ -56,6 +56,9 @@ def nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
 @register_loss("crd")
 class CRD(RelationLoss):
     max_pairs = 1
+    memory_s: torch.Tensor  # buffers (build): the memory banks of student and teacher embeddings
+    memory_t: torch.Tensor
+    z: torch.Tensor  # the two banks' normalising constants, set from the first batch
 
     def __init__(
         self,

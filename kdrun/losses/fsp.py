@@ -32,6 +32,7 @@ from kdrun.losses.base import (
     check,
     register_loss,
     shared_stages,
+    sum_terms,
 )
 from kdrun.losses.init_stage import InitObjective, InitStep
 
@@ -67,7 +68,7 @@ class FSP(FeatureLoss):
 
     def init_loss(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         pairs = zip(fsp_matrices(s_feats), fsp_matrices(t_feats))
-        return {"fsp": sum((g_s - g_t).pow(2).mean() for g_s, g_t in pairs)}
+        return {"fsp": sum_terms((g_s - g_t).pow(2).mean() for g_s, g_t in pairs)}
 
     def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list[PreStage]:
         step = InitStep(student, nn.ModuleList(), self.student_layers, self.init_loss)

@@ -109,7 +109,7 @@ class FT(FeatureLoss):
         )
         check("paraphraser_lr", paraphraser_lr, paraphraser_lr > 0, "a number > 0")
         self.k, self.paraphraser_epochs, self.paraphraser_lr = k, int(paraphraser_epochs), paraphraser_lr
-        self.paraphraser = nn.Identity()
+        self.paraphraser: Paraphraser | nn.Identity = nn.Identity()  # the Paraphraser once build knows the shapes
 
     def build_pair(self, i, t_shape, s_shape, num_samples):
         if len(t_shape) != 4 or len(s_shape) != 4:
@@ -119,12 +119,16 @@ class FT(FeatureLoss):
         self.paraphraser = Paraphraser(t_shape[1], self.k)
         return translator(s_shape[1], t_shape[1], self.k)
 
+    def _built(self) -> Paraphraser:
+        assert isinstance(self.paraphraser, Paraphraser), "build() makes the paraphraser"
+        return self.paraphraser
+
     def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list[PreStage]:
         return [
             PreStage(
                 "paraphraser",
                 self.paraphraser,
-                ParaphraserObjective(teacher, self.teacher_layers[0], self.paraphraser),
+                ParaphraserObjective(teacher, self.teacher_layers[0], self._built()),
                 self.paraphraser_epochs,
                 {"lr": self.paraphraser_lr, "schedule": "constant", "warmup_epochs": 0},
             )
@@ -132,6 +136,6 @@ class FT(FeatureLoss):
 
     def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
         with torch.no_grad():
-            factor_t = self.paraphraser.encoder(f_t)
+            factor_t = self._built().encoder(f_t)
         factor_s, factor_t = pool_to_smaller(self.adapters[i](f_s), factor_t)  # each at its own size, then pooled
         return (factor(factor_s) - factor(factor_t)).abs().mean()

@@ -33,6 +33,7 @@ from kdrun.losses.base import (
     check,
     register_loss,
     shared_stages,
+    sum_terms,
 )
 
 
@@ -83,7 +84,7 @@ class KDSVD(FeatureLoss):
             raise self.shape_error(i, t_shape, s_shape, "kdsvd needs square maps")
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
-        total, prev = 0.0, None
+        terms, prev = [], None
         for f_s, f_t in zip(s.feats, t.feats):
             v_t, s_t = leading_singular(f_t.detach().double(), self.k)
             v_s, _ = leading_singular(f_s.double(), self.k + 3)
@@ -91,6 +92,6 @@ class KDSVD(FeatureLoss):
             v_t, v_s = v_t * s_t.unsqueeze(1), v_s * s_t.unsqueeze(1)
             if prev is not None:
                 diff = (_rbf(v_s, prev[0]) - _rbf(v_t, prev[1])).pow(2)
-                total = total + _finite(diff).sum() / len(f_s)
+                terms.append(_finite(diff).sum() / len(f_s))
             prev = (v_s, v_t)
-        return {self.term: self.weight * total.float()}
+        return {self.term: self.weight * sum_terms(terms).float()}

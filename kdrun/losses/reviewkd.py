@@ -34,6 +34,7 @@ from kdrun.losses.base import (
     check,
     register_loss,
     shared_stages,
+    sum_terms,
 )
 
 
@@ -42,16 +43,18 @@ class ABF(nn.Module):
 
     def __init__(self, c_in: int, c_mid: int, c_out: int, fuse: bool):
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(c_in, c_mid, 1, bias=False), nn.BatchNorm2d(c_mid))
-        self.conv2 = nn.Sequential(nn.Conv2d(c_mid, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+        first, second = nn.Conv2d(c_in, c_mid, 1, bias=False), nn.Conv2d(c_mid, c_out, 3, 1, 1, bias=False)
+        self.conv1 = nn.Sequential(first, nn.BatchNorm2d(c_mid))
+        self.conv2 = nn.Sequential(second, nn.BatchNorm2d(c_out))
         self.att_conv = nn.Sequential(nn.Conv2d(c_mid * 2, 2, 1), nn.Sigmoid()) if fuse else None
-        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
-        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+        nn.init.kaiming_uniform_(first.weight, a=1)
+        nn.init.kaiming_uniform_(second.weight, a=1)
 
     def forward(self, x: torch.Tensor, deeper: torch.Tensor | None, out_size) -> tuple[torch.Tensor, torch.Tensor]:
         """(this level's output, its fused map for the next, shallower level)."""
         x = self.conv1(x)
         if self.att_conv is not None:
+            assert deeper is not None, "a fusing level always has a deeper one"
             deeper = F.interpolate(deeper, x.shape[-2:], mode="nearest")
             z = self.att_conv(torch.cat([x, deeper], dim=1))
             x = x * z[:, :1] + deeper * z[:, 1:]
@@ -116,9 +119,9 @@ class ReviewKD(FeatureLoss):
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         s_feats = [_as_map(f.float()) for f in s.feats]
         t_feats = [_as_map(f.detach().float()) for f in t.feats]
-        total, deeper = 0.0, None
+        terms, deeper = [], None
         for level in reversed(range(len(s_feats))):
             out, deeper = self.abfs[level](s_feats[level], deeper, t_feats[level].shape[-2:])
-            total = total + hcl(out, t_feats[level])
+            terms.append(hcl(out, t_feats[level]))
         ramp = min((ctx.epoch + 1) / self.warmup, 1.0) if self.warmup else 1.0
-        return {self.term: self.weight * ramp * total}
+        return {self.term: self.weight * ramp * sum_terms(terms)}

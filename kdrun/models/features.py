@@ -100,7 +100,7 @@ class FeatureTap:
     def __enter__(self) -> Self:
         return self.attach()
 
-    def attach(self) -> FeatureTap:
+    def attach(self) -> Self:
         """Register the hooks (once; again only after :meth:`close`)."""
         if self._handles:
             return self

@@ -23,6 +23,7 @@ from torch import nn
 from kdrun.data.loader import Batch
 from kdrun.errors import ConfigError
 from kdrun.evaluation import accuracy, predict
+from kdrun.losses.base import sum_terms
 from kdrun.losses.kd import soft_kl
 from kdrun.schemes import model_cfg, register_scheme
 from kdrun.train import Roles
@@ -42,8 +43,9 @@ class Peers(nn.ModuleList):
     def apply_constraints(self) -> None:
         """Each peer's own weight constraints (e.g. an MLP's max-norm), as the trainer applies a model's."""
         for peer in self:
-            if hasattr(peer, "apply_constraints"):
-                peer.apply_constraints()
+            constrain = getattr(peer, "apply_constraints", None)
+            if callable(constrain):
+                constrain()
 
 
 class MutualObjective:
@@ -55,7 +57,7 @@ class MutualObjective:
         k, terms = len(logits), {}
         for i, z in enumerate(logits):
             terms[f"ce_peer{i + 1}"] = F.cross_entropy(z, batch.y)
-            kl = sum(soft_kl(z, logits[j].detach(), self.T) for j in range(k) if j != i)
+            kl = sum_terms(soft_kl(z, logits[j].detach(), self.T) for j in range(k) if j != i)
             terms[f"kl_peer{i + 1}"] = self.w * kl / (k - 1)
         return terms
 
