@@ -279,3 +279,17 @@ def test_damaged_run_files_are_one_line(kdrun, tmp_path):
     assert not (run / "export").exists()
     p = kdrun("report", str(run / ".hydra" / "config.yaml"))
     assert p.returncode == 2 and ": not a directory; give a run directory" in p.stderr
+
+
+def test_resume_of_overrides_that_are_no_list_is_one_line(kdrun_here, tmp_path):
+    """A run's .hydra/overrides.yaml that parses but is not Hydra's list of overrides (edited by hand into a
+    mapping): resume names the file instead of iterating the mapping's keys as overrides."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("trainer.epochs: 3\n")
+    p = kdrun_here("train", f"resume={run}")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == (
+        f"kdrun: error: resume={run}: {run}/.hydra/overrides.yaml is not a list of overrides; "
+        "valid: a kdrun run directory"
+    ), p.stderr
