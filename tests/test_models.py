@@ -322,3 +322,18 @@ def test_latencies_alternate_between_models_and_restore_their_mode():
     # one warm-up each, then 3 rounds of 5 timed calls each, alternating
     assert "".join(calls) == "ts" + ("t" * 5 + "s" * 5) * 3
     assert teacher.training and not student.training
+
+
+def test_vgg_stages_are_repdistillers_distilled_features():
+    """RepDistiller's VGG returns [f0, .., f4, pooled] and its methods distil f1-f4 (FitNet f2, SP f4): f0 (the
+    first block) is kdrun's stem, so a VGG teacher's stage1-4 and a ResNet's or MobileNetV2's pair as theirs do."""
+    from kdrun.losses import LOSSES
+
+    vgg = build_model("vgg13", 100, 3, 32)
+    shapes = feature_shapes(vgg, (3, 32, 32))
+    assert [shapes[f"stage{i}"][1:] for i in range(1, 5)] == [[128, 16, 16], [256, 8, 8], [512, 4, 4], [512, 4, 4]]
+    assert shapes["stem"][1:] == [64, 32, 32] and "stage5" not in shapes
+    student = build_model("mbv2_cifar", 100, 3, 32)
+    at = LOSSES.get("at")()
+    teacher_layers, student_layers = at.default_layers(list(vgg.feature_points), list(student.feature_points))
+    assert teacher_layers == student_layers == ["stage1", "stage2", "stage3", "stage4"]

@@ -69,12 +69,23 @@ def test_cifar100_presets_with_dkd_use_mdistillers_per_pair_beta(preset):
     assert loss_kwargs(compose_preset(preset, ("loss=dkd", "loss.beta=3.0")).loss)["beta"] == 3.0  # the user wins
 
 
+# the ReviewKD authors' CIFAR-100/script/reviewKD.sh (--kd-loss-weight) for the pairs it trains; mdistiller's
+# CFG.REVIEWKD.LOSS_WEIGHT = 1.0 for the others
+REVIEWKD_WEIGHT = {
+    "cifar100_resnet50_mbv2": 1.0,
+    "cifar100_resnet32x4_resnet8x4": 5.0,
+    "cifar100_wrn40_2_wrn16_2": 5.0,
+    "cifar100_resnet56_resnet20": 0.6,
+    "cifar100_resnet32x4_shufflenet_v2": 8.0,
+    "cifar100_vgg13_mbv2_cifar": 1.0,
+}
+
+
 @pytest.mark.parametrize("preset", sorted(CIFAR100))
-def test_cifar100_presets_with_reviewkd_use_mdistillers_weight(preset):
-    # mdistiller configs/cifar100/reviewkd.yaml: REVIEWKD_WEIGHT 5 for res32x4 -> res8x4; CFG default 1
+def test_cifar100_presets_with_reviewkd_use_the_authors_per_pair_weight(preset):
     cfg = compose_preset(preset, ("loss=reviewkd",))
     validate(cfg)
-    assert cfg.loss.weight == (5.0 if preset == "cifar100_resnet32x4_resnet8x4" else 1.0)
+    assert cfg.loss.weight == REVIEWKD_WEIGHT[preset]
     assert cfg.loss.warmup == 20 and cfg.loss.ce_weight == 1.0
 
 
@@ -185,3 +196,11 @@ def test_cifar10_cpu_method_table_runs_each_method_with_its_own_settings(loss):
         assert cfg.loss.alpha == 1.0 and cfg.loss.temperature == 4.0  # mdistiller's TCKD weight
     if loss == "ls_kd":
         assert cfg.loss.temperature == 2.0  # the paper's code
+
+
+def test_combo_default_is_repdistillers_method_plus_kd():
+    """RepDistiller's "method + KD" rows (-r 1 -a 1 -b W): CE and the KD term at weight 1 beside the method."""
+    with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["loss=combo"])
+    validate(cfg)
+    assert cfg.loss.ce_weight == 1.0 and cfg.loss.terms.kd.alpha == 1.0 and cfg.loss.terms.kd.temperature == 4.0

@@ -17,8 +17,9 @@ factor is matched to the frozen paraphraser's factor of the teacher:
 three 3x3 convs (C_s, k*C_t, k*C_t) + BatchNorm + LeakyReLU(0.1). RepDistiller defaults (the
 CRD benchmark): k 0.5, weight 200 (``-b 200``), CE weight 1, the last stage (``feat[-2]``); the
 paraphraser trains for 30 epochs with SGD at a constant LR of 0.01 (momentum and weight decay
-of ``optim``). The paraphraser stage is the run's stage ``student_paraphraser`` (checkpointed,
-resumable); it is trained once per run.
+of ``optim``; ``paraphraser_lr``). RepDistiller uses 0.01 for ResNet and WRN students and the student's own LR
+for the others (0.05 for its VGG8 and ResNet50 tables): set ``loss.paraphraser_lr`` to match those. The
+paraphraser stage is the run's stage ``student_paraphraser`` (checkpointed, resumable); it is trained once per run.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ the connector's conv initialised N(0, 2 / C_t), BN weight 1, bias 0). Layers: th
 ``stageN_preact`` points and the BatchNorm it declares for each (``model.preact_bn``); the
 student's ``stageN_preact`` when it has them, else its stage outputs (already linear, pre-ReLU,
 in MobileNetV2's blocks).
+
+Deliberately unlike mdistiller's ``OFD.train()`` and the authors' ``train_with_distillation.py``, which put the
+teacher in training mode while distilling: there its BatchNorm layers normalise each batch with the batch's own
+statistics (and update their running statistics), so the targets t differ from the teacher's eval-mode features
+by the batch's deviation from those statistics. kdrun's teacher is frozen in eval mode, as for every method (one
+fixed teacher, whose logits can be cached); the margins m come from the BatchNorm's affine parameters in both.
 """
 
 from __future__ import annotations

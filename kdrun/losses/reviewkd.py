@@ -14,10 +14,16 @@ teacher's feature of the same level (pre-activation stage maps when the teacher 
 
 (mse: mean over elements; pool_p: adaptive average pooling to p x p; j counts the pyramid
 levels used, 1, 2, 3). The fused width is min(512, C_s^L). This is mdistiller's
-``ReviewKD`` (the authors' CIFAR code): CE weight 1, weight 1 (5 for ResNet32x4 -> ResNet8x4,
-set by that preset), 20 warm-up epochs counted 1-based as for DKD, student features after
+``ReviewKD``: CE weight 1, weight 1, 20 warm-up epochs counted 1-based as for DKD, student features after
 their activation (``STU_PREACT`` False). The ABFs train with the student. Teacher models
-without ``stageN_preact`` points are matched on their post-activation stage outputs instead.
+without ``stageN_preact`` points are matched on their post-activation stage outputs instead. The CIFAR-100
+presets set the per-pair weights of the authors' own script (``CIFAR-100/script/reviewKD.sh``: 5, 8, 0.6).
+
+Where kdrun (like mdistiller) differs from the authors' ``train.py``, deliberately: their warm-up counts epochs
+from 0 (``min(1, epoch / 20)``: weight 0 in the first epoch, one epoch behind this one), and their teacher is
+never put in eval mode, so its BatchNorm layers normalise with each batch's statistics (and update their running
+ones) while it gives its targets; kdrun's teacher is always frozen in eval mode (its cached logits and every
+other method assume one fixed teacher).
 """
 
 from __future__ import annotations

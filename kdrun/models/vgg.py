@@ -1,7 +1,9 @@
 """VGG (Simonyan & Zisserman, 2015) with batch norm for CIFAR, as in RepDistiller/mdistiller's tables.
 
-No hidden FC layers. Five conv stages (3x3 conv-BN-ReLU), 2x2 max-pooling after the first three (and
-the fourth for inputs of 64 px or more), global average pooling, one Linear.
+No hidden FC layers. Five conv blocks (3x3 conv-BN-ReLU), 2x2 max-pooling after the first three (and
+the fourth for inputs of 64 px or more), global average pooling, one Linear. Feature points as RepDistiller's
+``feat`` list: the first block is ``stem`` (its f0, which no method there distils), blocks 2-5 are
+``stage1``-``stage4`` (f1-f4), so FitNet's ``stage2`` and AT's stages 1-4 are the maps the authors matched.
 ``vgg8`` has one conv per stage; ``vgg11/13/16/19`` follow VGG configs A/B/D/E.
 ``vgg13`` has 9.46M parameters at 100 classes, ``vgg8`` 3.97M.
 """
@@ -46,7 +48,10 @@ class VGG(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.feature_points = {f"stage{i}": f"block{i}" for i in range(1, 6)} | {"pre_logits": "fc:input"}
+        # RepDistiller's feature list: f0 (block1 here, the stem) is never distilled, f1..f4 are blocks 2..5
+        self.feature_points = (
+            {"stem": "block1"} | {f"stage{i}": f"block{i + 1}" for i in range(1, 5)} | {"pre_logits": "fc:input"}
+        )
 
     def forward(self, x):
         x = self.pool1(self.block1(x))
