@@ -27,6 +27,8 @@ from kdrun.weights import load_pretrained, model_identity
 # eval batch or thread count, another machine) continues; any other change is refused by the fingerprint.
 RESUME_IGNORED = ("paths", "logger", "store", "sweep", "evaluate", "hydra")
 RESUME_IGNORED_TRAINER = ("eval_batch_size", "device", "log_every", "latency", "checkpoint_every_steps", "threads")
+# where the data lies and how it is read: a stage's checkpoint checks the data itself (DataBundle.layout)
+RESUME_IGNORED_DATASET = ("root", "cache_dir", "workers", "download")
 
 
 # Raised when a stage of an unchanged config comes to train differently (other images, another objective), so
@@ -42,6 +44,7 @@ def resume_fingerprint(cfg: DictConfig) -> str:
     assert isinstance(resolved, dict)
     kept = {k: v for k, v in resolved.items() if k not in RESUME_IGNORED}
     kept["trainer"] = {k: v for k, v in kept.get("trainer", {}).items() if k not in RESUME_IGNORED_TRAINER}
+    kept["dataset"] = {k: v for k, v in kept.get("dataset", {}).items() if k not in RESUME_IGNORED_DATASET}
     return key_of({"recipe": RECIPE, "config": kept})
 
 
@@ -83,6 +86,7 @@ class StageRunner:
         self.cfg, self.tr, self.data = cfg, cfg.trainer, data
         self.device = data.device
         self.run_dir, self.fingerprint = run_dir, fingerprint
+        self.data_layout = data.data.layout()  # a stage's checkpoint resumes only on the data it trained on
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
         os.makedirs(self.ckpt_dir, exist_ok=True)
         self.log = StageLog()
@@ -154,6 +158,7 @@ class StageRunner:
             log_every=self.tr.log_every,
             checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
             fingerprint=f"{self.fingerprint}-{stage}",
+            data_layout=self.data_layout,
             on_step=on_step,
             precision=precision or self.tr.get("precision", "fp32"),
             compile=bool(self.tr.get("compile")),

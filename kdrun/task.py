@@ -33,9 +33,10 @@ def hydra_train(cfg: DictConfig) -> float:
     except Preempted as e:
         print(f"kdrun: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    for stale in ("FAILED", "metrics.json"):  # a rerun in the same directory resumes: not complete yet
-        if os.path.exists(os.path.join(run_dir, stale)):
-            os.remove(os.path.join(run_dir, stale))
+    # a rerun in the same directory resumes. A finished run's metrics.json stays until the rerun writes its own over
+    # it (a rerun killed meanwhile leaves the run as complete as it was), or fails (then it goes, with a FAILED note)
+    if os.path.exists(os.path.join(run_dir, "FAILED")):
+        os.remove(os.path.join(run_dir, "FAILED"))
     try:
         validate(cfg)
         devices = int(cfg.trainer.get("devices", 1))
@@ -101,5 +102,7 @@ def _mark_failed(run_dir: str, msg: str) -> None:
     try:
         with open(os.path.join(run_dir, "FAILED"), "w") as f:
             f.write(msg + "\n")
+        if os.path.exists(os.path.join(run_dir, "metrics.json")):
+            os.remove(os.path.join(run_dir, "metrics.json"))
     except OSError:
         pass

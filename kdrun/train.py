@@ -31,6 +31,7 @@ from kdrun.engine import cross_entropy
 from kdrun.logit_caches import LogitCaches
 from kdrun.losses import LOSSES
 from kdrun.models.registry import feature_points
+from kdrun.preempt import maybe_kill
 from kdrun.run_data import RunData
 from kdrun.stages import StageRunner, resume_fingerprint, seed_everything
 from kdrun.store import Store, StoreRefs
@@ -219,6 +220,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
             return None
 
         t0 = time.perf_counter()
+        maybe_kill("evaluate", 1)  # testing hook (KDRUN_KILL_AT=evaluate:1): a kill after the stages
         ev = report.evaluate(cfg, r.data, stages, roles)
         predictions.write(run_dir, predictions.collect(cfg, r.data, stages, roles, ev))  # for `kdrun compare`
         stages.log.seconds["evaluate"] = time.perf_counter() - t0

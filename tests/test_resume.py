@@ -1,6 +1,7 @@
 """Crash and preemption: a run killed anywhere and resumed ends exactly like one never interrupted."""
 
 import json
+import os
 import signal
 
 import pytest
@@ -131,7 +132,8 @@ def test_checkpoint_of_another_config_is_refused(kdrun, tmp_path, uninterrupted)
 
 
 def test_refused_change_leaves_a_finished_run_intact(tmp_path):
-    """`resume=DIR` with another value is refused before anything in DIR changes: the run stays complete."""
+    """`resume=DIR` with another value is refused before anything in DIR changes, and a rerun killed before its end
+    leaves the old metrics.json: the run stays complete."""
     from tests.conftest import run_kdrun, run_smoke
 
     run_dir = tmp_path / "run"
@@ -140,6 +142,11 @@ def test_refused_change_leaves_a_finished_run_intact(tmp_path):
     p = run_kdrun("train", f"resume={run_dir}", "trainer.epochs=3")
     assert p.returncode == 2 and "checkpoints/baseline_last.pt was made by a different configuration" in p.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    # a rerun killed before it wrote its own metrics.json: the run is still complete, with the figures it had
+    metrics = (run_dir / "metrics.json").read_bytes()
+    p = run_kdrun("train", f"resume={run_dir}", env={"KDRUN_KILL_AT": "evaluate:1"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert (run_dir / "metrics.json").read_bytes() == metrics and not (run_dir / "FAILED").exists()
     p = run_kdrun("train", f"resume={run_dir}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "student: already finished" in p.stderr and (run_dir / "metrics.json").exists()
@@ -147,7 +154,7 @@ def test_refused_change_leaves_a_finished_run_intact(tmp_path):
 
 def test_a_sweep_into_a_folder_of_another_sweep_leaves_its_runs_intact(tmp_path):
     """Job N of a sweep is the folder N/: another sweep into the same hydra.sweep.dir is refused before Hydra
-    rewrites a finished job's .hydra/ and the job sets its metrics.json aside; the same sweep again continues."""
+    rewrites a finished job's .hydra/; the same sweep again continues."""
     from tests.conftest import SMOKE_RUN, run_kdrun
 
     sweep = ["-m", *SMOKE_RUN, "baseline=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
@@ -321,3 +328,37 @@ def test_best_weights_agree_with_the_checkpoint_after_a_crash(tmp_path, monkeypa
     best = tmp_path / "checkpoints" / "s_best.pt"
     assert result.best_epoch == 1 and load_checkpoint(str(best))["epoch"] == 1
     assert not (tmp_path / "checkpoints" / "s_best.pt.next").exists()
+
+
+def test_a_checkpoint_resumes_only_on_the_data_it_trained_on(tmp_path):
+    """A run killed in its student stage, its image folder then changed (an image moved to another class): the
+    resume is refused in one line before the finished teacher is stored or used for data it never saw. The same
+    images copied elsewhere (new file times, another dataset.root) resume."""
+    import shutil
+
+    from tests.conftest import SMOKE_RUN, run_kdrun
+    from tests.test_data import make_folder
+
+    data, copy, run_dir = tmp_path / "data", tmp_path / "copy", tmp_path / "run"
+    make_folder(data, per_split={"train": 12, "test": 4}, size=16)
+    args = [*SMOKE_RUN, "trainer.latency=false", "dataset=imagefolder", "dataset.image_size=16", "store.enabled=true"]
+    args += [f"dataset.cache_dir={tmp_path / 'decoded'}", f"store.dir={tmp_path / 'store'}"]
+    p = run_kdrun(
+        "train", *args, f"dataset.root={data}", f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "student:1"}
+    )
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    shutil.copytree(data, copy, copy_function=shutil.copyfile)  # the same images, with the copy's own file times
+    os.rename(data / "train" / "ant" / "000.png", data / "train" / "bee" / "100.png")
+    stored = sorted(f for f in (tmp_path / "store").rglob("*") if f.suffix != ".lock")
+    p = run_kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"kdrun: error: {run_dir}/checkpoints/teacher_last.pt: trained on other data than the dataset holds now "
+        "(images added, removed or moved to another class since); give a new hydra.run.dir to train on the data as "
+        "it is"
+    )
+    # the old teacher is not stored under the new data
+    assert sorted(f for f in (tmp_path / "store").rglob("*") if f.suffix != ".lock") == stored
+    p = run_kdrun("train", f"resume={run_dir}", f"dataset.root={copy}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "teacher: already finished" in p.stderr, p.stderr[-2000:]

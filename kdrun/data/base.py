@@ -9,6 +9,7 @@ read and decoded once, not every epoch.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,6 +75,18 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def layout(self) -> str:
+        """A short hash of what a stage trains on, wherever the files lie and whatever their times: the classes,
+        each split's labels in order, and a streamed split's file names (class folder / file). A checkpoint of
+        other data (images added, removed or moved to another class) does not resume; the same data copied to
+        another disk does (:attr:`identity` holds the files' times, as a cache key must)."""
+        h = hashlib.sha1(repr(self.classes).encode())
+        for split in (self.train, self.test):
+            h.update(tensor_digest(split.labels).encode())
+            if isinstance(split, FileSet):
+                h.update("\n".join(os.path.join(*f.split(os.sep)[-2:]) for f in split.files).encode())
+        return h.hexdigest()[:16]
 
     @property
     def in_chans(self) -> int:
