@@ -98,7 +98,8 @@ class TeacherSource:
             load_teacher(tcfg.checkpoint, model, ident)
             log.info("teacher: loaded %s from %s", tcfg.name, tcfg.checkpoint)
             stages.log.note("teacher", source=str(tcfg.checkpoint))
-            key = key_of({"checkpoint": os.path.abspath(tcfg.checkpoint), "mtime": os.path.getmtime(tcfg.checkpoint)})
+            # its logit caches are keyed by the file's content: a path and time survive a copy over it (cp -p, rsync)
+            key = key_of({"checkpoint_sha256": io.sha256_file(tcfg.checkpoint)})
         elif self.store is None:
             key = key_of(self.recipe())
             self._train(model, final)

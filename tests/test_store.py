@@ -160,6 +160,33 @@ def test_logits_of_another_teacher_precision_are_not_reused(kdrun, tmp_path):
     assert source["fp32"] != "store" and source["bf16_again"] == "store", source
 
 
+def test_a_teacher_checkpoint_is_keyed_by_its_content(kdrun, tmp_path):
+    """Another teacher copied over teacher.checkpoint with the old file time (cp -p, rsync -a): its logits are not
+    taken from the old teacher's cache; the same teacher under a new time still reuses them."""
+    import shutil
+
+    from kdrun import io as kio
+
+    store = tmp_path / "store"
+    p = kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={tmp_path / 'r0'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    first, other, ckpt = tmp_path / "first.pt", tmp_path / "other.pt", tmp_path / "teacher.pt"
+    shutil.copyfile(tmp_path / "r0" / "checkpoints" / "teacher.pt", first)
+    blob = kio.load(str(first), "checkpoint")
+    blob["model"] = {k: -v if k.startswith("fc.") else v for k, v in blob["model"].items()}
+    kio.atomic_save(blob, str(other))
+    source = {}
+    for name, weights in (("first", first), ("other", other), ("first_again", first)):
+        shutil.copyfile(weights, ckpt)
+        os.utime(ckpt, ns=(1_700_000_000 * 10**9,) * 2)  # one file time for all three
+        p = kdrun(
+            "train", *FAST, f"teacher.checkpoint={ckpt}", f"store.dir={store}", f"hydra.run.dir={tmp_path / name}"
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        source[name] = json.loads((tmp_path / name / "metrics.json").read_text())["stages"]["cache"]["source"]
+    assert source == {"first": "run", "other": "run", "first_again": "store"}, source
+
+
 def test_a_changed_pretrained_file_is_another_teacher(kdrun, tmp_path):
     """teacher.pretrained is keyed by the file's contents: new weights at the same path train a new teacher."""
     import torch
