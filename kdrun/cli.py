@@ -299,9 +299,17 @@ def _can_create_in(parent: str) -> bool:
         return False
 
 
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_writable(cfg, multirun: bool) -> None:
-    """The run (or sweep) directory of ``cfg`` (composed with its ``hydra`` node) must be creatable:
-    its nearest existing parent must be writable."""
+    """The run (or sweep) directory of ``cfg`` (composed with its ``hydra`` node) must be creatable: its nearest
+    existing parent must be writable; so must the artifact store's (``store.dir``, which takes a lock file even to
+    read an entry)."""
     from kdrun.errors import ConfigError
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -309,13 +317,20 @@ def check_writable(cfg, multirun: bool) -> None:
         out = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
     except Exception:  # interpolations that need a running job: Hydra will report them
         return
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = _nearest_existing(out)
     if not _can_create_in(parent):
         raise ConfigError(
             f"{key}={out}: cannot create the output directory ({parent} is not writable); "
             f"choose another with {key}=PATH"
+        )
+    try:
+        store = str(cfg.store.dir) if cfg.store.enabled else None
+    except Exception:  # an interpolation of the running job
+        return
+    if store is not None and not _can_create_in(parent := _nearest_existing(store)):
+        raise ConfigError(
+            f"store.dir={store}: cannot write the artifact store there ({parent} is not writable, and the store "
+            "takes a lock file even to read an entry); give a writable store.dir=PATH, or store.enabled=false"
         )
 
 

@@ -42,6 +42,7 @@ KINDS = ("teacher", "logits")  # what kdrun stores: trained teachers and logit c
 
 log = logging.getLogger("kdrun")
 MARKER = "COMPLETE"
+ID_FILE = "store_id"  # a random name the store keeps for life: runs record it, so gc knows its runs at any mount path
 TMP = ".tmp-"
 
 
@@ -122,6 +123,34 @@ def _acquire(path: str, blocking: bool) -> int | None:
 class Store:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
+
+    def ident(self) -> str | None:
+        """The store's :data:`ID_FILE` name, made on first use (None where it can be neither read nor made)."""
+        import uuid
+
+        path = os.path.join(self.root, ID_FILE)
+        for _ in range(2):
+            try:
+                with open(path) as f:
+                    return f.read().strip() or None
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return None
+            tmp = f"{path}.{os.getpid()}"
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                with open(tmp, "w") as f:
+                    f.write(uuid.uuid4().hex + "\n")
+                os.link(tmp, path)  # atomic, and never over another process's name: then that one is read
+            except FileExistsError:
+                pass
+            except OSError:
+                return None
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return None
 
     def _dir(self, kind: str, key: str) -> str:
         return os.path.join(self.root, kind, key)
@@ -338,8 +367,10 @@ class StoreRefs:
     def __init__(self, store: Store | None, run_dir: str, main: bool = True):
         self.store, self.path, self.main = store, os.path.join(run_dir, "store_refs.json"), main
         self.refs: dict[str, str] = {}
+        self.store_id: str | None = None  # the store's name (Store.ident), read when the first entry is noted
 
     def note(self, kind: str, key: str) -> None:
         self.refs[kind] = key
         if self.main and self.store is not None:
-            io.write_json({"store": self.store.root, "refs": self.refs}, self.path)
+            self.store_id = self.store_id or self.store.ident()
+            io.write_json({"store": self.store.root, "store_id": self.store_id, "refs": self.refs}, self.path)

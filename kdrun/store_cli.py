@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from kdrun.errors import ConfigError
-from kdrun.store import KINDS, Entry, Store
+from kdrun.store import ID_FILE, KINDS, Entry, Store
 
 USAGE = """usage: kdrun store ls [dir=outputs/.store] [verify=true|false]
        kdrun store gc [dir=outputs/.store] [runs=DIR] [older_than=DAYS] [dry_run=true|false]
@@ -145,13 +145,28 @@ class Refs:
     unreadable: list[str] = field(default_factory=list)  # run directories or reference files that could not be read
 
 
+def _read_id(root: str) -> str | None:
+    """The store's name (:meth:`kdrun.store.Store.ident`), None when it has none yet; gc never makes one."""
+    try:
+        with open(os.path.join(root, ID_FILE)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _same_dir(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+    try:
+        return os.path.realpath(a) == os.path.realpath(b) or os.path.samefile(a, b)  # samefile: a bind mount
+    except OSError:
+        return False
 
 
 def referenced(runs: str, store_root: str) -> Refs:
-    """The entries of the store at ``store_root`` that runs under ``runs`` use (their ``store_refs.json``)."""
+    """The entries of the store at ``store_root`` that runs under ``runs`` use (their ``store_refs.json``): a run
+    that recorded the store's name (:data:`kdrun.store.ID_FILE`) is matched by it, wherever it mounted the store;
+    one of an older kdrun by the store's path."""
     refs = Refs()
+    ours = _read_id(store_root)
     for dirpath, dirnames, filenames in os.walk(runs, onerror=lambda e: refs.unreadable.append(str(e.filename))):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         if REFS_FILE not in filenames:
@@ -161,10 +176,14 @@ def referenced(runs: str, store_root: str) -> Refs:
             with open(path) as f:
                 info = json.load(f)
             store, used = info.get("store"), {(str(k), str(v)) for k, v in info.get("refs", {}).items()}
+            theirs = info.get("store_id")
         except (OSError, ValueError, AttributeError, TypeError):
             refs.unreadable.append(path)
             continue
-        if not isinstance(store, str) or not _same_dir(store, store_root):
+        if theirs and ours:
+            if theirs != ours:
+                continue
+        elif not isinstance(store, str) or not _same_dir(store, store_root):
             continue
         refs.used |= used
         if not os.path.exists(os.path.join(dirpath, DONE_FILE)):
@@ -275,6 +294,12 @@ def store_main(args: list[str]) -> int:
         print(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.2f} MB in {store.root}")
         return 0
     runs = runs_root(opts)
+    for d in [store.root, *(os.path.join(store.root, k) for k in KINDS)]:
+        if os.path.isdir(d) and not os.access(d, os.W_OK):
+            raise ConfigError(
+                f"dir={opts['dir']}: {d} is not writable, and gc takes each entry's lock file, also with "
+                "dry_run=true; run it as a user (or on a mount) that can write to the store"
+            )
     max_age = opts["older_than"] * 86400 if opts["older_than"] is not None else None
     freed = gc(store, runs, max_age, opts["dry_run"], now)
     print(f"{'would free' if opts['dry_run'] else 'freed'} {freed / 2**20:.2f} MB")

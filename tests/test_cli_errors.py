@@ -283,13 +283,51 @@ def test_damaged_run_files_are_one_line(kdrun, tmp_path):
 
 def test_resume_of_overrides_that_are_no_list_is_one_line(kdrun_here, tmp_path):
     """A run's .hydra/overrides.yaml that parses but is not Hydra's list of overrides (edited by hand into a
-    mapping): resume names the file instead of iterating the mapping's keys as overrides."""
+    mapping, or emptied): resume names the file instead of reading the mapping's keys as overrides."""
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text("trainer.epochs: 3\n")
-    p = kdrun_here("train", f"resume={run}")
-    assert p.returncode == 2, p.stderr
+    for text in ("trainer.epochs: 3\n", ""):  # "": emptied (it used to advise the resume command just given)
+        (run / ".hydra" / "overrides.yaml").write_text(text)
+        p = kdrun_here("train", f"resume={run}")
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.strip() == (
+            f"kdrun: error: resume={run}: {run}/.hydra/overrides.yaml is not a list of overrides; "
+            "valid: a kdrun run directory"
+        ), p.stderr
+
+
+def test_unwritable_store_is_one_line_before_anything_runs(kdrun_here, tmp_path):
+    """The store takes a lock file even to read an entry: an unwritable store.dir is refused up front, also when
+    resuming a finished run (whose metrics.json a failure in the run would have replaced by a FAILED note)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    store = "/proc/kdrun-store" if os.geteuid() == 0 else str(locked / "store")  # root may write anywhere else
+    want = (
+        f"kdrun: error: store.dir={store}: cannot write the artifact store there ({os.path.dirname(store)} is not "
+        "writable, and the store takes a lock file even to read an entry); give a writable store.dir=PATH, or "
+        "store.enabled=false"
+    )
+    p = kdrun_here("train", "trainer=smoke", f"store.dir={store}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert (p.returncode, p.stderr.strip()) == (2, want)
+    done = tmp_path / "done"
+    (done / ".hydra").mkdir(parents=True)
+    (done / ".hydra" / "overrides.yaml").write_text("- trainer=smoke\n")
+    (done / "metrics.json").write_text('{"status": "complete"}')
+    p = kdrun_here("train", f"resume={done}", f"store.dir={store}")
+    assert (p.returncode, p.stderr.strip()) == (2, want)
+    assert (done / "metrics.json").read_text() == '{"status": "complete"}' and not (done / "FAILED").exists()
+
+
+def test_store_gc_on_a_store_it_cannot_write_is_one_line(kdrun_here, tmp_path, monkeypatch):
+    """gc locks every entry it looks at, dry_run included: a read-only store is named, not a traceback."""
+    store = tmp_path / "store"
+    (store / "teacher").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(store) else real_access(p, mode))
+    p = kdrun_here("store", "gc", f"dir={store}", f"runs={tmp_path}", "dry_run=true")
+    assert p.returncode == 2
     assert p.stderr.strip() == (
-        f"kdrun: error: resume={run}: {run}/.hydra/overrides.yaml is not a list of overrides; "
-        "valid: a kdrun run directory"
-    ), p.stderr
+        f"kdrun: error: dir={store}: {store} is not writable, and gc takes each entry's lock file, also with "
+        "dry_run=true; run it as a user (or on a mount) that can write to the store"
+    )

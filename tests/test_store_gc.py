@@ -333,3 +333,25 @@ def test_help_prints_the_usage(kdrun):
     for args in (["--help"], ["gc", "-h"]):
         p = kdrun("store", *args)
         assert p.returncode == 0 and p.stdout.startswith("usage: kdrun store ls") and "dry_run=true" in p.stdout
+
+
+def test_runs_are_matched_to_their_store_by_its_name_at_any_path(tmp_path, monkeypatch, capsys):
+    """Runs record the store's name (store_id) beside its path: gc of the same store reached by another path (a
+    share mounted elsewhere on another machine, a moved folder) keeps the entries they use; a run of another store
+    at the path this one had is not counted."""
+    first = tmp_path / "nodeA" / ".store"
+    store = make_store(first, ("teacher", TEACHER), ("logits", LOGITS))
+    runs = tmp_path / "runs"
+    make_run(runs / "r1", store, ("teacher", TEACHER))
+    assert (
+        json.loads((runs / "r1" / "store_refs.json").read_text())["store_id"]
+        == (first / "store_id").read_text().strip()
+    )
+    moved = tmp_path / "nodeB" / "store"
+    moved.parent.mkdir()
+    os.rename(first, moved)
+    other = make_store(first, ("logits", LOGITS))  # a new store where the first one was
+    make_run(runs / "r2", other, ("logits", LOGITS))
+    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={moved}", f"runs={runs}")
+    assert code == 0 and stdout.count("removed") == 1 and f"logits   {LOGITS}" in stdout, stdout
+    assert entries(Store(str(moved))) == [("teacher", TEACHER)]
