@@ -12,6 +12,7 @@ File layout (``*.kdlc``)::
     [0, 4096)               b"KDLC", a little-endian u32 n, then n bytes of JSON: format, key, samples,
                             views, classes, topk
     [4096, 4096 + V*N)      one flag byte per (view, sample): 1 once its row holds the teacher's logits
+    [crcs, crcs + 4*V*N)    the CRC-32 of each row (little-endian u32), written with it
     [data, data + V*N*R)    the rows, in (view, sample) order, R bytes each
 
 A row is the C logits in fp16, or with ``cache.topk=K`` the K largest logits (fp16), their class indices
@@ -27,9 +28,12 @@ resident memory with the file. The cache's resident share is therefore its flags
 batch of rows, whatever the size of the file.
 
 A file whose header, key or size does not match is replaced by an empty one with a warning naming it;
-rows are written before their flag, so a run killed mid-write recomputes those rows. Published files are
-checksummed by the store (:mod:`kdrun.store`); a file hard-linked into the store is copied before this
-process writes into it (copy on write), so a store entry never changes.
+rows (and their CRCs) are written before their flag, so a run killed mid-write recomputes those rows. Every
+filled row is checked against its CRC when a run opens the file (:meth:`LogitCache.damaged`): a row damaged on
+disk since, in the run's file or in the store entry it shares, is computed again by the teacher, with a
+warning, rather than read as the teacher's logits. Published files are checksummed whole by the store
+(:mod:`kdrun.store`); a file hard-linked into the store is copied before this process writes into it (copy on
+write), so a store entry never changes.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import os
 import shutil
 import struct
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +60,7 @@ from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, maybe_kill
 from kdrun.progress import progress
 
 log = logging.getLogger("kdrun")
-FORMAT = 1  # version of the file layout (part of every logit-cache store key)
+FORMAT = 2  # version of the file layout (part of every logit-cache store key); 2: per-row CRCs
 MAGIC = b"KDLC"
 HEADER_BYTES = 4096
 PAGE = 4096
@@ -87,8 +92,12 @@ class CacheShape:
         return self.samples * max(self.views, 1)
 
     @property
+    def crc_offset(self) -> int:
+        return HEADER_BYTES + _pages(self.rows)  # after the flags
+
+    @property
     def data_offset(self) -> int:
-        return HEADER_BYTES + -(-self.rows // PAGE) * PAGE  # flags padded to a page
+        return self.crc_offset + _pages(4 * self.rows)
 
     @property
     def file_bytes(self) -> int:
@@ -96,6 +105,16 @@ class CacheShape:
 
     def header(self, key: str) -> dict:
         return {"format": FORMAT, "key": key} | {k: getattr(self, k) for k in ("samples", "views", "classes", "topk")}
+
+
+def _pages(n: int) -> int:
+    """``n`` bytes rounded up to whole pages."""
+    return -(-n // PAGE) * PAGE
+
+
+def row_crcs(rows: np.ndarray) -> np.ndarray:
+    """The CRC-32 of each row of ``rows`` [B, row_bytes] (uint8, C-contiguous)."""
+    return np.fromiter((zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(rows))
 
 
 FP16_MAX = 65504.0
@@ -162,6 +181,7 @@ class LogitCache:
 
     def _map(self) -> None:
         self._flags = np.memmap(self.path, np.uint8, "r+", HEADER_BYTES, (self.shape.rows,))
+        self._crcs = np.memmap(self.path, np.dtype("<u4"), "r+", self.shape.crc_offset, (self.shape.rows,))
         self._fd = os.open(self.path, os.O_RDWR)
 
     def _read(self, pos: np.ndarray) -> np.ndarray:
@@ -180,12 +200,13 @@ class LogitCache:
                 os.pwrite(self._fd, rows[i:j].tobytes(), base + int(sorted_pos[i]) * r)
 
     def flush(self) -> None:
+        self._crcs.flush()
         self._flags.flush()
 
     def close(self) -> None:
         self.flush()
         os.close(self._fd)
-        del self._flags
+        del self._flags, self._crcs
 
     def copy_on_write(self) -> None:
         """Give this run its own copy of the file if it is hard-linked elsewhere (into the store)."""
@@ -222,7 +243,8 @@ class LogitCache:
         rows = encode(logits, self.shape)
         if distributed.deferring():  # this worker's run is ending: its logits may come from a stand-in image
             return decode(rows, self.shape)
-        self._write(pos, rows)  # rows before flags: a row is marked filled only once written
+        self._write(pos, rows)  # rows (and their CRCs) before flags: a row is marked filled only once written
+        self._crcs[pos] = row_crcs(rows)
         self._flags[pos] = 1
         self.teacher_rows += len(pos)
         return decode(rows, self.shape)
@@ -234,6 +256,24 @@ class LogitCache:
     @property
     def complete(self) -> bool:
         return self.filled == self.shape.rows
+
+    def damaged(self, chunk: int = 1 << 16) -> np.ndarray:
+        """Positions of the filled rows whose bytes no longer match their CRC (read ``chunk`` rows at a time)."""
+        r, base, bad = self.shape.row_bytes, self.shape.data_offset, []
+        for start in range(0, self.shape.rows, chunk):
+            filled = np.flatnonzero(self._flags[start : start + chunk] == 1)
+            if not len(filled):
+                continue
+            end = start + int(filled[-1]) + 1
+            block = np.frombuffer(os.pread(self._fd, (end - start) * r, base + start * r), np.uint8)
+            got = row_crcs(block.reshape(end - start, r)[filled])
+            bad.append(start + filled[got != self._crcs[start + filled]])
+        return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+    def forget(self, pos: np.ndarray) -> None:
+        """Mark rows ``pos`` not filled (the teacher computes them again on first use)."""
+        self._flags[pos] = 0
+        self.flush()
 
     def missing(self) -> np.ndarray:
         """Positions (view * samples + index) of the rows not filled yet."""

@@ -88,6 +88,21 @@ class LogitCaches:
                         elif (bad := self.store.inspect("logits", ckey, verify=False)) is not None:
                             damaged = bad.created  # reported by get(); replaced when this run publishes
             cache = LogitCache.open(path, shape, ckey)
+            broken = cache.damaged()
+            if len(broken):
+                shared = os.stat(path).st_nlink > 1  # the store entry's own file, damaged with it
+                log.warning(
+                    "logit cache %s: %d of %d filled rows fail their checksum (damaged on disk%s); the teacher "
+                    "computes them again",
+                    path,
+                    len(broken),
+                    cache.filled,
+                    ", with the store entry that shares the file" if shared else "",
+                )
+                if shared and self.store is not None and (entry := self.store.inspect("logits", ckey, verify=False)):
+                    damaged = entry.created  # replaced when this run publishes
+                cache.copy_on_write()
+                cache.forget(broken)
             if not cache.complete:
                 cache.copy_on_write()  # never write into a file the store holds
         distributed.barrier()

@@ -180,6 +180,29 @@ def test_damaged_or_foreign_cache_file_is_replaced_by_an_empty_one(tmp_path, cap
         assert "truncated or damaged" in caplog.text
 
 
+def test_rows_damaged_on_disk_fail_their_checksum(tmp_path):
+    """A byte changed in a filled row's logits is found by its CRC (across the chunks it is read in); an unfilled
+    row is never counted, and a forgotten row reads as missing."""
+    shape = CacheShape(10, 2, 4)
+    path = str(tmp_path / "c.kdlc")
+    cache = LogitCache.open(path, shape, "k")
+    index, view = torch.tensor([0, 3, 9, 9]), torch.tensor([0, 0, 0, 1])
+    cache.write(index, view, torch.randn(4, 4))
+    cache.close()
+    cache = LogitCache.open(path, shape, "k")
+    assert list(cache.damaged()) == []
+    with open(path, "r+b") as f:
+        for pos in (3, 19):  # (sample 3, view 0) and (sample 9, view 1): filled
+            f.seek(shape.data_offset + pos * shape.row_bytes + 1)
+            f.write(b"\x7f")
+        f.seek(shape.data_offset + 5 * shape.row_bytes)  # (sample 5, view 0): not filled, so not checked
+        f.write(b"\x7f")
+    for chunk in (1, 3, 1 << 16):
+        assert list(cache.damaged(chunk)) == [3, 19], chunk
+    cache.forget(cache.damaged())
+    assert cache.filled == 2 and list(cache.lookup(index, view)[1]) == [True, False, True, False]
+
+
 def test_a_cache_linked_into_the_store_is_copied_before_it_is_written(tmp_path):
     import os
 

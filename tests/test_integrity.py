@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -614,3 +615,35 @@ def test_sweep_objective_reads_validation_never_test():
     assert math.isnan(objective.value(no_val, objective.parse("student.best_val_top1")))
     with pytest.raises(ConfigError, match="a test-set metric cannot be optimised"):
         objective.parse("student.test_top1")
+
+
+def test_logit_rows_damaged_on_disk_are_computed_again_not_learned(kdrun, tmp_path):
+    """A run took its complete logit cache from the store (a hard link: one file), was killed, and the shared file
+    then lost rows on disk. The resumed run checks every row's CRC, warns, has the teacher compute the damaged rows
+    again in its own copy, and replaces the store's entry: it ends exactly like the run that filled the cache."""
+    from kdrun.cache import CacheShape, read_header
+
+    store = tmp_path / "store"
+    args = [*FAST, f"store.dir={store}"]
+    p = kdrun("train", *args, f"hydra.run.dir={tmp_path / 'a'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    run = tmp_path / "b"
+    p = kdrun("train", *args, f"hydra.run.dir={run}", env={"KDRUN_KILL_AT": "student:1"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    cache = run / "teacher_logits.kdlc"
+    assert cache.stat().st_nlink == 3  # one file: the store entry, run a and run b
+    h = read_header(str(cache))
+    shape = CacheShape(h["samples"], h["views"], h["classes"], h["topk"])
+    with open(cache, "r+b") as f:
+        f.seek(shape.data_offset)
+        f.write(b"\x00\x5b" * (40 * shape.row_bytes // 2))  # 40 rows of fp16 224.0: a confident, wrong teacher
+    p = kdrun("train", f"resume={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (
+        f"logit cache {cache}: 40 of {shape.rows} filled rows fail their checksum (damaged on disk, with the store "
+        "entry that shares the file); the teacher computes them again"
+    ) in p.stderr
+    assert "cache: stored as" in p.stderr and cache.stat().st_nlink == 2  # the new sound entry, linked again
+    assert [e.problem for e in Store(str(store)).entries(verify=True)] == [None, None]
+    first, resumed = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("a", "b"))
+    assert resumed["test"]["student"] == first["test"]["student"]

@@ -277,9 +277,12 @@ def test_resume_fingerprint_ignores_where_and_how_not_what():
         "trainer.threads=1",
         "trainer.latency=false",
         "logger=[csv]",
+        "dataset.root=/data/other",  # where the data lies: the checkpoints check the data itself (its layout)
+        "dataset.cache_dir=/c",
+        "dataset.workers=1",
     ]
     assert resume_fingerprint(compose([*base, *moved])) == key
-    for change in ["optim.lr=0.2", "dataset.root=/data/other", "trainer.seed=1", "cache.topk=5", "loss.alpha=0.5"]:
+    for change in ["optim.lr=0.2", "dataset.mode=stream", "trainer.seed=1", "cache.topk=5", "loss.alpha=0.5"]:
         assert resume_fingerprint(compose([*base, change])) != key, change
 
 
