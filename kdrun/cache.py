@@ -112,6 +112,18 @@ def _pages(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (a read may return fewer; the file's holes read as zeros)."""
+    parts, got = [], 0
+    while got < n:
+        part = os.pread(fd, n - got, offset + got)
+        if not part:
+            raise OSError(f"logit cache: {n - got} bytes missing at offset {offset + got} (file truncated)")
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 def row_crcs(rows: np.ndarray) -> np.ndarray:
     """The CRC-32 of each row of ``rows`` [B, row_bytes] (uint8, C-contiguous)."""
     return np.fromiter((zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(rows))
@@ -258,16 +270,21 @@ class LogitCache:
         return self.filled == self.shape.rows
 
     def damaged(self, chunk: int = 1 << 16) -> np.ndarray:
-        """Positions of the filled rows whose bytes no longer match their CRC (read ``chunk`` rows at a time)."""
+        """Positions of the filled rows whose bytes no longer match their CRC (read at most ``chunk`` rows, and
+        64 MiB, at a time; a progress bar for a cache of over 1 GiB)."""
         r, base, bad = self.shape.row_bytes, self.shape.data_offset, []
+        chunk = max(1, min(chunk, (64 << 20) // r))
+        bar = progress(total=self.shape.rows, desc="cache check", unit="rows", disable=self.shape.rows * r < 1 << 30)
         for start in range(0, self.shape.rows, chunk):
+            bar.update(min(chunk, self.shape.rows - start))
             filled = np.flatnonzero(self._flags[start : start + chunk] == 1)
             if not len(filled):
                 continue
             end = start + int(filled[-1]) + 1
-            block = np.frombuffer(os.pread(self._fd, (end - start) * r, base + start * r), np.uint8)
+            block = np.frombuffer(_pread_all(self._fd, (end - start) * r, base + start * r), np.uint8)
             got = row_crcs(block.reshape(end - start, r)[filled])
             bad.append(start + filled[got != self._crcs[start + filled]])
+        bar.close()
         return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
 
     def forget(self, pos: np.ndarray) -> None:

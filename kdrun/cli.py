@@ -268,7 +268,7 @@ def check_resumable(cfg) -> None:
 
     from kdrun.errors import ConfigError
     from kdrun.io import load_checkpoint
-    from kdrun.stages import resume_fingerprint
+    from kdrun.stages import resume_fingerprints
 
     try:
         run_dir = str(cfg.hydra.run.dir)
@@ -278,11 +278,11 @@ def check_resumable(cfg) -> None:
     lasts = sorted(f for f in os.listdir(ckpt_dir) if f.endswith("_last.pt")) if os.path.isdir(ckpt_dir) else []
     if not lasts:
         return
-    fingerprint = resume_fingerprint(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    fingerprints = resume_fingerprints(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     for name in lasts:
         ckpt = load_checkpoint(os.path.join(ckpt_dir, name))
         stage = name.removesuffix("_last.pt")
-        if ckpt is not None and ckpt.get("fingerprint") != f"{fingerprint}-{stage}":
+        if ckpt is not None and ckpt.get("fingerprint") not in [f"{f}-{stage}" for f in fingerprints]:
             raise ConfigError(
                 f"hydra.run.dir={run_dir}: checkpoints/{name} was made by a different configuration; continue the "
                 f"run as it was (kdrun train resume={run_dir}) or give a new hydra.run.dir"
@@ -327,11 +327,17 @@ def check_writable(cfg, multirun: bool) -> None:
         store = str(cfg.store.dir) if cfg.store.enabled else None
     except Exception:  # an interpolation of the running job
         return
-    if store is not None and not _can_create_in(parent := _nearest_existing(store)):
-        raise ConfigError(
-            f"store.dir={store}: cannot write the artifact store there ({parent} is not writable, and the store "
-            "takes a lock file even to read an entry); give a writable store.dir=PATH, or store.enabled=false"
-        )
+    if store is None:
+        return
+    from kdrun.store import KINDS
+
+    kinds = [os.path.join(store, k) for k in KINDS if os.path.isdir(os.path.join(store, k))]
+    for where in [_nearest_existing(store), *kinds]:  # lock files go into the kinds' folders
+        if not _can_create_in(where):
+            raise ConfigError(
+                f"store.dir={store}: cannot write the artifact store there ({where} is not writable, and the store "
+                "takes a lock file even to read an entry); give a writable store.dir=PATH, or store.enabled=false"
+            )
 
 
 def expand_resume(args: list[str]) -> list[str]:

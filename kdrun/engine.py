@@ -28,7 +28,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from kdrun import distributed
 from kdrun.data.loader import Batch, TensorLoader
 from kdrun.data.stream import StreamLoader
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.errors import KdrunError, ResumeRefused
 from kdrun.evaluation import accuracy, predict
 from kdrun.io import atomic_save, load_checkpoint, rng_state, set_rng_state
 from kdrun.losses.base import sum_terms
@@ -87,6 +87,7 @@ def train_stage(
     log_every: int = 50,
     checkpoint_every_steps: int = 0,
     fingerprint: str = "",
+    also_resumes: tuple[str, ...] = (),
     data_layout: str | None = None,
     on_step: Callable[[int, int], dict] | None = None,
     precision: str = "fp32",
@@ -114,7 +115,8 @@ def train_stage(
     weights, optimiser, LR scheduler, EMA, epoch and step, RNG states, partial sums and history;
     plus ``{stage}_best.pt`` when a validation split chooses a best epoch. When
     ``{stage}_last.pt`` exists the stage continues from it (or returns at once
-    when it is finished); ``fingerprint`` guards against resuming another config, ``data_layout``
+    when it is finished); ``fingerprint`` guards against resuming another config (``also_resumes``: earlier
+    keys of the same config, which a checkpoint of an older kdrun holds), ``data_layout``
     (:meth:`kdrun.data.base.DataBundle.layout`) against resuming on other data.
     ``precision``: fp32, or bf16/fp16 autocast (fp16 with a gradient scaler).
     ``logger``: experiment trackers (:class:`kdrun.loggers.Loggers`) fed every ``log_every`` steps
@@ -143,13 +145,13 @@ def train_stage(
 
     ckpt = load_checkpoint(last_path)
     if ckpt is not None:
-        if ckpt.get("fingerprint") != fingerprint or ckpt.get("epochs") != epochs:
-            raise KdrunError(
+        if ckpt.get("fingerprint") not in (fingerprint, *also_resumes) or ckpt.get("epochs") != epochs:
+            raise ResumeRefused(
                 f"{last_path}: made by a different configuration of stage '{stage}' (or by a kdrun that trained "
                 "it differently); use a new hydra.run.dir (or delete the checkpoint) to start over"
             )
         if data_layout is not None and ckpt.get("data_layout", data_layout) != data_layout:
-            raise ConfigError(
+            raise ResumeRefused(
                 f"{last_path}: trained on other data than the dataset holds now (images added, removed or moved to "
                 "another class since); give a new hydra.run.dir to train on the data as it is"
             )

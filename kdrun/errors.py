@@ -18,3 +18,8 @@ class ConfigError(KdrunError):
 class UnreadableImage(ConfigError):
     """An image file that cannot be decoded; the message names the file. Met mid-run (streamed images), the run's
     checkpoints stay good: once the file is fixed, resuming the run continues it."""
+
+
+class ResumeRefused(ConfigError):
+    """A stage checkpoint that cannot be continued here (made by another configuration, or trained on other data),
+    found before the stage changed anything: a finished run keeps its metrics.json and gets no FAILED note."""

@@ -37,15 +37,23 @@ RESUME_IGNORED_DATASET = ("root", "cache_dir", "workers", "download")
 RECIPE = 2
 
 
-def resume_fingerprint(cfg: DictConfig) -> str:
+def resume_fingerprint(cfg: DictConfig, before_data_check: bool = False) -> str:
     """The key of the resolved config a stage's checkpoint must match to be resumed (see ``RESUME_IGNORED``),
-    and of the :data:`RECIPE` that trains it."""
+    and of the :data:`RECIPE` that trains it. ``before_data_check``: the key as kdrun made it before checkpoints
+    checked their data (:data:`RESUME_IGNORED_DATASET` still in it), which a checkpoint of such a run holds."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     kept = {k: v for k, v in resolved.items() if k not in RESUME_IGNORED}
     kept["trainer"] = {k: v for k, v in kept.get("trainer", {}).items() if k not in RESUME_IGNORED_TRAINER}
-    kept["dataset"] = {k: v for k, v in kept.get("dataset", {}).items() if k not in RESUME_IGNORED_DATASET}
+    if not before_data_check:
+        kept["dataset"] = {k: v for k, v in kept.get("dataset", {}).items() if k not in RESUME_IGNORED_DATASET}
     return key_of({"recipe": RECIPE, "config": kept})
+
+
+def resume_fingerprints(cfg: DictConfig) -> tuple[str, str]:
+    """(the key a stage's checkpoint is written with, the key of a run begun before the data check): either
+    resumes."""
+    return resume_fingerprint(cfg), resume_fingerprint(cfg, before_data_check=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -82,10 +90,10 @@ class StageLog:
 class StageRunner:
     """Builds, trains and saves the models of one run; ``models`` are the ones the report evaluates."""
 
-    def __init__(self, cfg: DictConfig, data: RunData, run_dir: str, fingerprint: str):
+    def __init__(self, cfg: DictConfig, data: RunData, run_dir: str, fingerprints: tuple[str, str]):
         self.cfg, self.tr, self.data = cfg, cfg.trainer, data
         self.device = data.device
-        self.run_dir, self.fingerprint = run_dir, fingerprint
+        self.run_dir, (self.fingerprint, self.earlier_fingerprint) = run_dir, fingerprints
         self.data_layout = data.data.layout()  # a stage's checkpoint resumes only on the data it trained on
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
         os.makedirs(self.ckpt_dir, exist_ok=True)
@@ -158,6 +166,7 @@ class StageRunner:
             log_every=self.tr.log_every,
             checkpoint_every_steps=int(self.tr.checkpoint_every_steps),
             fingerprint=f"{self.fingerprint}-{stage}",
+            also_resumes=(f"{self.earlier_fingerprint}-{stage}",),
             data_layout=self.data_layout,
             on_step=on_step,
             precision=precision or self.tr.get("precision", "fp32"),

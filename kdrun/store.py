@@ -126,6 +126,7 @@ class Store:
 
     def ident(self) -> str | None:
         """The store's :data:`ID_FILE` name, made on first use (None where it can be neither read nor made)."""
+        import tempfile
         import uuid
 
         path = os.path.join(self.root, ID_FILE)
@@ -137,10 +138,11 @@ class Store:
                 pass
             except OSError:
                 return None
-            tmp = f"{path}.{os.getpid()}"
+            tmp = None
             try:
                 os.makedirs(self.root, exist_ok=True)
-                with open(tmp, "w") as f:
+                fd, tmp = tempfile.mkstemp(prefix=f".{ID_FILE}.", dir=self.root)  # unique on a shared store too
+                with os.fdopen(fd, "w") as f:
                     f.write(uuid.uuid4().hex + "\n")
                 os.link(tmp, path)  # atomic, and never over another process's name: then that one is read
             except FileExistsError:
@@ -148,7 +150,7 @@ class Store:
             except OSError:
                 return None
             finally:
-                if os.path.exists(tmp):
+                if tmp is not None and os.path.exists(tmp):
                     os.remove(tmp)
         return None
 
@@ -362,14 +364,25 @@ def link_into(src: str, dst: str) -> None:
 
 class StoreRefs:
     """The store entries one run uses, written to ``RUN_DIR/store_refs.json`` as soon as each is noted, so
-    ``kdrun store gc`` keeps them while the run lives (only the main worker writes)."""
+    ``kdrun store gc`` keeps them while the run lives (only the main worker writes). A run resumed or rerun in its
+    directory starts from the entries the file lists for the same store: those it has not reached yet stay kept."""
 
     def __init__(self, store: Store | None, run_dir: str, main: bool = True):
         self.store, self.path, self.main = store, os.path.join(run_dir, "store_refs.json"), main
         self.refs: dict[str, str] = {}
         self.store_id: str | None = None  # the store's name (Store.ident), read when the first entry is noted
+        try:
+            with open(self.path) as f:
+                earlier = json.load(f)
+            if store is not None and earlier.get("store") == store.root:
+                self.refs = {str(k): str(v) for k, v in earlier.get("refs", {}).items()}
+                self.store_id = earlier.get("store_id")
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def note(self, kind: str, key: str) -> None:
+        if self.refs.get(kind) == key and self.store_id and os.path.exists(self.path):
+            return  # listed already
         self.refs[kind] = key
         if self.main and self.store is not None:
             self.store_id = self.store_id or self.store.ident()

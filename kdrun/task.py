@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun import distributed
 from kdrun.config import validate
-from kdrun.errors import KdrunError, UnreadableImage
+from kdrun.errors import KdrunError, ResumeRefused, UnreadableImage
 from kdrun.preempt import Preempted, check_stop, install_handlers
 
 log = logging.getLogger("kdrun")
@@ -53,7 +53,8 @@ def hydra_train(cfg: DictConfig) -> float:
         else:
             metrics = train.run(cfg, run_dir)
     except KdrunError as e:
-        _mark_failed(run_dir, str(e))
+        if not (isinstance(e, ResumeRefused) and os.path.exists(os.path.join(run_dir, "metrics.json"))):
+            _mark_failed(run_dir, str(e))  # a finished run that refused to resume stays as it was
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if _in_sweep() and not isinstance(e, Preempted):  # costs only this job: the others run

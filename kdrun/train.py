@@ -33,7 +33,7 @@ from kdrun.losses import LOSSES
 from kdrun.models.registry import feature_points
 from kdrun.preempt import maybe_kill
 from kdrun.run_data import RunData
-from kdrun.stages import StageRunner, resume_fingerprint, seed_everything
+from kdrun.stages import StageRunner, resume_fingerprints, seed_everything
 from kdrun.store import Store, StoreRefs
 from kdrun.teachers import Teacher, TeacherSource
 
@@ -69,7 +69,7 @@ class Run:
         self.store = Store(cfg.store.dir) if cfg.store.enabled else None
         self.refs = StoreRefs(self.store, run_dir, distributed.is_main())
         self.data = RunData(cfg, device)
-        self.stages = StageRunner(cfg, self.data, run_dir, resume_fingerprint(cfg))
+        self.stages = StageRunner(cfg, self.data, run_dir, resume_fingerprints(cfg))
         self.stages.log.seconds["data"] = self.data.seconds
         self.teachers = TeacherSource(cfg, self.stages, self.store, self.refs)
         self.caches = LogitCaches(cfg, self.data, self.stages.log, run_dir, self.store, self.refs)

@@ -396,7 +396,7 @@ def test_every_worker_fills_the_logit_cache_with_the_teacher_rank_0_saved(kdrun,
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     data = RunData(cfg, torch.device("cpu"))
-    teacher = StageRunner(cfg, data, str(tmp_path / "scratch"), "x").build("teacher", cfg.teacher)
+    teacher = StageRunner(cfg, data, str(tmp_path / "scratch"), ("x", "x")).build("teacher", cfg.teacher)
     load_teacher(str(run / "checkpoints" / "teacher.pt"), teacher, model_identity(cfg.teacher, data.data))
     header = read_header(str(run / "teacher_logits.kdlc"))
     shape = CacheShape(header["samples"], header["views"], header["classes"], header["topk"])

@@ -365,3 +365,36 @@ def test_a_checkpoint_resumes_only_on_the_data_it_trained_on(tmp_path):
     p = run_kdrun("train", f"resume={run_dir}", f"dataset.root={copy}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "teacher: already finished" in p.stderr, p.stderr[-2000:]
+    # the finished run, its data changed in turn: refused the same way, and it stays complete
+    os.rename(copy / "train" / "cat" / "000.png", copy / "train" / "bee" / "100.png")
+    finished = {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file() and ".hydra" not in f.parts}
+    p = run_kdrun("train", f"resume={run_dir}", f"dataset.root={copy}")
+    assert p.returncode == 2 and "teacher_last.pt: trained on other data" in p.stderr, p.stderr[-2000:]
+    after = {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file() and ".hydra" not in f.parts}
+    noted = ("train.log", "store_refs.json")  # the log, and the store entry the refused stage looked for
+    assert {f: b for f, b in after.items() if f.name not in noted} == {
+        f: b for f, b in finished.items() if f.name not in noted
+    }
+    assert (run_dir / "metrics.json").exists() and not (run_dir / "FAILED").exists()
+
+
+def test_a_run_begun_before_checkpoints_checked_their_data_resumes(kdrun, tmp_path):
+    """Checkpoints written before the data check hold the config's earlier key (dataset.root and the other
+    where-keys still in it) and no data layout: such a run, killed, resumes after the upgrade."""
+    from kdrun import io as kio
+    from kdrun.cli import compose
+    from kdrun.stages import resume_fingerprint
+
+    run_dir = tmp_path / "run"
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "student:8"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    earlier = resume_fingerprint(compose(ARGS), before_data_check=True)
+    assert earlier != resume_fingerprint(compose(ARGS))
+    for last in (run_dir / "checkpoints").glob("*_last.pt"):  # as the earlier kdrun wrote them
+        ckpt = kio.load(str(last), "checkpoint")
+        stage = last.name.removesuffix("_last.pt")
+        ckpt = {k: v for k, v in ckpt.items() if k != "data_layout"} | {"fingerprint": f"{earlier}-{stage}"}
+        kio.atomic_save(ckpt, str(last))
+    p = kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "teacher: already finished" in p.stderr and "student: resuming from" in p.stderr

@@ -355,3 +355,18 @@ def test_runs_are_matched_to_their_store_by_its_name_at_any_path(tmp_path, monke
     code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={moved}", f"runs={runs}")
     assert code == 0 and stdout.count("removed") == 1 and f"logits   {LOGITS}" in stdout, stdout
     assert entries(Store(str(moved))) == [("teacher", TEACHER)]
+
+
+def test_a_rerun_keeps_the_entries_its_run_listed_until_it_reaches_them(tmp_path):
+    """A run resumed (or rerun) in its directory starts from the store entries its store_refs.json lists: gc keeps
+    the logit cache of a finished run whose rerun has only reached its teacher."""
+    store = make_store(tmp_path / "store", ("teacher", TEACHER), ("logits", LOGITS))
+    run = tmp_path / "run"
+    make_run(run, store, ("teacher", TEACHER), ("logits", LOGITS))
+    listed = (run / "store_refs.json").read_bytes()
+    again = StoreRefs(store, str(run))  # the rerun
+    again.note("teacher", TEACHER)
+    assert (run / "store_refs.json").read_bytes() == listed
+    again.note("teacher", key_of({"t": 2}))  # a teacher of other data: it replaces the first, the cache stays
+    assert json.loads((run / "store_refs.json").read_text())["refs"] == {"teacher": key_of({"t": 2}), "logits": LOGITS}
+    assert StoreRefs(Store(str(tmp_path / "other")), str(run)).refs == {}  # another store's list is not this one's
