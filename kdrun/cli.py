@@ -283,10 +283,27 @@ def check_resumable(cfg) -> None:
         ckpt = load_checkpoint(os.path.join(ckpt_dir, name))
         stage = name.removesuffix("_last.pt")
         if ckpt is not None and ckpt.get("fingerprint") not in [f"{f}-{stage}" for f in fingerprints]:
+            if _same_overrides(cfg, run_dir):  # the run as it was: the kdrun that trains it has changed
+                raise ConfigError(
+                    f"hydra.run.dir={run_dir}: checkpoints/{name} was made by a kdrun that trained this configuration "
+                    "differently (another version); it cannot be continued by this one: give a new hydra.run.dir to "
+                    "start the run over"
+                )
             raise ConfigError(
                 f"hydra.run.dir={run_dir}: checkpoints/{name} was made by a different configuration; continue the "
                 f"run as it was (kdrun train resume={run_dir}) or give a new hydra.run.dir"
             )
+
+
+def _same_overrides(cfg, run_dir: str) -> bool:
+    """Whether ``cfg`` is composed from the overrides ``run_dir`` saved (in any order)."""
+    from kdrun.io import load_yaml
+
+    try:
+        saved = load_yaml(os.path.join(run_dir, ".hydra", "overrides.yaml"))
+        return sorted(map(str, saved)) == sorted(map(str, cfg.hydra.overrides.task))
+    except Exception:  # noqa: BLE001 (no saved overrides, or none composed: not the same run)
+        return False
 
 
 def _can_create_in(parent: str) -> bool:

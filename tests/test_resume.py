@@ -398,3 +398,22 @@ def test_a_run_begun_before_checkpoints_checked_their_data_resumes(kdrun, tmp_pa
     p = kdrun("train", f"resume={run_dir}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "teacher: already finished" in p.stderr and "student: resuming from" in p.stderr
+
+
+def test_a_checkpoint_of_another_kdrun_version_says_so(kdrun, tmp_path):
+    """The run's own overrides, but checkpoints this kdrun would train differently (an earlier RECIPE): the line says
+    the version differs, instead of advising the resume command just given."""
+    from kdrun import io as kio
+
+    run_dir = tmp_path / "run"
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "teacher:7"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    last = run_dir / "checkpoints" / "teacher_last.pt"
+    kio.atomic_save(kio.load(str(last), "checkpoint") | {"fingerprint": "0123456789abcdef-teacher"}, str(last))
+    p = kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        f"kdrun: error: hydra.run.dir={run_dir}: checkpoints/teacher_last.pt was made by a kdrun that trained this "
+        "configuration differently (another version); it cannot be continued by this one: give a new hydra.run.dir "
+        "to start the run over"
+    )
