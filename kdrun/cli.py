@@ -262,8 +262,9 @@ def check_sweep_dir(cfg, overrides: list[str]) -> None:
 
 def check_resumable(cfg) -> None:
     """A run directory with stage checkpoints is continued only by the configuration that made them. Refuse any
-    other now: once Hydra starts the job it rewrites the directory's ``.hydra/`` with the new overrides, and a refusal
-    from the stage itself would mark the finished run FAILED (its ``metrics.json`` removed)."""
+    other now: once Hydra starts the job it rewrites the directory's ``.hydra/`` with the new overrides, so a refusal
+    from the stage itself (:class:`kdrun.errors.ResumeRefused`) would leave the run described by a configuration
+    that did not make it."""
     from omegaconf import OmegaConf
 
     from kdrun.errors import ConfigError
