@@ -437,6 +437,11 @@ def _delegate(module: str, func: str):
             if _full_error():
                 raise
             return fail(str(e), e.exit_code)
+        except OSError as e:  # permissions, a full disk, a read-only folder: the file and the reason, one line
+            if _full_error():
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            return fail(f"{where}{e.strerror or e} (an operating-system error; run it where kdrun can write)")
 
     return command
 

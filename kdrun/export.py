@@ -84,6 +84,8 @@ class Int8Result:
     size_mb: float
     top1: float
     top1_drop: float  # fp32 export top-1 minus int8 top-1, percentage points
+    agreement: float  # % of the test images on which its top-1 class is the PyTorch model's
+    max_abs_diff: float  # largest |delta logit| against PyTorch on the whole test split
     latency_ms: dict[str, float]  # onnxruntime, "b1" and "b32"
     speedup: dict[str, float]  # fp32 onnxruntime latency / int8 latency
     calibration_images: int
@@ -99,6 +101,7 @@ class ModelExport:
     size_mb: float
     top1_pytorch: float
     top1: float  # the exported model on the whole test split
+    agreement: float  # % of the test images on which its top-1 class is the PyTorch model's
     max_abs_diff: float  # largest |delta logit| against PyTorch on the parity images
     parity_images: int
     latency_ms: dict[str, float]  # exported runtime, "b1" and "b32"
@@ -147,6 +150,8 @@ def parse_args(args: list[str]) -> ExportOptions:
             raise ExportError(f"{key}: unknown option; valid: format, quantize, models, atol, calib, threads")
     if opts.quantize == "int8" and opts.format != "onnx":
         raise ExportError(f"quantize=int8: needs format=onnx (got format={opts.format})")
+    if opts.quantize != "int8" and any(a.startswith("calib=") for a in args):
+        raise ExportError("calib=: the int8 calibration images; it needs quantize=int8")
     return opts
 
 
@@ -288,6 +293,11 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
 def top1(logits: np.ndarray | torch.Tensor, labels: torch.Tensor) -> float:
     pred = torch.as_tensor(np.asarray(logits)).argmax(1)
     return round(100.0 * (pred == labels).float().mean().item(), 3)
+
+
+def same_class(logits: np.ndarray, ref: np.ndarray) -> float:
+    """% of images on which ``logits`` and ``ref`` [N, C] pick the same class (rounded to 3 places)."""
+    return round(100.0 * float((logits.argmax(1) == ref.argmax(1)).mean()), 3) if len(ref) else 100.0
 
 
 def in_chunks(fn, x: torch.Tensor, size: int = 256) -> np.ndarray:
@@ -507,6 +517,7 @@ def export_model(
         size_mb=_size_mb(out),
         top1_pytorch=top1(ref, test.y),
         top1=top1(got, test.y),
+        agreement=same_class(got, ref),
         max_abs_diff=diff,
         parity_images=n_par,
         latency_ms=latencies(run, test.x),
@@ -516,17 +527,26 @@ def export_model(
         qfile = f"{name}.int8.onnx"
         qout = os.path.join(workdir, qfile)
         assert calib is not None
-        quantize_int8(out, qout, calib, workdir)
+        try:
+            quantize_int8(out, qout, calib, workdir)
+        except Exception as e:  # noqa: BLE001 (onnxruntime's quantizer raises what it meets: one line naming it)
+            raise ExportError(
+                f"export {name}: int8 quantization failed ({type(e).__name__}: {io.first_line(e)}); export it "
+                "without quantize=int8; nothing written"
+            ) from None
         if spec is not None:
             _tag_onnx(qout, spec)
         qrun = ort_fn(qout, opts.threads)
-        qtop1 = top1(in_chunks(qrun, test.x), test.y)
+        qlogits = in_chunks(qrun, test.x)
+        qtop1 = top1(qlogits, test.y)
         qlat = latencies(qrun, test.x)
         res.int8 = Int8Result(
             file=qfile,
             size_mb=_size_mb(qout),
             top1=qtop1,
             top1_drop=round(res.top1 - qtop1, 3),
+            agreement=same_class(qlogits, ref),
+            max_abs_diff=float(np.abs(qlogits - ref).max()),
             latency_ms=qlat,
             calibration_images=len(calib),
             speedup={k: round(res.latency_ms[k] / qlat[k], 3) for k in qlat},
@@ -573,7 +593,7 @@ def run_export(opts: ExportOptions) -> dict:
             "dataset": str(cfg.dataset.name),
             "test_images": len(test.x),
             "input": spec,
-            "options": asdict(opts) | {"run_dir": opts.run_dir},
+            "options": {k: v for k, v in asdict(opts).items() if int8 or k != "calib"} | {"run_dir": opts.run_dir},
             "threads": {
                 "torch": torch.get_num_threads(),
                 "onnxruntime": opts.threads or "default",
@@ -604,12 +624,15 @@ def read_config(run_dir: str) -> DictConfig:
 def _replace_dir(new: str, dest: str) -> None:
     """Put folder ``new`` at ``dest``, replacing what was there (renamed aside first, then removed)."""
     old = None
-    if os.path.exists(dest):
+    if os.path.lexists(dest):
         old = f"{dest}.old-tmp-{os.getpid()}"
         os.replace(dest, old)
     os.replace(new, dest)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a file (or link) named export: removed as well
+            os.remove(old)
 
 
 def _versions() -> dict:
@@ -632,9 +655,9 @@ def _ms(lat: dict, b: int) -> str:
 
 def export_table(doc: dict) -> str:
     """One row per exported file: top-1, size, runtime latency at batch 1/32, PyTorch eager latency."""
-    w = 15
+    w, fw = 15, 16
     head = (
-        f"{'model':<22} {'format':<10} {'top1':>6} {'drop':>5} {'MB':>7} {'runtime b1':>{w}} "
+        f"{'model':<22} {'format':<{fw}} {'top1':>6} {'drop':>5} {'agree':>6} {'MB':>7} {'runtime b1':>{w}} "
         f"{'runtime b32':>{w}} {'eager b1':>{w}} {'eager b32':>{w}} {'max|d|':>8}"
     )
     lines = [head]
@@ -642,24 +665,31 @@ def export_table(doc: dict) -> str:
         lat, eag = m["latency_ms"], m["eager_latency_ms"]
         label = f"{m['name']} {m['arch']}"[:22]
         lines.append(
-            f"{label:<22} {m['format'] + ' fp32':<10} {m['top1']:6.2f} {'':>5} {m['size_mb']:7.3f} "
+            f"{label:<22} {m['format'] + ' fp32':<{fw}} {m['top1']:6.2f} {'':>5} {_agree(m):>6} {m['size_mb']:7.3f} "
             f"{_ms(lat, 1):>{w}} {_ms(lat, 32):>{w}} {_ms(eag, 1):>{w}} {_ms(eag, 32):>{w}} "
             f"{m['max_abs_diff']:8.1e}"
         )
         q = m.get("int8")
         if q:
             ql = q["latency_ms"]
+            q_diff = f"{q['max_abs_diff']:8.1e}" if "max_abs_diff" in q else ""
             lines.append(
-                f"{'':<22} {'onnx int8':<10} {q['top1']:6.2f} {q['top1_drop']:5.2f} {q['size_mb']:7.3f} "
-                f"{_ms(ql, 1):>{w}} {_ms(ql, 32):>{w}}"
+                f"{'':<22} {'onnx int8':<{fw}} {q['top1']:6.2f} {q['top1_drop']:5.2f} {_agree(q):>6} "
+                f"{q['size_mb']:7.3f} {_ms(ql, 1):>{w}} {_ms(ql, 32):>{w}} {'':>{w}} {'':>{w}} {q_diff}"
             )
     rt = "onnxruntime CPU" if any(m["format"] == "onnx" for m in doc["models"]) else "TorchScript"
+    drop = "drop = int8 top-1 loss in points; " if any(m.get("int8") for m in doc["models"]) else ""
     lines.append(
-        f"test split of {doc['dataset']} ({doc['test_images']} images); runtime = {rt}; drop = int8 top-1 "
-        f"loss in points; latency = median/best ms per batch, {doc['threads']['torch']} thread(s) of "
-        f"{doc['threads']['cpu_count']} CPU cores"
+        f"test split of {doc['dataset']} ({doc['test_images']} images); runtime = {rt}; {drop}agree = % of test "
+        "images given the PyTorch model's class; max|d| = largest |delta logit| against it; latency = median/best "
+        f"ms per batch, {doc['threads']['torch']} thread(s) of {doc['threads']['cpu_count']} CPU cores"
     )
     return "\n".join(lines)
+
+
+def _agree(m: dict) -> str:
+    """The agreement column (exports written before it was recorded have none)."""
+    return f"{m['agreement']:6.2f}" if "agreement" in m else "-"
 
 
 def read_export(run_dir: str) -> dict | None:

@@ -53,7 +53,7 @@ def report_main(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    from kdrun.export import export_table, read_export
+    from kdrun.export import export_table, input_line, read_export
     from kdrun.sweep_report import RANKED_BY, build, text_table
 
     opts = parse_args(args)
@@ -81,6 +81,8 @@ def report_main(args: list[str]) -> int:
     if exported:
         print("export (export/export.json):")
         print(export_table(exported))
+        if "input" in exported:
+            print(input_line(exported["input"]))
     print("written:")
     for path in rep.paths:
         print(f"  {path}")

@@ -71,13 +71,20 @@ def test_export_writes_onnx_int8_and_json(run_dir, exported):
     assert "onnx int8" in exported.stdout and "student" in exported.stdout
     # the int8 top-1 is the int8 file's own, recounted on the run's test images
     from kdrun import io
-    from kdrun.export import load_images
+    from kdrun.export import load_images, load_model
 
     test, _ = load_images(io.load_yaml(str(run_dir / ".hydra" / "config.yaml")))
     for m in by_name.values():
         sess = onnxruntime.InferenceSession(str(out / m["int8"]["file"]), providers=["CPUExecutionProvider"])
         logits = sess.run(None, {sess.get_inputs()[0].name: test.x.numpy()})[0]
         assert m["int8"]["top1"] == pytest.approx(100 * (logits.argmax(1) == test.y.numpy()).mean(), abs=1e-3)
+        # its agreement with the PyTorch model, image by image: a top-1 drop of 0 can hide changed answers
+        model, _ = load_model(str(run_dir / "checkpoints" / f"{m['name']}.pt"))
+        with torch.no_grad():
+            want = model(test.x).numpy()
+        same = 100 * (logits.argmax(1) == want.argmax(1)).mean()
+        assert m["int8"]["agreement"] == pytest.approx(same, abs=1e-3) and m["agreement"] == 100.0
+        assert m["int8"]["max_abs_diff"] == pytest.approx(np.abs(logits - want).max(), rel=1e-3, abs=1e-6)
 
 
 def test_exported_onnx_has_dynamic_batch_and_matches_the_checkpoint(run_dir, exported):
@@ -183,6 +190,33 @@ def test_report_shows_the_export(run_dir, exported):
     p = run_kdrun("report", str(run_dir))
     assert p.returncode == 0, p.stderr
     assert "export (export/export.json)" in p.stdout and "onnx int8" in p.stdout
+    assert "input 'images': float32 NCHW" in p.stdout and " agree " in p.stdout  # what to feed it, as README shows
+
+
+def test_an_operating_system_error_is_one_line(run_dir, kdrun_here, monkeypatch):
+    """A run directory kdrun cannot write into (read-only, immutable): the file and the reason, exit 2."""
+    import tempfile
+
+    def denied(prefix="", dir=None):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}x"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    p = kdrun_here("export", str(run_dir), "models=student")
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        f"kdrun: error: {run_dir}/.export-tmp-x: Permission denied (an operating-system error; run it where kdrun "
+        "can write)"
+    )
+
+
+def test_a_file_named_export_is_replaced_without_leftovers(tmp_path):
+    from kdrun.export import _replace_dir
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "export.json").write_text("{}")
+    (tmp_path / "export").write_text("a file in the way")
+    _replace_dir(str(tmp_path / "new"), str(tmp_path / "export"))
+    assert sorted(os.listdir(tmp_path)) == ["export"] and (tmp_path / "export" / "export.json").exists()
 
 
 def test_torchscript_format(run_dir, tmp_path):
@@ -254,6 +288,7 @@ def test_a_checkpoint_its_model_no_longer_fits_is_one_line(run_dir, tmp_path):
             "quantize=int8: needs format=onnx",
         ),
         (["RUN", "calib=0"], "calib=0: must be a whole number >= 1"),
+        (["RUN", "calib=8"], "calib=: the int8 calibration images; it needs quantize=int8"),
         (["RUN", "atol=nan"], "atol=nan: must be a number >= 0.0"),
         (["RUN", "colour=red"], "colour: unknown option"),
         ([], "missing RUN_DIR"),
