@@ -437,6 +437,8 @@ def _delegate(module: str, func: str):
             if _full_error():
                 raise
             return fail(str(e), e.exit_code)
+        except BrokenPipeError:  # the reader of stdout has gone: main ends quietly
+            raise
         except OSError as e:  # permissions, a full disk, a read-only folder: the file and the reason, one line
             if _full_error():
                 raise
