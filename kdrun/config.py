@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import os
 import re
+from collections.abc import Callable
+from typing import Any, TypeGuard
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -31,14 +33,15 @@ def _bool(v) -> bool:
     return isinstance(v, bool)
 
 
-def _int(v) -> bool:
+def _int(v) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 # key, type check, range check, what is valid
-RULES = [
+Rule = tuple[str, Callable[[Any], bool], Callable[[Any], object], str]
+RULES: list[Rule] = [
     ("trainer.teacher_epochs", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.epochs", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.batch_size", _int, lambda v: v > 0, "an integer > 0"),
@@ -80,7 +83,7 @@ RULES = [
 ]
 
 # the optimiser's keys, for optim.* and for the teacher's own overrides teacher.optim.*
-OPTIM_RULES = [
+OPTIM_RULES: list[Rule] = [
     ("name", lambda v: isinstance(v, str), lambda v: v in OPTIMIZERS, _one_of(OPTIMIZERS)),
     ("lr", _num, lambda v: v > 0, "a number > 0"),
     ("momentum", _num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -221,7 +224,7 @@ def check_class_indices(cfg: DictConfig, n: int | None, what: str) -> None:
             f"dataset.student_exclude={list(exclude)}: leaves none of the {n} classes for the student stages"
         )
     topk = (cfg.get("cache") or {}).get("topk")
-    if n and isinstance(topk, int) and _int(topk) and topk >= n:
+    if n and _int(topk) and topk >= n:
         raise ConfigError(f"cache.topk={topk}: must be below {what} (null keeps every logit)")
     bias = (cfg.get("evaluate") or {}).get("logit_bias") or {}
     for c, b in bias.items():

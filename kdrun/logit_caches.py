@@ -12,7 +12,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-import numpy as np
 from omegaconf import DictConfig
 
 from kdrun import distributed
@@ -90,8 +89,7 @@ class LogitCaches:
                             damaged = bad.created  # reported by get(); replaced when this run publishes
             cache = LogitCache.open(path, shape, ckey)
             # each row's CRC, unless the file was just taken from a store entry whose SHA-256 get() checked
-            broken = cache.damaged() if source != "store" else np.zeros(0, dtype=np.int64)
-            if len(broken):
+            if source != "store" and len(broken := cache.damaged()):
                 shared = os.stat(path).st_nlink > 1  # the store entry's own file, damaged with it
                 log.warning(
                     "logit cache %s: %d of %d filled rows fail their checksum (damaged on disk%s); the teacher "
