@@ -29,11 +29,11 @@ batch of rows, whatever the size of the file.
 
 A file whose header, key or size does not match is replaced by an empty one with a warning naming it;
 rows (and their CRCs) are written before their flag, so a run killed mid-write recomputes those rows. Every
-filled row is checked against its CRC when a run opens the file (:meth:`LogitCache.damaged`): a row damaged on
-disk since, in the run's file or in the store entry it shares, is computed again by the teacher, with a
-warning, rather than read as the teacher's logits. Published files are checksummed whole by the store
-(:mod:`kdrun.store`); a file hard-linked into the store is copied before this process writes into it (copy on
-write), so a store entry never changes.
+filled row is checked against its CRC when a run opens the file (:meth:`LogitCache.damaged`, each data-parallel
+worker its share of the rows): a row damaged on disk since, in the run's file or in the store entry it shares,
+is computed again by the teacher, with a warning, rather than read as the teacher's logits. Published files are
+checksummed whole by the store (:mod:`kdrun.store`); a file hard-linked into the store is copied before this
+process writes into it (copy on write), so a store entry never changes.
 """
 
 from __future__ import annotations
@@ -269,15 +269,19 @@ class LogitCache:
     def complete(self) -> bool:
         return self.filled == self.shape.rows
 
-    def damaged(self, chunk: int = 1 << 16) -> np.ndarray:
-        """Positions of the filled rows whose bytes no longer match their CRC (read at most ``chunk`` rows, and
-        64 MiB, at a time; a progress bar for a cache of over 1 GiB)."""
+    def damaged(self, chunk: int = 1 << 16, part: int = 0, parts: int = 1) -> np.ndarray:
+        """Positions of the filled rows whose bytes no longer match their CRC, among the ``part``-th of ``parts``
+        equal runs of rows (data-parallel workers each check their own); read at most ``chunk`` rows, and 64 MiB,
+        at a time, with a progress bar for the first part when the whole file is over 1 GiB."""
         r, base, bad = self.shape.row_bytes, self.shape.data_offset, []
+        first, last = self.shape.rows * part // parts, self.shape.rows * (part + 1) // parts
         chunk = max(1, min(chunk, (64 << 20) // r))
-        bar = progress(total=self.shape.rows, desc="cache check", unit="rows", disable=self.shape.rows * r < 1 << 30)
-        for start in range(0, self.shape.rows, chunk):
-            bar.update(min(chunk, self.shape.rows - start))
-            filled = np.flatnonzero(self._flags[start : start + chunk] == 1)
+        big = self.shape.rows * r >= 1 << 30
+        bar = progress(total=last - first, desc="cache check", unit="rows", disable=part != 0 or not big)
+        for start in range(first, last, chunk):
+            stop = min(start + chunk, last)
+            bar.update(stop - start)
+            filled = np.flatnonzero(self._flags[start:stop] == 1)
             if not len(filled):
                 continue
             end = start + int(filled[-1]) + 1

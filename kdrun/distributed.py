@@ -156,6 +156,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gathered(obj) -> list:
+    """Every worker's picklable ``obj``, in rank order (``[obj]`` when alone)."""
+    if size() == 1:
+        return [obj]
+    out: list = [None] * size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_flag(flag: bool, device) -> bool:
     """True on every worker when any worker's flag is set (one tiny collective)."""
     if size() == 1:

@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 from omegaconf import DictConfig
 
 from kdrun import distributed
@@ -88,8 +89,15 @@ class LogitCaches:
                         elif (bad := self.store.inspect("logits", ckey, verify=False)) is not None:
                             damaged = bad.created  # reported by get(); replaced when this run publishes
             cache = LogitCache.open(path, shape, ckey)
-            # each row's CRC, unless the file was just taken from a store entry whose SHA-256 get() checked
-            if source != "store" and len(broken := cache.damaged()):
+        distributed.barrier()
+        if not distributed.is_main():
+            cache = LogitCache.attach(path, shape, ckey)
+        # each row's CRC, unless the file was just taken from a store entry whose SHA-256 get() checked; every
+        # worker checks its share of the rows, so a large cache is read in parallel and no worker waits alone
+        if distributed.shared(lambda: source != "store"):
+            rank, workers = distributed.world()
+            broken = np.concatenate(distributed.gathered(cache.damaged(part=rank, parts=workers)))
+            if distributed.is_main() and len(broken):
                 shared = os.stat(path).st_nlink > 1  # the store entry's own file, damaged with it
                 log.warning(
                     "logit cache %s: %d of %d filled rows fail their checksum (damaged on disk%s); the teacher "
@@ -103,10 +111,11 @@ class LogitCaches:
                     damaged = entry.created  # replaced when this run publishes
                 cache.copy_on_write()
                 cache.forget(broken)
-            if not cache.complete:
-                cache.copy_on_write()  # never write into a file the store holds
+        if distributed.is_main() and not cache.complete:
+            cache.copy_on_write()  # never write into a file the store holds
         distributed.barrier()
-        if not distributed.is_main():
+        if not distributed.is_main():  # rank 0 may have given the run its own copy of the file meanwhile
+            cache.close()
             cache = LogitCache.attach(path, shape, ckey)
         filled = cache.filled
         log.info(

@@ -182,7 +182,7 @@ def test_damaged_or_foreign_cache_file_is_replaced_by_an_empty_one(tmp_path, cap
 
 def test_rows_damaged_on_disk_fail_their_checksum(tmp_path):
     """A byte changed in a filled row's logits is found by its CRC (across the chunks it is read in); an unfilled
-    row is never counted, and a forgotten row reads as missing."""
+    row is never counted, and a forgotten row reads as missing. Workers checking their parts find them all."""
     shape = CacheShape(10, 2, 4)
     path = str(tmp_path / "c.kdlc")
     cache = LogitCache.open(path, shape, "k")
@@ -199,6 +199,9 @@ def test_rows_damaged_on_disk_fail_their_checksum(tmp_path):
         f.write(b"\x7f")
     for chunk in (1, 3, 1 << 16):
         assert list(cache.damaged(chunk)) == [3, 19], chunk
+    # data-parallel workers each check one of equal runs of rows: 20 rows in 3 parts are 0-5, 6-12, 13-19
+    assert [list(cache.damaged(3, part, 3)) for part in range(3)] == [[3], [], [19]]
+    assert [list(cache.damaged(1 << 16, part, 2)) for part in range(2)] == [[3], [19]]
     cache.forget(cache.damaged())
     assert cache.filled == 2 and list(cache.lookup(index, view)[1]) == [True, False, True, False]
 

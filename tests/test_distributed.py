@@ -250,7 +250,12 @@ def test_two_workers_end_with_the_weights_of_one_process(kdrun, tmp_path, one_pr
 def test_two_workers_stop_together_for_a_requeue_and_resume(kdrun, tmp_path, one_process):
     """SIGTERM (SLURM signals every task of a preempted job): the workers agree on a stop every STOP_POLL_STEPS
     steps, not every step (each check is a collective, and a host sync on GPUs), save one checkpoint and exit
-    75; the same command resumes and ends with the weights of one process."""
+    75; the same command resumes and ends with the weights of one process. Meanwhile logit rows in both
+    workers' shares of the cache were damaged on disk: each worker checks its share, and all of them are
+    computed again."""
+    import numpy as np
+
+    from kdrun.cache import HEADER_BYTES, CacheShape, read_header
     from kdrun.engine import STOP_POLL_STEPS
     from kdrun.preempt import EXIT_PREEMPTED
 
@@ -260,9 +265,21 @@ def test_two_workers_stop_together_for_a_requeue_and_resume(kdrun, tmp_path, one
     assert p.returncode == EXIT_PREEMPTED, p.stderr[-3000:]
     assert f"student: stopped by SIGTERM at epoch 1, step {STOP_POLL_STEPS}; checkpoint saved" in p.stderr
     assert torch.load(run_dir / "checkpoints" / "student_last.pt", weights_only=False)["step"] == STOP_POLL_STEPS
+    cache = run_dir / "teacher_logits.kdlc"
+    h = read_header(str(cache))
+    shape = CacheShape(h["samples"], h["views"], h["classes"], h["topk"])
+    flags = np.fromfile(cache, np.uint8, shape.rows, offset=HEADER_BYTES)
+    filled = np.flatnonzero(flags)
+    half = shape.rows // 2
+    bad = [*filled[filled < half][:3], *filled[filled >= half][-4:]]  # rank 0's share, then rank 1's
+    with open(cache, "r+b") as f:
+        for pos in bad:
+            f.seek(shape.data_offset + int(pos) * shape.row_bytes)
+            f.write(b"\x00\x5b" * (shape.row_bytes // 2))  # fp16 224.0: a confident, wrong teacher
     p = kdrun(*args, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "student: resuming from" in p.stderr
+    assert f"7 of {len(filled)} filled rows fail their checksum" in p.stderr, p.stderr[-3000:]
     assert_same_weights(weights(run_dir), one_process)
 
 
