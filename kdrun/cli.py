@@ -307,16 +307,6 @@ def _same_overrides(cfg, run_dir: str) -> bool:
         return False
 
 
-def _can_create_in(parent: str) -> bool:
-    import tempfile
-
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".kdrun-check-", dir=parent))
-        return True
-    except OSError:
-        return False
-
-
 def _nearest_existing(path: str) -> str:
     path = os.path.abspath(path)
     while not os.path.exists(path):
@@ -329,6 +319,7 @@ def check_writable(cfg, multirun: bool) -> None:
     existing parent must be writable; so must the artifact store's (``store.dir``, which takes a lock file even to
     read an entry)."""
     from kdrun.errors import ConfigError
+    from kdrun.io import can_create_in
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
@@ -336,7 +327,7 @@ def check_writable(cfg, multirun: bool) -> None:
     except Exception:  # interpolations that need a running job: Hydra will report them
         return
     parent = _nearest_existing(out)
-    if not _can_create_in(parent):
+    if not can_create_in(parent):
         raise ConfigError(
             f"{key}={out}: cannot create the output directory ({parent} is not writable); "
             f"choose another with {key}=PATH"
@@ -351,7 +342,7 @@ def check_writable(cfg, multirun: bool) -> None:
 
     kinds = [os.path.join(store, k) for k in KINDS if os.path.isdir(os.path.join(store, k))]
     for where in [_nearest_existing(store), *kinds]:  # lock files go into the kinds' folders
-        if not _can_create_in(where):
+        if not can_create_in(where):
             raise ConfigError(
                 f"store.dir={store}: cannot write the artifact store there ({where} is not writable, and the store "
                 "takes a lock file even to read an entry); give a writable store.dir=PATH, or store.enabled=false"

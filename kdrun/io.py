@@ -32,6 +32,7 @@ import os
 import pickle
 import random
 import re
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import BinaryIO
@@ -54,6 +55,16 @@ class DamagedArtifact(KdrunError):
 
 
 # ---------------------------------------------------------------- atomic writes
+
+
+def can_create_in(folder: str) -> bool:
+    """Whether this process can create a file in ``folder``, found by trying (``os.access`` answers from the mode
+    bits, which a read-only mount, an ACL or root's privileges make wrong)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kdrun-check-", dir=folder))
+        return True
+    except OSError:
+        return False
 
 
 def fsync_dir(path: str) -> None:

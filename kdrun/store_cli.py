@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from kdrun.errors import ConfigError
+from kdrun.io import can_create_in
 from kdrun.store import ID_FILE, KINDS, Entry, Store
 
 USAGE = """usage: kdrun store ls [dir=outputs/.store] [verify=true|false]
@@ -295,7 +296,7 @@ def store_main(args: list[str]) -> int:
         return 0
     runs = runs_root(opts)
     for d in [store.root, *(os.path.join(store.root, k) for k in KINDS)]:
-        if os.path.isdir(d) and not os.access(d, os.W_OK):
+        if os.path.isdir(d) and not can_create_in(d):
             raise ConfigError(
                 f"dir={opts['dir']}: {d} is not writable, and gc takes each entry's lock file, also with "
                 "dry_run=true; run it as a user (or on a mount) that can write to the store"
