@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from kdrun import distributed
+from kdrun.data.base import layout_matches
 from kdrun.data.loader import Batch, TensorLoader
 from kdrun.data.stream import StreamLoader
 from kdrun.errors import KdrunError, ResumeRefused
@@ -150,10 +151,10 @@ def train_stage(
                 f"{last_path}: made by a different configuration of stage '{stage}' (or by a kdrun that trained "
                 "it differently); use a new hydra.run.dir (or delete the checkpoint) to start over"
             )
-        if data_layout is not None and ckpt.get("data_layout", data_layout) != data_layout:
+        if data_layout is not None and not layout_matches(ckpt.get("data_layout", data_layout), data_layout):
             raise ResumeRefused(
-                f"{last_path}: trained on other data than the dataset holds now (images added, removed or moved to "
-                "another class since); give a new hydra.run.dir to train on the data as it is"
+                f"{last_path}: trained on other data than the dataset holds now (images added, removed, changed or "
+                "moved to another class since); give a new hydra.run.dir to train on the data as it is"
             )
         try:
             trainable.load_state_dict(ckpt["model"])

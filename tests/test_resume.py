@@ -357,8 +357,8 @@ def test_a_checkpoint_resumes_only_on_the_data_it_trained_on(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1] == (
         f"kdrun: error: {run_dir}/checkpoints/teacher_last.pt: trained on other data than the dataset holds now "
-        "(images added, removed or moved to another class since); give a new hydra.run.dir to train on the data as "
-        "it is"
+        "(images added, removed, changed or moved to another class since); give a new hydra.run.dir to train on the "
+        "data as it is"
     )
     # the old teacher is not stored under the new data
     assert sorted(f for f in (tmp_path / "store").rglob("*") if f.suffix != ".lock") == stored
@@ -376,6 +376,37 @@ def test_a_checkpoint_resumes_only_on_the_data_it_trained_on(tmp_path):
         f: b for f, b in finished.items() if f.name not in noted
     }
     assert (run_dir / "metrics.json").exists() and not (run_dir / "FAILED").exists()
+
+
+def test_a_checkpoint_does_not_resume_on_an_image_changed_in_its_class(tmp_path):
+    """The same file names and labels, one training image replaced by another picture of its class (decoded into
+    memory): refused like any other change of the data."""
+    import shutil
+
+    from tests.conftest import SMOKE_RUN, run_kdrun
+    from tests.test_data import make_folder
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    make_folder(data, per_split={"train": 12, "test": 4}, size=16)
+    args = [*SMOKE_RUN, "trainer.latency=false", "dataset=imagefolder", "dataset.image_size=16"]
+    args += [f"dataset.root={data}", f"dataset.cache_dir={tmp_path / 'decoded'}", "store.enabled=false"]
+    p = run_kdrun("train", *args, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "student:1"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    shutil.copyfile(data / "train" / "ant" / "001.png", data / "train" / "ant" / "000.png")
+    p = run_kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 2 and "teacher_last.pt: trained on other data" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_checkpoint_saved_before_pixels_counted_is_checked_by_what_it_recorded():
+    """Checkpoints of an earlier kdrun hold the layout without its pixels part (before the ``+``)."""
+    from kdrun.data.base import layout_matches
+
+    assert layout_matches("0123456789abcdef+fedcba9876543210", "0123456789abcdef+fedcba9876543210")
+    assert not layout_matches("0123456789abcdef+fedcba9876543210", "0123456789abcdef+0000000000000000")
+    assert layout_matches("0123456789abcdef", "0123456789abcdef+fedcba9876543210")  # saved before pixels counted
+    assert not layout_matches("0123456789abcdee", "0123456789abcdef+fedcba9876543210")
+    assert layout_matches("0123456789abcdef", "0123456789abcdef")  # streamed data: no pixels part
+    assert not layout_matches("0123456789abcdef+fedcba9876543210", "0123456789abcdef")
 
 
 def test_a_run_begun_before_checkpoints_checked_their_data_resumes(kdrun, tmp_path):

@@ -78,15 +78,18 @@ class DataBundle:
 
     def layout(self) -> str:
         """A short hash of what a stage trains on, wherever the files lie and whatever their times: the classes,
-        each split's labels in order, and a streamed split's file names (class folder / file). A checkpoint of
-        other data (images added, removed or moved to another class) does not resume; the same data copied to
-        another disk does (:attr:`identity` holds the files' times, as a cache key must)."""
+        each split's labels in order, a streamed split's file names (class folder / file), and, after a ``+``, the
+        pixels of the splits held in memory. A checkpoint of other data (images added, removed, changed or moved
+        to another class) does not resume; the same data copied to another disk does (:attr:`identity` holds the
+        files' times, as a cache key must). The part before the ``+`` is the whole layout of a kdrun before pixels
+        counted (:func:`layout_matches`)."""
         h = hashlib.sha1(repr(self.classes).encode())
         for split in (self.train, self.test):
             h.update(tensor_digest(split.labels).encode())
             if isinstance(split, FileSet):
                 h.update("\n".join(os.path.join(*f.split(os.sep)[-2:]) for f in split.files).encode())
-        return h.hexdigest()[:16]
+        pixels = [split.images for split in (self.train, self.test) if isinstance(split, ImageSet)]
+        return h.hexdigest()[:16] + (f"+{tensor_digest(*pixels)}" if pixels else "")
 
     @property
     def in_chans(self) -> int:
@@ -115,6 +118,12 @@ class DataBundle:
 DatasetFn = Callable[..., DataBundle]
 DATASETS: Registry[DatasetFn] = Registry("dataset", "dataset.name")
 register_dataset = DATASETS.register
+
+
+def layout_matches(saved: str, layout: str) -> bool:
+    """Whether a checkpoint's data layout ``saved`` is that of the data now (:meth:`DataBundle.layout`); one saved
+    before pixels counted (no ``+``) is checked by the rest."""
+    return saved == layout or ("+" not in saved and saved == layout.partition("+")[0])
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
