@@ -336,7 +336,13 @@ def _validate_scheme_lists(cfg: DictConfig) -> None:
 def _validate_sweep(cfg: DictConfig) -> None:
     from kdrun import objective
 
-    objective.parse(OmegaConf.select(cfg, "sweep.metric", default=None))
+    metric = objective.parse(OmegaConf.select(cfg, "sweep.metric", default=None))
+    peer = metric.model == "student" or re.fullmatch(r"peer\d+", metric.model)
+    if cfg.scheme.name == "online" and metric.measure == "best_val_top1" and peer:
+        raise ConfigError(
+            f"sweep.metric={metric}: scheme=online trains its peers in one stage, validated by their mean logits, so "
+            f"a peer has no best epoch of its own; use {metric.model}.val_top1 (its last epoch)"
+        )
 
 
 def _validate_models(cfg: DictConfig) -> None:

@@ -78,13 +78,14 @@ class Run:
     def teacher(self) -> Teacher:
         return self.teachers.get()
 
-    def distil(self, stage: str, mcfg, teacher: Teacher, who: str = "student") -> Teacher:
-        """A student of config ``mcfg`` distilled from ``teacher`` with the configured KD method; returned as a
-        possible teacher of a later stage (frozen, named ``stage``, not in the store)."""
+    def distil(self, stage: str, mcfg, teacher: Teacher, who: str = "student", seed_offset: int = 0) -> Teacher:
+        """A student of config ``mcfg`` distilled from ``teacher`` with the configured KD method, initialised from
+        ``trainer.seed + seed_offset``; returned as a possible teacher of a later stage (frozen, named ``stage``,
+        not in the store)."""
         cfg, tr, data, stages = self.cfg, self.tr, self.data, self.stages
         static, scheds = schedules.split(loss_kwargs(cfg.loss))
         method = LOSSES.get(cfg.loss.name, "loss.name")(**static)
-        student = stages.build(who, mcfg)
+        student = stages.build(who, mcfg, seed_offset)
         t_model = teacher.model
         common = dict(epochs=tr.epochs, num_samples=len(data.student_set), teacher_precision=teacher.precision)
         # the logit cache is made only for a student that trains on it (not with trainer.epochs=0)

@@ -19,17 +19,16 @@ def run(kdrun, tmp_path, *args):
 
 
 def test_online_mutual_learning(kdrun, tmp_path):
-    m = run(kdrun, tmp_path, "scheme=online", "trainer.val_fraction=0.1")  # two resnet8 peers
+    """The student is the first peer that is the configured student, chosen in advance (not the best of the peers
+    on validation, which would make its KD gain the best of K draws), against its own baseline."""
+    m = run(kdrun, tmp_path, "scheme=online", "scheme.peers=[resnet14,resnet8]", "trainer.val_fraction=0.1")
     assert m["scheme"] == "online"
     assert {"peer1", "peer2", "baseline_peer1", "baseline_peer2"} <= set(m["test"])
-    assert m["stages"]["online"]["chosen_by"] == "validation accuracy"
-    assert m["roles"]["student"] == f"peer{m['stages']['online']['student_peer']}"
-    val = m["stages"]["online"][
-        "val_top1_by_model"
-    ]  # the peer with the best validation top-1, against its own baseline
-    assert (
-        m["roles"]["student"] == max(val, key=val.get) and m["roles"]["baseline"] == f"baseline_{m['roles']['student']}"
-    )
+    online = m["stages"]["online"]
+    assert online["chosen_by"] == "the configured student" and online["student_peer"] == 2
+    assert m["roles"]["student"] == "peer2" and m["roles"]["baseline"] == "baseline_peer2"
+    assert m["models"]["student"]["name"] == "resnet8"
+    assert set(online["val_top1_by_model"]) == {"peer1", "peer2"}
     rows = list(csv.DictReader((tmp_path / "run" / "metrics_online.csv").open()))
     assert {"loss_ce_peer1", "loss_kl_peer1", "loss_ce_peer2", "loss_kl_peer2"} <= set(rows[0])
     w1, w2 = (
@@ -81,6 +80,18 @@ def test_self_born_again_generations(kdrun, tmp_path):
     assert {"gen1", "gen2", "student"} <= set(m["test"])
     assert m["roles"] == {"baseline": "gen1", "teacher": "gen2", "student": "student"}
     assert m["models"]["teacher"]["name"] == m["models"]["student"]["name"] == "resnet8"
+
+
+def test_each_born_again_generation_starts_from_new_weights(kdrun, tmp_path):
+    """As each of the paper's generations is a new network: generation k from trainer.seed + k - 1 (0 epochs: the
+    saved weights are the initial ones)."""
+    run(kdrun, tmp_path, "scheme=self", "scheme.generations=3", "trainer.epochs=0", "baseline=false")
+    w = {
+        g: torch.load(tmp_path / "run" / "checkpoints" / f"{g}.pt", weights_only=True)["model"]["conv1.weight"]
+        for g in ("gen1", "gen2", "student")
+    }
+    assert not torch.equal(w["gen1"], w["gen2"]) and not torch.equal(w["gen2"], w["student"])
+    assert not torch.equal(w["gen1"], w["student"])
 
 
 def test_assistant_chain_with_direct_comparison(kdrun, tmp_path):
@@ -136,6 +147,11 @@ def test_mutual_kl_is_averaged_over_the_other_peers():
 
 
 def test_bad_scheme_values_are_one_line(kdrun_here, tmp_path):
+    p = kdrun_here("train", *FAST, "scheme=online", "sweep.metric=student.best_val_top1", f"hydra.run.dir={tmp_path}/r")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "kdrun: error: sweep.metric=student.best_val_top1: scheme=online trains its peers in one stage, validated by "
+        "their mean logits, so a peer has no best epoch of its own; use student.val_top1 (its last epoch)"
+    )
     peers = "scheme.peers=[resnet8,nosuchnet]"
     p = kdrun_here("train", *FAST, "scheme=online", peers, f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and "scheme.peers[1]=nosuchnet: unknown model; valid:" in p.stderr

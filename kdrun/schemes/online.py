@@ -5,19 +5,25 @@ items; default two copies of the student) train together from scratch. Peer i mi
 
     CE(y, z_i) + kl_weight / (K - 1) * sum_{j != i} T^2 * KL(softmax(z_j / T) || softmax(z_i / T))
 
-with the other peers' predictions treated as constants (detached), as in the
-paper's alternating updates. Every peer is evaluated and saved
-(``checkpoints/peerN.pt``); the student is the peer with the best validation
-accuracy when ``trainer.val_fraction > 0``, else the first peer (never chosen
-on the test set). The peers train on the student stages' images (``dataset.student_fraction``,
-``dataset.student_exclude``) with fresh augmentation; with ``baseline=true`` each peer architecture is also
-trained alone with CE on those images from the same initial weights (``baseline_peerN``).
+with the other peers' predictions treated as constants (detached). kdrun updates every peer at once, from one
+forward pass of the batch (one module, one optimiser step; ``optim.grad_clip`` clips the cohort's gradients as one
+vector); the paper's Algorithm 1 and its authors' code update the peers in turn, each from predictions recomputed
+after the previous peer's step (and the code sums the KL terms, the paper averages them: the same for two peers).
+The ``online`` stage's validation figures (``val_top1``, a best epoch) are those of the peers' mean logits.
+
+Every peer is evaluated and saved (``checkpoints/peerN.pt``). The student is the first peer that is the configured
+``student`` (the first peer when none is), compared with that peer's own baseline: chosen in advance, never on
+a split's scores, so its KD gain is not the best of K draws (every peer's scores are in ``metrics.json``, and each
+peer's validation top-1 in its ``stages.online.val_top1_by_model``). The peers train on the student stages' images
+(``dataset.student_fraction``, ``dataset.student_exclude``) with fresh augmentation; with ``baseline=true`` each
+peer architecture is also trained alone with CE on those images from the same initial weights (``baseline_peerN``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.data.loader import Batch
@@ -76,7 +82,7 @@ def online(run) -> Roles:
     loader = data.train_loader(None, data.student_set)
     objective = MutualObjective(float(sc.temperature), float(sc.kl_weight))
     stages.fit("online", peers, objective, epochs=run.tr.epochs, loader=loader)
-    val_scores, val_loader = [], data.val_loader
+    val_scores, val_loader = {}, data.val_loader
     ema = stages.ema.get("online")  # trainer.ema: the EMA of every peer's weights, one Peers module
     for i, (peer, mcfg) in enumerate(zip(peers, cfgs), start=1):
         stages.export(f"peer{i}", peer, mcfg)
@@ -84,15 +90,22 @@ def online(run) -> Roles:
             stages.ema[f"peer{i}"] = ema[i - 1]
         stages.record(f"peer{i}", peer, mcfg, None)
         if val_loader is not None:
-            val_scores.append(accuracy(predict(peer, val_loader), val_loader.labels)[0])
-    best = 1 + (max(range(len(val_scores)), key=val_scores.__getitem__) if val_scores else 0)
+            val_scores[f"peer{i}"] = accuracy(predict(peer, val_loader), val_loader.labels)[0]
+    is_student = [model_of(c) == model_of(run.cfg.student) for c in cfgs]
+    student = 1 + (is_student.index(True) if any(is_student) else 0)
     stages.log.note(
         "online",
-        student_peer=best,
-        val_top1_by_model={f"peer{i}": v for i, v in enumerate(val_scores, start=1)},
-        chosen_by="validation accuracy" if val_scores else "first peer (no validation split)",
+        student_peer=student,
+        val_top1_by_model=val_scores,
+        chosen_by="the configured student" if any(is_student) else "first peer (none is the configured student)",
     )
     if run.cfg.baseline:
         for i, mcfg in enumerate(cfgs, start=1):
             run.ce_model(f"baseline_peer{i}", mcfg, who=f"scheme.peers[{i - 1}]", seed_offset=i - 1)
-    return Roles(student=f"peer{best}", baseline=f"baseline_peer{best}" if run.cfg.baseline else None)
+    return Roles(student=f"peer{student}", baseline=f"baseline_peer{student}" if run.cfg.baseline else None)
+
+
+def model_of(mcfg) -> tuple:
+    """A model config's model (name and options), to compare a peer's with the student's."""
+    kwargs = mcfg.get("kwargs") or {}
+    return mcfg.name, OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)

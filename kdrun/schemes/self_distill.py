@@ -1,7 +1,8 @@
 """Self-distillation as born-again networks (Furlanello et al. 2018, "Born Again Neural Networks").
 
 Generation 1 is the student architecture trained with CE alone; generation
-k + 1 has the same architecture and is distilled from generation k with the
+k + 1 has the same architecture, is initialised afresh (from ``trainer.seed + k``, as each of the paper's
+generations is a new network) and is distilled from generation k with the
 configured KD method, for ``scheme.generations`` generations in all. The last
 generation is reported as the student, generation 1 (trained on the images and views the distilled
 generations see: the logit cache's replayed views, or fresh ones) as the baseline, and every
@@ -22,5 +23,5 @@ def self_distill(run) -> Roles:
     mcfg = run.cfg.student
     prev = run.ce_model("gen1", mcfg, views=run.distil_views())  # the baseline: the students' images and views
     for k in range(2, n + 1):
-        prev = run.distil("student" if k == n else f"gen{k}", mcfg, prev)
+        prev = run.distil("student" if k == n else f"gen{k}", mcfg, prev, seed_offset=k - 1)
     return Roles(student="student", teacher="gen1" if n == 2 else f"gen{n - 1}", baseline="gen1")
