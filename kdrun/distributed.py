@@ -18,9 +18,11 @@ evaluates; rank 0's result comes back to the launching process through a queue.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kdrun.errors import ConfigError, KdrunError
+from kdrun.preempt import STOP
 
 
 def world() -> tuple[int, int]:
@@ -327,8 +330,16 @@ def _entry(rank: int, n: int, port: int, backend: str, fn, args, setup, queue) -
     except KdrunError as e:
         queue.put(("error", str(e), e.exit_code))
         sys.exit(e.exit_code)
+    except BaseException:  # the cause, handed back before the group closes and the others fail in their turn
+        queue.put(("crash", rank, traceback.format_exc()))
+        raise
     finally:
         dist.destroy_process_group()
+
+
+class WorkerFailed(RuntimeError):
+    """A data-parallel worker's exception (not a :class:`KdrunError`): the first worker's to fail, with its
+    traceback (the others' are knock-on errors of the closed group)."""
 
 
 def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> dict:
@@ -342,11 +353,18 @@ def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> di
         nprocs=n,
         join=False,
     )
-    messages, failure = [], None
+    messages, failure, forwarded = [], None, False
     try:
         while not ctx.join(timeout=0.2):
             while not queue.empty():
                 messages.append(queue.get())
+            # a SIGTERM sent to this process alone (kill PID, timeout, a container's stop) goes on to the workers,
+            # which stop together and checkpoint; Ctrl-C's SIGINT reaches the whole process group by itself
+            if STOP.requested == "SIGTERM" and not forwarded:
+                forwarded = True
+                for proc in ctx.processes:
+                    if proc.is_alive() and proc.pid is not None:
+                        os.kill(proc.pid, signal.SIGTERM)
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
         failure = e
     while not queue.empty():
@@ -356,6 +374,9 @@ def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> di
             err = KdrunError(msg[1])
             err.exit_code = msg[2]
             raise err from None
+    crash = next((msg for msg in messages if msg[0] == "crash"), None)
+    if crash is not None:
+        raise WorkerFailed(f"worker {crash[1]} of {n} failed:\n{crash[2].rstrip()}") from failure
     if failure is not None:
         raise failure
     return next(msg[1] for msg in messages if msg[0] == "result")

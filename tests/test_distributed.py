@@ -283,6 +283,53 @@ def test_two_workers_stop_together_for_a_requeue_and_resume(kdrun, tmp_path, one
     assert_same_weights(weights(run_dir), one_process)
 
 
+def test_a_sigterm_sent_to_the_launching_process_alone_stops_every_worker_with_a_checkpoint(tmp_path):
+    """``kill PID``, ``timeout`` or a container's stop signal only the process the user started; with
+    trainer.devices=2 it passes the SIGTERM on, and the workers stop together as under SLURM (exit 75)."""
+    import signal
+    import time
+
+    from tests.conftest import KDRUN, SMOKE_RUN, WORKDIR
+
+    run_dir = tmp_path / "run"
+    args = [*SMOKE_RUN, "trainer.latency=false", "baseline=false", "trainer.epochs=300", "trainer.devices=2"]
+    log = open(tmp_path / "stderr", "w+")
+    p = subprocess.Popen([*KDRUN, "train", *args, f"hydra.run.dir={run_dir}"], cwd=WORKDIR, stderr=log)
+    try:
+        deadline = time.monotonic() + 300
+        while "student epoch=2 " not in (tmp_path / "stderr").read_text():  # the student stage is under way
+            assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)  # to the launching process alone, not its group
+        assert p.wait(timeout=120) == 75, (tmp_path / "stderr").read_text()[-3000:]
+    finally:
+        p.kill()
+        log.close()
+    err = (tmp_path / "stderr").read_text()
+    assert "student: stopped by SIGTERM at epoch" in err and "checkpoint saved" in err, err[-3000:]
+    assert torch.load(run_dir / "checkpoints" / "student_last.pt", weights_only=False)["epoch"] < 300
+
+
+def _crash_on_rank_1(cfg, run_dir):
+    if dist.get_rank() == 1:
+        raise RuntimeError("injected on rank 1")
+    dist.barrier()  # rank 0 waits in a collective, which fails once rank 1 is gone
+    return {}
+
+
+def _no_setup(rank, run_dir):
+    pass
+
+
+def test_a_worker_crash_is_reported_with_its_own_traceback_not_a_knock_on_error(tmp_path):
+    """Rank 1 raises; rank 0 then fails in its next collective ("Connection closed by peer"). The error raised (and
+    written to FAILED) is rank 1's, with its traceback."""
+    with pytest.raises(distributed.WorkerFailed) as e:
+        distributed.launch(2, "cpu", _crash_on_rank_1, None, str(tmp_path), _no_setup)
+    assert str(e.value).startswith("worker 1 of 2 failed:\nTraceback (most recent call last):"), str(e.value)
+    assert str(e.value).endswith("RuntimeError: injected on rank 1"), str(e.value)
+
+
 def test_two_torchrun_nodes_end_with_the_weights_of_one_process(tmp_path, one_process):
     """``torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d``: two "nodes" on localhost."""
     from tests.conftest import WORKDIR
