@@ -159,6 +159,31 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _GlobalBatch(torch.autograd.Function):
+    """Forward: every rank's shard, concatenated in rank order. Backward: this rank's rows of the gradient summed
+    over the ranks, each of which computed the same loss of the whole batch (so DDP's mean of the ranks'
+    parameter gradients is the one process's gradient of that loss)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        ctx.rows = slice(world()[0] * t.shape[0], (world()[0] + 1) * t.shape[0])
+        return all_gather_cat(t)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        grad = grads[0].contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
+def global_batch(t: torch.Tensor) -> torch.Tensor:
+    """The whole global batch of per-sample rows ``t`` (this rank's shard), differentiable: a loss over relations
+    between samples (SP, RKD, PKT, CC, DIST) computed on it is the one process's loss, not that of a shard."""
+    if size() == 1:
+        return t
+    return _GlobalBatch.apply(t) if t.requires_grad else all_gather_cat(t.detach())
+
+
 def gathered(obj) -> list:
     """Every worker's picklable ``obj``, in rank order (``[obj]`` when alone)."""
     if size() == 1:

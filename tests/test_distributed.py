@@ -71,6 +71,57 @@ def test_ddp_gradients_equal_the_full_batch_gradient(tmp_path):
             torch.testing.assert_close(gp, p.grad, rtol=1e-5, atol=1e-5)
 
 
+def _relation_losses() -> dict:
+    """Methods whose loss relates the samples of a batch to each other, on (student, teacher) rows."""
+    from kdrun.losses.base import Outputs
+    from kdrun.losses.dist import DIST
+    from kdrun.losses.pkt import PKT
+    from kdrun.losses.rkd import RKD
+    from kdrun.losses.sp import SP
+
+    return {
+        "sp": lambda s, t: SP().pair_loss(0, s, t, None),
+        "rkd": lambda s, t: RKD().pair_loss(0, s, t, None),
+        "pkt": lambda s, t: PKT().pair_loss(0, s, t, None),
+        "dist": lambda s, t: DIST().forward(Outputs(s), Outputs(t), None)["dist"],
+    }
+
+
+def _relation_rows(n=8):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(n, 5, generator=g), torch.randn(5, 6, generator=g), torch.randn(n, 6, generator=g)
+
+
+def _relation_worker(rank, world, port, out_dir):
+    _join(rank, world, port)
+    x, w0, t = _relation_rows()
+    mine = distributed.shard(torch.arange(len(x)), rank, world)
+    out = {}
+    for name, loss_of in _relation_losses().items():
+        w = torch.nn.Parameter(w0.clone())
+        loss = loss_of(x[mine] @ w, t[mine])
+        loss.backward()
+        dist.all_reduce(w.grad)  # DDP: the mean of the ranks' gradients
+        out[name] = (loss.detach(), w.grad / world)
+    torch.save(out, os.path.join(out_dir, f"relations{rank}.pt"))
+    _leave()
+
+
+def test_losses_over_a_batchs_relations_see_the_whole_global_batch(tmp_path):
+    """SP, RKD, PKT and DIST relate the samples of a batch: with 2 workers each rank computes the loss of the whole
+    global batch (not of its shard, which for SP doubled the loss), and the gradient is one process's."""
+    mp.spawn(_relation_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
+    x, w0, t = _relation_rows()
+    for name, loss_of in _relation_losses().items():
+        w = torch.nn.Parameter(w0.clone())
+        loss = loss_of(x @ w, t)
+        loss.backward()
+        for rank in (0, 1):
+            got_loss, got_grad = torch.load(tmp_path / f"relations{rank}.pt")[name]
+            torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(got_grad, w.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("n,world", [(10, 2), (7, 2), (1, 2), (5, 4), (3, 3), (64, 1)])
 def test_every_rank_gets_an_equal_non_empty_share(n, world):
     idx = torch.arange(100, 100 + n)

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from kdrun import distributed
 from kdrun.losses.adapters import Embed
 from kdrun.losses.base import RelationLoss, check, register_loss
 
@@ -39,5 +40,5 @@ class CC(RelationLoss):
         return Embed(math.prod(s_shape[1:]), self.embed_dim)
 
     def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
-        delta = (self.adapters[i](f_s) - self.embed_t[i](f_t)).abs()
+        delta = distributed.global_batch(self.adapters[i](f_s) - self.embed_t[i](f_t)).abs()  # the whole batch
         return (delta[:-1] * delta[1:]).sum(1).mean()

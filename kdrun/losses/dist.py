@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kdrun import distributed
 from kdrun.losses.base import DistillLoss, Outputs, StepContext, check, register_loss
 
 
@@ -35,8 +36,8 @@ class DIST(DistillLoss):
         self.beta, self.gamma, self.tau = beta, gamma, tau
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
-        y_s = (s.logits.float() / self.tau).softmax(1)
-        y_t = (t.logits.detach().float() / self.tau).softmax(1)
+        y_s = distributed.global_batch((s.logits.float() / self.tau).softmax(1))  # data parallel: the whole batch
+        y_t = distributed.global_batch((t.logits.detach().float() / self.tau).softmax(1))
         inter = 1 - pearson_rows(y_s, y_t).mean()
         intra = 1 - pearson_rows(y_s.T, y_t.T).mean()
         return {"dist": self.tau**2 * (self.beta * inter + self.gamma * intra)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kdrun import distributed
 from kdrun.losses.base import RelationLoss, register_loss
 
 EPS = 1e-7
@@ -33,5 +34,6 @@ class PKT(RelationLoss):
         super().__init__(weight=weight, **kw)
 
     def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
+        f_s, f_t = distributed.global_batch(f_s), distributed.global_batch(f_t)  # data parallel: the whole batch
         p_s, p_t = conditional_probs(f_s), conditional_probs(f_t)
         return (p_t * torch.log((p_t + EPS) / (p_s + EPS))).mean()

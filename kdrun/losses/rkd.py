@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdrun import distributed
 from kdrun.losses.base import RelationLoss, check, register_loss
 
 
@@ -46,7 +47,7 @@ class RKD(RelationLoss):
         self.w_dist, self.w_angle = w_dist, w_angle
 
     def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
-        x, y = f_s.flatten(1), f_t.flatten(1)
+        x, y = distributed.global_batch(f_s.flatten(1)), distributed.global_batch(f_t.flatten(1))  # the whole batch
         dist = F.smooth_l1_loss(normalized_distances(x), normalized_distances(y))
         angle = F.smooth_l1_loss(angles(x), angles(y))
         return self.w_dist * dist + self.w_angle * angle

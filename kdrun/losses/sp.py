@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdrun import distributed
 from kdrun.losses.base import FeatureLoss, register_loss
 
 
@@ -26,4 +27,5 @@ class SP(FeatureLoss):
         super().__init__(weight=weight, **kw)
 
     def pair_loss(self, i, f_s, f_t, ctx) -> torch.Tensor:
+        f_s, f_t = distributed.global_batch(f_s), distributed.global_batch(f_t)  # data parallel: the whole batch
         return (similarity(f_t) - similarity(f_s)).pow(2).sum() / len(f_s) ** 2
