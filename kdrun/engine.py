@@ -173,7 +173,10 @@ def train_stage(
         result.earlier_seconds = elapsed
         lr = ckpt.get("epoch_lr")  # the LR at the first step of the interrupted epoch (its CSV row)
         resumed_logged = ckpt.get("epoch_logged") or {}
-        sums = {k: v.to(loader.device) for k, v in ckpt["sums"].items()}
+        # the epoch's partial loss sums of every worker, summed when saved: rank 0 holds them, the others start at 0
+        sums = {
+            k: (v if distributed.is_main() else torch.zeros_like(v)).to(loader.device) for k, v in ckpt["sums"].items()
+        }
         result.history = ckpt["history"]
         result.best_epoch, result.best_val_top1 = ckpt["best"]
         _settle_best(best_next, best_path, result.best_epoch)
@@ -184,7 +187,8 @@ def train_stage(
         else:
             log.info("%s: resuming from %s at epoch %d, step %d", stage, last_path, start_epoch + 1, start_step)
 
-    def save(epoch: int, step: int) -> None:
+    def save(epoch: int, step: int) -> None:  # on every worker at once (the sums' collective)
+        summed = {k: distributed.all_sum(sums[k].detach().clone()).cpu() for k in sorted(sums)}
         atomic_save(
             {
                 "stage": stage,
@@ -202,7 +206,7 @@ def train_stage(
                 "ema": averaged.state_dict() if averaged is not None else None,
                 "rng": rng_state(),
                 "seen": seen,
-                "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                "sums": summed,
                 "history": result.history,
                 "best": (result.best_epoch, result.best_val_top1),
                 "seconds": elapsed + time.perf_counter() - t0,

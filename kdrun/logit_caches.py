@@ -148,7 +148,8 @@ class LogitCaches:
         cache.flush()
         distributed.barrier()
         info = self.log.summaries[stage_name(teacher)]
-        info |= cache.info() | {"teacher_rows": info.get("teacher_rows", 0) + cache.teacher_rows}
+        rows = sum(distributed.gathered(cache.teacher_rows))  # the rows every worker's teacher computed
+        info |= cache.info() | {"teacher_rows": info.get("teacher_rows", 0) + rows}
         cache.teacher_rows = 0
         if self.store is None or teacher.key is None or not distributed.is_main():
             return

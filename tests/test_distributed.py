@@ -5,6 +5,7 @@ memory banks stay equal across ranks; each rank binds its own device; end to end
 2 torchrun "nodes" (c10d rendezvous on localhost) end with the weights of 1 process (deterministic).
 """
 
+import csv
 import os
 import re
 import socket
@@ -142,7 +143,7 @@ def _crd_worker(rank, world, port, out_dir):
     fs, ft, index = torch.randn(8, 5, generator=g), torch.randn(8, 6, generator=g), torch.randperm(16, generator=g)[:8]
     mine = distributed.shard(torch.arange(8), rank, world)
     crd.pair_loss(0, fs[mine], ft[mine], StepContext(torch.zeros(len(mine), dtype=torch.long), index[mine], 0, 1, 16))
-    torch.save({"s": crd.memory_s, "t": crd.memory_t}, os.path.join(out_dir, f"bank{rank}.pt"))
+    torch.save({"s": crd.memory_s, "t": crd.memory_t, "z": crd.z}, os.path.join(out_dir, f"bank{rank}.pt"))
     _leave()
 
 
@@ -184,8 +185,10 @@ def test_a_cache_filled_by_two_workers_in_one_pass_is_complete(tmp_path):
 
 
 def test_crd_memory_banks_gather_every_ranks_updates(tmp_path):
+    """Every rank holds the same banks, and the same normalising constants Z (set from the first global batch)."""
     mp.spawn(_crd_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
     banks = [torch.load(tmp_path / f"bank{r}.pt") for r in (0, 1)]
+    assert (banks[0]["z"] > 0).all() and torch.equal(banks[0]["z"], banks[1]["z"])
     from kdrun.losses.base import StepContext
     from kdrun.losses.crd import CRD
 
@@ -280,13 +283,22 @@ def assert_same_weights(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def one_process_dir(tmp_path_factory):
     from tests.conftest import run_kdrun
 
     run_dir = tmp_path_factory.mktemp("ddp") / "one"
     p = run_kdrun("train", *ARGS, f"hydra.run.dir={run_dir}")
     assert p.returncode == 0, p.stderr[-3000:]
-    return weights(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_dir):
+    return weights(one_process_dir)
+
+
+def loss_rows(run_dir, stage="student") -> list[float]:
+    return [float(r["loss"]) for r in csv.DictReader((run_dir / f"metrics_{stage}.csv").open())]
 
 
 def test_two_workers_end_with_the_weights_of_one_process(kdrun, tmp_path, one_process):
@@ -298,7 +310,7 @@ def test_two_workers_end_with_the_weights_of_one_process(kdrun, tmp_path, one_pr
     assert_same_weights(weights(run_dir), one_process)
 
 
-def test_two_workers_stop_together_for_a_requeue_and_resume(kdrun, tmp_path, one_process):
+def test_two_workers_stop_together_for_a_requeue_and_resume(kdrun, tmp_path, one_process, one_process_dir):
     """SIGTERM (SLURM signals every task of a preempted job): the workers agree on a stop every STOP_POLL_STEPS
     steps, not every step (each check is a collective, and a host sync on GPUs), save one checkpoint and exit
     75; the same command resumes and ends with the weights of one process. Meanwhile logit rows in both
@@ -332,6 +344,8 @@ def test_two_workers_stop_together_for_a_requeue_and_resume(kdrun, tmp_path, one
     assert "student: resuming from" in p.stderr
     assert f"7 of {len(filled)} filled rows fail their checksum" in p.stderr, p.stderr[-3000:]
     assert_same_weights(weights(run_dir), one_process)
+    # the interrupted epoch's loss sums both workers' steps before the stop (not rank 0's alone) with those after
+    assert loss_rows(run_dir) == pytest.approx(loss_rows(one_process_dir), rel=1e-4)
 
 
 def test_a_sigterm_sent_to_the_launching_process_alone_stops_every_worker_with_a_checkpoint(tmp_path):
@@ -523,6 +537,10 @@ def test_every_worker_fills_the_logit_cache_with_the_teacher_rank_0_saved(kdrun,
     with torch.no_grad():
         want = torch.cat([teacher.eval()(b.x).float() for b in loader.batches(index, view, 64)]).half().float()
     assert filled.sum() == n  # one epoch: one view of each image, half of them from each worker
+    metrics = __import__("json").loads((run / "metrics.json").read_text())
+    # the rows both workers' teachers computed (not rank 0's alone): 143 images in batches of 128 and 15, the 15
+    # padded to 16 so that each worker has 8 (one image computed twice)
+    assert (n, metrics["stages"]["cache"]["teacher_rows"]) == (143, 144)
     torch.testing.assert_close(cached[filled], want[filled], rtol=0, atol=0)
 
 

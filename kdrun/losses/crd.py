@@ -80,6 +80,7 @@ class CRD(RelationLoss):
         self.embed_dim, self.nce_k, self.nce_t, self.nce_m = int(embed_dim), int(nce_k), nce_t, nce_m
         self.k = self.nce_k
         self.embed_t = nn.Identity()
+        self.z_known = [False, False]  # z[i] set (from the first batch, or a checkpoint's buffer)
 
     def build_pair(self, i, t_shape, s_shape, num_samples):
         if num_samples < 2:
@@ -91,6 +92,7 @@ class CRD(RelationLoss):
             self.register_buffer(name, torch.rand(num_samples, self.embed_dim).mul_(2 * stdv).add_(-stdv))
         # Z of the student- and of the teacher-anchored scores; -1: not set yet
         self.register_buffer("z", torch.full((2,), -1.0))
+        self.z_known = [False, False]
         self.embed_t = Embed(math.prod(t_shape[1:]), self.embed_dim, normalize=True)
         return Embed(math.prod(s_shape[1:]), self.embed_dim, normalize=True)
 
@@ -110,8 +112,10 @@ class CRD(RelationLoss):
         else:
             neg_dot = torch.einsum("bd,bkd->bk", anchor, memory[neg])
         out = torch.exp(torch.cat([pos, neg_dot], dim=1) / self.nce_t)
-        if self.z[which] < 0:
-            self.z[which] = out.mean().detach() * self.num_samples
+        if not self.z_known[which]:  # a Python flag: no data-dependent branch (a graph break) after the first step
+            if self.z[which] < 0:  # data parallel: the mean over every rank's shard, so all ranks share one Z
+                self.z[which] = distributed.all_sum(out.mean().detach()) / distributed.size() * self.num_samples
+            self.z_known[which] = True
         return out / self.z[which].clone()
 
     @torch.no_grad()
