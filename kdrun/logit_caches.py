@@ -100,8 +100,8 @@ class LogitCaches:
             if distributed.is_main() and len(broken):
                 shared = os.stat(path).st_nlink > 1  # the store entry's own file, damaged with it
                 log.warning(
-                    "logit cache %s: %d of %d filled rows fail their checksum (damaged on disk%s); the teacher "
-                    "computes them again",
+                    "logit cache %s: %d of %d filled rows fail their checksum (damaged on disk%s); marked empty, "
+                    "the teacher computes them again where a stage reads them",
                     path,
                     len(broken),
                     cache.filled,
@@ -119,13 +119,13 @@ class LogitCaches:
             cache = LogitCache.attach(path, shape, ckey)
         filled = cache.filled
         log.info(
-            "cache: %s (%s), %d of %d rows filled (%d images x %d views%s)",
+            "cache: %s (%s), %d of %d rows filled (%d images x %s%s)",
             path,
             source if filled else "new",
             filled,
             shape.rows,
             shape.samples,
-            max(shape.views, 1),
+            f"{shape.views} views" if shape.views else "1 view, the plain images",
             f", top {shape.topk} logits" if shape.topk else "",
         )
         info = {"source": source, "filled_before": filled, "seconds": 0.0, "fill": ccfg.get("fill")}

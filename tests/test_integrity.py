@@ -641,7 +641,7 @@ def test_logit_rows_damaged_on_disk_are_computed_again_not_learned(kdrun, tmp_pa
     assert p.returncode == 0, p.stderr[-2000:]
     assert (
         f"logit cache {cache}: 40 of {shape.rows} filled rows fail their checksum (damaged on disk, with the store "
-        "entry that shares the file); the teacher computes them again"
+        "entry that shares the file); marked empty, the teacher computes them again where a stage reads them"
     ) in p.stderr
     assert "cache: stored as" in p.stderr and cache.stat().st_nlink == 2  # the new sound entry, linked again
     assert [e.problem for e in Store(str(store)).entries(verify=True)] == [None, None]
