@@ -303,7 +303,7 @@ class LogitCache:
     def info(self) -> dict:
         return {
             "file": os.path.basename(self.path),
-            "size_mb": os.path.getsize(self.path) / 2**20,
+            "size_mb": os.path.getsize(self.path) / 1e6,  # MB of 10^6 bytes, as the models' sizes
             "filled": self.filled,
             "rows": self.shape.rows,
             "topk": self.shape.topk,

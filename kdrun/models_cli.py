@@ -119,7 +119,7 @@ def print_report(name: str, source: str, spec: dict) -> None:
     print(f"model          {name} (source {source})")
     print(f"input          {'x'.join(map(str, shape))}, {spec['num_classes']} classes ({spec['origin']})")
     print(f"parameters     {mr.count_params(model):,}")
-    print(f"forward FLOPs  {flops:,} per image ({flops / 1e6:.2f} MFLOPs)")
+    print(f"forward FLOPs  {flops:,} per image ({flops / 1e6:.2f} MFLOPs; {flops / 2e6:.2f} M multiply-adds)")
     print(f"size on disk   {mr.size_on_disk_mb(model):.3f} MB")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         on_device = model.to(device)

@@ -194,7 +194,7 @@ def referenced(runs: str, store_root: str) -> Refs:
 
 def describe(e: Entry, now: float) -> str:
     state = "ok" if e.problem is None else e.problem
-    return f"{e.kind:<8} {e.key}  {e.size / 2**20:9.2f} MB  {(now - e.created) / 86400:7.2f} days  {state}"
+    return f"{e.kind:<8} {e.key}  {e.size / 1e6:9.2f} MB  {(now - e.created) / 86400:7.2f} days  {state}"
 
 
 def _why(entry: Entry | None, refs: Refs, max_age: float | None, now: float) -> str | None:
@@ -292,7 +292,7 @@ def store_main(args: list[str]) -> int:
         print(f"{'kind':<8} {'key':<16}  {'size':>12}  {'age':>12}  state")
         for e in entries:
             print(describe(e, now))
-        print(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.2f} MB in {store.root}")
+        print(f"{len(entries)} entries, {sum(e.size for e in entries) / 1e6:.2f} MB in {store.root}")
         return 0
     runs = runs_root(opts)
     for d in [store.root, *(os.path.join(store.root, k) for k in KINDS)]:
@@ -303,5 +303,5 @@ def store_main(args: list[str]) -> int:
             )
     max_age = opts["older_than"] * 86400 if opts["older_than"] is not None else None
     freed = gc(store, runs, max_age, opts["dry_run"], now)
-    print(f"{'would free' if opts['dry_run'] else 'freed'} {freed / 2**20:.2f} MB")
+    print(f"{'would free' if opts['dry_run'] else 'freed'} {freed / 1e6:.2f} MB")
     return 0

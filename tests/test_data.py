@@ -448,6 +448,9 @@ def test_top1_breaks_exact_ties_as_errors_agreement_and_mcnemar_do():
     logits, labels = torch.zeros(4, 10), torch.zeros(4, dtype=torch.long)
     assert accuracy(logits, labels, ks=(1,)) == [100.0]
     assert (logits.argmax(1) == labels).all()
+    # top-k breaks the ties the same way, by class index: right at top-1 is right at top-5 (topk took 5-9 here)
+    assert accuracy(logits, labels, ks=(1, 5)) == [100.0, 100.0]
+    assert accuracy(logits, torch.tensor([4, 5, 9, 0]), ks=(1, 5)) == [25.0, 50.0]
 
 
 def test_a_logit_beyond_fp16_is_refused_by_the_cache_not_stored_as_inf():
