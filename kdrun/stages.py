@@ -184,10 +184,19 @@ class StageRunner:
         return res
 
     def export(self, stage: str, model: nn.Module, mcfg, extra: dict | None = None) -> str:
-        """Write ``checkpoints/{stage}.pt``: the model alone (plus its identity and the names of its classes, which
-        ``kdrun export`` checks against the data it reads), ready to ship."""
+        """Write ``checkpoints/{stage}.pt``: the model alone, ready to ship, with its identity and what its input
+        was (the names of its classes, the normalisation, the data), which ``kdrun export`` and
+        ``teacher.checkpoint`` check against the data they read."""
         path = os.path.join(self.ckpt_dir, f"{stage}.pt")
-        ident = model_identity(mcfg, self.data.data)
-        classes = list(self.data.data.classes)
-        atomic_save({"identity": ident, "classes": classes, "model": model.state_dict(), **(extra or {})}, path)
+        atomic_save({**self.data_record(mcfg), "model": model.state_dict(), **(extra or {})}, path)
         return path
+
+    def data_record(self, mcfg) -> dict:
+        """A model's identity and its input: class names, normalisation (``dataset.mean``/``std``), data."""
+        d = self.cfg.dataset
+        return {
+            "identity": model_identity(mcfg, self.data.data),
+            "classes": list(self.data.data.classes),
+            "normalize": [[float(v) for v in d.mean], [float(v) for v in d.std]],
+            "data": self.data.data.identity,
+        }

@@ -18,6 +18,7 @@ from torch import nn
 
 from kdrun import distributed, io
 from kdrun.engine import cross_entropy
+from kdrun.errors import ConfigError
 from kdrun.models.registry import weights_name
 from kdrun.stages import StageRunner
 from kdrun.store import Store, StoreRefs, key_of, link_into, model_definition
@@ -62,6 +63,10 @@ class TeacherSource:
         weights = {}
         if tcfg.get("weights"):
             weights["weights"] = weights_name(tcfg.name, tcfg.get("source", "kdrun"), tcfg.weights)
+        # timm weights read from a local file (pretrained_cfg_overlay={file: PATH}): by the file's contents too
+        overlay = OmegaConf.select(tcfg, "kwargs.pretrained_cfg_overlay.file", default=None)
+        if overlay and os.path.isfile(str(overlay)):
+            weights["weights_sha256"] = io.sha256_file(str(overlay))
         # only when set, so the teachers stored before the option keep their keys
         smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
         return {
@@ -94,8 +99,16 @@ class TeacherSource:
         ident = model_identity(tcfg, self.data.data)
         final = os.path.join(stages.ckpt_dir, "teacher.pt")
         metrics_csv = os.path.join(stages.run_dir, "metrics_teacher.csv")
+        fresh = getattr(model, "new_parameters", None)
+        if not tcfg.checkpoint and fresh and not self.tr.teacher_epochs:
+            raise ConfigError(
+                f"teacher.weights={tcfg.weights}: {', '.join(fresh)} not in the weights (another class count or "
+                "input), so trainer.teacher_epochs=0 would distil from an untrained classifier; give "
+                "trainer.teacher_epochs > 0 to fine-tune it"
+            )
+        run = stages.data_record(tcfg)  # classes, normalisation and data a teacher's checkpoint must agree with
         if tcfg.checkpoint:
-            load_teacher(tcfg.checkpoint, model, ident)
+            load_teacher(tcfg.checkpoint, model, ident, run=run)
             log.info("teacher: loaded %s from %s", tcfg.name, tcfg.checkpoint)
             stages.log.note("teacher", source=str(tcfg.checkpoint))
             # its logit caches are keyed by the file's content: a path and time survive a copy over it (cp -p, rsync)
@@ -112,7 +125,7 @@ class TeacherSource:
             with distributed.lock_on_main(*locks, self.data.device):
                 entry = distributed.shared(lambda: store.get("teacher", key))
                 if entry is not None and not self._finished_here():
-                    summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}")
+                    summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}", run)
                     if distributed.is_main():
                         link_into(entry.file("teacher.pt"), final)
                         if os.path.exists(entry.file("metrics_teacher.csv")):  # none for 0 epochs

@@ -7,6 +7,8 @@ one line naming it.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -14,6 +16,8 @@ from torch import nn
 from kdrun import io as kio
 from kdrun.data import DataBundle
 from kdrun.errors import ConfigError
+
+log = logging.getLogger("kdrun")
 
 
 def model_identity(mcfg, data: DataBundle) -> dict:
@@ -44,14 +48,18 @@ def read_checkpoint(path: str, what: str) -> dict:
     return ckpt
 
 
-def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = None) -> dict:
+def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = None, run: dict | None = None) -> dict:
     """Load a kdrun teacher checkpoint into ``model`` after verifying its checksum (:mod:`kdrun.io`);
     refuse a damaged file, another architecture, class count, model options (``kwargs``: an MLP's activation,
-    a small-input stem...) or input shape. ``what`` names the file in errors
-    (default ``teacher.checkpoint=PATH``)."""
+    a small-input stem...) or input shape; and, against ``run`` (:meth:`kdrun.stages.StageRunner.data_record`
+    of this run), other class names or order, or another normalisation. Other data is a warning (a teacher
+    trained elsewhere is allowed; its test accuracy is honest only if it never saw these test images).
+    ``what`` names the file in errors (default ``teacher.checkpoint=PATH``)."""
     what = what or f"teacher.checkpoint={path}"
     ckpt = read_checkpoint(path, what)
     have = ckpt["identity"]
+    if run is not None:
+        _check_input(ckpt, run, what)
     if (have.get("arch"), have.get("num_classes")) != (want["arch"], want["num_classes"]):
         raise ConfigError(
             f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, "
@@ -66,6 +74,40 @@ def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = Non
         )
     load_weights(model, ckpt["model"], what)
     return ckpt.get("summary", {})
+
+
+def _check_input(ckpt: dict, run: dict, what: str) -> None:
+    """A checkpoint's classes and normalisation against this run's (when it recorded them)."""
+    if "classes" in ckpt and list(ckpt["classes"]) != run["classes"]:
+        theirs, ours = list(ckpt["classes"]), run["classes"]
+        i = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise ConfigError(
+            f"{what}: its output {i} is class {theirs[i] if i < len(theirs) else None!r}, but this run's class {i} "
+            f"is {ours[i] if i < len(ours) else None!r} (classes {_short(theirs)} against {_short(ours)}); "
+            "give it data with its classes, in its order"
+        )
+    if "normalize" in ckpt and _rounded(ckpt["normalize"]) != _rounded(run["normalize"]):
+        (mean, std), (our_mean, our_std) = ckpt["normalize"], run["normalize"]
+        raise ConfigError(
+            f"{what}: was trained on images normalised with dataset.mean={mean} dataset.std={std}, but this run "
+            f"has dataset.mean={our_mean} dataset.std={our_std}; give the teacher's (the student may use them too)"
+        )
+    if "data" in ckpt and ckpt["data"] != run["data"]:
+        log.warning(
+            "%s: trained on other data (%s) than this run's (%s); its test accuracy here is honest only if it never "
+            "saw this run's test images",
+            what,
+            ckpt["data"],
+            run["data"],
+        )
+
+
+def _rounded(normalize) -> list:
+    return [[round(float(v), 6) for v in values] for values in normalize]
+
+
+def _short(names: list) -> str:
+    return "[" + ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "") + "]"
 
 
 # model options that act only while training (a teacher is used frozen, in eval mode): they may differ

@@ -140,6 +140,9 @@ def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):
     first = json.loads((run_dir / "metrics.json").read_text())["test"]["teacher"]["top1"]
     again = json.loads((tmp_path / "reuse" / "metrics.json").read_text())["test"]["teacher"]["top1"]
     assert again == first  # the same trained teacher, not retrained
+    # the run's teacher stage checks the input the checkpoint recorded: here its normalisation
+    p = run_kdrun("train", *FAST, "dataset.mean=[0.5]", f"teacher.checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'n'}")
+    assert p.returncode == 2 and "was trained on images normalised with dataset.mean=[0.305985]" in p.stderr, p.stderr
     p = run_kdrun("train", *FAST, "teacher=resnet20", f"teacher.checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'bad'}")
     assert p.returncode == 2
     assert f"teacher.checkpoint={ckpt}: holds resnet8 for 10 classes, but this run's teacher is resnet20" in p.stderr
@@ -171,6 +174,43 @@ def test_teacher_checkpoint_with_other_model_options_is_refused(tmp_path):
         load_teacher(str(tmp_path / "t.pt"), model, {**relu, "image_size": 16})
     # what acts only in training (dropout, max-norm) may differ, and an option left out is its default
     load_teacher(str(tmp_path / "t.pt"), model, {**ident, "kwargs": {"hidden": [16], "dropout": 0.5}})
+
+
+def test_teacher_checkpoint_of_other_classes_or_normalisation_is_refused_and_other_data_warned(tmp_path, caplog):
+    """What a checkpoint recorded of its input: another class order (the outputs would mean other classes) or
+    another normalisation (the teacher would see other numbers) is refused; other data only warns (a teacher
+    brought from elsewhere is allowed, but its test accuracy is honest only if it never saw these test images)."""
+    import logging
+
+    from kdrun.errors import ConfigError
+    from kdrun.io import atomic_save
+    from kdrun.models import build_model
+    from kdrun.weights import load_teacher
+
+    ident = {"arch": "mlp", "source": "kdrun", "kwargs": {"hidden": [16]}, "num_classes": 3, "in_chans": 1}
+    ident["image_size"] = 8
+    model = build_model("mlp", 3, 1, 8, hidden=[16])
+    run = {"classes": ["ant", "bee", "cat"], "normalize": [[0.5], [0.25]], "data": "imagefolder-1"}
+    path = str(tmp_path / "t.pt")
+    atomic_save({"identity": ident, "model": model.state_dict(), **run}, path)
+    load_teacher(path, model, ident, run=run)
+    with pytest.raises(ConfigError) as e:
+        load_teacher(path, model, ident, run=run | {"classes": ["ant", "cat", "bee"]})
+    assert str(e.value) == (
+        f"teacher.checkpoint={path}: its output 1 is class 'bee', but this run's class 1 is 'cat' (classes [ant, "
+        "bee, cat] against [ant, cat, bee]); give it data with its classes, in its order"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_teacher(path, model, ident, run=run | {"normalize": [[0.306], [0.376]]})
+    assert str(e.value) == (
+        f"teacher.checkpoint={path}: was trained on images normalised with dataset.mean=[0.5] dataset.std=[0.25], "
+        "but this run has dataset.mean=[0.306] dataset.std=[0.376]; give the teacher's (the student may use them too)"
+    )
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        load_teacher(path, model, ident, run=run | {"data": "imagefolder-2"})
+    assert "trained on other data (imagefolder-1) than this run's (imagefolder-2)" in caplog.text
+    atomic_save({"identity": ident, "model": model.state_dict()}, path)  # recorded nothing of its input: loads
+    load_teacher(path, model, ident, run=run | {"classes": ["x", "y", "z"], "normalize": [[0.1], [0.1]]})
 
 
 def test_streamed_image_folder_runs_end_to_end(tmp_path):

@@ -267,3 +267,47 @@ def test_timm_tag_missing_from_an_offline_cache_is_one_line(tmp_path, monkeypatc
             source="timm",
             weights="r160_in1k",
         )
+
+
+def test_pretrained_weights_with_a_new_classifier_are_not_distilled_untrained(torch_home, tmp_path):
+    """trainer.teacher_epochs=0 would distil from the classifier made for 10 classes, never trained: refused."""
+    from kdrun import train
+    from kdrun.cli import compose
+
+    overrides = ["trainer=smoke", "teacher=mbv3_small", "teacher.weights=IMAGENET1K_V1", "student=resnet8"]
+    cfg = compose([*overrides, "trainer.teacher_epochs=0", "baseline=false", "store.enabled=false"])
+    with pytest.raises(ConfigError) as e:
+        train.run(cfg, str(tmp_path / "run"))
+    assert str(e.value) == (
+        "teacher.weights=IMAGENET1K_V1: classifier.3.weight, classifier.3.bias not in the weights (another class "
+        "count or input), so trainer.teacher_epochs=0 would distil from an untrained classifier; give "
+        "trainer.teacher_epochs > 0 to fine-tune it"
+    )
+    assert not (tmp_path / "run" / "checkpoints" / "teacher.pt").exists()
+
+
+def test_timm_weights_with_a_new_classifier_are_marked(hf_home):
+    model = build_model("test_resnet", 10, 3, 32, key="teacher.name", source="timm", weights="r160_in1k")
+    assert model.new_parameters == ["the classifier (1000 classes in the weights)"]
+    assert not hasattr(build_model("test_resnet", 10, 3, 32, key="teacher.name", source="timm"), "new_parameters")
+
+
+def test_timm_weights_from_a_local_file_are_keyed_by_its_contents(tmp_path):
+    """pretrained_cfg_overlay={file: PATH}: another file copied to the same path is another teacher in the store."""
+    from kdrun.cli import compose
+    from kdrun.run_data import RunData
+    from kdrun.stages import StageRunner
+    from kdrun.store import StoreRefs, key_of
+    from kdrun.teachers import TeacherSource
+
+    weights = tmp_path / "w.pth"
+    overlay = f"+teacher.kwargs.pretrained_cfg_overlay={{file:{weights}}}"
+    cfg = compose(["trainer=smoke", "teacher.source=timm", "teacher.name=test_resnet", overlay])
+    data = RunData(cfg, torch.device("cpu"))
+    source = TeacherSource(cfg, StageRunner(cfg, data, str(tmp_path / "run"), ("x", "x")), None, StoreRefs(None, str(tmp_path)))
+    keys = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(timm.create_model("test_resnet").state_dict(), weights)
+        keys.append(key_of(source.recipe()))
+    assert keys[0] != keys[1]

@@ -43,6 +43,12 @@ def set_feature_points(model: nn.Module, points: dict[str, str]) -> None:
     model.feature_points = points  # type: ignore[assignment]
 
 
+def set_new_parameters(model: nn.Module, names: list[str]) -> None:
+    """Mark what pretrained weights did not provide (a classifier for another class count): a teacher built so
+    is not used untrained (``trainer.teacher_epochs=0`` is refused)."""
+    model.new_parameters = names  # type: ignore[assignment]
+
+
 def build_model(
     name: str,
     num_classes: int,

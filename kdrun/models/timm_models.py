@@ -57,9 +57,13 @@ def build_timm(
             f"{group}.weights={weights}: timm could not load {full} ({detail}); download it once online "
             "or fill $HF_HOME (remove a damaged file there first)"
         ) from None
-    from kdrun.models.registry import set_feature_points
+    from kdrun.models.registry import set_feature_points, set_new_parameters
 
     set_feature_points(model, feature_points(model))
+    pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    if weights and pretrained_classes not in (None, num_classes):
+        # timm made a new classifier for num_classes: its weights are not the pretrained ones
+        set_new_parameters(model, [f"the classifier ({pretrained_classes} classes in the weights)"])
     return model
 
 

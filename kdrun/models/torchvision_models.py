@@ -33,7 +33,7 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.io import first_line, sha256_file
-from kdrun.models.registry import PRETRAINED_FROM, register_model
+from kdrun.models.registry import PRETRAINED_FROM, register_model, set_new_parameters
 
 log = logging.getLogger("kdrun")
 
@@ -226,11 +226,13 @@ def _register(name: str, doc: str, build_fn: Callable, tv_name: str) -> None:
         if weights:
             new = load_fitting(model, pretrained_state(tv_name, weights), in_chans)
             params = {k for k, _ in model.named_parameters()}
+            fresh = [k for k in new if k in params]
+            set_new_parameters(model, fresh)
             log.info(
                 "%s: pretrained %s loaded; new (not in the weights or another shape): %s",
                 name,
                 weights,
-                ", ".join(k for k in new if k in params) or "none",
+                ", ".join(fresh) or "none",
             )
         return model
 
