@@ -145,6 +145,10 @@ def load_weights(model: nn.Module, state, what: str) -> None:
     """``model.load_state_dict(state)``, or one line naming ``what`` when ``state`` does not fit the model."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{what}: not a state_dict (a mapping of parameter names to tensors)")
+    # saved from a DDP-wrapped or torch.compile'd model: the same weights under a wrapper's prefix
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

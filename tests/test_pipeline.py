@@ -150,6 +150,19 @@ def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):
     assert (tmp_path / "bad" / "FAILED").exists()
 
 
+def test_a_state_dict_saved_from_a_ddp_or_compiled_model_loads(tmp_path):
+    """``module.`` (DistributedDataParallel) and ``_orig_mod.`` (torch.compile) prefixes are the same weights."""
+    from kdrun.models import build_model
+    from kdrun.weights import load_pretrained
+
+    src, dst = build_model("mlp", 3, 1, 8, hidden=[16]), build_model("mlp", 3, 1, 8, hidden=[16])
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        torch.save({prefix + k: v for k, v in src.state_dict().items()}, tmp_path / "w.pt")
+        load_pretrained(str(tmp_path / "w.pt"), dst, "teacher.pretrained")
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+        dst = build_model("mlp", 3, 1, 8, hidden=[16])
+
+
 def test_teacher_checkpoint_with_other_model_options_is_refused(tmp_path):
     """Options that keep every weight's shape but change what the weights compute (an MLP's activation, a stem's
     strides) fit load_state_dict, so they are compared before it: the first that differs is named."""

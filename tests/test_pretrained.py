@@ -304,7 +304,8 @@ def test_timm_weights_from_a_local_file_are_keyed_by_its_contents(tmp_path):
     overlay = f"+teacher.kwargs.pretrained_cfg_overlay={{file:{weights}}}"
     cfg = compose(["trainer=smoke", "teacher.source=timm", "teacher.name=test_resnet", overlay])
     data = RunData(cfg, torch.device("cpu"))
-    source = TeacherSource(cfg, StageRunner(cfg, data, str(tmp_path / "run"), ("x", "x")), None, StoreRefs(None, str(tmp_path)))
+    stages = StageRunner(cfg, data, str(tmp_path / "run"), ("x", "x"))
+    source = TeacherSource(cfg, stages, None, StoreRefs(None, str(tmp_path)))
     keys = []
     for seed in (0, 1):
         torch.manual_seed(seed)
