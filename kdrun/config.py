@@ -329,6 +329,12 @@ def _validate_scheme_lists(cfg: DictConfig) -> None:
     peers = OmegaConf.select(cfg, "scheme.peers", default=None)
     if cfg.scheme.name == "online" and peers is not None and len(peers) < 2:
         raise ConfigError(f"scheme.peers={list(peers)}: give two or more peer models")
+    for key in ("checkpoint", "weights", "pretrained"):
+        if cfg.scheme.name in ("self", "online") and OmegaConf.select(cfg, f"teacher.{key}", default=None):
+            raise ConfigError(
+                f"teacher.{key}={OmegaConf.select(cfg, f'teacher.{key}')}: scheme={cfg.scheme.name} uses no teacher "
+                "(its students teach each other); leave it out, or use scheme=offline"
+            )
     if cfg.scheme.name == "assistant" and not OmegaConf.select(cfg, "scheme.assistants", default=None):
         raise ConfigError("scheme.assistants: give at least one assistant model, e.g. scheme.assistants=[resnet14]")
 

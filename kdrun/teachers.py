@@ -95,6 +95,11 @@ class TeacherSource:
     def get(self) -> Teacher:
         """The trained teacher: from ``teacher.checkpoint``, from the store, or trained here (and stored)."""
         tcfg, stages = self.cfg.teacher, self.stages
+        if tcfg.checkpoint and (tcfg.get("weights") or tcfg.get("pretrained")):
+            # the checkpoint's weights replace any starting weights: not read (nor downloaded) for nothing
+            unused = [f"teacher.{k}={tcfg.get(k)}" for k in ("weights", "pretrained") if tcfg.get(k)]
+            log.warning("teacher: %s not used: teacher.checkpoint gives every weight", ", ".join(unused))
+            tcfg = OmegaConf.merge(tcfg, {"weights": None, "pretrained": None})
         model = stages.build("teacher", tcfg)
         ident = model_identity(tcfg, self.data.data)
         final = os.path.join(stages.ckpt_dir, "teacher.pt")

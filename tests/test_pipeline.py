@@ -134,9 +134,11 @@ def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):
         "baseline=false",
         "trainer.latency=false",
         f"teacher.checkpoint={ckpt}",
+        f"teacher.pretrained={ckpt}",  # starting weights the checkpoint replaces: not read, and said so
         f"hydra.run.dir={tmp_path / 'reuse'}",
     )
     assert p.returncode == 0, p.stderr[-2000:]
+    assert f"teacher: teacher.pretrained={ckpt} not used: teacher.checkpoint gives every weight" in p.stderr
     first = json.loads((run_dir / "metrics.json").read_text())["test"]["teacher"]["top1"]
     again = json.loads((tmp_path / "reuse" / "metrics.json").read_text())["test"]["teacher"]["top1"]
     assert again == first  # the same trained teacher, not retrained

@@ -152,6 +152,11 @@ def test_bad_scheme_values_are_one_line(kdrun_here, tmp_path):
         "kdrun: error: sweep.metric=student.best_val_top1: scheme=online trains its peers in one stage, validated by "
         "their mean logits, so a peer has no best epoch of its own; use student.val_top1 (its last epoch)"
     )
+    p = kdrun_here("train", *FAST, "scheme=self", "teacher.checkpoint=t.pt", f"hydra.run.dir={tmp_path}/r")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "kdrun: error: teacher.checkpoint=t.pt: scheme=self uses no teacher (its students teach each other); leave it "
+        "out, or use scheme=offline"
+    )
     peers = "scheme.peers=[resnet8,nosuchnet]"
     p = kdrun_here("train", *FAST, "scheme=online", peers, f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and "scheme.peers[1]=nosuchnet: unknown model; valid:" in p.stderr
