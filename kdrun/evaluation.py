@@ -29,10 +29,10 @@ def _logits(model: nn.Module, loader, mirror: bool) -> torch.Tensor:
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
     """Top-k accuracies in percent."""
-    labels = labels.cpu()
+    labels = labels.to(logits.device)
     # the true class's rank with exact ties broken by class index, as argmax breaks them: top-1 is argmax's (as
     # errors, agreement and the McNemar test count), and an image right at top-1 is right at every k
     own = logits.gather(1, labels[:, None])
-    earlier = torch.arange(logits.shape[1])[None, :] < labels[:, None]
+    earlier = torch.arange(logits.shape[1], device=logits.device)[None, :] < labels[:, None]
     rank = (logits > own).sum(1) + ((logits == own) & earlier).sum(1)
     return [100.0 * (rank < min(k, logits.shape[1])).float().mean().item() for k in ks]

@@ -59,7 +59,7 @@ class DamagedArtifact(KdrunError):
 
 def can_create_in(folder: str) -> bool:
     """Whether this process can create a file in ``folder``, found by trying (``os.access`` answers from the mode
-    bits, which a read-only mount, an ACL or root's privileges make wrong)."""
+    bits and the caller's ids, which ACLs, a root-squashed network mount or root's privileges can make wrong)."""
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".kdrun-check-", dir=folder))
         return True

@@ -58,13 +58,13 @@ def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = Non
     what = what or f"teacher.checkpoint={path}"
     ckpt = read_checkpoint(path, what)
     have = ckpt["identity"]
-    if run is not None:
-        _check_input(ckpt, run, what)
     if (have.get("arch"), have.get("num_classes")) != (want["arch"], want["num_classes"]):
         raise ConfigError(
             f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, "
             f"but this run's teacher is {want['arch']} for {want['num_classes']} classes"
         )
+    if run is not None:
+        _check_input(ckpt, run, what)
     differs = _first_difference(have, want)
     if differs:  # options that change what the same weights compute (an activation, a stem's strides...)
         field, theirs, ours = differs
