@@ -538,9 +538,10 @@ def test_every_worker_fills_the_logit_cache_with_the_teacher_rank_0_saved(kdrun,
         want = torch.cat([teacher.eval()(b.x).float() for b in loader.batches(index, view, 64)]).half().float()
     assert filled.sum() == n  # one epoch: one view of each image, half of them from each worker
     metrics = __import__("json").loads((run / "metrics.json").read_text())
-    # the rows both workers' teachers computed (not rank 0's alone): 143 images in batches of 128 and 15, the 15
-    # padded to 16 so that each worker has 8 (one image computed twice)
-    assert (n, metrics["stages"]["cache"]["teacher_rows"]) == (143, 144)
+    # the rows both workers' teachers computed (not rank 0's alone, about half): 143 images in batches of 128 and
+    # 15, the 15 padded to 16 so that each worker has 8; the padding's image is computed a second time unless the
+    # other worker's row for it is already written when it looks (a race either way)
+    assert n == 143 and metrics["stages"]["cache"]["teacher_rows"] in (143, 144)
     torch.testing.assert_close(cached[filled], want[filled], rtol=0, atol=0)
 
 
