@@ -110,8 +110,17 @@ def _short(names: list) -> str:
     return "[" + ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "") + "]"
 
 
-# model options that act only while training (a teacher is used frozen, in eval mode): they may differ
-TRAINING_ONLY = ("dropout", "input_dropout", "max_norm", "drop_rate", "drop_path_rate")
+# model options that act only while training (a teacher is used frozen, in eval mode), or that only chose the
+# starting weights (timm's pretrained_cfg_overlay={file: ...}): they may differ
+TRAINING_ONLY = (
+    "dropout",
+    "input_dropout",
+    "max_norm",
+    "drop_rate",
+    "drop_path_rate",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+)
 
 
 def _option_defaults(arch: str, source: str) -> dict:

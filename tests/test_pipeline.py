@@ -189,6 +189,9 @@ def test_teacher_checkpoint_with_other_model_options_is_refused(tmp_path):
         load_teacher(str(tmp_path / "t.pt"), model, {**relu, "image_size": 16})
     # what acts only in training (dropout, max-norm) may differ, and an option left out is its default
     load_teacher(str(tmp_path / "t.pt"), model, {**ident, "kwargs": {"hidden": [16], "dropout": 0.5}})
+    # nor what only chose the starting weights (timm's local weights file)
+    overlay = {"pretrained_cfg_overlay": {"file": "/elsewhere/w.pth"}}
+    load_teacher(str(tmp_path / "t.pt"), model, {**ident, "kwargs": {"hidden": [16], **overlay}})
 
 
 def test_teacher_checkpoint_of_other_classes_or_normalisation_is_refused_and_other_data_warned(tmp_path, caplog):
