@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.data.loader import Batch
@@ -33,6 +32,7 @@ from kdrun.losses.base import sum_terms
 from kdrun.losses.kd import soft_kl
 from kdrun.schemes import model_cfg, register_scheme
 from kdrun.train import Roles
+from kdrun.weights import model_identity
 
 
 class Peers(nn.ModuleList):
@@ -91,7 +91,8 @@ def online(run) -> Roles:
         stages.record(f"peer{i}", peer, mcfg, None)
         if val_loader is not None:
             val_scores[f"peer{i}"] = accuracy(predict(peer, val_loader), val_loader.labels)[0]
-    is_student = [model_of(c) == model_of(run.cfg.student) for c in cfgs]
+    student_model = model_identity(run.cfg.student, data.data)  # architecture, source and options
+    is_student = [model_identity(c, data.data) == student_model for c in cfgs]
     student = 1 + (is_student.index(True) if any(is_student) else 0)
     stages.log.note(
         "online",
@@ -103,9 +104,3 @@ def online(run) -> Roles:
         for i, mcfg in enumerate(cfgs, start=1):
             run.ce_model(f"baseline_peer{i}", mcfg, who=f"scheme.peers[{i - 1}]", seed_offset=i - 1)
     return Roles(student=f"peer{student}", baseline=f"baseline_peer{student}" if run.cfg.baseline else None)
-
-
-def model_of(mcfg) -> tuple:
-    """A model config's model (name and options), to compare a peer's with the student's."""
-    kwargs = mcfg.get("kwargs") or {}
-    return mcfg.name, OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)
