@@ -228,6 +228,12 @@ class RunData:
             shard=distributed.world(),
         )
 
+    def first_images(self, split: ImageSet | FileSet, n: int) -> torch.Tensor:
+        """The first ``n`` images of ``split`` (all of them when fewer), normalised and un-augmented, on the device."""
+        loader = self.eval_loader(split.subset(torch.arange(min(n, len(split)))))
+        assert loader is not None
+        return torch.cat([batch.x for batch in loader.epoch(0)])
+
     def eval_loader(self, split: ImageSet | FileSet | None) -> TensorLoader | StreamLoader | None:
         if split is None:
             return None

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdrun import loggers, report
+from kdrun.data.base import FileSet, ImageSet
 from kdrun.data.loader import TensorLoader
 from kdrun.data.stream import StreamLoader
 from kdrun.engine import StageResult, atomic_save, train_stage
@@ -21,6 +22,9 @@ from kdrun.models import build_model
 from kdrun.run_data import RunData
 from kdrun.store import key_of
 from kdrun.weights import load_pretrained, model_identity
+
+# a model trained from scratch that sets itself from the data (``init_from_data``) sees this many training images
+DATA_INIT_IMAGES = 5000  # airbench's whitening layer: the 2x2-patch covariance of 5,000 images
 
 # Keys that say where a run reads and writes, how it is watched or how fast it goes, not what it trains:
 # a run resumed with other values of these (another KDRUN_DATA, data root given explicitly, another logger,
@@ -102,9 +106,13 @@ class StageRunner:
         self.ema: dict[str, nn.Module] = {}  # stage -> EMA of its model's weights (trainer.ema)
         self.logger = loggers.Loggers()  # the run's trackers, set by kdrun.train.run()
 
-    def build(self, who: str, mcfg, seed_offset: int = 0) -> nn.Module:
+    def build(self, who: str, mcfg, seed_offset: int = 0, trains_on: ImageSet | FileSet | None = None) -> nn.Module:
         """A fresh model for ``mcfg`` (``who`` names its config key in errors), initialised from
-        ``trainer.seed + seed_offset``: the student and its baseline start from the same weights."""
+        ``trainer.seed + seed_offset``: the student and its baseline start from the same weights.
+
+        A model with an ``init_from_data(images)`` method (airbench's whitening layer) is given the first
+        ``DATA_INIT_IMAGES`` un-augmented images of the split it trains on, ``trains_on`` (default: the student
+        stages' transfer set), unless its weights come from elsewhere (``weights``, ``pretrained``, ``checkpoint``)."""
         seed_everything(self.tr.seed + seed_offset)
         ident = model_identity(mcfg, self.data.data)
         model = build_model(
@@ -119,6 +127,10 @@ class StageRunner:
         )
         if mcfg.get("pretrained"):
             load_pretrained(mcfg.pretrained, model, f"{who}.pretrained={mcfg.pretrained}")
+        init = getattr(model, "init_from_data", None)
+        if callable(init) and not any(mcfg.get(k) for k in ("weights", "pretrained", "checkpoint")):
+            split = trains_on if trains_on is not None else self.data.student_set
+            init(self.data.first_images(split, DATA_INIT_IMAGES))
         if self.tr.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
         return model.to(self.device)

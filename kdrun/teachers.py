@@ -100,7 +100,7 @@ class TeacherSource:
             unused = [f"teacher.{k}={tcfg.get(k)}" for k in ("weights", "pretrained") if tcfg.get(k)]
             log.warning("teacher: %s not used: teacher.checkpoint gives every weight", ", ".join(unused))
             tcfg = OmegaConf.merge(tcfg, {"weights": None, "pretrained": None})
-        model = stages.build("teacher", tcfg)
+        model = stages.build("teacher", tcfg, trains_on=self.data.train_set)
         ident = model_identity(tcfg, self.data.data)
         final = os.path.join(stages.ckpt_dir, "teacher.pt")
         metrics_csv = os.path.join(stages.run_dir, "metrics_teacher.csv")

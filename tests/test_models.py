@@ -17,6 +17,7 @@ from kdrun.models_cli import models_main
 
 # smallest sensible input for every model: the digits default (1 channel, 8x8, 10 classes)
 IN_CHANS, IMG, CLASSES = 1, 8, 10
+MIN_SIZE = {"airbench": 16}  # a 2x2 convolution, then three 2x2 max-pools
 
 CIFAR_FAMILY = [
     "resnet8",
@@ -53,8 +54,9 @@ def test_zoo_has_every_required_model():
 @pytest.mark.parametrize("name", MODELS.names())
 def test_forward_backward_and_feature_points(name):
     torch.manual_seed(0)
-    model = build_model(name, CLASSES, IN_CHANS, IMG)
-    x = torch.randn(2, IN_CHANS, IMG, IMG)
+    size = MIN_SIZE.get(name, IMG)
+    model = build_model(name, CLASSES, IN_CHANS, size)
+    x = torch.randn(2, IN_CHANS, size, size)
     names = list(model.feature_points)
     assert "pre_logits" in names and "logits" in names
     with FeatureTap(model, [n for n in names if n != "logits"]) as tap:
@@ -63,7 +65,7 @@ def test_forward_backward_and_feature_points(name):
     logits.logsumexp(1).mean().backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, f"parameters outside the forward pass: {no_grad[:3]}"
-    reported = feature_shapes(model, (IN_CHANS, IMG, IMG))
+    reported = feature_shapes(model, (IN_CHANS, size, size))
     captured = dict(tap.features, logits=logits)
     assert set(reported) == set(names)
     for point, shape in reported.items():
@@ -337,3 +339,36 @@ def test_vgg_stages_are_repdistillers_distilled_features():
     at = LOSSES.get("at")()
     teacher_layers, student_layers = at.default_layers(list(vgg.feature_points), list(student.feature_points))
     assert teacher_layers == student_layers == ["stage1", "stage2", "stage3", "stage4"]
+
+
+def test_airbench_is_airbench94s_network():
+    """airbench94: 24 whitening channels, blocks of 64 / 256 / 256, a bias-free classifier; only the whitening
+    bias and the BN shifts train among the first layer and the norms."""
+    model = build_model("airbench", 10, 3, 32)
+    assert count_params(model) == 1_972_792
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen[0] == "block1.2.weight" and "whiten.weight" in frozen and len(frozen) == 7  # 6 BN scales
+    with pytest.raises(ConfigError, match=r"kwargs.widths=\[64, 256\]: must be three positive channel counts"):
+        build_model("airbench", 10, 3, 32, widths=[64, 256])
+    with pytest.raises(ConfigError, match="airbench needs at least 16x16"):
+        build_model("airbench", 10, 1, 8)
+
+
+def test_airbench_whitening_layer_whitens_the_images_patches():
+    """init_from_data: the first half of the whitening channels, applied to the images it was set from, have
+    covariance diag(lambda / (lambda + eps)) (about the identity), largest eigenvalue first; the second half is
+    their negative. A patch flattened in another order than the convolution's weights would not whiten."""
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randn(200, 3, 3, generator=g)
+    x = torch.einsum("nchw,dc->ndhw", torch.randn(200, 3, 16, 16, generator=g), rgb[0])  # correlated channels
+    x = x + 0.8 * x.roll(1, dims=3) + 0.3 * x.roll(1, dims=2)  # neighbours correlated, more across than down
+    model = build_model("airbench", 10, 3, 16)
+    model.init_from_data(x)
+    w = model.whiten.weight
+    assert torch.equal(w[12:], -w[:12])
+    out = torch.nn.functional.conv2d(x, w[:12])  # without the bias
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = flat.T @ flat / len(flat)
+    assert torch.allclose(cov, torch.eye(12), atol=0.02), cov.diagonal()
+    norms = w[:12].flatten(1).norm(dim=1)  # 1/sqrt(lambda + eps): the largest eigenvalue's channel is the smallest
+    assert norms[0] == norms.min() and norms[-1] == norms.max()
