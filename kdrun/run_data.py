@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -228,11 +229,14 @@ class RunData:
             shard=distributed.world(),
         )
 
-    def first_images(self, split: ImageSet | FileSet, n: int) -> torch.Tensor:
-        """The first ``n`` images of ``split`` (all of them when fewer), normalised and un-augmented, on the device."""
-        loader = self.eval_loader(split.subset(torch.arange(min(n, len(split)))))
+    def spread_batches(self, split: ImageSet | FileSet, n: int) -> Iterator[torch.Tensor]:
+        """Batches of ``n`` images of ``split`` evenly spaced through it (all of them when it has fewer), normalised
+        and un-augmented, on the device. Evenly spaced, not the first ``n``: an image folder lists its images
+        class by class, so the first 5,000 of ImageNet would be four of its classes."""
+        index = torch.linspace(0, len(split) - 1, min(n, len(split))).round().long().unique()
+        loader = self.eval_loader(split.subset(index))
         assert loader is not None
-        return torch.cat([batch.x for batch in loader.epoch(0)])
+        return (batch.x for batch in loader.epoch(0))
 
     def eval_loader(self, split: ImageSet | FileSet | None) -> TensorLoader | StreamLoader | None:
         if split is None:

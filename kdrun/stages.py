@@ -23,8 +23,10 @@ from kdrun.run_data import RunData
 from kdrun.store import key_of
 from kdrun.weights import load_pretrained, model_identity
 
-# a model trained from scratch that sets itself from the data (``init_from_data``) sees this many training images
-DATA_INIT_IMAGES = 5000  # airbench's whitening layer: the 2x2-patch covariance of 5,000 images
+# a model trained from scratch that sets part of itself from the data (``init_from_data``) sees this many images,
+# evenly spaced through the split it trains on (RunData.spread_batches); ``DATA_INIT`` says so in a teacher's store key
+DATA_INIT_IMAGES = 5000  # airbench's whitening layer: the 2x2-patch second moments of 5,000 images
+DATA_INIT = f"{DATA_INIT_IMAGES} images evenly spaced through the split, un-augmented"
 
 # Keys that say where a run reads and writes, how it is watched or how fast it goes, not what it trains:
 # a run resumed with other values of these (another KDRUN_DATA, data root given explicitly, another logger,
@@ -110,9 +112,11 @@ class StageRunner:
         """A fresh model for ``mcfg`` (``who`` names its config key in errors), initialised from
         ``trainer.seed + seed_offset``: the student and its baseline start from the same weights.
 
-        A model with an ``init_from_data(images)`` method (airbench's whitening layer) is given the first
-        ``DATA_INIT_IMAGES`` un-augmented images of the split it trains on, ``trains_on`` (default: the student
-        stages' transfer set), unless its weights come from elsewhere (``weights``, ``pretrained``, ``checkpoint``)."""
+        A model with an ``init_from_data(batches)`` method (airbench's whitening layer) is given batches of
+        ``DATA_INIT_IMAGES`` un-augmented images evenly spaced through the split it trains on, ``trains_on``
+        (default: the student stages' transfer set), unless its weights come from elsewhere (``weights``,
+        ``pretrained``, ``checkpoint``). Reading them leaves the random state as it was (a streamed split's
+        DataLoader draws from it), so what is seeded after the model starts the same either way."""
         seed_everything(self.tr.seed + seed_offset)
         ident = model_identity(mcfg, self.data.data)
         model = build_model(
@@ -130,7 +134,8 @@ class StageRunner:
         init = getattr(model, "init_from_data", None)
         if callable(init) and not any(mcfg.get(k) for k in ("weights", "pretrained", "checkpoint")):
             split = trains_on if trains_on is not None else self.data.student_set
-            init(self.data.first_images(split, DATA_INIT_IMAGES))
+            with torch.random.fork_rng(devices=[]):
+                init(self.data.spread_batches(split, DATA_INIT_IMAGES))
         if self.tr.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
         return model.to(self.device)

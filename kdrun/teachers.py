@@ -19,8 +19,8 @@ from torch import nn
 from kdrun import distributed, io
 from kdrun.engine import cross_entropy
 from kdrun.errors import ConfigError
-from kdrun.models.registry import weights_name
-from kdrun.stages import StageRunner
+from kdrun.models.registry import sets_from_data, weights_name
+from kdrun.stages import DATA_INIT, StageRunner
 from kdrun.store import Store, StoreRefs, key_of, link_into, model_definition
 from kdrun.weights import load_teacher, model_identity
 
@@ -68,13 +68,16 @@ class TeacherSource:
         if overlay and os.path.isfile(str(overlay)):
             weights["weights_sha256"] = io.sha256_file(str(overlay))
         # only when set, so the teachers stored before the option keep their keys
-        smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
+        optional: dict = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
+        starts_from_weights = tcfg.get("weights") or tcfg.get("pretrained")
+        if not starts_from_weights and sets_from_data(tcfg.name, tcfg.get("source", "kdrun")):
+            optional["data_init"] = DATA_INIT  # which images set part of it before training (airbench)
         return {
             "model": model_identity(cfg.teacher, data.data),
             # the starting weights by their contents: another file at the same path is another teacher
             "pretrained": io.sha256_file(cfg.teacher.pretrained) if cfg.teacher.get("pretrained") else None,
             **weights,
-            **smoothing,
+            **optional,
             "definition": model_definition(cfg.teacher.name, cfg.teacher.get("source", "kdrun")),
             "data": data.data.identity,
             "train": len(data.train_set),

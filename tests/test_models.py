@@ -17,7 +17,7 @@ from kdrun.models_cli import models_main
 
 # smallest sensible input for every model: the digits default (1 channel, 8x8, 10 classes)
 IN_CHANS, IMG, CLASSES = 1, 8, 10
-MIN_SIZE = {"airbench": 16}  # a 2x2 convolution, then three 2x2 max-pools
+MIN_SIZE = {"airbench": 9}  # a 2x2 convolution, then three 2x2 max-pools
 
 CIFAR_FAMILY = [
     "resnet8",
@@ -350,7 +350,7 @@ def test_airbench_is_airbench94s_network():
     assert frozen[0] == "block1.2.weight" and "whiten.weight" in frozen and len(frozen) == 7  # 6 BN scales
     with pytest.raises(ConfigError, match=r"kwargs.widths=\[64, 256\]: must be three positive channel counts"):
         build_model("airbench", 10, 3, 32, widths=[64, 256])
-    with pytest.raises(ConfigError, match="airbench needs at least 16x16"):
+    with pytest.raises(ConfigError, match=r"images of 8x8: airbench needs at least 9x9"):
         build_model("airbench", 10, 1, 8)
 
 
@@ -363,7 +363,7 @@ def test_airbench_whitening_layer_whitens_the_images_patches():
     x = torch.einsum("nchw,dc->ndhw", torch.randn(200, 3, 16, 16, generator=g), rgb[0])  # correlated channels
     x = x + 0.8 * x.roll(1, dims=3) + 0.3 * x.roll(1, dims=2)  # neighbours correlated, more across than down
     model = build_model("airbench", 10, 3, 16)
-    model.init_from_data(x)
+    model.init_from_data(x.split(70))  # batches of 70, 70 and 60 images: the moments of all 200
     w = model.whiten.weight
     assert torch.equal(w[12:], -w[:12])
     out = torch.nn.functional.conv2d(x, w[:12])  # without the bias

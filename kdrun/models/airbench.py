@@ -1,13 +1,13 @@
 """airbench's CIFAR-10 network (Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU", 2024; airbench94).
 
-A fixed whitening layer, then three blocks of conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU, a
+A fixed whitening layer and a GELU, then three blocks of conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU, a
 global max-pool and a bias-free linear classifier whose output is scaled by ``logit_scale`` (1/9):
 
 - the first layer is a 2x2 convolution whose weights are the patch-whitening transform of the training images
   (the eigenvectors of the 2x2-patch covariance scaled by 1/sqrt(eigenvalue + eps), and their negatives). They are
-  computed from the data before training (:meth:`AirbenchNet.init_from_data`, which kdrun calls with the first
-  5,000 images of the split a model trains on, ``kdrun.stages.DATA_INIT_IMAGES``) and stay frozen; the layer's
-  bias trains;
+  computed from the data before training (:meth:`AirbenchNet.init_from_data`, which kdrun calls with 5,000
+  images evenly spaced through the split a model trains on, ``kdrun.stages.DATA_INIT``) and stay frozen; the
+  layer's bias trains (airbench freezes it after 3 epochs);
 - the BatchNorm layers have no trainable scale (fixed at 1; their shift trains), momentum 0.6 in airbench's
   convention (``momentum=0.4`` in PyTorch's) and eps 1e-12;
 - each 3x3 convolution starts as the identity on its first ``in_channels`` outputs (``nn.init.dirac_``).
@@ -19,6 +19,8 @@ final pool is global (airbench's 3x3 max-pool is the global pool of its 3x3 map)
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -73,20 +75,29 @@ class AirbenchNet(nn.Module):
         }
 
     @torch.no_grad()
-    def init_from_data(self, images: torch.Tensor) -> None:
-        """Set the whitening layer from ``images`` (normalised, ``[N, C, H, W]``): each output channel is an
-        eigenvector ``v`` of the covariance of the images' 2x2 patches scaled by ``1/sqrt(lambda + eps)``, or its
-        negative (so the GELU after it keeps both signs)."""
+    def init_from_data(self, batches: Iterable[torch.Tensor]) -> None:
+        """Set the whitening layer from the images of ``batches`` (normalised, ``[B, C, H, W]`` each): each output
+        channel is an eigenvector ``v`` of the second-moment matrix of the images' 2x2 patches (uncentred, as
+        airbench's) scaled by ``1/sqrt(lambda + eps)``, largest eigenvalue first, then the same negated (so the
+        GELU after it keeps both signs). The moments are summed a few images at a time, in float64."""
         w = self.whiten.weight
         c, kh, kw = w.shape[1:]
-        patches = images.float().unfold(2, kh, 1).unfold(3, kw, 1)  # N, C, H', W', kh, kw
-        flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw).double()
-        cov = flat.T @ flat / flat.shape[0]
-        eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+        moments = torch.zeros(c * kh * kw, c * kh * kw, dtype=torch.float64, device=w.device)
+        count = 0
+        for batch in batches:
+            per_image = (batch.shape[-2] - kh + 1) * (batch.shape[-1] - kw + 1)
+            for images in batch.split(max(1, 2**20 // per_image)):  # about a million patches at a time
+                patches = images.to(w.device, torch.float64).unfold(2, kh, 1).unfold(3, kw, 1)  # N, C, H', W', kh, kw
+                flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)  # as the weights: C, kh, kw
+                moments += flat.T @ flat
+                count += flat.shape[0]
+        if not count:
+            raise ValueError("init_from_data: no images")
+        eigenvalues, eigenvectors = torch.linalg.eigh(moments / count)  # ascending
         order = eigenvalues.argsort(descending=True)
         scaled = eigenvectors[:, order].T / torch.sqrt(eigenvalues[order].clamp_min(0) + self.whiten_eps)[:, None]
         scaled = scaled.reshape(-1, c, kh, kw).to(w.dtype)
-        w.copy_(torch.cat([scaled, -scaled]).to(memory_format=torch.contiguous_format))
+        w.copy_(torch.cat([scaled, -scaled]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.act(self.whiten(x)))))
@@ -112,6 +123,11 @@ def airbench(
         raise ConfigError(f"kwargs.logit_scale={logit_scale}: must be > 0")
     if whiten_eps <= 0:
         raise ConfigError(f"kwargs.whiten_eps={whiten_eps}: must be > 0")
-    if img_size < 16:
-        raise ConfigError(f"images of {img_size}x{img_size}: airbench needs at least 16x16 (three 2x2 max-pools)")
+    if img_size < 9:
+        raise ConfigError(
+            f"images of {img_size}x{img_size}: airbench needs at least 9x9 (a 2x2 convolution, three 2x2 max-pools)"
+        )
     return AirbenchNet(widths, num_classes, in_chans, logit_scale, whiten_eps)
+
+
+airbench.sets_from_data = True  # type: ignore[attr-defined]  # a teacher's store key records how (stages.DATA_INIT)

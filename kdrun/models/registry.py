@@ -43,6 +43,12 @@ def set_feature_points(model: nn.Module, points: dict[str, str]) -> None:
     model.feature_points = points  # type: ignore[assignment]
 
 
+def sets_from_data(name: str, source: str = "kdrun") -> bool:
+    """Whether model ``name`` sets part of itself from training images before training (``init_from_data``);
+    its factory says so with a ``sets_from_data = True`` attribute."""
+    return source == "kdrun" and name in MODELS.names() and bool(getattr(MODELS.get(name), "sets_from_data", False))
+
+
 def set_new_parameters(model: nn.Module, names: list[str]) -> None:
     """Mark what pretrained weights did not provide (a classifier for another class count): a teacher built so
     is not used untrained (``trainer.teacher_epochs=0`` is refused)."""
