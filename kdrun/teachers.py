@@ -150,6 +150,9 @@ class TeacherSource:
                         log.info("teacher: stored as %s", entry.path)
         model.eval().requires_grad_(False)
         stages.record("teacher", model, tcfg, None)  # reported at its last epoch
+        if self.tr.get("ema") and "teacher" not in stages.ema and self.tr.teacher_epochs:
+            where = "loaded from teacher.checkpoint" if tcfg.checkpoint else "reused from the store"
+            log.info("teacher: %s, so no teacher_ema row (trainer.ema averages a stage trained in this run)", where)
         return Teacher(model, "teacher", key, self.precision)
 
     def _finished_here(self) -> bool:

@@ -266,3 +266,17 @@ def test_a_random_resized_crop_streamed_from_files_is_keyed_apart_from_one_of_th
     streamed, decoded = keys("stream", *rrc), keys("memory", *rrc)
     assert streamed[0] != decoded[0] and streamed[1] != decoded[1]
     assert keys("stream", "dataset.augment.crop_pad=2") == keys("memory", "dataset.augment.crop_pad=2")
+
+
+def test_a_reused_teacher_says_why_it_has_no_ema_row(kdrun, tmp_path):
+    """trainer.ema averages the weights of a stage trained in the run: a teacher from the store has none, and the
+    run says so rather than leaving the teacher_ema row out unexplained."""
+    store = tmp_path / "store"
+    args = [*FAST, "trainer.epochs=1", "trainer.ema=0.9", f"store.dir={store}"]
+    tests = {}
+    for name in ("first", "again"):
+        p = kdrun("train", *args, f"hydra.run.dir={tmp_path / name}")
+        assert p.returncode == 0, p.stderr[-2000:]
+        tests[name] = json.loads((tmp_path / name / "metrics.json").read_text())["test"]
+    assert "teacher_ema" in tests["first"] and "teacher_ema" not in tests["again"]
+    assert "teacher: reused from the store, so no teacher_ema row (trainer.ema averages a stage trained" in p.stderr
