@@ -17,7 +17,6 @@ from kdrun.models_cli import models_main
 
 # smallest sensible input for every model: the digits default (1 channel, 8x8, 10 classes)
 IN_CHANS, IMG, CLASSES = 1, 8, 10
-MIN_SIZE = {"airbench": 9}  # a 2x2 convolution, then three 2x2 max-pools
 
 CIFAR_FAMILY = [
     "resnet8",
@@ -54,9 +53,8 @@ def test_zoo_has_every_required_model():
 @pytest.mark.parametrize("name", MODELS.names())
 def test_forward_backward_and_feature_points(name):
     torch.manual_seed(0)
-    size = MIN_SIZE.get(name, IMG)
-    model = build_model(name, CLASSES, IN_CHANS, size)
-    x = torch.randn(2, IN_CHANS, size, size)
+    model = build_model(name, CLASSES, IN_CHANS, IMG)
+    x = torch.randn(2, IN_CHANS, IMG, IMG)
     names = list(model.feature_points)
     assert "pre_logits" in names and "logits" in names
     with FeatureTap(model, [n for n in names if n != "logits"]) as tap:
@@ -65,7 +63,7 @@ def test_forward_backward_and_feature_points(name):
     logits.logsumexp(1).mean().backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, f"parameters outside the forward pass: {no_grad[:3]}"
-    reported = feature_shapes(model, (IN_CHANS, size, size))
+    reported = feature_shapes(model, (IN_CHANS, IMG, IMG))
     captured = dict(tap.features, logits=logits)
     assert set(reported) == set(names)
     for point, shape in reported.items():
@@ -350,8 +348,12 @@ def test_airbench_is_airbench94s_network():
     assert frozen[0] == "block1.2.weight" and "whiten.weight" in frozen and len(frozen) == 7  # 6 BN scales
     with pytest.raises(ConfigError, match=r"kwargs.widths=\[64, 256\]: must be three positive channel counts"):
         build_model("airbench", 10, 3, 32, widths=[64, 256])
-    with pytest.raises(ConfigError, match=r"images of 8x8: airbench needs at least 9x9"):
-        build_model("airbench", 10, 1, 8)
+    with pytest.raises(ConfigError, match=r"images of 1x1: airbench needs at least 2x2"):
+        build_model("airbench", 10, 1, 1)
+    pools = [type(m).__name__ for m in model.modules() if isinstance(m, (torch.nn.MaxPool2d, torch.nn.Identity))]
+    assert pools == ["MaxPool2d"] * 3  # 31 -> 15 -> 7 -> 3 pixels at 32x32, as airbench94
+    small = build_model("airbench", 10, 1, 8)  # 7 -> 3 -> 1 pixels: the third block keeps its one pixel
+    assert [type(b[1]).__name__ for b in (small.block1, small.block2, small.block3)] == ["MaxPool2d"] * 2 + ["Identity"]
 
 
 def test_airbench_whitening_layer_whitens_the_images_patches():

@@ -15,7 +15,8 @@ global max-pool and a bias-free linear classifier whose output is scaled by ``lo
 airbench's training recipe (Nesterov SGD with a 64x learning rate on the BN shifts, lookahead, label smoothing,
 alternating flips) is its own; kdrun trains this network with its usual optimiser and schedule. ``widths=[64,
 256, 256]`` is airbench94's network: 2.0M parameters, 0.12 G multiply-adds at 32x32. On other image sizes the
-final pool is global (airbench's 3x3 max-pool is the global pool of its 3x3 map).
+final pool is global (airbench's 3x3 max-pool is the global pool of its 3x3 map), and a block whose map is down to
+one pixel (images under 16x16, e.g. the 8x8 digits) skips its max-pool.
 """
 
 from __future__ import annotations
@@ -45,14 +46,17 @@ def batch_norm(channels: int) -> nn.BatchNorm2d:
 
 
 class ConvGroup(nn.Sequential):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, pool: bool):
+        pooling = nn.MaxPool2d(2) if pool else nn.Identity()
         super().__init__(
-            Conv(cin, cout), nn.MaxPool2d(2), batch_norm(cout), nn.GELU(), Conv(cout, cout), batch_norm(cout), nn.GELU()
+            Conv(cin, cout), pooling, batch_norm(cout), nn.GELU(), Conv(cout, cout), batch_norm(cout), nn.GELU()
         )
 
 
 class AirbenchNet(nn.Module):
-    def __init__(self, widths: list[int], num_classes: int, in_chans: int, logit_scale: float, whiten_eps: float):
+    def __init__(
+        self, widths: list[int], num_classes: int, in_chans: int, img_size: int, logit_scale: float, whiten_eps: float
+    ):
         super().__init__()
         k = 2
         self.whiten = nn.Conv2d(in_chans, 2 * in_chans * k * k, k, padding=0, bias=True)
@@ -60,9 +64,13 @@ class AirbenchNet(nn.Module):
         assert self.whiten.bias is not None
         nn.init.zeros_(self.whiten.bias)
         self.act = nn.GELU()
-        self.block1 = ConvGroup(self.whiten.out_channels, widths[0])
-        self.block2 = ConvGroup(widths[0], widths[1])
-        self.block3 = ConvGroup(widths[1], widths[2])
+        side, pools = img_size - k + 1, []  # a block's 2x2 max-pool only where its map has 2 pixels or more
+        for _ in range(3):
+            pools.append(side >= 2)
+            side = side // 2 if side >= 2 else side
+        self.block1 = ConvGroup(self.whiten.out_channels, widths[0], pools[0])
+        self.block2 = ConvGroup(widths[0], widths[1], pools[1])
+        self.block3 = ConvGroup(widths[1], widths[2], pools[2])
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes, bias=False)
         self.logit_scale, self.whiten_eps = logit_scale, whiten_eps
@@ -123,11 +131,11 @@ def airbench(
         raise ConfigError(f"kwargs.logit_scale={logit_scale}: must be > 0")
     if whiten_eps <= 0:
         raise ConfigError(f"kwargs.whiten_eps={whiten_eps}: must be > 0")
-    if img_size < 9:
+    if img_size < 2:
         raise ConfigError(
-            f"images of {img_size}x{img_size}: airbench needs at least 9x9 (a 2x2 convolution, three 2x2 max-pools)"
+            f"images of {img_size}x{img_size}: airbench needs at least 2x2 (its 2x2 whitening convolution)"
         )
-    return AirbenchNet(widths, num_classes, in_chans, logit_scale, whiten_eps)
+    return AirbenchNet(widths, num_classes, in_chans, img_size, logit_scale, whiten_eps)
 
 
 airbench.sets_from_data = True  # type: ignore[attr-defined]  # a teacher's store key records how (stages.DATA_INIT)
