@@ -233,7 +233,7 @@ class RunData:
         """Batches of ``n`` images of ``split`` evenly spaced through it (all of them when it has fewer), normalised
         and un-augmented, on the device. Evenly spaced, not the first ``n``: an image folder lists its images
         class by class, so the first 5,000 of ImageNet would be four of its classes."""
-        index = torch.linspace(0, len(split) - 1, min(n, len(split))).round().long().unique()
+        index = torch.linspace(0, len(split) - 1, min(n, len(split))).round().long()  # steps >= 1: distinct
         loader = self.eval_loader(split.subset(index))
         assert loader is not None
         return (batch.x for batch in loader.epoch(0))
