@@ -17,6 +17,7 @@ evaluates; rank 0's result comes back to the launching process through a queue.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -236,8 +237,12 @@ def agree(stop: bool, device) -> bool:
         box: list[KdrunError | None] = [_DEFERRED[0] if rank == culprit else None]
         dist.broadcast_object_list(box, src=culprit)
         _DEFERRED.clear()
-        assert box[0] is not None
-        raise box[0]
+        err = box.pop()
+        assert err is not None
+        try:
+            raise err
+        finally:  # this frame held by the traceback must not hold the error: a cycle kept the stage's DDP model
+            del err  # alive past destroy_process_group, and gloo could abort at interpreter exit (SIGABRT)
     return stop_any
 
 
@@ -348,18 +353,24 @@ def _entry(rank: int, n: int, port: int, backend: str, fn, args, setup, queue) -
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=n)
+    exit_code = 0
     try:
         result = fn(*args)
         if rank == 0:
             queue.put(("result", result))
-    except KdrunError as e:
+    except KdrunError as e:  # handled here, so that its traceback (the stage's frames) is gone before the group
         queue.put(("error", str(e), e.exit_code))
-        sys.exit(e.exit_code)
+        exit_code = e.exit_code
     except BaseException:  # the cause, handed back before the group closes and the others fail in their turn
         queue.put(("crash", rank, traceback.format_exc()))
         raise
     finally:
+        # a model left in a reference cycle (a DDP module holds the group) must go while the group is alive: freed
+        # at interpreter exit instead, gloo can abort the worker (SIGABRT), and a finished run would read as failed
+        gc.collect()
         dist.destroy_process_group()
+    if exit_code:
+        sys.exit(exit_code)
 
 
 class WorkerFailed(RuntimeError):

@@ -6,6 +6,7 @@ memory banks stay equal across ranks; each rank binds its own device; end to end
 """
 
 import csv
+import gc
 import os
 import re
 import socket
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from kdrun import distributed
 from kdrun.errors import ConfigError, KdrunError
@@ -395,6 +397,31 @@ def test_a_worker_crash_is_reported_with_its_own_traceback_not_a_knock_on_error(
     assert str(e.value).endswith("RuntimeError: injected on rank 1"), str(e.value)
 
 
+class _Held:
+    """Stands for a module holding the group (a DDP model): writes, when freed, whether the group was still up."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __del__(self):
+        with open(self.path, "w") as f:
+            f.write(f"freed with the group {'up' if dist.is_initialized() else 'destroyed'}")
+
+
+def _leave_a_cycle(cfg, run_dir):
+    gc.disable()
+    cycle: list = [_Held(os.path.join(run_dir, f"held{dist.get_rank()}.txt"))]
+    cycle.append(cycle)  # reachable by nothing, freed only by a collection
+    return {"done": True}
+
+
+def test_a_launched_worker_frees_what_its_run_left_in_cycles_before_the_group_closes(tmp_path):
+    """A DDP model left in a reference cycle holds the gloo group; freed at interpreter exit instead, after
+    destroy_process_group, gloo can abort the worker (SIGABRT), and a run that finished would read as failed."""
+    assert distributed.launch(2, "cpu", _leave_a_cycle, None, str(tmp_path), _no_setup) == {"done": True}
+    assert [(tmp_path / f"held{r}.txt").read_text() for r in (0, 1)] == ["freed with the group up"] * 2
+
+
 def test_two_torchrun_nodes_end_with_the_weights_of_one_process(tmp_path, one_process):
     """``torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d``: two "nodes" on localhost."""
     from tests.conftest import WORKDIR
@@ -617,6 +644,7 @@ def _stage_defer_worker(rank, world, port, out_dir):
     from tests.test_engine import Linear, optim, tiny_loader
 
     _join_briefly(rank, world, port)
+    gc.disable()  # what the raised error keeps alive stays alive, as at interpreter exit
     steps = []
 
     def objective(net, batch, epoch):
@@ -630,15 +658,21 @@ def _stage_defer_worker(rank, world, port, out_dir):
         run_dir=out_dir, checkpoint_every_steps=4,
     )  # fmt: skip
     _outcome(out_dir, rank, lambda: run() and None)
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
     with open(os.path.join(out_dir, f"steps{rank}.txt"), "w") as f:
-        f.write(str(len(steps)))
+        f.write(f"{len(steps)} steps, {alive} DDP alive")
+    gc.enable()
     _leave()
 
 
 def test_an_error_one_worker_meets_mid_stage_ends_every_worker_before_the_next_checkpoint(tmp_path):
+    """...and nothing of the stage outlives the error: the raised error once held the frame that raised it, a
+    cycle that kept the stage's DDP model (and the gloo group it holds) alive until interpreter exit, where gloo
+    could abort the worker (SIGABRT, about 1 run in 30 on 2 busy cores)."""
     mp.spawn(_stage_defer_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
     assert _outcomes(str(tmp_path)) == ["raised KdrunError cache: rank 1 failed at step 2"] * 2
-    assert [open(tmp_path / f"steps{r}.txt").read() for r in (0, 1)] == ["4", "4"]  # the first agreement: step 4
+    steps = [open(tmp_path / f"steps{r}.txt").read() for r in (0, 1)]
+    assert steps == ["4 steps, 0 DDP alive"] * 2  # the first agreement: step 4
     assert not (tmp_path / "checkpoints" / "s_last.pt").exists()  # its checkpoint never written
 
 
