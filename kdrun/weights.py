@@ -150,14 +150,63 @@ def _first_difference(have: dict, want: dict) -> tuple[str, object, object] | No
     return None
 
 
+# where a training framework's checkpoint keeps the network's state_dict: kdrun, RepDistiller and mdistiller
+# ("model"), Lightning and timm's train.py ("state_dict"; timm's EMA copy, "state_dict_ema", is not taken), and
+# hand-written loops following PyTorch's tutorial ("model_state_dict") or the CIFAR repositories ("net")
+CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "net")
+
+
+def _is_state_dict(state) -> bool:
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _unwrap(state, what: str):
+    """The state_dict inside a training checkpoint (:data:`CHECKPOINT_KEYS`), or ``state`` itself."""
+    if isinstance(state, dict) and not _is_state_dict(state):
+        key = next((k for k in CHECKPOINT_KEYS if _is_state_dict(state.get(k))), None)
+        if key is not None:
+            log.info("%s: the weights under its '%s' key", what, key)
+            return state[key]
+    return state
+
+
+def _owned(state: dict, model: nn.Module, what: str) -> dict:
+    """The weights of the one attribute whose keys are exactly ``model``'s: a Lightning checkpoint holds its
+    LightningModule's state_dict, the network under the attribute that holds it (``model.``, ``net.``), next to
+    any other module's (a loss's buffers, a frozen teacher's)."""
+    own = set(model.state_dict())
+    if set(state) == own:
+        return state
+    fits = []
+    for head in sorted({k.split(".", 1)[0] for k in state if "." in k}):
+        sub = {k[len(head) + 1 :]: v for k, v in state.items() if k.startswith(head + ".")}
+        if set(sub) == own:
+            fits.append((head, sub))
+    if len(fits) > 1:
+        heads = ", ".join(f"'{head}.'" for head, _ in fits)
+        raise ConfigError(f"{what}: holds weights that fit the model under each of {heads}; save the one to use alone")
+    if not fits:
+        return state
+    log.info("%s: the weights under '%s.'", what, fits[0][0])
+    return fits[0][1]
+
+
 def load_weights(model: nn.Module, state, what: str) -> None:
-    """``model.load_state_dict(state)``, or one line naming ``what`` when ``state`` does not fit the model."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{what}: not a state_dict (a mapping of parameter names to tensors)")
+    """``model.load_state_dict(state)``, or one line naming ``what`` when ``state`` does not fit the model.
+    ``state`` may be a training checkpoint holding the state_dict (:data:`CHECKPOINT_KEYS`), with the network's
+    keys under a wrapper's prefix (DDP, ``torch.compile``) or the attribute of a module that held it (Lightning)."""
+    state = _unwrap(state, what)
+    if not _is_state_dict(state):
+        keys = ", ".join(repr(k) for k in CHECKPOINT_KEYS)
+        raise ConfigError(
+            f"{what}: not a state_dict (a mapping of parameter names to tensors), nor a checkpoint holding one "
+            f"under {keys}"
+        )
     # saved from a DDP-wrapped or torch.compile'd model: the same weights under a wrapper's prefix
     for prefix in ("module.", "_orig_mod.", "module."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
+    state = _owned(state, model, what)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -176,11 +225,9 @@ def load_pretrained(path: str, model: nn.Module, what: str) -> None:
             f"{what}: not a loadable state_dict ({type(e).__name__}; only tensors and plain "
             "values are read, never code)"
         ) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        if "header" in state:  # a kdrun checkpoint: verify its checksum too
-            try:
-                state = kio.load(path, state["header"].get("kind", "checkpoint"))
-            except kio.DamagedArtifact as e:
-                raise ConfigError(f"{what}: {e.reason}") from None
-        state = state["model"]
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "header" in state:
+        try:  # a kdrun checkpoint: verify its checksum too
+            state = kio.load(path, state["header"].get("kind", "checkpoint"))
+        except kio.DamagedArtifact as e:
+            raise ConfigError(f"{what}: {e.reason}") from None
     load_weights(model, state, what)
