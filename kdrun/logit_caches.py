@@ -59,7 +59,7 @@ class LogitCaches:
             "teacher": teacher.key,
             **forward,
             "format": FORMAT,
-            "data": d.data.identity,
+            "data": d.data.content_key(),
             "train": len(d.train_set),
             "views": d.views,
             "topk": shape.topk,

@@ -58,7 +58,7 @@ def collect(cfg, data, stages, roles, evaluation) -> RunPredictions:
     """The predictions of every model of the run (``data``: its :class:`kdrun.run_data.RunData`; ``stages``: its
     :class:`kdrun.stages.StageRunner`; ``evaluation``: :func:`kdrun.report.evaluate`'s test-split result; the
     validation split is predicted here)."""
-    identity = data.data.identity
+    identity = data.data.content_key()  # copies of the same images compare
     splits = {
         "test": SplitPredictions(
             f"{identity}/test",

@@ -263,6 +263,7 @@ def assemble(cfg, run_data, stages, roles, store_refs: dict, results: dict, logi
         "dataset": {
             "name": data.name,
             "identity": data.identity,
+            "content": data.content_key(),
             "num_classes": data.num_classes,
             "train": len(run_data.train_set),
             "student_train": len(run_data.student_set),

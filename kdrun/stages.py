@@ -216,4 +216,5 @@ class StageRunner:
             "classes": list(self.data.data.classes),
             "normalize": [[float(v) for v in d.mean], [float(v) for v in d.std]],
             "data": self.data.data.identity,
+            "data_content": self.data.data.content_key(),
         }

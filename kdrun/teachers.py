@@ -79,7 +79,7 @@ class TeacherSource:
             **weights,
             **optional,
             "definition": model_definition(cfg.teacher.name, cfg.teacher.get("source", "kdrun")),
-            "data": data.data.identity,
+            "data": data.data.content_key(),
             "train": len(data.train_set),
             "val_fraction": float(self.tr.val_fraction),
             "optim": OmegaConf.to_container(self.optim(), resolve=True),

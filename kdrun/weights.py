@@ -92,13 +92,15 @@ def _check_input(ckpt: dict, run: dict, what: str) -> None:
             f"{what}: was trained on images normalised with dataset.mean={mean} dataset.std={std}, but this run "
             f"has dataset.mean={our_mean} dataset.std={our_std}; give the teacher's (the student may use them too)"
         )
-    if "data" in ckpt and ckpt["data"] != run["data"]:
+    # what the data is (a copy elsewhere is the same data); a checkpoint from before it was recorded: the files' key
+    field = "data_content" if "data_content" in ckpt and "data_content" in run else "data"
+    if field in ckpt and ckpt[field] != run[field]:
         log.warning(
             "%s: trained on other data (%s) than this run's (%s); its test accuracy here is honest only if it never "
             "saw this run's test images",
             what,
-            ckpt["data"],
-            run["data"],
+            ckpt[field],
+            run[field],
         )
 
 

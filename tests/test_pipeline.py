@@ -227,6 +227,14 @@ def test_teacher_checkpoint_of_other_classes_or_normalisation_is_refused_and_oth
     with caplog.at_level(logging.WARNING, logger="kdrun"):
         load_teacher(path, model, ident, run=run | {"data": "imagefolder-2"})
     assert "trained on other data (imagefolder-1) than this run's (imagefolder-2)" in caplog.text
+    # what the data is, when both recorded it: a copy of the files (new times: another identity) is the same data
+    atomic_save({"identity": ident, "model": model.state_dict(), **run, "data_content": "imagefolder-c1"}, path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        load_teacher(path, model, ident, run=run | {"data": "imagefolder-2", "data_content": "imagefolder-c1"})
+        assert caplog.text == ""
+        load_teacher(path, model, ident, run=run | {"data": "imagefolder-1", "data_content": "imagefolder-c2"})
+    assert "trained on other data (imagefolder-c1) than this run's (imagefolder-c2)" in caplog.text
     atomic_save({"identity": ident, "model": model.state_dict()}, path)  # recorded nothing of its input: loads
     load_teacher(path, model, ident, run=run | {"classes": ["x", "y", "z"], "normalize": [[0.1], [0.1]]})
 

@@ -280,3 +280,36 @@ def test_a_reused_teacher_says_why_it_has_no_ema_row(kdrun, tmp_path):
         tests[name] = json.loads((tmp_path / name / "metrics.json").read_text())["test"]
     assert "teacher_ema" in tests["first"] and "teacher_ema" not in tests["again"]
     assert "teacher: reused from the store, so no teacher_ema row (trainer.ema averages a stage trained" in p.stderr
+
+
+def test_a_copy_of_an_image_folder_reuses_the_stored_teacher_and_logits_and_compares(kdrun, tmp_path):
+    """The same files copied elsewhere with new file times (a cluster job's local scratch, a download from object
+    storage): the store's teacher and logit cache are reused and `kdrun compare` pairs the runs. An image changed
+    (another size) is other data: the teacher is trained again."""
+    import shutil
+
+    from PIL import Image
+
+    from tests.test_data import make_folder
+
+    data, copy, store = tmp_path / "data", tmp_path / "copy", tmp_path / "store"
+    make_folder(data, per_split={"train": 8, "test": 4}, size=16)
+    args = [*FAST, "dataset=imagefolder", "dataset.image_size=16", f"store.dir={store}"]
+    args += [f"dataset.cache_dir={tmp_path / 'decoded'}"]
+    p = kdrun("train", *args, f"dataset.root={data}", f"hydra.run.dir={tmp_path / 'r1'}")
+    assert p.returncode == 0 and "teacher: stored as" in p.stderr, p.stderr[-2000:]
+    shutil.copytree(data, copy, copy_function=shutil.copyfile)
+    for f in copy.rglob("*.png"):
+        os.utime(f, (1_000_000_000, 1_000_000_000))  # other times than the originals', whatever the clock
+    p = kdrun("train", *args, f"dataset.root={copy}", f"hydra.run.dir={tmp_path / 'r2'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "reused resnet8 from the store" in p.stderr and "data: decoded" in p.stderr  # its own decoded copy
+    m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("r1", "r2"))
+    assert m2["stages"]["cache"]["source"] == "store" and m2["test"]["teacher"] == m1["test"]["teacher"]
+    assert m1["dataset"]["identity"] != m2["dataset"]["identity"]
+    assert m1["dataset"]["content"] == m2["dataset"]["content"]
+    p = kdrun("compare", str(tmp_path / "r1"), str(tmp_path / "r2"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(copy / "train" / "ant" / "000.png")  # another picture, another size
+    p = kdrun("train", *args, f"dataset.root={copy}", f"hydra.run.dir={tmp_path / 'r3'}")
+    assert p.returncode == 0 and "teacher: stored as" in p.stderr, p.stderr[-2000:]

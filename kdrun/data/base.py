@@ -71,6 +71,18 @@ class DataBundle:
     # how an image of the data becomes the models' uint8 pixels, for a deployer (``kdrun export`` records it);
     # "": the data set's own images, as they are
     pixels: str = ""
+    # what the data is, wherever its files lie (:meth:`content_key`); "": the identity says it already
+    content: str = ""
+
+    def content_key(self) -> str:
+        """What the data is, for artifact-store keys, a teacher checkpoint's record and paired comparisons. An image
+        folder's is its files' relative paths, sizes and labels with how they are decoded, not their times, so the same
+        files copied elsewhere (another ``dataset.root``, new file times: a cluster job's local scratch, a download
+        from object storage) reuse the store's teachers and logit caches; :attr:`identity` holds the times, as the
+        key of the decoded copy must. (An image replaced in place by one of the very same byte size keeps this key; a
+        resumed stage still sees it, by the decoded pixels: :meth:`layout`.) Other datasets' identity is a hash of
+        their pixels already."""
+        return self.content or self.identity
 
     @property
     def num_classes(self) -> int:

@@ -25,7 +25,7 @@ from kdrun.progress import progress
 
 log = logging.getLogger("kdrun")
 KIND = "decoded"
-# what the decoder does to a file's pixels, in every key made from files (:func:`files_key`): 2 scales 16-bit
+# what the decoder does to a file's pixels, in every key made from files (:func:`files_keys`): 2 scales 16-bit
 # images to 8 bits (1 clipped them to white)
 DECODER = 2
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -37,13 +37,18 @@ def cache_dir(path: str | None = None) -> str:
     return os.path.expanduser(path or os.environ.get("KDRUN_CACHE_DIR") or "~/.cache/kdrun/data")
 
 
-def files_key(root: str, files: list[str], *extra) -> str:
-    """A short hash of the files' relative paths, sizes and mtimes plus ``extra`` (e.g. image size)."""
-    h = hashlib.sha1(repr((io.FORMAT, DECODER, extra)).encode())
+def files_keys(root: str, files: list[str], *extra) -> tuple[str, str]:
+    """Two short hashes of the files' relative paths and sizes plus ``extra`` (e.g. image size): with their
+    modification times (the key of a decoded copy: a file changed in any way changes it), and without (what the
+    data is: a copy of the files elsewhere keeps it)."""
+    with_times = hashlib.sha1(repr((io.FORMAT, DECODER, extra)).encode())
+    content = hashlib.sha1(repr(("content", io.FORMAT, DECODER, extra)).encode())
     for f in files:
         st = os.stat(f)
-        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+        path_size = f"{os.path.relpath(f, root)}\0{st.st_size}"
+        with_times.update(f"{path_size}\0{st.st_mtime_ns}\n".encode())
+        content.update(f"{path_size}\n".encode())
+    return with_times.hexdigest()[:20], content.hexdigest()[:20]
 
 
 def open_image(path: str, in_chans: int) -> Image.Image:

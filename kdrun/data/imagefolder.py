@@ -18,7 +18,7 @@ import time
 import torch
 
 from kdrun.data.base import DataBundle, FileSet, ImageSet, register_dataset
-from kdrun.data.decode import IMG_EXTENSIONS, decode_files, files_key, load_cached, open_image, save_cached
+from kdrun.data.decode import IMG_EXTENSIONS, decode_files, files_keys, load_cached, open_image, save_cached
 from kdrun.data.decode import cache_dir as resolve_cache_dir
 from kdrun.data.stream import select_mode
 from kdrun.errors import ConfigError
@@ -146,7 +146,7 @@ def imagefolder(
     image_size = int(image_size)
     eval_crop_fraction = float(eval_crop_fraction) if eval_crop_fraction is not None else None
     crop = () if eval_crop_fraction is None else (eval_crop_fraction,)  # none: the keys of before
-    key = files_key(root, train_files + test_files, train_split, test_split, image_size, in_chans, *crop)
+    key, content = files_keys(root, train_files + test_files, train_split, test_split, image_size, in_chans, *crop)
     identity = f"imagefolder-{key}"
     n = len(train_files) + len(test_files)
     pixels = f"each file decoded to {'RGB' if in_chans == 3 else 'grey'} and " + (
@@ -165,6 +165,7 @@ def imagefolder(
             classes,
             identity,
             pixels,
+            f"imagefolder-{content}",
         )
     path = os.path.join(resolve_cache_dir(cache_dir), f"{identity}.pt")
     cached = load_cached(path, key)
@@ -187,4 +188,5 @@ def imagefolder(
         classes,
         identity,
         pixels,
+        f"imagefolder-{content}",
     )
