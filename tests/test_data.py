@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -98,11 +99,16 @@ def test_imagefolder_resizes_odd_images_grey_and_parallel(tmp_path):
     assert data.train.images[2].eq(200).all()  # ant/big.png sorts after 000/001, resized to 8x8
 
 
+def _decoded(folder) -> list[str]:
+    """The decoded copies in a decode-cache folder (beside them: the files' digests, ``files-*.sha1``)."""
+    return [f for f in os.listdir(folder) if f.endswith(".pt")]
+
+
 def test_second_load_hits_the_decode_cache(folder, tmp_path, monkeypatch):
     root, _ = folder
     kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
     first = load("imagefolder", **kw)
-    assert len(os.listdir(tmp_path / "c")) == 1
+    assert len(_decoded(tmp_path / "c")) == 1
 
     def no_decode(*a, **k):
         raise AssertionError("decoded again instead of reading the cache")
@@ -116,10 +122,10 @@ def test_cache_dir_env_override_and_key_follows_the_files(folder, tmp_path, monk
     root, _ = folder
     monkeypatch.setenv("KDRUN_CACHE_DIR", str(tmp_path / "env"))
     first = load("imagefolder", root=str(root), image_size=8, workers=1)
-    assert len(os.listdir(tmp_path / "env")) == 1
+    assert len(_decoded(tmp_path / "env")) == 1
     Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "train" / "ant" / "000.png")
     second = load("imagefolder", root=str(root), image_size=8, workers=1)
-    assert second.identity != first.identity and len(os.listdir(tmp_path / "env")) == 2
+    assert second.identity != first.identity and len(_decoded(tmp_path / "env")) == 2
     assert second.train.images[0, :, 0, 0].tolist() == [1, 2, 3]
     assert load("imagefolder", root=str(root), image_size=4, workers=1).image_size == 4
 
@@ -128,7 +134,7 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(folder, tmp_path, caplog):
     root, _ = folder
     kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
     good = load("imagefolder", **kw)
-    (path,) = (tmp_path / "c").iterdir()
+    (path,) = (tmp_path / "c").glob("*.pt")
     blob = torch.load(path, weights_only=True)
     blob["tensors"]["train"][0, 0, 0, 0] ^= 1  # one flipped bit: still a readable file
     torch.save(blob, path)
@@ -328,7 +334,7 @@ def test_stream_loader_yields_the_tensor_loaders_batches(folder, tmp_path, num_w
     root, _ = folder
     kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
     stream = load("imagefolder", **kw, max_memory_gb=1e-9)
-    assert not (tmp_path / "c").exists() or not os.listdir(tmp_path / "c")  # streaming writes no decoded cache
+    assert not (tmp_path / "c").exists() or not _decoded(tmp_path / "c")  # streaming writes no decoded cache
     memory = load("imagefolder", **kw, mode="memory")
     assert isinstance(stream.train, FileSet) and isinstance(memory.train, ImageSet)
     assert (stream.num_classes, stream.in_chans, stream.image_size) == (3, 3, 8)
@@ -519,3 +525,47 @@ def test_workers_0_decodes_in_the_main_process_not_in_2_workers(folder, tmp_path
     monkeypatch.setattr(decode, "ProcessPoolExecutor", lambda *a: pytest.fail("a process pool for workers=0"))
     data = load("imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=0)
     assert len(data.train) == 9
+
+
+def _ppm_folder(root, seed):
+    """Two classes of random 8x8 PPM images: uncompressed, so every file has the same size whatever its pixels."""
+    g = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c)
+            for i in range(3):
+                Image.fromarray(g.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / split / c / f"{i}.ppm")
+
+
+def test_the_content_key_is_the_files_bytes_not_their_place_times_or_sizes(tmp_path):
+    """Copied elsewhere with new times: another identity (the decoded copy's key), the same content key (the store's,
+    `kdrun compare`'s). Other pictures under the same names, every file the same size: another content key."""
+    import shutil
+
+    kw = dict(image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    _ppm_folder(tmp_path / "one", seed=0)
+    _ppm_folder(tmp_path / "other", seed=1)
+    shutil.copytree(tmp_path / "one", tmp_path / "copy", copy_function=shutil.copyfile)
+    for f in (tmp_path / "copy").rglob("*.ppm"):
+        os.utime(f, (1_000_000_000, 1_000_000_000))
+    one, copy, other = (load("imagefolder", root=str(tmp_path / d), **kw) for d in ("one", "copy", "other"))
+    sizes = {f.stat().st_size for d in ("one", "other") for f in (tmp_path / d).rglob("*.ppm")}
+    assert len(sizes) == 1  # nothing but the bytes tells the folders apart
+    assert one.identity != copy.identity and one.content_key() == copy.content_key()
+    assert other.content_key() != one.content_key()
+    assert load("imagefolder", root=str(tmp_path / "one"), **{**kw, "image_size": 4}).content_key() != one.content_key()
+
+
+def test_the_files_digest_is_kept_and_a_damaged_one_computed_again(folder, tmp_path, monkeypatch):
+    from kdrun.data import decode
+
+    root, _ = folder
+    kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    first = load("imagefolder", **kw)
+    (kept,) = (tmp_path / "c").glob("files-*.sha1")
+    with monkeypatch.context() as m:  # the decoded copy is read back too: no pass over the files shows a bar
+        m.setattr(decode, "progress", lambda **k: pytest.fail("hashed the files again"))
+        assert load("imagefolder", **kw).content_key() == first.content_key()
+    kept.write_text("cut sho")
+    assert load("imagefolder", **kw).content_key() == first.content_key()
+    assert re.fullmatch(r"[0-9a-f]{40}\n", kept.read_text())

@@ -76,12 +76,11 @@ class DataBundle:
 
     def content_key(self) -> str:
         """What the data is, for artifact-store keys, a teacher checkpoint's record and paired comparisons. An image
-        folder's is its files' relative paths, sizes and labels with how they are decoded, not their times, so the same
-        files copied elsewhere (another ``dataset.root``, new file times: a cluster job's local scratch, a download
-        from object storage) reuse the store's teachers and logit caches; :attr:`identity` holds the times, as the
-        key of the decoded copy must. (An image replaced in place by one of the very same byte size keeps this key; a
-        resumed stage still sees it, by the decoded pixels: :meth:`layout`.) Other datasets' identity is a hash of
-        their pixels already."""
+        folder's is a hash of its files' relative paths and bytes (:func:`kdrun.data.decode.files_digest`) with how
+        they are decoded, not of where they lie or their times, so the same files copied elsewhere (another
+        ``dataset.root``, new file times: a cluster job's local scratch, a download from object storage) reuse the
+        store's teachers and logit caches; :attr:`identity` holds the times, as the key of the decoded copy must.
+        Other datasets' identity is a hash of their pixels already."""
         return self.content or self.identity
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -20,12 +21,12 @@ from PIL import Image
 
 from kdrun import io
 from kdrun.data.transforms import fit_image, to_array
-from kdrun.errors import UnreadableImage
+from kdrun.errors import KdrunError, UnreadableImage
 from kdrun.progress import progress
 
 log = logging.getLogger("kdrun")
 KIND = "decoded"
-# what the decoder does to a file's pixels, in every key made from files (:func:`files_keys`): 2 scales 16-bit
+# what the decoder does to a file's pixels, in every key made from files (:func:`files_key`): 2 scales 16-bit
 # images to 8 bits (1 clipped them to white)
 DECODER = 2
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -37,18 +38,47 @@ def cache_dir(path: str | None = None) -> str:
     return os.path.expanduser(path or os.environ.get("KDRUN_CACHE_DIR") or "~/.cache/kdrun/data")
 
 
-def files_keys(root: str, files: list[str], *extra) -> tuple[str, str]:
-    """Two short hashes of the files' relative paths and sizes plus ``extra`` (e.g. image size): with their
-    modification times (the key of a decoded copy: a file changed in any way changes it), and without (what the
-    data is: a copy of the files elsewhere keeps it)."""
-    with_times = hashlib.sha1(repr((io.FORMAT, DECODER, extra)).encode())
-    content = hashlib.sha1(repr(("content", io.FORMAT, DECODER, extra)).encode())
+def files_key(root: str, files: list[str], *extra) -> str:
+    """A short hash of the files' relative paths, sizes and mtimes plus ``extra`` (e.g. image size)."""
+    h = hashlib.sha1(repr((io.FORMAT, DECODER, extra)).encode())
     for f in files:
         st = os.stat(f)
-        path_size = f"{os.path.relpath(f, root)}\0{st.st_size}"
-        with_times.update(f"{path_size}\0{st.st_mtime_ns}\n".encode())
-        content.update(f"{path_size}\n".encode())
-    return with_times.hexdigest()[:20], content.hexdigest()[:20]
+        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+_DIGEST = re.compile(r"[0-9a-f]{40}")
+
+
+def files_digest(root: str, files: list[str], key: str, folder: str) -> str:
+    """The SHA-1 of the files' relative paths and bytes: what they hold, wherever they lie and whatever their times.
+    Reading every byte is a pass over the files, so the digest is kept in ``folder`` under ``key`` (the
+    :func:`files_key` of these files, times included): a run on the same files reads it back, a copy elsewhere
+    (new times: a job's local scratch, a fresh download) pays the pass once."""
+    path = os.path.join(folder, f"files-{key}.sha1")
+    try:
+        with open(path) as f:
+            kept = f.read().strip()
+        if _DIGEST.fullmatch(kept):
+            return kept
+    except OSError:
+        pass
+    h = hashlib.sha1()
+    bar = progress(total=len(files), desc="hash files", unit="img")
+    try:
+        for name in files:
+            with open(name, "rb") as f:
+                h.update(f"{os.path.relpath(name, root)}\0".encode() + hashlib.sha1(f.read()).digest())
+            bar.update(1)
+    finally:
+        bar.close()
+    digest = h.hexdigest()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        io.write_text(path, digest + "\n")
+    except (OSError, KdrunError):  # an unwritable cache folder: the next run hashes the files again
+        pass
+    return digest
 
 
 def open_image(path: str, in_chans: int) -> Image.Image:

@@ -11,6 +11,7 @@ come back as :class:`~kdrun.data.base.FileSet` splits for
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -18,7 +19,15 @@ import time
 import torch
 
 from kdrun.data.base import DataBundle, FileSet, ImageSet, register_dataset
-from kdrun.data.decode import IMG_EXTENSIONS, decode_files, files_keys, load_cached, open_image, save_cached
+from kdrun.data.decode import (
+    IMG_EXTENSIONS,
+    decode_files,
+    files_digest,
+    files_key,
+    load_cached,
+    open_image,
+    save_cached,
+)
 from kdrun.data.decode import cache_dir as resolve_cache_dir
 from kdrun.data.stream import select_mode
 from kdrun.errors import ConfigError
@@ -146,8 +155,13 @@ def imagefolder(
     image_size = int(image_size)
     eval_crop_fraction = float(eval_crop_fraction) if eval_crop_fraction is not None else None
     crop = () if eval_crop_fraction is None else (eval_crop_fraction,)  # none: the keys of before
-    key, content = files_keys(root, train_files + test_files, train_split, test_split, image_size, in_chans, *crop)
+    files = train_files + test_files
+    key = files_key(root, files, train_split, test_split, image_size, in_chans, *crop)
     identity = f"imagefolder-{key}"
+    folder = resolve_cache_dir(cache_dir)
+    # what the data is (the store's keys, `kdrun compare`): the files' bytes, however they are decoded
+    what = (files_digest(root, files, key, folder), train_split, test_split, image_size, in_chans, *crop)
+    content = hashlib.sha1(repr(what).encode()).hexdigest()[:20]
     n = len(train_files) + len(test_files)
     pixels = f"each file decoded to {'RGB' if in_chans == 3 else 'grey'} and " + (
         f"resized to {image_size}x{image_size} (bilinear; as is when already that size)"
@@ -167,7 +181,7 @@ def imagefolder(
             pixels,
             f"imagefolder-{content}",
         )
-    path = os.path.join(resolve_cache_dir(cache_dir), f"{identity}.pt")
+    path = os.path.join(folder, f"{identity}.pt")
     cached = load_cached(path, key)
     if cached is None:
         t0 = time.perf_counter()
