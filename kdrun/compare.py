@@ -143,7 +143,7 @@ def compare_main(args: list[str]) -> int:
     a, b = _side(arg_a), _side(arg_b)
     split = _split(a, b, split_opt)
     sa, sb = a.preds.splits[split], b.preds.splits[split]
-    if sa.images != sb.images or len(sa.labels) != len(sb.labels) or not bool((sa.labels == sb.labels).all()):
+    if not sa.same_images(sb) or len(sa.labels) != len(sb.labels) or not bool((sa.labels == sb.labels).all()):
         raise ConfigError(
             f"compare: {a.run_dir} and {b.run_dir} were scored on different {split} images ({sa.images} vs "
             f"{sb.images}); a paired comparison needs the same dataset"

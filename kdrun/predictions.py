@@ -25,10 +25,19 @@ KIND = "predictions"
 class SplitPredictions:
     """One split's labels and each model's predicted classes, in the split's order."""
 
-    images: str  # which images, in which order: the dataset's identity and the split (val: its fraction and seed)
+    images: str  # which images, in which order: the dataset's content key and the split (val: its fraction and seed)
     labels: torch.Tensor  # int64 [N]
     top1: dict[str, torch.Tensor]  # model name -> predicted class [N] (int32): last epoch, single view
     flip_tta: dict[str, torch.Tensor] = field(default_factory=dict)  # the same with flip TTA, where scored
+    # the same images named by the dataset's identity (an image folder's: with its files' times), as a kdrun
+    # before the content key named them in ``images``: a run of then still pairs with one of now
+    by_identity: str = ""
+
+    def same_images(self, other: SplitPredictions) -> bool:
+        """Whether ``other`` names the same images, in the same order (either may have been written before the
+        content key)."""
+        names = {self.images, self.by_identity} - {""}
+        return bool(names & ({other.images, other.by_identity} - {""}))
 
     def correct(self, model: str, tta: bool = False) -> torch.Tensor:
         """Per image: does ``model`` (a name in :attr:`top1`) get it right (bool [N])."""
@@ -41,6 +50,7 @@ class SplitPredictions:
             self.labels[start::2],
             {k: v[start::2] for k, v in self.top1.items()},
             {k: v[start::2] for k, v in self.flip_tta.items()},
+            f"{self.by_identity}[{start}::2]" if self.by_identity else "",
         )
 
 
@@ -58,13 +68,14 @@ def collect(cfg, data, stages, roles, evaluation) -> RunPredictions:
     """The predictions of every model of the run (``data``: its :class:`kdrun.run_data.RunData`; ``stages``: its
     :class:`kdrun.stages.StageRunner`; ``evaluation``: :func:`kdrun.report.evaluate`'s test-split result; the
     validation split is predicted here)."""
-    identity = data.data.content_key()  # copies of the same images compare
+    content, identity = data.data.content_key(), data.data.identity  # copies of the same images compare
     splits = {
         "test": SplitPredictions(
-            f"{identity}/test",
+            f"{content}/test",
             data.test_loader.labels.cpu().long(),
             _top1(evaluation.logits),
             _top1(evaluation.flip_tta),
+            f"{identity}/test",
         )
     }
     if data.val_loader is not None:
@@ -74,11 +85,9 @@ def collect(cfg, data, stages, roles, evaluation) -> RunPredictions:
         if evaluation.flip_tta:
             tta = {n: predict(t.model, loader, flip_tta=True, single=single[n]) for n, t in stages.models.items()}
         tr = cfg.trainer
+        val = f"/val(val_fraction={float(tr.val_fraction)}, seed={int(tr.seed)})"
         splits["val"] = SplitPredictions(
-            f"{identity}/val(val_fraction={float(tr.val_fraction)}, seed={int(tr.seed)})",
-            loader.labels.cpu().long(),
-            _top1(single),
-            _top1(tta),
+            f"{content}{val}", loader.labels.cpu().long(), _top1(single), _top1(tta), f"{identity}{val}"
         )
     return RunPredictions(dict(roles.items()), splits)
 

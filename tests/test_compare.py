@@ -192,3 +192,24 @@ def test_compare_refuses_a_split_a_run_lacks_and_tta_it_never_scored(tmp_path, c
     (tmp_path / FILE).write_bytes(blob[: len(blob) // 2])  # truncated
     code, _, err = kdrun_compare(capsys, tmp_path, tmp_path)
     assert code == 2 and f"{tmp_path / FILE}: unreadable or damaged" in err, err
+
+
+def test_runs_pair_on_what_the_images_are_across_copies_and_across_the_content_key():
+    """A run on a copy of the image folder (new file times: another identity) pairs with the original's by the
+    content key; a run written before the content key (``images`` then held the identity) pairs by the identity."""
+    labels = torch.tensor([0, 1, 1])
+
+    def split(images, by_identity=""):
+        return SplitPredictions(images, labels, {"student": labels.int()}, {}, by_identity)
+
+    now = split("imagefolder-bytes/test", "imagefolder-times1/test")
+    copy = split("imagefolder-bytes/test", "imagefolder-times2/test")
+    before = split("imagefolder-times1/test")  # a predictions.pt of a kdrun before the content key
+    other = split("imagefolder-others/test", "imagefolder-times3/test")
+    assert now.same_images(copy) and copy.same_images(now)
+    assert now.same_images(before) and before.same_images(now)
+    assert not copy.same_images(before)  # its identity is another (new times), and the old run recorded no bytes
+    assert not now.same_images(other) and not before.same_images(split("imagefolder-times9/test"))
+    assert now.every_other(1).same_images(before.every_other(1)) and not now.every_other(0).same_images(
+        before.every_other(1)
+    )
