@@ -7,6 +7,7 @@ one line naming it.
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import torch
@@ -159,29 +160,40 @@ CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "net")
 
 
 def _is_state_dict(state) -> bool:
-    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+    """Parameter and buffer names to tensors (a module's ``get_extra_state()``, under ``*._extra_state``: any value)."""
+    return isinstance(state, dict) and all(
+        isinstance(v, torch.Tensor) or str(k).endswith("_extra_state") for k, v in state.items()
+    )
 
 
 def _unwrap(state, what: str):
     """The state_dict inside a training checkpoint (:data:`CHECKPOINT_KEYS`), or ``state`` itself."""
     if isinstance(state, dict) and not _is_state_dict(state):
-        key = next((k for k in CHECKPOINT_KEYS if _is_state_dict(state.get(k))), None)
+        key = next((k for k in CHECKPOINT_KEYS if state.get(k) and _is_state_dict(state[k])), None)
         if key is not None:
             log.info("%s: the weights under its '%s' key", what, key)
             return state[key]
     return state
 
 
+def _unwrapped(state: dict) -> dict:
+    """Saved from a DDP-wrapped or ``torch.compile``'d model: the same weights without the wrapper's prefix."""
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
 def _owned(state: dict, model: nn.Module, what: str) -> dict:
     """The weights of the one attribute whose keys are exactly ``model``'s: a Lightning checkpoint holds its
-    LightningModule's state_dict, the network under the attribute that holds it (``model.``, ``net.``), next to
-    any other module's (a loss's buffers, a frozen teacher's)."""
+    LightningModule's state_dict, the network under the attribute that holds it (``model.``, ``net.``; wrapped
+    there too, ``model._orig_mod.``), next to any other module's (a loss's buffers, a frozen teacher's)."""
     own = set(model.state_dict())
     if set(state) == own:
         return state
     fits = []
     for head in sorted({k.split(".", 1)[0] for k in state if "." in k}):
-        sub = {k[len(head) + 1 :]: v for k, v in state.items() if k.startswith(head + ".")}
+        sub = _unwrapped({k[len(head) + 1 :]: v for k, v in state.items() if k.startswith(head + ".")})
         if set(sub) == own:
             fits.append((head, sub))
     if len(fits) > 1:
@@ -204,11 +216,7 @@ def load_weights(model: nn.Module, state, what: str) -> None:
             f"{what}: not a state_dict (a mapping of parameter names to tensors), nor a checkpoint holding one "
             f"under {keys}"
         )
-    # saved from a DDP-wrapped or torch.compile'd model: the same weights under a wrapper's prefix
-    for prefix in ("module.", "_orig_mod.", "module."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    state = _owned(state, model, what)
+    state = _owned(_unwrapped(state), model, what)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -220,12 +228,14 @@ def load_weights(model: nn.Module, state, what: str) -> None:
 def load_pretrained(path: str, model: nn.Module, what: str) -> None:
     """Initialise ``model`` from a local state_dict (or a kdrun checkpoint's ``model``), read with
     ``weights_only=True``: a file that is not what it claims is one line naming ``what``."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # timm's train.py keeps its command line's argparse.Namespace beside the weights: plain values too
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (truncated, not torch, or a pickle with more than weights)
         raise ConfigError(
-            f"{what}: not a loadable state_dict ({type(e).__name__}; only tensors and plain "
-            "values are read, never code)"
+            f"{what}: not a loadable state_dict ({type(e).__name__}; only tensors and plain values are read, never "
+            "code: a checkpoint holding other objects, e.g. a config's, loads once its weights are saved alone, "
+            "torch.save(net.state_dict(), PATH))"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict) and "header" in state:
         try:  # a kdrun checkpoint: verify its checksum too

@@ -2,6 +2,7 @@
 state_dict: Lightning's (the LightningModule's state_dict, the network under the attribute holding it), timm's
 train.py's, PyTorch's tutorial loop's, RepDistiller's and mdistiller's."""
 
+import argparse
 import logging
 
 import pytest
@@ -59,7 +60,32 @@ def test_the_state_dict_is_taken_from_each_framework_s_key(tmp_path, key):
     trained = _net(seed=0)
     ema = _net(seed=2)
     saved = {"epoch": 3, key: trained.state_dict(), "state_dict_ema": ema.state_dict(), "arch": "mlp"}
+    saved["args"] = argparse.Namespace(model="mlp", lr=0.1, layers=[4, 6])  # timm's train.py saves its command line
     assert _same(_load(tmp_path, saved), trained)  # timm's EMA copy next to it is not taken
+
+
+def test_a_compiled_network_inside_a_lightning_module_is_found(tmp_path):
+    trained = _net(seed=0)
+    saved = {"state_dict": _prefixed(_prefixed(trained.state_dict(), "_orig_mod"), "net"), "epoch": 1}
+    assert _same(_load(tmp_path, saved), trained)
+
+
+def test_an_empty_state_dict_does_not_fit(tmp_path):
+    with pytest.raises(ConfigError, match=r"^teacher.pretrained=saved.ckpt: does not fit the model \(Missing key"):
+        _load(tmp_path, {})
+
+
+def test_a_checkpoint_holding_other_objects_says_how_to_save_its_weights(tmp_path):
+    path = tmp_path / "saved.ckpt"
+    torch.save({"state_dict": _net(seed=0).state_dict(), "cfg": Exotic()}, path)
+    with pytest.raises(ConfigError) as e:
+        load_pretrained(str(path), _net(seed=1), "teacher.pretrained=saved.ckpt")
+    assert str(e.value).startswith("teacher.pretrained=saved.ckpt: not a loadable state_dict (UnpicklingError; ")
+    assert str(e.value).endswith("loads once its weights are saved alone, torch.save(net.state_dict(), PATH))")
+
+
+class Exotic:
+    """A config object of some other library's, pickled beside the weights."""
 
 
 def test_ddp_prefix_inside_a_checkpoint_is_removed(tmp_path):
