@@ -17,6 +17,7 @@ evaluates; rank 0's result comes back to the launching process through a queue.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import signal
@@ -326,8 +327,18 @@ def init_from_env(device: str = "auto") -> bool:
         if cuda:
             torch.cuda.set_device(local_rank())
         dist.init_process_group(backend_for("cuda" if cuda else "cpu"))
+        atexit.register(close)  # the group serves every job of a sweep: it closes with the process
         return True
     return dist.is_initialized()
+
+
+def close() -> None:
+    """Free what the run left in reference cycles (a DDP model holds the group), then destroy the group: freed at
+    interpreter exit instead, after the group, gloo can abort the process (SIGABRT) and a finished run would end as
+    failed. Nothing without a group."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -365,10 +376,7 @@ def _entry(rank: int, n: int, port: int, backend: str, fn, args, setup, queue) -
         queue.put(("crash", rank, traceback.format_exc()))
         raise
     finally:
-        # a model left in a reference cycle (a DDP module holds the group) must go while the group is alive: freed
-        # at interpreter exit instead, gloo can abort the worker (SIGABRT), and a finished run would read as failed
-        gc.collect()
-        dist.destroy_process_group()
+        close()
     if exit_code:
         sys.exit(exit_code)
 

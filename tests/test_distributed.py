@@ -422,6 +422,22 @@ def test_a_launched_worker_frees_what_its_run_left_in_cycles_before_the_group_cl
     assert [(tmp_path / f"held{r}.txt").read_text() for r in (0, 1)] == ["freed with the group up"] * 2
 
 
+def _joined_from_env(rank, world, port, out_dir):
+    """A worker as torchrun starts one: the group from the environment, left for the process's exit to close."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert distributed.init_from_env("cpu")
+    gc.disable()
+    cycle: list = [_Held(os.path.join(out_dir, f"held{rank}.txt"))]
+    cycle.append(cycle)
+
+
+def test_a_worker_joined_from_the_environment_closes_its_group_at_exit(tmp_path):
+    """Under torchrun or SLURM the group serves every job of the process (a sweep): it is closed at exit, after what
+    the run left in cycles is freed, not by the interpreter's teardown (where gloo can abort)."""
+    mp.spawn(_joined_from_env, args=(2, _port(), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"held{r}.txt").read_text() for r in (0, 1)] == ["freed with the group up"] * 2
+
+
 def test_two_torchrun_nodes_end_with_the_weights_of_one_process(tmp_path, one_process):
     """``torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d``: two "nodes" on localhost."""
     from tests.conftest import WORKDIR
