@@ -360,12 +360,12 @@ def _entry(rank: int, n: int, port: int, backend: str, fn, args, setup, queue) -
     # the cores shared out, as torchrun does (OMP_NUM_THREADS); trainer.threads, when set, overrides this in
     # train.run. With torch's default (every core) in each, 2 workers on 2 cores ran a tiny MLP run 3.5x slower
     torch.set_num_threads(max(1, usable_cores() // n))
-    setup(rank, args[1])
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=n)
     exit_code = 0
-    try:
+    try:  # a failure joining the group (its logging, its device) is handed back like one in the run
+        setup(rank, args[1])
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=n)
         result = fn(*args)
         if rank == 0:
             queue.put(("result", result))
@@ -379,6 +379,12 @@ def _entry(rank: int, n: int, port: int, backend: str, fn, args, setup, queue) -
         close()
     if exit_code:
         sys.exit(exit_code)
+
+
+# when a worker fails, how long the others get to end by themselves, and again after a SIGTERM, before a SIGKILL:
+# one blocked joining the group (its peer died at start-up) or in a collective ends no other way, and torch's
+# default waits 30 s after the SIGTERM
+WORKER_GRACE_S = 5.0
 
 
 class WorkerFailed(RuntimeError):
@@ -399,7 +405,7 @@ def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> di
     )
     messages, failure, forwarded = [], None, False
     try:
-        while not ctx.join(timeout=0.2):
+        while not ctx.join(timeout=0.2, grace_period=WORKER_GRACE_S):
             while not queue.empty():
                 messages.append(queue.get())
             # a SIGTERM sent to this process alone (kill PID, timeout, a container's stop) goes on to the workers,

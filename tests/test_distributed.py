@@ -397,6 +397,20 @@ def test_a_worker_crash_is_reported_with_its_own_traceback_not_a_knock_on_error(
     assert str(e.value).endswith("RuntimeError: injected on rank 1"), str(e.value)
 
 
+def _setup_fails_on_rank_1(rank, run_dir):
+    if rank == 1:
+        raise RuntimeError("injected in rank 1's set-up")
+
+
+def test_a_worker_that_fails_before_joining_the_group_is_reported_with_its_traceback(tmp_path):
+    """Rank 1 fails setting up (its logging, its device) and never joins; rank 0 waits in the group's rendezvous,
+    where only a signal ends it (after WORKER_GRACE_S, not torch's 30 s). The error is rank 1's, as in a run."""
+    with pytest.raises(distributed.WorkerFailed) as e:
+        distributed.launch(2, "cpu", _crash_on_rank_1, None, str(tmp_path), _setup_fails_on_rank_1)
+    assert str(e.value).startswith("worker 1 of 2 failed:\nTraceback (most recent call last):"), str(e.value)
+    assert str(e.value).endswith("RuntimeError: injected in rank 1's set-up"), str(e.value)
+
+
 class _Held:
     """Stands for a module holding the group (a DDP model): writes, when freed, whether the group was still up."""
 
