@@ -255,6 +255,7 @@ def test_an_unwritable_decode_cache_warns_and_the_run_goes_on(folder, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="kdrun"):
         data = load("imagefolder", root=str(root), image_size=8, cache_dir=str(blocker / "cache"), workers=1)
     assert len(data.train) == 9 and "could not keep the decoded images" in caplog.text, caplog.text
+    assert "could not keep the files' digest" in caplog.text, caplog.text
     assert blocker.read_text() == ""
 
 

@@ -76,8 +76,13 @@ def files_digest(root: str, files: list[str], key: str, folder: str) -> str:
     try:
         os.makedirs(folder, exist_ok=True)
         io.write_text(path, digest + "\n")
-    except (OSError, KdrunError):  # an unwritable cache folder: the next run hashes the files again
-        pass
+    except (OSError, KdrunError) as e:
+        log.warning(
+            "data: could not keep the files' digest in %s (%s); the next run reads the files again (set "
+            "dataset.cache_dir or $KDRUN_CACHE_DIR to a writable folder)",
+            path,
+            e.strerror if isinstance(e, OSError) and e.strerror else e,
+        )
     return digest
 
 
