@@ -248,12 +248,24 @@ def agree(stop: bool, device) -> bool:
 
 
 def shared(fn):
-    """``fn()`` computed on rank 0 and handed to every worker (e.g. an artifact-store lookup)."""
+    """``fn()`` computed on rank 0 and handed to every worker (e.g. an artifact-store lookup); a KdrunError it
+    raises is raised by every worker (alone, rank 0 would leave the others waiting in the broadcast)."""
     if size() == 1:
         return fn()
-    box = [fn() if is_main() else None]
+    box: list = [None]
+    if is_main():
+        try:
+            box = [(True, fn())]
+        except KdrunError as e:
+            box = [(False, e)]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    ok, value = box.pop()
+    if ok:
+        return value
+    try:
+        raise value
+    finally:  # as in agree: the raised error must not hold this frame
+        del value
 
 
 @contextmanager
@@ -381,9 +393,10 @@ def _entry(rank: int, n: int, port: int, backend: str, fn, args, setup, queue) -
         sys.exit(exit_code)
 
 
-# when a worker fails, how long the others get to end by themselves, and again after a SIGTERM, before a SIGKILL:
-# one blocked joining the group (its peer died at start-up) or in a collective ends no other way, and torch's
-# default waits 30 s after the SIGTERM
+# after a worker crashed, how long the others get to end by themselves, and again after a SIGTERM, before a SIGKILL:
+# one blocked joining the group (its peer died at start-up) or in a collective ends no other way (torch's default:
+# a SIGTERM at once, then 30 s). Not after a stop or a KdrunError, which every worker meets together: rank 0 may
+# still be writing the checkpoint the others' message promises.
 WORKER_GRACE_S = 5.0
 
 
@@ -394,6 +407,8 @@ class WorkerFailed(RuntimeError):
 
 def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> dict:
     """Run ``fn(cfg, run_dir)`` on ``n`` local workers; returns rank 0's result, re-raises a worker's KdrunError."""
+    from multiprocessing.connection import wait as wait_any
+
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
@@ -405,9 +420,18 @@ def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> di
     )
     messages, failure, forwarded = [], None, False
     try:
-        while not ctx.join(timeout=0.2, grace_period=WORKER_GRACE_S):
+        while True:
             while not queue.empty():
                 messages.append(queue.get())
+            codes = [p.exitcode for p in ctx.processes]
+            if all(c == 0 for c in codes) or any(c not in (None, 0) for c in codes):
+                while not queue.empty():  # a worker that failed handed its message back before it ended
+                    messages.append(queue.get())
+                crashed = any(msg[0] == "crash" for msg in messages)
+                if ctx.join(grace_period=WORKER_GRACE_S if crashed else None):  # raises for a failed worker
+                    break
+                continue
+            wait_any([p.sentinel for p in ctx.processes if p.exitcode is None], timeout=0.2)
             # a SIGTERM sent to this process alone (kill PID, timeout, a container's stop) goes on to the workers,
             # which stop together and checkpoint; Ctrl-C's SIGINT reaches the whole process group by itself
             if STOP.requested == "SIGTERM" and not forwarded:

@@ -34,10 +34,11 @@ class SplitPredictions:
     by_identity: str = ""
 
     def same_images(self, other: SplitPredictions) -> bool:
-        """Whether ``other`` names the same images, in the same order (either may have been written before the
-        content key)."""
-        names = {self.images, self.by_identity} - {""}
-        return bool(names & ({other.images, other.by_identity} - {""}))
+        """Whether ``other`` names the same images, in the same order: by the content key, or, when one of the two
+        was written before it (no :attr:`by_identity`), by the identity it recorded in ``images``."""
+        if self.by_identity and other.by_identity:
+            return self.images == other.images
+        return self.images == other.images or other.images == self.by_identity or self.images == other.by_identity
 
     def correct(self, model: str, tta: bool = False) -> torch.Tensor:
         """Per image: does ``model`` (a name in :attr:`top1`) get it right (bool [N])."""

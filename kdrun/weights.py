@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from contextlib import nullcontext
 
 import torch
 from omegaconf import OmegaConf
@@ -228,8 +229,12 @@ def load_weights(model: nn.Module, state, what: str) -> None:
 def load_pretrained(path: str, model: nn.Module, what: str) -> None:
     """Initialise ``model`` from a local state_dict (or a kdrun checkpoint's ``model``), read with
     ``weights_only=True``: a file that is not what it claims is one line naming ``what``."""
-    try:  # timm's train.py keeps its command line's argparse.Namespace beside the weights: plain values too
-        with torch.serialization.safe_globals([argparse.Namespace]):
+    # timm's train.py keeps its command line's argparse.Namespace beside the weights: plain values too
+    allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; 2.4 only has the global list
+    if allowed is None:
+        torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        with allowed([argparse.Namespace]) if allowed is not None else nullcontext():
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (truncated, not torch, or a pickle with more than weights)
         raise ConfigError(

@@ -117,3 +117,11 @@ def test_a_network_that_does_not_fit_under_any_attribute_is_one_line(tmp_path):
     other = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     with pytest.raises(ConfigError, match=r"^teacher.pretrained=saved.ckpt: does not fit the model \("):
         _load(tmp_path, {"state_dict": _prefixed(other.state_dict(), "net")})
+
+
+def test_timm_checkpoints_load_with_the_torch_2_4_allow_list(tmp_path, monkeypatch):
+    """torch 2.4 has no ``safe_globals`` context manager, only the process-wide list (``add_safe_globals``)."""
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    trained = _net(seed=0)
+    saved = {"state_dict": trained.state_dict(), "args": argparse.Namespace(model="mlp")}
+    assert _same(_load(tmp_path, saved), trained)

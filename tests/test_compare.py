@@ -210,6 +210,8 @@ def test_runs_pair_on_what_the_images_are_across_copies_and_across_the_content_k
     assert now.same_images(before) and before.same_images(now)
     assert not copy.same_images(before)  # its identity is another (new times), and the old run recorded no bytes
     assert not now.same_images(other) and not before.same_images(split("imagefolder-times9/test"))
+    # the same names, sizes and times, other bytes (same-size PPMs rewritten, times kept): not the same images
+    assert not now.same_images(split("imagefolder-otherbytes/test", "imagefolder-times1/test"))
     assert now.every_other(1).same_images(before.every_other(1)) and not now.every_other(0).same_images(
         before.every_other(1)
     )

@@ -528,14 +528,15 @@ def test_workers_0_decodes_in_the_main_process_not_in_2_workers(folder, tmp_path
     assert len(data.train) == 9
 
 
-def _ppm_folder(root, seed):
-    """Two classes of random 8x8 PPM images: uncompressed, so every file has the same size whatever its pixels."""
+def _ppm_folder(root, seed, size=8, per_split=None):
+    """Two classes of random PPM images: uncompressed, so every file has the same size whatever its pixels."""
     g = np.random.default_rng(seed)
-    for split in ("train", "test"):
+    for split, n in (per_split or {"train": 3, "test": 3}).items():
         for c in ("a", "b"):
             os.makedirs(root / split / c)
-            for i in range(3):
-                Image.fromarray(g.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / split / c / f"{i}.ppm")
+            for i in range(n):
+                pixels = g.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.ppm")
 
 
 def test_the_content_key_is_the_files_bytes_not_their_place_times_or_sizes(tmp_path):
@@ -570,3 +571,21 @@ def test_the_files_digest_is_kept_and_a_damaged_one_computed_again(folder, tmp_p
     kept.write_text("cut sho")
     assert load("imagefolder", **kw).content_key() == first.content_key()
     assert re.fullmatch(r"[0-9a-f]{40}\n", kept.read_text())
+
+
+def test_a_file_that_cannot_be_read_for_the_digest_is_one_line(folder, tmp_path, monkeypatch):
+    from kdrun.data import decode
+
+    root, _ = folder
+    locked = str(root / "train" / "bee" / "001.png")
+
+    def refuse(name, *a, **k):
+        if name == locked:
+            raise PermissionError(13, "Permission denied", name)
+        return open(name, *a, **k)
+
+    monkeypatch.setattr(decode, "open", refuse, raising=False)
+    one_line_error(
+        lambda: load("imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1),
+        f"{locked}: not readable (Permission denied)",
+    )

@@ -642,6 +642,22 @@ def test_an_error_one_worker_defers_is_raised_by_every_worker_at_their_next_agre
     assert _outcomes(str(tmp_path)) == ["raised ConfigError cache: rank 1's logit does not fit"] * 2
 
 
+def _shared_worker(rank, world, port, out_dir):
+    _join_briefly(rank, world, port)
+
+    def lookup():  # run by rank 0 alone (e.g. hashing the image files): its error is every worker's
+        raise ConfigError(f"data: a file rank {dist.get_rank()} could not read")
+
+    _outcome(out_dir, rank, lambda: distributed.shared(lookup))
+    assert distributed.shared(lambda: {"rank": dist.get_rank()}) == {"rank": 0}
+    _leave()
+
+
+def test_an_error_rank_0_meets_computing_for_every_worker_is_raised_by_every_worker(tmp_path):
+    mp.spawn(_shared_worker, args=(2, _port(), str(tmp_path)), nprocs=2)
+    assert _outcomes(str(tmp_path)) == ["raised ConfigError data: a file rank 0 could not read"] * 2
+
+
 class _Overflows(torch.nn.Module):
     """A teacher whose logits fp16 cannot hold on rank 1 only."""
 

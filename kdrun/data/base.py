@@ -90,8 +90,8 @@ class DataBundle:
     def layout(self) -> str:
         """A short hash of what a stage trains on, wherever the files lie and whatever their times: the classes,
         each split's labels in order, a streamed split's file names (class folder / file), and, after a ``+``, the
-        pixels of the splits held in memory and the sizes of a streamed split's files (reading every file's pixels
-        would cost a pass over the data). A checkpoint of other data (images added, removed, changed or moved to
+        pixels of the splits held in memory and, for a streamed split, the :meth:`content_key` (its files' bytes).
+        A checkpoint of other data (images added, removed, changed or moved to
         another class) does not resume; the same data copied to another disk does (:attr:`identity` holds the
         files' times, as a cache key must). The part before the ``+`` is the whole layout of a kdrun before pixels
         counted (:func:`layout_matches`)."""
@@ -101,12 +101,9 @@ class DataBundle:
             if isinstance(split, FileSet):
                 h.update("\n".join(os.path.join(*f.split(os.sep)[-2:]) for f in split.files).encode())
         pixels = [split.images for split in (self.train, self.test) if isinstance(split, ImageSet)]
-        sizes = [
-            os.stat(f).st_size for split in (self.train, self.test) if isinstance(split, FileSet) for f in split.files
-        ]
         content = tensor_digest(*pixels) if pixels else ""
-        if sizes:
-            content += tensor_digest(torch.tensor(sizes, dtype=torch.int64))
+        if any(isinstance(split, FileSet) for split in (self.train, self.test)):
+            content += self.content_key()
         return h.hexdigest()[:16] + (f"+{content}" if content else "")
 
     @property

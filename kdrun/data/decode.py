@@ -26,7 +26,7 @@ from kdrun.progress import progress
 
 log = logging.getLogger("kdrun")
 KIND = "decoded"
-# what the decoder does to a file's pixels, in every key made from files (:func:`files_key`): 2 scales 16-bit
+# what the decoder does to a file's pixels, in every key made from files (:func:`files_keys`): 2 scales 16-bit
 # images to 8 bits (1 clipped them to white)
 DECODER = 2
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -38,13 +38,17 @@ def cache_dir(path: str | None = None) -> str:
     return os.path.expanduser(path or os.environ.get("KDRUN_CACHE_DIR") or "~/.cache/kdrun/data")
 
 
-def files_key(root: str, files: list[str], *extra) -> str:
-    """A short hash of the files' relative paths, sizes and mtimes plus ``extra`` (e.g. image size)."""
-    h = hashlib.sha1(repr((io.FORMAT, DECODER, extra)).encode())
+def files_keys(root: str, files: list[str], *extra) -> tuple[str, str]:
+    """Short hashes of the files' relative paths, sizes and mtimes, with ``extra`` (e.g. image size: the key of a
+    decoded copy) and without (the key of the files alone: :func:`files_digest`'s), from one look at each file."""
+    decoded = hashlib.sha1(repr((io.FORMAT, DECODER, extra)).encode())
+    alone = hashlib.sha1(repr(("files", io.FORMAT)).encode())
     for f in files:
         st = os.stat(f)
-        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+        line = f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+        decoded.update(line)
+        alone.update(line)
+    return decoded.hexdigest()[:20], alone.hexdigest()[:20]
 
 
 _DIGEST = re.compile(r"[0-9a-f]{40}")
@@ -53,8 +57,9 @@ _DIGEST = re.compile(r"[0-9a-f]{40}")
 def files_digest(root: str, files: list[str], key: str, folder: str) -> str:
     """The SHA-1 of the files' relative paths and bytes: what they hold, wherever they lie and whatever their times.
     Reading every byte is a pass over the files, so the digest is kept in ``folder`` under ``key`` (the
-    :func:`files_key` of these files, times included): a run on the same files reads it back, a copy elsewhere
-    (new times: a job's local scratch, a fresh download) pays the pass once."""
+    files' own :func:`files_keys`, times included): a run on the same files reads it back, whatever it decodes them
+    to; a copy elsewhere (new times: a job's local scratch, a fresh download) pays the pass once. A file that cannot
+    be read is :class:`UnreadableImage` naming it."""
     path = os.path.join(folder, f"files-{key}.sha1")
     try:
         with open(path) as f:
@@ -67,8 +72,12 @@ def files_digest(root: str, files: list[str], key: str, folder: str) -> str:
     bar = progress(total=len(files), desc="hash files", unit="img")
     try:
         for name in files:
-            with open(name, "rb") as f:
-                h.update(f"{os.path.relpath(name, root)}\0".encode() + hashlib.sha1(f.read()).digest())
+            try:
+                with open(name, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise UnreadableImage(f"{name}: not readable ({e.strerror or e})") from None
+            h.update(f"{os.path.relpath(name, root)}\0".encode() + hashlib.sha1(data).digest())
             bar.update(1)
     finally:
         bar.close()
@@ -77,11 +86,12 @@ def files_digest(root: str, files: list[str], key: str, folder: str) -> str:
         os.makedirs(folder, exist_ok=True)
         io.write_text(path, digest + "\n")
     except (OSError, KdrunError) as e:
+        why = e if isinstance(e, OSError) else e.__cause__
         log.warning(
             "data: could not keep the files' digest in %s (%s); the next run reads the files again (set "
             "dataset.cache_dir or $KDRUN_CACHE_DIR to a writable folder)",
             path,
-            e.strerror if isinstance(e, OSError) and e.strerror else e,
+            why.strerror if isinstance(why, OSError) and why.strerror else why,
         )
     return digest
 

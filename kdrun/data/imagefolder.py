@@ -18,12 +18,13 @@ import time
 
 import torch
 
+from kdrun import distributed
 from kdrun.data.base import DataBundle, FileSet, ImageSet, register_dataset
 from kdrun.data.decode import (
     IMG_EXTENSIONS,
     decode_files,
     files_digest,
-    files_key,
+    files_keys,
     load_cached,
     open_image,
     save_cached,
@@ -156,11 +157,13 @@ def imagefolder(
     eval_crop_fraction = float(eval_crop_fraction) if eval_crop_fraction is not None else None
     crop = () if eval_crop_fraction is None else (eval_crop_fraction,)  # none: the keys of before
     files = train_files + test_files
-    key = files_key(root, files, train_split, test_split, image_size, in_chans, *crop)
+    key, files_alone = files_keys(root, files, train_split, test_split, image_size, in_chans, *crop)
     identity = f"imagefolder-{key}"
     folder = resolve_cache_dir(cache_dir)
-    # what the data is (the store's keys, `kdrun compare`): the files' bytes, however they are decoded
-    what = (files_digest(root, files, key, folder), train_split, test_split, image_size, in_chans, *crop)
+    # what the data is (the store's keys, `kdrun compare`): the files' bytes, however they are decoded; read by
+    # rank 0 alone when data-parallel workers load the data
+    digest = distributed.shared(lambda: files_digest(root, files, files_alone, folder))
+    what = (digest, train_split, test_split, image_size, in_chans, *crop)
     content = hashlib.sha1(repr(what).encode()).hexdigest()[:20]
     n = len(train_files) + len(test_files)
     pixels = f"each file decoded to {'RGB' if in_chans == 3 else 'grey'} and " + (
