@@ -90,21 +90,18 @@ class DataBundle:
     def layout(self) -> str:
         """A short hash of what a stage trains on, wherever the files lie and whatever their times: the classes,
         each split's labels in order, a streamed split's file names (class folder / file), and, after a ``+``, the
-        pixels of the splits held in memory and, for a streamed split, the :meth:`content_key` (its files' bytes).
-        A checkpoint of other data (images added, removed, changed or moved to
-        another class) does not resume; the same data copied to another disk does (:attr:`identity` holds the
-        files' times, as a cache key must). The part before the ``+`` is the whole layout of a kdrun before pixels
-        counted (:func:`layout_matches`)."""
+        pixels of the splits held in memory. A checkpoint of other data (images added, removed, changed or moved
+        to another class) does not resume; the same data copied to another disk does (:attr:`identity` holds the
+        files' times, as a cache key must). A streamed split's files are checked by name only: a file a run could
+        not decode resumes once fixed (:class:`kdrun.errors.UnreadableImage`). The part before the ``+`` is the
+        whole layout of a kdrun before pixels counted (:func:`layout_matches`)."""
         h = hashlib.sha1(repr(self.classes).encode())
         for split in (self.train, self.test):
             h.update(tensor_digest(split.labels).encode())
             if isinstance(split, FileSet):
                 h.update("\n".join(os.path.join(*f.split(os.sep)[-2:]) for f in split.files).encode())
         pixels = [split.images for split in (self.train, self.test) if isinstance(split, ImageSet)]
-        content = tensor_digest(*pixels) if pixels else ""
-        if any(isinstance(split, FileSet) for split in (self.train, self.test)):
-            content += self.content_key()
-        return h.hexdigest()[:16] + (f"+{content}" if content else "")
+        return h.hexdigest()[:16] + (f"+{tensor_digest(*pixels)}" if pixels else "")
 
     @property
     def in_chans(self) -> int:
