@@ -170,7 +170,8 @@ def _is_state_dict(state) -> bool:
 def _unwrap(state, what: str):
     """The state_dict inside a training checkpoint (:data:`CHECKPOINT_KEYS`), or ``state`` itself."""
     if isinstance(state, dict) and not _is_state_dict(state):
-        key = next((k for k in CHECKPOINT_KEYS if state.get(k) and _is_state_dict(state[k])), None)
+        held = {k: v for k, v in state.items() if isinstance(v, dict) and v and _is_state_dict(v)}
+        key = next((k for k in CHECKPOINT_KEYS if k in held), None)
         if key is not None:
             log.info("%s: the weights under its '%s' key", what, key)
             return state[key]

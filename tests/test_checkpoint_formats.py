@@ -110,7 +110,7 @@ def test_a_checkpoint_without_weights_names_the_keys_looked_in(tmp_path):
         match=r"^teacher.pretrained=saved.ckpt: not a state_dict \(a mapping of parameter names to tensors\), "
         r"nor a checkpoint holding one under 'model', 'state_dict', 'model_state_dict', 'net'$",
     ):
-        _load(tmp_path, {"epoch": 3, "optimizer": {"lr": 0.1}})
+        _load(tmp_path, {"epoch": 3, "optimizer": {"lr": 0.1}, "net": torch.ones(3)})  # a tensor, not a state_dict
 
 
 def test_a_network_that_does_not_fit_under_any_attribute_is_one_line(tmp_path):
