@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -238,13 +239,19 @@ def agree(stop: bool, device) -> bool:
         box: list[KdrunError | None] = [_DEFERRED[0] if rank == culprit else None]
         dist.broadcast_object_list(box, src=culprit)
         _DEFERRED.clear()
-        err = box.pop()
-        assert err is not None
-        try:
-            raise err
-        finally:  # this frame held by the traceback must not hold the error: a cycle kept the stage's DDP model
-            del err  # alive past destroy_process_group, and gloo could abort at interpreter exit (SIGABRT)
+        _raise_unheld(box.pop())
     return stop_any
+
+
+def _raise_unheld(err: BaseException | None) -> NoReturn:
+    """Raise ``err``, a caller's only reference to it handed over (``box.pop()``), without any frame keeping it: a
+    frame that holds the error its traceback holds is a cycle, which kept the stage's DDP model alive past
+    destroy_process_group, and gloo could abort at interpreter exit (SIGABRT)."""
+    assert err is not None
+    try:
+        raise err
+    finally:
+        del err
 
 
 def shared(fn):
@@ -259,13 +266,9 @@ def shared(fn):
         except KdrunError as e:
             box = [(False, e)]
     dist.broadcast_object_list(box, src=0)
-    ok, value = box.pop()
-    if ok:
-        return value
-    try:
-        raise value
-    finally:  # as in agree: the raised error must not hold this frame
-        del value
+    if not box[0][0]:
+        _raise_unheld(box.pop()[1])
+    return box[0][1]
 
 
 @contextmanager
@@ -421,12 +424,10 @@ def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> di
     messages, failure, forwarded = [], None, False
     try:
         while True:
-            while not queue.empty():
-                messages.append(queue.get())
             codes = [p.exitcode for p in ctx.processes]
+            while not queue.empty():  # read after the exit codes: a worker hands its message back before it ends
+                messages.append(queue.get())
             if all(c == 0 for c in codes) or any(c not in (None, 0) for c in codes):
-                while not queue.empty():  # a worker that failed handed its message back before it ended
-                    messages.append(queue.get())
                 crashed = any(msg[0] == "crash" for msg in messages)
                 if ctx.join(grace_period=WORKER_GRACE_S if crashed else None):  # raises for a failed worker
                     break

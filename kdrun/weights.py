@@ -170,8 +170,7 @@ def _is_state_dict(state) -> bool:
 def _unwrap(state, what: str):
     """The state_dict inside a training checkpoint (:data:`CHECKPOINT_KEYS`), or ``state`` itself."""
     if isinstance(state, dict) and not _is_state_dict(state):
-        held = {k: v for k, v in state.items() if isinstance(v, dict) and v and _is_state_dict(v)}
-        key = next((k for k in CHECKPOINT_KEYS if k in held), None)
+        key = next((k for k in CHECKPOINT_KEYS if _is_state_dict(state.get(k)) and len(state[k])), None)
         if key is not None:
             log.info("%s: the weights under its '%s' key", what, key)
             return state[key]

@@ -165,7 +165,7 @@ def imagefolder(
     digest = distributed.shared(lambda: files_digest(root, files, files_alone, folder))
     what = (digest, train_split, test_split, image_size, in_chans, *crop)
     content = hashlib.sha1(repr(what).encode()).hexdigest()[:20]
-    n = len(train_files) + len(test_files)
+    n = len(files)
     pixels = f"each file decoded to {'RGB' if in_chans == 3 else 'grey'} and " + (
         f"resized to {image_size}x{image_size} (bilinear; as is when already that size)"
         if eval_crop_fraction is None
