@@ -224,7 +224,7 @@ class LogitCache:
         """Give this run its own copy of the file if it is hard-linked elsewhere (into the store)."""
         if os.stat(self.path).st_nlink > 1:
             self.close()
-            tmp = f"{self.path}.cow{os.getpid()}"
+            tmp = io.temp_name(self.path, "cow")
             shutil.copyfile(self.path, tmp)
             os.replace(tmp, self.path)
             self._map()
@@ -344,7 +344,7 @@ def _create(path: str, shape: CacheShape, key: str) -> None:
     """An empty cache file (all flags 0), written under a temporary name and renamed into place."""
     blob = json.dumps(shape.header(key)).encode()
     assert 8 + len(blob) <= HEADER_BYTES
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = io.temp_name(path)
     with open(tmp, "wb") as f:
         f.write(MAGIC + struct.pack("<I", len(blob)) + blob)
         f.truncate(shape.file_bytes)  # sparse: zero flags and rows cost no disk until written

@@ -625,7 +625,7 @@ def _replace_dir(new: str, dest: str) -> None:
     """Put folder ``new`` at ``dest``, replacing what was there (renamed aside first, then removed)."""
     old = None
     if os.path.lexists(dest):
-        old = f"{dest}.old-tmp-{os.getpid()}"
+        old = io.temp_name(dest, "old-tmp")
         os.replace(dest, old)
     os.replace(new, dest)
     if old is not None:

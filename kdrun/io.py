@@ -32,6 +32,8 @@ import os
 import pickle
 import random
 import re
+import secrets
+import socket
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -81,6 +83,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def temp_name(path: str, tag: str = "tmp") -> str:
+    """A name next to ``path`` for a file or folder on its way there (``PATH.TAG-HOST-PID-RANDOM``): unique across
+    processes and hosts writing into one shared folder, where process ids alone repeat (containers, other nodes)."""
+    return f"{path}.{tag}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(f)`` on a temporary file next to ``path``, fsync, rename onto ``path``, fsync the directory.
 
@@ -88,7 +96,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
     temporary file and leaves the previous ``path`` as it was.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

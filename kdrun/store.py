@@ -11,7 +11,7 @@ an old entry. Building an entry:
    the process dies), so parallel jobs build each entry once and the others wait;
 2. if ``KEY/COMPLETE`` exists and every file has its recorded size and SHA-256,
    use the entry; a damaged entry is reported (warning naming it) and rebuilt;
-3. otherwise build into ``KEY.tmp-PID/`` (leftovers of killed builders are
+3. otherwise build into ``KEY.tmp-HOST-PID-RANDOM/`` (leftovers of killed builders are
    removed first), fsync the files, write ``COMPLETE`` (sizes and SHA-256s)
    last, and rename the directory into place. A failed publish (disk full)
    leaves the previous state and no temporary directory.
@@ -240,7 +240,7 @@ class Store:
         and a one-line KdrunError says so."""
         final = self._dir(kind, key)
         self._remove_partial(kind, key)
-        tmp = f"{final}{TMP}{os.getpid()}"
+        tmp = io.temp_name(final)  # KEY.tmp-...: see TMP
         os.makedirs(tmp)
         try:
             info = {}
@@ -261,7 +261,7 @@ class Store:
             io.write_json(marker, os.path.join(tmp, MARKER))
             old = None
             if os.path.exists(final):  # a damaged entry being replaced: moved aside, removed once replaced
-                old = f"{final}{TMP}old{os.getpid()}"
+                old = io.temp_name(final, "tmp-old")
                 os.replace(final, old)
             os.replace(tmp, final)
             io.fsync_dir(os.path.dirname(final))

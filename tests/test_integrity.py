@@ -116,6 +116,23 @@ def test_artifact_round_trip_and_header(tmp_path):
         io.load(path, "checkpoint", key="k2")
 
 
+def test_two_writers_with_one_process_id_on_a_shared_folder_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """Two hosts (or containers) whose writers have the same process id write one file in a shared cache folder:
+    each writes its own temporary file, so the file ends whole, as one of them wrote it."""
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    path = str(tmp_path / "shared.bin")
+
+    def first(f):
+        f.write(b"A" * 1000)
+        io.atomic_write(path, lambda g: g.write(b"B" * 10))  # the other host, midway through the first write
+        f.write(b"A" * 1000)
+
+    io.atomic_write(path, first)
+    assert open(path, "rb").read() == b"A" * 2000
+    assert os.listdir(tmp_path) == ["shared.bin"]
+    assert io.temp_name(path) != io.temp_name(path)
+
+
 def test_rng_state_round_trips_through_weights_only_checkpoint(tmp_path):
     import random
 
