@@ -4,8 +4,9 @@
 A run is any directory holding ``.hydra/overrides.yaml``. Its status is
 ``complete`` (``metrics.json`` present), ``failed`` (a ``FAILED`` note),
 ``stopped`` (the ``FAILED`` note of a SIGTERM/SIGINT stop: the same command continues it),
-``unreadable`` (a ``metrics.json`` that cannot be parsed) or ``running``
-(neither yet). Keys whose values differ between runs are the swept keys; a key
+``unreadable`` (a ``metrics.json`` that cannot be parsed), ``running`` (neither yet, and a process at work in it),
+``killed`` (neither, and nobody at work in it: SIGKILL, out of memory; :mod:`kdrun.runlock`) or ``incomplete``
+(neither, from a kdrun that kept no such record). Keys whose values differ between runs are the swept keys; a key
 that a run does not override takes that run's composed value (``.hydra/config.yaml``,
 or its config-group choice), so ``trainer.val_fraction=0`` given on the command
 line matches a preset that already sets 0. Keys that say only where a run reads or
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import statistics
 from dataclasses import dataclass, field
 
@@ -222,7 +224,8 @@ def load_run(run_dir: str, root: str) -> Run:
     composed = read_composed(run_dir)
     if composed and not any(k.startswith("trainer.") for k in composed):  # another Hydra application's run
         return Run(run_dir, name, {}, "unreadable", note=f".hydra/config.yaml: {NOT_KDRUN}", overrides_read=False)
-    run = Run(run_dir, name, overrides, "running", note="no metrics.json yet", composed=composed)
+    status, note = _unfinished(run_dir)
+    run = Run(run_dir, name, overrides, status, note=note, composed=composed)
     metrics_path, failed_path = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "FAILED")
     if os.path.isfile(metrics_path):
         try:
@@ -239,6 +242,19 @@ def load_run(run_dir: str, root: str) -> Run:
         # stopped by SIGTERM/SIGINT (preemption, Ctrl-C) with its checkpoint saved: the same command continues it
         run.status = "stopped" if STOPPED.search(run.note) else "failed"
     return run
+
+
+def _unfinished(run_dir: str) -> tuple[str, str]:
+    """(status, note) of a run with neither ``metrics.json`` nor a ``FAILED`` note."""
+    from kdrun import runlock
+
+    state = runlock.state(run_dir)
+    if state == "running":
+        return "running", "no metrics.json yet"
+    if state == "killed":
+        why = "ended without a word (SIGKILL, out of memory, its machine went down)"
+        return "killed", f"{why}; kdrun train resume={shlex.quote(run_dir)} continues it"
+    return "incomplete", "no metrics.json and no FAILED note: running, or killed, under a kdrun that kept no record"
 
 
 def first_line(path: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -13,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import distributed
+from kdrun import distributed, runlock
 from kdrun.config import validate
 from kdrun.errors import KdrunError, ResumeRefused, UnreadableImage
 from kdrun.preempt import Preempted, check_stop, install_handlers
@@ -24,8 +25,6 @@ log = logging.getLogger("kdrun")
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def hydra_train(cfg: DictConfig) -> float:
     """Run the pipeline in Hydra's output directory; return the sweep objective (see :func:`objective`)."""
-    from kdrun import report, train
-
     run_dir = HydraConfig.get().runtime.output_dir
     install_handlers()
     try:  # a SIGTERM between two jobs of a sweep (or during the last one's evaluation) ends the sweep here
@@ -33,14 +32,25 @@ def hydra_train(cfg: DictConfig) -> float:
     except Preempted as e:
         print(f"kdrun: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    # a rerun in the same directory resumes. A finished run's metrics.json stays until the rerun writes its own over
-    # it (a rerun killed meanwhile leaves the run as complete as it was), or fails (then it goes, with a FAILED note)
-    if os.path.exists(os.path.join(run_dir, "FAILED")):
-        os.remove(os.path.join(run_dir, "FAILED"))
+    with contextlib.ExitStack() as held:  # run_dir's lock (kdrun.runlock), until its metrics.json or FAILED note
+        return _train(cfg, run_dir, held)
+
+
+def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
+    from kdrun import report, train
+
     try:
         validate(cfg)
         devices = int(cfg.trainer.get("devices", 1))
-        if distributed.init_from_env(cfg.trainer.device):  # started by torchrun: this process is one worker
+        joined = distributed.init_from_env(cfg.trainer.device)  # started by torchrun: this process is one worker
+        if distributed.is_main():
+            held.enter_context(runlock.held(run_dir))
+        # a rerun in the same directory resumes. A finished run's metrics.json stays until the rerun writes its own
+        # over it (a rerun killed meanwhile leaves the run as complete as it was), or fails (then it goes, with a
+        # FAILED note)
+        if distributed.is_main() and os.path.exists(os.path.join(run_dir, "FAILED")):
+            os.remove(os.path.join(run_dir, "FAILED"))
+        if joined:
             if not distributed.is_main():  # rank 0 alone fills the console and train.log, as with trainer.devices
                 log.setLevel(logging.WARNING)
             metrics = train.run(cfg, run_dir)
@@ -53,8 +63,10 @@ def hydra_train(cfg: DictConfig) -> float:
         else:
             metrics = train.run(cfg, run_dir)
     except KdrunError as e:
-        if not (isinstance(e, ResumeRefused) and os.path.exists(os.path.join(run_dir, "metrics.json"))):
-            _mark_failed(run_dir, str(e))  # a finished run that refused to resume stays as it was
+        # another process's run (RunInProgress), or a finished run that refused to resume: left as it was
+        kept = isinstance(e, ResumeRefused) and os.path.exists(os.path.join(run_dir, "metrics.json"))
+        if not (kept or isinstance(e, runlock.RunInProgress)):
+            _mark_failed(run_dir, str(e))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if _in_sweep() and not isinstance(e, Preempted):  # costs only this job: the others run

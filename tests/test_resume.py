@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+from kdrun import runlock
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.preempt import EXIT_PREEMPTED
 
@@ -57,8 +58,10 @@ def test_sigkill_then_resume_is_bit_identical(kdrun, tmp_path, uninterrupted, ki
     p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": kill_at})
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert not (run_dir / "metrics.json").exists()
+    assert runlock.state(str(run_dir)) == "killed"  # kdrun report: killed, not running
     p = kdrun("train", f"resume={run_dir}")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert runlock.state(str(run_dir)) is None
     stage = kill_at.split(":")[0]
     assert f"{stage}: resuming from" in p.stderr
     accs, weights = final_state(run_dir)
@@ -150,6 +153,23 @@ def test_refused_change_leaves_a_finished_run_intact(tmp_path):
     p = run_kdrun("train", f"resume={run_dir}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "student: already finished" in p.stderr and (run_dir / "metrics.json").exists()
+
+
+def test_a_second_run_in_a_directory_at_work_is_refused_changing_nothing(tmp_path):
+    """`resume=DIR` while DIR's run is still at work (in another process, here this one): one line naming it, exit
+    code 2, no FAILED note, every file as it was; two writers would interleave their checkpoints."""
+    from tests.conftest import run_kdrun, run_smoke
+
+    run_dir = tmp_path / "run"
+    run_smoke(run_dir)
+    with runlock.held(str(run_dir)):
+        assert runlock.state(str(run_dir)) == "running"
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        p = run_kdrun("train", f"resume={run_dir}")
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"kdrun: error: {run_dir}: a run is at work in this directory (process {os.getpid()} on " in p.stderr
+    assert not (run_dir / runlock.FILE).exists() and not (run_dir / "FAILED").exists()
 
 
 def test_a_sweep_into_a_folder_of_another_sweep_leaves_its_runs_intact(tmp_path):

@@ -14,7 +14,7 @@ import os
 import pytest
 import yaml
 
-from kdrun import sweep_plots, sweep_report
+from kdrun import runlock, sweep_plots, sweep_report
 from kdrun.errors import ConfigError
 from kdrun.report_cli import report_main
 from kdrun.sweep_report import write_report
@@ -70,7 +70,7 @@ def make_run(
     choices: dict | None = None,
 ) -> str:
     """A run directory: .hydra/overrides.yaml (and the composed config.yaml and group choices when given),
-    then metrics.json, a FAILED note, or nothing (running)."""
+    then metrics.json, a FAILED note, or nothing (running, killed or incomplete: see kdrun.runlock)."""
     run = os.path.join(str(root), name)
     os.makedirs(os.path.join(run, ".hydra"))
     with open(os.path.join(run, ".hydra", "overrides.yaml"), "w") as f:
@@ -281,16 +281,20 @@ def test_failed_running_and_unreadable_runs_listed_not_plotted(tmp_path, monkeyp
     make_run(tmp_path, "0", ["loss.temperature=1"], fake_metrics(70.0))
     make_run(tmp_path, "1", ["loss.temperature=4"], fake_metrics(80.0))
     make_run(tmp_path, "2", ["loss.temperature=8"], failed="RuntimeError: out of memory")
-    make_run(tmp_path, "3", ["loss.temperature=16"])
+    running = make_run(tmp_path, "3", ["loss.temperature=16"])
     bad = make_run(tmp_path, "4", ["loss.temperature=32"])
     with open(os.path.join(bad, "metrics.json"), "w") as f:
         f.write("{truncated")
     stop = "student: stopped by SIGTERM at epoch 1, step 3; checkpoint saved, rerun the same command to resume"
     make_run(tmp_path, "5", ["loss.temperature=64"], failed=stop)
+    killed = make_run(tmp_path, "6", ["loss.temperature=128"])
+    open(os.path.join(killed, runlock.FILE), "w").close()  # what a SIGKILLed run leaves: its lock file, held by nobody
+    make_run(tmp_path, "7", ["loss.temperature=256"])  # a kdrun that kept no record of its runs at work
     plotted = []
     original = sweep_plots.plot_accuracy_vs
     monkeypatch.setattr(sweep_plots, "plot_accuracy_vs", lambda runs, *a: plotted.extend(runs) or original(runs, *a))
-    write_report(tmp_path)
+    with runlock.held(running):
+        write_report(tmp_path)
     rows = read_csv(tmp_path / "report.csv")
     assert [(r["run"], r["status"]) for r in rows] == [
         ("1", "complete"),
@@ -299,12 +303,16 @@ def test_failed_running_and_unreadable_runs_listed_not_plotted(tmp_path, monkeyp
         ("3", "running"),
         ("4", "unreadable"),
         ("5", "stopped"),  # preempted, checkpoint saved: not a failure, the same command continues it
+        ("6", "killed"),  # its lock file left, held by nobody
+        ("7", "incomplete"),
     ]
+    assert f"kdrun train resume={tmp_path / '6'} continues it" in rows[6]["note"]
     assert rows[2]["note"] == "RuntimeError: out of memory" and rows[2]["student_top1"] == ""
     assert sorted(r.name for r in plotted) == ["0", "1"]
     md = (tmp_path / "report.md").read_text()
     assert "`2`: failed: RuntimeError: out of memory" in md and "`3`: running" in md and "`4`: unreadable" in md
-    assert "6 runs: 2 complete, 1 failed, 1 running, 1 stopped, 1 unreadable" in md and f"`5`: stopped: {stop}" in md
+    assert "8 runs: 2 complete, 1 failed, 1 incomplete, 1 killed, 1 running, 1 stopped, 1 unreadable" in md
+    assert f"`5`: stopped: {stop}" in md
 
 
 def test_unreadable_overrides_do_not_invent_swept_keys(tmp_path):

@@ -1,0 +1,119 @@
+"""Who is at work in a run directory: one process at a time, and a run killed outright told from one still running.
+
+A run holds an exclusive ``flock`` on ``RUN_DIR/.running`` (which names its host and process) from start to end
+and removes the file when it ends, complete or failed. So:
+
+* a second ``kdrun train`` in the same directory (``resume=DIR`` while the run is still going) is refused with
+  one line (:class:`RunInProgress`, exit code 2) before it changes anything: two writers would interleave their
+  checkpoints;
+* a ``.running`` file that no process holds is a run that died without a word (SIGKILL, out of memory, the
+  machine went down): the operating system released its lock. ``kdrun report`` lists it as ``killed`` instead
+  of ``running`` (:func:`state`), and ``kdrun train resume=DIR`` continues it from its last checkpoint.
+
+On a file system without locks (some network mounts) the run goes on unguarded and reports say ``running``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shlex
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from kdrun.errors import ConfigError
+
+log = logging.getLogger("kdrun")
+
+FILE = ".running"
+RETRIES = 5  # a report probing the lock holds it for microseconds: a starting run tries again before refusing
+
+
+class RunInProgress(ConfigError):
+    """Another process is at work in the run directory; nothing was changed there."""
+
+
+def _try_lock(fd: int) -> bool:
+    """True with the lock taken; False when another process holds it. OSError when locks are not supported."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextmanager
+def held(run_dir: str) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block; :class:`RunInProgress` naming the holder when another process has it."""
+    path = os.path.join(run_dir, FILE)
+    os.makedirs(run_dir, exist_ok=True)
+    fd = _lock(path)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}, since {time.ctime()}".encode(), 0)
+        yield
+    finally:
+        try:
+            os.remove(path)  # still locked: a process waiting on this file finds it gone and locks a new one
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _lock(path: str) -> int:
+    """A descriptor of the file now at ``path`` holding its lock (not one its last holder removed meanwhile)."""
+    holder = "another process"
+    for attempt in range(RETRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = _try_lock(fd)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
+                os.close(fd)
+                raise
+            log.warning("%s: this file system has no locks; nothing stops a second process writing there", path)
+            return fd  # unguarded, as without this module
+        if locked:
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+        else:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or holder
+        os.close(fd)
+        time.sleep(0.05 * (attempt + 1))
+    raise RunInProgress(
+        f"{os.path.dirname(path)}: a run is at work in this directory ({holder}); wait for it to end, or stop it "
+        f"(kdrun train resume={shlex.quote(os.path.dirname(path))} then continues it from its checkpoints)"
+    )
+
+
+def state(run_dir: str) -> str | None:
+    """``"running"`` while a process holds ``run_dir``'s lock, ``"killed"`` when its file is left and nobody holds it
+    (the run died without removing it), None without the file (no run there, or one of a kdrun before this file)."""
+    path = os.path.join(run_dir, FILE)
+    fd = None
+    for flags in (os.O_RDWR, os.O_RDONLY):  # an exclusive lock over NFS needs a descriptor open for writing
+        try:
+            fd = os.open(path, flags)
+            break
+        except FileNotFoundError:
+            return None
+        except OSError:
+            continue
+    if fd is None:  # there, but not for this user to open: cannot tell
+        return "running"
+    try:
+        if not _try_lock(fd):
+            return "running"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return "killed"
+    except OSError:  # no locks here: cannot tell
+        return "running"
+    finally:
+        os.close(fd)
