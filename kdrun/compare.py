@@ -188,11 +188,9 @@ def caveats(run_a: str, run_b: str, images: int) -> list[str]:
 
 
 def _differ_only_in_seed(run_a: str, run_b: str) -> bool:
-    """Whether the two runs' overrides (compared through their composed configs) differ in the seed alone."""
-    from kdrun.sweep_report import SEED_KEY, is_place_key, load_run
+    """Whether the two runs differ in the seed alone: in their overrides, their composed configs and their data
+    (:func:`kdrun.sweep_report.swept_keys`)."""
+    from kdrun.sweep_report import SEED_KEY, load_run, swept_keys
 
     a, b = load_run(run_a, run_a), load_run(run_b, run_b)
-    if not (a.overrides_read and b.overrides_read):
-        return False
-    keys = {k for k in (*a.overrides, *b.overrides) if k != SEED_KEY and not is_place_key(k)}
-    return a.value(SEED_KEY) != b.value(SEED_KEY) and all(a.value(k) == b.value(k) for k in keys)
+    return a.overrides_read and b.overrides_read and swept_keys([a, b]) == [SEED_KEY]

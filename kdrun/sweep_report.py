@@ -47,7 +47,11 @@ PLACE_KEYS = (
     "trainer.latency",
     "trainer.eval_batch_size",
     "trainer.checkpoint_every_steps",
+    "dataset.root",  # where the data is read from; what it is, is DATA_KEY
+    "dataset.download",
+    "sweep",  # how a sweep searches (its launcher, sweeper and metric), not what a run trains
 )
+DATA_KEY = "dataset.content"  # what a run's data is (metrics.json; a copy elsewhere has the same), complete runs only
 SKIP_DIRS = {".hydra", "checkpoints", ".submitit", "__pycache__"}
 SCORE_COLUMNS = [
     "student_top1",
@@ -121,12 +125,24 @@ def read_overrides(run_dir: str) -> dict[str, str]:
 
 
 def canonical(text) -> str:
-    """One spelling per value: ``"0"``, ``0.0``, ``"0.0"`` -> ``"0"``; ``1e-3`` -> ``"0.001"``; ``True`` -> "true"."""
+    """One spelling per value: ``"0"``, ``0.0``, ``"0.0"`` -> ``"0"``; ``1e-3`` -> ``"0.001"``; ``True`` -> "true";
+    a list (or an override's ``[1e-3, 2]``) -> ``"[0.001,2]"``."""
     if isinstance(text, bool):
         return str(text).lower()
     if text is None:
         return "null"
+    if isinstance(text, list | tuple):
+        return "[" + ",".join(canonical(v) for v in text) + "]"
+    if isinstance(text, dict):
+        return "{" + ",".join(f"{k}:{canonical(v)}" for k, v in sorted(text.items(), key=str)) + "}"
     text = str(text)
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, list):
+            return canonical(parsed)
     if not is_number(text):
         return text
     number = repr(float(text))
@@ -153,7 +169,12 @@ def read_composed(run_dir: str) -> dict[str, str]:
                 v = node._get_node(k)._value()  # type: ignore[union-attr]
             if isinstance(v, DictConfig):
                 walk(v, f"{prefix}{k}.")
-            elif not isinstance(v, ListConfig | list):
+            elif isinstance(v, ListConfig):
+                try:
+                    out[f"{prefix}{k}"] = canonical(OmegaConf.to_container(v, resolve=True))
+                except Exception:  # noqa: BLE001 (an interpolation that cannot be resolved here: as saved)
+                    out[f"{prefix}{k}"] = canonical(str(v))
+            else:
                 out[f"{prefix}{k}"] = canonical(v)
 
     try:
@@ -237,6 +258,10 @@ def load_run(run_dir: str, root: str) -> Run:
         if not isinstance(metrics, dict) or not {"roles", "test"} <= metrics.keys():
             return Run(run_dir, name, {}, "unreadable", note=f"metrics.json: {NOT_KDRUN}", overrides_read=False)
         run.status, run.scores, run.note = "complete", scores_of(metrics), ""
+        data = metrics.get("dataset")
+        data = data if isinstance(data, dict) else {}
+        if data.get("content") or data.get("identity"):  # identity: a kdrun before the content key
+            run.composed[DATA_KEY] = str(data.get("content") or data.get("identity"))
     elif os.path.isfile(failed_path):
         run.note = first_line(failed_path)
         # stopped by SIGTERM/SIGINT (preemption, Ctrl-C) with its checkpoint saved: the same command continues it
@@ -349,12 +374,30 @@ def _rank(run: Run, key: str) -> tuple:
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
-    """Overridden keys whose value differs between runs, in first-seen order (place keys never)."""
+    """Keys whose value differs between runs (place keys never), in first-seen order: the overridden ones, then any
+    composed key that differs between runs those put together (an edited preset, another kdrun's defaults, other
+    data: :data:`DATA_KEY`), which would otherwise pool as repeats of one setting."""
     runs = [r for r in runs if r.overrides_read]
     keys: list[str] = []
     for run in runs:
         keys += [k for k in run.overrides if k not in keys and not is_place_key(k)]
-    return [k for k in keys if len({r.value(k) for r in runs}) > 1]
+    swept = [k for k in keys if len({r.value(k) for r in runs}) > 1]
+    together = [k for k in swept if k != SEED_KEY]
+    hidden: list[str] = []
+    for run in runs:
+        hidden += [k for k in run.composed if k not in keys and k not in hidden and not is_place_key(k)]
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(setting_of(run, together), []).append(run)
+    for key in hidden:
+        for members in groups.values():
+            values = {r.value(key) for r in members}
+            if key == DATA_KEY:
+                values.discard("-")  # only complete runs record their data
+            if len(values) > 1:
+                swept.append(key)
+                break
+    return swept
 
 
 def common_overrides(runs: list[Run], swept: list[str]) -> dict[str, str]:

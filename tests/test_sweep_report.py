@@ -193,6 +193,42 @@ def test_a_value_one_run_takes_by_interpolation_pools_with_another_run_overridin
     assert group["n"] == 2 and group["student_top1_mean"] == pytest.approx(71.0)
 
 
+@pytest.mark.parametrize(
+    "differs, key",
+    [
+        ({"loss": {"temperature": 20.0}}, "loss.temperature"),  # a preset edited between the runs
+        ({"teacher": {"kwargs": {"hidden": [1200, 1200]}}}, "teacher.kwargs.hidden"),  # a list value
+        ({"dataset": {"content": "other"}}, "dataset.content"),  # other data (metrics.json), not its place
+    ],
+)
+def test_runs_that_differ_where_no_command_line_set_anything_are_not_repeats_of_one_setting(tmp_path, differs, key):
+    """Two seeds of what the command lines call one setting, whose configs differ elsewhere: two settings of one run
+    each (the key a column of its own), not one setting over two seeds; `kdrun compare` does not call them seeds."""
+    from kdrun.compare import caveats
+
+    def config(seed: int, changed: bool) -> dict:
+        cfg = {"loss": {"temperature": 4.0}, "teacher": {"kwargs": {"hidden": [800, 800]}}, "trainer": {"seed": seed}}
+        cfg["dataset"] = {"root": f"/copy{seed}"}  # where the data is read from is never a setting
+        if changed and "dataset" not in differs:
+            cfg |= {k: v | cfg.get(k, {}) if k == "trainer" else differs[k] for k, v in differs.items()}
+        return cfg
+
+    for seed, changed in ((0, False), (1, True)):
+        metrics = fake_metrics(70.0 + seed)
+        metrics["dataset"] = {"content": "other" if changed and "dataset" in differs else "same"}
+        make_run(tmp_path, str(seed), [f"trainer.seed={seed}"], metrics, config=config(seed, changed))
+    runs = sweep_report.collect(str(tmp_path))
+    swept = sweep_report.swept_keys(runs)
+    assert swept == ["trainer.seed", key]
+    assert sweep_report.seed_groups(runs, swept) == []
+    assert not any(
+        "differ only in trainer.seed" in line for line in caveats(str(tmp_path / "0"), str(tmp_path / "1"), 9)
+    )
+    for run in runs:  # the same two runs without the difference: seeds of one setting
+        run.composed.pop(key, None)
+    assert sweep_report.swept_keys(runs) == ["trainer.seed"]
+
+
 def test_a_seed_found_twice_is_one_repeat(tmp_path, caplog):
     """The same sweep twice in the tree (e.g. run again into another folder): each seed counts once."""
     grid_with_seeds(tmp_path / "first")
