@@ -69,18 +69,19 @@ def _series(runs: list[Run], key: str, others: list[str]) -> tuple[dict[str, lis
     """(line label -> runs, whether they form a grid): one line per setting of the other swept keys.
 
     Without a grid (too many settings, or a single point per line as in a
-    random or Optuna search) all runs form one scatter series.
+    random or Optuna search) all runs form one scatter series, a point per run.
     """
     groups = group_by_setting(runs, others) if others else {(): list(runs)}
     grid = len(groups) <= MAX_SERIES and any(len({r.value(key) for r in g}) > 1 for g in groups.values())
     if not grid:
-        return {"student (mean per value)": list(runs)}, False
+        return {"student, one point per run": list(runs)}, False
     labels = {s: ", ".join(f"{k}={short(v)}" for k, v in zip(others, s)) or "student" for s in groups}
     return {labels[s]: g for s, g in groups.items()}, True
 
 
 def plot_accuracy_vs(runs: list[Run], key: str, swept: list[str], out_dir: str) -> str:
-    """Student top-1 against the values of ``key`` (mean ± std over repeats), baseline dashed."""
+    """Student top-1 against the values of ``key``, baseline dashed: in a grid, a line per setting of the other swept
+    keys with mean ± std over its seeds; otherwise a point per run (averaging them would mix other settings)."""
     others = [k for k in swept if k not in (key, SEED_KEY)]
     complete = [r for r in runs if r.status == "complete" and r.scores.get("student_top1") is not None]
     values = ordered_values({r.value(key) for r in complete})
@@ -89,32 +90,44 @@ def plot_accuracy_vs(runs: list[Run], key: str, swept: list[str], out_dir: str) 
     ax = fig.add_subplot()
     series, grid = _series(complete, key, others)
     for label, members in series.items():
-        _errorbar(
+        if not grid:
+            _points(ax, members, key, "student_top1", xpos, "o", label=label)
+            _points(ax, members, key, "baseline_top1", xpos, "s", color="gray", label="baseline (CE only)")
+            continue
+        line = _errorbar(
             ax,
             _mean_std_by(members, key, "student_top1"),
             xpos,
             label=label,
-            fmt="o-" if grid and numeric else "o",  # categories (methods) are not joined: no trend between them
+            fmt="o-" if numeric else "o",  # categories (methods) are not joined: no trend between them
             capsize=3,
         )
-    baseline = _mean_std_by(complete, key, "baseline_top1")
-    if baseline:
-        _errorbar(
-            ax, baseline, xpos, label="baseline (CE only)", fmt="s--" if numeric else "s", color="gray", capsize=3
-        )
+        baseline = _mean_std_by(members, key, "baseline_top1")  # the same student's, under these settings only
+        if baseline:
+            color = "gray" if len(series) == 1 else line.lines[0].get_color()
+            name = "baseline (CE only)" if len(series) == 1 else f"{label}: baseline"
+            _errorbar(ax, baseline, xpos, label=name, fmt="s--" if numeric else "s", color=color, alpha=0.7, capsize=3)
     if not numeric:
         ax.set_xticks([xpos[v] for v in values], [short(v) for v in values], rotation=20)
-    ax.set(xlabel=key, ylabel="test top-1 (%), mean ± std over seeds", title=f"distilled student vs {key}")
+    spread = "mean ± std over seeds" if grid else "one point per run"
+    ax.set(xlabel=key, ylabel=f"test top-1 (%), {spread}", title=f"distilled student vs {key}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out_dir, f"student_vs_{_safe(key)}.png")
 
 
-def _errorbar(ax, stats: dict[str, tuple[float, float | None]], xpos: dict[str, float], **kwargs) -> None:
+def _points(ax, runs: list[Run], key: str, col: str, xpos: dict[str, float], fmt: str, **kwargs) -> None:
+    """One point per run that has ``col``, at its value of ``key``."""
+    have = [r for r in runs if r.scores.get(col) is not None]
+    if have:
+        ax.plot([xpos[r.value(key)] for r in have], [r.scores[col] for r in have], fmt, **kwargs)
+
+
+def _errorbar(ax, stats: dict[str, tuple[float, float | None]], xpos: dict[str, float], **kwargs):
     """Points with their std as error bars; a point of one run has none (NaN draws no bar)."""
     keys = sorted(stats, key=lambda v: xpos[v])
     err = [math.nan if stats[v][1] is None else stats[v][1] for v in keys]
-    ax.errorbar([xpos[v] for v in keys], [stats[v][0] for v in keys], yerr=err, **kwargs)
+    return ax.errorbar([xpos[v] for v in keys], [stats[v][0] for v in keys], yerr=err, **kwargs)
 
 
 def heat_matrix(runs: list[Run], rows_key: str, cols_key: str) -> tuple[list[str], list[str], list[list]]:

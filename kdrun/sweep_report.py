@@ -55,7 +55,7 @@ DATA_KEY = "dataset.content"  # what a run's data is (metrics.json; a copy elsew
 SKIP_DIRS = {".hydra", "checkpoints", ".submitit", "__pycache__"}
 SCORE_COLUMNS = [
     "student_top1",
-    "student_best_val_top1",
+    "student_top1_at_best_val",
     "student_val_top1",
     "vs_best_val",
     "vs_best_val_p",
@@ -211,7 +211,7 @@ def scores_of(metrics: dict) -> dict[str, float | None]:
     baseline = test.get(roles["baseline"]) if "baseline" in roles else None
     return {
         "student_top1": _last(student).get("top1"),
-        "student_best_val_top1": (student.get("best_on_val") or {}).get("top1"),
+        "student_top1_at_best_val": (student.get("best_on_val") or {}).get("top1"),
         "student_val_top1": _student_val_top1(metrics),
         "teacher_top1": _last(teacher).get("top1"),
         "baseline_top1": _last(baseline).get("top1"),
@@ -583,7 +583,7 @@ def markdown(
         f"# kdrun report: {os.path.abspath(root)}",
         "",
         f"{len(runs)} runs: {status_counts(runs)}. Sorted by {RANKED_BY[rank_key(runs)]}; scores are top-1 "
-        "in %; `agreement` is the student's top-1 match rate with the teacher; `student_best_val_top1` the test "
+        "in %; `agreement` is the student's top-1 match rate with the teacher; `student_top1_at_best_val` the test "
         "top-1 of the epoch the validation split chose (a test figure, not a validation one); `student_val_top1` its "
         "last-epoch top-1 on the validation split, `vs_best_val` that minus the best one's on the same validation "
         "images, paired image by image, the best chosen on the even-numbered images and both scored on the "

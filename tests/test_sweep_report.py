@@ -143,7 +143,7 @@ def test_rows_sorted_by_student_top1_with_swept_columns(tmp_path):
     rows = read_csv(tmp_path / "report.csv")
     assert [r["loss.temperature"] for r in rows] == ["4", "8", "1"]
     assert [float(r["student_top1"]) for r in rows] == [90.0, 80.0, 70.0]
-    assert float(rows[0]["student_best_val_top1"]) == 91.0
+    assert float(rows[0]["student_top1_at_best_val"]) == 91.0
     assert float(rows[0]["kd_gain_top1"]) == 30.0 and float(rows[0]["teacher_top1"]) == 95.0
     assert float(rows[0]["agreement"]) == 88.5 and float(rows[0]["wall_s"]) == 12.5
     assert "trainer" not in rows[0]  # common to every run: in the header, not a column
@@ -393,6 +393,24 @@ def test_random_search_gets_a_scatter_not_a_heatmap(tmp_path):
     assert "scatter_loss_temperature_x_loss_alpha.png" in names
     assert not any(n.startswith("heatmap_") for n in names)
     assert_png(tmp_path / "scatter_loss_temperature_x_loss_alpha.png")
+
+
+def test_a_key_plotted_outside_a_grid_shows_each_run_not_a_mean_over_other_settings(tmp_path, monkeypatch):
+    """One seed at four (T, alpha) points: no line of the other key has two values of T, so the plot against T has
+    a point per run, not a mean ± std that would be the spread over alpha labelled as seeds."""
+    points = [("1", "0.2", 70.0), ("1", "0.7", 74.0), ("4", "0.3", 80.0), ("4", "0.8", 90.0)]
+    for job, (t, a, top1) in enumerate(points):
+        make_run(tmp_path, str(job), [f"loss.temperature={t}", f"loss.alpha={a}"], fake_metrics(top1))
+    figures = {}
+    monkeypatch.setattr(sweep_plots, "_save", lambda fig, out, name: figures.setdefault(name, fig) and name)
+    write_report(tmp_path)
+    ax = figures["student_vs_loss_temperature.png"].axes[0]
+    student, baseline = (
+        line for line in ax.lines if line.get_label() in ("student, one point per run", "baseline (CE only)")
+    )
+    assert sorted(zip(student.get_xdata(), student.get_ydata())) == [(1, 70), (1, 74), (4, 80), (4, 90)]
+    assert list(baseline.get_ydata()) == [60.0] * 4 and not ax.containers  # no error bars
+    assert ax.get_ylabel() == "test top-1 (%), one point per run"
 
 
 def test_heatmap_cells_are_means_over_seeds(tmp_path):
