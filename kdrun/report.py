@@ -328,7 +328,29 @@ def write_json(obj: dict, path: str) -> None:
 def summary_table(m: dict) -> str:
     """The short table printed at the end of a run: one row per model, roles labelled."""
     test, models, r, roles = m["test"], m["models"], m["ratios"], m["roles"]
-    label_of = {name: role for role, name in roles.items()}
+    roles_of: dict[str, list[str]] = {}  # a model may hold two (scheme=self: gen1 teaches and is the baseline)
+    for role, name in roles.items():
+        roles_of.setdefault(name, []).append(role)
+
+    entries = []  # (label, scores, model figures)
+    for name, scores in test.items():
+        if name == "student" and roles.get("student") != "student":
+            continue  # an alias of the chosen peer
+        held = roles_of.get(name, [])
+        stats = next((models.get(r) for r in held if r in ("teacher", "student") and models.get(r)), None)
+        label = name if held in ([], [name]) else f"{name} ({', '.join(held)})"
+        if stats:
+            label += f" {stats['name']}"
+        entries.append((label, last(scores), stats))
+        if "best_on_val" in scores:
+            b = scores["best_on_val"]
+            entries.append((f"  best-on-val (ep {b['epoch']})", b, None))
+        if "with_logit_bias" in scores:
+            b = scores["with_logit_bias"]
+            entries.append(("  with logit bias " + ",".join(f"{c}:{v:+g}" for c, v in b["bias"].items()), b, None))
+        if "with_flip_tta" in scores:
+            entries.append(("  flip TTA", scores["with_flip_tta"], None))
+    width = max([30, *(len(e[0]) for e in entries)])
 
     def row(label, scores, stats=None):
         top5 = f"{scores['top5']:6.2f}" if "top5" in scores else "     -"
@@ -337,29 +359,13 @@ def summary_table(m: dict) -> str:
         if stats:
             lat = f"{stats['latency_ms_cpu_b1_best']:8.3f}" if "latency_ms_cpu_b1_best" in stats else "       -"
             extra = f" {stats['params'] / 1e6:8.3f} {stats['flops'] / 1e6:9.2f} {stats['size_mb']:8.3f} {lat}"
-        return f"{label[:30]:<30} {scores['top1']:6.2f} {top5} {scores['errors']:6d} {agree}{extra}"
+        return f"{label:<{width}} {scores['top1']:6.2f} {top5} {scores['errors']:6d} {agree}{extra}"
 
     lines = [
-        f"{'':<30} {'top1':>6} {'top5':>6} {'errors':>6} {'agree':>6} {'params M':>8} "
+        f"{'':<{width}} {'top1':>6} {'top5':>6} {'errors':>6} {'agree':>6} {'params M':>8} "
         f"{'MFLOPs':>9} {'MB':>8} {'ms/img':>8}"
     ]
-    for name, scores in test.items():
-        if name == "student" and roles.get("student") != "student":
-            continue  # an alias of the chosen peer
-        role = label_of.get(name)
-        stats = models.get(role) if role in ("teacher", "student") else None
-        label = name if role is None or role == name else f"{name} ({role})"
-        if stats:
-            label += f" {stats['name']}"
-        lines.append(row(label, last(scores), stats))
-        if "best_on_val" in scores:
-            b = scores["best_on_val"]
-            lines.append(row(f"  best-on-val (ep {b['epoch']})", b))
-        if "with_logit_bias" in scores:
-            b = scores["with_logit_bias"]
-            lines.append(row("  with logit bias " + ",".join(f"{c}:{v:+g}" for c, v in b["bias"].items()), b))
-        if "with_flip_tta" in scores:
-            lines.append(row("  flip TTA", scores["with_flip_tta"]))
+    lines += [row(*e) for e in entries]
     tail = f"test split of {m['dataset']['name']} ({m['dataset']['test']} images), last epoch"
     if r:
         tail += f"; compression {r['compression_params']:.1f}x params"

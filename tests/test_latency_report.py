@@ -168,3 +168,15 @@ def test_models_report_warns_when_the_timing_was_disturbed(monkeypatch, capsys):
     out = models_report(monkeypatch, capsys, {1: Timing(168.0, 0.5, 0.6), 64: Timing(2.3, 2.0, 0.6)})
     assert "timed on busy cores: medians up to 336.0x the best, 60% of run time waiting for a core, " in out
     assert "load 4.7 on 2 CPUs" in out
+
+
+def test_a_model_in_two_roles_keeps_its_figures_and_both_roles_in_the_summary(monkeypatch):
+    """scheme=self with 2 generations: generation 1 teaches and is the baseline; its row shows both roles and the
+    teacher's parameters, FLOPs, size and latency (the speed-up in the last line is taken from them)."""
+    quiet = {"teacher": Timing(3.0, 3.0, 0.0), "student": Timing(1.0, 1.0, 0.0)}
+    m = fake_run_metrics(monkeypatch, quiet, quiet)
+    m["test"] = {"gen1": {"top1": 90.0, "errors": 1}, "student": {"top1": 80.0, "errors": 2}}
+    m["roles"] = {"teacher": "gen1", "baseline": "gen1", "student": "student"}
+    gen1 = report.summary_table(m).splitlines()[1]
+    assert gen1.startswith(f"gen1 (teacher, baseline) {m['models']['teacher']['name']}")
+    assert gen1.split()[-1] == "3.000"  # its latency: the teacher's figures are on its row
