@@ -683,8 +683,21 @@ def export_table(doc: dict) -> str:
         f"test split of {doc['dataset']} ({doc['test_images']} images); runtime = {rt}; {drop}agree = % of test "
         "images given the PyTorch model's class; max|d| = largest |delta logit| against it; latency = median/best "
         f"ms per batch, {doc['threads']['torch']} thread(s) of {doc['threads']['cpu_count']} CPU cores"
+        + _busy_note(doc)
     )
     return "\n".join(lines)
+
+
+def _busy_note(doc: dict) -> str:
+    """``"; timed on busy cores: medians up to 7.0x the best ..."`` when a median call took over
+    :data:`~kdrun.models.report.BUSY_SPREAD` times the fastest (other work shared the cores), else ``""``."""
+    from kdrun.models import report as mr
+
+    tables = [m[k] for m in doc["models"] for k in ("latency_ms", "eager_latency_ms") if m.get(k)]
+    tables += [m["int8"]["latency_ms"] for m in doc["models"] if (m.get("int8") or {}).get("latency_ms")]
+    spreads = [t[f"b{b}"] / t[f"b{b}_best"] for t in tables for b in LATENCY_BATCHES if t.get(f"b{b}_best")]
+    c = mr.Contention(max(spreads, default=1.0), None)
+    return f"; {c.note()}: compare the best calls" if c.busy else ""
 
 
 def _agree(m: dict) -> str:

@@ -438,3 +438,20 @@ def test_only_the_test_split_and_the_calibration_images_are_decoded(run_dir, tmp
     sizes.clear()
     export.run_export(export.ExportOptions(run_dir=str(copy), threads=1, quantize="int8", calib=64))
     assert sizes == [359, 64]
+
+
+def test_the_table_says_when_its_timing_was_disturbed(run_dir, exported):
+    """A median call over BUSY_SPREAD times the fastest (other work on the cores): the table's last line says so,
+    as the training summary does; a quiet timing says nothing."""
+    from kdrun.export import export_table
+    from kdrun.models.report import BUSY_SPREAD
+
+    doc = json.loads((run_dir / "export" / "export.json").read_text())
+    for m in doc["models"]:
+        for table in (m["latency_ms"], m["eager_latency_ms"], m["int8"]["latency_ms"]):
+            table.update({k: table[f"{k}_best"] * 1.5 for k in ("b1", "b32")})
+    assert "busy cores" not in export_table(doc)
+    doc["models"][1]["int8"]["latency_ms"]["b32"] = doc["models"][1]["int8"]["latency_ms"]["b32_best"] * 7
+    tail = export_table(doc).splitlines()[-1]
+    assert tail.endswith("; timed on busy cores: medians up to 7.0x the best: compare the best calls")
+    assert BUSY_SPREAD < 7
