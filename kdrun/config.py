@@ -134,6 +134,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_sweep(cfg)
     _validate_scheme_lists(cfg)
     _validate_models(cfg)
+    _validate_method_fits(cfg)
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt and not os.path.isfile(ckpt):
         raise ConfigError(
@@ -374,6 +375,54 @@ def _validate_models(cfg: DictConfig) -> None:
                 resolve(model, name)
             except ConfigError as e:
                 raise ConfigError(f"loss.layers.{who}[{i}]={name}: {e}") from None
+
+
+def _validate_method_fits(cfg: DictConfig) -> None:
+    """A feature method is built for every (teacher, student) pair the scheme distils, on the untrained models'
+    feature shapes (one forward pass of blank images each, on the CPU), as the student stage builds it: layers the
+    models lack, or features it cannot pair, are one line before the teacher trains, not after it.
+    Models of other libraries (timm) and data whose sizes are known only once read are checked at the stage."""
+    import torch
+
+    from kdrun.distill import probe_shapes
+    from kdrun.losses import LOSSES
+    from kdrun.models import build_model
+    from kdrun.models.registry import feature_points
+    from kdrun.schemes import pairs_of
+
+    d, name = cfg.dataset, cfg.loss.name
+    static, _ = schedules.split(loss_kwargs(cfg.loss))
+    if not LOSSES.get(name)(**static).needs_teacher_features or d.get("num_classes") is None or not d.get("image_size"):
+        return
+    size, chans = int(d.image_size), int(d.get("in_chans") or 3)
+    x = torch.zeros(2, chans, size, size)
+    pairs = pairs_of(cfg)
+    for t_key, t_cfg, s_key, s_cfg in pairs:
+        if "kdrun" != t_cfg.get("source", "kdrun") or "kdrun" != s_cfg.get("source", "kdrun"):
+            continue
+        nets = [
+            build_model(
+                m.name,
+                int(d.num_classes),
+                chans,
+                size,
+                key=f"{k}.name",
+                **(plain_dict(m.kwargs) if m.get("kwargs") else {}),
+            )
+            for k, m in ((t_key, t_cfg), (s_key, s_cfg))
+        ]
+        method = LOSSES.get(name)(**static)
+        try:
+            if not (method.teacher_layers or method.student_layers):
+                method.teacher_layers, method.student_layers = method.default_layers(
+                    list(feature_points(nets[0])), list(feature_points(nets[1]))
+                )
+            t_shapes = probe_shapes(nets[0], method.teacher_layers, x)
+            method.build(t_shapes, probe_shapes(nets[1], method.student_layers, x), 2)
+            method.bind_teacher(nets[0])
+        except ConfigError as e:
+            where = f"{t_key}={t_cfg.name} -> {s_key}={s_cfg.name}: " if len(pairs) > 1 or t_key != "teacher" else ""
+            raise ConfigError(f"{where}{e}") from None
 
 
 def _cuda_auto(dev: str) -> bool:

@@ -104,6 +104,14 @@ import pytest
         ),
         (["loss=kd", "+loss.layers.teacher=[stage3]"], "loss.layers.teacher: loss 'kd' reads no teacher features"),
         (["scheme=online", "loss=dkd"], "loss=dkd: scheme=online trains its peers with deep mutual learning's own KL"),
+        # a method that cannot join the scheme's models, before the teacher (or generation 1, or an assistant) trains
+        (["loss=kdsvd"], "loss.layers: teacher stage1 [16,8,8] and student stage1 [8,8,8]: kdsvd needs equal teacher"),
+        (["teacher=mbv2_tiny", "loss=ofd"], "loss.layers: ofd needs the teacher's pre-activation features but the "),
+        (["scheme=self", "loss=ab"], "student=mbv2_tiny -> student=mbv2_tiny: loss.layers: ab needs the teacher's "),
+        (
+            ["scheme=assistant", "scheme.assistants=[mbv2_tiny]", "loss=ofd"],
+            "scheme.assistants[0]=mbv2_tiny -> student=mbv2_tiny: loss.layers: ofd needs the teacher's pre-activation",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(kdrun_here, tmp_path, args, expected):

@@ -18,15 +18,24 @@ def options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+# methods relating the teacher's and the student's layers channel by channel need a pair of equal widths: the
+# default pair (resnet20 -> mbv2_tiny) is refused before anything trains
+EQUAL_WIDTHS = {"fsp": ["student=resnet8"], "kdsvd": ["student=resnet8"]}
+
+
 def test_every_group_option_composes():
     composed = 0
     with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
         for group in GROUPS:
             for opt in options(group):
-                cfg = compose(config_name="train", overrides=[f"{group}={opt}"])
+                fits = EQUAL_WIDTHS.get(opt, []) if group == "loss" else []
+                cfg = compose(config_name="train", overrides=[f"{group}={opt}", *fits])
                 if group not in ("dataset", "experiment"):  # datasets/experiments may need files to run
                     validate(cfg)
                 composed += 1
+        for method in EQUAL_WIDTHS:
+            with pytest.raises(ConfigError, match=f"^loss.layers: teacher stage1 .* {method} needs equal teacher"):
+                validate(compose(config_name="train", overrides=[f"loss={method}"]))
     assert composed >= 10
 
 

@@ -3,7 +3,9 @@
 A scheme combines the building blocks of :class:`kdrun.train.Run` (``teacher()``,
 ``distil()``, ``ce_model()``; the services ``run.data`` and ``run.stages``) and returns
 its :class:`kdrun.train.Roles` (which model is the teacher, the student, the
-baseline) so the report knows which model plays which part.
+baseline) so the report knows which model plays which part. It also says which (teacher, student) model configs
+it distils with the configured KD method (``pairs``), so a method that cannot join them is refused before
+anything trains (:func:`kdrun.config.validate`).
 """
 
 from collections.abc import Callable
@@ -12,7 +14,25 @@ from typing import Any
 from kdrun.registry import Registry
 
 SCHEMES: Registry[Callable[[Any], Any]] = Registry("scheme", "scheme.name")  # fn(run: Run) -> Roles
-register_scheme = SCHEMES.register
+
+# (teacher's config key, teacher config, student's config key, student config) of one distillation
+Pair = tuple[str, Any, str, Any]
+
+
+def register_scheme(name: str, pairs: Callable[[Any], list[Pair]]):
+    """Register ``fn(run) -> Roles`` as scheme ``name``; ``pairs(cfg)``: the model pairs it distils (teacher ->
+    student) with the configured KD method, in the order it trains them."""
+
+    def deco(fn):
+        fn.pairs = pairs
+        return SCHEMES.register(name)(fn)
+
+    return deco
+
+
+def pairs_of(cfg) -> list[Pair]:
+    """The (teacher, student) model pairs ``cfg``'s scheme distils with its KD method."""
+    return SCHEMES.get(cfg.scheme.name, "scheme.name").pairs(cfg)  # type: ignore[attr-defined]
 
 
 def model_cfg(item, student):

@@ -11,11 +11,22 @@ its logits are cached or it runs online (feature methods, ``cache.enabled=false`
 """
 
 from kdrun.errors import ConfigError
-from kdrun.schemes import model_cfg, register_scheme
+from kdrun.schemes import Pair, model_cfg, register_scheme
 from kdrun.train import Roles
 
 
-@register_scheme("assistant")
+def chain(cfg) -> list[Pair]:
+    """teacher -> assistant1 -> ... -> student (and teacher -> student with ``scheme.direct``)."""
+    models = [("teacher", cfg.teacher)]
+    models += [
+        (f"scheme.assistants[{i}]", model_cfg(item, cfg.student)) for i, item in enumerate(cfg.scheme.assistants)
+    ]
+    models += [("student", cfg.student)]
+    links = [(*a, *b) for a, b in zip(models, models[1:])]
+    return links + ([("teacher", cfg.teacher, "student", cfg.student)] if cfg.scheme.direct else [])
+
+
+@register_scheme("assistant", pairs=chain)
 def assistant(run) -> Roles:
     names = list(run.cfg.scheme.assistants or [])
     if not names:

@@ -4,7 +4,7 @@ from kdrun.schemes import register_scheme
 from kdrun.train import Roles
 
 
-@register_scheme("offline")
+@register_scheme("offline", pairs=lambda cfg: [("teacher", cfg.teacher, "student", cfg.student)])
 def offline(run) -> Roles:
     """teacher (train or reuse) -> logit cache -> distilled student; plus the CE-only baseline."""
     teacher = run.teacher()

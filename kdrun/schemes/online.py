@@ -68,7 +68,7 @@ class MutualObjective:
         return terms
 
 
-@register_scheme("online")
+@register_scheme("online", pairs=lambda cfg: [])  # no KD method: the peers' own KL
 def online(run) -> Roles:
     sc, stages = run.cfg.scheme, run.stages
     items = list(sc.peers or [run.cfg.student.name, run.cfg.student.name])

@@ -15,7 +15,7 @@ from kdrun.schemes import register_scheme
 from kdrun.train import Roles
 
 
-@register_scheme("self")
+@register_scheme("self", pairs=lambda cfg: [("student", cfg.student, "student", cfg.student)])
 def self_distill(run) -> Roles:
     n = int(run.cfg.scheme.generations)
     if n < 2:
