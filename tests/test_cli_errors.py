@@ -104,6 +104,13 @@ import pytest
         ),
         (["loss=kd", "+loss.layers.teacher=[stage3]"], "loss.layers.teacher: loss 'kd' reads no teacher features"),
         (["scheme=online", "loss=dkd"], "loss=dkd: scheme=online trains its peers with deep mutual learning's own KL"),
+        # a method left with nothing to train: its term trains an init stage, the student stage is CE alone
+        (["loss=ab", "loss.ce_weight=0"], "loss.ce_weight=0.0: must be > 0: ab's student stage trains with CE alone"),
+        (
+            ["loss=fsp", "student=resnet8", "loss.init_epochs=0"],
+            "loss.init_epochs=0: must be an integer >= 1 (0 leaves",
+        ),
+        (["loss=ft", "loss.paraphraser_epochs=0"], "loss.paraphraser_epochs=0: must be an integer >= 1 (0 leaves the "),
         # a method that cannot join the scheme's models, before the teacher (or generation 1, or an assistant) trains
         (["loss=kdsvd"], "loss.layers: teacher stage1 [16,8,8] and student stage1 [8,8,8]: kdsvd needs equal teacher"),
         (["teacher=mbv2_tiny", "loss=ofd"], "loss.layers: ofd needs the teacher's pre-activation features but the "),

@@ -105,8 +105,8 @@ class FT(FeatureLoss):
         check(
             "paraphraser_epochs",
             paraphraser_epochs,
-            int(paraphraser_epochs) == paraphraser_epochs and paraphraser_epochs >= 0,
-            "an integer >= 0",
+            int(paraphraser_epochs) == paraphraser_epochs and paraphraser_epochs >= 1,
+            "an integer >= 1 (0 leaves the paraphraser untrained: its factors would be those of random weights)",
         )
         check("paraphraser_lr", paraphraser_lr, paraphraser_lr > 0, "a number > 0")
         self.k, self.paraphraser_epochs, self.paraphraser_lr = k, int(paraphraser_epochs), paraphraser_lr
