@@ -358,6 +358,11 @@ def expand_resume(args: list[str]) -> list[str]:
     if not dirs:
         return args
     run_dir = dirs[-1]
+    if any(a in ("-m", "--multirun") for a in args):  # a multirun ignores hydra.run.dir: it would start anew
+        raise ConfigError(
+            f"resume={run_dir}: continues one run; to continue a sweep, give its command again with -m and "
+            "hydra.sweep.dir=SWEEP_DIR (each job resumes in its own directory)"
+        )
     saved = os.path.join(run_dir, ".hydra", "overrides.yaml")
     if not os.path.isfile(saved):
         raise ConfigError(f"resume={run_dir}: not a kdrun run directory (no .hydra/overrides.yaml)")

@@ -62,6 +62,7 @@ import pytest
             "trainer.val_fraction=0: this sweeper maximises "
             "sweep.metric=student.val_top1, measured on a validation split",
         ),
+        (["-m", "resume=outputs/some_run", "loss.temperature=2,3"], "resume=outputs/some_run: continues one run; to "),
         (["scheme=online", "scheme.temperature=0"], "scheme.temperature=0: must be a number > 0"),
         (["scheme=self", "scheme.generations=1"], "scheme.generations=1: must be an integer >= 2"),
         (["scheme=online", "scheme.peers=[resnet8]"], "scheme.peers=['resnet8']: give two or more peer models"),
