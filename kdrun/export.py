@@ -195,12 +195,27 @@ def check_run(opts: ExportOptions) -> dict[str, str]:
             f"export {opts.run_dir}: no checkpoint in {os.path.join(opts.run_dir, 'checkpoints')} "
             f"(did the run finish a stage?)"
         )
-    missing = [m for m in opts.models if m not in have]
+    roles = _roles(opts.run_dir)  # a role names its model: scheme=online's student is a peer (peer1)
+    names = [m if m in have else roles.get(m, m) for m in opts.models]
+    missing = [m for m, name in zip(opts.models, names) if name not in have]
     if missing:
         raise ExportError(
             f"models={','.join(opts.models)}: no checkpoint for {missing[0]} in this run; valid: {', '.join(have)}"
         )
-    return {m: have[m] for m in opts.models}
+    for m, name in zip(opts.models, names):
+        if name != m:
+            log.info("export: models=%s: the run's %s is %s", m, m, name)
+    return {name: have[name] for name in dict.fromkeys(names)}
+
+
+def _roles(run_dir: str) -> dict[str, str]:
+    """``metrics.json``'s roles (role -> model name); none before the run finished."""
+    try:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            roles = json.load(f).get("roles", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in roles.items()} if isinstance(roles, dict) else {}
 
 
 # ---------------------------------------------------------------- data and models

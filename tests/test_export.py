@@ -309,6 +309,23 @@ def test_directory_without_checkpoints_is_refused(tmp_path):
     assert p.returncode == 2 and "not a kdrun run directory" in p.stderr
 
 
+def test_a_role_names_its_model_where_no_checkpoint_has_the_roles_name(tmp_path):
+    """scheme=online: the student is a peer (metrics.json roles.student = peer1), saved as checkpoints/peer1.pt:
+    the default models=student exports it; a name that is neither a checkpoint nor a role is refused."""
+    from kdrun.export import ExportError, ExportOptions, check_run
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("{}\n")
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("peer1", "peer2"):
+        (tmp_path / "checkpoints" / f"{name}.pt").write_bytes(b"")
+    (tmp_path / "metrics.json").write_text(json.dumps({"roles": {"student": "peer1"}}))
+    assert check_run(ExportOptions(str(tmp_path))) == {"peer1": str(tmp_path / "checkpoints" / "peer1.pt")}
+    assert list(check_run(ExportOptions(str(tmp_path), models=["student", "peer2"]))) == ["peer1", "peer2"]
+    with pytest.raises(ExportError, match="models=baseline: no checkpoint for baseline in this run; valid: peer1"):
+        check_run(ExportOptions(str(tmp_path), models=["baseline"]))
+
+
 def test_the_input_a_deployer_feeds_is_written_down_and_reproduces_the_runs_images(run_dir, exported):
     """export.json's ``input`` and the ONNX files' ``kdrun.input`` metadata say how to turn a raw image into the
     model's input; done by hand from scikit-learn's raw digits, it gives exactly the run's test images."""
