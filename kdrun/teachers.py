@@ -114,6 +114,11 @@ class TeacherSource:
                 "input), so trainer.teacher_epochs=0 would distil from an untrained classifier; give "
                 "trainer.teacher_epochs > 0 to fine-tune it"
             )
+        if not (tcfg.checkpoint or tcfg.get("weights") or tcfg.get("pretrained") or self.tr.teacher_epochs):
+            log.warning(
+                "teacher: trainer.teacher_epochs=0 and no teacher.checkpoint, weights or pretrained: the students "
+                "learn from an untrained teacher (random weights); fine for timing, meaningless for accuracy"
+            )
         run = stages.data_record(tcfg)  # classes, normalisation and data a teacher's checkpoint must agree with
         if tcfg.checkpoint:
             load_teacher(tcfg.checkpoint, model, ident, run=run)

@@ -111,6 +111,7 @@ def test_untrained_teacher_is_stored_and_reused(kdrun, tmp_path):
     p1 = kdrun("train", *args, f"hydra.run.dir={tmp_path / 'r1'}")
     assert p1.returncode == 0, p1.stderr[-2000:]
     assert "teacher: stored as" in p1.stderr
+    assert "the students learn from an untrained teacher (random weights)" in p1.stderr  # said, not refused
     p2 = kdrun("train", *args, f"hydra.run.dir={tmp_path / 'r2'}")
     assert p2.returncode == 0, p2.stderr[-2000:]
     assert "reused resnet8 from the store" in p2.stderr
