@@ -199,3 +199,37 @@ def test_schedule_out_of_range_is_refused(kdrun_here, tmp_path):
     p = kdrun_here("train", *FAST, "+loss.alpha={schedule:linear,start:0.5,end:1.5}", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2
     assert "loss.alpha: schedule reaches 1.5; must be a number in [0, 1]" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "scheme, overrides, unused",
+    [
+        ("online", [], None),
+        ("online", ["loss.temperature=8", "cache.topk=3"], "cache.topk=3, loss.temperature=8 not used"),
+        ("self", ["cache.topk=3"], None),  # the generations read the logit cache: used
+    ],
+)
+def test_a_scheme_says_which_settings_it_leaves_unused(caplog, scheme, overrides, unused):
+    """Neither scheme trains the configured teacher (said in the log); scheme=online's peers follow their own KL on
+    fresh views, so the KD method's values and the logit cache's are warned about when set, not silently dropped."""
+    import logging
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_module
+
+    from kdrun.schemes import note_unused
+
+    with initialize_config_module(config_module="kdrun.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"scheme={scheme}", *overrides])
+    with caplog.at_level(logging.INFO, logger="kdrun"):
+        note_unused(SimpleNamespace(cfg=cfg), scheme, peers=scheme == "online")
+    assert f"scheme={scheme} trains no teacher: teacher=resnet20 and trainer.teacher_epochs are not used" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == (
+        [
+            f"scheme=online: {unused} (the peers learn from each other on fresh views through their own "
+            "KL: scheme.temperature, scheme.kl_weight)"
+        ]
+        if unused
+        else []
+    )

@@ -50,4 +50,35 @@ def model_cfg(item, student):
     return OmegaConf.create({"name": None, "kwargs": {}, "pretrained": None, "source": "kdrun"} | fields)
 
 
+def note_unused(run, scheme: str, peers: bool = False) -> None:
+    """Say which settings a scheme that trains no teacher leaves unused: the teacher's (info: the default config
+    always names one) and, with ``peers`` (``scheme=online``: the peers train together on fresh views with their own
+    KL), the logit cache's set away from their defaults and the KD method's values that differ from its defaults
+    (a warning)."""
+    import inspect
+    import logging
+
+    from kdrun.config import loss_kwargs
+    from kdrun.losses import LOSSES
+    from kdrun.train import cache_choices
+
+    log = logging.getLogger("kdrun")
+    cfg = run.cfg
+    log.info(
+        "scheme=%s trains no teacher: teacher=%s and trainer.teacher_epochs are not used", scheme, cfg.teacher.name
+    )
+    if not peers:
+        return
+    defaults = inspect.signature(LOSSES.get(cfg.loss.name)).parameters
+    unused = [f"cache.{k}={v}" for k, v in cache_choices(cfg.cache).items()]
+    unused += [f"loss.{k}={v}" for k, v in loss_kwargs(cfg.loss).items() if k in defaults and v != defaults[k].default]
+    if unused:
+        log.warning(
+            "scheme=%s: %s not used (the peers learn from each other on fresh views through their own KL: "
+            "scheme.temperature, scheme.kl_weight)",
+            scheme,
+            ", ".join(unused),
+        )
+
+
 from kdrun.schemes import assistant, offline, online, self_distill  # noqa: E402,F401  (registers)

@@ -30,7 +30,7 @@ from kdrun.errors import ConfigError
 from kdrun.evaluation import accuracy, predict
 from kdrun.losses.base import sum_terms
 from kdrun.losses.kd import soft_kl
-from kdrun.schemes import model_cfg, register_scheme
+from kdrun.schemes import model_cfg, note_unused, register_scheme
 from kdrun.train import Roles
 from kdrun.weights import model_identity
 
@@ -71,6 +71,7 @@ class MutualObjective:
 @register_scheme("online", pairs=lambda cfg: [])  # no KD method: the peers' own KL
 def online(run) -> Roles:
     sc, stages = run.cfg.scheme, run.stages
+    note_unused(run, "online", peers=True)
     items = list(sc.peers or [run.cfg.student.name, run.cfg.student.name])
     if len(items) < 2:
         raise ConfigError(f"scheme.peers={items}: give two or more peer models")

@@ -11,7 +11,7 @@ configured ``teacher`` is not used.
 """
 
 from kdrun.errors import ConfigError
-from kdrun.schemes import register_scheme
+from kdrun.schemes import note_unused, register_scheme
 from kdrun.train import Roles
 
 
@@ -20,6 +20,7 @@ def self_distill(run) -> Roles:
     n = int(run.cfg.scheme.generations)
     if n < 2:
         raise ConfigError(f"scheme.generations={n}: must be an integer >= 2 (generation 1 is trained with CE)")
+    note_unused(run, "self")
     mcfg = run.cfg.student
     prev = run.ce_model("gen1", mcfg, views=run.distil_views())  # the baseline: the students' images and views
     for k in range(2, n + 1):
