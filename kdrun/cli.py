@@ -291,9 +291,29 @@ def check_resumable(cfg) -> None:
                     "start the run over"
                 )
             raise ConfigError(
-                f"hydra.run.dir={run_dir}: checkpoints/{name} was made by a different configuration; continue the "
-                f"run as it was (kdrun train resume={run_dir}) or give a new hydra.run.dir"
+                f"hydra.run.dir={run_dir}: checkpoints/{name} was made by a different configuration"
+                f"{_changes(cfg, run_dir)}; continue the run as it was (kdrun train resume={run_dir}) or give a new "
+                "hydra.run.dir"
             )
+
+
+def _changes(cfg, run_dir: str) -> str:
+    """`` (loss.temperature: 4.0 -> 8.0)``: what differs from the configuration the run saved (the first three);
+    ``""`` when it saved none, or nothing that a checkpoint keeps differs (another kdrun's defaults)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from kdrun.io import load_yaml
+    from kdrun.stages import resume_changes
+
+    try:
+        saved = load_yaml(os.path.join(run_dir, ".hydra", "config.yaml"))
+        changes = resume_changes(saved, OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    except Exception:  # noqa: BLE001 (no saved config, or one that no longer resolves: the message without it)
+        return ""
+    if not isinstance(saved, DictConfig) or not changes:
+        return ""
+    more = f", and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return f" ({'; '.join(changes[:3])}{more})"
 
 
 def _same_overrides(cfg, run_dir: str) -> bool:

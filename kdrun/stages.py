@@ -47,13 +47,32 @@ def resume_fingerprint(cfg: DictConfig, before_data_check: bool = False) -> str:
     """The key of the resolved config a stage's checkpoint must match to be resumed (see ``RESUME_IGNORED``),
     and of the :data:`RECIPE` that trains it. ``before_data_check``: the key as kdrun made it before checkpoints
     checked their data (:data:`RESUME_IGNORED_DATASET` still in it), which a checkpoint of such a run holds."""
+    return key_of({"recipe": RECIPE, "config": _resumed(cfg, before_data_check)})
+
+
+def _resumed(cfg: DictConfig, before_data_check: bool = False) -> dict:
+    """The part of the resolved config a stage's checkpoint must match (see ``RESUME_IGNORED``)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     kept = {k: v for k, v in resolved.items() if k not in RESUME_IGNORED}
     kept["trainer"] = {k: v for k, v in kept.get("trainer", {}).items() if k not in RESUME_IGNORED_TRAINER}
     if not before_data_check:
         kept["dataset"] = {k: v for k, v in kept.get("dataset", {}).items() if k not in RESUME_IGNORED_DATASET}
-    return key_of({"recipe": RECIPE, "config": kept})
+    return kept
+
+
+def resume_changes(before: DictConfig, now: DictConfig) -> list[str]:
+    """``key: old -> new`` for each value a resume would change (the keys ``RESUME_IGNORED`` leaves out never)."""
+
+    def flat(node, prefix: str = "") -> dict[str, object]:
+        if not isinstance(node, dict):
+            return {prefix[:-1]: node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(_resumed(before)), flat(_resumed(now))
+    return [
+        f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)
+    ]
 
 
 def resume_fingerprints(cfg: DictConfig) -> tuple[str, str]:

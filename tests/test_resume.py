@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -144,6 +145,7 @@ def test_refused_change_leaves_a_finished_run_intact(tmp_path):
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     p = run_kdrun("train", f"resume={run_dir}", "trainer.epochs=3")
     assert p.returncode == 2 and "checkpoints/baseline_last.pt was made by a different configuration" in p.stderr
+    assert re.search(r"configuration \(trainer\.epochs: \d+ -> 3\); continue the run as it was", p.stderr), p.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     # a rerun killed before it wrote its own metrics.json: the run is still complete, with the figures it had
     metrics = (run_dir / "metrics.json").read_bytes()
