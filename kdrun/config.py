@@ -136,6 +136,8 @@ def validate(cfg: DictConfig) -> None:
     _validate_models(cfg)
     _validate_method_fits(cfg)
     ckpt = cfg.teacher.get("checkpoint")
+    if ckpt and os.path.isdir(ckpt):
+        raise ConfigError(f"teacher.checkpoint={ckpt}: a directory; give the file, e.g. RUN_DIR/checkpoints/teacher.pt")
     if ckpt and not os.path.isfile(ckpt):
         raise ConfigError(
             f"teacher.checkpoint={ckpt}: file not found (give the path of a kdrun teacher "
@@ -369,6 +371,14 @@ def _validate_models(cfg: DictConfig) -> None:
         model = build_model(
             mcfg.name, int(d.num_classes), int(d.get("in_chans") or 3), int(d.image_size), key=f"{who}.name", **kwargs
         )
+        if (
+            mcfg.get("pretrained")
+            and os.path.isfile(mcfg.pretrained)
+            and not (who == "teacher" and cfg.teacher.checkpoint)
+        ):
+            from kdrun.weights import load_pretrained
+
+            load_pretrained(mcfg.pretrained, model, f"{who}.pretrained={mcfg.pretrained}")  # as the stage will
         names = layers.get(who) or []
         for i, name in enumerate([names] if isinstance(names, str) else list(names)):
             try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
+import zipfile
 from contextlib import nullcontext
 
 import torch
@@ -234,11 +236,14 @@ def load_pretrained(path: str, model: nn.Module, what: str) -> None:
     if allowed is None:
         torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        with allowed([argparse.Namespace]) if allowed is not None else nullcontext():
+        # torch warns before it refuses some files (a plain pickle's protocol): the one line below says it all
+        with allowed([argparse.Namespace]) if allowed is not None else nullcontext(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (truncated, not torch, or a pickle with more than weights)
+        why = type(e).__name__ if zipfile.is_zipfile(path) else "not a file torch.save wrote: no zip archive"
         raise ConfigError(
-            f"{what}: not a loadable state_dict ({type(e).__name__}; only tensors and plain values are read, never "
+            f"{what}: not a loadable state_dict ({why}; only tensors and plain values are read, never "
             "code: a checkpoint holding other objects, e.g. a config's, loads once its weights are saved alone, "
             "torch.save(net.state_dict(), PATH))"
         ) from None
