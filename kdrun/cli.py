@@ -267,6 +267,7 @@ def check_resumable(cfg) -> None:
     that did not make it."""
     from omegaconf import OmegaConf
 
+    from kdrun import runlock
     from kdrun.errors import ConfigError
     from kdrun.io import load_checkpoint
     from kdrun.stages import resume_fingerprints
@@ -275,6 +276,7 @@ def check_resumable(cfg) -> None:
         run_dir = str(cfg.hydra.run.dir)
     except Exception:  # interpolations that need a running job: a fresh directory
         return
+    runlock.check_free(run_dir)  # before Hydra rewrites .hydra/ of a run at work there
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     lasts = sorted(f for f in os.listdir(ckpt_dir) if f.endswith("_last.pt")) if os.path.isdir(ckpt_dir) else []
     if not lasts:

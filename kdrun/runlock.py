@@ -10,7 +10,9 @@ and removes the file when it ends, complete or failed. So:
   machine went down): the operating system released its lock. ``kdrun report`` lists it as ``killed`` instead
   of ``running`` (:func:`state`), and ``kdrun train resume=DIR`` continues it from its last checkpoint.
 
-On a file system without locks (some network mounts) the run goes on unguarded and reports say ``running``.
+On a file system without locks the run goes on unguarded (a warning says so). A network mount may keep each
+host's locks to itself: there two hosts could both take the lock, and a report on another host than the one the
+file names says it cannot tell (``incomplete``) rather than ``killed``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import shlex
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from kdrun.errors import ConfigError
 
@@ -64,6 +66,14 @@ def held(run_dir: str) -> Iterator[None]:
         os.close(fd)
 
 
+def hold_for_group(stack: ExitStack, run_dir: str) -> None:
+    """Rank 0 takes ``run_dir``'s lock into ``stack`` (held until the stack closes); every data-parallel worker
+    raises :class:`RunInProgress` when it could not, so none goes on alone into another run's directory."""
+    from kdrun import distributed
+
+    distributed.shared(lambda: stack.enter_context(held(run_dir)))
+
+
 def _lock(path: str) -> int:
     """A descriptor of the file now at ``path`` holding its lock (not one its last holder removed meanwhile)."""
     holder = "another process"
@@ -87,15 +97,36 @@ def _lock(path: str) -> int:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or holder
         os.close(fd)
         time.sleep(0.05 * (attempt + 1))
-    raise RunInProgress(
-        f"{os.path.dirname(path)}: a run is at work in this directory ({holder}); wait for it to end, or stop it "
-        f"(kdrun train resume={shlex.quote(os.path.dirname(path))} then continues it from its checkpoints)"
+    raise _in_progress(os.path.dirname(path), holder)
+
+
+def _in_progress(run_dir: str, holder: str) -> RunInProgress:
+    return RunInProgress(
+        f"{run_dir}: a run is at work in this directory ({holder}); wait for it to end, or stop it "
+        f"(kdrun train resume={shlex.quote(run_dir)} then continues it from its checkpoints)"
     )
+
+
+def holder(run_dir: str) -> str:
+    """What the lock file says of the process that took it (``process 12 on host, since ...``), or ``""``."""
+    try:
+        with open(os.path.join(run_dir, FILE), errors="replace") as f:
+            return f.read(200).strip()
+    except OSError:
+        return ""
+
+
+def check_free(run_dir: str) -> None:
+    """:class:`RunInProgress` when a process is at work in ``run_dir`` (before anything is written there)."""
+    if state(run_dir) == "running":
+        raise _in_progress(run_dir, holder(run_dir) or "another process")
 
 
 def state(run_dir: str) -> str | None:
     """``"running"`` while a process holds ``run_dir``'s lock, ``"killed"`` when its file is left and nobody holds it
-    (the run died without removing it), None without the file (no run there, or one of a kdrun before this file)."""
+    (the run died without removing it), ``"elsewhere"`` when nobody here holds it but it names another host (a
+    network mount may keep locks to each host: that host alone can tell), None without the file (no run there, or
+    one of a kdrun before this file)."""
     path = os.path.join(run_dir, FILE)
     fd = None
     for flags in (os.O_RDWR, os.O_RDONLY):  # an exclusive lock over NFS needs a descriptor open for writing
@@ -112,7 +143,8 @@ def state(run_dir: str) -> str | None:
         if not _try_lock(fd):
             return "running"
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return "killed"
+        host = os.pread(fd, 200, 0).decode(errors="replace").partition(" on ")[2].partition(",")[0]
+        return "killed" if host in ("", socket.gethostname()) else "elsewhere"
     except OSError:  # no locks here: cannot tell
         return "running"
     finally:

@@ -279,6 +279,8 @@ def _unfinished(run_dir: str) -> tuple[str, str]:
     if state == "killed":
         why = "ended without a word (SIGKILL, out of memory, its machine went down)"
         return "killed", f"{why}; kdrun train resume={shlex.quote(run_dir)} continues it"
+    if state == "elsewhere":
+        return "incomplete", f"no metrics.json; {runlock.holder(run_dir)}: running there, or killed (only it can tell)"
     return "incomplete", "no metrics.json and no FAILED note: running, or killed, under a kdrun that kept no record"
 
 

@@ -43,8 +43,7 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
         validate(cfg)
         devices = int(cfg.trainer.get("devices", 1))
         joined = distributed.init_from_env(cfg.trainer.device)  # started by torchrun: this process is one worker
-        if distributed.is_main():
-            held.enter_context(runlock.held(run_dir))
+        runlock.hold_for_group(held, run_dir)  # rank 0 takes it; with torchrun's workers each hears whether it could
         # a rerun in the same directory resumes. A finished run's metrics.json stays until the rerun writes its own
         # over it (a rerun killed meanwhile leaves the run as complete as it was), or fails (then it goes, with a
         # FAILED note)

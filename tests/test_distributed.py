@@ -798,3 +798,35 @@ def test_an_image_one_worker_cannot_decode_ends_the_fill_pass_of_every_worker_an
     assert outcomes[0].startswith(f"raised UnreadableImage {files[3]}: not a readable image (")
     cache = LogitCache.attach(str(tmp_path / "t.kdlc"), CacheShape(12, 0, 3, None), "k")
     assert cache.missing().tolist() == [2, 3, 6, 7, 10, 11]  # rank 0's rows all filled; rank 1's none
+
+
+def _run_lock_worker(rank, world, port, run_dir, out_dir):
+    import contextlib
+
+    from kdrun import runlock
+
+    _join_briefly(rank, world, port)
+    with contextlib.ExitStack() as stack:
+        _outcome(out_dir, rank, lambda: runlock.hold_for_group(stack, run_dir))
+        open(os.path.join(out_dir, f"state{rank}"), "w").write(str(runlock.state(run_dir)))
+        dist.barrier()  # rank 0 lets go once both have looked
+    _leave()
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_every_worker_hears_whether_rank_0_took_the_run_directory(tmp_path, busy):
+    """torchrun's workers of a run started in a directory another run is at work in: every one refuses (the others
+    used to go on alone, fail in their next collective and mark the live run FAILED); free, rank 0 holds it."""
+    import contextlib
+
+    from kdrun import runlock
+
+    run_dir = str(tmp_path / "run")
+    with runlock.held(run_dir) if busy else contextlib.nullcontext():
+        mp.spawn(_run_lock_worker, args=(2, _port(), run_dir, str(tmp_path)), nprocs=2)
+    if busy:
+        assert all(o.startswith(f"raised RunInProgress {run_dir}: a run is at work") for o in _outcomes(str(tmp_path)))
+    else:
+        assert _outcomes(str(tmp_path)) == ["returned None"] * 2
+        assert [(tmp_path / f"state{r}").read_text() for r in (0, 1)] == ["running"] * 2
+    assert runlock.state(run_dir) is None and not os.path.exists(os.path.join(run_dir, "FAILED"))

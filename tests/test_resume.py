@@ -130,7 +130,8 @@ def test_checkpoint_of_another_config_is_refused(kdrun, tmp_path, uninterrupted)
     assert p.returncode == 2
     assert p.stderr.strip() == (
         f"kdrun: error: hydra.run.dir={run_dir}: checkpoints/teacher_last.pt was made by a different "
-        f"configuration; continue the run as it was (kdrun train resume={run_dir}) or give a new hydra.run.dir"
+        f"configuration (optim.lr: 0.05 -> 0.2); continue the run as it was (kdrun train resume={run_dir}) or give a "
+        "new hydra.run.dir"
     )
     assert (run_dir / ".hydra" / "overrides.yaml").read_text() == saved  # refused before Hydra rewrote it
 
@@ -167,10 +168,14 @@ def test_a_second_run_in_a_directory_at_work_is_refused_changing_nothing(tmp_pat
     with runlock.held(str(run_dir)):
         assert runlock.state(str(run_dir)) == "running"
         before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-        p = run_kdrun("train", f"resume={run_dir}")
-        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert f"kdrun: error: {run_dir}: a run is at work in this directory (process {os.getpid()} on " in p.stderr
+        for args in ([f"resume={run_dir}"], ["trainer=smoke", "loss.temperature=8", f"hydra.run.dir={run_dir}"]):
+            p = run_kdrun("train", *args)  # also another run's overrides: refused before Hydra rewrites .hydra/
+            assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+            assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+            assert p.stderr.startswith(f"kdrun: error: {run_dir}: a run is at work in this directory (process "), (
+                p.stderr
+            )
+            assert f"(process {os.getpid()} on " in p.stderr and p.stderr.count("\n") == 1
     assert not (run_dir / runlock.FILE).exists() and not (run_dir / "FAILED").exists()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 
 import pytest
 import yaml
@@ -324,8 +325,12 @@ def test_failed_running_and_unreadable_runs_listed_not_plotted(tmp_path, monkeyp
     stop = "student: stopped by SIGTERM at epoch 1, step 3; checkpoint saved, rerun the same command to resume"
     make_run(tmp_path, "5", ["loss.temperature=64"], failed=stop)
     killed = make_run(tmp_path, "6", ["loss.temperature=128"])
-    open(os.path.join(killed, runlock.FILE), "w").close()  # what a SIGKILLed run leaves: its lock file, held by nobody
+    with open(os.path.join(killed, runlock.FILE), "w") as f:  # what a SIGKILLed run leaves: its lock file, unheld
+        f.write(f"process 12 on {socket.gethostname()}, since Sun Nov 29 10:00:00 2026")
     make_run(tmp_path, "7", ["loss.temperature=256"])  # a kdrun that kept no record of its runs at work
+    elsewhere = make_run(tmp_path, "8", ["loss.temperature=512"])  # another host's lock this host cannot see
+    with open(os.path.join(elsewhere, runlock.FILE), "w") as f:
+        f.write("process 12 on node-b7, since Sun Nov 29 10:00:00 2026")
     plotted = []
     original = sweep_plots.plot_accuracy_vs
     monkeypatch.setattr(sweep_plots, "plot_accuracy_vs", lambda runs, *a: plotted.extend(runs) or original(runs, *a))
@@ -341,13 +346,16 @@ def test_failed_running_and_unreadable_runs_listed_not_plotted(tmp_path, monkeyp
         ("5", "stopped"),  # preempted, checkpoint saved: not a failure, the same command continues it
         ("6", "killed"),  # its lock file left, held by nobody
         ("7", "incomplete"),
+        ("8", "incomplete"),
     ]
+    holder = "process 12 on node-b7, since Sun Nov 29 10:00:00 2026"
+    assert rows[8]["note"] == f"no metrics.json; {holder}: running there, or killed (only it can tell)"
     assert f"kdrun train resume={tmp_path / '6'} continues it" in rows[6]["note"]
     assert rows[2]["note"] == "RuntimeError: out of memory" and rows[2]["student_top1"] == ""
     assert sorted(r.name for r in plotted) == ["0", "1"]
     md = (tmp_path / "report.md").read_text()
     assert "`2`: failed: RuntimeError: out of memory" in md and "`3`: running" in md and "`4`: unreadable" in md
-    assert "8 runs: 2 complete, 1 failed, 1 incomplete, 1 killed, 1 running, 1 stopped, 1 unreadable" in md
+    assert "9 runs: 2 complete, 1 failed, 2 incomplete, 1 killed, 1 running, 1 stopped, 1 unreadable" in md
     assert f"`5`: stopped: {stop}" in md
 
 
