@@ -305,6 +305,11 @@ def _validate_loss_builds(cfg: DictConfig) -> None:
             f"loss.layers.teacher: loss '{name}' reads no teacher features (its class has needs_teacher_features "
             "= False); drop the key, or set needs_teacher_features = True in the method"
         )
+    if not method.trains_student and method.ce_weight == 0:
+        raise ConfigError(
+            f"loss.ce_weight=0: loss '{name}' trains the student with CE alone after its own stage (its terms train "
+            "only that stage), so the student stage would have no loss; give loss.ce_weight > 0"
+        )
     if isinstance(method, FeatureLoss) and (method.teacher_layers or method.student_layers):
         method.check_pairs()  # the pairs the config names, before the teacher trains
     if cfg.scheme.name == "online" and name != "kd":

@@ -106,7 +106,11 @@ import pytest
         (["loss=kd", "+loss.layers.teacher=[stage3]"], "loss.layers.teacher: loss 'kd' reads no teacher features"),
         (["scheme=online", "loss=dkd"], "loss=dkd: scheme=online trains its peers with deep mutual learning's own KL"),
         # a method left with nothing to train: its term trains an init stage, the student stage is CE alone
-        (["loss=ab", "loss.ce_weight=0"], "loss.ce_weight=0.0: must be > 0: ab's student stage trains with CE alone"),
+        (["loss=ab", "loss.ce_weight=0"], "loss.ce_weight=0: loss 'ab' trains the student with CE alone after its "),
+        (
+            ["loss=combo", "~loss.terms", "+loss.terms={fsp: {init_epochs: 1}}", "loss.ce_weight=0", "student=resnet8"],
+            "loss.ce_weight=0: loss 'combo' trains the student with CE alone after its own stage",
+        ),
         (
             ["loss=fsp", "student=resnet8", "loss.init_epochs=0"],
             "loss.init_epochs=0: must be an integer >= 1 (0 leaves",

@@ -68,6 +68,9 @@ class DistillLoss(nn.Module):
 
     term: str  # the key of its loss term in the logs (``register``: the method's name unless the class sets one)
     needs_teacher_features: bool = False
+    # False: its terms train only a stage before the student's (AB's, FSP's initialisation), whose loss is then
+    # loss.ce_weight's CE alone: a ce_weight of 0 is refused (the stage would have nothing to minimise)
+    trains_student: bool = True
     # key -> (predicate, what is valid): ranges of this method's config values that ``kdrun.config``
     # checks before anything runs, schedules included (e.g. KD's alpha in [0, 1]; DKD's alpha may exceed 1)
     value_rules: ClassVar[dict] = {}

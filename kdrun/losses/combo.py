@@ -83,6 +83,7 @@ class Combo(DistillLoss):
             with _term_keys(name):
                 self.terms[name] = cls(**kwargs)
         self.needs_teacher_features = any(m.needs_teacher_features for m in self.terms.values())
+        self.trains_student = any(m.trains_student for m in self.terms.values())
 
     @staticmethod
     def _valid() -> list[str]:

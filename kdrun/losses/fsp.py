@@ -48,14 +48,14 @@ def fsp_matrices(feats: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @register_loss("fsp")
 class FSP(FeatureLoss):
+    trains_student = False  # the student stage is CE alone; this method's term trains its init stage
     min_pairs = 2
 
     def __init__(self, init_epochs: int = 30, init_lr: float | None = None, **kw):
         super().__init__(**kw)
-        # its term trains the student before the student stage, which is CE alone: without either, it is the baseline
+        # its term trains the student before the student stage, which is CE alone: without it, it is the baseline
         once = "an integer >= 1 (0 leaves the student stage CE alone: the baseline)"
         check("init_epochs", init_epochs, int(init_epochs) == init_epochs and init_epochs >= 1, once)
-        check("ce_weight", self.ce_weight, self.ce_weight > 0, "> 0: fsp's student stage trains with CE alone")
         check("init_lr", init_lr, init_lr is None or init_lr > 0, "a number > 0 (or null: optim.lr)")
         self.init_epochs, self.init_lr = int(init_epochs), init_lr
 
