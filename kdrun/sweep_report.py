@@ -260,8 +260,8 @@ def load_run(run_dir: str, root: str) -> Run:
         run.status, run.scores, run.note = "complete", scores_of(metrics), ""
         data = metrics.get("dataset")
         data = data if isinstance(data, dict) else {}
-        if data.get("content") or data.get("identity"):  # identity: a kdrun before the content key
-            run.composed[DATA_KEY] = str(data.get("content") or data.get("identity"))
+        if data.get("content"):  # not the identity of earlier kdruns: it held file times, which a copy changes
+            run.composed[DATA_KEY] = str(data["content"])
     elif os.path.isfile(failed_path):
         run.note = first_line(failed_path)
         # stopped by SIGTERM/SIGINT (preemption, Ctrl-C) with its checkpoint saved: the same command continues it
@@ -393,9 +393,8 @@ def swept_keys(runs: list[Run]) -> list[str]:
         groups.setdefault(setting_of(run, together), []).append(run)
     for key in hidden:
         for members in groups.values():
-            values = {r.value(key) for r in members}
-            if key == DATA_KEY:
-                values.discard("-")  # only complete runs record their data
+            # a key some run lacks ("-") splits nothing: a key a later kdrun added, data only complete runs record
+            values = {r.value(key) for r in members} - {"-"}
             if len(values) > 1:
                 swept.append(key)
                 break
