@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import distributed, loggers, predictions, report, schedules
-from kdrun.config import loss_kwargs
+from kdrun.config import check_method_fits, loss_kwargs
 from kdrun.distill import Distill, probe_shapes
 from kdrun.engine import cross_entropy
 from kdrun.logit_caches import LogitCaches
@@ -213,6 +213,9 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
 
     t_start = time.perf_counter()
     r = Run(cfg, run_dir)
+    if cfg.dataset.get("num_classes") is None or not cfg.dataset.get("image_size"):  # validate() could not yet
+        data = r.data.data
+        check_method_fits(cfg, data.num_classes, data.in_chans, data.image_size)
     stages = r.stages
     # experiment trackers (logger=[...]), closed (marked failed on an error) when the block ends
     with loggers.build(cfg, run_dir) if distributed.is_main() else loggers.Loggers() as stages.logger:

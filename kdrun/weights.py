@@ -241,7 +241,7 @@ def load_pretrained(path: str, model: nn.Module, what: str) -> None:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (truncated, not torch, or a pickle with more than weights)
-        why = type(e).__name__ if zipfile.is_zipfile(path) else "not a file torch.save wrote: no zip archive"
+        why = type(e).__name__ if zipfile.is_zipfile(path) else "not the zip archive torch.save writes"
         raise ConfigError(
             f"{what}: not a loadable state_dict ({why}; only tensors and plain values are read, never "
             "code: a checkpoint holding other objects, e.g. a config's, loads once its weights are saved alone, "

@@ -353,3 +353,31 @@ def test_store_gc_on_a_store_it_cannot_write_is_one_line(kdrun_here, tmp_path, m
         f"kdrun: error: dir={store}: {store} is not writable, and gc takes each entry's lock file, also with "
         "dry_run=true; run it as a user (or on a mount) that can write to the store"
     )
+
+
+def test_a_method_that_cannot_join_models_sized_by_the_data_is_refused_before_the_teacher_trains(kdrun, tmp_path):
+    """An image folder whose class count the config leaves to the data (dataset.num_classes=null): the pair is
+    checked once the data is read, still before any stage (no checkpoint, no teacher trained), with one line."""
+    from tests.test_data_init import image_folder
+
+    root = image_folder(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    p = kdrun(
+        "train",
+        "trainer=smoke",
+        "dataset=imagefolder",
+        f"dataset.root={root}",
+        "dataset.image_size=16",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        "loss=kdsvd",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert (
+        p.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "kdrun: error: loss.layers: teacher stage1 [16,16,16] and student stage1 [8,16,16]: kdsvd needs equal"
+        )
+    ), p.stderr[-2000:]
+    assert "teacher epoch" not in p.stderr and not list((run_dir / "checkpoints").glob("*.pt"))

@@ -546,8 +546,8 @@ def test_pretrained_that_is_not_a_state_dict_exit_2_one_line(kdrun, tmp_path):
     plain.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     for bad, why in (
         (path, "not a loadable state_dict (UnpicklingError"),
-        (str(text), "not a loadable state_dict (not a file torch.save wrote: no zip archive; "),
-        (str(plain), "not a loadable state_dict (not a file torch.save wrote: no zip archive; "),
+        (str(text), "not a loadable state_dict (not the zip archive torch.save writes; "),
+        (str(plain), "not a loadable state_dict (not the zip archive torch.save writes; "),
     ):
         p = kdrun(
             "train",

@@ -58,10 +58,13 @@ def note_unused(run, scheme: str, peers: bool = False) -> None:
     import inspect
     import logging
 
+    from kdrun import distributed
     from kdrun.config import loss_kwargs
     from kdrun.losses import LOSSES
     from kdrun.train import cache_choices
 
+    if not distributed.is_main():  # said once, not by every data-parallel worker
+        return
     log = logging.getLogger("kdrun")
     cfg = run.cfg
     log.info(
