@@ -572,10 +572,25 @@ def export_model(
 # ---------------------------------------------------------------- export.json and its table
 
 
+def _check_installed(opts: ExportOptions) -> None:
+    """ExportError naming the missing package (and the extra that brings it) before any work: ONNX export needs
+    onnx (and onnxscript on newer torch), parity and int8 need onnxruntime."""
+    from importlib.util import find_spec
+
+    needed = ["onnx", "onnxscript", "onnxruntime"] if opts.format == "onnx" else []
+    missing = [pkg for pkg in needed if find_spec(pkg) is None]
+    if missing:
+        raise ExportError(
+            f"format={opts.format}: needs {', '.join(missing)}, not installed here; pip install 'kdrun[export]' "
+            "(from a checkout: pip install -e '.[export]'), or format=torchscript"
+        )
+
+
 def run_export(opts: ExportOptions) -> dict:
     """Export every requested model; returns the ``export.json`` content (written last)."""
 
     ckpts = check_run(opts)
+    _check_installed(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     cfg = read_config(opts.run_dir)

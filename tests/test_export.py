@@ -472,3 +472,17 @@ def test_the_table_says_when_its_timing_was_disturbed(run_dir, exported):
     tail = export_table(doc).splitlines()[-1]
     assert tail.endswith("; timed on busy cores: medians up to 7.0x the best: compare the best calls")
     assert BUSY_SPREAD < 7
+
+
+def test_a_missing_export_package_is_one_line_naming_the_extra(run_dir, kdrun_here, monkeypatch):
+    """Without onnx (kdrun installed without its export extra), `kdrun export` used to end in torch's traceback."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    p = kdrun_here("export", str(run_dir))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == (
+        "kdrun: error: format=onnx: needs onnx, not installed here; pip install 'kdrun[export]' (from a checkout: "
+        "pip install -e '.[export]'), or format=torchscript"
+    )
