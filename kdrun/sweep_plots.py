@@ -261,7 +261,8 @@ def plot_curves(run: Run, swept: list[str], out_dir: str, ranked_by: str) -> str
         f"{figure})",
         fontsize=10,
     )
-    return _save(fig, out_dir, "curves_best.png")
+    # "best" only where a validation split ranked the runs; by test top-1 the first run is an order, not a choice
+    return _save(fig, out_dir, "curves_best.png" if ranked_by == "student_val_top1" else "curves_first.png")
 
 
 def _save(fig, out_dir: str, name: str) -> str:

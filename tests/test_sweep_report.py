@@ -378,7 +378,7 @@ def test_plots_written_as_png(tmp_path):
         "student_vs_loss_temperature.png",
         "student_vs_loss_alpha.png",
         "heatmap_loss_temperature_x_loss_alpha.png",
-        "curves_best.png",
+        "curves_first.png",  # ranked by test top-1 (no validation split): an order, not a choice
     } <= names
     assert "student_vs_trainer_seed.png" not in names
     for p in paths:
@@ -436,7 +436,7 @@ def test_one_failing_plot_does_not_stop_the_report(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep_plots, "plot_heatmap", broken)
     paths = write_report(tmp_path)
-    assert any(p.endswith("curves_best.png") for p in paths)
+    assert any(p.endswith("curves_first.png") for p in paths)
     assert "heat map: ValueError: no colours left" in (tmp_path / "report.md").read_text()
 
 
@@ -450,8 +450,8 @@ def test_tree_of_sweeps_and_single_run(tmp_path):
     single = str(tmp_path / "sweepA" / "1")
     paths = write_report(single)
     assert read_csv(os.path.join(single, "report.csv"))[0]["run"] == "."
-    assert_png(os.path.join(single, "curves_best.png"))
-    assert paths == [os.path.join(single, n) for n in ("report.md", "report.csv", "curves_best.png")]
+    assert_png(os.path.join(single, "curves_first.png"))
+    assert paths == [os.path.join(single, n) for n in ("report.md", "report.csv", "curves_first.png")]
 
 
 # ---------------------------------------------------------------- kdrun report
@@ -676,6 +676,14 @@ def test_the_best_is_chosen_on_half_the_validation_images_and_judged_on_the_othe
 def with_val(test: float, val: float) -> dict:
     """fake_metrics with the student's last-epoch validation top-1 (a run with a validation split)."""
     return fake_metrics(test) | {"stages": {"student": {"final_val_top1": val}}}
+
+
+def test_the_curves_file_says_best_only_where_validation_ranked_the_runs(tmp_path):
+    make_run(tmp_path / "val", "0", ["loss.temperature=1"], with_val(90.0, 70.0))
+    make_run(tmp_path / "val", "1", ["loss.temperature=4"], with_val(80.0, 75.0))
+    assert "curves_best.png" in {os.path.basename(p) for p in write_report(tmp_path / "val")}
+    make_run(tmp_path / "test", "0", ["loss.temperature=1"], fake_metrics(90.0))
+    assert "curves_first.png" in {os.path.basename(p) for p in write_report(tmp_path / "test")}
 
 
 def test_runs_are_ranked_on_validation_and_test_never_names_a_best(tmp_path, monkeypatch, capsys):
