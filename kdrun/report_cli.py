@@ -64,6 +64,9 @@ def report_main(args: list[str]) -> int:
     order = "best" if rep.ranked_by == "student_val_top1" else "top"
     print(f"{len(rep.rows)} runs under {opts['dir']} ({order} {shown} by {RANKED_BY[rep.ranked_by]}):")
     print(text_table(rep.rows, columns, limit=opts["top"]))
+    for row in rep.rows[: opts["top"]]:  # what the table cannot say: the best's choice, a failure, a stop
+        if row.get("note"):
+            print(f"  {row['run']}: {row['note']}")
     if rep.groups:
         from kdrun.sweep_report import interval, pm
 

@@ -474,6 +474,9 @@ def test_report_command_prints_table_and_paths(tmp_path, capsys):
     assert "80.00" in text and "70.00" not in text  # --top 1
     assert str(out / "report.md") in text
     assert (out / "report.csv").is_file() and not (tmp_path / "runs" / "report.md").exists()
+    make_run(tmp_path / "runs", "2", ["loss.temperature=8"], failed="RuntimeError: out of memory")
+    assert report_main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert "\n  2: RuntimeError: out of memory\n" in capsys.readouterr().out  # a row's note, under the table
 
 
 @pytest.mark.parametrize(
