@@ -65,6 +65,11 @@ def split_validation(
         return train, None
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7))
     n_val = max(1, int(round(len(train) * fraction)))
+    if n_val >= len(train):
+        raise ConfigError(
+            f"trainer.val_fraction={fraction}: holds out all {len(train)} training images, leaving none to train on; "
+            "give a smaller fraction (or 0)"
+        )
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
 
 
@@ -102,6 +107,11 @@ def transfer_subset(
         members = (labels == c).nonzero().flatten()
         n = max(1, int(round(len(members) * fraction)))
         keep.append(members[torch.randperm(len(members), generator=gen)[:n]])
+    if not keep:  # every class the training split holds is excluded (the validation split took the others)
+        raise ConfigError(
+            f"dataset.student_exclude={list(exclude)}: leaves the student stages no image: the training split holds "
+            "only those classes (the validation split, trainer.val_fraction, may have taken the others)"
+        )
     return train.subset(torch.cat(keep).sort().values)
 
 

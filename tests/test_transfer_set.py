@@ -81,3 +81,18 @@ def test_bad_transfer_set_or_bias_is_one_line_exit_2(kdrun_here, override, messa
     p = kdrun_here("train", override, f"hydra.run.dir={tmp_path / 'run'}")
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_one_line_before_any_stage():
+    """A validation fraction that takes every training image of a small folder, or a transfer set whose classes are
+    all excluded: the teacher used to train on nothing (and be stored), then the run ended in a traceback."""
+    from kdrun.errors import ConfigError
+    from kdrun.run_data import split_validation
+
+    four = ImageSet(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ConfigError, match=r"^trainer.val_fraction=0.9: holds out all 4 training images, leaving none"):
+        split_validation(four, 0.9, seed=0)
+    train, val = split_validation(four, 0.5, seed=0)
+    assert len(train) == len(val) == 2
+    with pytest.raises(ConfigError, match=r"^dataset.student_exclude=\[0, 1\]: leaves the student stages no image"):
+        transfer_subset(four, 0.5, seed=0, exclude=[0, 1])
