@@ -236,4 +236,7 @@ class StageRunner:
             "normalize": [[float(v) for v in d.mean], [float(v) for v in d.std]],
             "data": self.data.data.identity,
             "data_content": self.data.data.content_key(),
+            # which training images the validation split held out (none at 0): a teacher reused by a run with
+            # another split has trained on some of that run's validation images
+            "validation": {"fraction": float(self.tr.val_fraction), "seed": int(self.tr.seed)},
         }

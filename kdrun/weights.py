@@ -96,6 +96,24 @@ def _check_input(ckpt: dict, run: dict, what: str) -> None:
             f"{what}: was trained on images normalised with dataset.mean={mean} dataset.std={std}, but this run "
             f"has dataset.mean={our_mean} dataset.std={our_std}; give the teacher's (the student may use them too)"
         )
+    ours = run.get("validation") or {}
+    if ours.get("fraction") and ckpt.get("validation") != ours:
+        split = ckpt.get("validation")
+        trained = (
+            "on all the training images"
+            if split and not split["fraction"]
+            else f"with another validation split ({split})"
+            if split
+            else "before checkpoints recorded their validation split"
+        )
+        log.warning(
+            "%s: trained %s, so it has seen some of this run's validation images (trainer.val_fraction=%g, "
+            "trainer.seed=%d): validation figures of the teacher, and choices made with it, are optimistic",
+            what,
+            trained,
+            ours["fraction"],
+            ours["seed"],
+        )
     # what the data is (a copy elsewhere is the same data); a checkpoint from before it was recorded: the files' key
     field = "data_content" if "data_content" in ckpt and "data_content" in run else "data"
     if field in ckpt and ckpt[field] != run[field]:

@@ -237,6 +237,22 @@ def test_teacher_checkpoint_of_other_classes_or_normalisation_is_refused_and_oth
     assert "trained on other data (imagefolder-c1) than this run's (imagefolder-c2)" in caplog.text
     atomic_save({"identity": ident, "model": model.state_dict()}, path)  # recorded nothing of its input: loads
     load_teacher(path, model, ident, run=run | {"classes": ["x", "y", "z"], "normalize": [[0.1], [0.1]]})
+    # a run with a validation split: a teacher trained on other training images has seen some of its validation set
+    held_out = {"validation": {"fraction": 0.1, "seed": 0}}
+    for recorded, said in (
+        ({"fraction": 0.0, "seed": 0}, "trained on all the training images"),
+        ({"fraction": 0.1, "seed": 1}, "trained with another validation split ({'fraction': 0.1, 'seed': 1})"),
+        (None, "trained before checkpoints recorded their validation split"),
+        ({"fraction": 0.1, "seed": 0}, None),  # the same split: its validation images were held out of it too
+    ):
+        extra = {"validation": recorded} if recorded else {}
+        atomic_save({"identity": ident, "model": model.state_dict(), **run, **extra}, path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kdrun"):
+            load_teacher(path, model, ident, run=run | held_out)
+            load_teacher(path, model, ident, run=run | {"validation": {"fraction": 0.0, "seed": 0}})  # none: silent
+        warned = f"{said}, so it has seen some of this run's validation images (trainer.val_fraction=0.1, trainer.seed"
+        assert caplog.text.count("validation images") == (1 if said else 0) and (not said or warned in caplog.text)
 
 
 def test_streamed_image_folder_runs_end_to_end(tmp_path):
