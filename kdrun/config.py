@@ -432,11 +432,10 @@ def check_method_fits(cfg: DictConfig, num_classes: int, chans: int, size: int) 
                     )
                 t_shapes = probe_shapes(t_net, method.teacher_layers, x)
                 method.build(t_shapes, probe_shapes(s_net, method.student_layers, x), 2)
-            try:
                 method.bind_teacher(t_net)  # its checks of the teacher (OFD: a BatchNorm before each layer)
-            except (RuntimeError, NotImplementedError) as e:  # then a value read from meta weights (.item())
-                if "meta" not in str(e):
-                    raise
+        except (RuntimeError, NotImplementedError) as e:  # a value read from meta weights (OFD's margins: .item())
+            if "meta" not in str(e):
+                raise
         except ConfigError as e:
             where = f"{t_key}={t_cfg.name} -> {s_key}={s_cfg.name}: " if len(pairs) > 1 or t_key != "teacher" else ""
             raise ConfigError(f"{where}{e}") from None
