@@ -48,6 +48,8 @@ def build_scheduler(
     """The LR schedule of a stage of ``epochs`` x ``steps_per_epoch`` optimiser steps; ``.step()`` after each."""
     total = max(1, epochs * steps_per_epoch)
     warm = min(int(cfg.get("warmup_epochs", 0) or 0) * steps_per_epoch, total)
+    if warm == 1:  # a one-step warm-up runs at the full LR: no warm-up (the schedule below starts at step 0)
+        warm = 0
     name = cfg.get("schedule", "constant")
     main: lr_scheduler.LRScheduler
     if name == "cosine":
@@ -59,7 +61,7 @@ def build_scheduler(
         main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     else:
         raise KdrunError(f"optim.schedule={name}: unknown schedule; valid: {', '.join(SCHEDULES)}")
-    if warm <= 1:  # one warm-up step runs at the full LR: nothing to ramp
+    if not warm:
         return main
     ramp = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warm, end_factor=1.0, total_iters=warm - 1)
     return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warm])

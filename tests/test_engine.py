@@ -68,6 +68,18 @@ def test_lr_per_step_equals_the_closed_form(schedule, warm):
     assert len(set(got)) > (1 if schedule == "constant" and warm else 0)  # it changes within epochs
 
 
+COSINE_4 = [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # 4 steps, none of them at LR 0
+
+
+@pytest.mark.parametrize("schedule, want", [("cosine", COSINE_4), ("step", [0.1, 0.1, 0.01, 0.01])])
+def test_a_one_step_warm_up_does_not_move_the_schedule(schedule, want):
+    """One step per epoch (a transfer set under one batch) and warmup_epochs=1: that step runs at the full LR, and
+    the schedule is the one without warm-up (it ran one step early: a step milestone an epoch early)."""
+    got = lrs({"schedule": schedule, "warmup_epochs": 1, "milestones": [2], "gamma": 0.1}, epochs=4, steps=1)
+    assert got == pytest.approx(lrs({"schedule": schedule, "milestones": [2], "gamma": 0.1}, epochs=4, steps=1))
+    assert got == pytest.approx(want, abs=1e-12)
+
+
 def test_step_milestones_are_the_recipes_epoch_boundaries():
     """RepDistiller: x0.1 after epochs 150, 180, 210 of 240 -> at steps 150*S, 180*S, 210*S."""
     got = lrs({"schedule": "step", "milestones": [150, 180, 210], "gamma": 0.1}, epochs=240, steps=3)
