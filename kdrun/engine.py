@@ -131,6 +131,10 @@ def train_stage(
     clip = float(optim_cfg.get("grad_clip") or 0)
     scaler = torch.amp.GradScaler(loader.device.type, enabled=precision == "fp16")
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True) if ema else None
+    if averaged is not None:  # the copy took the stage's feature taps (Distill's hooks); it runs plain forwards
+        for m in averaged.module.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
     net = torch.compile(net) if compile else net  # type: ignore[assignment]  # a module still, to call
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)

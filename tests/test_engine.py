@@ -155,6 +155,20 @@ def test_ema_is_the_moving_average_of_the_weights(tmp_path):
     assert not torch.equal(res.ema.w.detach(), w3)
 
 
+def test_the_ema_copy_leaves_the_stages_feature_taps_behind(tmp_path):
+    """Distill's hooks are on the student while the stage runs: the EMA copy, made then, used to keep them (every
+    later forward of it wrote into the closed tap and held its last features)."""
+    model, taps = Linear(), []
+    model.register_forward_hook(lambda m, i, o: taps.append(o))
+    objective = lambda net, batch, epoch: {"ce": ((net(batch.x) - batch.y.float()) ** 2).mean()}  # noqa: E731
+    res = train_stage(
+        "ema", model, objective, tiny_loader(n=4), epochs=1, optim_cfg=optim(), run_dir=str(tmp_path), ema=0.5
+    )
+    taps.clear()
+    res.ema(torch.zeros(2, 4))
+    assert taps == [] and len(model._forward_hooks) == 1  # the student keeps its own, for the stage to remove
+
+
 # ---------------------------------------------------------------- runs (tiny, digits)
 
 BASE = [
