@@ -139,6 +139,7 @@ def test_interrupted_study_resumes_its_trial_count(tmp_path):
     assert trials[3].params == trials[2].params  # ... queued again and run
     assert [t.state for t in trials if t.number != 2] == [optuna.trial.TrialState.COMPLETE] * 3
     assert sorted(os.listdir(tmp_path / "second")).count("3") == 1  # job directory = trial number
+    assert trials[3].user_attrs["run_dir"] == str(tmp_path / "second" / "3")  # where its checkpoints are
     results = (tmp_path / "second" / "optimization_results.yaml").read_text()
     assert "n_trials_complete: 3" in results and "best_params" in results
 

@@ -500,8 +500,11 @@ def _tell(study, trial, ret) -> bool:
         value = None
     ok = value is not None and math.isfinite(value)
     try:
-        if getattr(ret, "working_dir", None):
-            trial.set_user_attr("run_dir", str(ret.working_dir))
+        run_dir = (
+            OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir") if getattr(ret, "hydra_cfg", None) else None
+        )
+        if run_dir:  # the job's own folder (its working_dir is where the sweep was launched: chdir is off)
+            trial.set_user_attr("run_dir", str(run_dir))
         if ok:
             study.tell(trial, value)
         else:
