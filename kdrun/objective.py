@@ -57,3 +57,14 @@ def value(metrics: dict, metric: Metric) -> float:
             if v is not None:
                 break
     return float(v) if v is not None else math.nan
+
+
+def why_missing(metrics: dict, metric: Metric) -> str | None:
+    """Why ``metrics`` holds no value of ``metric`` when it names a model the run does not have (e.g. a typo in
+    ``sweep.metric``): every trial would fail without a word; None when the model is there."""
+    roles = metrics.get("roles", {})
+    name = roles.get(metric.model, metric.model)
+    models = set(metrics.get("test", {})) | set(metrics.get("stages", {})) | set(roles)
+    if name in models:
+        return None
+    return f"sweep.metric={metric}: this run has no model {metric.model!r}; valid: {', '.join(sorted(models))}"

@@ -91,7 +91,12 @@ def objective(metrics: dict, cfg: DictConfig) -> float:
     split; never a test-set figure), NaN when the run has none. See :mod:`kdrun.objective`."""
     from kdrun import objective as sweep_objective
 
-    return sweep_objective.value(metrics, sweep_objective.parse(OmegaConf.select(cfg, "sweep.metric")))
+    metric = sweep_objective.parse(OmegaConf.select(cfg, "sweep.metric"))
+    value = sweep_objective.value(metrics, metric)
+    why = sweep_objective.why_missing(metrics, metric) if math.isnan(value) else None
+    if why:  # a sweeper counts the trial as failed: say why, once a run
+        log.warning("%s; a sweeper counts this run as failed", why)
+    return value
 
 
 def _in_sweep() -> bool:

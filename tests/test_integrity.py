@@ -639,6 +639,24 @@ def test_sweep_objective_reads_validation_never_test():
         objective.parse("student.test_top1")
 
 
+def test_a_sweep_metric_naming_no_model_of_the_run_says_so(caplog):
+    """sweep.metric=studnet.val_top1: every trial failed (NaN) without a word; the run now says which models it has.
+    A model without the figure (no validation split) is the sweeper's own check, not this warning."""
+    from omegaconf import OmegaConf
+
+    from kdrun.task import objective
+
+    m = {"roles": {"student": "student"}, "stages": {"student": {}}, "test": {"student": {"top1": 99.0}}}
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        assert math.isnan(objective(m, OmegaConf.create({"sweep": {"metric": "student.val_top1"}})))
+        assert caplog.text == ""
+        assert math.isnan(objective(m, OmegaConf.create({"sweep": {"metric": "studnet.val_top1"}})))
+    assert (
+        "sweep.metric=studnet.val_top1: this run has no model 'studnet'; valid: student; a sweeper counts"
+        in caplog.text
+    )
+
+
 def test_logit_rows_damaged_on_disk_are_computed_again_not_learned(kdrun, tmp_path):
     """A run took its complete logit cache from the store (a hard link: one file), was killed, and the shared file
     then lost rows on disk. The resumed run checks every row's CRC, warns, has the teacher compute the damaged rows
