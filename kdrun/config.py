@@ -362,8 +362,9 @@ def _validate_sweep(cfg: DictConfig) -> None:
 
 
 def _validate_models(cfg: DictConfig) -> None:
-    """The teacher and the student are built once (CPU, no weights) with their options, so a bad
-    ``student.kwargs.*`` is refused before the teacher trains; configured feature layers must exist in them."""
+    """The teacher and the student are built once (CPU) with their options, so a bad ``student.kwargs.*`` is refused
+    before the teacher trains; configured feature layers must exist in them, and a ``pretrained`` file must load
+    into its model."""
     from kdrun.models import build_model, resolve
 
     d = cfg.dataset
@@ -383,15 +384,29 @@ def _validate_models(cfg: DictConfig) -> None:
             and os.path.isfile(mcfg.pretrained)
             and not (who == "teacher" and cfg.teacher.checkpoint)
         ):
-            from kdrun.weights import load_pretrained
-
-            load_pretrained(mcfg.pretrained, model, f"{who}.pretrained={mcfg.pretrained}")  # as the stage will
+            _check_pretrained(mcfg.pretrained, model, who, (mcfg.name, kwargs, d.num_classes, d.image_size))
         names = layers.get(who) or []
         for i, name in enumerate([names] if isinstance(names, str) else list(names)):
             try:
                 resolve(model, name)
             except ConfigError as e:
                 raise ConfigError(f"loss.layers.{who}[{i}]={name}: {e}") from None
+
+
+_PRETRAINED_FITS: set[str] = set()  # files read into their model by this process: once a sweep, not once a job
+
+
+def _check_pretrained(path: str, model, who: str, model_key: tuple) -> None:
+    """Read ``who.pretrained`` into ``model`` as the stage will (a file that is not a state_dict of it is one line
+    before the run directory is made); a file already read into the same model (the same size and time) is not
+    read again: a sweep's points and its jobs share it."""
+    from kdrun.weights import load_pretrained
+
+    st = os.stat(path)
+    key = repr((os.path.abspath(path), st.st_size, st.st_mtime_ns, model_key))
+    if key not in _PRETRAINED_FITS:
+        load_pretrained(path, model, f"{who}.pretrained={path}")
+        _PRETRAINED_FITS.add(key)
 
 
 def check_method_fits(cfg: DictConfig, num_classes: int, chans: int, size: int) -> None:

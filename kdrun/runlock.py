@@ -94,7 +94,7 @@ def _lock(path: str) -> int:
             except FileNotFoundError:
                 pass
         else:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or holder
+            holder = _holder_text(fd) or holder
         os.close(fd)
         time.sleep(0.05 * (attempt + 1))
     raise _in_progress(os.path.dirname(path), holder)
@@ -107,13 +107,21 @@ def _in_progress(run_dir: str, holder: str) -> RunInProgress:
     )
 
 
+def _holder_text(fd: int) -> str:
+    """What a lock file says of the process that took it: ``process 12 on host, since ...`` (``""`` if nothing)."""
+    return os.pread(fd, 200, 0).decode(errors="replace").strip()
+
+
 def holder(run_dir: str) -> str:
-    """What the lock file says of the process that took it (``process 12 on host, since ...``), or ``""``."""
+    """:func:`_holder_text` of ``run_dir``'s lock file, or ``""`` without one."""
     try:
-        with open(os.path.join(run_dir, FILE), errors="replace") as f:
-            return f.read(200).strip()
+        fd = os.open(os.path.join(run_dir, FILE), os.O_RDONLY)
     except OSError:
         return ""
+    try:
+        return _holder_text(fd)
+    finally:
+        os.close(fd)
 
 
 def check_free(run_dir: str) -> None:
@@ -143,7 +151,7 @@ def state(run_dir: str) -> str | None:
         if not _try_lock(fd):
             return "running"
         fcntl.flock(fd, fcntl.LOCK_UN)
-        host = os.pread(fd, 200, 0).decode(errors="replace").partition(" on ")[2].partition(",")[0]
+        host = _holder_text(fd).partition(" on ")[2].partition(",")[0]
         return "killed" if host in ("", socket.gethostname()) else "elsewhere"
     except OSError:  # no locks here: cannot tell
         return "running"

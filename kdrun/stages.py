@@ -63,13 +63,7 @@ def _resumed(cfg: DictConfig, before_data_check: bool = False) -> dict:
 
 def resume_changes(before: DictConfig, now: DictConfig) -> list[str]:
     """``key: old -> new`` for each value a resume would change (the keys ``RESUME_IGNORED`` leaves out never)."""
-
-    def flat(node, prefix: str = "") -> dict[str, object]:
-        if not isinstance(node, dict):
-            return {prefix[:-1]: node}
-        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-
-    a, b = flat(_resumed(before)), flat(_resumed(now))
+    a, b = loggers.flatten(_resumed(before)), loggers.flatten(_resumed(now))
     return [
         f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)
     ]

@@ -245,8 +245,7 @@ def load_run(run_dir: str, root: str) -> Run:
     composed = read_composed(run_dir)
     if composed and not any(k.startswith("trainer.") for k in composed):  # another Hydra application's run
         return Run(run_dir, name, {}, "unreadable", note=f".hydra/config.yaml: {NOT_KDRUN}", overrides_read=False)
-    status, note = _unfinished(run_dir)
-    run = Run(run_dir, name, overrides, status, note=note, composed=composed)
+    run = Run(run_dir, name, overrides, "running", composed=composed)
     metrics_path, failed_path = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "FAILED")
     if os.path.isfile(metrics_path):
         try:
@@ -266,6 +265,8 @@ def load_run(run_dir: str, root: str) -> Run:
         run.note = first_line(failed_path)
         # stopped by SIGTERM/SIGINT (preemption, Ctrl-C) with its checkpoint saved: the same command continues it
         run.status = "stopped" if STOPPED.search(run.note) else "failed"
+    else:
+        run.status, run.note = _unfinished(run_dir)
     return run
 
 
