@@ -285,6 +285,36 @@ def test_a_trial_left_running_on_another_node_does_not_block_the_budget(tmp_path
     assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
 
 
+def test_a_trial_stopped_by_sigterm_goes_on_in_its_folder(tmp_path):
+    """A preempted sweep (SIGTERM: the job checkpoints and the process exits 75) left trial 0 RUNNING; the same
+    command again fails it, and its retry resumes in trial 0's folder from the checkpoint instead of training from
+    scratch in a new one (which left the stopped job's FAILED note in the sweep: exit 1 once all trials were done)."""
+    args = ("hydra.sweeper.n_trials=1", "hydra.sweep.dir=s", "trainer.epochs=2")
+    p = sweep(tmp_path, *args, env={"KDRUN_KILL_AT": "student:2:TERM"}, check=False)
+    assert p.returncode == 75, p.stderr[-3000:]
+    p = sweep(tmp_path, *args)
+    assert "student: resuming from" in p.stdout + p.stderr
+    trials = load(tmp_path).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and trials[1].params == trials[0].params
+    assert trials[1].user_attrs["run_dir"] == str(tmp_path / "s" / "0")
+    assert sorted(d.name for d in (tmp_path / "s").iterdir() if d.is_dir()) == ["0"]
+    assert (tmp_path / "s" / "0" / "metrics.json").exists() and not (tmp_path / "s" / "0" / "FAILED").exists()
+
+
+def test_a_sweep_directory_of_another_study_is_refused(tmp_path):
+    """Job folders are named by trial number, so a second study's trial 0 would meet the first's run in 0/ (and
+    Hydra would rewrite its .hydra/ before the run refused to resume): refused before anything runs."""
+    sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=s")
+    before = (tmp_path / "s" / "0" / ".hydra" / "overrides.yaml").read_text()
+    p = sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=s", "hydra.sweeper.study_name=other", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr[-3000:]
+    assert p.stderr.startswith(f"kdrun: error: hydra.sweep.dir={tmp_path / 's'}: holds the trials of study kdrun_kd ")
+    assert (tmp_path / "s" / "0" / ".hydra" / "overrides.yaml").read_text() == before
+    assert sorted(d.name for d in (tmp_path / "s").iterdir() if d.is_dir()) == ["0"]
+    sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweep.dir=s")  # its own study goes on there
+    assert sorted(d.name for d in (tmp_path / "s").iterdir() if d.is_dir()) == ["0", "1"]
+
+
 def test_a_typo_in_the_direction_is_one_line(tmp_path):
     p = sweep(tmp_path, "hydra.sweeper.direction=maximise", "hydra.sweep.dir=s", check=False, timeout=120)
     assert p.returncode == 2

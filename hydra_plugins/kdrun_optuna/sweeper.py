@@ -16,7 +16,12 @@ A process stamps its running trials every ``heartbeat_interval`` seconds (user a
 ``kdrun_heartbeat``). A RUNNING trial whose process is gone is marked FAIL and its parameters are
 queued again: at once when that process was on this machine, otherwise once the trial has shown no
 heartbeat for ``grace_period`` seconds (a job killed on another node; the clocks of the nodes must
-agree to well within ``grace_period``). Failed trials do not count toward ``n_trials``, so the sweep
+agree to well within ``grace_period``). With Hydra's default ``hydra.sweep.subdir`` each trial's job folder is
+``hydra.sweep.dir/<trial number>`` (not the launcher's count: other processes ask trials of the same study
+too), and a retry goes on in its trial's folder, so kdrun resumes the checkpoints the stopped job left there.
+A sweep directory records its study (``.optuna_study.json``); a sweep of another study into it is refused.
+
+Failed trials do not count toward ``n_trials``, so the sweep
 stops, logging why, after ``max_failures`` failed trials of its own (default ``n_trials``); the failed
 jobs' FAILED notes then make ``kdrun train -m`` exit with 1, as for any sweep with failed jobs.
 
@@ -56,6 +61,9 @@ WORKER_ATTR = "kdrun_worker"  # "host:pid" of the process that asked for a trial
 HEARTBEAT_ATTR = "kdrun_heartbeat"  # unix time that process last showed it still runs the trial
 FINGERPRINT_ATTR = "kdrun_fingerprint"  # study attr: hash of the fixed config of the study's experiment
 FIXED_CONFIG_ATTR = "kdrun_fixed_config"  # study attr: that config (JSON), to name what differs
+STUDY_ID_ATTR = "kdrun_study_id"  # study attr: a random id, set once; a sweep directory records whose trials it holds
+JOB_DIR_ATTR = "job_dir"  # trial attr: the folder its job runs in (a retry of a trial goes on in its folder)
+STUDY_MARK = ".optuna_study.json"  # in hydra.sweep.dir: the study whose trials its job folders are
 DIRECTIONS = ("maximize", "minimize")
 # not part of an experiment's identity: where outputs go, how they are logged, and the trainer settings that do
 # not change the result (kdrun.stages.RESUME_IGNORED_TRAINER, as for resuming a run); sweep.metric does count
@@ -297,6 +305,23 @@ def refuse(msg: str) -> None:
     sys.exit(ConfigError.exit_code)
 
 
+def _quoted(value: str) -> str:
+    """``value`` as one quoted string of Hydra's override grammar (a path may hold spaces, commas, ``=``)."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def job_dir(study, trial, sweep_dir: str) -> str:
+    """The folder of ``trial``'s job: ``SWEEP_DIR/<trial number>``, except for a retry of a trial whose process
+    is gone (``retry_of``): that trial's folder when it still exists, so kdrun resumes its checkpoints there
+    instead of training from scratch."""
+    retry_of = trial.user_attrs.get("retry_of")
+    if isinstance(retry_of, int):
+        before = study.get_trials(deepcopy=False)[retry_of].user_attrs.get(JOB_DIR_ATTR)
+        if isinstance(before, str) and os.path.isdir(before):
+            return before
+    return os.path.join(sweep_dir, str(trial.number))
+
+
 class KdrunOptunaSweeper(Sweeper):
     def __init__(
         self,
@@ -404,6 +429,62 @@ class KdrunOptunaSweeper(Sweeper):
                 f"{study.direction.name.lower()} its objective; {hint}"
             )
 
+    def names_job_folders(self) -> bool:
+        """True when job folders are Hydra's default ``hydra.sweep.subdir=${hydra.job.num}``: the sweeper then names
+        each by its trial number (and a retry by its trial's); a subdir of the user's own is left to Hydra."""
+        sweep = self.config.hydra.sweep if self.config is not None else None
+        return sweep is not None and OmegaConf.to_container(sweep, resolve=False).get("subdir") == "${hydra.job.num}"
+
+    def claim_sweep_dir(self, study, sweep_dir: str) -> None:
+        """A sweep directory holds the job folders of one study, named by trial number: refuse one that holds another
+        study's (or another sweep's) runs, before Hydra rewrites their ``.hydra/`` and a new trial 0 meets an old
+        run in ``0/``; record this study's id in a new one."""
+        import uuid
+
+        from kdrun import io
+
+        ours = study.user_attrs.get(STUDY_ID_ATTR)
+        if ours is None:
+            ours = uuid.uuid4().hex
+            study.set_user_attr(STUDY_ID_ATTR, ours)
+        mark = os.path.join(sweep_dir, STUDY_MARK)
+        hint = "give this sweep its own hydra.sweep.dir"
+        if os.path.exists(mark):
+            try:
+                with open(mark) as f:
+                    theirs = json.load(f)
+            except (OSError, ValueError):
+                theirs = {}
+            if theirs.get("study_id") != ours:
+                refuse(
+                    f"hydra.sweep.dir={sweep_dir}: holds the trials of study {theirs.get('study_name', '?')} in "
+                    f"{theirs.get('storage', '?')}, not of study {self.study_name} in {self.storage or 'memory'} "
+                    f"(its job folders are named by trial number); {hint}"
+                )
+            return
+        # folders of this study's trials are its own (a study swept here before sweeps recorded themselves)
+        mine = {
+            os.path.abspath(str(t.user_attrs[a]))
+            for t in study.get_trials(deepcopy=False)
+            for a in ("run_dir", JOB_DIR_ATTR)
+            if t.user_attrs.get(a)
+        }
+        held = [
+            e.name
+            for e in (os.scandir(sweep_dir) if os.path.isdir(sweep_dir) else [])
+            if e.is_dir()
+            and os.path.abspath(e.path) not in mine
+            and any(os.path.exists(os.path.join(e.path, f)) for f in (".hydra", "checkpoints"))
+        ]
+        if held:
+            refuse(
+                f"hydra.sweep.dir={sweep_dir}: holds runs of another sweep ({', '.join(sorted(held)[:3])}"
+                f"{', ...' if len(held) > 3 else ''}), and study {self.study_name} names its job folders by trial "
+                f"number; {hint}"
+            )
+        os.makedirs(sweep_dir, exist_ok=True)
+        io.write_json({"study_id": ours, "study_name": self.study_name, "storage": str(self.storage)}, mark)
+
     def sweep(self, arguments: list[str]) -> None:
         from optuna.trial import TrialState
 
@@ -411,6 +492,10 @@ class KdrunOptunaSweeper(Sweeper):
         space, fixed = search_space(self.params, arguments)
         study = self.study()
         self.check_experiment(study, space, fixed)
+        sweep_dir = os.path.abspath(str(self.config.hydra.sweep.dir)) if self.config is not None else ""
+        own_folders = self.names_job_folders()
+        if own_folders:
+            self.claim_sweep_dir(study, sweep_dir)
         log.info(
             "optuna: study %s in %s, %d finished trials of %d; search space %s",
             self.study_name,
@@ -445,10 +530,26 @@ class KdrunOptunaSweeper(Sweeper):
                 )
                 break
             trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining, self.max_failures - failures))]
+            folders = []
             for t in trials:
                 t.set_user_attr(WORKER_ATTR, this_worker())
+                if own_folders:  # the trial's number, not the launcher's count (other processes ask trials too)
+                    folders.append(job_dir(study, t, sweep_dir))
+                    t.set_user_attr(JOB_DIR_ATTR, folders[-1])
+                    if folders[-1] != os.path.join(sweep_dir, str(t.number)):
+                        log.info("optuna: trial %d goes on in %s (its earlier run there)", t.number, folders[-1])
             overrides = [
-                tuple(f"{k}={v}" for k, v in fixed.items()) + tuple(f"{k}={t.params[k]}" for k in space) for t in trials
+                tuple(f"{k}={v}" for k, v in fixed.items())
+                + tuple(f"{k}={t.params[k]}" for k in space)
+                + (
+                    (
+                        f"hydra.sweep.dir={_quoted(os.path.dirname(folders[i]))}",
+                        f"hydra.sweep.subdir={_quoted(os.path.basename(folders[i]))}",
+                    )
+                    if own_folders
+                    else ()
+                )
+                for i, t in enumerate(trials)
             ]
             with Heartbeat(trials, self.heartbeat_interval):
                 returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
