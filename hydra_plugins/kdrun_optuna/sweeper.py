@@ -316,7 +316,8 @@ def job_dir(study, trial, sweep_dir: str) -> str:
     instead of training from scratch."""
     retry_of = trial.user_attrs.get("retry_of")
     if isinstance(retry_of, int):
-        before = study.get_trials(deepcopy=False)[retry_of].user_attrs.get(JOB_DIR_ATTR)
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number == retry_of]
+        before = earlier[0].user_attrs.get(JOB_DIR_ATTR) if earlier else None
         if isinstance(before, str) and os.path.isdir(before):
             return before
     return os.path.join(sweep_dir, str(trial.number))
@@ -483,7 +484,7 @@ class KdrunOptunaSweeper(Sweeper):
                 f"number; {hint}"
             )
         os.makedirs(sweep_dir, exist_ok=True)
-        io.write_json({"study_id": ours, "study_name": self.study_name, "storage": str(self.storage)}, mark)
+        io.write_json({"study_id": ours, "study_name": self.study_name, "storage": str(self.storage or "memory")}, mark)
 
     def sweep(self, arguments: list[str]) -> None:
         from optuna.trial import TrialState
