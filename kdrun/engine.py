@@ -97,6 +97,7 @@ def train_stage(
     ema: float | None = None,
     logger=None,
     find_unused: bool = False,
+    lr_key: str = "optim.lr",
 ) -> StageResult:
     """Train ``model`` for ``epochs`` with ``objective``; resumable at any epoch or checkpointed step.
 
@@ -122,6 +123,7 @@ def train_stage(
     ``precision``: fp32, or bf16/fp16 autocast (fp16 with a gradient scaler).
     ``logger``: experiment trackers (:class:`kdrun.loggers.Loggers`) fed every ``log_every`` steps
     and every epoch. ``find_unused``: some of ``trainable``'s parameters get no gradient (DDP must look for them).
+    ``lr_key``: the config key of the stage's learning rate, named when the loss turns non-finite.
     """
     trainable = model if trainable is None else trainable
     net = distributed.wrap(trainable, loader.device, sync_bn, find_unused)  # DDP with several workers
@@ -262,7 +264,7 @@ def train_stage(
                 kill(stage, global_step)
             if global_step % log_every == 0:  # one host sync every log_every steps of the stage, across epochs
                 value = float(distributed.all_sum(loss.detach().clone())) / distributed.size()
-                _check_finite(value, stage, epoch, step)
+                _check_finite(value, stage, epoch, step, lr_key)
                 bar.set_postfix(loss=f"{value:.4f}")
                 if logger:
                     logger.log_step(
@@ -281,7 +283,7 @@ def train_stage(
                 polled = global_step % STOP_POLL_STEPS == 0 or checkpoint
                 stop = polled and distributed.agree(stop, loader.device)
             if stop or checkpoint:
-                _check_finite(float(sum(sums.values())), stage, epoch, step)  # never checkpoint a NaN
+                _check_finite(float(sum(sums.values())), stage, epoch, step, lr_key)  # never checkpoint a NaN
                 save(epoch, step + 1)
                 if stop:
                     who = STOP.requested or "another worker"
@@ -295,7 +297,7 @@ def train_stage(
         row = {"epoch": epoch + 1, "lr": lr, **logged}
         row.update({f"loss_{k}": float(distributed.all_sum(v)) / n for k, v in sums.items()})
         row["loss"] = sum(row[f"loss_{k}"] for k in sums)
-        _check_finite(row["loss"], stage, epoch, len(loader) - 1)
+        _check_finite(row["loss"], stage, epoch, len(loader) - 1, lr_key)
         sums = {}
         if val_loader is not None:
             row["val_top1"] = accuracy(predict(model, val_loader), val_loader.labels)[0]
@@ -338,11 +340,11 @@ def _settle_best(best_next: str, best_path: str, best_epoch: int | None) -> None
         os.remove(best_next)
 
 
-def _check_finite(value: float, stage: str, epoch: int, step: int) -> None:
+def _check_finite(value: float, stage: str, epoch: int, step: int, lr_key: str = "optim.lr") -> None:
     if not math.isfinite(value):
         raise KdrunError(
             f"{stage}: non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; "
-            "the last good checkpoint is kept (lower optim.lr or check the data)"
+            f"the last good checkpoint is kept (lower {lr_key}, set optim.grad_clip, or check the data)"
         )
 
 

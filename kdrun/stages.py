@@ -174,13 +174,15 @@ class StageRunner:
         on_step=None,
         precision: str | None = None,
         pre_stage: bool = False,
+        lr_key: str = "optim.lr",
     ) -> StageResult:
         """Train one stage (resuming its checkpoint if there is one) and note its summary and time.
 
         ``trainable``: the stage's one trainable module when it is more than ``model`` (student + KD method).
         With ``trainer.ema`` the EMA of ``model``'s weights is kept in ``self.ema[stage]``. ``pre_stage``: a KD
         method's stage before the student's (FT's paraphraser, AB's and FSP's initialisation): ``model`` is not
-        a classifier, so it is neither validated nor averaged, and part of it may get no gradient.
+        a classifier, so it is neither validated nor averaged, and part of it may get no gradient. ``lr_key``: the
+        config key that sets the stage's learning rate, which a non-finite loss's message tells the user to lower.
         """
         ema = None if pre_stage else self.tr.get("ema")
         res = train_stage(
@@ -205,6 +207,7 @@ class StageRunner:
             ema=float(ema) if ema else None,
             logger=self.logger,
             find_unused=pre_stage,
+            lr_key=lr_key,
         )
         self.log.summaries[stage] = report.stage_summary(res)
         self.log.seconds[stage] = res.seconds

@@ -175,5 +175,6 @@ class TeacherSource:
             optim_cfg=self.optim(),
             loader=self.data.train_loader(augment=self.data.teacher_augment),
             precision=self.precision,
+            lr_key="teacher.optim.lr" if (self.cfg.teacher.get("optim") or {}).get("lr") is not None else "optim.lr",
         )
         stages.export("teacher", model, self.cfg.teacher, {"summary": stages.log.summaries["teacher"]})

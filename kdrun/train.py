@@ -146,6 +146,7 @@ class Run:
                     optim_cfg=OmegaConf.merge(cfg.optim, pre.optim),
                     loader=loader,
                     pre_stage=True,
+                    lr_key=pre.lr_key,
                 )
 
         def on_step(epoch: int, step: int) -> dict:

@@ -594,7 +594,8 @@ def test_diverging_job_inside_a_3_job_sweep_costs_only_itself(kdrun, tmp_path):
     assert p.returncode == 1, p.stderr[-3000:]
     assert re.fullmatch(
         r"kdrun: error: 1 of 3 sweep jobs failed; job 1: student: non-finite loss \(nan\) at epoch \d+, step \d+; "
-        r"the last good checkpoint is kept \(lower optim.lr or check the data\); the other jobs completed; "
+        r"the last good checkpoint is kept \(lower optim.lr, set optim.grad_clip, or check the data\); the other jobs "
+        r"completed; "
         f"see {re.escape(str(sweep / 'report.md'))}",
         p.stderr.strip().splitlines()[-1],
     ), p.stderr[-2000:]
@@ -602,6 +603,29 @@ def test_diverging_job_inside_a_3_job_sweep_costs_only_itself(kdrun, tmp_path):
     assert "non-finite loss" in (sweep / "1" / "FAILED").read_text() and not (sweep / "1" / "metrics.json").exists()
     report = (sweep / "report.md").read_text()
     assert "3 runs: 2 complete, 1 failed" in report and "`1`: failed: student: non-finite loss" in report
+
+
+@pytest.mark.parametrize(
+    ("overrides", "stage", "key"),
+    [
+        (
+            ["loss=ft", "loss.paraphraser_epochs=2", "loss.paraphraser_lr=1e30"],
+            "student_paraphraser",
+            "loss.paraphraser_lr",
+        ),
+        (["+teacher.optim.lr=1e30", "trainer.teacher_epochs=2"], "teacher", "teacher.optim.lr"),
+    ],
+)
+def test_a_diverging_stage_names_the_key_of_its_own_learning_rate(kdrun, tmp_path, overrides, stage, key):
+    """FT's paraphraser stage runs at loss.paraphraser_lr and a teacher with its own teacher.optim at that LR:
+    'lower optim.lr' (the message of every stage) changed neither."""
+    p = kdrun("train", *FAST, f"store.dir={tmp_path / 'store'}", *overrides, f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert re.fullmatch(
+        rf"kdrun: error: {stage}: non-finite loss \(nan\) at epoch \d+, step \d+; the last good checkpoint is kept "
+        rf"\(lower {re.escape(key)}, set optim.grad_clip, or check the data\).*",
+        p.stderr.strip().splitlines()[-1],
+    ), p.stderr[-2000:]
 
 
 def test_every_job_starts_from_the_same_torch_globals():

@@ -124,7 +124,7 @@ class PreStage:
 
     ``objective(net, batch, epoch) -> {term: loss}`` (the engine's protocol, ``net`` being ``trainable``
     possibly wrapped) is a context manager around the stage (feature hooks; FT's also freezes its
-    paraphraser on exit). ``optim`` overrides ``optim.*`` for this stage.
+    paraphraser on exit). ``optim`` overrides ``optim.*`` for this stage; ``lr_key`` names the key that sets its LR.
     """
 
     name: str
@@ -132,6 +132,7 @@ class PreStage:
     objective: Any  # the engine's objective, and a context manager around the stage
     epochs: int
     optim: dict = field(default_factory=dict)
+    lr_key: str = "optim.lr"  # the config key that sets this stage's LR (named when its loss turns non-finite)
 
 
 LOSSES: Registry[type[DistillLoss]] = Registry("KD method", "loss.name")

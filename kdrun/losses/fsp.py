@@ -76,7 +76,8 @@ class FSP(FeatureLoss):
     def pre_stages(self, teacher: nn.Module, student: nn.Module) -> list[PreStage]:
         step = InitStep(student, nn.ModuleList(), self.student_layers, self.init_loss)
         optim = {"schedule": "constant", "warmup_epochs": 0} | ({"lr": self.init_lr} if self.init_lr else {})
-        return [PreStage("init", step, InitObjective(step, teacher, self.teacher_layers), self.init_epochs, optim)]
+        objective = InitObjective(step, teacher, self.teacher_layers)
+        return [PreStage("init", step, objective, self.init_epochs, optim, lr_key="loss.init_lr")]
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {}  # the student stage is CE only

@@ -132,6 +132,7 @@ class FT(FeatureLoss):
                 ParaphraserObjective(teacher, self.teacher_layers[0], self._built()),
                 self.paraphraser_epochs,
                 {"lr": self.paraphraser_lr, "schedule": "constant", "warmup_epochs": 0},
+                lr_key="loss.paraphraser_lr",
             )
         ]
 
