@@ -138,11 +138,36 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
             k, _, v = o.partition("=")
             return bool(_group_options(k.lstrip("+~"))) and not v.lstrip().startswith("{")
 
-        valid = _keys_of(parent, [o for o in overrides if chooses_group(o) or not touches(o)], config_name)
+        kept = [o for o in overrides if chooses_group(o) or not touches(o)]
+        base = OVERLAYS.get(parent)
+        if base:  # an overlay starts empty: its keys are those of base, added with '+'
+            keys = _overlay_keys(base, kept, config_name)
+            if key.rpartition(".")[2] in keys or not keys:
+                given = next((o for o in overrides if o.split("=")[0] == key), f"{key}=...")
+                why = f"{parent} holds only the {base}.* keys it overrides, and not this one yet"
+                return f"{key}: {why}: add it with +{given}"
+            return f"{key}: unknown key; {parent} takes the keys of {base}: {', '.join(keys)}"
+        valid = _keys_of(parent, kept, config_name)
         where = f" of {parent}" if parent else ""
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
     first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     return " ".join(first[:2]) if first else type(e).__name__
+
+
+# mappings that start empty and take the keys of another node, for one stage: a key is added with '+'
+OVERLAYS = {"teacher.optim": "optim", "teacher.augment": "dataset.augment"}
+
+
+def _overlay_keys(base: str, overrides: list[str], config_name: str) -> list[str]:
+    """The keys an overlay of ``base`` takes: ``base``'s in this config (an augmentation's: every option)."""
+    keys = set(_keys_of(base, overrides, config_name).split(", ")) - {"?", "none (an empty mapping)"}
+    if base == "dataset.augment":
+        from dataclasses import fields
+
+        from kdrun.data.transforms import Augment
+
+        keys |= {f.name for f in fields(Augment)}
+    return sorted(keys)
 
 
 def _unknown_key(e: Exception) -> str | None:

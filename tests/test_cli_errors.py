@@ -83,13 +83,22 @@ import pytest
         (["+loss.ce_weight=0.5"], "loss.ce_weight: KD weighs its CE term by 1 - loss.alpha; set loss.alpha instead"),
         (
             ["teacher.optim={lr: 0.1}"],
-            "teacher.optim.lr: unknown key; valid keys of teacher.optim: none (an empty mapping) "
-            "(use +teacher.optim.lr=... to add a new one)",
+            "teacher.optim.lr: teacher.optim holds only the optim.* keys it overrides, and not this one yet: add it "
+            "with +teacher.optim.lr=...",
         ),
         (
             ["experiment=hinton_mnist", "teacher.optim.momentum=0", "teacher.optim.nesterov=true"],
-            "teacher.optim.momentum: unknown key; valid keys of teacher.optim: grad_clip, lr, name "
-            "(use +teacher.optim.momentum=",
+            "teacher.optim.momentum: teacher.optim holds only the optim.* keys it overrides, and not this one yet: "
+            "add it with +teacher.optim.momentum=0",
+        ),
+        (
+            ["teacher.optim.lrr=0.1"],
+            "teacher.optim.lrr: unknown key; teacher.optim takes the keys of optim: gamma, grad_clip, lr, milestones, ",
+        ),
+        (
+            ["teacher.augment.cutout=8"],
+            "teacher.augment.cutout: teacher.augment holds only the dataset.augment.* keys it overrides, and not this "
+            "one yet: add it with +teacher.augment.cutout=8",
         ),
         (
             ["loss=at", "loss.layers.teacher=[stage9]", "loss.layers.student=[stage3]"],
