@@ -197,6 +197,32 @@ def test_files_that_are_not_images_are_skipped_and_counted(folder, tmp_path, cap
         data = load("imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
     assert len(data.train) == 9
     assert "skipped 3 entries" in caplog.text and "notes.txt" in caplog.text, caplog.text
+    assert "their subfolders hold 1 image, which kdrun does not read" in caplog.text  # what torchvision would read
+    assert "dangling" not in caplog.text
+    os.symlink(root / "nowhere.png", root / "train" / "cat" / "gone.png")  # a link to nothing: named as such
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        load("imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    assert "skipped 1 link to nothing (dangling), e.g. cat/gone.png" in caplog.text, caplog.text
+
+
+def test_a_folder_that_cannot_be_read_or_a_split_that_is_not_a_subfolder_is_one_line(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    for split in ("", ".", str(root)):
+        expected = f"dataset.train_split={split}: must name"
+        one_line_error(lambda s=split: load("imagefolder", **kw, train_split=s), expected)
+    one_line_error(lambda: load("imagefolder", **kw, test_split="."), "dataset.test_split=.: must name a folder")
+    one_line_error(lambda: load("imagefolder", **{**kw, "root": str(root / "train" / "cat" / "000.png")}), "a file")
+    scandir, locked = os.scandir, str(root / "train" / "bee")
+
+    def refuse(path="."):
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)  # root cannot take permissions away: as an unreadable folder fails
+    one_line_error(lambda: load("imagefolder", **kw), f"{locked}: not readable (Permission denied)")
 
 
 def test_sixteen_bit_grey_images_are_scaled_to_eight_bits(tmp_path):

@@ -41,8 +41,17 @@ ROOT_NOT_SET = (
 )
 
 
+def _entries(path: str) -> list[os.DirEntry]:
+    """The entries of folder ``path``; one line naming it when it cannot be read (permissions, I/O)."""
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except OSError as e:
+        raise ConfigError(f"dataset.root: {path}: not readable ({e.strerror or e})") from e
+
+
 def _subdirs(path: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in _entries(path) if e.is_dir() and not e.name.startswith("."))
 
 
 def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -51,6 +60,8 @@ def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], to
     files: list[str] = []
     labels: list[int] = []
     skipped: list[str] = []
+    dangling: list[str] = []  # links to nothing
+    nested = 0  # images in subfolders of class folders (torchvision's ImageFolder would read them; kdrun does not)
     for label, c in enumerate(classes):
         d = os.path.join(root, split, c)
         if not os.path.isdir(d):
@@ -59,9 +70,16 @@ def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], to
                 f"(every class needs images in dataset.train_split and dataset.test_split)"
             )
         found: list[str] = []
-        for e in os.scandir(d):
+        for e in _entries(d):
             image = e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMG_EXTENSIONS)
-            (found if image else skipped).append(e.path)
+            if image:
+                found.append(e.path)
+            elif e.is_symlink() and not os.path.exists(e.path):
+                dangling.append(e.path)
+            else:
+                skipped.append(e.path)
+                if e.is_dir() and not e.name.startswith("."):
+                    nested += sum(_count_images(e.path))
         found.sort()
         if not found:
             raise ConfigError(
@@ -69,23 +87,52 @@ def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], to
             )
         files += found
         labels += [label] * len(found)
+    where = os.path.join(root, split)
     if skipped:
         skipped.sort()
         log.warning(
-            "data: %s: skipped %d entries of the class folders that are not image files (subfolders, hidden "
-            "files, other extensions), e.g. %s",
-            os.path.join(root, split),
+            "data: %s: skipped %d %s of the class folders that %s not image files (subfolders, hidden files, other "
+            "extensions), e.g. %s%s",
+            where,
             len(skipped),
-            ", ".join(os.path.relpath(p, os.path.join(root, split)) for p in skipped[:3]),
+            "entry" if len(skipped) == 1 else "entries",
+            "is" if len(skipped) == 1 else "are",
+            ", ".join(os.path.relpath(p, where) for p in skipped[:3]),
+            f"; their subfolders hold {nested} image{'' if nested == 1 else 's'}, which kdrun does not read (a class's "
+            "images lie directly in its folder)"
+            if nested
+            else "",
+        )
+    if dangling:
+        dangling.sort()
+        log.warning(
+            "data: %s: skipped %d %s to nothing (dangling), e.g. %s",
+            where,
+            len(dangling),
+            "link" if len(dangling) == 1 else "links",
+            ", ".join(os.path.relpath(p, where) for p in dangling[:3]),
         )
     return files, torch.tensor(labels, dtype=torch.long)
+
+
+def _count_images(folder: str):
+    """The number of image files under ``folder`` (any depth), one folder at a time; unreadable ones count 0."""
+    for _here, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield sum(1 for n in names if not n.startswith(".") and n.lower().endswith(IMG_EXTENSIONS))
 
 
 def _check_layout(root: str, train_split: str, test_split: str) -> None:
     """The root and both split folders exist, and are two folders."""
     if not os.path.isdir(root):
-        raise ConfigError(f"dataset.root={root}: no such folder (expected {root}/<split>/<class>/<image>)")
+        what = "a file, not a folder" if os.path.isfile(root) else "no such folder"
+        raise ConfigError(f"dataset.root={root}: {what} (expected {root}/<split>/<class>/<image>)")
     for key, split in (("train_split", train_split), ("test_split", test_split)):
+        if not split or os.path.normpath(split) in (".", "..") or os.path.isabs(split):
+            raise ConfigError(
+                f"dataset.{key}={split}: must name a folder inside dataset.root={root} (expected "
+                f"{root}/<split>/<class>/<image>, e.g. train and test)"
+            )
         if not os.path.isdir(os.path.join(root, split)):
             others = [d for d in _subdirs(root) if d not in (train_split, test_split)]
             hint = (
