@@ -137,7 +137,10 @@ class TeacherSource:
             locks = partial(store.lock, "teacher", key), partial(store.try_lock, "teacher", key)
             with distributed.lock_on_main(*locks, self.data.device):
                 entry = distributed.shared(lambda: store.get("teacher", key))
-                if entry is not None and not self._finished_here():
+                own = self._taken_before(final, model, ident, run)
+                if own is not None:
+                    stages.log.note("teacher", **own, source="run", store_key=key)
+                elif entry is not None and not self._finished_here():
                     summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}", run)
                     if distributed.is_main():
                         link_into(entry.file("teacher.pt"), final)
@@ -159,6 +162,22 @@ class TeacherSource:
             where = "loaded from teacher.checkpoint" if tcfg.checkpoint else "reused from the store"
             log.info("teacher: %s, so no teacher_ema row (trainer.ema averages a stage trained in this run)", where)
         return Teacher(model, "teacher", key, self.precision)
+
+    def _taken_before(self, final: str, model: nn.Module, ident: dict, run: dict) -> dict | None:
+        """A run run again (resumed, or a finished one evaluated again) keeps the teacher it took from the store: its
+        ``checkpoints/teacher.pt``, loaded into ``model`` (its summary returned), even when the store entry has
+        since gone (gc, a deleted store) or been rebuilt; the students of the run learnt from that teacher. None
+        when the run trained its own teacher (its stage resumes) or took none yet; a damaged file is a warning, and
+        the teacher then comes from the store or is trained again."""
+        if self._finished_here() or not distributed.shared(lambda: os.path.exists(final)):
+            return None
+        try:
+            summary = load_teacher(final, model, ident, f"this run's {final}", run)
+        except ConfigError as e:
+            log.warning("teacher: %s; taking the teacher from the store or training it again", e)
+            return None
+        log.info("teacher: this run's own %s (taken before); not retrained", final)
+        return summary
 
     def _finished_here(self) -> bool:
         """Whether this run's own teacher stage has finished (the run is being run again)."""

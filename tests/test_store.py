@@ -70,6 +70,26 @@ def test_two_runs_share_teacher_and_logits(kdrun, tmp_path):
     assert Store(str(store)).entries() == []
 
 
+def test_a_run_again_keeps_the_teacher_it_took_from_the_store_once_the_entry_is_gone(kdrun, tmp_path):
+    """A run that took its teacher from the store, run again after gc removed the entry (or the store was deleted),
+    trained a new teacher and wrote it over its checkpoints/teacher.pt: the teacher its student learnt from."""
+    import shutil
+
+    store = tmp_path / "store"
+    assert kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={tmp_path / 'r1'}").returncode == 0
+    p = kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={tmp_path / 'r2'}")
+    assert p.returncode == 0 and "reused resnet8 from the store" in p.stderr, p.stderr[-2000:]
+    teacher = tmp_path / "r2" / "checkpoints" / "teacher.pt"
+    before, m2 = teacher.read_bytes(), json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    shutil.rmtree(store)
+    p = kdrun("train", f"resume={tmp_path / 'r2'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "this run's own" in p.stderr and "teacher epoch=" not in p.stderr and "teacher: stored as" not in p.stderr
+    assert teacher.read_bytes() == before
+    m = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    assert m["test"]["teacher"] == m2["test"]["teacher"] and m["stages"]["teacher"]["source"] == "run"
+
+
 def test_parallel_runs_build_the_teacher_once(tmp_path):
     """Two processes started together on one store: one trains the teacher, the other waits and reuses it."""
     from tests.conftest import KDRUN, WORKDIR
