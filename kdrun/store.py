@@ -96,13 +96,23 @@ class Entry:
         return os.path.join(self.path, name)
 
 
+def _open_lock_file(path: str) -> int:
+    """An fd of the lock file ``path``, created readable and writable by all the umask lets (a store a group
+    shares: another member's runs and gc lock the same entries); one another user made without write permission
+    for us is opened read-only (flock does not need write access)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
 def _acquire(path: str, blocking: bool) -> int | None:
     """An fd holding an exclusive flock on ``path`` (created if needed), or None when busy and not ``blocking``.
 
     After locking, the fd must still be the file at ``path``: ``gc`` may have removed an unused lock
     file (under its lock) between our open and our flock; then we retry on the new file."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -142,6 +152,7 @@ class Store:
             try:
                 os.makedirs(self.root, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=f".{ID_FILE}.", dir=self.root)  # unique on a shared store too
+                os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the store's id from the other users sharing it
                 with os.fdopen(fd, "w") as f:
                     f.write(uuid.uuid4().hex + "\n")
                 os.link(tmp, path)  # atomic, and never over another process's name: then that one is read

@@ -2,11 +2,12 @@
 
 import json
 import os
+import stat
 import subprocess
 
 import pytest
 
-from kdrun.store import Store, key_of
+from kdrun.store import ID_FILE, Store, key_of
 
 FAST = ["trainer=smoke", "teacher=resnet8", "student=resnet8", "trainer.latency=false", "baseline=false"]
 
@@ -30,6 +31,21 @@ def test_publish_get_and_half_written_entry(tmp_path):
     shutil.rmtree(entry.path)
     os.makedirs(store._dir("teacher", key))  # half-written (no COMPLETE marker), e.g. a crashed job
     assert store.get("teacher", key) is None
+
+
+def test_a_group_shares_a_store_its_lock_files_and_id_are_theirs_too(tmp_path):
+    """Under a group's umask (002) a lock file was made 0644 (another member could not open it to lock an entry) and
+    the store's id 0600 (their runs could not read it, so gc matched their runs by path only)."""
+    store = Store(str(tmp_path / "store"))
+    old = os.umask(0o002)
+    try:
+        ident = store.ident()
+        with store.lock("teacher", "k"):
+            pass
+    finally:
+        os.umask(old)
+    assert ident and stat.S_IMODE(os.stat(tmp_path / "store" / ID_FILE).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "store" / "teacher" / "k.lock").st_mode) == 0o664
 
 
 def test_two_runs_share_teacher_and_logits(kdrun, tmp_path):
