@@ -205,7 +205,11 @@ class Store:
                 marker = json.load(f)
             files = marker["files"]
             created, recipe = float(marker["created"]), marker.get("recipe", {})
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            # a marker edited by hand (or by another tool) must still describe files: {name: {size, sha256}}
+            if not isinstance(files, dict) or not files or not isinstance(recipe, dict):
+                raise TypeError("files")
+            sizes = {str(n): int(i["size"]) for n, i in files.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             return Entry(
                 kind,
                 key,
@@ -215,13 +219,13 @@ class Store:
                 {},
                 f"incomplete (no valid {MARKER}: {type(e).__name__})",
             )
-        size, problem = sum(int(i.get("size", 0)) for i in files.values()), None
+        size, problem = sum(sizes.values()), None
         for name, info in files.items():
             fpath = os.path.join(path, name)
             if not os.path.isfile(fpath):
                 problem = f"{name} is missing"
-            elif os.path.getsize(fpath) != info.get("size"):
-                problem = f"{name} has {os.path.getsize(fpath)} bytes, {info.get('size')} recorded"
+            elif os.path.getsize(fpath) != sizes[name]:
+                problem = f"{name} has {os.path.getsize(fpath)} bytes, {sizes[name]} recorded"
             elif "sha256" not in info:
                 problem = f"{name} has no recorded SHA-256 (older store format)"
             elif verify and io.sha256_file(fpath) != info["sha256"]:
@@ -387,7 +391,8 @@ class StoreRefs:
                 earlier = json.load(f)
             if store is not None and earlier.get("store") == store.root:
                 self.refs = {str(k): str(v) for k, v in earlier.get("refs", {}).items()}
-                self.store_id = earlier.get("store_id")
+                # store_id stays None: read afresh at the first note, as a store made again at this path (a
+                # deleted one) has another, and gc would take the run for none of its runs
         except (OSError, ValueError, AttributeError):
             pass
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -370,3 +371,37 @@ def test_a_rerun_keeps_the_entries_its_run_listed_until_it_reaches_them(tmp_path
     again.note("teacher", key_of({"t": 2}))  # a teacher of other data: it replaces the first, the cache stays
     assert json.loads((run / "store_refs.json").read_text())["refs"] == {"teacher": key_of({"t": 2}), "logits": LOGITS}
     assert StoreRefs(Store(str(tmp_path / "other")), str(run)).refs == {}  # another store's list is not this one's
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        '{"files": ["a.bin"], "created": 1}',
+        '{"files": {"a.bin": {"size": "big"}}, "created": 1}',
+        '{"files": {}, "created": 1}',
+        '{"files": {"a.bin": 7}, "created": 1}',
+    ],
+)
+def test_a_marker_edited_by_hand_is_an_incomplete_entry_not_a_traceback(tmp_path, monkeypatch, capsys, marker):
+    store = make_store(tmp_path / "store", ("teacher", TEACHER), ("logits", LOGITS))
+    (Path(store.inspect("teacher", TEACHER).path) / MARKER).write_text(marker)
+    assert store.get("teacher", TEACHER) is None  # a run rebuilds it
+    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "ls", f"dir={tmp_path / 'store'}")
+    assert code == 0 and f"incomplete (no valid {MARKER}" in stdout, stdout
+    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'store'}", f"runs={tmp_path}")
+    assert code == 0 and entries(store) == [], stdout
+
+
+def test_a_run_again_names_the_store_as_it_is_now(tmp_path, monkeypatch, capsys):
+    """A store deleted and made again at the same path has another id; a run resumed there kept the old one in its
+    store_refs.json, so gc took the entries it was using for no run's and removed them."""
+    import shutil
+
+    store = make_store(tmp_path / "out" / ".store", ("teacher", TEACHER))
+    make_run(tmp_path / "out" / "train" / "r1", store, ("teacher", TEACHER), finished=False)
+    shutil.rmtree(tmp_path / "out" / ".store")
+    store = make_store(tmp_path / "out" / ".store", ("teacher", TEACHER))
+    assert store.ident()  # the new store's name, made by the first run that used it
+    StoreRefs(store, str(tmp_path / "out" / "train" / "r1")).note("teacher", TEACHER)  # the run, resumed
+    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'out' / '.store'}")
+    assert code == 0 and entries(store) == [("teacher", TEACHER)], stdout
