@@ -1,7 +1,7 @@
 """``kdrun store ls|gc``: inspect and clean the artifact store of teachers and logit caches.
 
     kdrun store ls [dir=outputs/.store] [verify=true|false]
-    kdrun store gc [dir=outputs/.store] [runs=DIR] [older_than=DAYS] [dry_run=true|false]
+    kdrun store gc [dir=outputs/.store] [runs=DIR|none] [older_than=DAYS] [dry_run=true|false]
 
 ``ls`` lists every entry with its size, age and state (``ok``, or why it cannot
 be used); it never modifies the store (``verify=true`` also checks every file's
@@ -13,7 +13,9 @@ entries only when they are younger than that many days, except those a run
 that has not finished (no ``metrics.json`` yet: running, interrupted or failed)
 uses. ``runs`` defaults to the output root the store lives in (``store.dir`` is
 ``${paths.output}/.store``, so ``dir=/x/.store`` reads the runs under ``/x``);
-a ``runs`` directory that does not exist is an error.
+a ``runs`` directory that does not exist is an error, and so is one that holds no
+run of this store (a typo, or runs kept elsewhere) when gc would remove sound
+entries for it: ``runs=none`` says no run uses the store, and removes them.
 
 Every argument is checked before the store is touched: an unknown key, a
 boolean other than true/false (any case, as Hydra reads them), a number of days
@@ -40,12 +42,12 @@ from kdrun.io import can_create_in
 from kdrun.store import ID_FILE, KINDS, Entry, Store
 
 USAGE = """usage: kdrun store ls [dir=outputs/.store] [verify=true|false]
-       kdrun store gc [dir=outputs/.store] [runs=DIR] [older_than=DAYS] [dry_run=true|false]
+       kdrun store gc [dir=outputs/.store] [runs=DIR|none] [older_than=DAYS] [dry_run=true|false]
 
 ls   every entry (trained teachers, logit caches) with its size, age and state; never modifies the store
-gc   removes entries no run under runs= uses (default: the output root the store is in), damaged or
-     half-written ones, and with older_than= those older than DAYS that no unfinished run uses;
-     dry_run=true lists what it would remove"""
+gc   removes entries no run under runs= uses (default: the output root the store is in; none: no run
+     uses the store), damaged or half-written ones, and with older_than= those older than DAYS that no
+     unfinished run uses; dry_run=true lists what it would remove"""
 KEYS = {"ls": ("dir", "verify"), "gc": ("dir", "runs", "older_than", "dry_run")}
 BOOLEANS = ("verify", "dry_run")
 REFS_FILE = "store_refs.json"
@@ -119,9 +121,15 @@ def parse(cmd: str, args: list[str]) -> dict:
     return {k: v for k, v in opts.items() if k in allowed}
 
 
+NO_RUNS = "none"  # runs=none: no run uses the store
+
+
 def runs_root(opts: dict) -> str:
-    """The directory holding the runs that use the store: ``runs=``, else the output root the store is in."""
+    """The directory holding the runs that use the store: ``runs=``, else the output root the store is in (or
+    :data:`NO_RUNS`)."""
     runs = opts["runs"]
+    if runs == NO_RUNS:
+        return runs
     if runs is None:
         runs = default_runs(opts["dir"])
         if runs is None:
@@ -142,6 +150,7 @@ class Refs:
     """The store entries the runs under a root use."""
 
     used: set[tuple[str, str]] = field(default_factory=set)  # (kind, key) used by any run
+    runs: int = 0  # runs of this store found
     unfinished: dict[tuple[str, str], str] = field(default_factory=dict)  # ... by a run without metrics.json: its dir
     unreadable: list[str] = field(default_factory=list)  # run directories or reference files that could not be read
 
@@ -167,6 +176,8 @@ def referenced(runs: str, store_root: str) -> Refs:
     that recorded the store's name (:data:`kdrun.store.ID_FILE`) is matched by it, wherever it mounted the store;
     one of an older kdrun by the store's path."""
     refs = Refs()
+    if runs == NO_RUNS:
+        return refs
     ours = _read_id(store_root)
     for dirpath, dirnames, filenames in os.walk(runs, onerror=lambda e: refs.unreadable.append(str(e.filename))):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -187,6 +198,7 @@ def referenced(runs: str, store_root: str) -> Refs:
         elif not isinstance(store, str) or not _same_dir(store, store_root):
             continue
         refs.used |= used
+        refs.runs += 1
         if not os.path.exists(os.path.join(dirpath, DONE_FILE)):
             refs.unfinished.update(dict.fromkeys(used, dirpath))
     return refs
@@ -225,6 +237,14 @@ def gc(store: Store, runs: str, max_age: float | None, dry: bool, now: float) ->
             f"runs={runs}: cannot read {refs.unreadable[0]}, so which entries its run uses is unknown; make it "
             "readable or remove that run, then run gc again (nothing was removed)"
         )
+    if runs != NO_RUNS and not refs.runs and not dry:
+        sound = [e for e in store.entries() if e.problem is None]
+        if sound:
+            raise ConfigError(
+                f"runs={runs}: no run there uses this store (no store_refs.json under it names it), so gc would "
+                f"remove all {len(sound)} sound entries; give the directory holding the runs that use it, or "
+                f"runs={NO_RUNS} to remove them (dry_run=true lists them; nothing was removed)"
+            )
     freed = 0
     pending: list[tuple[str, str, Entry | None, str, ExitStack]] = []  # removal candidates, each locked
 

@@ -81,7 +81,9 @@ def test_two_runs_share_teacher_and_logits(kdrun, tmp_path):
 
     shutil.rmtree(tmp_path / "r1")
     shutil.rmtree(tmp_path / "r2")
-    p = kdrun("store", "gc", f"dir={store}", f"runs={tmp_path}")
+    p = kdrun("store", "gc", f"dir={store}", f"runs={tmp_path}")  # no run of this store left there: refused
+    assert p.returncode == 2 and "no run there uses this store" in p.stderr and len(Store(str(store)).entries()) == 2
+    p = kdrun("store", "gc", f"dir={store}", "runs=none")
     assert p.returncode == 0 and p.stdout.count("removed") == 2
     assert Store(str(store)).entries() == []
 

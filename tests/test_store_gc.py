@@ -202,7 +202,7 @@ def test_booleans_read_as_hydra_reads_them(tmp_path, monkeypatch, capsys, value,
     """true/false in any case, as a Hydra override such as trainer.sync_bn=True."""
     out = tmp_path / "out"
     store = make_store(out / ".store", ("teacher", TEACHER))
-    (out / "train").mkdir()
+    make_run(out / "train" / "r1", store, ("teacher", key_of({"t": 9})))  # a run of this store, using another teacher
     code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={out / '.store'}", f"dry_run={value}")
     assert code == 0 and ("would remove" in stdout) == dry and ("removed" in stdout) == (not dry), stdout
     assert entries(store) == ([("teacher", TEACHER)] if dry else [])
@@ -270,7 +270,7 @@ def test_a_run_that_starts_using_an_entry_during_gc_keeps_it(tmp_path, monkeypat
     again with its candidates locked, and keeps that entry."""
     out = tmp_path / "out"
     store = make_store(out / ".store", ("teacher", TEACHER), ("logits", LOGITS))
-    (out / "train").mkdir(parents=True)
+    make_run(out / "train" / "old", store, ("teacher", key_of({"t": 9})))  # a run of this store, another teacher
     real, calls = store_cli.referenced, []
 
     def referenced_then_a_run_starts(*args):
@@ -292,7 +292,7 @@ def test_an_entry_locked_by_a_running_job_is_skipped(tmp_path, monkeypatch, caps
     """Unreferenced (its run has not noted it yet) but locked: a builder or reader at work; never touched."""
     out = tmp_path / "out"
     store = make_store(out / ".store", ("teacher", TEACHER))
-    (out / "train").mkdir()
+    make_run(out / "train" / "old", store, ("teacher", key_of({"t": 9})))  # a run of this store, another teacher
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -388,7 +388,7 @@ def test_a_marker_edited_by_hand_is_an_incomplete_entry_not_a_traceback(tmp_path
     assert store.get("teacher", TEACHER) is None  # a run rebuilds it
     code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "ls", f"dir={tmp_path / 'store'}")
     assert code == 0 and f"incomplete (no valid {MARKER}" in stdout, stdout
-    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'store'}", f"runs={tmp_path}")
+    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'store'}", "runs=none")
     assert code == 0 and entries(store) == [], stdout
 
 
@@ -405,3 +405,22 @@ def test_a_run_again_names_the_store_as_it_is_now(tmp_path, monkeypatch, capsys)
     StoreRefs(store, str(tmp_path / "out" / "train" / "r1")).note("teacher", TEACHER)  # the run, resumed
     code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'out' / '.store'}")
     assert code == 0 and entries(store) == [("teacher", TEACHER)], stdout
+
+
+def test_gc_of_runs_none_of_which_uses_the_store_is_refused_unless_runs_none(tmp_path, monkeypatch, capsys):
+    """runs= a folder holding no run of this store (a typo, the runs kept elsewhere) removed every entry, those of
+    unfinished runs too; now it is refused, and runs=none says no run uses the store."""
+    store = make_store(tmp_path / "store", ("teacher", TEACHER), ("logits", LOGITS))
+    (tmp_path / "elsewhere").mkdir()
+    before = snapshot(tmp_path / "store")
+    code, _, stderr = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'store'}", f"runs={tmp_path}")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"kdrun: error: runs={tmp_path}: no run there uses this store (no store_refs.json ")
+    assert "remove all 2 sound entries" in stderr and "runs=none" in stderr
+    assert snapshot(tmp_path / "store") == before
+    code, stdout, _ = kdrun_main(
+        capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'store'}", f"runs={tmp_path}", "dry_run=true"
+    )
+    assert code == 0 and stdout.count("would remove") == 2 and len(entries(store)) == 2
+    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'store'}", "runs=none")
+    assert code == 0 and stdout.count("removed") == 2 and entries(store) == [], stdout
