@@ -41,14 +41,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdrun import io
-from kdrun.errors import KdrunError
+from kdrun.errors import ConfigError, KdrunError
 
 if TYPE_CHECKING:
     from kdrun.data.base import DataBundle, FileSet, ImageSet
 
 USAGE = """usage: kdrun export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher,baseline]
-                    [atol=1e-4] [calib=256] [threads=N]
-                    (models=student_best: the epoch a validation split chose)
+                    [atol=1e-4] [calib=256] [threads=N] [dataset.root=DIR]
+                    (models=student_best: the epoch a validation split chose; dataset.root: where the
+                    run's images are now, when they moved; a relative root is the run's launch folder's)
 
 Writes RUN_DIR/export/<model>.onnx (dynamic batch; or <model>.torchscript.pt), checks parity with
 onnxruntime on 256 test images (largest |delta logit| <= atol), evaluates test top-1 and CPU latency at
@@ -76,6 +77,7 @@ class ExportOptions:
     atol: float = 1e-4
     calib: int = 256
     threads: int | None = None  # CPU threads of both runtimes (None: each runtime's default)
+    data_root: str | None = None  # dataset.root=: where the run's images are now (None: as the run read them)
 
 
 @dataclass
@@ -123,7 +125,7 @@ def parse_args(args: list[str]) -> ExportOptions:
     if len(positional) > 1 or positional[0].startswith("-"):
         raise ExportError(
             f"export {positional[-1]}: unexpected argument; valid: RUN_DIR, format=, quantize=, models=, atol=, "
-            "calib=, threads="
+            "calib=, threads=, dataset.root="
         )
     opts = ExportOptions(run_dir=positional[0])
     for arg in (a for a in args if "=" in a):
@@ -146,8 +148,14 @@ def parse_args(args: list[str]) -> ExportOptions:
             opts.calib = _number(key, value, int, 1)
         elif key == "threads":
             opts.threads = _number(key, value, int, 1)
+        elif key == "dataset.root":
+            if not value.strip():
+                raise ExportError("dataset.root=: empty; give the folder the run's data is in now")
+            opts.data_root = os.path.abspath(os.path.expanduser(value))
         else:
-            raise ExportError(f"{key}: unknown option; valid: format, quantize, models, atol, calib, threads")
+            raise ExportError(
+                f"{key}: unknown option; valid: format, quantize, models, atol, calib, threads, dataset.root"
+            )
     if opts.quantize == "int8" and opts.format != "onnx":
         raise ExportError(f"quantize=int8: needs format=onnx (got format={opts.format})")
     if opts.quantize != "int8" and any(a.startswith("calib=") for a in args):
@@ -198,14 +206,28 @@ def check_run(opts: ExportOptions) -> dict[str, str]:
     roles = _roles(opts.run_dir)  # a role names its model: scheme=online's student is a peer (peer1)
     names = [m if m in have else roles.get(m, m) for m in opts.models]
     missing = [m for m, name in zip(opts.models, names) if name not in have]
+    unfinished = _unfinished(opts.run_dir)
     if missing:
         raise ExportError(
             f"models={','.join(opts.models)}: no checkpoint for {missing[0]} in this run; valid: {', '.join(have)}"
+            + (f" ({unfinished})" if unfinished else "")
         )
+    if unfinished:
+        log.warning("export: %s; its finished stages are exported", unfinished)
     for m, name in zip(opts.models, names):
         if name != m:
             log.info("export: models=%s: the run's %s is %s", m, m, name)
     return {name: have[name] for name in dict.fromkeys(names)}
+
+
+def _unfinished(run_dir: str) -> str | None:
+    """Why the run has not finished (its FAILED note's first line), with how it goes on; None when it has."""
+    try:
+        with open(os.path.join(run_dir, "FAILED")) as f:
+            why = f.readline().strip()
+    except OSError:
+        return None
+    return f"the run did not finish: {why or 'FAILED'}; kdrun train resume={run_dir} goes on"
 
 
 def _roles(run_dir: str) -> dict[str, str]:
@@ -291,6 +313,16 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
     if not ckpt.get("identity") and path.endswith(BEST_SUFFIX) and os.path.isfile(shipped):
         ckpt = {**read(shipped), "model": ckpt.get("model")}  # the stage's identity and classes, these weights
     ident = ckpt.get("identity")
+    if not ident and path.endswith("_last.pt") and "stage" in ckpt:
+        raise ExportError(
+            f"export: {path}: a stage's training state (weights, optimiser, ...), not a model to ship; load "
+            f"{path.removesuffix('_last.pt')}.pt, the model the stage wrote when it finished"
+        )
+    if not ident and path.endswith(BEST_SUFFIX):
+        raise ExportError(
+            f"export: {path}: a best epoch's weights take their model and classes from {os.path.basename(shipped)} "
+            "beside it, which is not there; keep the two files together"
+        )
     if not ident:
         raise ExportError(f"export: {path}: not a kdrun checkpoint (no 'identity')")
     model = build_model(
@@ -464,7 +496,21 @@ def _tag_onnx(path: str, spec: dict) -> None:
     model = onnx.load(path)
     props = {p.key: p.value for p in model.metadata_props} | {"kdrun.input": json.dumps(spec)}
     onnx.helper.set_model_props(model, props)
+    _name_batch_dim(model.graph)
     onnx.save(model, path)
+
+
+def _name_batch_dim(graph) -> None:
+    """Call the input's first dimension ``batch`` everywhere it appears, as export.json and the README name it (the
+    dynamo exporter names it after a symbol of its trace, e.g. ``s77``)."""
+    first = graph.input[0].type.tensor_type.shape.dim[0] if graph.input else None
+    old = first.dim_param if first is not None else ""
+    if not old or old == "batch":
+        return
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param == old:
+                dim.dim_param = "batch"
 
 
 def check_fits(name: str, path: str, ident: dict, data: DataBundle) -> None:
@@ -596,7 +642,16 @@ def run_export(opts: ExportOptions) -> dict:
     cfg = read_config(opts.run_dir)
     from kdrun.run_data import load_dataset
 
-    data = load_dataset(cfg.dataset)
+    if "root" in cfg.dataset:
+        cfg.dataset.root = opts.data_root or _run_root(cfg, opts.run_dir)
+    elif opts.data_root:
+        raise ExportError(f"dataset.root={opts.data_root}: the run's dataset, {cfg.dataset.name}, reads no folder")
+    try:
+        data = load_dataset(cfg.dataset)
+    except ConfigError as e:
+        if opts.data_root or "dataset.root" not in str(e):
+            raise
+        raise ExportError(f"{e}; export scores the run's test images: give dataset.root=DIR where they are now") from e
     models = {}
     for name, path in ckpts.items():  # before the test images are prepared (float32, all of them)
         models[name] = load_model(path)
@@ -637,6 +692,19 @@ def run_export(opts: ExportOptions) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return doc
+
+
+def _run_root(cfg: DictConfig, run_dir: str):
+    """``dataset.root`` as the run read it: a relative one is the folder the run was launched from's (Hydra records
+    it), not this process's working folder."""
+    root = OmegaConf.select(cfg, "dataset.root", default=None)
+    if not isinstance(root, str) or not root or os.path.isabs(os.path.expanduser(root)):
+        return root
+    try:
+        launched = io.load_yaml(os.path.join(run_dir, ".hydra", "hydra.yaml")).hydra.runtime.cwd
+    except Exception:  # noqa: BLE001 (no record: this folder's, as before)
+        return root
+    return os.path.join(str(launched), root)
 
 
 def read_config(run_dir: str) -> DictConfig:

@@ -92,7 +92,7 @@ def test_exported_onnx_has_dynamic_batch_and_matches_the_checkpoint(run_dir, exp
 
     sess = onnxruntime.InferenceSession(str(run_dir / "export" / "student.onnx"), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
-    assert not isinstance(inp.shape[0], int)  # a named (dynamic) batch dimension
+    assert inp.shape[0] == "batch" == sess.get_outputs()[0].shape[0]  # dynamic, named as export.json names it
     model, ident = load_model(str(run_dir / "checkpoints" / "student.pt"))
     for batch in (1, 5, 33):
         x = torch.randn(batch, ident["in_chans"], ident["image_size"], ident["image_size"])
@@ -486,3 +486,58 @@ def test_a_missing_export_package_is_one_line_naming_the_extra(run_dir, kdrun_he
         "kdrun: error: format=onnx: needs onnx, not installed here; pip install 'kdrun[export]' (from a checkout: "
         "pip install -e '.[export]'), or format=torchscript"
     )
+
+
+def test_a_training_state_or_a_best_file_without_its_model_says_what_to_load(run_dir, tmp_path):
+    import shutil
+
+    from kdrun.export import ExportError, load_model
+
+    with pytest.raises(ExportError, match=r"student_last.pt: a stage's training state .* load .*student.pt"):
+        load_model(str(run_dir / "checkpoints" / "student_last.pt"))
+    shutil.copy(run_dir / "checkpoints" / "student.pt", tmp_path / "student_best.pt")  # a best file's format
+    best = tmp_path / "student_best.pt"
+    from kdrun import io
+
+    ckpt = io.load(str(best), "checkpoint")
+    io.atomic_save({"model": ckpt["model"]}, str(best))  # the weights alone, as a stage writes its best epoch
+    with pytest.raises(ExportError, match=r"take their model and classes from student.pt beside it, which is not"):
+        load_model(str(best))
+
+
+def test_an_unfinished_run_says_so_and_how_it_goes_on(tmp_path):
+    from kdrun.export import ExportError, ExportOptions, check_run
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("{}\n")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "teacher.pt").write_bytes(b"")
+    (tmp_path / "FAILED").write_text("student: stopped by SIGINT at epoch 5, step 2; rerun the same command\n")
+    with pytest.raises(ExportError, match=r"no checkpoint for student in this run; valid: teacher \(the run did not "):
+        check_run(ExportOptions(str(tmp_path)))
+    with pytest.raises(ExportError, match=rf"stopped by SIGINT at epoch 5, step 2; .*; kdrun train resume={tmp_path}"):
+        check_run(ExportOptions(str(tmp_path)))
+    assert list(check_run(ExportOptions(str(tmp_path), models=["teacher"]))) == ["teacher"]
+
+
+def test_an_image_folder_run_exports_from_anywhere_and_from_where_its_images_moved(tmp_path):
+    """A relative dataset.root is the folder the run was launched from's (export read it against its own working
+    folder), and dataset.root= gives export the images where they are now."""
+    from tests.test_data import make_folder
+
+    make_folder(tmp_path / "imgs", per_split={"train": 6, "test": 3}, size=8)
+    data = ["dataset=imagefolder", "dataset.root=imgs", "dataset.image_size=8", "dataset.num_classes=3"]
+    p = run_kdrun("train", *SMOKE, *data, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = run_kdrun("export", str(tmp_path / "run"), "threads=1", cwd=elsewhere)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (tmp_path / "imgs").rename(tmp_path / "moved")
+    p = run_kdrun("export", str(tmp_path / "run"), "threads=1", cwd=elsewhere)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert f"dataset.root={tmp_path / 'imgs'}: no such folder" in p.stderr and "give dataset.root=DIR" in p.stderr
+    p = run_kdrun("export", str(tmp_path / "run"), "threads=1", f"dataset.root={tmp_path / 'moved'}", cwd=elsewhere)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_kdrun("export", str(tmp_path / "run"), f"dataset.root={tmp_path / 'nowhere'}", cwd=elsewhere)
+    assert p.returncode == 2 and f"dataset.root={tmp_path / 'nowhere'}: no such folder" in p.stderr
