@@ -48,7 +48,8 @@ def one_line_error(fn, *needles: str) -> str:
 
 
 def make_folder(root, classes=("cat", "ant", "bee"), per_split=None, size=8, mode="RGB"):
-    """Write PNGs root/<split>/<class>/<i>.png with pixel value 10*label + i (plus a ramp); returns the pixels."""
+    """Write PNGs root/<split>/<class>/<i>.png with pixel value 10*label + i (plus a ramp, and 50 in the test split:
+    no test image is a training image); returns the pixels."""
     per_split = per_split or {"train": 3, "test": 2}
     pixels = {}
     for split, n in per_split.items():
@@ -57,7 +58,8 @@ def make_folder(root, classes=("cat", "ant", "bee"), per_split=None, size=8, mod
             label = sorted(classes).index(c)
             for i in range(n):
                 chans = 3 if mode == "RGB" else 1
-                a = (np.arange(size * size * chans).reshape(size, size, chans) + 10 * label + i) % 256
+                shift = 10 * label + i + 50 * (split == "test")
+                a = (np.arange(size * size * chans).reshape(size, size, chans) + shift) % 256
                 a = a.astype(np.uint8)
                 Image.fromarray(a if chans == 3 else a[..., 0], mode).save(root / split / c / f"{i:03d}.png")
                 pixels[(split, c, i)] = a.transpose(2, 0, 1)
@@ -204,6 +206,26 @@ def test_files_that_are_not_images_are_skipped_and_counted(folder, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="kdrun"):
         load("imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
     assert "skipped 1 link to nothing (dangling), e.g. cat/gone.png" in caplog.text, caplog.text
+
+
+def test_test_images_that_are_training_images_too_are_a_warning_each_run(folder, tmp_path, caplog):
+    """A file copied (or linked) from the training split into the test split: the test split is not held out."""
+    import shutil
+
+    root, _ = folder
+    kw = dict(root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        load("imagefolder", **kw)
+    assert "byte for byte training images" not in caplog.text
+    shutil.copy(root / "train" / "ant" / "000.png", root / "test" / "bee" / "copy.png")
+    os.symlink(root / "train" / "cat" / "001.png", root / "test" / "cat" / "link.png")
+    for _ in range(2):  # the files hashed, then the digest read back: the warning both times
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kdrun"):
+            load("imagefolder", **kw)
+        assert "2 test images are byte for byte training images too (e.g. test/bee/copy.png = train/ant/000.png;" in (
+            caplog.text
+        ), caplog.text
 
 
 def test_a_folder_that_cannot_be_read_or_a_split_that_is_not_a_subfolder_is_one_line(folder, tmp_path, monkeypatch):

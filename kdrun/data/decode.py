@@ -54,37 +54,65 @@ def files_keys(root: str, files: list[str], *extra) -> tuple[str, str]:
 _DIGEST = re.compile(r"[0-9a-f]{40}")
 
 
-def files_digest(root: str, files: list[str], key: str, folder: str) -> str:
+def _warn_leaks(root: str, notes: list[str]) -> None:
+    """The warning of test images that are training images too (``notes``: ``leaks N`` and up to 3 pairs)."""
+    if not notes or not notes[0].startswith("leaks "):
+        return
+    log.warning(
+        "data: %s: %s test images are byte for byte training images too (e.g. %s): the test split is not held out "
+        "of training; remove them from one of the splits",
+        root,
+        notes[0].split()[1],
+        "; ".join(notes[1:]),
+    )
+
+
+def files_digest(root: str, files: list[str], key: str, folder: str, held_out: int | None = None) -> str:
     """The SHA-1 of the files' relative paths and bytes: what they hold, wherever they lie and whatever their times.
     Reading every byte is a pass over the files, so the digest is kept in ``folder`` under ``key`` (the
     files' own :func:`files_keys`, times included): a run on the same files reads it back, whatever it decodes them
     to; a copy elsewhere (new times: a job's local scratch, a fresh download) pays the pass once. A file that cannot
-    be read is :class:`UnreadableImage` naming it."""
+    be read is :class:`UnreadableImage` naming it.
+
+    ``held_out``: ``files[held_out:]`` are the test split; test files byte for byte the same as training files (the
+    test images not held out) are a warning, each run (kept with the digest)."""
     path = os.path.join(folder, f"files-{key}.sha1")
     try:
         with open(path) as f:
-            kept = f.read().strip()
+            kept, *notes = f.read().strip().splitlines()
         if _DIGEST.fullmatch(kept):
+            _warn_leaks(root, notes)
             return kept
-    except OSError:
+    except (OSError, ValueError):
         pass
     h = hashlib.sha1()
+    seen: dict[int, int] = {}  # a training file's bytes' SHA-1 (its first 8 bytes) -> its index
+    leaks: list[str] = []  # "test file = training file"
     bar = progress(total=len(files), desc="hash files", unit="img")
     try:
-        for name in files:
+        for i, name in enumerate(files):
             try:
                 with open(name, "rb") as f:
                     data = f.read()
             except OSError as e:
                 raise UnreadableImage(f"{name}: not readable ({e.strerror or e})") from None
-            h.update(f"{os.path.relpath(name, root)}\0".encode() + hashlib.sha1(data).digest())
+            one = hashlib.sha1(data).digest()
+            h.update(f"{os.path.relpath(name, root)}\0".encode() + one)
+            if held_out is not None:
+                short = int.from_bytes(one[:8])
+                if i < held_out:
+                    seen.setdefault(short, i)
+                elif short in seen:
+                    leaks.append(f"{os.path.relpath(name, root)} = {os.path.relpath(files[seen[short]], root)}")
             bar.update(1)
     finally:
         bar.close()
     digest = h.hexdigest()
+    notes = [f"leaks {len(leaks)}", *leaks[:3]] if leaks else []
+    _warn_leaks(root, notes)
     try:
         os.makedirs(folder, exist_ok=True)
-        io.write_text(path, digest + "\n")
+        io.write_text(path, "\n".join([digest, *notes]) + "\n")
     except (OSError, KdrunError) as e:
         why = e if isinstance(e, OSError) else e.__cause__
         log.warning(

@@ -209,7 +209,7 @@ def imagefolder(
     folder = resolve_cache_dir(cache_dir)
     # what the data is (the store's keys, `kdrun compare`): the files' bytes, however they are decoded; read by
     # rank 0 alone when data-parallel workers load the data
-    digest = distributed.shared(lambda: files_digest(root, files, files_alone, folder))
+    digest = distributed.shared(lambda: files_digest(root, files, files_alone, folder, held_out=len(train_files)))
     what = (digest, train_split, test_split, image_size, in_chans, *crop)
     content = hashlib.sha1(repr(what).encode()).hexdigest()[:20]
     n = len(files)
