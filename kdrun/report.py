@@ -265,6 +265,7 @@ def assemble(cfg, run_data, stages, roles, store_refs: dict, results: dict, logi
             "identity": data.identity,
             "content": data.content_key(),
             "num_classes": data.num_classes,
+            "classes": list(data.classes),  # index -> name: errors_by_class, student_exclude, logit_bias count by index
             "train": len(run_data.train_set),
             "student_train": len(run_data.student_set),
             "val": len(run_data.val_set) if run_data.val_set else 0,

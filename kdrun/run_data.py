@@ -183,6 +183,14 @@ class RunData:
             d.image_size,
             d.image_size,
         )
+        names = [str(c) for c in d.classes]
+        if names != [str(i) for i in range(len(names))]:  # names to indices (student_exclude, errors_by_class)
+            shown = ", ".join(f"{i} {n}" for i, n in enumerate(names[:12]))
+            log.info(
+                "data: classes by index: %s%s",
+                shown,
+                f", ... ({len(names)} in metrics.json)" if len(names) > 12 else "",
+            )
         if len(self.student_set) != len(self.train_set):
             log.info(
                 "data: the student stages train on %d of the %d training images (dataset.student_fraction=%s, "

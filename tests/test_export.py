@@ -529,6 +529,9 @@ def test_an_image_folder_run_exports_from_anywhere_and_from_where_its_images_mov
     data = ["dataset=imagefolder", "dataset.root=imgs", "dataset.image_size=8", "dataset.num_classes=3"]
     p = run_kdrun("train", *SMOKE, *data, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "data: classes by index: 0 ant, 1 bee, 2 cat\n" in p.stderr  # what student_exclude=[1] leaves out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["dataset"]["classes"] == ["ant", "bee", "cat"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     p = run_kdrun("export", str(tmp_path / "run"), "threads=1", cwd=elsewhere)
