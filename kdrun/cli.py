@@ -405,10 +405,23 @@ def expand_resume(args: list[str]) -> list[str]:
     if not dirs:
         return args
     run_dir = dirs[-1]
+    if len(set(dirs)) > 1:
+        raise ConfigError(f"resume={dirs[0]} resume={dirs[1]}: give one run directory to continue")
     if any(a in ("-m", "--multirun") for a in args):  # a multirun ignores hydra.run.dir: it would start anew
         raise ConfigError(
             f"resume={run_dir}: continues one run; to continue a sweep, give its command again with -m and "
             "hydra.sweep.dir=SWEEP_DIR (each job resumes in its own directory)"
+        )
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"resume={run_dir}: no such directory")
+    here = os.path.abspath(run_dir)
+    elsewhere = [
+        a for a in rest if a.lstrip("+~").startswith("hydra.run.dir=") and os.path.abspath(a.split("=", 1)[1]) != here
+    ]
+    if elsewhere:
+        raise ConfigError(
+            f"{elsewhere[0]}: resume={run_dir} continues the run in its own directory; to train the same "
+            "configuration elsewhere, give its overrides (RUN_DIR/.hydra/overrides.yaml) without resume="
         )
     saved = os.path.join(run_dir, ".hydra", "overrides.yaml")
     if not os.path.isfile(saved):

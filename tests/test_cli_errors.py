@@ -63,6 +63,8 @@ import pytest
             "sweep.metric=student.val_top1, measured on a validation split",
         ),
         (["-m", "resume=outputs/some_run", "loss.temperature=2,3"], "resume=outputs/some_run: continues one run; to "),
+        (["resume=outputs/no_such_run"], "resume=outputs/no_such_run: no such directory"),
+        (["resume=outputs/a", "resume=outputs/b"], "resume=outputs/a resume=outputs/b: give one run directory"),
         (["scheme=online", "scheme.temperature=0"], "scheme.temperature=0: must be a number > 0"),
         (["scheme=self", "scheme.generations=1"], "scheme.generations=1: must be an integer >= 2"),
         (["scheme=online", "scheme.peers=[resnet8]"], "scheme.peers=['resnet8']: give two or more peer models"),
@@ -390,3 +392,14 @@ def test_a_method_that_cannot_join_models_sized_by_the_data_is_refused_before_th
         )
     ), p.stderr[-2000:]
     assert "teacher epoch" not in p.stderr and not list((run_dir / "checkpoints").glob("*.pt"))
+
+
+def test_resume_into_another_directory_is_refused(kdrun_here, tmp_path):
+    """resume=A hydra.run.dir=B ran A in place and never made B (the command recorded both)."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("[]\n")
+    p = kdrun_here("train", f"resume={run}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"kdrun: error: hydra.run.dir={tmp_path / 'b'}: resume={run} continues the run in its ")
+    assert not (tmp_path / "b").exists()
