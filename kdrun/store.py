@@ -29,6 +29,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ log = logging.getLogger("kdrun")
 MARKER = "COMPLETE"
 ID_FILE = "store_id"  # a random name the store keeps for life: runs record it, so gc knows its runs at any mount path
 TMP = ".tmp-"
+KEY = re.compile(r"[0-9a-f]{16}")  # an entry's folder name (key_of); other folders there are not the store's
 
 
 def key_of(recipe: dict) -> str:
@@ -316,8 +318,9 @@ class Store:
             if not os.path.isdir(kdir):
                 continue
             for name in os.listdir(kdir):
-                if os.path.isdir(os.path.join(kdir, name)):
-                    out.add((kind, name.split(TMP)[0]))
+                key = name.split(TMP)[0]
+                if KEY.fullmatch(key) and os.path.isdir(os.path.join(kdir, name)):
+                    out.add((kind, key))
         return sorted(out)
 
     def entries(self, verify: bool = False) -> list[Entry]:
@@ -326,7 +329,10 @@ class Store:
         for kind, key in self.entry_keys():
             e = self.inspect(kind, key, verify=verify)
             if e is None:  # only temporary directories: a builder at work, or killed
-                tmp = self._partials(kind, key)[0]
+                partials = self._partials(kind, key)
+                if not partials:  # renamed into place or removed since the listing
+                    continue
+                tmp = partials[0]
                 e = Entry(
                     kind,
                     key,

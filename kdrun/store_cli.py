@@ -1,7 +1,7 @@
 """``kdrun store ls|gc``: inspect and clean the artifact store of teachers and logit caches.
 
     kdrun store ls [dir=outputs/.store] [verify=true|false]
-    kdrun store gc [dir=outputs/.store] [runs=DIR|none] [older_than=DAYS] [dry_run=true|false]
+    kdrun store gc [dir=outputs/.store] [runs=DIR|none] [older_than=DAYS] [dry_run=true|false] [verify=true|false]
 
 ``ls`` lists every entry with its size, age and state (``ok``, or why it cannot
 be used); it never modifies the store (``verify=true`` also checks every file's
@@ -43,12 +43,14 @@ from kdrun.store import ID_FILE, KINDS, Entry, Store
 
 USAGE = """usage: kdrun store ls [dir=outputs/.store] [verify=true|false]
        kdrun store gc [dir=outputs/.store] [runs=DIR|none] [older_than=DAYS] [dry_run=true|false]
+                      [verify=true|false]
 
 ls   every entry (trained teachers, logit caches) with its size, age and state; never modifies the store
 gc   removes entries no run under runs= uses (default: the output root the store is in; none: no run
      uses the store), damaged or half-written ones, and with older_than= those older than DAYS that no
-     unfinished run uses; dry_run=true lists what it would remove"""
-KEYS = {"ls": ("dir", "verify"), "gc": ("dir", "runs", "older_than", "dry_run")}
+     unfinished run uses; dry_run=true lists what it would remove; verify=true also finds damaged
+     files by their SHA-256 (else by their sizes)"""
+KEYS = {"ls": ("dir", "verify"), "gc": ("dir", "runs", "older_than", "dry_run", "verify")}
 BOOLEANS = ("verify", "dry_run")
 REFS_FILE = "store_refs.json"
 DONE_FILE = "metrics.json"  # written last by a run: it has finished
@@ -226,10 +228,12 @@ def _why(entry: Entry | None, refs: Refs, max_age: float | None, now: float) -> 
 
 
 def _line(kind: str, key: str, entry: Entry | None, now: float, why: str) -> str:
-    return f"{describe(entry, now)} ({why})" if entry is not None else f"{kind:<8} {key}  ({why})"
+    if entry is None:
+        return f"{kind:<8} {key}  ({why})"
+    return describe(entry, now) + (f" ({why})" if why != entry.problem else "")
 
 
-def gc(store: Store, runs: str, max_age: float | None, dry: bool, now: float) -> int:
+def gc(store: Store, runs: str, max_age: float | None, dry: bool, now: float, verify: bool = False) -> int:
     """Remove (or, ``dry``, list) what :func:`_why` says goes; print one line each; return the bytes freed."""
     refs = referenced(runs, store.root)
     if refs.unreadable:
@@ -274,7 +278,7 @@ def gc(store: Store, runs: str, max_age: float | None, dry: bool, now: float) ->
                 held.close()
                 print(f"skipped  {kind:<8} {key}  (in use by another process)")
                 continue
-            entry = store.inspect(kind, key, verify=False)
+            entry = store.inspect(kind, key, verify=verify)
             why = _why(entry, refs, max_age, now)
             if why is not None and not dry:
                 pending.append((kind, key, entry, why, held))
@@ -300,7 +304,8 @@ def store_main(args: list[str]) -> int:
         print(USAGE)
         return 0
     if not args or args[0] not in KEYS:
-        raise ConfigError("kdrun store: give a subcommand; valid: ls, gc")
+        what = f"{args[0]}: unknown subcommand" if args else "give a subcommand"
+        raise ConfigError(f"kdrun store: {what}; valid: ls, gc")
     cmd = args[0]
     opts = parse(cmd, args[1:])
     store = Store(opts["dir"])
@@ -322,6 +327,6 @@ def store_main(args: list[str]) -> int:
                 "dry_run=true; run it as a user (or on a mount) that can write to the store"
             )
     max_age = opts["older_than"] * 86400 if opts["older_than"] is not None else None
-    freed = gc(store, runs, max_age, opts["dry_run"], now)
+    freed = gc(store, runs, max_age, opts["dry_run"], now, opts["verify"])
     print(f"{'would free' if opts['dry_run'] else 'freed'} {freed / 1e6:.2f} MB")
     return 0

@@ -177,8 +177,8 @@ BAD = [
     ("gc", "older_than=week", "older_than=week: must be a number of days >= 0"),
     ("gc", "runs=", "runs=: empty"),
     ("gc", "dir=", "dir=: empty"),
-    ("gc", "verify=true", "verify=true: unknown argument; valid: dir=..., dry_run=..., older_than=..., runs=..."),
-    ("gc", "--dry-run", "--dry-run: unknown argument; valid: dir=..., dry_run=..., older_than=..., runs=..."),
+    ("gc", "verify=ja", "verify=ja: must be true or false"),
+    ("gc", "--dry-run", "--dry-run: unknown argument; valid: dir=..., dry_run=..., older_than=..., runs=..., verify="),
     ("ls", "verify=yes", "verify=yes: must be true or false"),
     ("ls", "dry_run=true", "dry_run=true: unknown argument; valid: dir=..., verify=..."),
 ]
@@ -424,3 +424,20 @@ def test_gc_of_runs_none_of_which_uses_the_store_is_refused_unless_runs_none(tmp
     assert code == 0 and stdout.count("would remove") == 2 and len(entries(store)) == 2
     code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'store'}", "runs=none")
     assert code == 0 and stdout.count("removed") == 2 and entries(store) == [], stdout
+
+
+def test_gc_verify_removes_a_damaged_entry_and_leaves_the_store_s_other_folders(tmp_path, monkeypatch, capsys):
+    """gc checked sizes only, so a file damaged in place stayed (its docs said damaged entries go); a folder a user
+    put under teacher/ was removed as an incomplete entry; the reason was printed twice."""
+    out = tmp_path / "out"
+    store = make_store(out / ".store", ("teacher", TEACHER), ("logits", LOGITS))
+    make_run(out / "train" / "r1", store, ("teacher", TEACHER), ("logits", LOGITS))
+    path = Path(store.inspect("teacher", TEACHER).path) / "a.bin"
+    path.write_bytes(b"y" + path.read_bytes()[1:])  # same size, other bytes
+    (out / ".store" / "teacher" / "my_notes").mkdir()
+    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={out / '.store'}")
+    assert code == 0 and "removed" not in stdout and entries(store) == [("logits", LOGITS), ("teacher", TEACHER)]
+    code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={out / '.store'}", "verify=true")
+    assert code == 0 and entries(store) == [("logits", LOGITS)], stdout
+    assert stdout.count("a.bin is damaged (SHA-256 mismatch)") == 1, stdout
+    assert (out / ".store" / "teacher" / "my_notes").is_dir()
