@@ -301,6 +301,56 @@ def test_a_trial_stopped_by_sigterm_goes_on_in_its_folder(tmp_path):
     assert (tmp_path / "s" / "0" / "metrics.json").exists() and not (tmp_path / "s" / "0" / "FAILED").exists()
 
 
+def test_a_retry_in_another_sweep_directory_runs_there(tmp_path):
+    """The default sweep directory is new each time: a retry sent back to the stopped trial's folder in the old
+    one ran outside this sweep's report and exit code (a failure there let the sweep exit 0)."""
+    p = sweep(
+        tmp_path,
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweep.dir=s1",
+        "trainer.epochs=2",
+        check=False,
+        env={"KDRUN_KILL_AT": "student:2:TERM"},
+    )
+    assert p.returncode == 75, p.stderr[-3000:]
+    sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=s2", "trainer.epochs=2")
+    trials = load(tmp_path).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["run_dir"] == str(tmp_path / "s2" / "1")
+    assert (tmp_path / "s1" / "0" / "FAILED").exists() and (tmp_path / "s2" / "1" / "metrics.json").exists()
+    results = (tmp_path / "s2" / "optimization_results.yaml").read_text()
+    assert f"best_run_dir: {tmp_path / 's2' / '1'}" in results, results
+
+
+def test_processes_that_made_a_study_together_share_its_sweep_directory(tmp_path):
+    """Each process that found the new study without an id set one (the last write stays): one that wrote the
+    directory's record first holds another id than the study's; adopted while the directory holds no runs."""
+    import json
+
+    from hydra_plugins.kdrun_optuna.sweeper import STUDY_ID_ATTR, STUDY_MARK, KdrunOptunaSweeper
+
+    storage = f"journal:{tmp_path}/optuna/kdrun_kd.journal"
+    study = optuna.create_study(study_name="kdrun_kd", storage=open_storage(storage), direction="maximize")
+    study.set_user_attr(STUDY_ID_ATTR, "second")
+    (tmp_path / "s").mkdir()
+    mark = {"study_id": "first", "study_name": "kdrun_kd", "storage": storage}
+    (tmp_path / "s" / STUDY_MARK).write_text(json.dumps(mark))
+    sweeper = KdrunOptunaSweeper(study_name="kdrun_kd", storage=storage)
+    sweeper.claim_sweep_dir(study, str(tmp_path / "s"))
+    assert json.loads((tmp_path / "s" / STUDY_MARK).read_text())["study_id"] == "second"
+    (tmp_path / "s" / STUDY_MARK).write_text(json.dumps(mark))
+    (tmp_path / "s" / "0" / ".hydra").mkdir(parents=True)  # a run of the study that wrote the record: refused
+    with pytest.raises(SystemExit):
+        sweeper.claim_sweep_dir(study, str(tmp_path / "s"))
+
+
+def test_an_in_memory_study_swept_into_a_directory_again_says_why_it_is_refused(tmp_path):
+    args = ("hydra.sweeper.storage=null", "hydra.sweeper.n_trials=0", "hydra.sweep.dir=s")
+    sweep(tmp_path, *args)
+    p = sweep(tmp_path, *args, check=False)
+    assert p.returncode == 2 and "an in-memory study (hydra.sweeper.storage=null) is a new one each time" in p.stderr
+
+
 def test_a_sweep_directory_of_another_study_is_refused(tmp_path):
     """Job folders are named by trial number, so a second study's trial 0 would meet the first's run in 0/ (and
     Hydra would rewrite its .hydra/ before the run refused to resume): refused before anything runs."""

@@ -18,7 +18,8 @@ queued again: at once when that process was on this machine, otherwise once the 
 heartbeat for ``grace_period`` seconds (a job killed on another node; the clocks of the nodes must
 agree to well within ``grace_period``). With Hydra's default ``hydra.sweep.subdir`` each trial's job folder is
 ``hydra.sweep.dir/<trial number>`` (not the launcher's count: other processes ask trials of the same study
-too), and a retry goes on in its trial's folder, so kdrun resumes the checkpoints the stopped job left there.
+too), and a retry goes on in its trial's folder when that is in this sweep directory (the same
+``hydra.sweep.dir`` given again), so kdrun resumes the checkpoints the stopped job left there.
 A sweep directory records its study (``.optuna_study.json``); a sweep of another study into it is refused.
 
 Failed trials do not count toward ``n_trials``, so the sweep
@@ -312,13 +313,15 @@ def _quoted(value: str) -> str:
 
 def job_dir(study, trial, sweep_dir: str) -> str:
     """The folder of ``trial``'s job: ``SWEEP_DIR/<trial number>``, except for a retry of a trial whose process
-    is gone (``retry_of``): that trial's folder when it still exists, so kdrun resumes its checkpoints there
-    instead of training from scratch."""
+    is gone (``retry_of``): that trial's folder when it is in this sweep directory (the same hydra.sweep.dir given
+    again, as a requeued job does), so kdrun resumes its checkpoints there instead of training from scratch. One
+    in another sweep directory (the default one is new each time) is not: this sweep's report and exit code
+    cover the runs of its own directory."""
     retry_of = trial.user_attrs.get("retry_of")
     if isinstance(retry_of, int):
         earlier = [t for t in study.get_trials(deepcopy=False) if t.number == retry_of]
         before = earlier[0].user_attrs.get(JOB_DIR_ATTR) if earlier else None
-        if isinstance(before, str) and os.path.isdir(before):
+        if isinstance(before, str) and os.path.isdir(before) and os.path.dirname(before) == sweep_dir:
             return before
     return os.path.join(sweep_dir, str(trial.number))
 
@@ -446,37 +449,35 @@ class KdrunOptunaSweeper(Sweeper):
 
         ours = study.user_attrs.get(STUDY_ID_ATTR)
         if ours is None:
-            ours = uuid.uuid4().hex
-            study.set_user_attr(STUDY_ID_ATTR, ours)
+            study.set_user_attr(STUDY_ID_ATTR, uuid.uuid4().hex)
+            ours = study.user_attrs.get(STUDY_ID_ATTR)  # as stored: processes started together each set one
         mark = os.path.join(sweep_dir, STUDY_MARK)
         hint = "give this sweep its own hydra.sweep.dir"
+        where = str(self.storage or "memory")
+        held = self._others_runs(study, sweep_dir)
         if os.path.exists(mark):
             try:
                 with open(mark) as f:
                     theirs = json.load(f)
             except (OSError, ValueError):
                 theirs = {}
-            if theirs.get("study_id") != ours:
-                refuse(
-                    f"hydra.sweep.dir={sweep_dir}: holds the trials of study {theirs.get('study_name', '?')} in "
-                    f"{theirs.get('storage', '?')}, not of study {self.study_name} in {self.storage or 'memory'} "
-                    f"(its job folders are named by trial number); {hint}"
-                )
-            return
-        # folders of this study's trials are its own (a study swept here before sweeps recorded themselves)
-        mine = {
-            os.path.abspath(str(t.user_attrs[a]))
-            for t in study.get_trials(deepcopy=False)
-            for a in ("run_dir", JOB_DIR_ATTR)
-            if t.user_attrs.get(a)
-        }
-        held = [
-            e.name
-            for e in (os.scandir(sweep_dir) if os.path.isdir(sweep_dir) else [])
-            if e.is_dir()
-            and os.path.abspath(e.path) not in mine
-            and any(os.path.exists(os.path.join(e.path, f)) for f in (".hydra", "checkpoints"))
-        ]
+            if theirs.get("study_id") == ours:
+                return
+            same = theirs.get("study_name") == self.study_name and theirs.get("storage") == where
+            if same and self.storage and not held:  # processes that made the study together: the id it kept
+                io.write_json({"study_id": ours, "study_name": self.study_name, "storage": where}, mark)
+                return
+            why = (
+                "an in-memory study (hydra.sweeper.storage=null) is a new one each time"
+                if same and not self.storage
+                else "the study was made again since (its storage deleted?)"
+                if same
+                else f"not of study {self.study_name} in {where}"
+            )
+            refuse(
+                f"hydra.sweep.dir={sweep_dir}: holds the trials of study {theirs.get('study_name', '?')} in "
+                f"{theirs.get('storage', '?')}, {why} (job folders are named by trial number); {hint}"
+            )
         if held:
             refuse(
                 f"hydra.sweep.dir={sweep_dir}: holds runs of another sweep ({', '.join(sorted(held)[:3])}"
@@ -484,7 +485,25 @@ class KdrunOptunaSweeper(Sweeper):
                 f"number; {hint}"
             )
         os.makedirs(sweep_dir, exist_ok=True)
-        io.write_json({"study_id": ours, "study_name": self.study_name, "storage": str(self.storage or "memory")}, mark)
+        io.write_json({"study_id": ours, "study_name": self.study_name, "storage": where}, mark)
+
+    @staticmethod
+    def _others_runs(study, sweep_dir: str) -> list[str]:
+        """The run folders in ``sweep_dir`` that are no trial's of ``study``."""
+        # folders of this study's trials are its own (a study swept here before sweeps recorded themselves)
+        mine = {
+            os.path.abspath(str(t.user_attrs[a]))
+            for t in study.get_trials(deepcopy=False)
+            for a in ("run_dir", JOB_DIR_ATTR)
+            if t.user_attrs.get(a)
+        }
+        return [
+            e.name
+            for e in (os.scandir(sweep_dir) if os.path.isdir(sweep_dir) else [])
+            if e.is_dir()
+            and os.path.abspath(e.path) not in mine
+            and any(os.path.exists(os.path.join(e.path, f)) for f in (".hydra", "checkpoints"))
+        ]
 
     def sweep(self, arguments: list[str]) -> None:
         from optuna.trial import TrialState
@@ -576,6 +595,8 @@ class KdrunOptunaSweeper(Sweeper):
                 "best_params": best.params,
                 "best_value": best.value,
                 "best_trial": best.number,
+                # its run's folder (a retry runs in the folder of the trial it retries, not one of its number)
+                "best_run_dir": best.user_attrs.get("run_dir", best.user_attrs.get(JOB_DIR_ATTR)),
             }
         out = self.config.hydra.sweep.dir
         os.makedirs(out, exist_ok=True)
