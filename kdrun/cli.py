@@ -405,7 +405,7 @@ def expand_resume(args: list[str]) -> list[str]:
     if not dirs:
         return args
     run_dir = dirs[-1]
-    if len(set(dirs)) > 1:
+    if len({os.path.abspath(d) for d in dirs}) > 1:
         raise ConfigError(f"resume={dirs[0]} resume={dirs[1]}: give one run directory to continue")
     if any(a in ("-m", "--multirun") for a in args):  # a multirun ignores hydra.run.dir: it would start anew
         raise ConfigError(

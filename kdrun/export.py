@@ -642,7 +642,7 @@ def run_export(opts: ExportOptions) -> dict:
     cfg = read_config(opts.run_dir)
     from kdrun.run_data import load_dataset
 
-    if "root" in cfg.dataset:
+    if cfg.dataset.get("root") is not None:
         cfg.dataset.root = opts.data_root or _run_root(cfg, opts.run_dir)
     elif opts.data_root:
         raise ExportError(f"dataset.root={opts.data_root}: the run's dataset, {cfg.dataset.name}, reads no folder")

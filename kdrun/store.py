@@ -145,7 +145,13 @@ class Store:
         for _ in range(2):
             try:
                 with open(path) as f:
-                    return f.read().strip() or None
+                    name = f.read().strip() or None
+                if os.stat(path).st_mode & 0o044 == 0:  # made 0600 by a kdrun before: for the group sharing it
+                    try:
+                        os.chmod(path, 0o644)
+                    except OSError:  # another user's file
+                        pass
+                return name
             except FileNotFoundError:
                 pass
             except OSError:

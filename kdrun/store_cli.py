@@ -241,9 +241,12 @@ def gc(store: Store, runs: str, max_age: float | None, dry: bool, now: float, ve
             f"runs={runs}: cannot read {refs.unreadable[0]}, so which entries its run uses is unknown; make it "
             "readable or remove that run, then run gc again (nothing was removed)"
         )
-    if runs != NO_RUNS and not refs.runs and not dry:
+    if runs != NO_RUNS and not refs.runs:
         sound = [e for e in store.entries() if e.problem is None]
-        if sound:
+        if sound and dry:
+            note = f"note: no run under runs={runs} uses this store: without dry_run=true gc refuses"
+            print(f"{note} (runs={NO_RUNS}: it removes them)")
+        elif sound:
             raise ConfigError(
                 f"runs={runs}: no run there uses this store (no store_refs.json under it names it), so gc would "
                 f"remove all {len(sound)} sound entries; give the directory holding the runs that use it, or "

@@ -139,7 +139,7 @@ class TeacherSource:
                 entry = distributed.shared(lambda: store.get("teacher", key))
                 own = self._taken_before(final, model, ident, run)
                 if own is not None:
-                    stages.log.note("teacher", **own, source="run", store_key=key)
+                    stages.log.note("teacher", **own, source="store", store_key=key, file=final)
                 elif entry is not None and not self._finished_here():
                     summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}", run)
                     if distributed.is_main():

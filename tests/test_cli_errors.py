@@ -65,6 +65,7 @@ import pytest
         (["-m", "resume=outputs/some_run", "loss.temperature=2,3"], "resume=outputs/some_run: continues one run; to "),
         (["resume=outputs/no_such_run"], "resume=outputs/no_such_run: no such directory"),
         (["resume=outputs/a", "resume=outputs/b"], "resume=outputs/a resume=outputs/b: give one run directory"),
+        (["resume=outputs/a", "resume=outputs/a/"], "resume=outputs/a/: no such directory"),  # one directory
         (["scheme=online", "scheme.temperature=0"], "scheme.temperature=0: must be a number > 0"),
         (["scheme=self", "scheme.generations=1"], "scheme.generations=1: must be an integer >= 2"),
         (["scheme=online", "scheme.peers=[resnet8]"], "scheme.peers=['resnet8']: give two or more peer models"),

@@ -291,6 +291,7 @@ def test_a_checkpoint_its_model_no_longer_fits_is_one_line(run_dir, tmp_path):
         (["RUN", "calib=8"], "calib=: the int8 calibration images; it needs quantize=int8"),
         (["RUN", "atol=nan"], "atol=nan: must be a number >= 0.0"),
         (["RUN", "colour=red"], "colour: unknown option"),
+        (["RUN", "dataset.root=/nowhere"], "dataset.root=/nowhere: the run's dataset, digits, reads no folder"),
         ([], "missing RUN_DIR"),
     ],
 )

@@ -614,6 +614,7 @@ def test_diverging_job_inside_a_3_job_sweep_costs_only_itself(kdrun, tmp_path):
             "loss.paraphraser_lr",
         ),
         (["+teacher.optim.lr=1e30", "trainer.teacher_epochs=2"], "teacher", "teacher.optim.lr"),
+        (["loss=ab", "loss.init_epochs=2", "optim.lr=1e30", "+teacher.optim.lr=0.05"], "student_init", "optim.lr"),
     ],
 )
 def test_a_diverging_stage_names_the_key_of_its_own_learning_rate(kdrun, tmp_path, overrides, stage, key):

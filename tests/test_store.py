@@ -37,6 +37,11 @@ def test_a_group_shares_a_store_its_lock_files_and_id_are_theirs_too(tmp_path):
     """Under a group's umask (002) a lock file was made 0644 (another member could not open it to lock an entry) and
     the store's id 0600 (their runs could not read it, so gc matched their runs by path only)."""
     store = Store(str(tmp_path / "store"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / ID_FILE).write_text("abc\n")
+    os.chmod(tmp_path / "old" / ID_FILE, 0o600)  # as a kdrun before made it
+    assert Store(str(tmp_path / "old")).ident() == "abc"
+    assert stat.S_IMODE(os.stat(tmp_path / "old" / ID_FILE).st_mode) == 0o644
     old = os.umask(0o002)
     try:
         ident = store.ident()
@@ -105,7 +110,7 @@ def test_a_run_again_keeps_the_teacher_it_took_from_the_store_once_the_entry_is_
     assert "this run's own" in p.stderr and "teacher epoch=" not in p.stderr and "teacher: stored as" not in p.stderr
     assert teacher.read_bytes() == before
     m = json.loads((tmp_path / "r2" / "metrics.json").read_text())
-    assert m["test"]["teacher"] == m2["test"]["teacher"] and m["stages"]["teacher"]["source"] == "run"
+    assert m["test"]["teacher"] == m2["test"]["teacher"] and m["stages"]["teacher"]["source"] == "store"
 
 
 def test_parallel_runs_build_the_teacher_once(tmp_path):

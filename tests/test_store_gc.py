@@ -422,6 +422,7 @@ def test_gc_of_runs_none_of_which_uses_the_store_is_refused_unless_runs_none(tmp
         capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'store'}", f"runs={tmp_path}", "dry_run=true"
     )
     assert code == 0 and stdout.count("would remove") == 2 and len(entries(store)) == 2
+    assert f"note: no run under runs={tmp_path} uses this store: without dry_run=true gc refuses" in stdout
     code, stdout, _ = kdrun_main(capsys, monkeypatch, "store", "gc", f"dir={tmp_path / 'store'}", "runs=none")
     assert code == 0 and stdout.count("removed") == 2 and entries(store) == [], stdout
 

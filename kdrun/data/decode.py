@@ -56,7 +56,7 @@ _DIGEST = re.compile(r"[0-9a-f]{40}")
 
 def _warn_leaks(root: str, notes: list[str]) -> None:
     """The warning of test images that are training images too (``notes``: ``leaks N`` and up to 3 pairs)."""
-    if not notes or not notes[0].startswith("leaks "):
+    if not notes or not notes[0].startswith("leaks ") or notes[0] == "leaks 0":
         return
     log.warning(
         "data: %s: %s test images are byte for byte training images too (e.g. %s): the test split is not held out "
@@ -80,7 +80,8 @@ def files_digest(root: str, files: list[str], key: str, folder: str, held_out: i
     try:
         with open(path) as f:
             kept, *notes = f.read().strip().splitlines()
-        if _DIGEST.fullmatch(kept):
+        # kept by a kdrun that did not look for test images among the training images: that pass is made once
+        if _DIGEST.fullmatch(kept) and (held_out is None or (notes and notes[0].startswith("leaks "))):
             _warn_leaks(root, notes)
             return kept
     except (OSError, ValueError):
@@ -108,7 +109,7 @@ def files_digest(root: str, files: list[str], key: str, folder: str, held_out: i
     finally:
         bar.close()
     digest = h.hexdigest()
-    notes = [f"leaks {len(leaks)}", *leaks[:3]] if leaks else []
+    notes = [f"leaks {len(leaks)}", *leaks[:3]] if held_out is not None else []
     _warn_leaks(root, notes)
     try:
         os.makedirs(folder, exist_ok=True)

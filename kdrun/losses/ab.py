@@ -84,7 +84,8 @@ class AB(FeatureLoss):
         step = InitStep(student, self.adapters, self.student_layers, self.init_loss)
         optim = {"schedule": "constant", "warmup_epochs": 0} | ({"lr": self.init_lr} if self.init_lr else {})
         objective = InitObjective(step, teacher, self.teacher_layers)
-        return [PreStage("init", step, objective, self.init_epochs, optim, lr_key="loss.init_lr")]
+        lr_key = "loss.init_lr" if self.init_lr else "optim.lr"  # null: the stage ran at optim.lr
+        return [PreStage("init", step, objective, self.init_epochs, optim, lr_key=lr_key)]
 
     def forward(self, s: Outputs, t: Outputs, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {}  # the student stage is CE only
