@@ -45,7 +45,7 @@ log = logging.getLogger("kdrun")
 MARKER = "COMPLETE"
 ID_FILE = "store_id"  # a random name the store keeps for life: runs record it, so gc knows its runs at any mount path
 TMP = ".tmp-"
-KEY = re.compile(r"[0-9a-f]{16}")  # an entry's folder name (key_of); other folders there are not the store's
+KEY = re.compile(r"[0-9a-f]{16}")  # an entry's folder name (key_of)
 
 
 def key_of(recipe: dict) -> str:
@@ -323,9 +323,14 @@ class Store:
             kdir = os.path.join(self.root, kind)
             if not os.path.isdir(kdir):
                 continue
-            for name in os.listdir(kdir):
+            names = os.listdir(kdir)
+            for name in names:
                 key = name.split(TMP)[0]
-                if KEY.fullmatch(key) and os.path.isdir(os.path.join(kdir, name)):
+                if not os.path.isdir(os.path.join(kdir, name)):
+                    continue
+                # the store's: a key's name, its lock file or its marker; other folders there (a user's notes) are not
+                ours = KEY.fullmatch(key) or TMP in name or f"{key}.lock" in names
+                if ours or os.path.isfile(os.path.join(kdir, name, MARKER)):
                     out.add((kind, key))
         return sorted(out)
 
