@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -123,8 +124,9 @@ def parse_args(args: list[str]) -> ExportOptions:
             "[quantize=int8] [models=student,teacher,baseline]"
         )
     if len(positional) > 1 or positional[0].startswith("-"):
+        word = positional[0] if positional[0].startswith("-") else positional[1]
         raise ExportError(
-            f"export {positional[-1]}: unexpected argument; valid: RUN_DIR, format=, quantize=, models=, atol=, "
+            f"export {word}: unexpected argument; valid: RUN_DIR, format=, quantize=, models=, atol=, "
             "calib=, threads=, dataset.root="
         )
     opts = ExportOptions(run_dir=positional[0])
@@ -637,6 +639,11 @@ def run_export(opts: ExportOptions) -> dict:
 
     ckpts = check_run(opts)
     _check_installed(opts)
+    if not io.can_create_in(opts.run_dir):  # before the data and the models are read
+        raise ExportError(
+            f"export {opts.run_dir}: cannot write there (export writes RUN_DIR/export); copy the run folder "
+            "somewhere writable and export the copy"
+        )
     if opts.threads:
         torch.set_num_threads(opts.threads)
     cfg = read_config(opts.run_dir)
@@ -818,7 +825,8 @@ def export_main(args: list[str]) -> int:
     opts = parse_args(args)
     out_dir = os.path.join(opts.run_dir, "export")
     before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
-    doc = run_export(opts)
+    with _stopped_by_signals():
+        doc = run_export(opts)
     print(export_table(doc))
     print(input_line(doc["input"]))
     print(f"written: {out_dir}/ ({', '.join(_files(doc))}, export.json)")
@@ -826,6 +834,35 @@ def export_main(args: list[str]) -> int:
     if gone:
         print(f"removed, with the earlier export.json they belonged to: {', '.join(gone)}")
     return 0
+
+
+class Stopped(KdrunError):
+    exit_code = 130
+
+
+class _Signalled(BaseException):
+    """Raised by the signal handler: a BaseException, so no ``except Exception`` on the way (the exporter's
+    fallback) takes it for a failure and goes on."""
+
+
+@contextmanager
+def _stopped_by_signals():
+    """SIGTERM or SIGINT (Ctrl-C) end the export with one line, its temporary folder removed and the earlier
+    export left as it was (SIGTERM killed it where it stood, leaving ``.export-tmp-*`` in the run folder; Ctrl-C
+    printed a traceback)."""
+    import signal
+
+    def stop(signum, frame):
+        raise _Signalled(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except _Signalled as e:
+        raise Stopped(f"export: stopped by {e}; nothing written, the earlier export kept") from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def input_line(spec: dict) -> str:

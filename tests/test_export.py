@@ -194,18 +194,20 @@ def test_report_shows_the_export(run_dir, exported):
 
 
 def test_an_operating_system_error_is_one_line(run_dir, kdrun_here, monkeypatch):
-    """A run directory kdrun cannot write into (read-only, immutable): the file and the reason, exit 2."""
+    """A run directory kdrun cannot write into (read-only, immutable): one line, exit 2, before the data and the
+    models are read (it named a temporary folder, after reading them)."""
     import tempfile
 
     def denied(prefix="", dir=None):
         raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}x"))
 
     monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    monkeypatch.setattr("kdrun.run_data.load_dataset", lambda *a: pytest.fail("read the data"))
     p = kdrun_here("export", str(run_dir), "models=student")
     assert p.returncode == 2
     assert p.stderr.strip() == (
-        f"kdrun: error: {run_dir}/.export-tmp-x: Permission denied (an operating-system error; run it where kdrun "
-        "can write)"
+        f"kdrun: error: export {run_dir}: cannot write there (export writes RUN_DIR/export); copy the run folder "
+        "somewhere writable and export the copy"
     )
 
 
@@ -291,6 +293,7 @@ def test_a_checkpoint_its_model_no_longer_fits_is_one_line(run_dir, tmp_path):
         (["RUN", "calib=8"], "calib=: the int8 calibration images; it needs quantize=int8"),
         (["RUN", "atol=nan"], "atol=nan: must be a number >= 0.0"),
         (["RUN", "colour=red"], "colour: unknown option"),
+        (["RUN", "--format", "onnx"], "export --format: unexpected argument"),
         (["RUN", "dataset.root=/nowhere"], "dataset.root=/nowhere: the run's dataset, digits, reads no folder"),
         ([], "missing RUN_DIR"),
     ],
@@ -545,3 +548,30 @@ def test_an_image_folder_run_exports_from_anywhere_and_from_where_its_images_mov
     assert p.returncode == 0, p.stderr[-2000:]
     p = run_kdrun("export", str(tmp_path / "run"), f"dataset.root={tmp_path / 'nowhere'}", cwd=elsewhere)
     assert p.returncode == 2 and f"dataset.root={tmp_path / 'nowhere'}: no such folder" in p.stderr
+
+
+def test_an_export_stopped_by_sigterm_leaves_nothing_and_says_so(run_dir, exported):
+    """SIGTERM killed an export where it stood, leaving .export-tmp-* (fp32 and int8 files) in the run folder."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import KDRUN
+
+    before = sorted(os.listdir(run_dir / "export"))
+    p = subprocess.Popen(
+        [*KDRUN, "export", str(run_dir), "quantize=int8", "models=student,teacher", "threads=1"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(run_dir.glob(".export-tmp-*")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "the export ended before its temporary folder was seen"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "kdrun: error: export: stopped by SIGTERM; nothing written, the earlier export kept"
+    )
+    assert not list(run_dir.glob(".export-tmp-*")) and sorted(os.listdir(run_dir / "export")) == before
