@@ -17,6 +17,7 @@ A problem with one run or one plot is noted and never stops the rest.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -701,11 +702,25 @@ def build(path: str, out: str | None = None) -> Report:
     rows, groups = run_rows(runs, swept), seed_groups(unique, swept)
     from kdrun.sweep_plots import write_plots  # it imports this module
 
-    plots, plot_notes = write_plots(unique, swept, out)
     md_path, csv_path = os.path.join(out, "report.md"), os.path.join(out, "report.csv")
+    earlier = _plots_listed(md_path)
+    plots, plot_notes = write_plots(unique, swept, out)
     kio.write_text(md_path, markdown(path, runs, swept, groups, plots, plot_notes))
+    for name in earlier - {os.path.basename(p) for p in plots}:  # an earlier report's plots this one did not make
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, name))
     write_csv(rows, csv_path)
     return Report(runs, swept, rows, groups, [md_path, csv_path, *plots], rank_key(runs))
+
+
+def _plots_listed(md_path: str) -> set[str]:
+    """The plot files an earlier ``report.md`` in the same folder lists (its ``![name](name)`` lines)."""
+    try:
+        with open(md_path) as f:
+            text = f.read()
+    except OSError:
+        return set()
+    return {m for m in re.findall(r"^!\[[^\]]*\]\(([^)/\\]+\.png)\)$", text, flags=re.M)}
 
 
 def write_report(path: str, out: str | None = None) -> list[str]:

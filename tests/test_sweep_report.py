@@ -387,6 +387,21 @@ def test_plots_written_as_png(tmp_path):
             assert f"]({os.path.basename(p)})" in (tmp_path / "report.md").read_text()
 
 
+def test_a_report_written_again_into_a_folder_removes_the_earlier_report_s_plots_only(tmp_path):
+    """`kdrun report DIR --out D` twice: the first report's plots of keys no longer swept stayed beside the new
+    report.md; files the reports did not write stay."""
+    grid_with_seeds(tmp_path / "a", seeds=(0, 1))
+    out = tmp_path / "out"
+    first = {os.path.basename(p) for p in write_report(tmp_path / "a", out) if p.endswith(".png")}
+    assert "heatmap_loss_temperature_x_loss_alpha.png" in first
+    (out / "mine.png").write_bytes(b"a user's own")
+    make_run(tmp_path / "b", "0", ["loss.temperature=1"], fake_metrics(70.0))
+    make_run(tmp_path / "b", "1", ["loss.temperature=4"], fake_metrics(80.0))
+    second = {os.path.basename(p) for p in write_report(tmp_path / "b", out) if p.endswith(".png")}
+    assert {n for n in os.listdir(out) if n.endswith(".png")} == second | {"mine.png"}, os.listdir(out)
+    assert "heatmap_loss_temperature_x_loss_alpha.png" not in second
+
+
 def test_curves_read_epoch_files_not_the_per_step_logs(tmp_path):
     run = make_run(tmp_path, "0", [], fake_metrics(80.0))
     curves = sweep_plots.read_curves(run)
