@@ -720,7 +720,7 @@ def _plots_listed(md_path: str) -> set[str]:
             text = f.read()
     except OSError:
         return set()
-    return {m for m in re.findall(r"^!\[[^\]]*\]\(([^)/\\]+\.png)\)$", text, flags=re.M)}
+    return set(re.findall(r"^!\[[^\]]*\]\(([^)/\\]+\.png)\)$", text, flags=re.M))
 
 
 def write_report(path: str, out: str | None = None) -> list[str]:

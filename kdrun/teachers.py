@@ -136,11 +136,13 @@ class TeacherSource:
             # another job may hold it while it trains this teacher: every worker waits (DDP), then reuses it
             locks = partial(store.lock, "teacher", key), partial(store.try_lock, "teacher", key)
             with distributed.lock_on_main(*locks, self.data.device):
-                entry = distributed.shared(lambda: store.get("teacher", key))
-                own = self._taken_before(final, model, ident, run)
+                finished = self._finished_here()  # read once: teacher_last.pt holds the optimiser's state too
+                own = None if finished else self._taken_before(final, model, ident, run)
+                # the entry is read (its SHA-256 checked) only when the run has no teacher of its own yet
+                entry = None if own is not None else distributed.shared(lambda: store.get("teacher", key))
                 if own is not None:
                     stages.log.note("teacher", **own, source="store", store_key=key, file=final)
-                elif entry is not None and not self._finished_here():
+                elif entry is not None and not finished:
                     summary = load_teacher(entry.file("teacher.pt"), model, ident, f"store entry {entry.path}", run)
                     if distributed.is_main():
                         link_into(entry.file("teacher.pt"), final)
@@ -166,10 +168,10 @@ class TeacherSource:
     def _taken_before(self, final: str, model: nn.Module, ident: dict, run: dict) -> dict | None:
         """A run run again (resumed, or a finished one evaluated again) keeps the teacher it took from the store: its
         ``checkpoints/teacher.pt``, loaded into ``model`` (its summary returned), even when the store entry has
-        since gone (gc, a deleted store) or been rebuilt; the students of the run learnt from that teacher. None
-        when the run trained its own teacher (its stage resumes) or took none yet; a damaged file is a warning, and
+        since gone (gc, a deleted store) or been rebuilt; the students of the run learnt from that teacher. Called
+        when the run did not train its own teacher; None when it took none yet; a damaged file is a warning, and
         the teacher then comes from the store or is trained again."""
-        if self._finished_here() or not distributed.shared(lambda: os.path.exists(final)):
+        if not distributed.shared(lambda: os.path.exists(final)):
             return None
         try:
             summary = load_teacher(final, model, ident, f"this run's {final}", run)

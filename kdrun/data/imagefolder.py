@@ -79,7 +79,7 @@ def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], to
             else:
                 skipped.append(e.path)
                 if e.is_dir() and not e.name.startswith("."):
-                    nested += sum(_count_images(e.path))
+                    nested += _count_images(e.path)
         found.sort()
         if not found:
             raise ConfigError(
@@ -115,11 +115,13 @@ def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], to
     return files, torch.tensor(labels, dtype=torch.long)
 
 
-def _count_images(folder: str):
-    """The number of image files under ``folder`` (any depth), one folder at a time; unreadable ones count 0."""
+def _count_images(folder: str) -> int:
+    """The number of image files under ``folder`` (any depth; unreadable subfolders count 0)."""
+    n = 0
     for _here, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        yield sum(1 for n in names if not n.startswith(".") and n.lower().endswith(IMG_EXTENSIONS))
+        n += sum(1 for name in names if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS))
+    return n
 
 
 def _check_layout(root: str, train_split: str, test_split: str) -> None:
