@@ -57,6 +57,9 @@ class LogitCaches:
         forward = {"teacher_precision": precision} if precision != "fp32" else {}
         return {
             "teacher": teacher.key,
+            # a stored teacher's weights by their contents (the recipe's key alone paired a rebuilt entry's teacher
+            # with the logits of the one before)
+            **({"teacher_weights": teacher.weights_sha256} if teacher.weights_sha256 else {}),
             **forward,
             "format": FORMAT,
             "data": d.data.content_key(),
@@ -158,7 +161,7 @@ class LogitCaches:
             stored = -1  # rows in a sound store entry (-1: none, or the damaged one this run found)
             if entry is not None and entry.problem is None and entry.created != use.damaged_entry:
                 stored = entry.recipe.get("filled", 0)
-            if cache.filled > stored:
+            if cache.filled > max(stored, 0):  # an empty cache (a finished run run again without it) is no entry
                 files = {f"logits{SUFFIX}": cache.path}
                 entry = self.store.publish("logits", ckey, files, use.recipe | {"filled": cache.filled}, link=True)
                 log.info("cache: stored as %s (%d of %d rows)", entry.path, cache.filled, cache.shape.rows)

@@ -2,7 +2,8 @@
 
 :class:`Teacher` is what a scheme passes to a distillation stage: the frozen model, its name (``teacher``,
 or the stage that trained it, e.g. an assistant), the store key of its weights (None when it is not in the
-store, so its logit cache stays in the run) and the precision of its forward pass.
+store, so its logit cache stays in the run), the precision of its forward pass and, for a stored teacher, the
+SHA-256 of its weights.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class Teacher:
     name: str  # "teacher", or the stage that trained it
     key: str | None  # store key of its weights; None: not stored
     precision: str | None = None  # autocast of its forward pass; None: the stage's own
+    # SHA-256 of a stored teacher's weights (its state_dict), part of its logit caches' keys: a teacher entry
+    # rebuilt under the same recipe (damaged, removed, trained elsewhere) holds other weights, so other logits
+    weights_sha256: str | None = None
 
 
 class TeacherSource:
@@ -158,12 +162,16 @@ class TeacherSource:
                             files["metrics_teacher.csv"] = metrics_csv
                         entry = store.publish("teacher", key, files, recipe)
                         log.info("teacher: stored as %s", entry.path)
+        weights = None  # the weights, not teacher.pt's bytes: a run run again writes its summary there anew
+        if self.store is not None and not tcfg.checkpoint:  # a teacher.checkpoint's key is already its file's
+            weights = io.digest({"state_dict": model.state_dict()})
+            stages.log.note("teacher", weights_sha256=weights)
         model.eval().requires_grad_(False)
         stages.record("teacher", model, tcfg, None)  # reported at its last epoch
         if self.tr.get("ema") and "teacher" not in stages.ema and self.tr.teacher_epochs:
             where = "loaded from teacher.checkpoint" if tcfg.checkpoint else "reused from the store"
             log.info("teacher: %s, so no teacher_ema row (trainer.ema averages a stage trained in this run)", where)
-        return Teacher(model, "teacher", key, self.precision)
+        return Teacher(model, "teacher", key, self.precision, weights)
 
     def _taken_before(self, final: str, model: nn.Module, ident: dict, run: dict) -> dict | None:
         """A run run again (resumed, or a finished one evaluated again) keeps the teacher it took from the store: its

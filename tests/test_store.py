@@ -181,6 +181,43 @@ def test_a_teacher_option_trains_its_own_teacher(kdrun, tmp_path, option):
     assert ce["plain"] != ce["option"]  # same seed and data: only the loss or the teacher's images differ
 
 
+def test_logits_of_a_rebuilt_teacher_entry_are_not_those_of_the_teacher_before(kdrun, tmp_path):
+    """A teacher entry rebuilt with other weights under the same recipe (a damaged one trained again, on another
+    machine or thread count): its students took the old teacher's logits from the store, keyed by the recipe."""
+    from kdrun import io as kio
+
+    store = tmp_path / "store"
+    p = kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={tmp_path / 'r1'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    (entry,) = [e for e in Store(str(store)).entries() if e.kind == "teacher"]
+    blob = kio.load(entry.file("teacher.pt"), "checkpoint")
+    blob["model"] = {k: -v if k.startswith("fc.") else v for k, v in blob["model"].items()}
+    other = tmp_path / "other.pt"
+    kio.atomic_save(blob, str(other))
+    with Store(str(store)).lock("teacher", entry.key):
+        Store(str(store)).publish("teacher", entry.key, {"teacher.pt": str(other)}, entry.recipe)
+    source = {}
+    for name in ("r2", "r3"):
+        p = kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={tmp_path / name}")
+        assert p.returncode == 0 and "reused resnet8 from the store" in p.stderr, p.stderr[-2000:]
+        source[name] = json.loads((tmp_path / name / "metrics.json").read_text())["stages"]["cache"]["source"]
+    assert source == {"r2": "run", "r3": "store"}, source
+
+
+def test_a_run_again_whose_students_are_done_stores_no_empty_logit_cache(kdrun, tmp_path):
+    """A finished run run again without its cache file (removed, or made for another teacher) fills no row, and
+    published its empty cache as the store's entry."""
+    import shutil
+
+    store, run = tmp_path / "store", tmp_path / "r1"
+    assert kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={run}").returncode == 0
+    (run / "teacher_logits.kdlc").unlink()
+    shutil.rmtree(store / "logits")
+    p = kdrun("train", *FAST, f"store.dir={store}", f"hydra.run.dir={run}")
+    assert p.returncode == 0 and "student: already finished" in p.stderr, p.stderr[-2000:]
+    assert "cache: stored as" not in p.stderr and [e.kind for e in Store(str(store)).entries()] == ["teacher"]
+
+
 def test_logits_of_another_teacher_precision_are_not_reused(kdrun, tmp_path):
     """A teacher.checkpoint's store key is its file; the logit cache's key adds the precision of the forward pass
     that filled it, so fp32 logits are never taken from a bf16 fill (or the reverse)."""
