@@ -80,8 +80,9 @@ class SweepReport(Callback):
             runs = collect(sweep_dir)
             outcome.jobs = len(runs)
             outcome.failed = [(r.name, r.note) for r in runs if r.status in ("failed", "stopped")]
-        except Exception as e:  # noqa: BLE001 (no run directory at all: nothing to count)
+        except Exception as e:  # noqa: BLE001 (the report's reading failed: the jobs' FAILED notes still count)
             log.warning("sweep: could not read the jobs of %s: %s", sweep_dir, e)
+            outcome.failed = failed_notes(sweep_dir)
         try:
             paths = build(sweep_dir).paths
             outcome.report = paths[0] if paths else None
@@ -90,3 +91,14 @@ class SweepReport(Callback):
             log.warning("sweep report not written: %s", e)
         for name, reason in outcome.failed:
             log.warning("sweep: job %s FAILED: %s", name, reason)
+
+
+def failed_notes(sweep_dir: str) -> list[tuple[str, str]]:
+    """(job, first line of its FAILED note) of every job under ``sweep_dir``, read without the report's machinery:
+    the count a sweep's exit code rests on when the report could not read the jobs."""
+    import os
+
+    from kdrun.sweep_report import find_run_dirs, first_line
+
+    notes = [(d, os.path.join(d, "FAILED")) for d in find_run_dirs(sweep_dir)]
+    return [(os.path.relpath(d, sweep_dir), first_line(f)) for d, f in notes if os.path.isfile(f)]

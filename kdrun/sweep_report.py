@@ -163,11 +163,12 @@ def read_composed(run_dir: str) -> dict[str, str]:
     out: dict[str, str] = {}
 
     def walk(node: DictConfig, prefix: str) -> None:
-        for k in map(str, node.keys()):
+        for key in node.keys():  # as saved: an integer key (evaluate.logit_bias={3: 3.5}) is not found as "3"
+            k = str(key)
             try:
-                v = node[k]
+                v = node[key]
             except Exception:  # noqa: BLE001 (an interpolation that cannot be resolved here: as saved)
-                v = node._get_node(k)._value()  # type: ignore[union-attr]
+                v = node._get_node(key)._value()  # type: ignore[union-attr]
             if isinstance(v, DictConfig):
                 walk(v, f"{prefix}{k}.")
             elif isinstance(v, ListConfig):
@@ -182,7 +183,7 @@ def read_composed(run_dir: str) -> dict[str, str]:
         composed = OmegaConf.load(os.path.join(run_dir, ".hydra", "config.yaml"))
         if isinstance(composed, DictConfig):
             walk(composed, "")
-    except (OSError, yaml.YAMLError, OmegaConfBaseException):
+    except (OSError, yaml.YAMLError, OmegaConfBaseException, AttributeError, TypeError):
         pass
     try:
         with open(os.path.join(run_dir, ".hydra", "hydra.yaml")) as f:

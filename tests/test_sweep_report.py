@@ -194,6 +194,17 @@ def test_a_value_one_run_takes_by_interpolation_pools_with_another_run_overridin
     assert group["n"] == 2 and group["student_top1_mean"] == pytest.approx(71.0)
 
 
+def test_a_config_with_integer_keys_is_read(tmp_path):
+    """``evaluate.logit_bias={3: 3.5}`` (the hinton_mnist_no3 preset) has an integer key: reading it was a traceback in
+    ``kdrun report``, ``kdrun compare`` and the sweep's own report."""
+    for seed in (0, 1):
+        config = {"evaluate": {"logit_bias": {3: 3.5}}, "trainer": {"seed": seed}}
+        make_run(tmp_path, f"r{seed}", [f"trainer.seed={seed}"], fake_metrics(70.0 + seed), config=config)
+    (run,) = [r for r in sweep_report.collect(str(tmp_path)) if r.composed.get("trainer.seed") == "0"]
+    assert run.composed["evaluate.logit_bias.3"] == "3.5"
+    assert sweep_report.swept_keys(sweep_report.collect(str(tmp_path))) == ["trainer.seed"]
+
+
 @pytest.mark.parametrize(
     "differs, key",
     [
@@ -599,6 +610,21 @@ def test_multirun_end_reports_failed_jobs_and_the_exit_code_says_so(tmp_path, ca
         f"the other jobs completed; see {tmp_path / 'report.md'}"
     )
     assert sweep_exit_code() == 0  # the outcome is consumed once
+
+
+def test_a_failed_job_counts_when_the_report_cannot_read_the_jobs(tmp_path, monkeypatch, capsys):
+    """A report that could not read the jobs (a config it failed on) let a sweep with a FAILED job exit 0."""
+    from omegaconf import OmegaConf
+
+    from kdrun import callbacks
+    from kdrun.cli import sweep_exit_code
+
+    make_run(tmp_path, "0", ["loss.temperature=1"], fake_metrics(80.0))
+    make_run(tmp_path, "1", ["loss.temperature=4"], failed="student: non-finite loss (nan) at epoch 1, step 3")
+    monkeypatch.setattr(sweep_report, "collect", lambda root: 1 / 0)
+    callbacks.SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert callbacks.LAST_SWEEP.failed == [("1", "student: non-finite loss (nan) at epoch 1, step 3")]
+    assert sweep_exit_code() == 1
 
 
 def test_a_multirun_whose_jobs_all_failed_says_none_completed(tmp_path, capsys):
