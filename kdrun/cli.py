@@ -52,8 +52,16 @@ _FLAGS_WITH_VALUE = {
 
 
 def fail(msg: str, code: int = 2) -> int:
-    print(f"kdrun: error: {msg}", file=sys.stderr)
+    if not other_worker():  # every worker of a launcher refuses the same input: the first says so for all
+        print(f"kdrun: error: {msg}", file=sys.stderr)
     return code
+
+
+def other_worker() -> bool:
+    """Whether this process is a worker a launcher started other than the first (torchrun's ``RANK``, SLURM's task
+    id), known before any process group is joined."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    return rank.isdigit() and int(rank) > 0
 
 
 def _full_error() -> bool:
@@ -224,7 +232,24 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
                 check_objective(cfg)
                 check_sweep_dir(cfg, overrides)
             else:
+                check_launched_run_dir(cfg)
                 check_resumable(cfg)
+
+
+def check_launched_run_dir(cfg) -> None:
+    """Workers a launcher started (torchrun, SLURM tasks) must be given their run's folder: each resolves the default
+    ``${now:...}`` itself, and workers that start on either side of a second write two folders and fail."""
+    from omegaconf import OmegaConf
+
+    from kdrun import distributed
+    from kdrun.errors import ConfigError
+
+    workers = distributed.launched_workers()
+    if workers > 1 and "${now:" in OmegaConf.to_yaml(cfg.hydra.run):  # hydra.run holds only dir, unresolved
+        raise ConfigError(
+            f"hydra.run.dir: {workers} workers started by a launcher need it given (hydra.run.dir=DIR, or resume=DIR): "
+            "each would name its own time-stamped folder"
+        )
 
 
 def check_objective(cfg) -> None:
@@ -292,7 +317,8 @@ def check_resumable(cfg) -> None:
     that did not make it."""
     from omegaconf import OmegaConf
 
-    from kdrun import runlock
+    from kdrun import distributed, runlock
+    from kdrun.engine import workers_changed
     from kdrun.errors import ConfigError
     from kdrun.io import load_checkpoint
     from kdrun.stages import resume_fingerprints
@@ -307,9 +333,16 @@ def check_resumable(cfg) -> None:
     if not lasts:
         return
     fingerprints = resume_fingerprints(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    # the workers this command will run: the launcher's (torchrun, SLURM), else those trainer.devices spawns
+    launched = distributed.launched_workers()
+    workers = launched if launched > 1 else int(cfg.trainer.get("devices") or 1)
     for name in lasts:
         ckpt = load_checkpoint(os.path.join(ckpt_dir, name))
         stage = name.removesuffix("_last.pt")
+        if ckpt is not None and ckpt.get("workers", workers) != workers:
+            raise ConfigError(
+                f"hydra.run.dir={run_dir}: checkpoints/{name} was {workers_changed(ckpt['workers'], workers)}"
+            )
         if ckpt is not None and ckpt.get("fingerprint") not in [f"{f}-{stage}" for f in fingerprints]:
             if _same_overrides(cfg, run_dir):  # the run as it was: the kdrun that trains it has changed
                 raise ConfigError(

@@ -343,8 +343,28 @@ def init_from_env(device: str = "auto") -> bool:
             torch.cuda.set_device(local_rank())
         dist.init_process_group(backend_for("cuda" if cuda else "cpu"))
         atexit.register(close)  # the group serves every job of a sweep: it closes with the process
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            _stop_with_launcher()
         return True
     return dist.is_initialized()
+
+
+def _stop_with_launcher() -> None:
+    """Linux: a SIGTERM for this worker when the torchrun agent that started it dies. torchrun starts its workers in
+    sessions of their own, so ``kill -9`` of its process group left them training, holding the run's lock against
+    its resume; now they stop as when preempted (a checkpoint, the FAILED note, exit 75)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def close() -> None:

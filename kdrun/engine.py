@@ -42,6 +42,15 @@ log = logging.getLogger("kdrun")
 Objective = Callable[[nn.Module, Batch, int], dict[str, torch.Tensor]]
 
 
+def workers_changed(then: int, now: int) -> str:
+    """Why a stage checkpoint of ``then`` workers is not resumed by ``now``: its teacher's store key, its batch
+    statistics and the logit cache's shares depend on the count."""
+    return (
+        f"trained by {then} worker{'s' * (then != 1)}, resumed by {now}; resume it with {then} (torchrun "
+        "--nproc-per-node, trainer.devices or SLURM tasks), or give a new hydra.run.dir to start over"
+    )
+
+
 def cross_entropy(model: nn.Module, batch: Batch, epoch: int, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """The plain supervised objective (teacher and baseline stages); ``label_smoothing`` as in torch's CE."""
     return {"ce": F.cross_entropy(model(batch.x), batch.y, label_smoothing=label_smoothing)}
@@ -157,6 +166,8 @@ def train_stage(
                 f"{last_path}: made by a different configuration of stage '{stage}' (or by a kdrun that trained "
                 "it differently); use a new hydra.run.dir (or delete the checkpoint) to start over"
             )
+        if (workers := ckpt.get("workers", distributed.size())) != distributed.size():
+            raise ResumeRefused(f"{last_path}: {workers_changed(workers, distributed.size())}")
         if data_layout is not None and not layout_matches(ckpt.get("data_layout", data_layout), data_layout):
             raise ResumeRefused(
                 f"{last_path}: trained on other data than the dataset holds now (images added, removed, changed or "
@@ -199,6 +210,7 @@ def train_stage(
             {
                 "stage": stage,
                 "fingerprint": fingerprint,
+                "workers": distributed.size(),
                 "data_layout": data_layout,
                 "epochs": epochs,
                 "epoch": epoch,

@@ -14,9 +14,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import distributed, runlock
+from kdrun import cli, distributed, runlock
 from kdrun.config import validate
-from kdrun.errors import KdrunError, ResumeRefused, UnreadableImage
+from kdrun.errors import ConfigError, KdrunError, ResumeRefused, UnreadableImage
 from kdrun.preempt import Preempted, check_stop, install_handlers
 
 log = logging.getLogger("kdrun")
@@ -51,7 +51,7 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
             os.remove(os.path.join(run_dir, "FAILED"))
         if joined:
             if not distributed.is_main():  # rank 0 alone fills the console and train.log, as with trainer.devices
-                log.setLevel(logging.WARNING)
+                log.setLevel(logging.ERROR)  # the workers' warnings are rank 0's too: said once
             metrics = train.run(cfg, run_dir)
             if not distributed.is_main():
                 return 0.0
@@ -71,7 +71,9 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
         if _in_sweep() and not isinstance(e, Preempted):  # costs only this job: the others run
             print(f"kdrun: error: {e}", file=sys.stderr)
             return math.nan
-        print(f"kdrun: error: {e}{_resume_hint(e, run_dir)}", file=sys.stderr)
+        # a refusal or a stop every worker meets alike is said once, by rank 0; another error may be this worker's own
+        if not (isinstance(e, (ConfigError, Preempted)) and cli.other_worker()):
+            print(f"kdrun: error: {e}{_resume_hint(e, run_dir)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except BaseException as e:
         _mark_failed(run_dir, f"{type(e).__name__}: {e}")

@@ -404,3 +404,21 @@ def test_resume_into_another_directory_is_refused(kdrun_here, tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith(f"kdrun: error: hydra.run.dir={tmp_path / 'b'}: resume={run} continues the run in its ")
     assert not (tmp_path / "b").exists()
+
+
+def test_workers_a_launcher_started_say_a_refusal_once_and_need_their_run_folder(kdrun_here, tmp_path, monkeypatch):
+    """Under torchrun every worker printed the same refusal (N lines for N workers), and workers given no
+    hydra.run.dir each named their own time-stamped folder: two folders, a traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    p = kdrun_here("train", "trainer.epohcs=3", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2 and p.stderr == ""  # rank 0 says it
+    monkeypatch.setenv("RANK", "0")
+    p = kdrun_here("train", "trainer.epohcs=3", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2 and p.stderr.count("kdrun: error:") == 1 and "trainer.epohcs" in p.stderr
+    p = kdrun_here("train", "trainer=smoke")
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        "kdrun: error: hydra.run.dir: 2 workers started by a launcher need it given (hydra.run.dir=DIR, or "
+        "resume=DIR): each would name its own time-stamped folder"
+    )

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from kdrun import distributed
+from kdrun import distributed, runlock
 from kdrun.errors import ConfigError, KdrunError
 
 
@@ -830,3 +830,36 @@ def test_every_worker_hears_whether_rank_0_took_the_run_directory(tmp_path, busy
         assert _outcomes(str(tmp_path)) == ["returned None"] * 2
         assert [(tmp_path / f"state{r}").read_text() for r in (0, 1)] == ["running"] * 2
     assert runlock.state(run_dir) is None and not os.path.exists(os.path.join(run_dir, "FAILED"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_torchrun_killed_stops_its_workers_for_a_resume(tmp_path):
+    """torchrun starts its workers in sessions of their own: ``kill -9`` of its process group left them training (and
+    holding the run against its resume). Now each stops as when preempted, once the agent is gone."""
+    import signal
+    import time
+
+    from tests.conftest import WORKDIR
+
+    run_dir = tmp_path / "run"
+    args = ["trainer=smoke", "teacher=resnet8", "student=resnet8", "trainer.latency=false", "store.enabled=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kdrun.cli"]
+    cmd += ["train", *args, "trainer.epochs=100000", "dataset.student_fraction=1.0", f"hydra.run.dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR",)}
+    log = open(tmp_path / "log.txt", "w")
+    agent = subprocess.Popen(cmd, cwd=WORKDIR, env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "student epoch=" not in (tmp_path / "log.txt").read_text():
+            assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-2000:]
+            time.sleep(1)
+        os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait()
+        deadline = time.monotonic() + 120  # the workers checkpoint and exit; the FAILED note comes last
+        while not (run_dir / "FAILED").exists() or runlock.state(str(run_dir)) == "running":
+            assert time.monotonic() < deadline, "the workers went on training after torchrun was killed"
+            time.sleep(1)
+    finally:
+        log.close()
+        subprocess.run(["pkill", "-9", "-f", str(run_dir)], check=False)
+    assert "stopped by SIGTERM" in (run_dir / "FAILED").read_text()

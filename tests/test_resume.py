@@ -475,3 +475,23 @@ def test_a_checkpoint_of_another_kdrun_version_says_so(kdrun, tmp_path):
         "configuration differently (another version); it cannot be continued by this one: give a new hydra.run.dir "
         "to start the run over"
     )
+
+
+def test_a_run_resumed_by_another_number_of_workers_is_refused(kdrun, tmp_path):
+    """A run begun under torchrun with 2 workers and resumed by 1 process went on: it stored its 2-worker teacher under
+    the 1-worker key (later runs took it as theirs) and threw its logit cache away."""
+    from kdrun import io as kio
+
+    run_dir = tmp_path / "run"
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "teacher:7"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    last = run_dir / "checkpoints" / "teacher_last.pt"
+    assert kio.load(str(last), "checkpoint")["workers"] == 1
+    kio.atomic_save(kio.load(str(last), "checkpoint") | {"workers": 2}, str(last))  # as 2 torchrun workers save it
+    p = kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        f"kdrun: error: hydra.run.dir={run_dir}: checkpoints/teacher_last.pt was trained by 2 workers, resumed by 1; "
+        "resume it with 2 (torchrun --nproc-per-node, trainer.devices or SLURM tasks), or give a new hydra.run.dir to "
+        "start over"
+    )
