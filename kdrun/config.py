@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from kdrun import distributed, schedules
+from kdrun import distributed, loggers, schedules
 from kdrun.data.stream import MODES
 from kdrun.errors import ConfigError
 from kdrun.optim import OPTIMIZERS, SCHEDULES
@@ -122,6 +122,7 @@ def validate(cfg: DictConfig) -> None:
         if not type_ok(v) or not range_ok(v):
             raise ConfigError(f"{key}={v}: must be {valid}")
     _validate_names(cfg)
+    loggers.check(cfg)  # names and packages, before the run folder and the data
     _validate_normalize(cfg.dataset)
     _validate_augment(cfg)
     if cfg.dataset.name == "imagefolder" and not cfg.dataset.get("root"):

@@ -337,7 +337,7 @@ LOGGERS = {
     "mlflow": MlflowLogger,
     "wandb": WandbLogger,
 }
-_FINAL_PREFIXES = ("test.", "models.", "ratios.", "kd_gain_top1", "timings_s.")
+_FINAL_PREFIXES = ("test.", "models.", "ratios.", "kd_gain", "timings_s.", "cpu_timing.")
 
 
 def _is_final(key: str) -> bool:
@@ -365,23 +365,41 @@ def names(cfg: DictConfig) -> list[str]:
     return [str(n) for n in (node.keys() if isinstance(node, DictConfig) else node)]
 
 
+# the package each tracker needs, checked before the run folder or the data (the import itself waits for the run)
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
 def check(cfg: DictConfig) -> None:
-    """ConfigError for an unknown tracker name."""
+    """ConfigError for an unknown tracker name, or one whose package is not installed."""
+    import importlib.util
+
     for name in names(cfg):
         if name not in LOGGERS:
             raise ConfigError(f"logger={name}: unknown logger; valid: {', '.join(LOGGERS)}")
+        if name in PACKAGES and importlib.util.find_spec(PACKAGES[name]) is None:
+            raise ConfigError(f"logger={name}: {PACKAGES[name]} is not installed (pip install {PACKAGES[name]})")
 
 
 def build(cfg: DictConfig, run_dir: str) -> Loggers:
     """The configured trackers, started with the composed config."""
     check(cfg)
     node = cfg.get("logger")
-    made = []
-    for name in names(cfg):
-        opts = node.get(name) if isinstance(node, DictConfig) else None
-        made.append(LOGGERS[name](run_dir, opts if isinstance(opts, DictConfig) else OmegaConf.create({})))
-    loggers = Loggers(made)
+    made: list[Logger] = []
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)  # cfg is a DictConfig
-    loggers.start(config)
-    return loggers
+    for name in names(cfg):
+        opts = node.get(name) if isinstance(node, DictConfig) else None
+        try:
+            made.append(LOGGERS[name](run_dir, opts if isinstance(opts, DictConfig) else OmegaConf.create({})))
+            made[-1].start(config)
+        except ConfigError:
+            Loggers(made).close(failed=True)
+            raise
+        except Exception as e:  # noqa: BLE001 (the tracker's own error: a bad URI, no login, a server not answering)
+            Loggers(made).close(failed=True)
+            what = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ConfigError(
+                f"logger={name}: the tracker could not start ({type(e).__name__}{': ' + what if what else ''}); "
+                f"check logger.{name}.* (configs/logger/{name}.yaml) or choose another logger"
+            ) from e
+    return Loggers(made)

@@ -213,3 +213,26 @@ def test_unknown_logger_on_the_command_line_is_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip() == "kdrun: error: logger=nosuch: unknown option; valid: csv, mlflow, tensorboard, wandb"
     assert not (tmp_path / "r").exists()
+
+
+def test_a_tracker_not_installed_is_refused_before_the_run_folder(kdrun_here, tmp_path, monkeypatch):
+    """It was found after the data was read, leaving a run folder with a FAILED note."""
+    monkeypatch.setitem(loggers.PACKAGES, "wandb", "kdrun_no_such_package")
+    p = kdrun_here("train", "logger=[csv,wandb]", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        "kdrun: error: logger=wandb: kdrun_no_such_package is not installed (pip install kdrun_no_such_package)"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path):
+    """A tracking URI MLflow does not take was a traceback (exit 1)."""
+    pytest.importorskip("mlflow")
+    p = run_kdrun(
+        "train", *SMOKE_RUN, "logger=[csv,mlflow]", "logger.mlflow.tracking_uri=foo://x", f"hydra.run.dir={tmp_path}"
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    (line,) = p.stderr.strip().splitlines()[-1:]
+    assert line.startswith("kdrun: error: logger=mlflow: the tracker could not start (") and "Traceback" not in p.stderr
+    assert line.endswith("check logger.mlflow.* (configs/logger/mlflow.yaml) or choose another logger")
