@@ -260,6 +260,7 @@ def train_stage(
             if clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, clip)
+            step_lr = optimizer.param_groups[0]["lr"]  # the rate this step takes (the scheduler sets the next one's)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -284,7 +285,7 @@ def train_stage(
                         global_step,
                         terms,
                         loss=value,
-                        lr=optimizer.param_groups[0]["lr"],
+                        lr=step_lr,
                         **logged,
                     )
             stop = STOP.requested is not None

@@ -236,3 +236,26 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path):
     (line,) = p.stderr.strip().splitlines()[-1:]
     assert line.startswith("kdrun: error: logger=mlflow: the tracker could not start (") and "Traceback" not in p.stderr
     assert line.endswith("check logger.mlflow.* (configs/logger/mlflow.yaml) or choose another logger")
+
+
+def test_a_step_row_holds_the_learning_rate_that_step_took(tmp_path):
+    """The per-step rows logged the rate the scheduler had set for the next step (the last step showed 0.0)."""
+    p = run_kdrun(
+        "train",
+        *SMOKE_RUN,
+        "trainer.epochs=2",
+        "trainer.log_every=1",
+        "dataset.student_fraction=1.0",
+        "baseline=false",
+        "trainer.latency=false",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    with open(tmp_path / "metrics_student_steps.csv") as f:
+        steps = list(csv.DictReader(f))
+    with open(tmp_path / "metrics_student.csv") as f:
+        epochs = list(csv.DictReader(f))
+    per_epoch = len(steps) // 2
+    for e, row in enumerate(epochs):  # an epoch's row: the rate at its first step
+        assert float(steps[e * per_epoch]["lr"]) == pytest.approx(float(row["lr"]))
+    assert float(steps[-1]["lr"]) > 0  # cosine to 0: the rate after the last step, not the last step's
