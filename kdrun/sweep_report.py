@@ -599,6 +599,8 @@ def markdown(
     if common:
         parts += ["", "Common overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items())]
     parts += ["", "## Runs", "", markdown_table(columns, [[cell(c, r[c]) for c in columns] for r in rows])]
+    noted = [f"- `{r.name}`: {r.note}" for r in runs if r.status == "complete" and r.note]  # e.g. the chosen best
+    parts += ["", *noted] if noted else []
     if groups:
         order = (
             "the distilled student's mean validation top-1"

@@ -685,7 +685,10 @@ def test_runs_on_the_same_validation_images_are_paired_with_the_best(tmp_path):
     assert float(rows["1"]["vs_best_val_p"]) == pytest.approx(2 / 2**3)
     for t in ("8", "16"):
         assert rows[t]["vs_best_val"] == "" and rows[t]["vs_best_val_p"] == ""
-    assert "`vs_best_val` that minus the best one's" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "`vs_best_val` that minus the best one's" in report
+    # which run is the best the others are measured against (report.csv's note; report.md had no word of it)
+    assert "- `0`: the best of 2 on these validation images (even-numbered)" in report.split("## Runs")[1]
 
 
 def test_the_best_is_chosen_on_half_the_validation_images_and_judged_on_the_other_half(tmp_path):
