@@ -155,6 +155,12 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
                 why = f"{parent} holds only the {base}.* keys it overrides, and not this one yet"
                 return f"{key}: {why}: add it with +{given}"
             return f"{key}: unknown key; {parent} takes the keys of {base}: {', '.join(keys)}"
+        head, _, rest = key.partition(".")
+        option = rest.partition(".")[0]
+        if head == "logger" and option in _group_options("logger"):  # options of a tracker not chosen
+            named = [o.split("=")[0].lstrip("+~") for o in overrides]
+            given = next((k for k in named if k == key or k.startswith(key + ".")), key)
+            return f"{given}: the {option} logger is not selected; add it to the list (e.g. logger=[csv,{option}])"
         valid = _keys_of(parent, kept, config_name)
         where = f" of {parent}" if parent else ""
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
@@ -564,7 +570,10 @@ def completion(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # no command: the usage, to stderr, and the exit code of a usage error (as argparse's)
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     if argv[0] in ("-sc", "--shell-completion"):  # tab completion of `kdrun train` overrides (Hydra's)

@@ -422,3 +422,19 @@ def test_workers_a_launcher_started_say_a_refusal_once_and_need_their_run_folder
         "kdrun: error: hydra.run.dir: 2 workers started by a launcher need it given (hydra.run.dir=DIR, or "
         "resume=DIR): each would name its own time-stamped folder"
     )
+
+
+def test_kdrun_without_a_command_is_a_usage_error(kdrun_here):
+    p = kdrun_here()
+    assert p.returncode == 2 and p.stdout == "" and "kdrun train" in p.stderr
+    p = kdrun_here("--help")
+    assert p.returncode == 0 and "kdrun train" in p.stdout
+
+
+def test_an_option_of_a_logger_not_selected_says_to_select_it(kdrun_here, tmp_path):
+    p = kdrun_here("train", "logger.tensorboard.subdir=x", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        "kdrun: error: logger.tensorboard.subdir: the tensorboard logger is not selected; add it to the list "
+        "(e.g. logger=[csv,tensorboard])"
+    )
