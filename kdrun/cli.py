@@ -244,13 +244,20 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
 
 def check_launched_run_dir(cfg) -> None:
     """Workers a launcher started (torchrun, SLURM tasks) must be given their run's folder: each resolves the default
-    ``${now:...}`` itself, and workers that start on either side of a second write two folders and fail."""
+    ``${now:...}`` itself, and workers that start on either side of a second write two folders and fail. Their
+    number is the launcher's: ``trainer.devices`` stays 1."""
     from omegaconf import OmegaConf
 
     from kdrun import distributed
     from kdrun.errors import ConfigError
 
     workers = distributed.launched_workers()
+    devices = int(cfg.trainer.get("devices") or 1)
+    if workers > 1 and devices > 1:  # it was ignored: the launcher's workers are the run's
+        raise ConfigError(
+            f"trainer.devices={devices}: a launcher (torchrun, SLURM) started {workers} workers already; keep "
+            "trainer.devices=1 and set their number there (torchrun --nproc-per-node, SLURM tasks)"
+        )
     if workers > 1 and "${now:" in OmegaConf.to_yaml(cfg.hydra.run):  # hydra.run holds only dir, unresolved
         raise ConfigError(
             f"hydra.run.dir: {workers} workers started by a launcher need it given (hydra.run.dir=DIR, or resume=DIR): "

@@ -422,6 +422,8 @@ def test_workers_a_launcher_started_say_a_refusal_once_and_need_their_run_folder
         "kdrun: error: hydra.run.dir: 2 workers started by a launcher need it given (hydra.run.dir=DIR, or "
         "resume=DIR): each would name its own time-stamped folder"
     )
+    p = kdrun_here("train", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'r'}")  # it was ignored
+    assert p.returncode == 2 and "trainer.devices=2: a launcher (torchrun, SLURM) started 2 workers" in p.stderr
 
 
 def test_kdrun_without_a_command_is_a_usage_error(kdrun_here):
