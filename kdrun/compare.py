@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kdrun import predictions
 from kdrun.errors import ConfigError
-from kdrun.significance import discordant, exact_mcnemar_p, paired_interval
+from kdrun.significance import discordant, exact_mcnemar_p, format_p, paired_interval
 
 USAGE = """usage: kdrun compare RUN_A[:MODEL] RUN_B[:MODEL] [--split val|test] [--tta]
 
@@ -168,7 +168,7 @@ def compare_main(args: list[str]) -> int:
         ci = f"[{c.ci95[0]:+.2f}, {c.ci95[1]:+.2f}]"
         print(
             f"{label[:22]:<22} {c.top1_a:8.2f} {c.top1_b:8.2f} {c.difference:+7.2f}  {ci:<16} "
-            f"{c.a_only:7d} {c.b_only:7d}  {c.p_value:.3g}"
+            f"{c.a_only:7d} {c.b_only:7d}  {format_p(c.p_value)}"
         )
     for line in caveats(a.run_dir, b.run_dir, len(sa.labels)):
         print(line)

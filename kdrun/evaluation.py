@@ -27,6 +27,12 @@ def _logits(model: nn.Module, loader, mirror: bool) -> torch.Tensor:
     return torch.cat(out).cpu() if out else torch.empty(0)
 
 
+def top1(logits: torch.Tensor) -> torch.Tensor:
+    """Each image's predicted class (argmax: ties to the lower index), -1 where a logit is not finite: such an
+    image is wrong (argmax took a NaN for the largest value) and agrees with no model."""
+    return torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1)
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
     """Top-k accuracies in percent."""
     labels = labels.to(logits.device)
@@ -35,4 +41,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[floa
     own = logits.gather(1, labels[:, None])
     earlier = torch.arange(logits.shape[1], device=logits.device)[None, :] < labels[:, None]
     rank = (logits > own).sum(1) + ((logits == own) & earlier).sum(1)
+    # a NaN compares False with everything: its true class ranked first, a broken model scored 100 %
+    rank = torch.where(torch.isfinite(logits).all(1), rank, logits.shape[1])
     return [100.0 * (rank < min(k, logits.shape[1])).float().mean().item() for k in ks]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kdrun import io
-from kdrun.evaluation import predict
+from kdrun.evaluation import predict, top1
 
 FILE = "predictions.pt"
 KIND = "predictions"
@@ -62,7 +62,7 @@ class RunPredictions:
 
 
 def _top1(logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: lg.argmax(1).to(torch.int32) for name, lg in logits.items()}
+    return {name: top1(lg).to(torch.int32) for name, lg in logits.items()}
 
 
 def collect(cfg, data, stages, roles, evaluation) -> RunPredictions:

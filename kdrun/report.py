@@ -16,7 +16,8 @@ from torch import nn
 from kdrun import io
 from kdrun.engine import StageResult, accuracy, predict
 from kdrun.errors import KdrunError
-from kdrun.significance import mcnemar
+from kdrun.evaluation import top1
+from kdrun.significance import format_p, mcnemar
 
 if TYPE_CHECKING:
     from kdrun.models import report as mr
@@ -38,12 +39,12 @@ def stage_summary(res: StageResult) -> dict:
 
 
 def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    top1, top5 = accuracy(logits, labels)
+    right1, right5 = accuracy(logits, labels)
     labels = labels.cpu()
-    wrong = logits.argmax(1) != labels
-    out: dict[str, Any] = {"top1": round(top1, 3), "errors": int(wrong.sum())}
+    wrong = top1(logits) != labels
+    out: dict[str, Any] = {"top1": round(right1, 3), "errors": int(wrong.sum())}
     if logits.shape[1] > 5:
-        out["top5"] = round(top5, 3)
+        out["top5"] = round(right5, 3)
     out["errors_by_class"] = torch.bincount(labels[wrong], minlength=logits.shape[1]).tolist()  # by true class
     return out
 
@@ -58,7 +59,8 @@ def biased(logits: torch.Tensor, bias: dict) -> torch.Tensor:
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Top-1 match rate of two models' predictions, in percent."""
-    return round(100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item(), 3)
+    pa, pb = top1(a), top1(b)
+    return round(100.0 * ((pa == pb) & (pa >= 0)).float().mean().item(), 3)
 
 
 @dataclass(frozen=True)
@@ -381,11 +383,11 @@ def summary_table(m: dict) -> str:
             g = m["kd_gain"]
             ci = f"95% interval [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}] pt, " if "ci95" in g else ""
             tail += (
-                f" ({ci}exact McNemar p = {g['p_value']:.3g}: {g['student_only']} test images right only with KD, "
-                f"{g['baseline_only']} only without; over the draw of these images, not training seeds)"
+                f" ({ci}exact McNemar p = {format_p(g['p_value'])}: {g['student_only']} test images right only with "
+                f"KD, {g['baseline_only']} only without; over the draw of these images, not training seeds)"
             )
     tta = test.get("student", {}).get("with_flip_tta", {})
     if "kd_gain" in tta:
-        tail += f"; with flip TTA {tta['kd_gain_top1']:+.2f} pt (p = {tta['kd_gain']['p_value']:.3g})"
+        tail += f"; with flip TTA {tta['kd_gain_top1']:+.2f} pt (p = {format_p(tta['kd_gain']['p_value'])})"
     tail += f"; {m['timings_s']['total']:.1f} s"
     return "\n".join(lines + [tail])

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kdrun.evaluation import top1
+
 
 @dataclass(frozen=True)
 class PairedTest:
@@ -27,8 +29,9 @@ class PairedTest:
     student_only: int  # test images the student classifies correctly and the baseline does not
     baseline_only: int  # the reverse
     p_value: float  # exact two-sided McNemar test; 1.0 when there is no discordant image
-    ci95: tuple[float, float]  # of gain_top1, points: the test's own interval (paired_interval)
+    ci95: tuple[float, float]  # of gain_top1, points: paired_interval's (named in ``interval``)
     test: str = "exact McNemar (two-sided binomial test on the discordant test images)"
+    interval: str = "hull of Agresti-Min (2005) and the exact test's Clopper-Pearson interval"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -37,7 +40,7 @@ class PairedTest:
 def mcnemar(student_logits: torch.Tensor, baseline_logits: torch.Tensor, labels: torch.Tensor) -> PairedTest:
     """The paired comparison of two classifiers' top-1 predictions on the same labelled images."""
     labels = labels.cpu()
-    b, c = discordant(student_logits.argmax(1).cpu() == labels, baseline_logits.argmax(1).cpu() == labels)
+    b, c = discordant(top1(student_logits).cpu() == labels, top1(baseline_logits).cpu() == labels)
     n = max(len(labels), 1)
     low, high = paired_interval(b, c, n)
     return PairedTest(round(100.0 * (b - c) / n, 3), b, c, exact_mcnemar_p(b, c), (round(low, 3), round(high, 3)))
@@ -115,6 +118,12 @@ def mean_ci(values: list[float], level: float = 0.95) -> MeanCI:
     std = statistics.stdev(values)
     half = float(t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
     return MeanCI(n, mean, std, mean - half, mean + half)
+
+
+def format_p(p: float) -> str:
+    """A p-value in three significant digits, so 0.0496 and 0.0504 stay on their sides of 0.05; one below the
+    smallest double (2 x 0.5^1100: 1,100 discordant images all one way) is ``< 1e-300``, never ``0``."""
+    return f"{p:.3g}" if p > 0 else "< 1e-300"
 
 
 def holm(p_values: list[float]) -> list[float]:

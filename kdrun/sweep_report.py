@@ -211,7 +211,7 @@ def scores_of(metrics: dict) -> dict[str, float | None]:
     student = test.get("student") or test.get(roles.get("student", ""), {})
     teacher = test.get(roles["teacher"]) if "teacher" in roles else None
     baseline = test.get(roles["baseline"]) if "baseline" in roles else None
-    return {
+    scores = {
         "student_top1": _last(student).get("top1"),
         "student_top1_at_best_val": (student.get("best_on_val") or {}).get("top1"),
         "student_val_top1": _student_val_top1(metrics),
@@ -222,6 +222,9 @@ def scores_of(metrics: dict) -> dict[str, float | None]:
         "kd_gain_p": metrics.get("kd_gain_p_value"),
         "wall_s": (metrics.get("timings_s") or {}).get("total"),
     }
+    # a figure that is not a finite number (NaN: an empty split; a hand-edited file) is no figure: it stopped the
+    # report's means and deviations with a traceback
+    return {k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in scores.items()}
 
 
 def _student_val_top1(metrics: dict) -> float | None:
@@ -429,10 +432,10 @@ def fmt(value, digits: int = 2) -> str:
 
 
 def fmt_p(value) -> str:
-    """A p-value cell: two significant digits, so 0.049 and 0.051 stay apart (two decimals made both 0.05)."""
-    if value is None:
-        return "-"
-    return f"{value:.2g}" if value > 0 else "< 1e-300"
+    """A p-value cell (:func:`kdrun.significance.format_p`; ``-`` for none)."""
+    from kdrun.significance import format_p
+
+    return "-" if value is None else format_p(value)
 
 
 def cell(column: str, value) -> str:

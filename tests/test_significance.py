@@ -50,3 +50,29 @@ def test_mean_ci_is_the_student_t_interval():
     assert ci.low == pytest.approx(mean - half) and ci.high == pytest.approx(mean + half)
     single = mean_ci([2.0])
     assert single.low is None and single.high is None and single.std == 0.0
+
+
+def test_an_image_with_a_logit_that_is_not_finite_is_wrong_everywhere():
+    """A NaN compares False with everything: its true class ranked first, so all-NaN logits scored 100 % top-1 (and
+    an epoch whose validation logits were NaN was kept as the best) while errors, from argmax, counted them wrong."""
+    from kdrun.evaluation import accuracy
+    from kdrun.report import _scores, agreement
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    logits = one_hot_logits([0, 1, 2, 0, 1, 2])
+    logits[:4] = float("nan")
+    logits[4, 0] = float("inf")
+    assert accuracy(logits, labels) == pytest.approx([100 / 6, 100 / 6])
+    scores = _scores(logits, labels)
+    assert scores["top1"] == pytest.approx(16.667) and scores["errors"] == 5
+    assert agreement(logits, logits.clone()) == pytest.approx(16.667)  # a broken row agrees with nothing
+    test = mcnemar(logits, one_hot_logits([0, 1, 2, 0, 1, 2]), labels)
+    assert (test.student_only, test.baseline_only) == (0, 5)
+
+
+def test_a_p_value_below_the_smallest_double_is_never_printed_as_0():
+    from kdrun.significance import exact_mcnemar_p, format_p
+
+    assert exact_mcnemar_p(1100, 0) == 0.0  # 2 x 0.5^1100 underflows
+    assert format_p(exact_mcnemar_p(1100, 0)) == "< 1e-300"
+    assert [format_p(p) for p in (0.0496, 0.0504, 1.0, 1.78e-15)] == ["0.0496", "0.0504", "1", "1.78e-15"]

@@ -612,6 +612,18 @@ def test_multirun_end_reports_failed_jobs_and_the_exit_code_says_so(tmp_path, ca
     assert sweep_exit_code() == 0  # the outcome is consumed once
 
 
+def test_a_figure_that_is_not_a_number_is_no_figure(tmp_path):
+    """A NaN gain in one run's metrics.json (json allows it) stopped the seeds' means with a traceback."""
+    for seed, gain in ((0, 1.0), (1, float("nan")), (2, 3.0)):
+        metrics = fake_metrics(70.0 + seed) | {"kd_gain_top1": gain}
+        make_run(tmp_path, str(seed), [f"trainer.seed={seed}"], metrics)
+    runs = sweep_report.collect(str(tmp_path))
+    assert {r.name: r.scores["kd_gain_top1"] for r in runs} == {"0": 1.0, "1": None, "2": 3.0}
+    (group,) = sweep_report.seed_groups(runs, sweep_report.swept_keys(runs))
+    assert group["kd_gain_top1_mean"] == pytest.approx(2.0)
+    write_report(tmp_path)
+
+
 def test_a_failed_job_counts_when_the_report_cannot_read_the_jobs(tmp_path, monkeypatch, capsys):
     """A report that could not read the jobs (a config it failed on) let a sweep with a FAILED job exit 0."""
     from omegaconf import OmegaConf
@@ -811,12 +823,14 @@ def test_a_setting_of_one_run_shows_no_spread_not_plus_minus_zero(tmp_path):
     assert groups["4"]["n"] == 1 and groups["4"]["student_top1_std"] is None
 
 
-def test_p_values_keep_two_significant_digits():
-    """With two decimals 0.049 and 0.051 both read 0.05, on either side of the usual threshold."""
-    assert [sweep_report.cell("kd_gain_p", p) for p in (0.049, 0.051, 0.0549, 0.5, 0.0)] == [
+def test_p_values_keep_three_significant_digits():
+    """With two decimals 0.049 and 0.051 both read 0.05, on either side of the usual threshold; with two significant
+    digits 0.0496 and 0.0504 did."""
+    assert [sweep_report.cell("kd_gain_p", p) for p in (0.049, 0.051, 0.0496, 0.0504, 0.5, 0.0)] == [
         "0.049",
         "0.051",
-        "0.055",
+        "0.0496",
+        "0.0504",
         "0.5",
         "< 1e-300",
     ]
