@@ -58,10 +58,15 @@ def fail(msg: str, code: int = 2) -> int:
 
 
 def other_worker() -> bool:
-    """Whether this process is a worker a launcher started other than the first (torchrun's ``RANK``, SLURM's task
-    id), known before any process group is joined."""
-    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    return rank.isdigit() and int(rank) > 0
+    """Whether this process is a worker a launcher started other than the first (torchrun's ``RANK`` of
+    ``WORLD_SIZE``, SLURM's task id of its tasks), known before any process group is joined; a ``RANK`` alone (a
+    user's own variable) is no launcher's."""
+
+    def above_0(rank: str, count: str) -> bool:
+        r, n = os.environ.get(rank, ""), os.environ.get(count, "")
+        return r.isdigit() and n.isdigit() and int(n) > 1 and int(r) > 0
+
+    return above_0("RANK", "WORLD_SIZE") or above_0("SLURM_PROCID", "SLURM_NTASKS")
 
 
 def _full_error() -> bool:

@@ -413,6 +413,10 @@ def test_workers_a_launcher_started_say_a_refusal_once_and_need_their_run_folder
     monkeypatch.setenv("RANK", "1")
     p = kdrun_here("train", "trainer.epohcs=3", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and p.stderr == ""  # rank 0 says it
+    monkeypatch.delenv("WORLD_SIZE")  # a RANK of the user's own, no launcher's: the error is said
+    p = kdrun_here("train", "trainer.epohcs=3", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2 and "trainer.epohcs" in p.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     p = kdrun_here("train", "trainer.epohcs=3", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and p.stderr.count("kdrun: error:") == 1 and "trainer.epohcs" in p.stderr
