@@ -327,7 +327,7 @@ def _validate_loss_builds(cfg: DictConfig) -> None:
             or (attr is not None and not isinstance(attr, property))
             or (isinstance(attr, property) and attr.fset is not None)
         )
-        if not settable or not _num(getattr(method, key, None)):
+        if not settable or key in method.fixed_when_built or not _num(getattr(method, key, None)):
             raise ConfigError(
                 f"loss.{key}: cannot follow a schedule in loss '{name}' (fixed when the method is built); give a number"
             )

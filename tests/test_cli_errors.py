@@ -54,6 +54,10 @@ import pytest
             ["loss=dkd", "loss.ce_weight={schedule: linear, start: 1, end: 0}"],
             "loss.ce_weight: cannot follow a schedule in loss 'dkd' (fixed when the method is built); give a number",
         ),
+        (  # CRD draws its negatives by the nce_k it was built with: the log showed the schedule's value
+            ["loss=crd", "loss.nce_k={schedule: linear, start: 10, end: 5}"],
+            "loss.nce_k: cannot follow a schedule in loss 'crd' (fixed when the method is built); give a number",
+        ),
         (["loss=combo", "loss.terms.kd.alpha=1.5"], "loss.terms.kd.alpha=1.5: must be a number in [0, 1]"),
         (["sweep.metric=student.test_top1"], "sweep.metric=student.test_top1: a test-set metric cannot be optimised"),
         (["sweep.metric=student.top1"], "sweep.metric=student.top1: unknown metric; valid: MODEL.val_top1 or "),
@@ -444,3 +448,13 @@ def test_an_option_of_a_logger_not_selected_says_to_select_it(kdrun_here, tmp_pa
         "kdrun: error: logger.tensorboard.subdir: the tensorboard logger is not selected; add it to the list "
         "(e.g. logger=[csv,tensorboard])"
     )
+
+
+@pytest.mark.parametrize("loss, key", [("fitnet", "loss.layers"), ("combo", "loss.terms.at.layers")])
+def test_models_that_share_no_stage_name_are_told_their_layers(kdrun_here, tmp_path, loss, key):
+    """The line named no layer either model has, and in a combo told to set loss.layers, which a combo refuses."""
+    p = kdrun_here("train", "teacher=mlp", "student=mlp", f"loss={loss}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2
+    line = p.stderr.strip()
+    assert line.startswith(f"kdrun: error: {key}: the models share no stage name; name the layers, {key}.teacher=[")
+    assert f"{key}.student=[...] of " in line and "hidden1" in line and line.count("\n") == 0

@@ -74,6 +74,9 @@ class DistillLoss(nn.Module):
     # key -> (predicate, what is valid): ranges of this method's config values that ``kdrun.config``
     # checks before anything runs, schedules included (e.g. KD's alpha in [0, 1]; DKD's alpha may exceed 1)
     value_rules: ClassVar[dict] = {}
+    # keys read once, when the method is built (sizes, counts, a stage's budget): a schedule on one is refused, as
+    # the method would go on with its first value while the logs showed the schedule's
+    fixed_when_built: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ce_weight: float = 1.0, layers: dict | None = None):
         super().__init__()
@@ -93,12 +96,7 @@ class DistillLoss(nn.Module):
 
     def default_layers(self, teacher_points: list[str], student_points: list[str]) -> tuple[list[str], list[str]]:
         """Layers used when the config names none: by default the last stage both models share by name."""
-        stages = [n for n in teacher_points if _is_stage(n) and n in student_points]
-        if not stages:
-            raise ConfigError(
-                "loss.layers: the models share no stage name; "
-                "set loss.layers.teacher=[...] and loss.layers.student=[...]"
-            )
+        stages = shared_stages(teacher_points, student_points)
         return [stages[-1]], [stages[-1]]
 
     def build(self, t_shapes: list[torch.Size], s_shapes: list[torch.Size], num_samples: int) -> None:
@@ -183,7 +181,8 @@ def shared_stages(teacher_points: list[str], student_points: list[str]) -> list[
     stages = [n for n in teacher_points if _is_stage(n) and n in student_points]
     if not stages:
         raise ConfigError(
-            "loss.layers: the models share no stage name; set loss.layers.teacher=[...] and loss.layers.student=[...]"
+            "loss.layers: the models share no stage name; name the layers, loss.layers.teacher=[...] of "
+            f"{', '.join(teacher_points)} and loss.layers.student=[...] of {', '.join(student_points)}"
         )
     return stages
 

@@ -27,6 +27,8 @@ from kdrun.losses.base import RelationLoss, check, register_loss
 
 @register_loss("cc")
 class CC(RelationLoss):
+    fixed_when_built = ("embed_dim",)
+
     def __init__(self, weight: float = 0.02, embed_dim: int = 128, **kw):
         super().__init__(weight=weight, **kw)
         check("embed_dim", embed_dim, int(embed_dim) == embed_dim and embed_dim > 0, "an integer > 0")

@@ -18,6 +18,7 @@ A term may set its own ``layers``; the others get their method's defaults.
 from __future__ import annotations
 
 import dataclasses
+import re
 from contextlib import contextmanager
 
 import torch
@@ -38,13 +39,14 @@ from kdrun.losses.base import (
 
 @contextmanager
 def _term_keys(name: str):
-    """Re-key ConfigErrors raised by a sub-method from ``loss.X`` to ``loss.terms.NAME.X``."""
+    """Re-key ConfigErrors raised by a sub-method from ``loss.X`` to ``loss.terms.NAME.X`` (the keys a message
+    suggests too)."""
     try:
         yield
     except ConfigError as e:
         msg = str(e)
         if msg.startswith("loss."):
-            msg = f"loss.terms.{name}.{msg[len('loss.') :]}"
+            msg = re.sub(r"(?<![\w.])loss\.(?!terms\.)", f"loss.terms.{name}.", msg)
         raise ConfigError(msg) from None
 
 

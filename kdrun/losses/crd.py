@@ -55,6 +55,7 @@ def nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
 
 @register_loss("crd")
 class CRD(RelationLoss):
+    fixed_when_built = ("embed_dim", "nce_k", "negatives")
     max_pairs = 1
     memory_s: torch.Tensor  # buffers (build): the memory banks of student and teacher embeddings
     memory_t: torch.Tensor

@@ -48,6 +48,7 @@ def fsp_matrices(feats: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @register_loss("fsp")
 class FSP(FeatureLoss):
+    fixed_when_built = ("init_epochs", "init_lr")
     trains_student = False  # the student stage is CE alone; this method's term trains its init stage
     min_pairs = 2
 

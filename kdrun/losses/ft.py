@@ -95,6 +95,7 @@ class ParaphraserObjective:
 
 @register_loss("ft")
 class FT(FeatureLoss):
+    fixed_when_built = ("k", "paraphraser_epochs", "paraphraser_lr")
     max_pairs = 1
 
     def __init__(

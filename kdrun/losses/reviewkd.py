@@ -88,6 +88,8 @@ def _as_map(f: torch.Tensor) -> torch.Tensor:
 
 @register_loss("reviewkd")
 class ReviewKD(FeatureLoss):
+    fixed_when_built = ("max_mid_channels",)
+
     def __init__(self, weight: float = 1.0, warmup: int = 20, max_mid_channels: int = 512, **kw):
         super().__init__(weight=weight, **kw)
         check("warmup", warmup, int(warmup) == warmup and warmup >= 0, "an integer >= 0 (0: no warm-up)")

@@ -56,6 +56,8 @@ class VIDRegressor(nn.Module):
 
 @register_loss("vid")
 class VID(FeatureLoss):
+    fixed_when_built = ("init_pred_var", "eps")
+
     def __init__(self, weight: float = 1.0, init_pred_var: float = 5.0, eps: float = 1e-5, **kw):
         super().__init__(weight=weight, **kw)
         check("init_pred_var", init_pred_var, init_pred_var > 0, "a number > 0")
