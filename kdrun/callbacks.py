@@ -72,7 +72,7 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         global LAST_SWEEP
-        from kdrun.sweep_report import build, collect
+        from kdrun.sweep_report import build, collect, find_run_dirs
 
         sweep_dir = str(config.hydra.sweep.dir)
         outcome = LAST_SWEEP = SweepOutcome(sweep_dir)
@@ -83,6 +83,7 @@ class SweepReport(Callback):
         except Exception as e:  # noqa: BLE001 (the report's reading failed: the jobs' FAILED notes still count)
             log.warning("sweep: could not read the jobs of %s: %s", sweep_dir, e)
             outcome.failed = failed_notes(sweep_dir)
+            outcome.jobs = len(find_run_dirs(sweep_dir))
         try:
             paths = build(sweep_dir).paths
             outcome.report = paths[0] if paths else None

@@ -58,15 +58,26 @@ def fail(msg: str, code: int = 2) -> int:
 
 
 def other_worker() -> bool:
-    """Whether this process is a worker a launcher started other than the first (torchrun's ``RANK`` of
-    ``WORLD_SIZE``, SLURM's task id of its tasks), known before any process group is joined; a ``RANK`` alone (a
-    user's own variable) is no launcher's."""
+    """Whether this process is a worker a launcher started other than the first on its machine (torchrun's
+    ``LOCAL_RANK`` of ``LOCAL_WORLD_SIZE``, SLURM's ``SLURM_LOCALID`` of its tasks), known before any process group
+    is joined: the first of each machine speaks for the others there (what one meets, a missing file, an
+    unwritable folder, they meet too); a ``LOCAL_RANK`` alone (a user's own variable) is no launcher's."""
 
     def above_0(rank: str, count: str) -> bool:
         r, n = os.environ.get(rank, ""), os.environ.get(count, "")
         return r.isdigit() and n.isdigit() and int(n) > 1 and int(r) > 0
 
-    return above_0("RANK", "WORLD_SIZE") or above_0("SLURM_PROCID", "SLURM_NTASKS")
+    return above_0("LOCAL_RANK", "LOCAL_WORLD_SIZE") or above_0("SLURM_LOCALID", "SLURM_NTASKS")
+
+
+def devices_under_launcher(workers: int, devices: int) -> str | None:
+    """Why ``trainer.devices`` cannot spawn workers of its own in a process a launcher started (None: it can)."""
+    if workers > 1 and devices > 1:
+        return (
+            f"trainer.devices={devices}: a launcher (torchrun, SLURM) started {workers} workers already; keep "
+            "trainer.devices=1 and set their number there (torchrun --nproc-per-node, SLURM tasks)"
+        )
+    return None
 
 
 def _full_error() -> bool:
@@ -162,7 +173,8 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
             return f"{key}: unknown key; {parent} takes the keys of {base}: {', '.join(keys)}"
         head, _, rest = key.partition(".")
         option = rest.partition(".")[0]
-        if head == "logger" and option in _group_options("logger"):  # options of a tracker not chosen
+        chosen = _keys_of("logger", kept, config_name).split(", ") if head == "logger" else []
+        if head == "logger" and option in _group_options("logger") and option not in chosen:  # a tracker not chosen
             named = [o.split("=")[0].lstrip("+~") for o in overrides]
             given = next((k for k in named if k == key or k.startswith(key + ".")), key)
             return f"{given}: the {option} logger is not selected; add it to the list (e.g. logger=[csv,{option}])"
@@ -257,12 +269,8 @@ def check_launched_run_dir(cfg) -> None:
     from kdrun.errors import ConfigError
 
     workers = distributed.launched_workers()
-    devices = int(cfg.trainer.get("devices") or 1)
-    if workers > 1 and devices > 1:  # it was ignored: the launcher's workers are the run's
-        raise ConfigError(
-            f"trainer.devices={devices}: a launcher (torchrun, SLURM) started {workers} workers already; keep "
-            "trainer.devices=1 and set their number there (torchrun --nproc-per-node, SLURM tasks)"
-        )
+    if why := devices_under_launcher(workers, int(cfg.trainer.get("devices") or 1)):  # it was ignored
+        raise ConfigError(why)
     if workers > 1 and "${now:" in OmegaConf.to_yaml(cfg.hydra.run):  # hydra.run holds only dir, unresolved
         raise ConfigError(
             f"hydra.run.dir: {workers} workers started by a launcher need it given (hydra.run.dir=DIR, or resume=DIR): "

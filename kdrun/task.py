@@ -49,9 +49,12 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
         # FAILED note)
         if distributed.is_main() and os.path.exists(os.path.join(run_dir, "FAILED")):
             os.remove(os.path.join(run_dir, "FAILED"))
+        if joined and (why := cli.devices_under_launcher(distributed.size(), devices)):  # a sweep's SLURM tasks
+            raise ConfigError(why)
         if joined:
             if not distributed.is_main():  # rank 0 alone fills the console and train.log, as with trainer.devices
-                log.setLevel(logging.ERROR)  # the workers' warnings are rank 0's too: said once
+                # the warnings of the other workers of a machine are its first worker's too: said once there
+                log.setLevel(logging.ERROR if distributed.local_rank() > 0 else logging.WARNING)
             metrics = train.run(cfg, run_dir)
             if not distributed.is_main():
                 return 0.0
@@ -71,7 +74,7 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
         if _in_sweep() and not isinstance(e, Preempted):  # costs only this job: the others run
             print(f"kdrun: error: {e}", file=sys.stderr)
             return math.nan
-        # a refusal or a stop every worker meets alike is said once, by rank 0; another error may be this worker's own
+        # a refusal or a stop the workers of a machine meet alike is said once there; another may be this worker's own
         if not (isinstance(e, (ConfigError, Preempted)) and cli.other_worker()):
             print(f"kdrun: error: {e}{_resume_hint(e, run_dir)}", file=sys.stderr)
         sys.exit(e.exit_code)

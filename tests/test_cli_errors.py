@@ -58,6 +58,10 @@ import pytest
             ["loss=crd", "loss.nce_k={schedule: linear, start: 10, end: 5}"],
             "loss.nce_k: cannot follow a schedule in loss 'crd' (fixed when the method is built); give a number",
         ),
+        (  # read by AB's init stage alone, before the student stage that follows schedules
+            ["loss=ab", "loss.margin={schedule: linear, start: 5, end: 1}"],
+            "loss.margin: cannot follow a schedule in loss 'ab' (fixed when the method is built); give a number",
+        ),
         (["loss=combo", "loss.terms.kd.alpha=1.5"], "loss.terms.kd.alpha=1.5: must be a number in [0, 1]"),
         (["sweep.metric=student.test_top1"], "sweep.metric=student.test_top1: a test-set metric cannot be optimised"),
         (["sweep.metric=student.top1"], "sweep.metric=student.top1: unknown metric; valid: MODEL.val_top1 or "),
@@ -413,15 +417,20 @@ def test_resume_into_another_directory_is_refused(kdrun_here, tmp_path):
 def test_workers_a_launcher_started_say_a_refusal_once_and_need_their_run_folder(kdrun_here, tmp_path, monkeypatch):
     """Under torchrun every worker printed the same refusal (N lines for N workers), and workers given no
     hydra.run.dir each named their own time-stamped folder: two folders, a traceback."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    for name, value in {"WORLD_SIZE": "4", "RANK": "1", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
     p = kdrun_here("train", "trainer.epohcs=3", f"hydra.run.dir={tmp_path / 'r'}")
-    assert p.returncode == 2 and p.stderr == ""  # rank 0 says it
-    monkeypatch.delenv("WORLD_SIZE")  # a RANK of the user's own, no launcher's: the error is said
+    assert p.returncode == 2 and p.stderr == ""  # the machine's first worker says it
+    monkeypatch.setenv("RANK", "2")  # the first worker of another machine: what it meets may be its machine's own
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    p = kdrun_here("train", "trainer.epohcs=3", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2 and p.stderr.count("kdrun: error:") == 1
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a LOCAL_RANK of the user's own, no launcher's: the error is said
     p = kdrun_here("train", "trainer.epohcs=3", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and "trainer.epohcs" in p.stderr
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
     p = kdrun_here("train", "trainer.epohcs=3", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and p.stderr.count("kdrun: error:") == 1 and "trainer.epohcs" in p.stderr
     p = kdrun_here("train", "trainer=smoke")
@@ -448,6 +457,9 @@ def test_an_option_of_a_logger_not_selected_says_to_select_it(kdrun_here, tmp_pa
         "kdrun: error: logger.tensorboard.subdir: the tensorboard logger is not selected; add it to the list "
         "(e.g. logger=[csv,tensorboard])"
     )
+    p = kdrun_here("train", "logger=[csv,mlflow]", "logger.mlflow.bogus=1", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2  # a selected tracker's unknown key: its valid keys
+    assert p.stderr.startswith("kdrun: error: logger.mlflow.bogus: unknown key; valid keys of logger.mlflow: ")
 
 
 @pytest.mark.parametrize("loss, key", [("fitnet", "loss.layers"), ("combo", "loss.terms.at.layers")])

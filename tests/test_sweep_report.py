@@ -591,6 +591,26 @@ def test_slurm_local_preset_runs_through_submitit(kdrun, tmp_path, store):
     assert read_csv(sweep_dir / "report.csv")[0]["status"] == "complete"
 
 
+def test_slurm_tasks_of_a_sweep_refuse_trainer_devices_of_their_own(kdrun, tmp_path):
+    """Two SLURM tasks per job with trainer.devices=2: the tasks' group was used and the key ignored, silently."""
+    pytest.importorskip("submitit", reason="submitit is not installed")
+    p = kdrun(
+        "train",
+        "-m",
+        "sweep=slurm_local",
+        "hydra.launcher.tasks_per_node=2",
+        "trainer.devices=2",
+        "trainer=smoke",
+        "teacher=resnet8",
+        "student=resnet8",
+        "trainer.latency=false",
+        "store.enabled=false",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert (tmp_path / "0" / "FAILED").read_text().startswith("trainer.devices=2: a launcher (torchrun, SLURM)")
+
+
 def test_multirun_end_reports_failed_jobs_and_the_exit_code_says_so(tmp_path, capsys):
     """The end-of-multirun callback writes the report listing a failed job; ``kdrun train -m`` then exits 1."""
     from omegaconf import OmegaConf
@@ -636,7 +656,9 @@ def test_a_failed_job_counts_when_the_report_cannot_read_the_jobs(tmp_path, monk
     monkeypatch.setattr(sweep_report, "collect", lambda root: 1 / 0)
     callbacks.SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert callbacks.LAST_SWEEP.failed == [("1", "student: non-finite loss (nan) at epoch 1, step 3")]
+    assert callbacks.LAST_SWEEP.jobs == 2
     assert sweep_exit_code() == 1
+    assert capsys.readouterr().err.strip().startswith("kdrun: error: 1 of 2 sweep jobs failed; job 1: ")
 
 
 def test_a_multirun_whose_jobs_all_failed_says_none_completed(tmp_path, capsys):

@@ -47,7 +47,7 @@ def boundary_loss(source: torch.Tensor, target: torch.Tensor, margin: float) -> 
 
 @register_loss("ab")
 class AB(FeatureLoss):
-    fixed_when_built = ("init_epochs", "init_lr")
+    fixed_when_built = ("init_epochs", "init_lr", "margin")  # margin: read by the init stage alone
     trains_student = False  # the student stage is CE alone; this method's term trains its init stage
 
     def __init__(self, margin: float = 1.0, init_epochs: int = 30, init_lr: float | None = None, **kw):

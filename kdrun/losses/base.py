@@ -74,8 +74,8 @@ class DistillLoss(nn.Module):
     # key -> (predicate, what is valid): ranges of this method's config values that ``kdrun.config``
     # checks before anything runs, schedules included (e.g. KD's alpha in [0, 1]; DKD's alpha may exceed 1)
     value_rules: ClassVar[dict] = {}
-    # keys read once, when the method is built (sizes, counts, a stage's budget): a schedule on one is refused, as
-    # the method would go on with its first value while the logs showed the schedule's
+    # keys read once, when the method is built (sizes, counts, a stage's budget), or only by a stage before the
+    # student's: a schedule on one is refused, as the method would go on with one value while the logs showed others
     fixed_when_built: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ce_weight: float = 1.0, layers: dict | None = None):
