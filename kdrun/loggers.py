@@ -188,7 +188,7 @@ class TensorBoardLogger(Logger):
     def finish(self, metrics: dict, checkpoints: dict[str, str]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        final = {f"final/{k}": v for k, v in numeric(flatten(metrics)).items() if _is_final(k)}
+        final = {f"final/{k}": v for k, v in final_figures(metrics).items()}
         params = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(self.config).items()}
         file_writer = self.writer.file_writer
         assert file_writer is not None  # SummaryWriter opens it when made
@@ -261,7 +261,7 @@ class MlflowLogger(Logger):
         )
 
     def finish(self, metrics: dict, checkpoints: dict[str, str]) -> None:
-        final = {k: v for k, v in numeric(flatten(metrics)).items() if _is_final(k)}
+        final = final_figures(metrics)
         ms = self._metrics(final, 0)
         for i in range(0, len(ms), 1000):
             self.client.log_batch(self.run_id, metrics=ms[i : i + 1000])
@@ -322,7 +322,7 @@ class WandbLogger(Logger):
         )
 
     def finish(self, metrics: dict, checkpoints: dict[str, str]) -> None:
-        final = {f"final/{k}": v for k, v in numeric(flatten(metrics)).items() if _is_final(k)}
+        final = {f"final/{k}": v for k, v in final_figures(metrics).items()}
         self.run.summary.update(final)
 
     def close(self, failed: bool = False) -> None:
@@ -340,8 +340,18 @@ LOGGERS = {
 _FINAL_PREFIXES = ("test.", "models.", "ratios.", "kd_gain", "timings_s.", "cpu_timing.")
 
 
-def _is_final(key: str) -> bool:
-    return key.startswith(_FINAL_PREFIXES)
+def final_figures(metrics: dict) -> Scalars:
+    """The numbers of ``metrics.json`` a tracker records at the end, by dotted key; a list of numbers (an
+    interval) as one figure per item (``kd_gain.ci95.0``, ``.1``)."""
+    flat = flatten(metrics)
+    for k, v in list(flat.items()):
+        if (
+            isinstance(v, (list, tuple))
+            and v
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        ):
+            flat |= {f"{k}.{i}": x for i, x in enumerate(v)}
+    return {k: v for k, v in numeric(flat).items() if k.startswith(_FINAL_PREFIXES)}
 
 
 def _absolute_uri(uri: str, file: bool = False) -> str:

@@ -123,7 +123,7 @@ def mean_ci(values: list[float], level: float = 0.95) -> MeanCI:
 def format_p(p: float) -> str:
     """A p-value in three significant digits, so 0.0496 and 0.0504 stay on their sides of 0.05; one below the
     smallest double (2 x 0.5^1100: 1,100 discordant images all one way) is ``< 1e-300``, never ``0``."""
-    return f"{p:.3g}" if p > 0 else "< 1e-300"
+    return f"{p:.3g}" if p > 0 or math.isnan(p) else "< 1e-300"
 
 
 def holm(p_values: list[float]) -> list[float]:

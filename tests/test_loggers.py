@@ -259,3 +259,17 @@ def test_a_step_row_holds_the_learning_rate_that_step_took(tmp_path):
     for e, row in enumerate(epochs):  # an epoch's row: the rate at its first step
         assert float(steps[e * per_epoch]["lr"]) == pytest.approx(float(row["lr"]))
     assert float(steps[-1]["lr"]) > 0  # cosine to 0: the rate after the last step, not the last step's
+
+
+def test_the_final_figures_hold_the_kd_gain_with_its_interval_and_test():
+    """The interval, a pair, was dropped as a list; the p-value was not among the final figures."""
+    metrics = {
+        "test": {"student": {"top1": 90.0}},
+        "kd_gain_top1": 2.0,
+        "kd_gain_p_value": 0.01,
+        "kd_gain": {"gain_top1": 2.0, "p_value": 0.01, "ci95": (0.5, 3.5), "test": "exact McNemar"},
+        "config": {"optim": {"lr": 0.1}},
+    }
+    final = loggers.final_figures(metrics)
+    assert final["kd_gain.ci95.0"] == 0.5 and final["kd_gain.ci95.1"] == 3.5 and final["kd_gain_p_value"] == 0.01
+    assert final["test.student.top1"] == 90.0 and "config.optim.lr" not in final

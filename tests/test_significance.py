@@ -76,3 +76,4 @@ def test_a_p_value_below_the_smallest_double_is_never_printed_as_0():
     assert exact_mcnemar_p(1100, 0) == 0.0  # 2 x 0.5^1100 underflows
     assert format_p(exact_mcnemar_p(1100, 0)) == "< 1e-300"
     assert [format_p(p) for p in (0.0496, 0.0504, 1.0, 1.78e-15)] == ["0.0496", "0.0504", "1", "1.78e-15"]
+    assert format_p(float("nan")) == "nan"
