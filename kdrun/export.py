@@ -48,15 +48,16 @@ if TYPE_CHECKING:
     from kdrun.data.base import DataBundle, FileSet, ImageSet
 
 USAGE = """usage: kdrun export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher,baseline]
-                    [atol=1e-4] [calib=256] [threads=N] [dataset.root=DIR]
+                    [atol=1e-4] [calib=256] [threads=N] [dataset.root=DIR] [out=DIR]
                     (models=student_best: the epoch a validation split chose; dataset.root: where the
-                    run's images are now, when they moved; a relative root is the run's launch folder's)
+                    run's images are now, when they moved; a relative root is the run's launch folder's;
+                    out: the folder to write instead of RUN_DIR/export, new or an earlier export)
 
 Writes RUN_DIR/export/<model>.onnx (dynamic batch; or <model>.torchscript.pt), checks parity with
 onnxruntime on 256 test images (largest |delta logit| <= atol), evaluates test top-1 and CPU latency at
 batch 1 and 32 against PyTorch eager; quantize=int8 adds <model>.int8.onnx (static PTQ calibrated on
 `calib` training images). Every figure goes to RUN_DIR/export/export.json, with the input a deployer feeds
-(pixels, mean/std, layout) and the class names; each export replaces RUN_DIR/export/ whole."""
+(pixels, mean/std, layout) and the class names; each export replaces RUN_DIR/export/ (or out=) whole."""
 
 FORMATS = ("onnx", "torchscript")
 QUANTIZE = ("none", "int8")
@@ -79,6 +80,11 @@ class ExportOptions:
     calib: int = 256
     threads: int | None = None  # CPU threads of both runtimes (None: each runtime's default)
     data_root: str | None = None  # dataset.root=: where the run's images are now (None: as the run read them)
+    out: str | None = None  # out=: the folder written (None: RUN_DIR/export)
+
+    @property
+    def out_dir(self) -> str:
+        return self.out or os.path.join(self.run_dir, "export")
 
 
 @dataclass
@@ -127,7 +133,7 @@ def parse_args(args: list[str]) -> ExportOptions:
         word = positional[0] if positional[0].startswith("-") else positional[1]
         raise ExportError(
             f"export {word}: unexpected argument; valid: RUN_DIR, format=, quantize=, models=, atol=, "
-            "calib=, threads=, dataset.root="
+            "calib=, threads=, dataset.root=, out="
         )
     opts = ExportOptions(run_dir=positional[0])
     for arg in (a for a in args if "=" in a):
@@ -154,9 +160,13 @@ def parse_args(args: list[str]) -> ExportOptions:
             if not value.strip():
                 raise ExportError("dataset.root=: empty; give the folder the run's data is in now")
             opts.data_root = os.path.abspath(os.path.expanduser(value))
+        elif key == "out":
+            if not value.strip():
+                raise ExportError("out=: empty; give the folder to write the export into")
+            opts.out = os.path.abspath(os.path.expanduser(value))
         else:
             raise ExportError(
-                f"{key}: unknown option; valid: format, quantize, models, atol, calib, threads, dataset.root"
+                f"{key}: unknown option; valid: format, quantize, models, atol, calib, threads, dataset.root, out"
             )
     if opts.quantize == "int8" and opts.format != "onnx":
         raise ExportError(f"quantize=int8: needs format=onnx (got format={opts.format})")
@@ -639,11 +649,7 @@ def run_export(opts: ExportOptions) -> dict:
 
     ckpts = check_run(opts)
     _check_installed(opts)
-    if not io.can_create_in(opts.run_dir):  # before the data and the models are read
-        raise ExportError(
-            f"export {opts.run_dir}: cannot write there (export writes RUN_DIR/export); copy the run folder "
-            "somewhere writable and export the copy"
-        )
+    check_out(opts)  # before the data and the models are read
     if opts.threads:
         torch.set_num_threads(opts.threads)
     cfg = read_config(opts.run_dir)
@@ -667,8 +673,9 @@ def run_export(opts: ExportOptions) -> dict:
     int8 = opts.quantize == "int8"
     calib = calibration_images(cfg, data, opts.calib, int(cfg.trainer.get("seed", 0))) if int8 else None
     spec = input_spec(cfg, data)
-    work = tempfile.mkdtemp(prefix=".export-tmp-", dir=opts.run_dir)
-    final = os.path.join(work, "export")  # becomes RUN_DIR/export once every model passed
+    os.makedirs(os.path.dirname(opts.out_dir), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".export-tmp-", dir=os.path.dirname(opts.out_dir))  # beside it: one rename
+    final = os.path.join(work, "export")  # becomes RUN_DIR/export (or out=) once every model passed
     os.makedirs(final)
     try:
         results = [
@@ -695,7 +702,7 @@ def run_export(opts: ExportOptions) -> dict:
             "models": [asdict(r) for r in results],
         }
         io.write_json(doc, os.path.join(final, "export.json"))
-        _replace_dir(final, os.path.join(opts.run_dir, "export"))
+        _replace_dir(final, opts.out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return doc
@@ -724,6 +731,31 @@ def read_config(run_dir: str) -> DictConfig:
     if missing:
         raise ExportError(f"export: {path}: not a kdrun run's config (no {missing[0]})")
     return cfg
+
+
+def check_out(opts: ExportOptions) -> None:
+    """The folder export replaces must be one it may replace and can write beside: RUN_DIR/export, or an ``out=``
+    that is new, empty or an earlier export (export.json in it); a folder of other files is never removed."""
+    out, parent = opts.out_dir, os.path.dirname(opts.out_dir)
+    key = f"out={out}" if opts.out else f"export {opts.run_dir}"
+    if opts.out and os.path.lexists(out):
+        if not os.path.isdir(out) or os.path.islink(out):
+            raise ExportError(f"{key}: not a folder; give a new folder or an earlier export's")
+        if os.listdir(out) and not os.path.isfile(os.path.join(out, "export.json")):
+            raise ExportError(
+                f"{key}: holds files that are no export (no export.json), which export would replace; "
+                "give a new folder or an earlier export's"
+            )
+    existing = parent
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not io.can_create_in(existing):
+        if opts.out:
+            raise ExportError(f"{key}: cannot write there; give a folder you can write")
+        raise ExportError(
+            f"{key}: cannot write there (export writes RUN_DIR/export); copy the run folder somewhere writable and "
+            "export the copy, or give out=DIR"
+        )
 
 
 def _replace_dir(new: str, dest: str) -> None:
@@ -823,7 +855,7 @@ def export_main(args: list[str]) -> int:
         print(USAGE)
         return 0
     opts = parse_args(args)
-    out_dir = os.path.join(opts.run_dir, "export")
+    out_dir = opts.out_dir
     before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
     with _stopped_by_signals():
         doc = run_export(opts)

@@ -207,7 +207,7 @@ def test_an_operating_system_error_is_one_line(run_dir, kdrun_here, monkeypatch)
     assert p.returncode == 2
     assert p.stderr.strip() == (
         f"kdrun: error: export {run_dir}: cannot write there (export writes RUN_DIR/export); copy the run folder "
-        "somewhere writable and export the copy"
+        "somewhere writable and export the copy, or give out=DIR"
     )
 
 
@@ -371,6 +371,28 @@ def test_a_later_export_replaces_the_earlier_one_whole(run_dir, tmp_path):
     extra = {"kdrun.input.json": ""}
     torch.jit.load(str(copy / "export" / "student.torchscript.pt"), _extra_files=extra)
     assert json.loads(extra["kdrun.input.json"]) == json.loads((copy / "export" / "export.json").read_text())["input"]
+
+
+def test_an_export_goes_where_out_says_and_never_over_a_folder_of_other_files(run_dir, tmp_path):
+    """Each export replaced RUN_DIR/export whole: an fp32 export and then an int8 one could not both be kept."""
+    before = sorted(os.listdir(run_dir / "export")) if (run_dir / "export").is_dir() else None
+    out = tmp_path / "deploy" / "fp32"
+    p = run_kdrun("export", str(run_dir), f"out={out}", "threads=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["export.json", "student.onnx"] and f"written: {out}/" in p.stdout
+    assert not [f for f in os.listdir(out.parent) if f.startswith(".export")]  # no scratch folder left
+    assert (sorted(os.listdir(run_dir / "export")) if (run_dir / "export").is_dir() else None) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    p = run_kdrun("export", str(run_dir), f"out={mine}")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"kdrun: error: out={mine}: holds files that are no export (no export.json), which export would replace; "
+        "give a new folder or an earlier export's"
+    )
+    assert os.listdir(mine) == ["notes.txt"]
+    p = run_kdrun("export", str(run_dir), f"out={out}", "threads=1")  # an earlier export's folder: replaced
+    assert p.returncode == 0, p.stderr[-2000:]
 
 
 def test_the_epoch_a_validation_split_chose_can_be_exported(run_dir, tmp_path):
