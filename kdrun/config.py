@@ -327,6 +327,11 @@ def _validate_loss_builds(cfg: DictConfig) -> None:
             or (attr is not None and not isinstance(attr, property))
             or (isinstance(attr, property) and attr.fset is not None)
         )
+        if attr is None and key not in vars(method):  # a schedule sets the attribute of the key's name, each step
+            raise ConfigError(
+                f"loss.{key}: cannot follow a schedule in loss '{name}': the method keeps no attribute '{key}' for it "
+                f"to set each step (a method stores a schedulable value as self.{key} and reads it in forward)"
+            )
         if not settable or key in method.fixed_when_built or not _num(getattr(method, key, None)):
             raise ConfigError(
                 f"loss.{key}: cannot follow a schedule in loss '{name}' (fixed when the method is built); give a number"

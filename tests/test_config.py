@@ -161,3 +161,33 @@ def test_class_indices_are_checked_against_the_classes_found_in_the_folder(tmp_p
     with pytest.raises(ConfigError) as e:
         RunData(cfg, torch.device("cpu"))
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_schedule_on_a_key_the_method_keeps_under_another_name_says_why(monkeypatch):
+    """A schedule sets the attribute of the key's name: a method that stored loss.weight as self.w was refused as
+    'fixed when the method is built', which it did not declare."""
+    from omegaconf import OmegaConf
+
+    from kdrun.config import _validate_loss_builds
+    from kdrun.errors import ConfigError
+    from kdrun.losses import LOSSES
+    from kdrun.losses.base import DistillLoss
+
+    class Renamed(DistillLoss):
+        term = "renamed"
+
+        def __init__(self, weight: float = 1.0, **kw):
+            super().__init__(**kw)
+            self.w = weight
+
+    monkeypatch.setitem(LOSSES._items, "renamed", Renamed)
+    cfg = OmegaConf.create(
+        {
+            "loss": {"name": "renamed", "weight": {"schedule": "linear", "start": 1, "end": 0}},
+            "scheme": {"name": "offline"},
+        }
+    )
+    with pytest.raises(
+        ConfigError, match=r"loss.weight: cannot follow a schedule in loss 'renamed': the method keeps no "
+    ):
+        _validate_loss_builds(cfg)

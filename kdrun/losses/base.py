@@ -74,7 +74,9 @@ class DistillLoss(nn.Module):
     # key -> (predicate, what is valid): ranges of this method's config values that ``kdrun.config``
     # checks before anything runs, schedules included (e.g. KD's alpha in [0, 1]; DKD's alpha may exceed 1)
     value_rules: ClassVar[dict] = {}
-    # keys read once, when the method is built (sizes, counts, a stage's budget), or only by a stage before the
+    # A schedule on a key (loss.KEY={schedule: ...}) sets the attribute of the key's name before each step: a
+    # method stores each value a schedule may set as self.KEY and reads it there in forward.
+    # Keys read once, when the method is built (sizes, counts, a stage's budget), or only by a stage before the
     # student's: a schedule on one is refused, as the method would go on with one value while the logs showed others
     fixed_when_built: ClassVar[tuple[str, ...]] = ()
 

@@ -1,5 +1,6 @@
 """Model zoo: every module of this package is imported here, and each registers its models by name on import,
-so a new model family is its own module plus its ``configs/student/<name>.yaml``, listed nowhere else."""
+so a new model family is its own module plus a ``configs/student/<name>.yaml`` per model (and a
+``configs/teacher/<name>.yaml`` for ``teacher=<name>``; ``teacher.name=<name>`` needs none), listed nowhere else."""
 
 import importlib
 import pkgutil
