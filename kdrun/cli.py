@@ -236,6 +236,7 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from kdrun import plugins
     from kdrun.config import validate
     from kdrun.errors import ConfigError
 
@@ -248,6 +249,7 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
             cfg = compose(point, config_name, with_hydra=i == 0)
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(one_line(e, point, config_name)) from e
+        plugins.load(cfg.get("plugins"))  # their models and methods, before the names are checked
         validate(cfg)
         if i == 0:
             check_writable(cfg, multirun)

@@ -41,7 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdrun import io
+from kdrun import io, plugins
 from kdrun.errors import ConfigError, KdrunError
 
 if TYPE_CHECKING:
@@ -653,6 +653,7 @@ def run_export(opts: ExportOptions) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     cfg = read_config(opts.run_dir)
+    plugins.load(cfg.get("plugins"), _launch_dir(opts.run_dir))  # a model of the user's own
     from kdrun.run_data import load_dataset
 
     if cfg.dataset.get("root") is not None:
@@ -708,17 +709,22 @@ def run_export(opts: ExportOptions) -> dict:
     return doc
 
 
+def _launch_dir(run_dir: str) -> str | None:
+    """The folder the run was launched from (Hydra records it); None without the record."""
+    try:
+        return str(io.load_yaml(os.path.join(run_dir, ".hydra", "hydra.yaml")).hydra.runtime.cwd)
+    except Exception:  # noqa: BLE001 (no record)
+        return None
+
+
 def _run_root(cfg: DictConfig, run_dir: str):
     """``dataset.root`` as the run read it: a relative one is the folder the run was launched from's (Hydra records
     it), not this process's working folder."""
     root = OmegaConf.select(cfg, "dataset.root", default=None)
     if not isinstance(root, str) or not root or os.path.isabs(os.path.expanduser(root)):
         return root
-    try:
-        launched = io.load_yaml(os.path.join(run_dir, ".hydra", "hydra.yaml")).hydra.runtime.cwd
-    except Exception:  # noqa: BLE001 (no record: this folder's, as before)
-        return root
-    return os.path.join(str(launched), root)
+    launched = _launch_dir(run_dir)
+    return root if launched is None else os.path.join(launched, root)  # no record: this folder's, as before
 
 
 def read_config(run_dir: str) -> DictConfig:

@@ -31,7 +31,7 @@ DATA_INIT = f"{DATA_INIT_IMAGES} images evenly spaced through the split, un-augm
 # Keys that say where a run reads and writes, how it is watched or how fast it goes, not what it trains:
 # a run resumed with other values of these (another KDRUN_DATA, data root given explicitly, another logger,
 # eval batch or thread count, another machine) continues; any other change is refused by the fingerprint.
-RESUME_IGNORED = ("paths", "logger", "store", "sweep", "evaluate", "hydra")
+RESUME_IGNORED = ("paths", "logger", "store", "sweep", "evaluate", "hydra", "plugins")  # plugins: where code comes from
 RESUME_IGNORED_TRAINER = ("eval_batch_size", "device", "log_every", "latency", "checkpoint_every_steps", "threads")
 # where the data lies and how it is read: a stage's checkpoint checks the data itself (DataBundle.layout)
 RESUME_IGNORED_DATASET = ("root", "cache_dir", "workers", "download")

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import cli, distributed, runlock
+from kdrun import cli, distributed, plugins, runlock
 from kdrun.config import validate
 from kdrun.errors import ConfigError, KdrunError, ResumeRefused, UnreadableImage
 from kdrun.preempt import Preempted, check_stop, install_handlers
@@ -40,6 +40,7 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
     from kdrun import report, train
 
     try:
+        plugins.load(cfg.get("plugins"))  # a sweep's job may run in a fresh process (joblib, submitit)
         validate(cfg)
         devices = int(cfg.trainer.get("devices", 1))
         joined = distributed.init_from_env(cfg.trainer.device)  # started by torchrun: this process is one worker

@@ -210,8 +210,10 @@ def cache_choices(ccfg) -> dict:
 
 def run(cfg: DictConfig, run_dir: str) -> dict | None:
     """The whole pipeline; returns the metrics for ``run_dir/metrics.json`` (None on workers other than rank 0)."""
+    from kdrun import plugins
     from kdrun.schemes import SCHEMES
 
+    plugins.load(cfg.get("plugins"))  # again in a worker trainer.devices spawned: a fresh interpreter
     t_start = time.perf_counter()
     r = Run(cfg, run_dir)
     if cfg.dataset.get("num_classes") is None or not cfg.dataset.get("image_size"):  # validate() could not yet

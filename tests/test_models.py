@@ -14,6 +14,7 @@ from kdrun.models import MODELS, FeatureTap, build_model, report
 from kdrun.models.published import PUBLISHED_PARAMS_M  # (millions at 100 classes, 32x32x3)
 from kdrun.models.report import count_params, feature_shapes
 from kdrun.models_cli import models_main
+from tests.conftest import run_kdrun
 
 # smallest sensible input for every model: the digits default (1 channel, 8x8, 10 classes)
 IN_CHANS, IMG, CLASSES = 1, 8, 10
@@ -374,3 +375,67 @@ def test_airbench_whitening_layer_whitens_the_images_patches():
     assert torch.allclose(cov, torch.eye(12), atol=0.02), cov.diagonal()
     norms = w[:12].flatten(1).norm(dim=1)  # 1/sqrt(lambda + eps): the largest eigenvalue's channel is the smallest
     assert norms[0] == norms.min() and norms[-1] == norms.max()
+
+
+PLUGIN = """
+from torch import nn
+
+from kdrun.losses.base import DistillLoss, register_loss
+from kdrun.models.registry import register_model
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes, in_chans):
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(in_chans, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+        self.feature_points = {"stage1": "stage1", "pre_logits": "head.2:input"}
+
+    def forward(self, x):
+        return self.head(self.stage1(x))
+
+
+@register_model("my_tiny")
+def my_tiny(num_classes, in_chans=3, img_size=32):
+    return Tiny(num_classes, in_chans)
+
+
+@register_loss("my_mse")
+class MyMSE(DistillLoss):
+    def __init__(self, weight: float = 1.0, **kw):
+        super().__init__(**kw)
+        self.weight = weight
+
+    def forward(self, s, t, ctx):
+        return {"my_mse": self.weight * (s.logits - t.logits.detach()).pow(2).mean()}
+"""
+
+
+def test_a_model_and_a_method_of_the_user_s_own_come_from_plugins(tmp_path):
+    """A model or method outside the package had no documented way in: kdrun said 'unknown model' (and an export
+    from a fresh process, or a sweep's job in a worker, too)."""
+    (tmp_path / "myplug.py").write_text(PLUGIN)
+    run = tmp_path / "run"
+    args = ["trainer=smoke", "teacher=resnet8", "trainer.latency=false", "store.enabled=false", "baseline=false"]
+    p = run_kdrun("train", *args, "student.name=my_tiny", "loss=kd", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert p.returncode == 2 and "student.name=my_tiny: unknown model" in p.stderr
+    p = run_kdrun(
+        "train",
+        *args,
+        "plugins=[myplug]",
+        "student.name=my_tiny",
+        "~loss.temperature",
+        "~loss.alpha",
+        "loss.name=my_mse",
+        "+loss.weight=2",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "loss_my_mse" in (run / "metrics_student.csv").read_text().splitlines()[0]
+    p = run_kdrun("export", str(run), "threads=1", cwd=tmp_path.parent)  # another folder: the run's launch folder's
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_kdrun("train", *args, "plugins=[no_such_plugin]", f"hydra.run.dir={tmp_path / 'r2'}", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"kdrun: error: plugins: no module 'no_such_plugin' on PYTHONPATH or in {tmp_path}"
+    )
