@@ -180,6 +180,8 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
             return f"{given}: the {option} logger is not selected; add it to the list (e.g. logger=[csv,{option}])"
         valid = _keys_of(parent, kept, config_name)
         where = f" of {parent}" if parent else ""
+        if parent in ("trainer", "teacher", "student"):  # their keys are what kdrun reads: none can be added
+            return f"{key}: unknown key; valid keys{where}: {valid}"
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
     first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     return " ".join(first[:2]) if first else type(e).__name__

@@ -121,6 +121,7 @@ def validate(cfg: DictConfig) -> None:
             continue
         if not type_ok(v) or not range_ok(v):
             raise ConfigError(f"{key}={v}: must be {valid}")
+    _validate_known_keys(cfg)
     _validate_names(cfg)
     loggers.check(cfg)  # names and packages, before the run folder and the data
     _validate_normalize(cfg.dataset)
@@ -247,6 +248,32 @@ def _method_rules(cfg: DictConfig) -> list:
     if name not in LOSSES:
         return []  # reported by _validate_loss
     return [(f"loss.{k}", _num, ok, valid) for k, (ok, valid) in LOSSES.get(name).value_rules.items()]
+
+
+def _known_keys() -> dict[str, list[str]]:
+    """The keys ``teacher``, ``student`` and ``trainer`` take: those of ``train.yaml`` and ``trainer/default.yaml``."""
+    from importlib.resources import files
+
+    configs = files("kdrun.configs")
+    base = OmegaConf.load(str(configs.joinpath("train.yaml")))
+    trainer = OmegaConf.load(str(configs.joinpath("trainer", "default.yaml")))
+    assert isinstance(base, DictConfig) and isinstance(trainer, DictConfig)
+    return {
+        "teacher": [str(k) for k in base.teacher],
+        "student": [str(k) for k in base.student],
+        "trainer": [str(k) for k in trainer if k != "defaults"],
+    }
+
+
+def _validate_known_keys(cfg: DictConfig) -> None:
+    """A key added with '+' that kdrun does not read (+student.foo=1, +trainer.epohcs=3) was accepted and ignored."""
+    for node, known in _known_keys().items():
+        section = cfg.get(node)
+        unknown = sorted(str(k) for k in section if str(k) not in known) if isinstance(section, DictConfig) else []
+        if unknown:
+            raise ConfigError(
+                f"{node}.{unknown[0]}: unknown key, read by nothing; valid keys of {node}: {', '.join(known)}"
+            )
 
 
 def _validate_names(cfg: DictConfig) -> None:

@@ -470,3 +470,12 @@ def test_models_that_share_no_stage_name_are_told_their_layers(kdrun_here, tmp_p
     line = p.stderr.strip()
     assert line.startswith(f"kdrun: error: {key}: the models share no stage name; name the layers, {key}.teacher=[")
     assert f"{key}.student=[...] of " in line and "hidden1" in line and line.count("\n") == 0
+
+
+@pytest.mark.parametrize("key", ["+trainer.epohcs=3", "+student.foo=1", "+teacher._target_=mymodels.net"])
+def test_a_key_added_that_nothing_reads_is_refused(kdrun_here, tmp_path, key):
+    """'+student._target_=...' ran to the end with the default student, the key ignored."""
+    p = kdrun_here("train", key, f"hydra.run.dir={tmp_path / 'r'}")
+    name = key[1:].split("=")[0]
+    assert p.returncode == 2 and p.stderr.startswith(f"kdrun: error: {name}: unknown key, read by nothing; valid keys")
+    assert not (tmp_path / "r").exists()
