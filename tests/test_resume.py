@@ -458,17 +458,26 @@ def test_a_run_begun_before_checkpoints_checked_their_data_resumes(kdrun, tmp_pa
     assert "teacher: already finished" in p.stderr and "student: resuming from" in p.stderr
 
 
-def test_a_checkpoint_of_another_kdrun_version_says_so(kdrun, tmp_path):
-    """The run's own overrides, but checkpoints this kdrun would train differently (an earlier RECIPE): the line says
-    the version differs, instead of advising the resume command just given."""
+def resumed_with_teacher_checkpoint_edited(kdrun, tmp_path, **changes):
+    """A run killed in its teacher stage, its teacher_last.pt given ``changes`` (a field as another kdrun or another
+    launch would write it), then resumed: (run_dir, the resume's process)."""
     from kdrun import io as kio
 
     run_dir = tmp_path / "run"
     p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "teacher:7"})
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     last = run_dir / "checkpoints" / "teacher_last.pt"
-    kio.atomic_save(kio.load(str(last), "checkpoint") | {"fingerprint": "0123456789abcdef-teacher"}, str(last))
-    p = kdrun("train", f"resume={run_dir}")
+    saved = kio.load(str(last), "checkpoint")
+    assert saved["workers"] == 1 and set(changes) <= set(saved)
+    kio.atomic_save(saved | changes, str(last))
+    return run_dir, kdrun("train", f"resume={run_dir}")
+
+
+def test_a_checkpoint_of_another_kdrun_version_says_so(kdrun, tmp_path):
+    """The run's own overrides, but checkpoints this kdrun would train differently (an earlier RECIPE): the line says
+    the version differs, instead of advising the resume command just given."""
+
+    run_dir, p = resumed_with_teacher_checkpoint_edited(kdrun, tmp_path, fingerprint="0123456789abcdef-teacher")
     assert p.returncode == 2
     assert p.stderr.strip() == (
         f"kdrun: error: hydra.run.dir={run_dir}: checkpoints/teacher_last.pt was made by a kdrun that trained this "
@@ -480,15 +489,7 @@ def test_a_checkpoint_of_another_kdrun_version_says_so(kdrun, tmp_path):
 def test_a_run_resumed_by_another_number_of_workers_is_refused(kdrun, tmp_path):
     """A run begun under torchrun with 2 workers and resumed by 1 process went on: it stored its 2-worker teacher under
     the 1-worker key (later runs took it as theirs) and threw its logit cache away."""
-    from kdrun import io as kio
-
-    run_dir = tmp_path / "run"
-    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "teacher:7"})
-    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    last = run_dir / "checkpoints" / "teacher_last.pt"
-    assert kio.load(str(last), "checkpoint")["workers"] == 1
-    kio.atomic_save(kio.load(str(last), "checkpoint") | {"workers": 2}, str(last))  # as 2 torchrun workers save it
-    p = kdrun("train", f"resume={run_dir}")
+    run_dir, p = resumed_with_teacher_checkpoint_edited(kdrun, tmp_path, workers=2)  # as 2 torchrun workers save it
     assert p.returncode == 2
     assert p.stderr.strip() == (
         f"kdrun: error: hydra.run.dir={run_dir}: checkpoints/teacher_last.pt was trained by 2 workers, resumed by 1; "
