@@ -363,6 +363,10 @@ def _validate_loss_builds(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"loss.{key}: cannot follow a schedule in loss '{name}' (fixed when the method is built); give a number"
             )
+        if isinstance(getattr(method, key), int):  # a count (KDSVD's k, a warm-up in epochs): a schedule's fractions
+            raise ConfigError(
+                f"loss.{key}: a whole number in loss '{name}', which a schedule would make fractional; give a number"
+            )
         for x in sched.values_reached():  # the method's own range checks, at every value the schedule reaches
             LOSSES.get(name)(**(static | {key: x}))
 

@@ -62,6 +62,10 @@ import pytest
             ["loss=ab", "loss.margin={schedule: linear, start: 5, end: 1}"],
             "loss.margin: cannot follow a schedule in loss 'ab' (fixed when the method is built); give a number",
         ),
+        (  # KDSVD's k counts singular vectors: a schedule's 2.5 failed mid-run
+            ["loss=kdsvd", "loss.k={schedule: linear, start: 3, end: 1}"],
+            "loss.k: a whole number in loss 'kdsvd', which a schedule would make fractional; give a number",
+        ),
         (["loss=combo", "loss.terms.kd.alpha=1.5"], "loss.terms.kd.alpha=1.5: must be a number in [0, 1]"),
         (["sweep.metric=student.test_top1"], "sweep.metric=student.test_top1: a test-set metric cannot be optimised"),
         (["sweep.metric=student.top1"], "sweep.metric=student.top1: unknown metric; valid: MODEL.val_top1 or "),
