@@ -48,10 +48,11 @@ if TYPE_CHECKING:
     from kdrun.data.base import DataBundle, FileSet, ImageSet
 
 USAGE = """usage: kdrun export RUN_DIR [format=onnx|torchscript] [quantize=int8] [models=student,teacher,baseline]
-                    [atol=1e-4] [calib=256] [threads=N] [dataset.root=DIR] [out=DIR]
+                    [atol=1e-4] [calib=256] [threads=N] [dataset.root=DIR] [out=DIR] [opset=13..20]
                     (models=student_best: the epoch a validation split chose; dataset.root: where the
                     run's images are now, when they moved; a relative root is the run's launch folder's;
-                    out: the folder to write instead of RUN_DIR/export, new or an earlier export)
+                    out: the folder to write instead of RUN_DIR/export, new or an earlier export;
+                    opset: the ONNX opset, for an older runtime; default the exporter's)
 
 Writes RUN_DIR/export/<model>.onnx (dynamic batch; or <model>.torchscript.pt), checks parity with
 onnxruntime on 256 test images (largest |delta logit| <= atol), evaluates test top-1 and CPU latency at
@@ -60,6 +61,7 @@ batch 1 and 32 against PyTorch eager; quantize=int8 adds <model>.int8.onnx (stat
 (pixels, mean/std, layout) and the class names; each export replaces RUN_DIR/export/ (or out=) whole."""
 
 FORMATS = ("onnx", "torchscript")
+OPSETS = (13, 20)  # the ONNX opsets export=opset takes (below 18 through the TorchScript-based exporter)
 QUANTIZE = ("none", "int8")
 log = logging.getLogger("kdrun")
 PARITY_IMAGES = 256
@@ -81,6 +83,7 @@ class ExportOptions:
     threads: int | None = None  # CPU threads of both runtimes (None: each runtime's default)
     data_root: str | None = None  # dataset.root=: where the run's images are now (None: as the run read them)
     out: str | None = None  # out=: the folder written (None: RUN_DIR/export)
+    opset: int | None = None  # opset=: the ONNX opset written (None: the exporter's default)
 
     @property
     def out_dir(self) -> str:
@@ -107,6 +110,7 @@ class ModelExport:
     format: str
     file: str
     exporter: str
+    opset: int | None  # the ONNX opset of the file (None: TorchScript)
     size_mb: float
     top1_pytorch: float
     top1: float  # the exported model on the whole test split
@@ -133,7 +137,7 @@ def parse_args(args: list[str]) -> ExportOptions:
         word = positional[0] if positional[0].startswith("-") else positional[1]
         raise ExportError(
             f"export {word}: unexpected argument; valid: RUN_DIR, format=, quantize=, models=, atol=, "
-            "calib=, threads=, dataset.root=, out="
+            "calib=, threads=, dataset.root=, out=, opset="
         )
     opts = ExportOptions(run_dir=positional[0])
     for arg in (a for a in args if "=" in a):
@@ -160,14 +164,21 @@ def parse_args(args: list[str]) -> ExportOptions:
             if not value.strip():
                 raise ExportError("dataset.root=: empty; give the folder the run's data is in now")
             opts.data_root = os.path.abspath(os.path.expanduser(value))
+        elif key == "opset":
+            opts.opset = _number(key, value, int, OPSETS[0])
+            if opts.opset > OPSETS[1]:
+                raise ExportError(f"opset={value}: must be a whole number in [{OPSETS[0]}, {OPSETS[1]}]")
         elif key == "out":
             if not value.strip():
                 raise ExportError("out=: empty; give the folder to write the export into")
             opts.out = os.path.abspath(os.path.expanduser(value))
         else:
             raise ExportError(
-                f"{key}: unknown option; valid: format, quantize, models, atol, calib, threads, dataset.root, out"
+                f"{key}: unknown option; valid: format, quantize, models, atol, calib, threads, dataset.root, out, "
+                "opset"
             )
+    if opts.opset is not None and opts.format != "onnx":
+        raise ExportError(f"opset={opts.opset}: an ONNX opset; it needs format=onnx (got format={opts.format})")
     if opts.quantize == "int8" and opts.format != "onnx":
         raise ExportError(f"quantize=int8: needs format=onnx (got format={opts.format})")
     if opts.quantize != "int8" and any(a.startswith("calib=") for a in args):
@@ -401,11 +412,15 @@ def eager_fn(model: nn.Module):
 # ---------------------------------------------------------------- formats
 
 
-def _onnx_export(model: nn.Module, example: torch.Tensor, path: str) -> str:
-    """Write ``path`` with a dynamic batch dimension; returns the exporter used."""
+def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, opset: int | None = None) -> str:
+    """Write ``path`` with a dynamic batch dimension in ``opset`` (None: the exporter's default); returns the exporter
+    used. Below 18 the TorchScript-based exporter writes it: the dynamo exporter converts its opset-18 graph down and,
+    where the conversion fails, keeps 18 without a word."""
     import warnings
 
     try:
+        if opset is not None and opset < 18:
+            raise NotImplementedError("the TorchScript-based exporter")
         torch.onnx.export(
             model,
             (example,),
@@ -417,6 +432,7 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str) -> str:
             verbose=False,
             optimize=True,
             external_data=False,
+            opset_version=opset,  # None: the exporter's default
         )  # one self-contained file (models under 2 GB)
         return "dynamo"
     except Exception:  # noqa: BLE001 (models torch.export cannot trace: the TorchScript-based exporter)
@@ -429,10 +445,18 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str) -> str:
                 input_names=["images"],
                 output_names=["logits"],
                 dynamo=False,
-                opset_version=18,
+                opset_version=opset or 18,
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             )
         return "torchscript"
+
+
+def onnx_opset(path: str) -> int:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def ort_fn(path: str, threads: int | None = None):
@@ -563,7 +587,10 @@ def export_model(
     if opts.format == "onnx":
         file = f"{name}.onnx"
         out = os.path.join(workdir, file)
-        exporter = _onnx_export(model, test.x[:2], out)
+        exporter = _onnx_export(model, test.x[:2], out, opts.opset)
+        written = onnx_opset(out)
+        if opts.opset is not None and written != opts.opset:
+            raise ExportError(f"opset={opts.opset}: the {exporter} exporter wrote opset {written}; nothing written")
         if spec is not None:
             _tag_onnx(out, spec)
         run = ort_fn(out, opts.threads)
@@ -587,6 +614,7 @@ def export_model(
         format=opts.format,
         file=file,
         exporter=exporter,
+        opset=onnx_opset(out) if opts.format == "onnx" else None,
         size_mb=_size_mb(out),
         top1_pytorch=top1(ref, test.y),
         top1=top1(got, test.y),

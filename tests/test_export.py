@@ -290,6 +290,9 @@ def test_a_checkpoint_its_model_no_longer_fits_is_one_line(run_dir, tmp_path):
             "quantize=int8: needs format=onnx",
         ),
         (["RUN", "calib=0"], "calib=0: must be a whole number >= 1"),
+        (["RUN", "opset=12"], "opset=12: must be a whole number >= 13"),
+        (["RUN", "opset=21"], "opset=21: must be a whole number in [13, 20]"),
+        (["RUN", "format=torchscript", "opset=17"], "opset=17: an ONNX opset; it needs format=onnx"),
         (["RUN", "calib=8"], "calib=: the int8 calibration images; it needs quantize=int8"),
         (["RUN", "atol=nan"], "atol=nan: must be a number >= 0.0"),
         (["RUN", "colour=red"], "colour: unknown option"),
@@ -393,6 +396,22 @@ def test_an_export_goes_where_out_says_and_never_over_a_folder_of_other_files(ru
     assert os.listdir(mine) == ["notes.txt"]
     p = run_kdrun("export", str(run_dir), f"out={out}", "threads=1")  # an earlier export's folder: replaced
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_an_older_runtime_gets_the_opset_it_reads(run_dir, tmp_path, opset):
+    """The opset was fixed (20): an edge runtime that reads 17 could not load the export. Below 18 the dynamo
+    exporter kept 18 where its conversion failed, without a word; the file's own opset is checked."""
+    import onnx
+
+    out = tmp_path / "export"
+    p = run_kdrun("export", str(run_dir), f"opset={opset}", f"out={out}", "quantize=int8", "calib=32", "threads=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    (model,) = json.loads((out / "export.json").read_text())["models"]
+    assert model["opset"] == opset and model["exporter"] == ("torchscript" if opset < 18 else "dynamo")
+    for f in ("student.onnx", "student.int8.onnx"):
+        declared = [o.version for o in onnx.load(str(out / f)).opset_import if o.domain in ("", "ai.onnx")]
+        assert declared == [opset], (f, declared)
 
 
 def test_the_epoch_a_validation_split_chose_can_be_exported(run_dir, tmp_path):
