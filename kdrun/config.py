@@ -6,6 +6,7 @@ so bad input never leaves a half-made run directory behind.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -250,6 +251,7 @@ def _method_rules(cfg: DictConfig) -> list:
     return [(f"loss.{k}", _num, ok, valid) for k, (ok, valid) in LOSSES.get(name).value_rules.items()]
 
 
+@functools.cache  # read once per process: validate runs for every point of a sweep
 def _known_keys() -> dict[str, list[str]]:
     """The keys ``teacher``, ``student`` and ``trainer`` take: those of ``train.yaml`` and ``trainer/default.yaml``."""
     from importlib.resources import files

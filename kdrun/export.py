@@ -588,14 +588,14 @@ def export_model(
         file = f"{name}.onnx"
         out = os.path.join(workdir, file)
         exporter = _onnx_export(model, test.x[:2], out, opts.opset)
-        written = onnx_opset(out)
-        if opts.opset is not None and written != opts.opset:
-            raise ExportError(f"opset={opts.opset}: the {exporter} exporter wrote opset {written}; nothing written")
+        opset: int | None = onnx_opset(out)
+        if opts.opset is not None and opset != opts.opset:
+            raise ExportError(f"opset={opts.opset}: the {exporter} exporter wrote opset {opset}; nothing written")
         if spec is not None:
             _tag_onnx(out, spec)
         run = ort_fn(out, opts.threads)
     else:
-        file, exporter = f"{name}.torchscript.pt", "torch.jit.trace"
+        file, exporter, opset = f"{name}.torchscript.pt", "torch.jit.trace", None
         out = os.path.join(workdir, file)
         extra = {"kdrun.input.json": json.dumps(spec)} if spec is not None else {}
         with torch.inference_mode():
@@ -614,7 +614,7 @@ def export_model(
         format=opts.format,
         file=file,
         exporter=exporter,
-        opset=onnx_opset(out) if opts.format == "onnx" else None,
+        opset=opset,
         size_mb=_size_mb(out),
         top1_pytorch=top1(ref, test.y),
         top1=top1(got, test.y),

@@ -391,8 +391,8 @@ def check(cfg: DictConfig) -> None:
 
 
 def build(cfg: DictConfig, run_dir: str) -> Loggers:
-    """The configured trackers, started with the composed config."""
-    check(cfg)
+    """The configured trackers (checked by :func:`check` in ``kdrun.config.validate``), started with the composed
+    config."""
     node = cfg.get("logger")
     made: list[Logger] = []
     config = OmegaConf.to_container(cfg, resolve=True)

@@ -50,9 +50,9 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
         # FAILED note)
         if distributed.is_main() and os.path.exists(os.path.join(run_dir, "FAILED")):
             os.remove(os.path.join(run_dir, "FAILED"))
-        if joined and (why := cli.devices_under_launcher(distributed.size(), devices)):  # a sweep's SLURM tasks
-            raise ConfigError(why)
         if joined:
+            if why := cli.devices_under_launcher(distributed.size(), devices):  # e.g. a sweep's SLURM tasks
+                raise ConfigError(why)
             if not distributed.is_main():  # rank 0 alone fills the console and train.log, as with trainer.devices
                 # the warnings of the other workers of a machine are its first worker's too: said once there
                 log.setLevel(logging.ERROR if distributed.local_rank() > 0 else logging.WARNING)
