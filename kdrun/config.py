@@ -45,6 +45,7 @@ Rule = tuple[str, Callable[[Any], bool], Callable[[Any], object], str]
 RULES: list[Rule] = [
     ("trainer.teacher_epochs", _int, lambda v: v >= 0, "an integer >= 0"),
     ("trainer.epochs", _int, lambda v: v >= 0, "an integer >= 0"),
+    ("trainer.pre_stage_epochs", _int, lambda v: v >= 1, "an integer >= 1 (or null: each method's own)"),
     ("trainer.batch_size", _int, lambda v: v > 0, "an integer > 0"),
     ("trainer.eval_batch_size", _int, lambda v: v > 0, "an integer > 0 (or null: 512 on a GPU, 64 on a CPU)"),
     ("trainer.seed", _int, lambda v: v >= 0, "an integer >= 0"),

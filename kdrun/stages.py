@@ -33,6 +33,9 @@ DATA_INIT = f"{DATA_INIT_IMAGES} images evenly spaced through the split, un-augm
 # eval batch or thread count, another machine) continues; any other change is refused by the fingerprint.
 RESUME_IGNORED = ("paths", "logger", "store", "sweep", "evaluate", "hydra", "plugins")  # plugins: where code comes from
 RESUME_IGNORED_TRAINER = ("eval_batch_size", "device", "log_every", "latency", "checkpoint_every_steps", "threads")
+# keys added since checkpoints were first fingerprinted, at the value that trains as a kdrun without them did:
+# left out of the fingerprint at that value, so a run an older kdrun began still resumes
+ADDED_LATER = {"trainer": {"pre_stage_epochs": None}}
 # where the data lies and how it is read: a stage's checkpoint checks the data itself (DataBundle.layout)
 RESUME_IGNORED_DATASET = ("root", "cache_dir", "workers", "download")
 
@@ -56,6 +59,8 @@ def _resumed(cfg: DictConfig, before_data_check: bool = False) -> dict:
     assert isinstance(resolved, dict)
     kept = {k: v for k, v in resolved.items() if k not in RESUME_IGNORED}
     kept["trainer"] = {k: v for k, v in kept.get("trainer", {}).items() if k not in RESUME_IGNORED_TRAINER}
+    for group, added in ADDED_LATER.items():
+        kept[group] = {k: v for k, v in kept.get(group, {}).items() if k not in added or v != added[k]}
     if not before_data_check:
         kept["dataset"] = {k: v for k, v in kept.get("dataset", {}).items() if k not in RESUME_IGNORED_DATASET}
     return kept

@@ -142,7 +142,7 @@ class Run:
                     f"{stage}_{pre.name}",
                     pre.trainable,
                     pre.objective,
-                    epochs=pre.epochs,
+                    epochs=min(pre.epochs, tr.get("pre_stage_epochs") or pre.epochs),
                     optim_cfg=OmegaConf.merge(cfg.optim, pre.optim),
                     loader=loader,
                     pre_stage=True,

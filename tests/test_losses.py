@@ -837,6 +837,16 @@ def test_pre_stages_run_beside_a_validation_split(kdrun, tmp_path, loss):
     assert "val_top1" not in (run / f"metrics_{stages[0][:-8]}.csv").read_text().splitlines()[0]
 
 
+def test_trainer_pre_stage_epochs_caps_the_methods_own_stages(kdrun, tmp_path):
+    """trainer=smoke shortens FT's 30-epoch paraphraser stage (loss.paraphraser_epochs) like every other stage."""
+    run = tmp_path / "run"
+    args = ["trainer=smoke", "teacher=resnet14", "student=resnet8", "loss=ft", "trainer.latency=false"]
+    p = kdrun("train", *args, "store.enabled=false", "baseline=false", f"hydra.run.dir={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = (run / "metrics_student_paraphraser.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["1"]
+
+
 @pytest.mark.parametrize(
     "teacher_name, student_name", [("resnet20", "resnet8"), ("wrn_16_2", "wrn_16_1"), ("resnet20", "mbv2_tiny")]
 )

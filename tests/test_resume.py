@@ -313,6 +313,21 @@ def test_resume_fingerprint_ignores_where_and_how_not_what():
         assert resume_fingerprint(compose([*base, change])) != key, change
 
 
+def test_a_key_added_later_at_its_default_keeps_the_fingerprint_of_a_run_begun_without_it():
+    """A run an older kdrun began (its config has no trainer.pre_stage_epochs) still resumes; setting it does not."""
+    from omegaconf import open_dict
+
+    from kdrun.cli import compose
+    from kdrun.stages import resume_fingerprint
+
+    cfg = compose(["store.enabled=false"])
+    now = resume_fingerprint(cfg)
+    with open_dict(cfg):
+        del cfg.trainer["pre_stage_epochs"]
+    assert resume_fingerprint(cfg) == now
+    assert resume_fingerprint(compose(["store.enabled=false", "trainer.pre_stage_epochs=2"])) != now
+
+
 def test_resume_elsewhere_ignores_paths_and_checkpoint_spacing(kdrun, tmp_path, uninterrupted):
     """Where data and outputs live and how checkpoints are spaced are not the run's configuration: a run moved
     to another machine (another KDRUN_DATA) resumes; a change of what it trains is still refused (above)."""
