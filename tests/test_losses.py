@@ -848,7 +848,29 @@ def test_trainer_pre_stage_epochs_caps_the_methods_own_stages(kdrun, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "teacher_name, student_name", [("resnet20", "resnet8"), ("wrn_16_2", "wrn_16_1"), ("resnet20", "mbv2_tiny")]
+    "student_name, post_relu", [("vgg8", False), ("shufflenet_v2_cifar", False), ("resnet18", True)]
+)
+def test_ab_and_ofd_say_when_a_student_has_no_pre_activation_features(caplog, student_name, post_relu):
+    from kdrun.losses.base import preact_stages
+    from kdrun.models import build_model
+
+    teacher, student = build_model("resnet32x4", 10, 3, 32), build_model(student_name, 10, 3, 32)
+    with caplog.at_level("WARNING", logger="kdrun"):
+        _, layers = preact_stages("ofd", list(teacher.feature_points), list(student.feature_points))
+    assert all(n.endswith("_preact") for n in layers) != post_relu
+    assert ("ofd: the student has no pre-activation points" in caplog.text) == post_relu
+
+
+@pytest.mark.parametrize(
+    "teacher_name, student_name",
+    [
+        ("resnet20", "resnet8"),
+        ("wrn_16_2", "wrn_16_1"),
+        ("resnet20", "mbv2_tiny"),
+        ("vgg13", "mbv2_cifar"),  # two CIFAR-100 presets' pairs, refused before their teachers had preact points
+        ("resnet50_cifar", "mbv2_cifar"),
+        ("shufflenet_v1", "shufflenet_v2_cifar"),
+    ],
 )
 def test_ofd_margins_come_from_the_bn_before_each_teacher_preactivation(teacher_name, student_name):
     from kdrun.distill import probe_shapes

@@ -73,6 +73,54 @@ def test_forward_backward_and_feature_points(name):
     assert reported["pre_logits"] == [1, reported["pre_logits"][1]]
 
 
+PREACT_BEFORE_RELU = ["resnet20", "vgg8", "vgg13", "resnet50_cifar", "shufflenet_v1", "shufflenet_v2_cifar"]
+LINEAR_STAGES = ["mbv2_cifar", "mbv2_tiny", "mbv2", "mbv3_small"]
+
+
+@pytest.mark.parametrize("name", PREACT_BEFORE_RELU + LINEAR_STAGES)
+def test_pre_activation_points_are_the_stage_outputs_before_their_relu(name):
+    """AB, OFD and ReviewKD match features before the ReLU, as RepDistiller's ``preact=True`` gives them: each
+    ``stageN_preact`` is ``stageN`` before its last ReLU (a MobileNet's stages end linear: the same map), and the
+    BatchNorm a model declares for it (OFD's margins) has its channels."""
+    torch.manual_seed(0)
+    model = build_model(name, CLASSES, 3, 32).eval()
+    pre = [p for p in model.feature_points if p.endswith("_preact")]
+    assert len(pre) >= 3
+    with FeatureTap(model, pre + [p.removesuffix("_preact") for p in pre]) as tap, torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    modules = dict(model.named_modules())
+    for p in pre:
+        before, after = tap.features[p], tap.features[p.removesuffix("_preact")]
+        assert (before < 0).any(), p
+        assert torch.equal(before if name in LINEAR_STAGES else before.relu(), after), p
+        if p in getattr(model, "preact_bn", {}):
+            assert modules[model.preact_bn[p]].num_features == before.shape[1], p
+
+
+@pytest.mark.parametrize("name", ["mbv3_small", "mbv2", "mlp"])
+def test_pre_logits_is_read_before_the_classifiers_dropout(name):
+    """A student's penultimate feature is not randomly zeroed in training (the frozen teacher's never is)."""
+    model = build_model(name, CLASSES, IN_CHANS, IMG).train()
+    x = torch.randn(4, IN_CHANS, IMG, IMG)
+    with FeatureTap(model, ["pre_logits"]) as tap:
+        model(x)
+        first = tap.features["pre_logits"].detach().clone()
+        model(x)
+    assert torch.equal(first, tap.features["pre_logits"])
+
+
+def test_flops_count_attention():
+    """The counter has no formula for the fused CPU attention kernels: they run in math form while counted."""
+    import torch.nn.functional as F
+
+    class Attention(nn.Module):
+        def forward(self, x):  # x [B, 8, 4, 4] -> queries [B, 2 heads, 16 tokens, 4]
+            q = x.flatten(2).transpose(1, 2).reshape(x.shape[0], 16, 2, 4).transpose(1, 2).contiguous()
+            return F.scaled_dot_product_attention(q, q, q).mean((1, 2))[:, :2]
+
+    assert report.count_flops(Attention(), (8, 4, 4)) == 4 * 2 * 16 * 16 * 4  # QK^T and AV: 2 x 2 x H L^2 d
+
+
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "mbv2_tiny", "resnet18", "mlp"])
 def test_unknown_feature_name_lists_valid_names(name):
     model = build_model(name, CLASSES, IN_CHANS, IMG)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import operator
 import re
 from collections.abc import Iterable
@@ -202,7 +203,15 @@ def preact_stages(method: str, teacher_points: list[str], student_points: list[s
             f"{missing[0]} point; use a teacher that exposes stageN_preact (e.g. the CIFAR ResNets) "
             "or set loss.layers.teacher=[...]"
         )
-    return teacher, [f"{s}_preact" if f"{s}_preact" in student_points else s for s in stages]
+    student = [f"{s}_preact" if f"{s}_preact" in student_points else s for s in stages]
+    if student != [f"{s}_preact" for s in stages]:
+        logging.getLogger("kdrun").warning(
+            "%s: the student has no pre-activation points (stageN_preact): it matches its post-activation %s; the "
+            "method's authors match pre-activation features (loss.layers.student=[...] chooses others)",
+            method,
+            ", ".join(s for s in student if not s.endswith("_preact")),
+        )
+    return teacher, student
 
 
 def check(key: str, value, ok: bool, valid: str) -> None:

@@ -16,8 +16,8 @@ m = beta - |gamma| phi(beta / |gamma|) / Phi(-beta / |gamma|) when Phi(-beta / |
 This is mdistiller's ``OFD`` (CIFAR-100: weight 0.001, CE weight 1, 1x1 connector, all stages;
 the connector's conv initialised N(0, 2 / C_t), BN weight 1, bias 0). Layers: the teacher's
 ``stageN_preact`` points and the BatchNorm it declares for each (``model.preact_bn``); the
-student's ``stageN_preact`` when it has them, else its stage outputs (already linear, pre-ReLU,
-in MobileNetV2's blocks).
+student's ``stageN_preact`` (CIFAR ResNets, WRNs, VGGs, ShuffleNets, ResNet-50; a MobileNet's stage outputs,
+linear already), else, with a warning, its post-ReLU stage outputs (e.g. torchvision's ResNets).
 
 Deliberately unlike mdistiller's ``OFD.train()`` and the authors' ``train_with_distillation.py``, which put the
 teacher in training mode while distilling: there its BatchNorm layers normalise each batch with the batch's own

@@ -89,6 +89,9 @@ class MobileNetV2(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.feature_points = {"stem": "conv1"} | {f"stage{i + 1}": f"blocks.{r}" for i, r in enumerate(stages)}
         self.feature_points["pre_logits"] = "fc:input"
+        # an inverted residual block ends linear (no activation after its projection): a stage's output is its
+        # own pre-activation feature (AB, OFD, ReviewKD)
+        self.feature_points |= {f"stage{i + 1}_preact": f"blocks.{r}" for i, r in enumerate(stages)}
 
     def forward(self, x):
         x = self.conv1(x)

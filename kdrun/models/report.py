@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdrun.models.features import FeatureTap
@@ -44,10 +45,12 @@ def _probe(model: nn.Module, input_shape: tuple, batch: int = 1, device=None) ->
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape: tuple) -> int:
-    """Forward FLOPs for one image of ``input_shape`` (C, H, W)."""
+    """Forward FLOPs for one image of ``input_shape`` (C, H, W). Attention runs in its math form while counted:
+    the counter has no formula for the fused CPU kernels of ``scaled_dot_product_attention`` (a ViT's
+    attention would count 0)."""
     was = model.training
     model.eval()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(_probe(model, input_shape))
     model.train(was)
     return int(counter.get_total_flops())

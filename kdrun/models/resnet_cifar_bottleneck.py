@@ -28,12 +28,13 @@ class Bottleneck(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU()  # a module, so the block's pre-activation output is its input
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu(out + self.shortcut(x))
 
 
 class CifarBottleneckResNet(nn.Module):
@@ -60,6 +61,11 @@ class CifarBottleneckResNet(nn.Module):
             "stage4": "layer4",
             "pre_logits": "fc:input",
         }
+        # pre-activation stage outputs (before the last block's ReLU; RepDistiller's preact=True), for AB, OFD,
+        # ReviewKD; the BatchNorm before that ReLU (OFD's margins, as mdistiller's get_bn_before_relu)
+        last = {i: n - 1 for i, n in enumerate(blocks, 1)}
+        self.feature_points |= {f"stage{i}_preact": f"layer{i}.{last[i]}.relu:input" for i in range(1, 5)}
+        self.preact_bn = {f"stage{i}_preact": f"layer{i}.{last[i]}.bn3" for i in range(1, 5)}
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))

@@ -37,13 +37,14 @@ class ShuffleV1Unit(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
         self.stride = stride
         self.shortcut = nn.AvgPool2d(3, 2, 1) if stride == 2 else nn.Identity()
+        self.relu = nn.ReLU()  # a module, so the unit's pre-activation output is its input
 
     def forward(self, x):
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.g1)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
+        return self.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
 
 
 class ShuffleNetV1(nn.Module):
@@ -71,6 +72,11 @@ class ShuffleNetV1(nn.Module):
             "stage3": "layer3",
             "pre_logits": "fc:input",
         }
+        # each stage before its last unit's ReLU (RepDistiller's preact=True), and the BatchNorm before that ReLU
+        # (the last unit of a stage has stride 1: bn3 covers all its channels)
+        last = {i: blocks[i - 1] - 1 for i in range(1, 4)}
+        self.feature_points |= {f"stage{i}_preact": f"layer{i}.{last[i]}.relu:input" for i in range(1, 4)}
+        self.preact_bn = {f"stage{i}_preact": f"layer{i}.{last[i]}.bn3" for i in range(1, 4)}
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -79,7 +85,11 @@ class ShuffleNetV1(nn.Module):
 
 
 class ShuffleV2Unit(nn.Module):
-    """Split channels in half; 1x1 - depthwise 3x3 - 1x1 on one half; concatenate; shuffle."""
+    """Split channels in half; 1x1 - depthwise 3x3 - 1x1 on one half; concatenate; shuffle; ReLU.
+
+    The final ReLU acts on the whole shuffled map: the kept half is a ReLU's output already, so this is the
+    branch's own ReLU, and the ReLU's input is RepDistiller's ``preact`` (the kept half next to the branch's
+    BatchNorm output, shuffled)."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -92,12 +102,12 @@ class ShuffleV2Unit(nn.Module):
             nn.BatchNorm2d(half),
             nn.Conv2d(half, half, 1, bias=False),
             nn.BatchNorm2d(half),
-            nn.ReLU(),
         )
+        self.relu = nn.ReLU()
 
     def forward(self, x):
         keep, work = x.chunk(2, dim=1)
-        return channel_shuffle(torch.cat([keep, self.branch(work)], 1), 2)
+        return self.relu(channel_shuffle(torch.cat([keep, self.branch(work)], 1), 2))
 
 
 class ShuffleV2Down(nn.Module):
@@ -151,6 +161,9 @@ class ShuffleNetV2(nn.Module):
             "stage3": "layer3",
             "pre_logits": "fc:input",
         }
+        # each stage before its last unit's ReLU (RepDistiller's preact=True); no BatchNorm covers all of its
+        # channels (half are the kept input), so none is declared for OFD's margins
+        self.feature_points |= {f"stage{i}_preact": f"layer{i}.{blocks[i - 1]}.relu:input" for i in range(1, 4)}
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))

@@ -108,7 +108,13 @@ def _mobilenet(
     if small:
         _relax_strides(list(model.features)[1:], img_size)
     model.feature_points = {"stem": "features.0"} | {f"stage{i + 1}": f"features.{j}" for i, j in enumerate(stages)}
-    model.feature_points["pre_logits"] = pre_logits
+    model.feature_points["pre_logits"] = pre_logits  # before the classifier's dropout, as the teacher's is read
+    for m in model.classifier.modules():  # MobileNetV3's dropout works in place: pre_logits would be read after it
+        if isinstance(m, nn.Dropout):
+            m.inplace = False
+    # inverted residual blocks end linear (no activation after the projection): each stage's output is its own
+    # pre-activation feature (AB, OFD, ReviewKD)
+    model.feature_points |= {f"stage{i + 1}_preact": f"features.{j}" for i, j in enumerate(stages)}
     return model
 
 
@@ -276,13 +282,13 @@ _register(
 _register(
     "mbv3_small",
     "torchvision MobileNetV3-Small (kwarg small_input).",
-    _mobilenet_builder(tv.mobilenet_v3_small, (1, 3, 8, 11), "classifier.3:input"),
+    _mobilenet_builder(tv.mobilenet_v3_small, (1, 3, 8, 11), "classifier.2:input"),
     "mobilenet_v3_small",
 )
 _register(
     "mbv3_large",
     "torchvision MobileNetV3-Large (kwarg small_input).",
-    _mobilenet_builder(tv.mobilenet_v3_large, (3, 6, 12, 15), "classifier.3:input"),
+    _mobilenet_builder(tv.mobilenet_v3_large, (3, 6, 12, 15), "classifier.2:input"),
     "mobilenet_v3_large",
 )
 _register(

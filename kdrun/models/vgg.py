@@ -3,7 +3,8 @@
 No hidden FC layers. Five conv blocks (3x3 conv-BN-ReLU), 2x2 max-pooling after the first three (and
 the fourth for inputs of 64 px or more), global average pooling, one Linear. Feature points as RepDistiller's
 ``feat`` list: the first block is ``stem`` (its f0, which no method there distils), blocks 2-5 are
-``stage1``-``stage4`` (f1-f4), so FitNet's ``stage2`` and AT's stages 1-4 are the maps the authors matched.
+``stage1``-``stage4`` (f1-f4), so FitNet's ``stage2`` and AT's stages 1-4 are the maps the authors matched;
+``stageN_preact`` are the same maps before their last ReLU (RepDistiller's ``preact=True``).
 ``vgg8`` has one conv per stage; ``vgg11/13/16/19`` follow VGG configs A/B/D/E.
 ``vgg13`` has 9.46M parameters at 100 classes, ``vgg8`` 3.97M.
 """
@@ -52,6 +53,11 @@ class VGG(nn.Module):
         self.feature_points = (
             {"stem": "block1"} | {f"stage{i}": f"block{i + 1}" for i in range(1, 5)} | {"pre_logits": "fc:input"}
         )
+        # each stage before its last ReLU (RepDistiller's preact features; AB, OFD, ReviewKD) and the BatchNorm
+        # before that ReLU (OFD's margins, as mdistiller's get_bn_before_relu)
+        last = {i: len(cfg[i]) * 3 - 1 for i in range(1, 5)}  # conv, BN, ReLU per layer
+        self.feature_points |= {f"stage{i}_preact": f"block{i + 1}.{last[i]}:input" for i in range(1, 5)}
+        self.preact_bn = {f"stage{i}_preact": f"block{i + 1}.{last[i] - 1}" for i in range(1, 5)}
 
     def forward(self, x):
         x = self.pool1(self.block1(x))
