@@ -853,10 +853,18 @@ def export_table(doc: dict) -> str:
     lines.append(
         f"test split of {doc['dataset']} ({doc['test_images']} images); runtime = {rt}; {drop}agree = % of test "
         "images given the PyTorch model's class; max|d| = largest |delta logit| against it; latency = median/best "
-        f"ms per batch, {doc['threads']['torch']} thread(s) of {doc['threads']['cpu_count']} CPU cores"
-        + _busy_note(doc)
+        f"ms per batch, {_threads_text(doc, rt)} of {doc['threads']['cpu_count']} CPU cores" + _busy_note(doc)
     )
     return "\n".join(lines)
+
+
+def _threads_text(doc: dict, runtime: str) -> str:
+    """``2 thread(s)``, or each runtime's own count where ``threads=`` set none (onnxruntime then takes one per
+    physical core)."""
+    threads = doc["threads"]
+    if runtime.startswith("onnxruntime") and threads.get("onnxruntime") == "default":
+        return f"eager {threads['torch']} thread(s), onnxruntime its default (one per physical core)"
+    return f"{threads['torch']} thread(s)"
 
 
 def _busy_note(doc: dict) -> str:

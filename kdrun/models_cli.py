@@ -10,6 +10,7 @@ The input size comes from ``kdrun/configs/dataset/NAME.yaml`` (``num_classes``,
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 
 import torch
@@ -126,7 +127,8 @@ def print_report(name: str, source: str, spec: dict) -> None:
         b1, b64 = (mr.latency_ms(on_device, shape, batch=b, device=device) for b in (1, 64))
         print(
             f"latency {device:<6} {b1.best:.3f} ms at batch 1, {b64.best:.3f} ms at batch 64 "
-            f"(fastest calls; medians {b1.median:.3f} and {b64.median:.3f} ms)"
+            f"(fastest calls; medians {b1.median:.3f} and {b64.median:.3f} ms"
+            + (f"; {torch.get_num_threads()} thread(s) of {os.cpu_count()} CPU cores)" if device == "cpu" else ")")
         )
         contention = mr.Contention.of([b1, b64])
         if contention.busy:

@@ -519,6 +519,19 @@ def test_the_table_says_when_its_timing_was_disturbed(run_dir, exported):
     assert BUSY_SPREAD < 7
 
 
+def test_the_table_names_the_thread_count_of_each_runtime(run_dir, exported):
+    """Without threads=, onnxruntime runs at its own default, not at PyTorch's count: the footer says so."""
+    from kdrun.export import export_table
+
+    doc = json.loads((run_dir / "export" / "export.json").read_text())
+    doc["threads"] |= {"torch": 2, "onnxruntime": "default", "cpu_count": 2}
+    assert "ms per batch, eager 2 thread(s), onnxruntime its default (one per physical core) of 2 CPU cores" in (
+        export_table(doc)
+    )
+    doc["threads"]["onnxruntime"] = 2
+    assert "ms per batch, 2 thread(s) of 2 CPU cores" in export_table(doc)
+
+
 def test_a_missing_export_package_is_one_line_naming_the_extra(run_dir, kdrun_here, monkeypatch):
     """Without onnx (kdrun installed without its export extra), `kdrun export` used to end in torch's traceback."""
     import importlib.util

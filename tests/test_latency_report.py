@@ -158,7 +158,7 @@ def test_models_report_prints_the_fastest_call_and_the_median(monkeypatch, capsy
     out = models_report(monkeypatch, capsys, {1: Timing(0.6, 0.5, 0.01), 64: Timing(2.5, 2.0, 0.01)})
     assert re.search(
         r"latency cpu\s+0\.500 ms at batch 1, 2\.000 ms at batch 64 \(fastest calls; "
-        r"medians 0\.600 and 2\.500 ms\)\n",
+        r"medians 0\.600 and 2\.500 ms; \d+ thread\(s\) of \d+ CPU cores\)\n",
         out,
     )
     assert "busy" not in out
