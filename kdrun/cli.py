@@ -352,12 +352,14 @@ def check_resumable(cfg) -> None:
     from kdrun.errors import ConfigError
     from kdrun.io import load_checkpoint
     from kdrun.stages import resume_fingerprints
+    from kdrun.task import keep_finished_run
 
     try:
         run_dir = str(cfg.hydra.run.dir)
     except Exception:  # interpolations that need a running job: a fresh directory
         return
     runlock.check_free(run_dir)  # before Hydra rewrites .hydra/ of a run at work there
+    keep_finished_run(run_dir)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     lasts = sorted(f for f in os.listdir(ckpt_dir) if f.endswith("_last.pt")) if os.path.isdir(ckpt_dir) else []
     if not lasts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -39,6 +40,8 @@ def hydra_train(cfg: DictConfig) -> float:
 def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
     from kdrun import report, train
 
+    # a finished run run again: its checkpoints as they were, to tell an error that changed nothing
+    finished = _checkpoint_files(run_dir) if os.path.exists(os.path.join(run_dir, "metrics.json")) else None
     try:
         plugins.load(cfg.get("plugins"))  # a sweep's job may run in a fresh process (joblib, submitit)
         validate(cfg)
@@ -66,8 +69,9 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
         else:
             metrics = train.run(cfg, run_dir)
     except KdrunError as e:
-        # another process's run (RunInProgress), or a finished run that refused to resume: left as it was
-        kept = isinstance(e, ResumeRefused) and os.path.exists(os.path.join(run_dir, "metrics.json"))
+        # another process's run (RunInProgress), or a finished run that refused to resume or met an error before
+        # anything of it changed (data moved, an unreadable image): left as it was
+        kept = _kept(run_dir, finished, e)
         if not (kept or isinstance(e, runlock.RunInProgress)):
             _mark_failed(run_dir, str(e))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -77,10 +81,12 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
             return math.nan
         # a refusal or a stop the workers of a machine meet alike is said once there; another may be this worker's own
         if not (isinstance(e, (ConfigError, Preempted)) and cli.other_worker()):
-            print(f"kdrun: error: {e}{_resume_hint(e, run_dir)}", file=sys.stderr)
+            hint = "; the finished run is kept as it was" if kept else _resume_hint(e, run_dir)
+            print(f"kdrun: error: {e}{hint}", file=sys.stderr)
         sys.exit(e.exit_code)
     except BaseException as e:
-        _mark_failed(run_dir, f"{type(e).__name__}: {e}")
+        if not _kept(run_dir, finished, e):
+            _mark_failed(run_dir, f"{type(e).__name__}: {e}")
         if _in_sweep() and isinstance(e, Exception) and os.environ.get("HYDRA_FULL_ERROR") != "1":
             log.exception("job failed; the sweep goes on")
             return math.nan
@@ -118,6 +124,57 @@ def _resume_hint(err: KdrunError, run_dir: str) -> str:
     if isinstance(err, UnreadableImage) and os.path.isdir(ckpts) and any(f.endswith(".pt") for f in os.listdir(ckpts)):
         return f"; the checkpoints are kept: once the file is fixed, kdrun train resume={shlex.quote(run_dir)} goes on"
     return ""
+
+
+# a finished run's .hydra/ files as they were before this command (Hydra rewrites them with its overrides once
+# the job starts): restored when the command fails without changing the run (:func:`_kept`). Held here, not in
+# kdrun.cli, which may also run as __main__ (python -m kdrun.cli): another copy of its module state
+_FINISHED_RUN_FILES: dict[str, dict[str, bytes]] = {}
+
+
+def keep_finished_run(run_dir: str) -> None:
+    """Remember the ``.hydra/`` files of ``run_dir`` when it holds a finished run (its metrics.json)."""
+    hydra_dir = os.path.join(run_dir, ".hydra")
+    if not (os.path.exists(os.path.join(run_dir, "metrics.json")) and os.path.isdir(hydra_dir)):
+        return
+    files = {}
+    for name in os.listdir(hydra_dir):
+        with contextlib.suppress(OSError), open(os.path.join(hydra_dir, name), "rb") as f:
+            files[name] = f.read()
+    _FINISHED_RUN_FILES[os.path.abspath(run_dir)] = files
+
+
+def restore_finished_run(run_dir: str) -> None:
+    """Write back the ``.hydra/`` files :func:`keep_finished_run` remembered for ``run_dir`` (if any)."""
+    from kdrun.io import atomic_write
+
+    for name, data in _FINISHED_RUN_FILES.pop(os.path.abspath(run_dir), {}).items():
+        with contextlib.suppress(KdrunError):  # an unwritable folder: the run is still complete
+            atomic_write(os.path.join(run_dir, ".hydra", name), functools.partial(_write_bytes, data))
+
+
+def _write_bytes(data: bytes, f) -> None:
+    f.write(data)
+
+
+def _checkpoint_files(run_dir: str) -> dict[str, tuple[int, int]]:
+    """``{file: (size, mtime)}`` of the run's checkpoints: a rerun that saved none left them as they were."""
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpts):
+        return {}
+    return {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(ckpts) if f.is_file()}
+
+
+def _kept(run_dir: str, finished: dict | None, err: BaseException) -> bool:
+    """True when a finished run run again failed without changing it (no checkpoint written, or a refusal to
+    resume): its metrics.json stays, and the ``.hydra/`` files the failed command's overrides rewrote are restored
+    (:func:`keep_finished_run`), so ``resume=`` continues the run as it was."""
+    if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+        return False
+    if not (isinstance(err, ResumeRefused) or (finished is not None and _checkpoint_files(run_dir) == finished)):
+        return False
+    restore_finished_run(run_dir)
+    return True
 
 
 def _mark_failed(run_dir: str, msg: str) -> None:

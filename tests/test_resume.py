@@ -420,6 +420,30 @@ def test_a_checkpoint_resumes_only_on_the_data_it_trained_on(tmp_path):
     assert (run_dir / "metrics.json").exists() and not (run_dir / "FAILED").exists()
 
 
+def test_a_finished_run_run_again_on_missing_data_stays_complete(tmp_path):
+    """Its data folder gone (a typo in dataset.root, a share not mounted): one line, and the finished run is as it
+    was: metrics.json kept, no FAILED note, and .hydra/ without the bad root, so a plain resume= works again."""
+    from tests.conftest import SMOKE_RUN, run_kdrun
+    from tests.test_data import make_folder
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    make_folder(data, per_split={"train": 12, "test": 4}, size=16)
+    args = [*SMOKE_RUN, "trainer.latency=false", "dataset=imagefolder", "dataset.image_size=16", "baseline=false"]
+    p = run_kdrun("train", *args, f"dataset.root={data}", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    finished = {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file() and f.name != "train.log"}
+    p = run_kdrun("train", f"resume={run_dir}", f"dataset.root={tmp_path / 'typo'}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kdrun: error: dataset.root={tmp_path / 'typo'}: ") and last.endswith(
+        "; the finished run is kept as it was"
+    ), last
+    after = {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file() and f.name != "train.log"}
+    assert after == finished
+    p = run_kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def test_a_checkpoint_does_not_resume_on_an_image_changed_in_its_class(tmp_path):
     """The same file names and labels, one training image replaced by another picture of its class (decoded into
     memory): refused like any other change of the data."""
