@@ -184,5 +184,8 @@ def _mark_failed(run_dir: str, msg: str) -> None:
             f.write(msg + "\n")
         if os.path.exists(os.path.join(run_dir, "metrics.json")):
             os.remove(os.path.join(run_dir, "metrics.json"))
+        ckpts = os.path.join(run_dir, "checkpoints")
+        if os.path.isdir(ckpts) and not os.listdir(ckpts):  # failed before any stage saved one
+            os.rmdir(ckpts)
     except OSError:
         pass

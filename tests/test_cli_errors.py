@@ -211,6 +211,20 @@ def test_bad_data_exits_2_and_leaves_failed_marker(kdrun, tmp_path, args, expect
     assert not (run_dir / "metrics.json").exists() and (run_dir / "FAILED").exists()
 
 
+def test_a_run_that_fails_before_saving_a_checkpoint_leaves_no_empty_checkpoints_folder(kdrun, tmp_path):
+    (tmp_path / "teacher.pt").write_bytes(b"PK\x03\x04 truncated")
+    run_dir = tmp_path / "run"
+    p = kdrun(
+        "train",
+        "trainer=smoke",
+        "store.enabled=false",
+        f"teacher.checkpoint={tmp_path / 'teacher.pt'}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert p.returncode == 2 and "teacher.pt: unreadable or damaged" in p.stderr, p.stderr[-2000:]
+    assert (run_dir / "FAILED").exists() and not (run_dir / "checkpoints").exists()
+
+
 def test_imagefolder_with_missing_test_class(kdrun, tmp_path):
     from PIL import Image
 

@@ -166,6 +166,33 @@ def test_imagefolder_errors_are_one_line(folder, tmp_path):
     one_line_error(lambda: load("imagefolder", **kw), "class 'bee'", "test_split")
 
 
+def test_class_folders_that_would_lose_or_double_a_class_are_refused(tmp_path):
+    """A class folder that is a link to nothing (a share not mounted) was dropped without a word; two names in two
+    Unicode normalisations were two classes printed alike; a name that is not UTF-8 ended in a traceback."""
+    kw = dict(image_size=8, cache_dir=str(tmp_path / "c"), workers=1)
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    root = tmp_path / "link"
+    make_folder(root, classes=("ant", "bee"))
+    os.symlink(tmp_path / "unmounted", root / "train" / "cat")
+    one_line_error(lambda: load("imagefolder", root=str(root), **kw), "train/cat: a link to", "which does not exist")
+    root = tmp_path / "twins"
+    make_folder(root, classes=("ant", nfc, nfd))
+    one_line_error(lambda: load("imagefolder", root=str(root), **kw), "'cafe\\u0301' and 'caf\\xe9'", "(NFC and NFD)")
+    root = tmp_path / "split"
+    make_folder(root, classes=("ant", nfc), per_split={"train": 3})
+    make_folder(root, classes=("ant", nfd), per_split={"test": 2})
+    one_line_error(
+        lambda: load("imagefolder", root=str(root), **kw),
+        "test/ has classes not in train/: cafe\u0301 (the same names in two Unicode normalisations",
+        "'cafe\\u0301' in test/, 'caf\\xe9' in train/",
+    )
+    root = tmp_path / "bytes"
+    make_folder(root, classes=("ant", "bee"))
+    bad = os.fsencode(root / "train" / "bee") + b"/\xff.png"
+    os.rename(os.fsencode(root / "train" / "bee" / "000.png"), bad)
+    one_line_error(lambda: load("imagefolder", root=str(root), **kw), "bee/\\xff.png: its name is not valid UTF-8")
+
+
 def test_imagefolder_layout_errors_name_the_folder_and_the_fix(folder, tmp_path):
     root, _ = folder
     kw = dict(image_size=8, cache_dir=str(tmp_path / "c"), workers=1)

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import time
+import unicodedata
 
 import torch
 
@@ -50,8 +51,40 @@ def _entries(path: str) -> list[os.DirEntry]:
         raise ConfigError(f"dataset.root: {path}: not readable ({e.strerror or e})") from e
 
 
+def _check_name(entry: os.DirEntry) -> None:
+    """One line for a file or folder whose name is not UTF-8 (kdrun records names in its caches and reports)."""
+    try:
+        entry.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(entry.path).decode("utf-8", "backslashreplace")
+        raise ConfigError(f"dataset.root: {shown}: its name is not valid UTF-8; rename it") from None
+
+
 def _subdirs(path: str) -> list[str]:
-    return sorted(e.name for e in _entries(path) if e.is_dir() and not e.name.startswith("."))
+    """The class folders in ``path``, sorted; one line for a class folder that is a link to nothing (a share not
+    mounted: its class would be missing) and for two names that differ only in Unicode normalisation (one folder
+    on macOS, two here; the classes would print alike)."""
+    names = []
+    for e in _entries(path):
+        if e.name.startswith("."):
+            continue
+        _check_name(e)
+        if e.is_symlink() and not os.path.exists(e.path):
+            raise ConfigError(
+                f"dataset.root: {e.path}: a link to {os.readlink(e.path)}, which does not exist (a share not "
+                "mounted?); mount it, or remove the link to train without that class"
+            )
+        if e.is_dir():
+            names.append(e.name)
+    seen: dict[str, str] = {}
+    for name in sorted(names):
+        twin = seen.setdefault(unicodedata.normalize("NFC", name), name)
+        if twin != name:
+            raise ConfigError(
+                f"dataset.root: {path} has class folders {ascii(twin)} and {ascii(name)}, one name in two Unicode "
+                "normalisations (NFC and NFD); merge or rename them"
+            )
+    return sorted(names)
 
 
 def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -71,6 +104,7 @@ def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], to
             )
         found: list[str] = []
         for e in _entries(d):
+            _check_name(e)
             image = e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMG_EXTENSIONS)
             if image:
                 found.append(e.path)
@@ -192,7 +226,13 @@ def imagefolder(
         )
     extra = sorted(set(_subdirs(os.path.join(root, test_split))) - set(classes))
     if extra:
-        raise ConfigError(f"dataset.root={root}: {test_split}/ has classes not in {train_split}/: {', '.join(extra)}")
+        nfc = {unicodedata.normalize("NFC", c): c for c in classes}
+        twins = [(c, nfc[unicodedata.normalize("NFC", c)]) for c in extra if unicodedata.normalize("NFC", c) in nfc]
+        why = "; ".join(f"{ascii(c)} in {test_split}/, {ascii(t)} in {train_split}/" for c, t in twins)
+        raise ConfigError(
+            f"dataset.root={root}: {test_split}/ has classes not in {train_split}/: {', '.join(extra)}"
+            + (f" (the same names in two Unicode normalisations, NFC and NFD: {why}; rename one)" if twins else "")
+        )
     if num_classes is not None and int(num_classes) != len(classes):
         raise ConfigError(
             f"dataset.num_classes={num_classes}: {os.path.join(root, train_split)} has "
