@@ -393,7 +393,7 @@ def fill_pass(
             bar.close()
             raise Preempted(
                 f"cache: stopped by {STOP.requested} after {batches} of {len(jobs)} batches; "
-                f"rerun the same command to resume, the filled rows are kept (exit code {EXIT_PREEMPTED})"
+                f"the filled rows are kept (exit code {EXIT_PREEMPTED})"
             )
     bar.close()
     cache.flush()

@@ -302,7 +302,7 @@ def train_stage(
                     who = STOP.requested or "another worker"
                     raise Preempted(
                         f"{stage}: stopped by {who} at epoch {epoch + 1}, step {step + 1}; checkpoint "
-                        f"saved, rerun the same command to resume (exit code {EXIT_PREEMPTED})"
+                        f"saved (exit code {EXIT_PREEMPTED})"
                     )
         bar.close()
         distributed.agree(False, loader.device)  # a deferred error ends every worker before the epoch's checkpoint

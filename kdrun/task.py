@@ -31,7 +31,7 @@ def hydra_train(cfg: DictConfig) -> float:
     try:  # a SIGTERM between two jobs of a sweep (or during the last one's evaluation) ends the sweep here
         check_stop(f"job {run_dir} started")
     except Preempted as e:
-        print(f"kdrun: {e}", file=sys.stderr)
+        print(f"kdrun: {e}{_continue_hint(run_dir)}", file=sys.stderr)
         sys.exit(e.exit_code)
     with contextlib.ExitStack() as held:  # run_dir's lock (kdrun.runlock), until its metrics.json or FAILED note
         return _train(cfg, run_dir, held)
@@ -85,7 +85,14 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
             print(f"kdrun: error: {e}{hint}", file=sys.stderr)
         sys.exit(e.exit_code)
     except BaseException as e:
-        if not _kept(run_dir, finished, e):
+        kept = _kept(run_dir, finished, e)
+        if isinstance(e, KeyboardInterrupt) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # Ctrl-C twice
+            if not kept:  # a stop, as a sweep report counts it: the last checkpoint continues the run
+                _mark_failed(run_dir, "stopped by SIGINT twice: at once, from the last checkpoint saved")
+            hint = "; the finished run is kept as it was" if kept else _continue_hint(run_dir)
+            print(f"kdrun: error: stopped at once by a second SIGINT (Ctrl-C){hint}", file=sys.stderr)
+            sys.exit(130)
+        if not kept:
             _mark_failed(run_dir, f"{type(e).__name__}: {e}")
         if _in_sweep() and isinstance(e, Exception) and os.environ.get("HYDRA_FULL_ERROR") != "1":
             log.exception("job failed; the sweep goes on")
@@ -116,10 +123,22 @@ def _in_sweep() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _continue_hint(run_dir: str) -> str:
+    """The command that continues a run (or the sweep it is a job of) a SIGTERM/SIGINT stopped: the same command
+    would start a new time-stamped folder, unless it names this one."""
+    if _in_sweep():
+        sweep_dir = shlex.quote(os.path.abspath(HydraConfig.get().sweep.dir))
+        return f"; to continue the sweep, run its command again with hydra.sweep.dir={sweep_dir}"
+    return f"; kdrun train resume={shlex.quote(run_dir)} continues it"
+
+
 def _resume_hint(err: KdrunError, run_dir: str) -> str:
     """For an image file met mid-run that cannot be decoded (a streamed split), when the run had written
-    checkpoints: the command that continues it once the file is fixed. Not for other errors, whose fix is often a
-    config change that resuming refuses (a checkpoint resumes only with the configuration that made it)."""
+    checkpoints: the command that continues it once the file is fixed; for a stop (SIGTERM, Ctrl-C), the command
+    that continues it. Not for other errors, whose fix is often a config change that resuming refuses (a checkpoint
+    resumes only with the configuration that made it)."""
+    if isinstance(err, Preempted):
+        return _continue_hint(run_dir)
     ckpts = os.path.join(run_dir, "checkpoints")
     if isinstance(err, UnreadableImage) and os.path.isdir(ckpts) and any(f.endswith(".pt") for f in os.listdir(ckpts)):
         return f"; the checkpoints are kept: once the file is fixed, kdrun train resume={shlex.quote(run_dir)} goes on"
@@ -158,11 +177,17 @@ def _write_bytes(data: bytes, f) -> None:
 
 
 def _checkpoint_files(run_dir: str) -> dict[str, tuple[int, int]]:
-    """``{file: (size, mtime)}`` of the run's checkpoints: a rerun that saved none left them as they were."""
+    """``{file: (size, mtime)}`` of the run's training checkpoints (``*_last.pt``, ``*_best.pt``): a rerun that
+    trained nothing left them as they were. (A finished run run again writes its models, ``teacher.pt`` ..., again
+    from those same weights.)"""
     ckpts = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpts):
         return {}
-    return {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(ckpts) if f.is_file()}
+    return {
+        f.name: (f.stat().st_size, f.stat().st_mtime_ns)
+        for f in os.scandir(ckpts)
+        if f.is_file() and f.name.endswith(("_last.pt", "_best.pt"))
+    }
 
 
 def _kept(run_dir: str, finished: dict | None, err: BaseException) -> bool:

@@ -79,6 +79,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(kdrun, tmp_path, uninterrupte
     p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": f"student:{step}:TERM"})
     assert p.returncode == EXIT_PREEMPTED, p.stderr[-2000:]
     assert f"student: stopped by SIGTERM at epoch 1, step {step}; checkpoint saved" in p.stderr
+    assert p.stderr.strip().endswith(f"(exit code {EXIT_PREEMPTED}); kdrun train resume={run_dir} continues it")
     ckpt = torch.load(run_dir / "checkpoints" / "student_last.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["step"]) == (0, step)
     assert not (run_dir / "metrics.json").exists()
@@ -102,6 +103,26 @@ def test_sigterm_while_filling_the_cache_in_a_pass_exits_for_requeue(kdrun, tmp_
     assert final_state(run_dir)[0] == uninterrupted[0]
 
 
+def test_ctrl_c_twice_stops_at_once_in_one_line_and_the_run_continues(kdrun, tmp_path, uninterrupted):
+    """The second Ctrl-C ended in a traceback, and during a finished run's evaluation it deleted its metrics.json."""
+    run_dir = tmp_path / "run"
+    p = kdrun("train", *ARGS, f"hydra.run.dir={run_dir}", env={"KDRUN_KILL_AT": "student:3:INT+INT"})
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "kdrun: SIGINT received: stopping at the next safe point" in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"kdrun: error: stopped at once by a second SIGINT (Ctrl-C); kdrun train resume={run_dir} continues it"
+    )
+    assert (run_dir / "FAILED").read_text().startswith("stopped by SIGINT twice")  # a report counts it stopped
+    p = kdrun("train", f"resume={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert final_state(run_dir)[0] == uninterrupted[0]
+    finished = (run_dir / "metrics.json").read_bytes()
+    p = kdrun("train", f"resume={run_dir}", env={"KDRUN_KILL_AT": "evaluate:1:INT+INT"})
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert p.stderr.strip().endswith("(Ctrl-C); the finished run is kept as it was")
+    assert (run_dir / "metrics.json").read_bytes() == finished and not (run_dir / "FAILED").exists()
+
+
 def test_a_stop_requested_outside_a_training_loop_ends_the_sweep_before_the_next_job(monkeypatch):
     """A SIGTERM during a job's evaluation, or between two jobs of a sweep, finds no training loop to stop: the
     flag stays set (installing the handlers for the next job used to clear it) and that job does not start."""
@@ -116,7 +137,7 @@ def test_a_stop_requested_outside_a_training_loop_ends_the_sweep_before_the_next
     preempt.check_stop("job 1 started")
     preempt._handler(signal.SIGTERM, None)  # during job 1's evaluation
     preempt.install_handlers()  # job 2
-    with pytest.raises(preempt.Preempted, match=r"^stopped by SIGTERM before job 2 started; run the same command"):
+    with pytest.raises(preempt.Preempted, match=r"^stopped by SIGTERM before job 2 started$"):
         preempt.check_stop("job 2 started")
 
 
