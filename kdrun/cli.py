@@ -358,7 +358,10 @@ def check_resumable(cfg) -> None:
         run_dir = str(cfg.hydra.run.dir)
     except Exception:  # interpolations that need a running job: a fresh directory
         return
-    runlock.check_free(run_dir)  # before Hydra rewrites .hydra/ of a run at work there
+    if distributed.launched_workers() > 1:  # a launcher's workers share the folder: rank 0 takes its lock later
+        runlock.check_free(run_dir)
+    else:  # taken before Hydra writes .hydra/, so a second command there is refused before it rewrites them
+        runlock.take(run_dir)
     keep_finished_run(run_dir)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     lasts = sorted(f for f in os.listdir(ckpt_dir) if f.endswith("_last.pt")) if os.path.isdir(ckpt_dir) else []

@@ -200,6 +200,25 @@ def test_a_second_run_in_a_directory_at_work_is_refused_changing_nothing(tmp_pat
     assert not (run_dir / runlock.FILE).exists() and not (run_dir / "FAILED").exists()
 
 
+def test_a_command_holds_its_directory_from_its_checks_on(tmp_path):
+    """Two commands started at once into one directory both passed the check and both wrote .hydra/ before either
+    took the lock: the one refused had rewritten the configuration of the one that ran. The check now takes it."""
+    from kdrun import cli
+    from tests.conftest import SMOKE_RUN, run_kdrun
+
+    run_dir = tmp_path / "run"
+    cli.precheck([*SMOKE_RUN, f"hydra.run.dir={run_dir}"], "train")  # the first command, before its job starts
+    try:
+        assert runlock.state(str(run_dir)) == "running"
+        p = run_kdrun("train", *SMOKE_RUN, "loss.temperature=8", f"hydra.run.dir={run_dir}")
+        assert p.returncode == 2 and "a run is at work in this directory" in p.stderr, p.stderr[-2000:]
+        assert not (run_dir / ".hydra").exists()
+    finally:
+        with runlock.held(str(run_dir)):  # the first command's job: it holds the lock its check took, then ends
+            assert runlock.state(str(run_dir)) == "running"
+    assert runlock.state(str(run_dir)) is None
+
+
 def test_a_sweep_into_a_folder_of_another_sweep_leaves_its_runs_intact(tmp_path):
     """Job N of a sweep is the folder N/: another sweep into the same hydra.sweep.dir is refused before Hydra
     rewrites a finished job's .hydra/; the same sweep again continues."""
