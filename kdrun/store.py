@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from kdrun import io
 from kdrun.errors import KdrunError
-from kdrun.preempt import maybe_kill
+from kdrun.preempt import check_stop, maybe_kill
 
 KINDS = ("teacher", "logits")  # what kdrun stores: trained teachers and logit caches
 
@@ -46,6 +46,7 @@ MARKER = "COMPLETE"
 ID_FILE = "store_id"  # a random name the store keeps for life: runs record it, so gc knows its runs at any mount path
 TMP = ".tmp-"
 KEY = re.compile(r"[0-9a-f]{16}")  # an entry's folder name (key_of)
+LOCK_POLL_SECONDS = 0.5  # how often a run waiting for an entry another run builds looks again (and for a stop)
 
 
 def key_of(recipe: dict) -> str:
@@ -108,6 +109,24 @@ def _open_lock_file(path: str) -> int:
         return os.open(path, os.O_RDONLY)
 
 
+def _wait_for_lock(fd: int, path: str) -> None:
+    """Take ``fd``'s lock once its holder lets go, polling, so a SIGTERM/SIGINT meanwhile stops the run at once
+    (:class:`kdrun.preempt.Preempted`, ``fd`` closed): a blocking flock would go on waiting, perhaps for the hours
+    another run takes to train the teacher, past a scheduler's grace period."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        try:
+            check_stop(f"another process released {path}")
+        except BaseException:
+            os.close(fd)
+            raise
+        time.sleep(LOCK_POLL_SECONDS)
+
+
 def _acquire(path: str, blocking: bool) -> int | None:
     """An fd holding an exclusive flock on ``path`` (created if needed), or None when busy and not ``blocking``.
 
@@ -122,7 +141,7 @@ def _acquire(path: str, blocking: bool) -> int | None:
                 os.close(fd)
                 return None
             log.info("store: %s is held by another process; waiting", path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _wait_for_lock(fd, path)
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

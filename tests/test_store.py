@@ -394,3 +394,30 @@ def test_a_copy_of_an_image_folder_reuses_the_stored_teacher_and_logits_and_comp
     Image.new("RGB", (16, 16), (1, 2, 3)).save(copy / "train" / "ant" / "000.png")  # another picture
     p = kdrun("train", *args, f"dataset.root={copy}", f"hydra.run.dir={tmp_path / 'r3'}")
     assert p.returncode == 0 and "teacher: stored as" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_run_waiting_for_an_entry_another_run_builds_stops_on_sigterm(tmp_path, monkeypatch):
+    """It waited in a blocking flock, deaf to SIGTERM until the other run's teacher was trained (hours, past a
+    scheduler's grace period); now it polls and stops at once."""
+    import fcntl
+    import threading
+
+    from kdrun import preempt, store
+
+    path = str(tmp_path / "entry.lock")
+    other = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)  # the run that builds the entry
+    monkeypatch.setattr(preempt.STOP, "requested", "SIGTERM")
+    outcome = []
+
+    def wait():
+        try:
+            store._acquire(path, blocking=True)
+        except preempt.Preempted as e:
+            outcome.append(str(e))
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout=10)
+    os.close(other)  # lets a waiter still blocked go
+    assert outcome == [f"stopped by SIGTERM before another process released {path}"]
