@@ -187,6 +187,13 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
     return " ".join(first[:2]) if first else type(e).__name__
 
 
+def _unresolved(e: Exception) -> str:
+    """``loss.temperature: Interpolation key 'oops' not found ...``: an OmegaConf error met reading a key."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    key = getattr(e, "full_key", None)
+    return f"{key}: {first}; give a value, or an interpolation of a key that exists" if key else first
+
+
 # mappings that start empty and take the keys of another node, for one stage: a key is added with '+'
 OVERLAYS = {"teacher.optim": "optim", "teacher.augment": "dataset.augment"}
 
@@ -252,7 +259,10 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(one_line(e, point, config_name)) from e
         plugins.load(cfg.get("plugins"))  # their models and methods, before the names are checked
-        validate(cfg)
+        try:
+            validate(cfg)
+        except OmegaConfBaseException as e:  # an interpolation to nothing (loss.temperature='${oops}')
+            raise ConfigError(_unresolved(e)) from e
         if i == 0:
             check_writable(cfg, multirun)
             if multirun:

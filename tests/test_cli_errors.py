@@ -13,6 +13,7 @@ import pytest
         (["loss.temperature=0"], "loss.temperature=0: must be a number > 0"),
         (["trainer.epochs=-1"], "trainer.epochs=-1: must be an integer >= 0"),
         (["trainer.pre_stage_epochs=0"], "trainer.pre_stage_epochs=0: must be an integer >= 1 (or null"),
+        (["loss.temperature=${oops}"], "loss.temperature: Interpolation key 'oops' not found; give a value, or an "),
         (["trainer.epohcs=3"], "trainer.epohcs: unknown key; valid keys of trainer:"),
         (["teacher.checkpoint=/nonexistent/teacher.pt"], "teacher.checkpoint=/nonexistent/teacher.pt: file not found"),
         (["teacher.name=nosuchnet"], "teacher.name=nosuchnet: unknown model; valid:"),
