@@ -792,13 +792,22 @@ def check_out(opts: ExportOptions) -> None:
         )
 
 
+# True while the new export is put in place: a SIGTERM/Ctrl-C then lets those renames finish (between them there
+# would be no export at all, the earlier one renamed aside and the new one in the folder the stop removes)
+_PLACING = [False]
+
+
 def _replace_dir(new: str, dest: str) -> None:
     """Put folder ``new`` at ``dest``, replacing what was there (renamed aside first, then removed)."""
     old = None
-    if os.path.lexists(dest):
-        old = io.temp_name(dest, "old-tmp")
-        os.replace(dest, old)
-    os.replace(new, dest)
+    _PLACING[0] = True
+    try:
+        if os.path.lexists(dest):
+            old = io.temp_name(dest, "old-tmp")
+            os.replace(dest, old)
+        os.replace(new, dest)
+    finally:
+        _PLACING[0] = False
     if old is not None:
         if os.path.isdir(old) and not os.path.islink(old):
             shutil.rmtree(old, ignore_errors=True)
@@ -927,7 +936,8 @@ def _stopped_by_signals():
     import signal
 
     def stop(signum, frame):
-        raise _Signalled(signal.Signals(signum).name)
+        if not _PLACING[0]:
+            raise _Signalled(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -26,6 +26,7 @@ reuses old entries.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -87,6 +88,35 @@ def temp_name(path: str, tag: str = "tmp") -> str:
     """A name next to ``path`` for a file or folder on its way there (``PATH.TAG-HOST-PID-RANDOM``): unique across
     processes and hosts writing into one shared folder, where process ids alone repeat (containers, other nodes)."""
     return f"{path}.{tag}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def remove_stale_temps(folder: str) -> list[str]:
+    """Remove the files :func:`temp_name` named in ``folder`` whose writer, a process of this host, has gone (killed
+    mid-write: SIGKILL, out of memory); returns their names. A checkpoint's may be as large as the checkpoint."""
+    host = re.escape(socket.gethostname())
+    pattern = re.compile(rf"\.[\w-]+-{host}-(\d+)-[0-9a-f]{{8}}$")
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = pattern.search(e.name)
+        if m and e.is_file(follow_symlinks=False) and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(e.path)
+                removed.append(e.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:

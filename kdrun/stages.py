@@ -4,6 +4,7 @@ checkpoints and keeps what each stage reports (:class:`StageLog`) and which mode
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdrun import loggers, report
+from kdrun import distributed, io, loggers, report
 from kdrun.data.base import FileSet, ImageSet
 from kdrun.data.loader import TensorLoader
 from kdrun.data.stream import StreamLoader
@@ -22,6 +23,8 @@ from kdrun.models import build_model
 from kdrun.run_data import RunData
 from kdrun.store import key_of
 from kdrun.weights import load_pretrained, model_identity
+
+log = logging.getLogger("kdrun")
 
 # a model trained from scratch that sets part of itself from the data (``init_from_data``) sees this many images,
 # evenly spaced through the split it trains on (RunData.spread_batches); ``DATA_INIT`` says so in a teacher's store key
@@ -121,6 +124,8 @@ class StageRunner:
         self.data_layout = data.data.layout()  # a stage's checkpoint resumes only on the data it trained on
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
         os.makedirs(self.ckpt_dir, exist_ok=True)
+        if distributed.is_main() and (stale := io.remove_stale_temps(self.ckpt_dir)):  # a write killed midway
+            log.info("checkpoints: removed %s, left by a process killed while writing", ", ".join(stale))
         self.log = StageLog()
         self.models: dict[str, Trained] = {}
         self.ema: dict[str, nn.Module] = {}  # stage -> EMA of its model's weights (trainer.ema)

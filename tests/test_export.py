@@ -604,6 +604,31 @@ def test_an_image_folder_run_exports_from_anywhere_and_from_where_its_images_mov
     assert p.returncode == 2 and f"dataset.root={tmp_path / 'nowhere'}: no such folder" in p.stderr
 
 
+def test_a_stop_while_the_new_export_is_put_in_place_lets_it_finish(tmp_path, monkeypatch):
+    """Between its two renames there is no export at all: a SIGTERM there left none (the earlier one renamed aside,
+    the new one in the temporary folder the stop removed)."""
+    import signal
+
+    from kdrun import export
+
+    new, dest = tmp_path / "work" / "export", tmp_path / "export"
+    new.mkdir(parents=True)
+    dest.mkdir()
+    (new / "export.json").write_text("new")
+    (dest / "export.json").write_text("old")
+    real = os.replace
+
+    def replace_then_stop(a, b):
+        real(a, b)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", replace_then_stop)
+    with export._stopped_by_signals():
+        export._replace_dir(str(new), str(dest))
+    assert (dest / "export.json").read_text() == "new"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["export", "work"]  # the earlier export removed
+
+
 def test_an_export_stopped_by_sigterm_leaves_nothing_and_says_so(run_dir, exported):
     """SIGTERM killed an export where it stood, leaving .export-tmp-* (fp32 and int8 files) in the run folder."""
     import signal

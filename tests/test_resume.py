@@ -4,6 +4,8 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -60,8 +62,19 @@ def test_sigkill_then_resume_is_bit_identical(kdrun, tmp_path, uninterrupted, ki
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert not (run_dir / "metrics.json").exists()
     assert runlock.state(str(run_dir)) == "killed"  # kdrun report: killed, not running
+    # a checkpoint the kill caught mid-write (its temporary name holds the writer's host and process), and one a
+    # live process writes: the first goes, the second stays
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    dead = run_dir / "checkpoints" / f"teacher_last.pt.tmp-{host}-{gone.pid}-0123abcd"
+    live = run_dir / "checkpoints" / f"other.pt.tmp-{host}-{os.getpid()}-0123abcd"
+    dead.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
     p = kdrun("train", f"resume={run_dir}")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert not dead.exists() and live.exists() and f"removed {dead.name}, left by a process killed" in p.stderr
+    live.unlink()
     assert runlock.state(str(run_dir)) is None
     stage = kill_at.split(":")[0]
     assert f"{stage}: resuming from" in p.stderr
