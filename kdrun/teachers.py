@@ -152,6 +152,7 @@ class TeacherSource:
                         link_into(entry.file("teacher.pt"), final)
                         if os.path.exists(entry.file("metrics_teacher.csv")):  # none for 0 epochs
                             link_into(entry.file("metrics_teacher.csv"), metrics_csv)
+                        self._drop_own_attempt()
                     log.info("teacher: reused %s from the store (%s); not retrained", tcfg.name, entry.path)
                     stages.log.note("teacher", **summary, source="store", store_key=key)
                 else:  # not stored, or trained in this run (run again: its record stays the run's own)
@@ -188,6 +189,19 @@ class TeacherSource:
             return None
         log.info("teacher: this run's own %s (taken before); not retrained", final)
         return summary
+
+    def _drop_own_attempt(self) -> None:
+        """Remove what this run's own teacher stage left before it was stopped (its checkpoints, its per-step rows):
+        another run finished the same teacher meanwhile and this one takes that, so they describe no model of it."""
+        run_dir, ckpt_dir = self.stages.run_dir, self.stages.ckpt_dir
+        for path in (
+            os.path.join(ckpt_dir, "teacher_last.pt"),
+            os.path.join(ckpt_dir, "teacher_best.pt"),
+            os.path.join(run_dir, "metrics_teacher_steps.csv"),
+        ):
+            if os.path.exists(path):
+                os.remove(path)
+                log.info("teacher: removed %s, of this run's own teacher stage stopped before", path)
 
     def _finished_here(self) -> bool:
         """Whether this run's own teacher stage has finished (the run is being run again)."""

@@ -113,6 +113,23 @@ def test_a_run_again_keeps_the_teacher_it_took_from_the_store_once_the_entry_is_
     assert m["test"]["teacher"] == m2["test"]["teacher"] and m["stages"]["teacher"]["source"] == "store"
 
 
+def test_a_run_stopped_in_its_teacher_stage_that_then_takes_the_stored_teacher_drops_its_own_attempt(kdrun, tmp_path):
+    """Another run trained the same teacher meanwhile: the stopped run takes that one, and its own half-trained
+    checkpoint and per-step rows, which describe no model of the run, go."""
+    import signal
+
+    store, r1 = tmp_path / "store", tmp_path / "r1"
+    args = [*FAST, f"store.dir={store}", "logger=[csv]", "trainer.checkpoint_every_steps=1"]
+    p = kdrun("train", *args, f"hydra.run.dir={r1}", env={"KDRUN_KILL_AT": "teacher:2"})
+    assert p.returncode == -signal.SIGKILL and (r1 / "checkpoints" / "teacher_last.pt").exists(), p.stderr[-2000:]
+    assert kdrun("train", *args, f"hydra.run.dir={tmp_path / 'r2'}").returncode == 0
+    p = kdrun("train", f"resume={r1}")
+    assert p.returncode == 0 and "reused resnet8 from the store" in p.stderr, p.stderr[-2000:]
+    assert not (r1 / "checkpoints" / "teacher_last.pt").exists()
+    assert not (r1 / "metrics_teacher_steps.csv").exists()
+    assert (r1 / "metrics_teacher.csv").read_bytes() == (tmp_path / "r2" / "metrics_teacher.csv").read_bytes()
+
+
 def test_parallel_runs_build_the_teacher_once(tmp_path):
     """Two processes started together on one store: one trains the teacher, the other waits and reuses it."""
     from tests.conftest import KDRUN, WORKDIR
