@@ -160,7 +160,26 @@ def test_unknown_weights_exit_2_before_anything_is_written(args, message, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_weights_not_in_cache_and_no_network_is_one_line(tmp_path, monkeypatch):
+def test_a_hub_file_is_read_as_tensors_alone(torch_home, tmp_path, monkeypatch):
+    """A file in the hub cache whose name passes the hash check (a 32-bit prefix collides) ran the code it pickled:
+    torch.hub unpickles with weights_only=False unless told otherwise."""
+    home, _ = torch_home
+    marker = tmp_path / "code-ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = hub_file(home)
+    torch.save({"conv": Evil()}, path)
+    prefix = torch.hub.HASH_REGEX.search(os.path.basename(path)).group(1)
+    monkeypatch.setattr(torchvision_models, "sha256_file", lambda p: prefix)
+    with pytest.raises(ConfigError, match=r"weights=IMAGENET1K_V1: .* is not torchvision's file \(UnpicklingError"):
+        build_model("mbv3_small", 10, 3, 224, weights="IMAGENET1K_V1")
+    assert not marker.exists()
+
+
+def test_weights_not_in_cache_and_no_network_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     monkeypatch.setattr(
         torch.hub,
@@ -173,6 +192,7 @@ def test_weights_not_in_cache_and_no_network_is_one_line(tmp_path, monkeypatch):
         r"cache and cannot be downloaded \(OSError\); place it at .*empty",
     ):
         build_model("mbv3_small", 10, 3, 32, key="teacher.name", weights="IMAGENET1K_V1")
+    assert capsys.readouterr().out == ""  # torch.hub's "Downloading: ..." line, written to stdout, is not the error
 
 
 @pytest.mark.parametrize("kept", [False, True], ids=["hash refused, removed", "kept, unreadable"])

@@ -149,8 +149,9 @@ def pretrained_state(tv_name: str, weights: str) -> dict[str, torch.Tensor]:
     else:
         log.info("weights %s: downloading %s to %s", weights, w.url, path)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's own "Downloading" line
-            state = w.get_state_dict(progress=False, check_hash=True)
+        # torch.hub's own "Downloading" line (to stdout); unpickled as tensors alone, on the CPU, like every file
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            state = w.get_state_dict(progress=False, check_hash=True, weights_only=True, map_location="cpu")
     except (URLError, OSError) as e:
         if cached:
             raise ConfigError(f"weights={weights}: {path} cannot be read ({type(e).__name__})") from None
