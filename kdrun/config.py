@@ -137,6 +137,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_loss_builds(cfg)
     _validate_sweep(cfg)
     _validate_scheme_lists(cfg)
+    _validate_starting_weights(cfg)
     _validate_models(cfg)
     d = cfg.dataset
     if d.get("num_classes") is not None and d.get("image_size"):  # else once the data is read (kdrun.train.run)
@@ -399,6 +400,18 @@ def _validate_sweep(cfg: DictConfig) -> None:
             f"sweep.metric={metric}: scheme=online trains its peers in one stage, validated by their mean logits, so "
             f"a peer has no best epoch of its own; use {metric.model}.val_top1 (its last epoch)"
         )
+
+
+def _validate_starting_weights(cfg: DictConfig) -> None:
+    """``pretrained`` (a file) and ``weights`` (the library's named weights) both set: the file replaced every
+    weight, and the named ones were read (or downloaded) for nothing."""
+    for who in ("teacher", "student"):
+        pre, named = cfg[who].get("pretrained"), cfg[who].get("weights")
+        if pre and named:
+            raise ConfigError(
+                f"{who}.pretrained={pre} and {who}.weights={named}: both give the starting weights; keep one "
+                f"({who}.pretrained: a state_dict file of your own; {who}.weights: the library's named weights)"
+            )
 
 
 def _validate_models(cfg: DictConfig) -> None:

@@ -13,6 +13,10 @@ import pytest
         (["loss.temperature=0"], "loss.temperature=0: must be a number > 0"),
         (["trainer.epochs=-1"], "trainer.epochs=-1: must be an integer >= 0"),
         (["trainer.pre_stage_epochs=0"], "trainer.pre_stage_epochs=0: must be an integer >= 1 (or null"),
+        (
+            ["teacher=resnet18", "teacher.weights=IMAGENET1K_V1", f"teacher.pretrained={__file__}"],
+            f"teacher.pretrained={__file__} and teacher.weights=IMAGENET1K_V1: both give the starting weights; keep one",
+        ),
         (["loss.temperature=${oops}"], "loss.temperature: Interpolation key 'oops' not found; give a value, or an "),
         (["trainer.epohcs=3"], "trainer.epohcs: unknown key; valid keys of trainer:"),
         (["teacher.checkpoint=/nonexistent/teacher.pt"], "teacher.checkpoint=/nonexistent/teacher.pt: file not found"),
@@ -144,11 +148,14 @@ import pytest
         (["loss=ft", "loss.paraphraser_epochs=0"], "loss.paraphraser_epochs=0: must be an integer >= 1 (0 leaves the "),
         # a method that cannot join the scheme's models, before the teacher (or generation 1, or an assistant) trains
         (["loss=kdsvd"], "loss.layers: teacher stage1 [16,8,8] and student stage1 [8,8,8]: kdsvd needs equal teacher"),
-        (["teacher=mbv2_tiny", "loss=ofd"], "loss.layers: ofd needs the teacher's pre-activation features but the "),
-        (["scheme=self", "loss=ab"], "student=mbv2_tiny -> student=mbv2_tiny: loss.layers: ab needs the teacher's "),
+        (["teacher=resnet9", "loss=ofd"], "loss.layers: ofd needs the teacher's pre-activation features but the "),
         (
-            ["scheme=assistant", "scheme.assistants=[mbv2_tiny]", "loss=ofd"],
-            "scheme.assistants[0]=mbv2_tiny -> student=mbv2_tiny: loss.layers: ofd needs the teacher's pre-activation",
+            ["scheme=self", "loss=ab", "student=resnet9"],
+            "student=resnet9 -> student=resnet9: loss.layers: ab needs the teacher's ",
+        ),
+        (
+            ["scheme=assistant", "scheme.assistants=[resnet9]", "loss=ofd"],
+            "scheme.assistants[0]=resnet9 -> student=mbv2_tiny: loss.layers: ofd needs the teacher's pre-activation",
         ),
     ],
 )

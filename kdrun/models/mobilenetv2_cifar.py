@@ -92,6 +92,10 @@ class MobileNetV2(nn.Module):
         # an inverted residual block ends linear (no activation after its projection): a stage's output is its
         # own pre-activation feature (AB, OFD, ReviewKD)
         self.feature_points |= {f"stage{i + 1}_preact": f"blocks.{r}" for i, r in enumerate(stages)}
+        # the BatchNorm of each stage's last projection (OFD's margins, as mdistiller's get_bn_before_relu)
+        self.preact_bn = {
+            f"stage{i + 1}_preact": f"blocks.{r}.{len(blocks[r]) - 1}.conv.3" for i, r in enumerate(stages)
+        }
 
     def forward(self, x):
         x = self.conv1(x)
