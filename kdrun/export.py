@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -64,6 +65,7 @@ FORMATS = ("onnx", "torchscript")
 OPSETS = (13, 20)  # the ONNX opsets export=opset takes (below 18 through the TorchScript-based exporter)
 QUANTIZE = ("none", "int8")
 log = logging.getLogger("kdrun")
+_JIT_DEPRECATION_SAID = [False]  # torch.jit's FutureWarnings (four a model) become one line an export
 PARITY_IMAGES = 256
 LATENCY_BATCHES = (1, 32)
 
@@ -416,7 +418,6 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, opset: int 
     """Write ``path`` with a dynamic batch dimension in ``opset`` (None: the exporter's default); returns the exporter
     used. Below 18 the TorchScript-based exporter writes it: the dynamo exporter converts its opset-18 graph down and,
     where the conversion fails, keeps 18 without a word."""
-    import warnings
 
     try:
         if opset is not None and opset < 18:
@@ -598,9 +599,18 @@ def export_model(
         file, exporter, opset = f"{name}.torchscript.pt", "torch.jit.trace", None
         out = os.path.join(workdir, file)
         extra = {"kdrun.input.json": json.dumps(spec)} if spec is not None else {}
-        with torch.inference_mode():
-            torch.jit.save(torch.jit.trace(model, test.x[:2]), out, _extra_files=extra)
-        run = eager_fn(torch.jit.load(out).eval())
+        with warnings.catch_warnings(record=True) as said:  # torch.jit's deprecation, once a call: said once below
+            warnings.simplefilter("always", FutureWarning)
+            with torch.inference_mode():
+                torch.jit.save(torch.jit.trace(model, test.x[:2]), out, _extra_files=extra)
+            run = eager_fn(torch.jit.load(out).eval())
+        if any(issubclass(w.category, FutureWarning) and "deprecated" in str(w.message) for w in said):
+            if not _JIT_DEPRECATION_SAID[0]:
+                log.warning(
+                    "export: torch %s deprecates TorchScript (torch.jit); format=onnx is the lasting format",
+                    torch.__version__.split("+")[0],
+                )
+                _JIT_DEPRECATION_SAID[0] = True
     got = in_chunks(run, test.x)
     diff = float(np.abs(got[:n_par] - ref[:n_par]).max())
     if not diff <= opts.atol:
