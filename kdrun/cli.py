@@ -8,6 +8,7 @@ HYDRA_FULL_ERROR=1.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
@@ -142,7 +143,9 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         options = e.options or _group_options(group)  # options of a list-valued group (logger=[a,b])
         if group and options:
-            return f"{group}={option}: unknown option; valid: {', '.join(sorted(options))}"
+            guess = difflib.get_close_matches(option, options, n=1, cutoff=0.6)
+            hint = f"did you mean {group}={guess[0]}? " if guess else ""
+            return f"{group}={option}: unknown option; {hint}valid: {', '.join(sorted(options))}"
     key = _unknown_key(e)
     if key and key.startswith("hydra.sweeper.params."):  # its keys hold dots: Hydra cannot address one of them
         return (
@@ -180,6 +183,9 @@ def one_line(e: Exception, overrides: list[str], config_name: str) -> str:
             return f"{given}: the {option} logger is not selected; add it to the list (e.g. logger=[csv,{option}])"
         valid = _keys_of(parent, kept, config_name)
         where = f" of {parent}" if parent else ""
+        meant = _did_you_mean(key, valid, kept, config_name)
+        if meant:  # a typo (loss.temprature) or a key in its group's place (epochs=3): not one to add with '+'
+            return f"{key}: unknown key; did you mean {meant}? valid keys{where}: {valid}"
         if parent in ("trainer", "teacher", "student"):  # their keys are what kdrun reads: none can be added
             return f"{key}: unknown key; valid keys{where}: {valid}"
         return f"{key}: unknown key; valid keys{where}: {valid} (use +{key}=... to add a new one)"
@@ -225,6 +231,26 @@ def _group_options(group: str) -> list[str]:
 
     folder = files(CONFIG_MODULE).joinpath(group)
     return [f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml")] if folder.is_dir() else []
+
+
+def _did_you_mean(key: str, valid: str, overrides: list[str], config_name: str) -> str | None:
+    """The key ``key`` was probably meant to be: a close spelling among its parent's ``valid`` keys
+    (``loss.temprature`` -> ``loss.temperature``), or, for a top-level key, a group's key of that name
+    (``epochs`` -> ``trainer.epochs``); None when nothing is close."""
+    from omegaconf import DictConfig
+
+    parent, _, name = key.rpartition(".")
+    guess = difflib.get_close_matches(name, [k.strip() for k in valid.split(",")], n=1, cutoff=0.75)
+    if guess:
+        return f"{parent}.{guess[0]}" if parent else guess[0]
+    if parent:
+        return None
+    try:
+        cfg = compose(overrides, config_name)
+    except Exception:  # noqa: BLE001 (no suggestion rather than another error)
+        return None
+    groups = [str(g) for g in cfg if isinstance(cfg[g], DictConfig) and name in cfg[g]]
+    return f"{groups[0]}.{name}" if len(groups) == 1 else None
 
 
 def _keys_of(parent: str, overrides: list[str], config_name: str) -> str:
