@@ -15,7 +15,7 @@ import pytest
         (["trainer.pre_stage_epochs=0"], "trainer.pre_stage_epochs=0: must be an integer >= 1 (or null"),
         (
             ["teacher=resnet18", "teacher.weights=IMAGENET1K_V1", f"teacher.pretrained={__file__}"],
-            f"teacher.pretrained={__file__} and teacher.weights=IMAGENET1K_V1: both give the starting weights; keep one",
+            f"teacher.pretrained={__file__} and teacher.weights=IMAGENET1K_V1: both give the starting weights",
         ),
         (["loss.temperature=${oops}"], "loss.temperature: Interpolation key 'oops' not found; give a value, or an "),
         (["trainer.epohcs=3"], "trainer.epohcs: unknown key; did you mean trainer.epochs? valid keys of trainer:"),
