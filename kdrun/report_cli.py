@@ -62,7 +62,8 @@ def report_main(args: list[str]) -> int:
     columns = ["run", *rep.swept, "status", *PRINTED_COLUMNS, *val]
     shown = min(opts["top"], len(rep.rows))
     order = "best" if rep.ranked_by == "student_val_top1" else "top"
-    print(f"{len(rep.rows)} runs under {opts['dir']} ({order} {shown} by {RANKED_BY[rep.ranked_by]}):")
+    runs = f"{len(rep.rows)} run{'' if len(rep.rows) == 1 else 's'}"
+    print(f"{runs} under {opts['dir']} ({order} {shown} by {RANKED_BY[rep.ranked_by]}):")
     print(text_table(rep.rows, columns, limit=opts["top"]))
     for row in rep.rows[: opts["top"]]:  # what the table cannot say: the best's choice, a failure, a stop
         if row.get("note"):

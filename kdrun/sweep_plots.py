@@ -109,7 +109,8 @@ def plot_accuracy_vs(runs: list[Run], key: str, swept: list[str], out_dir: str) 
             _errorbar(ax, baseline, xpos, label=name, fmt="s--" if numeric else "s", color=color, alpha=0.7, capsize=3)
     if not numeric:
         ax.set_xticks([xpos[v] for v in values], [short(v) for v in values], rotation=20)
-    spread = "mean ± std over seeds" if grid else "one point per run"
+    repeated = grid and any(len(group_by_setting(m, [key])) < len(m) for m in series.values())
+    spread = "mean ± std over seeds" if repeated else "one point per run"
     ax.set(xlabel=key, ylabel=f"test top-1 (%), {spread}", title=f"distilled student vs {key}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -197,7 +198,9 @@ def plot_heatmap(keys: list[str], row_values: list[str], col_values: list[str], 
     fig.colorbar(image, ax=ax, label="student test top-1 (%)")
     ax.set_xticks(range(len(col_values)), [short(v) for v in col_values])
     ax.set_yticks(range(len(row_values)), [short(v) for v in row_values])
-    ax.set(xlabel=keys[1], ylabel=keys[0], title="distilled student test top-1 (mean ± std over seeds)")
+    repeated = any(c is not None and c[2] > 1 for line in cells for c in line)
+    spread = "mean ± std over seeds" if repeated else "one run per cell"
+    ax.set(xlabel=keys[1], ylabel=keys[0], title=f"distilled student test top-1 ({spread})")
     _annotate(ax, cells, grid)
     return _save(fig, out_dir, f"heatmap_{_safe(keys[0])}_x_{_safe(keys[1])}.png")
 

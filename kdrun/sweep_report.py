@@ -417,6 +417,11 @@ def common_overrides(runs: list[Run], swept: list[str]) -> dict[str, str]:
     return {k: v.pop() for k, v in values.items() if len(v) == 1}
 
 
+def _as_typed(value) -> str:
+    """A value as one types it on the command line (``false``, ``null``), not as Python prints it."""
+    return {"True": "true", "False": "false", "None": "null"}.get(str(value), str(value))
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -600,7 +605,7 @@ def markdown(
     ]
     common = common_overrides(runs, swept)
     if common:
-        parts += ["", "Common overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items())]
+        parts += ["", "Common overrides: " + " ".join(f"`{k}={_as_typed(v)}`" for k, v in common.items())]
     parts += ["", "## Runs", "", markdown_table(columns, [[cell(c, r[c]) for c in columns] for r in rows])]
     noted = [f"- `{r.name}`: {r.note}" for r in runs if r.status == "complete" and r.note]  # e.g. the chosen best
     parts += ["", *noted] if noted else []

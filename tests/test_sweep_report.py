@@ -446,6 +446,18 @@ def test_a_key_plotted_outside_a_grid_shows_each_run_not_a_mean_over_other_setti
     assert ax.get_ylabel() == "test top-1 (%), one point per run"
 
 
+@pytest.mark.parametrize("seeds, spread", [((0,), "one run per cell"), ((0, 1), "mean ± std over seeds")])
+def test_plot_labels_say_mean_over_seeds_only_where_seeds_repeat(tmp_path, monkeypatch, seeds, spread):
+    grid_with_seeds(tmp_path, seeds=seeds)
+    figures = {}
+    monkeypatch.setattr(sweep_plots, "_save", lambda fig, out, name: figures.setdefault(name, fig) and name)
+    write_report(tmp_path)
+    heatmap = next(f for n, f in figures.items() if n.startswith("heatmap_"))
+    assert heatmap.axes[0].get_title() == f"distilled student test top-1 ({spread})"
+    lines = next(f for n, f in figures.items() if n.startswith("student_vs_"))
+    assert lines.axes[0].get_ylabel() == f"test top-1 (%), {spread.replace('one run per cell', 'one point per run')}"
+
+
 def test_heatmap_cells_are_means_over_seeds(tmp_path):
     grid_with_seeds(tmp_path, seeds=(0, 1))
     runs = sweep_report.collect(str(tmp_path))
