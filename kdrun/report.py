@@ -366,7 +366,7 @@ def summary_table(m: dict) -> str:
 
     lines = [
         f"{'':<{width}} {'top1':>6} {'top5':>6} {'errors':>6} {'agree':>6} {'params M':>8} "
-        f"{'MFLOPs':>9} {'MB':>8} {'ms/img':>8}"
+        f"{'MFLOPs':>9} {'MB':>8} {'ms b1':>8}"
     ]
     lines += [row(*e) for e in entries]
     tail = f"test split of {m['dataset']['name']} ({m['dataset']['test']} images), last epoch"
@@ -389,5 +389,7 @@ def summary_table(m: dict) -> str:
     tta = test.get("student", {}).get("with_flip_tta", {})
     if "kd_gain" in tta:
         tail += f"; with flip TTA {tta['kd_gain_top1']:+.2f} pt (p = {format_p(tta['kd_gain']['p_value'])})"
+    if any(stats for *_, stats in entries):
+        tail += "; MFLOPs: 2 a multiply-add; ms b1: the fastest CPU call at batch 1"
     tail += f"; {m['timings_s']['total']:.1f} s"
     return "\n".join(lines + [tail])

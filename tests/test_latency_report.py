@@ -127,8 +127,10 @@ def test_metrics_keep_medians_add_the_best_and_take_speedups_from_the_best(monke
     tail = report.summary_table(m).splitlines()[-1]
     assert "CPU speed-up 1.50x at batch 1, 4.00x at batch 32 (fastest calls; timed on busy cores" in tail
     assert "medians up to 10.0x the best, 0% of run time waiting for a core, load 4.7 on 2 CPUs)" in tail
-    teacher_row = report.summary_table(m).splitlines()[1]
-    assert teacher_row.split()[-1] == "3.000"  # ms/img: the fastest call, as the speed-ups
+    table = report.summary_table(m)
+    teacher_row = table.splitlines()[1]
+    assert teacher_row.split()[-1] == "3.000"  # ms b1: the fastest call, as the speed-ups
+    assert "ms b1" in table.splitlines()[0] and "; MFLOPs: 2 a multiply-add; ms b1: the fastest CPU call" in table
 
 
 @pytest.mark.parametrize("batch", [1, 32])  # under load the spread shows mostly at batch 32
