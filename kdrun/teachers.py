@@ -107,9 +107,14 @@ class TeacherSource:
             unused = [f"teacher.{k}={tcfg.get(k)}" for k in ("weights", "pretrained") if tcfg.get(k)]
             log.warning("teacher: %s not used: teacher.checkpoint gives every weight", ", ".join(unused))
             tcfg = OmegaConf.merge(tcfg, {"weights": None, "pretrained": None})
-        model = stages.build("teacher", tcfg, trains_on=self.data.train_set)
-        ident = model_identity(tcfg, self.data.data)
         final = os.path.join(stages.ckpt_dir, "teacher.pt")
+        # named starting weights (torchvision's, timm's) that a trained teacher will replace are not read (nor
+        # downloaded): an offline machine with the teacher in its store runs; if it is gone by the time it is
+        # needed, the teacher is built again with them to train
+        weightless = bool(tcfg.get("weights")) and not tcfg.checkpoint and self._trained_one_exists(final)
+        build = partial(stages.build, "teacher", trains_on=self.data.train_set)
+        model = build(OmegaConf.merge(tcfg, {"weights": None}) if weightless else tcfg)
+        ident = model_identity(tcfg, self.data.data)
         metrics_csv = os.path.join(stages.run_dir, "metrics_teacher.csv")
         fresh = getattr(model, "new_parameters", None)
         if not tcfg.checkpoint and fresh and not self.tr.teacher_epochs:
@@ -156,6 +161,8 @@ class TeacherSource:
                     log.info("teacher: reused %s from the store (%s); not retrained", tcfg.name, entry.path)
                     stages.log.note("teacher", **summary, source="store", store_key=key)
                 else:  # not stored, or trained in this run (run again: its record stays the run's own)
+                    if weightless and not finished:  # the stored teacher went meanwhile: start from the weights
+                        model = build(tcfg)
                     self._train(model, final)
                     if entry is None and distributed.is_main():
                         files = {"teacher.pt": final}
@@ -189,6 +196,19 @@ class TeacherSource:
             return None
         log.info("teacher: this run's own %s (taken before); not retrained", final)
         return summary
+
+    def _trained_one_exists(self, final: str) -> bool:
+        """Whether this run's own teacher (run again) or a complete store entry of its recipe is there to load."""
+
+        def probe() -> bool:
+            if os.path.exists(final) or self._finished_here():
+                return True
+            if self.store is None:
+                return False
+            entry = self.store.inspect("teacher", key_of(self.recipe()), verify=False)
+            return entry is not None and entry.problem is None
+
+        return distributed.shared(probe)
 
     def _drop_own_attempt(self) -> None:
         """Remove what this run's own teacher stage left before it was stopped (its checkpoints, its per-step rows):

@@ -131,6 +131,30 @@ def test_teacher_stage_fine_tunes_from_the_weights(torch_home, tmp_path, caplog)
     assert 0 < moved.abs().max() < 1  # started from the weights, then trained one epoch
 
 
+def test_a_stored_teacher_is_reused_without_its_starting_weights(torch_home, tmp_path, monkeypatch):
+    """An offline machine with the teacher in its store needed the hub file again (and an online one downloaded
+    it), only to overwrite it with the stored teacher; the store gone, the teacher is trained from them again."""
+    import shutil
+
+    from kdrun import train
+    from kdrun.cli import compose
+
+    home, _ = torch_home
+    overrides = ["trainer=smoke", "teacher=mbv3_small", "teacher.weights=IMAGENET1K_V1", "student=resnet8"]
+    cfg = compose([*overrides, "baseline=false", f"store.dir={tmp_path / 'store'}", "trainer.threads=1"])
+    first = train.run(cfg, str(tmp_path / "r1"))
+    os.rename(hub_file(home), hub_file(home) + ".away")  # offline, the file not in the cache
+    monkeypatch.setattr(
+        torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable"))
+    )
+    again = train.run(cfg, str(tmp_path / "r2"))
+    assert again["stages"]["teacher"]["source"] == "store"
+    assert again["test"]["teacher"] == first["test"]["teacher"]
+    shutil.rmtree(tmp_path / "store")  # now it must be trained, from the weights: refused without them
+    with pytest.raises(ConfigError, match=r"weights=IMAGENET1K_V1: mobilenet_v3_small-\w+\.pth is not in the hub"):
+        train.run(cfg, str(tmp_path / "r3"))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
