@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -122,6 +123,16 @@ class TeacherSource:
                 f"teacher.weights={tcfg.weights}: {', '.join(fresh)} not in the weights (another class count or "
                 "input), so trainer.teacher_epochs=0 would distil from an untrained classifier; give "
                 "trainer.teacher_epochs > 0 to fine-tune it"
+            )
+        classes = list(self.data.data.classes)
+        if tcfg.get("weights") and not tcfg.checkpoint and len(classes) == 1000 and not _imagenet_order(classes):
+            log.warning(
+                "teacher.weights=%s: the data's 1000 classes (%s, ...) are not ImageNet's synsets in their order "
+                "(n01440764, n01443537, ...), yet the weights' 1000-class classifier is kept: class i of the data is "
+                "taken for ImageNet's class i%s",
+                tcfg.weights,
+                ", ".join(classes[:2]),
+                "" if self.tr.teacher_epochs else "; give trainer.teacher_epochs > 0 to fine-tune it to these classes",
             )
         if not (tcfg.checkpoint or tcfg.get("weights") or tcfg.get("pretrained") or self.tr.teacher_epochs):
             log.warning(
@@ -241,3 +252,8 @@ class TeacherSource:
             lr_key="teacher.optim.lr" if (self.cfg.teacher.get("optim") or {}).get("lr") is not None else "optim.lr",
         )
         stages.export("teacher", model, self.cfg.teacher, {"summary": stages.log.summaries["teacher"]})
+
+
+def _imagenet_order(classes: list[str]) -> bool:
+    """Whether 1,000 class names are ImageNet's synsets (``n01440764``, ...) sorted as its label indices are."""
+    return all(re.fullmatch(r"n\d{8}", c) for c in classes) and classes == sorted(classes)

@@ -356,3 +356,13 @@ def test_timm_weights_from_a_local_file_are_keyed_by_its_contents(tmp_path):
         torch.save(timm.create_model("test_resnet").state_dict(), weights)
         keys.append(key_of(source.recipe()))
     assert keys[0] != keys[1]
+
+
+def test_a_kept_imagenet_classifier_needs_imagenet_s_synsets_in_their_order():
+    """A 1000-class data set whose classes are not ImageNet's kept the weights' classifier without a word."""
+    from kdrun.teachers import _imagenet_order
+
+    synsets = [f"n{i:08d}" for i in range(1000)]
+    assert _imagenet_order(synsets)
+    assert not _imagenet_order(synsets[::-1])  # another order: class i is not ImageNet's class i
+    assert not _imagenet_order([f"flower_{i:04d}" for i in range(1000)])
