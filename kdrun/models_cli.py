@@ -18,15 +18,18 @@ from omegaconf import OmegaConf
 
 from kdrun.errors import ConfigError
 
-USAGE = """usage: kdrun models [NAME [dataset=NAME] [num_classes=N] [image_size=N] [in_chans=N] [source=kdrun|timm]]
+USAGE = """usage: kdrun models [NAME [dataset=NAME] [num_classes=N] [image_size=N] [in_chans=N] [source=kdrun|timm]
+                     [threads=N]]
 
 Without NAME: list every registered model. With NAME: parameters, forward FLOPs, size on
-disk, CPU (and GPU) latency at batch 1 and 64 (the fastest call and the median; a warning when
-the timing was disturbed by other processes), and every feature point with its shape."""
+disk, CPU (and GPU) latency at batch 1 and 32, as runs time them (the fastest call and the median,
+at threads=N CPU threads, default torch's; a warning when the timing was disturbed by other
+processes), and every feature point with its shape."""
 
 DEFAULT_DATASET = "digits"
-INT_ARGS = ("num_classes", "image_size", "in_chans")
-ARGS = ("dataset",) + INT_ARGS + ("source",)
+INT_ARGS = ("num_classes", "image_size", "in_chans")  # the input's size
+ARGS = ("dataset",) + INT_ARGS + ("source", "threads")
+BATCHES = (1, 32)  # the batches a run's summary times (metrics.json latency_ms_*_b1, _b32)
 
 
 def models_main(args: list[str]) -> int:
@@ -43,6 +46,8 @@ def models_main(args: list[str]) -> int:
         raise ConfigError(f"models {name}: the first argument is a model name; valid: {', '.join(MODELS.names())}")
     opts = parse_args(args[1:])
     source = opts.pop("source", "kdrun")
+    if "threads" in opts:
+        torch.set_num_threads(opts.pop("threads"))
     if source == "kdrun":
         MODELS.get(name, "model")
     print_report(name, source, input_spec(opts))
@@ -55,7 +60,7 @@ def parse_args(args: list[str]) -> dict:
         key, sep, value = arg.partition("=")
         if not sep or key not in ARGS:
             raise ConfigError(f"models {arg}: not an option; valid: {', '.join(a + '=...' for a in ARGS)}")
-        if key in INT_ARGS:
+        if key in INT_ARGS or key == "threads":
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"{key}={value}: not a positive integer; valid: e.g. {key}=10")
             opts[key] = int(value)
@@ -124,13 +129,13 @@ def print_report(name: str, source: str, spec: dict) -> None:
     print(f"size on disk   {mr.size_on_disk_mb(model):.3f} MB")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         on_device = model.to(device)
-        b1, b64 = (mr.latency_ms(on_device, shape, batch=b, device=device) for b in (1, 64))
+        b1, b32 = (mr.latency_ms(on_device, shape, batch=b, device=device) for b in BATCHES)
         print(
-            f"latency {device:<6} {b1.best:.3f} ms at batch 1, {b64.best:.3f} ms at batch 64 "
-            f"(fastest calls; medians {b1.median:.3f} and {b64.median:.3f} ms"
+            f"latency {device:<6} {b1.best:.3f} ms at batch 1, {b32.best:.3f} ms at batch 32 "
+            f"(fastest calls; medians {b1.median:.3f} and {b32.median:.3f} ms"
             + (f"; {torch.get_num_threads()} thread(s) of {os.cpu_count()} CPU cores)" if device == "cpu" else ")")
         )
-        contention = mr.Contention.of([b1, b64])
+        contention = mr.Contention.of([b1, b32])
         if contention.busy:
             print(f"{'':<15}{contention.note()}, {mr.load_text(*mr.cpu_load())}")
     model.cpu()

@@ -5,6 +5,7 @@ forward pass, or the timings themselves are scripted."""
 
 from __future__ import annotations
 
+import os
 import re
 import types
 
@@ -148,26 +149,29 @@ def test_the_summary_warns_exactly_when_the_timing_was_disturbed(monkeypatch, ba
     assert ("timed on busy cores" in tail) is busy
 
 
-def models_report(monkeypatch, capsys, timings: dict[int, Timing]) -> str:
+def models_report(monkeypatch, capsys, timings: dict[int, Timing], *args: str) -> str:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(mr, "latency_ms", lambda model, shape, batch, device: timings[batch])
     monkeypatch.setattr(mr, "cpu_load", lambda: (4.7, 2))
-    assert models_main(["mlp", "dataset=digits"]) == 0
+    assert models_main(["mlp", "dataset=digits", *args]) == 0
     return capsys.readouterr().out
 
 
 def test_models_report_prints_the_fastest_call_and_the_median(monkeypatch, capsys):
-    out = models_report(monkeypatch, capsys, {1: Timing(0.6, 0.5, 0.01), 64: Timing(2.5, 2.0, 0.01)})
-    assert re.search(
-        r"latency cpu\s+0\.500 ms at batch 1, 2\.000 ms at batch 64 \(fastest calls; "
-        r"medians 0\.600 and 2\.500 ms; \d+ thread\(s\) of \d+ CPU cores\)\n",
+    threads = torch.get_num_threads()
+    out = models_report(monkeypatch, capsys, {1: Timing(0.6, 0.5, 0.01), 32: Timing(2.5, 2.0, 0.01)}, "threads=1")
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
+    assert re.search(  # batch 32, as a run's summary times it
+        r"latency cpu\s+0\.500 ms at batch 1, 2\.000 ms at batch 32 \(fastest calls; "
+        rf"medians 0\.600 and 2\.500 ms; 1 thread\(s\) of {os.cpu_count()} CPU cores\)\n",
         out,
     )
     assert "busy" not in out
 
 
 def test_models_report_warns_when_the_timing_was_disturbed(monkeypatch, capsys):
-    out = models_report(monkeypatch, capsys, {1: Timing(168.0, 0.5, 0.6), 64: Timing(2.3, 2.0, 0.6)})
+    out = models_report(monkeypatch, capsys, {1: Timing(168.0, 0.5, 0.6), 32: Timing(2.3, 2.0, 0.6)})
     assert "timed on busy cores: medians up to 336.0x the best, 60% of run time waiting for a core, " in out
     assert "load 4.7 on 2 CPUs" in out
 
