@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import warnings
 import zipfile
 from contextlib import nullcontext
@@ -48,7 +49,9 @@ def read_checkpoint(path: str, what: str) -> dict:
     except kio.DamagedArtifact as e:
         raise ConfigError(f"{what}: {e.reason}") from None
     if not isinstance(ckpt.get("identity"), dict) or not isinstance(ckpt.get("model"), dict):
-        raise ConfigError(f"{what}: not a kdrun teacher checkpoint (no 'identity' and 'model')")
+        stage = os.path.basename(path).rpartition("_")[0] if path.endswith(("_last.pt", "_best.pt")) else ""
+        hint = f"; this is a training state: give the run's checkpoints/{stage}.pt" if stage else ""
+        raise ConfigError(f"{what}: not a kdrun teacher checkpoint (no 'identity' and 'model'){hint}")
     return ckpt
 
 
@@ -62,20 +65,30 @@ def load_teacher(path: str, model: nn.Module, want: dict, what: str | None = Non
     what = what or f"teacher.checkpoint={path}"
     ckpt = read_checkpoint(path, what)
     have = ckpt["identity"]
-    if (have.get("arch"), have.get("num_classes")) != (want["arch"], want["num_classes"]):
+    if have.get("arch") != want["arch"]:
         raise ConfigError(
-            f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, "
-            f"but this run's teacher is {want['arch']} for {want['num_classes']} classes"
+            f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, but this run's teacher is "
+            f"{want['arch']}; give teacher={have.get('arch')} (and the options it was trained with)"
         )
-    if run is not None:
-        _check_input(ckpt, run, what)
+    if have.get("num_classes") != want["num_classes"]:
+        raise ConfigError(
+            f"{what}: holds {have.get('arch')} for {have.get('num_classes')} classes, but this run's data has "
+            f"{want['num_classes']}; give it the data it was trained on"
+        )
     differs = _first_difference(have, want)
     if differs:  # options that change what the same weights compute (an activation, a stem's strides...)
         field, theirs, ours = differs
+        if field in ("image_size", "in_chans"):  # the data's shape, not the teacher's options
+            raise ConfigError(
+                f"{what}: was trained on inputs of {field}={theirs}, but this run's have {field}={ours}; give "
+                f"dataset.{field}={theirs}"
+            )
         raise ConfigError(
             f"{what}: was trained with {field}={theirs}, but this run's teacher has {field}={ours}; "
             "give the teacher the options it was trained with"
         )
+    if run is not None:  # after the model's identity: data of another shape is not the first thing to say
+        _check_input(ckpt, run, what)
     load_weights(model, ckpt["model"], what)
     return ckpt.get("summary", {})
 

@@ -147,7 +147,10 @@ def test_teacher_checkpoint_reuse_and_mismatch(smoke_run, tmp_path):
     assert p.returncode == 2 and "was trained on images normalised with dataset.mean=[0.305985]" in p.stderr, p.stderr
     p = run_kdrun("train", *FAST, "teacher=resnet20", f"teacher.checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'bad'}")
     assert p.returncode == 2
-    assert f"teacher.checkpoint={ckpt}: holds resnet8 for 10 classes, but this run's teacher is resnet20" in p.stderr
+    assert (
+        f"teacher.checkpoint={ckpt}: holds resnet8 for 10 classes, but this run's teacher is resnet20; give "
+        "teacher=resnet8 (and the options it was trained with)" in p.stderr
+    )
     assert not (tmp_path / "bad" / "metrics.json").exists()
     assert (tmp_path / "bad" / "FAILED").exists()
 
@@ -185,8 +188,19 @@ def test_teacher_checkpoint_with_other_model_options_is_refused(tmp_path):
         r"has teacher.kwargs.activation=sigmoid; give the teacher the options it was trained with$",
     ):
         load_teacher(str(tmp_path / "t.pt"), model, sigmoid)
-    with pytest.raises(ConfigError, match=r"was trained with image_size=8, but this run's teacher has image_size=16"):
+    with pytest.raises(  # the data's shape: the key to change is the dataset's
+        ConfigError,
+        match=r"was trained on inputs of image_size=8, but this run's have image_size=16; give "
+        r"dataset.image_size=8$",
+    ):
         load_teacher(str(tmp_path / "t.pt"), model, {**relu, "image_size": 16})
+    with pytest.raises(
+        ConfigError,
+        match=r"not a kdrun teacher checkpoint .*; this is a training state: give the run's "
+        r"checkpoints/teacher.pt$",
+    ):
+        atomic_save({"model": model.state_dict(), "epoch": 1}, str(tmp_path / "teacher_last.pt"))
+        load_teacher(str(tmp_path / "teacher_last.pt"), model, relu)
     # what acts only in training (dropout, max-norm) may differ, and an option left out is its default
     load_teacher(str(tmp_path / "t.pt"), model, {**ident, "kwargs": {"hidden": [16], "dropout": 0.5}})
     # nor what only chose the starting weights (timm's local weights file)
