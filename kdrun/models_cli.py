@@ -11,6 +11,7 @@ The input size comes from ``kdrun/configs/dataset/NAME.yaml`` (``num_classes``,
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 
 import torch
@@ -99,8 +100,11 @@ def family(fn) -> str:
 
 
 def summary(fn) -> str:
-    lines = (fn.__doc__ or "").strip().splitlines()
-    return lines[0] if lines else ""
+    """A model's docstring up to its first sentence's end or its options (``; ``name``: ...``), whole: it may run
+    over several lines."""
+    paragraph = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+    sentence = re.split(r"(?<!\bal\.)(?<!\be\.g\.)(?<=\.)\s+(?=[A-Z`(])", paragraph, maxsplit=1)[0]
+    return sentence.split("; ``")[0]
 
 
 def print_table(models) -> None:

@@ -186,3 +186,13 @@ def test_a_model_in_two_roles_keeps_its_figures_and_both_roles_in_the_summary(mo
     gen1 = report.summary_table(m).splitlines()[1]
     assert gen1.startswith(f"gen1 (teacher, baseline) {m['models']['teacher']['name']}")
     assert gen1.split()[-1] == "3.000"  # its latency: the teacher's figures are on its row
+
+
+def test_the_model_list_describes_each_model_in_a_whole_phrase():
+    """It kept a docstring's first line, cut mid-sentence ("... in airbench94),")."""
+    from kdrun.models import MODELS
+    from kdrun.models_cli import summary
+
+    assert summary(MODELS.get("airbench")) == "airbench94's network"
+    assert summary(MODELS.get("mlp")).startswith("MLP of Hinton et al. (2015)")
+    assert all(not summary(MODELS.get(n)).endswith((",", "(", ";")) for n in MODELS.names())
