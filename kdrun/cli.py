@@ -125,6 +125,16 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     return points
 
 
+def _first_sweep(overrides: list[str]) -> str | None:
+    """The first override that gives several values (``loss=kd,dkd``), as typed; None without one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return next(
+        (str(o.input_line) for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()),
+        None,
+    )
+
+
 def compose(overrides: list[str], config_name: str = "train", with_hydra: bool = False):
     """The composed config (with the ``hydra`` node too when ``with_hydra``)."""
     from hydra import compose as hydra_compose
@@ -279,6 +289,11 @@ def precheck(overrides: list[str], config_name: str, multirun: bool = False) -> 
         points = sweep_points(overrides)
     except HydraException as e:
         raise ConfigError(one_line(e, overrides, config_name)) from e
+    swept = None if multirun else _first_sweep(overrides)
+    if swept:  # Hydra's own answer is a paragraph and exit code 1
+        key, _, values = swept.partition("=")
+        plain = "" if "(" in values else f", or give a list as {key}=[{values}] or a string as {key}='{values}'"
+        raise ConfigError(f"{swept}: several values are a sweep: add -m (kdrun train -m {swept} ...){plain}")
     for i, point in enumerate(points):
         try:
             cfg = compose(point, config_name, with_hydra=i == 0)

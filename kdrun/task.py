@@ -82,7 +82,8 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
         # a refusal or a stop the workers of a machine meet alike is said once there; another may be this worker's own
         if not (isinstance(e, (ConfigError, Preempted)) and cli.other_worker()):
             hint = "; the finished run is kept as it was" if kept else _resume_hint(e, run_dir)
-            print(f"kdrun: error: {e}{hint}", file=sys.stderr)
+            said = "kdrun:" if isinstance(e, Preempted) else "kdrun: error:"  # a stop asked for is no error
+            print(f"{said} {e}{hint}", file=sys.stderr)
         sys.exit(e.exit_code)
     except BaseException as e:
         kept = _kept(run_dir, finished, e)
@@ -90,7 +91,7 @@ def _train(cfg: DictConfig, run_dir: str, held: contextlib.ExitStack) -> float:
             if not kept:  # a stop, as a sweep report counts it: the last checkpoint continues the run
                 _mark_failed(run_dir, "stopped by SIGINT twice: at once, from the last checkpoint saved")
             hint = "; the finished run is kept as it was" if kept else _continue_hint(run_dir)
-            print(f"kdrun: error: stopped at once by a second SIGINT (Ctrl-C){hint}", file=sys.stderr)
+            print(f"kdrun: stopped at once by a second SIGINT (Ctrl-C){hint}", file=sys.stderr)
             sys.exit(130)
         if not kept:
             _mark_failed(run_dir, f"{type(e).__name__}: {e}")

@@ -102,10 +102,11 @@ class Run:
                 else "runs with cache.enabled=false"
             )
             log.info(
-                "%s: %s %s -> the teacher runs online on fresh augmented views (no logit cache)",
+                "%s: %s %s -> the teacher runs online on %s (no logit cache)",
                 stage,
                 cfg.loss.name,
                 why,
+                "fresh augmented views" if data.augment.enabled else "the student's images (no augmentation)",
             )
             unused = [f"cache.{k}={v}" for k, v in cache_choices(cfg.cache).items()]
             if unused and cfg.cache.enabled and method.needs_teacher_features:

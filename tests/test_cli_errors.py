@@ -17,6 +17,8 @@ import pytest
             ["teacher=resnet18", "teacher.weights=IMAGENET1K_V1", f"teacher.pretrained={__file__}"],
             f"teacher.pretrained={__file__} and teacher.weights=IMAGENET1K_V1: both give the starting weights",
         ),
+        (["loss=kd,dkd"], "loss=kd,dkd: several values are a sweep: add -m (kdrun train -m loss=kd,dkd ...), or "),
+        (["loss.temperature=range(1,3)"], "loss.temperature=range(1,3): several values are a sweep: add -m (kdrun"),
         (["loss.temperature=${oops}"], "loss.temperature: Interpolation key 'oops' not found; give a value, or an "),
         (["trainer.epohcs=3"], "trainer.epohcs: unknown key; did you mean trainer.epochs? valid keys of trainer:"),
         (["loss.temprature=8"], "loss.temprature: unknown key; did you mean loss.temperature? valid keys of loss:"),

@@ -93,6 +93,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(kdrun, tmp_path, uninterrupte
     assert p.returncode == EXIT_PREEMPTED, p.stderr[-2000:]
     assert f"student: stopped by SIGTERM at epoch 1, step {step}; checkpoint saved" in p.stderr
     assert p.stderr.strip().endswith(f"(exit code {EXIT_PREEMPTED}); kdrun train resume={run_dir} continues it")
+    assert "kdrun: student: stopped by SIGTERM" in p.stderr  # a stop asked for, not an error
     ckpt = torch.load(run_dir / "checkpoints" / "student_last.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["step"]) == (0, step)
     assert not (run_dir / "metrics.json").exists()
@@ -123,7 +124,7 @@ def test_ctrl_c_twice_stops_at_once_in_one_line_and_the_run_continues(kdrun, tmp
     assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "kdrun: SIGINT received: stopping at the next safe point" in p.stderr
     assert p.stderr.strip().splitlines()[-1] == (
-        f"kdrun: error: stopped at once by a second SIGINT (Ctrl-C); kdrun train resume={run_dir} continues it"
+        f"kdrun: stopped at once by a second SIGINT (Ctrl-C); kdrun train resume={run_dir} continues it"
     )
     assert (run_dir / "FAILED").read_text().startswith("stopped by SIGINT twice")  # a report counts it stopped
     p = kdrun("train", f"resume={run_dir}")
