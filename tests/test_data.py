@@ -186,6 +186,11 @@ def test_class_folders_that_would_lose_or_double_a_class_are_refused(tmp_path):
         "test/ has classes not in train/: cafe\u0301 (the same names in two Unicode normalisations",
         "'cafe\\u0301' in test/, 'caf\\xe9' in train/",
     )
+    one_line_error(  # the root one level too deep
+        lambda: load("imagefolder", root=str(tmp_path / "link" / "train"), **kw),
+        f"dataset.root={tmp_path / 'link' / 'train'}: a split folder, not the data set's; give dataset.root="
+        f"{tmp_path / 'link'} (expected",
+    )
     root = tmp_path / "bytes"
     make_folder(root, classes=("ant", "bee"))
     bad = os.fsencode(root / "train" / "bee") + b"/\xff.png"

@@ -170,6 +170,12 @@ def _check_layout(root: str, train_split: str, test_split: str) -> None:
                 f"{root}/<split>/<class>/<image>, e.g. train and test)"
             )
         if not os.path.isdir(os.path.join(root, split)):
+            parent = os.path.dirname(root)
+            if os.path.basename(root) in (train_split, test_split) and os.path.isdir(os.path.join(parent, split)):
+                raise ConfigError(
+                    f"dataset.root={root}: a split folder, not the data set's; give dataset.root={parent} (expected "
+                    f"{parent}/<split>/<class>/<image>)"
+                )
             others = [d for d in _subdirs(root) if d not in (train_split, test_split)]
             hint = (
                 f"; set dataset.{key}={others[0]}, the other folder there"
