@@ -291,7 +291,8 @@ def test_a_damaged_timm_file_in_the_cache_is_one_line(hf_home, tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"teacher.weights=r160_in1k: timm could not load test_resnet.r160_in1k "
-        r"\(SafetensorError: .*\); download it once online or fill \$HF_HOME \(remove a damaged",
+        r"from the Hugging Face hub \(timm/test_resnet.r160_in1k, model.safetensors; SafetensorError: .*\); run once "
+        r"online to fill the hub cache \(\$HF_HOME\), then HF_HUB_OFFLINE=1 reads it there \(remove a damaged",
     ):
         build_model("test_resnet", 10, 3, 32, key="teacher.name", source="timm", weights="r160_in1k")
 
@@ -300,7 +301,9 @@ def test_timm_tag_missing_from_an_offline_cache_is_one_line(tmp_path, monkeypatc
     offline_cache(monkeypatch, tmp_path / "empty")
     with pytest.raises(
         ConfigError,
-        match=r"teacher.weights=r160_in1k: timm could not load test_resnet.r160_in1k",
+        match=r"teacher.weights=r160_in1k: timm could not load test_resnet.r160_in1k from the Hugging Face hub "
+        r"\(timm/test_resnet.r160_in1k, model.safetensors; .*\); run once online .* or give "
+        r"teacher.kwargs.pretrained_cfg_overlay=\{file: PATH\}$",
     ):
         build_model(
             "test_resnet",

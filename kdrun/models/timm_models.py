@@ -12,6 +12,9 @@ classifier that ``get_classifier()`` returns.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
 from torch import nn
 
 from kdrun.errors import ConfigError
@@ -40,22 +43,27 @@ def build_timm(
         check_weights(name, "timm", weights, group)
         full = f"{name.split('.')[0]}.{weights}"
     try:
-        model = timm.create_model(
-            full,
-            pretrained=bool(weights),
-            num_classes=num_classes,
-            in_chans=in_chans,
-            **kwargs,
-        )
+        with _quiet_hub():  # its retries log two lines each (a minute of them offline); the failure is one below
+            model = timm.create_model(
+                full,
+                pretrained=bool(weights),
+                num_classes=num_classes,
+                in_chans=in_chans,
+                **kwargs,
+            )
     except TypeError as e:
         raise ConfigError(f"{group}.kwargs: not accepted by timm model {name} ({e})") from None
     except Exception as e:  # noqa: BLE001 (not in the hub cache and no network, or a damaged file in it)
         detail = f"{type(e).__name__}: {first_line(e)}"
         if not weights:
             raise ConfigError(f"{group}.name={name}: timm could not build it ({detail})") from None
+        cfg = timm.models.get_pretrained_cfg(full)
+        repo = getattr(cfg, "hf_hub_id", None) or "?"
+        file = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
         raise ConfigError(
-            f"{group}.weights={weights}: timm could not load {full} ({detail}); download it once online "
-            "or fill $HF_HOME (remove a damaged file there first)"
+            f"{group}.weights={weights}: timm could not load {full} from the Hugging Face hub ({repo}, {file}; "
+            f"{detail}); run once online to fill the hub cache ($HF_HOME), then HF_HUB_OFFLINE=1 reads it there "
+            f"(remove a damaged file first), or give {group}.kwargs.pretrained_cfg_overlay={{file: PATH}}"
         ) from None
     from kdrun.models.registry import set_feature_points, set_new_parameters
 
@@ -65,6 +73,18 @@ def build_timm(
         # timm made a new classifier for num_classes: its weights are not the pretrained ones
         set_new_parameters(model, [f"the classifier ({pretrained_classes} classes in the weights)"])
     return model
+
+
+@contextmanager
+def _quiet_hub():
+    """huggingface_hub's own log lines (retries, warnings) held back for the block."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def pretrained_tags(name: str, group: str = "model") -> list[str]:
