@@ -125,11 +125,11 @@ class TeacherSource:
                 "trainer.teacher_epochs > 0 to fine-tune it"
             )
         classes = list(self.data.data.classes)
-        if tcfg.get("weights") and not tcfg.checkpoint and len(classes) == 1000 and not _imagenet_order(classes):
+        if tcfg.get("weights") and not tcfg.checkpoint and len(classes) == 1000 and not _synsets(classes):
             log.warning(
-                "teacher.weights=%s: the data's 1000 classes (%s, ...) are not ImageNet's synsets in their order "
-                "(n01440764, n01443537, ...), yet the weights' 1000-class classifier is kept: class i of the data is "
-                "taken for ImageNet's class i%s",
+                "teacher.weights=%s: the data's 1000 classes (%s, ...) are not ImageNet's synsets (n01440764, "
+                "n01443537, ...), yet the weights' 1000-class classifier is kept: class i of the data (in sorted "
+                "order) is taken for ImageNet's class i%s",
                 tcfg.weights,
                 ", ".join(classes[:2]),
                 "" if self.tr.teacher_epochs else "; give trainer.teacher_epochs > 0 to fine-tune it to these classes",
@@ -209,13 +209,15 @@ class TeacherSource:
         return summary
 
     def _trained_one_exists(self, final: str) -> bool:
-        """Whether this run's own teacher (run again) or a complete store entry of its recipe is there to load."""
+        """Whether a trained teacher will be loaded over the starting weights: with the store in use, this run's
+        own (run again: its teacher.pt, or its finished teacher stage) or a complete entry of its recipe. (Without
+        the store, the teacher stage runs, and resumes from teacher_last.pt if it has one: never weightless.)"""
 
         def probe() -> bool:
-            if os.path.exists(final) or self._finished_here():
-                return True
             if self.store is None:
                 return False
+            if os.path.exists(final) or self._finished_here():
+                return True
             entry = self.store.inspect("teacher", key_of(self.recipe()), verify=False)
             return entry is not None and entry.problem is None
 
@@ -254,6 +256,7 @@ class TeacherSource:
         stages.export("teacher", model, self.cfg.teacher, {"summary": stages.log.summaries["teacher"]})
 
 
-def _imagenet_order(classes: list[str]) -> bool:
-    """Whether 1,000 class names are ImageNet's synsets (``n01440764``, ...) sorted as its label indices are."""
-    return all(re.fullmatch(r"n\d{8}", c) for c in classes) and classes == sorted(classes)
+def _synsets(classes: list[str]) -> bool:
+    """Whether class names are WordNet synsets (``n01440764``, ...), as ImageNet's folders are named: sorted, as
+    class folders are, they are its label order (another set of 1,000 synsets is not told apart)."""
+    return all(re.fullmatch(r"n\d{8}", c) for c in classes)

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 import torchvision.models as tv
+from omegaconf import OmegaConf
 
 from kdrun.errors import ConfigError
 from kdrun.io import sha256_file
@@ -131,7 +132,7 @@ def test_teacher_stage_fine_tunes_from_the_weights(torch_home, tmp_path, caplog)
     assert 0 < moved.abs().max() < 1  # started from the weights, then trained one epoch
 
 
-def test_a_stored_teacher_is_reused_without_its_starting_weights(torch_home, tmp_path, monkeypatch):
+def test_a_stored_teacher_is_reused_without_its_starting_weights(torch_home, tmp_path, monkeypatch, caplog):
     """An offline machine with the teacher in its store needed the hub file again (and an online one downloaded
     it), only to overwrite it with the stored teacher; the store gone, the teacher is trained from them again."""
     import shutil
@@ -150,6 +151,13 @@ def test_a_stored_teacher_is_reused_without_its_starting_weights(torch_home, tmp
     again = train.run(cfg, str(tmp_path / "r2"))
     assert again["stages"]["teacher"]["source"] == "store"
     assert again["test"]["teacher"] == first["test"]["teacher"]
+    os.rename(hub_file(home) + ".away", hub_file(home))
+    # that run again without the store trains its teacher stage, from the weights (not from a random start)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kdrun"):
+        train.run(OmegaConf.merge(cfg, {"store": {"enabled": False}}), str(tmp_path / "r2"))
+    assert "mbv3_small: pretrained IMAGENET1K_V1 loaded" in caplog.text
+    os.rename(hub_file(home), hub_file(home) + ".away")
     shutil.rmtree(tmp_path / "store")  # now it must be trained, from the weights: refused without them
     with pytest.raises(ConfigError, match=r"weights=IMAGENET1K_V1: mobilenet_v3_small-\w+\.pth is not in the hub"):
         train.run(cfg, str(tmp_path / "r3"))
@@ -361,11 +369,9 @@ def test_timm_weights_from_a_local_file_are_keyed_by_its_contents(tmp_path):
     assert keys[0] != keys[1]
 
 
-def test_a_kept_imagenet_classifier_needs_imagenet_s_synsets_in_their_order():
+def test_a_kept_imagenet_classifier_needs_synset_class_names():
     """A 1000-class data set whose classes are not ImageNet's kept the weights' classifier without a word."""
-    from kdrun.teachers import _imagenet_order
+    from kdrun.teachers import _synsets
 
-    synsets = [f"n{i:08d}" for i in range(1000)]
-    assert _imagenet_order(synsets)
-    assert not _imagenet_order(synsets[::-1])  # another order: class i is not ImageNet's class i
-    assert not _imagenet_order([f"flower_{i:04d}" for i in range(1000)])
+    assert _synsets([f"n{i:08d}" for i in range(1000)])
+    assert not _synsets([f"flower_{i:04d}" for i in range(1000)])
