@@ -397,23 +397,39 @@ def check_resumable(cfg) -> None:
     from the stage itself (:class:`kdrun.errors.ResumeRefused`) would leave the run described by a configuration
     that did not make it."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError
 
     from kdrun import distributed, runlock
-    from kdrun.engine import workers_changed
     from kdrun.errors import ConfigError
-    from kdrun.io import load_checkpoint
-    from kdrun.stages import resume_fingerprints
     from kdrun.task import keep_finished_run
 
     try:
         run_dir = str(cfg.hydra.run.dir)
+    except InterpolationKeyError as e:  # hydra.run.dir=/x/${oops}
+        raise ConfigError(_unresolved(e)) from e
     except Exception:  # interpolations that need a running job: a fresh directory
         return
-    if distributed.launched_workers() > 1:  # a launcher's workers share the folder: rank 0 takes its lock later
-        runlock.check_free(run_dir)
-    else:  # taken before Hydra writes .hydra/, so a second command there is refused before it rewrites them
+    runlock.check_free(run_dir)
+    _check_checkpoints(cfg, run_dir)
+    # a folder named by the command (not ${now:...}, which Hydra resolves again, perhaps a second later) is taken
+    # before Hydra writes its .hydra/, so a second command there is refused before it rewrites them; the workers a
+    # launcher started share it: their rank 0 takes it later
+    named = "${now:" not in OmegaConf.to_yaml(cfg.hydra.run) or os.path.isdir(run_dir)
+    if named and distributed.launched_workers() <= 1:
         runlock.take(run_dir)
     keep_finished_run(run_dir)
+
+
+def _check_checkpoints(cfg, run_dir: str) -> None:
+    """ConfigError when ``run_dir``'s stage checkpoints were made by another configuration or worker count."""
+    from omegaconf import OmegaConf
+
+    from kdrun import distributed
+    from kdrun.engine import workers_changed
+    from kdrun.errors import ConfigError
+    from kdrun.io import load_checkpoint
+    from kdrun.stages import resume_fingerprints
+
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     lasts = sorted(f for f in os.listdir(ckpt_dir) if f.endswith("_last.pt")) if os.path.isdir(ckpt_dir) else []
     if not lasts:

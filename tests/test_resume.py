@@ -169,6 +169,7 @@ def test_checkpoint_of_another_config_is_refused(kdrun, tmp_path, uninterrupted)
         "new hydra.run.dir"
     )
     assert (run_dir / ".hydra" / "overrides.yaml").read_text() == saved  # refused before Hydra rewrote it
+    assert runlock.state(str(run_dir)) == "killed"  # the refused command left the killed run's marker as it was
 
 
 def test_refused_change_leaves_a_finished_run_intact(tmp_path):
@@ -231,6 +232,17 @@ def test_a_command_holds_its_directory_from_its_checks_on(tmp_path):
         with runlock.held(str(run_dir)):  # the first command's job: it holds the lock its check took, then ends
             assert runlock.state(str(run_dir)) == "running"
     assert runlock.state(str(run_dir)) is None
+
+
+def test_the_check_makes_no_folder_of_a_time_stamped_run_dir(tmp_path):
+    """${now:...} is resolved again by Hydra, perhaps a second later: a folder the check made could stay empty."""
+    from kdrun import cli
+    from tests.conftest import SMOKE_RUN
+
+    cli.precheck([*SMOKE_RUN, f"paths.output={tmp_path / 'out'}"], "train")
+    assert not (tmp_path / "out" / "train").exists()
+    with pytest.raises(ConfigError, match=r"^hydra.run.dir: Interpolation key 'oops' not found; give a value"):
+        cli.precheck([*SMOKE_RUN, "hydra.run.dir=/tmp/${oops}"], "train")  # was OmegaConf's traceback from Hydra
 
 
 def test_a_sweep_into_a_folder_of_another_sweep_leaves_its_runs_intact(tmp_path):
