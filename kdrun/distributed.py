@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kdrun.errors import ConfigError, KdrunError
-from kdrun.preempt import STOP
+from kdrun.preempt import EXIT_PREEMPTED, STOP, Preempted, check_stop
 
 
 def world() -> tuple[int, int]:
@@ -286,6 +286,9 @@ def lock_on_main(lock, try_lock, device: torch.device, poll_s: float = 5.0):
             if any_flag(bool(held), device):
                 yield
                 return
+        if any_flag(STOP.requested is not None, device):  # SIGTERM/Ctrl-C while waiting: every worker stops now
+            STOP.requested = STOP.requested or "another worker"
+            check_stop("the lock another run holds was free")
         time.sleep(poll_s)
 
 
@@ -465,8 +468,8 @@ def launch(n: int, device_type: str, fn, cfg, run_dir: str, setup_logging) -> di
     while not queue.empty():
         messages.append(queue.get())
     for msg in messages:
-        if msg[0] == "error":
-            err = KdrunError(msg[1])
+        if msg[0] == "error":  # a stop stays a stop (the run's continue command; not a failed sweep job)
+            err = Preempted(msg[1]) if msg[2] == EXIT_PREEMPTED else KdrunError(msg[1])
             err.exit_code = msg[2]
             raise err from None
     crash = next((msg for msg in messages if msg[0] == "crash"), None)

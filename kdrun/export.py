@@ -948,6 +948,8 @@ def _stopped_by_signals():
     def stop(signum, frame):
         if not _PLACING[0]:
             raise _Signalled(signal.Signals(signum).name)
+        name = signal.Signals(signum).name  # a few renames from done: finished, and said (os.write: safe here)
+        os.write(2, f"\nkdrun: {name} received while the new export is put in place: finishing that\n".encode())
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -3,7 +3,7 @@
 
 A run is any directory holding ``.hydra/overrides.yaml``. Its status is
 ``complete`` (``metrics.json`` present), ``failed`` (a ``FAILED`` note),
-``stopped`` (the ``FAILED`` note of a SIGTERM/SIGINT stop: the same command continues it),
+``stopped`` (the ``FAILED`` note of a SIGTERM/SIGINT stop: kdrun train resume=RUN_DIR continues it),
 ``unreadable`` (a ``metrics.json`` that cannot be parsed), ``running`` (neither yet, and a process at work in it),
 ``killed`` (neither, and nobody at work in it: SIGKILL, out of memory; :mod:`kdrun.runlock`) or ``incomplete``
 (neither, from a kdrun that kept no such record). Keys whose values differ between runs are the swept keys; a key
@@ -268,7 +268,7 @@ def load_run(run_dir: str, root: str) -> Run:
             run.composed[DATA_KEY] = str(data["content"])
     elif os.path.isfile(failed_path):
         run.note = first_line(failed_path)
-        # stopped by SIGTERM/SIGINT (preemption, Ctrl-C) with its checkpoint saved: the same command continues it
+        # stopped by SIGTERM/SIGINT (preemption, Ctrl-C), its checkpoint saved: kdrun train resume=RUN_DIR goes on
         run.status = "stopped" if STOPPED.search(run.note) else "failed"
     else:
         run.status, run.note = _unfinished(run_dir)

@@ -329,6 +329,7 @@ def test_two_workers_stop_together_for_a_requeue_and_resume(kdrun, tmp_path, one
     p = kdrun(*args, env={"KDRUN_KILL_AT": "student:3:TERM"}, timeout=600)
     assert p.returncode == EXIT_PREEMPTED, p.stderr[-3000:]
     assert f"student: stopped by SIGTERM at epoch 1, step {STOP_POLL_STEPS}; checkpoint saved" in p.stderr
+    assert p.stderr.strip().endswith(f"kdrun train resume={run_dir} continues it"), p.stderr[-1000:]
     assert torch.load(run_dir / "checkpoints" / "student_last.pt", weights_only=False)["step"] == STOP_POLL_STEPS
     cache = run_dir / "teacher_logits.kdlc"
     h = read_header(str(cache))

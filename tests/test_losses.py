@@ -858,7 +858,11 @@ def test_ab_and_ofd_say_when_a_student_has_no_pre_activation_features(caplog, st
     with caplog.at_level("WARNING", logger="kdrun"):
         _, layers = preact_stages("ofd", list(teacher.feature_points), list(student.feature_points))
     assert all(n.endswith("_preact") for n in layers) != post_relu
-    assert ("ofd: the student has no pre-activation points" in caplog.text) == post_relu
+    assert ("ofd: the student has no pre-activation point (stageN_preact) for stage1" in caplog.text) == post_relu
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kdrun"):  # said once a process (the checks, then the run)
+        preact_stages("ofd", list(teacher.feature_points), list(student.feature_points))
+    assert "pre-activation" not in caplog.text
 
 
 @pytest.mark.parametrize(

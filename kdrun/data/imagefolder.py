@@ -66,7 +66,7 @@ def _subdirs(path: str) -> list[str]:
     on macOS, two here; the classes would print alike)."""
     names = []
     for e in _entries(path):
-        if e.name.startswith("."):
+        if e.name.startswith(".") or not (e.is_dir() or e.is_symlink()):  # hidden, or a file beside the classes
             continue
         _check_name(e)
         if e.is_symlink() and not os.path.exists(e.path):
@@ -104,9 +104,9 @@ def scan_split(root: str, split: str, classes: list[str]) -> tuple[list[str], to
             )
         found: list[str] = []
         for e in _entries(d):
-            _check_name(e)
             image = e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMG_EXTENSIONS)
             if image:
+                _check_name(e)  # an image read (a skipped file's name does not matter)
                 found.append(e.path)
             elif e.is_symlink() and not os.path.exists(e.path):
                 dangling.append(e.path)

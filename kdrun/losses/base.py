@@ -204,14 +204,19 @@ def preact_stages(method: str, teacher_points: list[str], student_points: list[s
             "or set loss.layers.teacher=[...]"
         )
     student = [f"{s}_preact" if f"{s}_preact" in student_points else s for s in stages]
-    if student != [f"{s}_preact" for s in stages]:
+    post = [s for s in student if not s.endswith("_preact")]
+    said = f"{method}: the student has no pre-activation point (stageN_preact) for {', '.join(post)}"
+    if post and said not in _SAID:  # once a process: the command's checks and the run build the method alike
+        _SAID.add(said)
         logging.getLogger("kdrun").warning(
-            "%s: the student has no pre-activation points (stageN_preact): it matches its post-activation %s; the "
-            "method's authors match pre-activation features (loss.layers.student=[...] chooses others)",
-            method,
-            ", ".join(s for s in student if not s.endswith("_preact")),
+            "%s: it matches those post-activation outputs; the method's authors match pre-activation features "
+            "(loss.layers.student=[...] chooses others)",
+            said,
         )
     return teacher, student
+
+
+_SAID: set[str] = set()  # warnings of preact_stages already given in this process
 
 
 def check(key: str, value, ok: bool, valid: str) -> None:
