@@ -206,9 +206,25 @@ def referenced(runs: str, store_root: str) -> Refs:
     return refs
 
 
-def describe(e: Entry, now: float) -> str:
+def describe(e: Entry, now: float, about: str | None = None) -> str:
     state = "ok" if e.problem is None else e.problem
-    return f"{e.kind:<8} {e.key}  {e.size / 1e6:9.2f} MB  {(now - e.created) / 86400:7.2f} days  {state}"
+    shown = f"{about:<44}  " if about is not None else ""
+    return f"{e.kind:<8} {e.key}  {e.size / 1e6:9.2f} MB  {(now - e.created) / 86400:7.2f} days  {shown}{state}"
+
+
+def contents(e: Entry) -> str:
+    """What an entry holds, from its recipe: a teacher's model, data, epochs and seed; a logit cache's teacher,
+    views and rows ("-" for an entry whose recipe says nothing readable)."""
+    r = e.recipe
+    try:
+        if e.kind == "teacher":
+            data = str(r["data"]).split("-")[0]
+            return f"{r['model']['arch']} on {data}, {r['epochs']} epochs, seed {r['seed']}"
+        if e.kind == "logits":
+            return f"of teacher {r['teacher']}, {r['views']} views, {r['filled']}/{r['train']} rows"
+    except (KeyError, TypeError):
+        pass
+    return "-"
 
 
 def _why(entry: Entry | None, refs: Refs, max_age: float | None, now: float) -> str | None:
@@ -317,9 +333,9 @@ def store_main(args: list[str]) -> int:
     now = time.time()
     if cmd == "ls":
         entries = store.entries(verify=opts["verify"])
-        print(f"{'kind':<8} {'key':<16}  {'size':>12}  {'age':>12}  state")
+        print(f"{'kind':<8} {'key':<16}  {'size':>12}  {'age':>12}  {'what':<44}  state")
         for e in entries:
-            print(describe(e, now))
+            print(describe(e, now, contents(e)))
         print(f"{len(entries)} entries, {sum(e.size for e in entries) / 1e6:.2f} MB in {store.root}")
         return 0
     runs = runs_root(opts)
