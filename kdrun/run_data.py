@@ -157,6 +157,7 @@ class RunData:
         self.test_set: ImageSet | FileSet = on_device(self.data.test, device)
         self.seconds = time.perf_counter() - t0
         self._log()
+        self._check_statistics(train)
         self.norm = Normalize(cfg.dataset.mean, cfg.dataset.std, self.data.in_chans, device)
         spec, teacher_spec = augment_specs(cfg)
         mean = list(cfg.dataset.mean)
@@ -169,6 +170,28 @@ class RunData:
         self.views = int(views) if views is not None else (8 if self.augment.enabled else 0)
         self.val_loader = self.eval_loader(self.val_set)
         self.test_loader = self.eval_loader(self.test_set)
+
+    def _check_statistics(self, train: ImageSet | FileSet) -> None:
+        """A warning when an image folder is normalised with ImageNet's statistics (its config's default) that are
+        far from its own and no model starts from ImageNet weights (which want ImageNet's): the data's, to give."""
+        cfg = self.cfg
+        imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        given = ([round(float(v), 3) for v in cfg.dataset.mean], [round(float(v), 3) for v in cfg.dataset.std])
+        pretrained = any(cfg[who].get(k) for who in ("teacher", "student") for k in ("weights", "pretrained"))
+        if cfg.dataset.name != "imagefolder" or given != imagenet or pretrained or not isinstance(train, ImageSet):
+            return
+        step = max(1, len(train) // 5000)
+        x = train.images[::step].float() / 255  # [n, C, H, W], at most about 5,000 images
+        mean, std = x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+        if max(abs(a - b) for a, b in zip(mean + std, imagenet[0] + imagenet[1])) > 0.05:
+            log.warning(
+                "data: normalised with ImageNet's statistics (the image folder default), but this training split's "
+                "are mean %s, std %s: give dataset.mean=[%s] dataset.std=[%s] (not with ImageNet weights)",
+                [round(v, 4) for v in mean],
+                [round(v, 4) for v in std],
+                ",".join(f"{v:.4f}" for v in mean),
+                ",".join(f"{v:.4f}" for v in std),
+            )
 
     def _log(self) -> None:
         d = self.data

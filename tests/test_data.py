@@ -674,3 +674,20 @@ def test_a_file_that_cannot_be_read_for_the_digest_is_one_line(folder, tmp_path,
         lambda: load("imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), workers=1),
         f"{locked}: not readable (Permission denied)",
     )
+
+
+def test_an_image_folder_normalised_with_imagenet_statistics_far_from_its_own_is_warned(tmp_path, caplog):
+    """Custom data took ImageNet's mean and std (the image folder default) without a word; the data's own are said,
+    unless a model starts from ImageNet weights (which want ImageNet's) or the statistics were given."""
+    from kdrun.cli import compose
+    from kdrun.run_data import RunData
+
+    make_folder(tmp_path / "imgs", per_split={"train": 4, "test": 2}, size=8)
+    base = ["trainer=smoke", "dataset=imagefolder", f"dataset.root={tmp_path / 'imgs'}", "dataset.image_size=8"]
+    base += [f"dataset.cache_dir={tmp_path / 'c'}", "dataset.workers=1"]
+    for extra, warned in [([], True), (["dataset.mean=[0.5,0.5,0.5]"], False), (["teacher.pretrained=x.pt"], False)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kdrun"):
+            RunData(compose([*base, *extra]), torch.device("cpu"))
+        assert ("normalised with ImageNet's statistics" in caplog.text) == warned, (extra, caplog.text)
+        assert not warned or "give dataset.mean=[" in caplog.text
