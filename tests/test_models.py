@@ -324,7 +324,7 @@ def test_models_main_report(capsys, monkeypatch):
     assert "1x8x8, 10 classes (dataset digits)" in out
     assert re.search(rf"parameters\s+{count_params(model):,}\n", out)
     assert re.search(r"forward FLOPs\s+[\d,]+ per image", out) and re.search(r"size on disk\s+[\d.]+ MB", out)
-    assert re.search(r"latency cpu\s+[\d.]+ ms at batch 1, [\d.]+ ms at batch 64", out)
+    assert re.search(r"latency cpu\s+[\d.]+ ms at batch 1, [\d.]+ ms at batch 32", out)
     for point, shape in feature_shapes(model, (1, 8, 8)).items():
         assert re.search(rf"^  {point}\s+{re.escape(str(shape))}", out, re.M), point
 
