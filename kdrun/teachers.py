@@ -22,7 +22,6 @@ from kdrun import distributed, io
 from kdrun.engine import cross_entropy
 from kdrun.errors import ConfigError
 from kdrun.models.registry import sets_from_data, weights_name
-from kdrun.models.timm_models import cached_weights_digest
 from kdrun.stages import DATA_INIT, StageRunner
 from kdrun.store import Store, StoreRefs, key_of, link_into, model_definition
 from kdrun.weights import load_teacher, model_identity
@@ -69,8 +68,6 @@ class TeacherSource:
         weights = {}
         if tcfg.get("weights"):
             weights["weights"] = weights_name(tcfg.name, tcfg.get("source", "kdrun"), tcfg.weights)
-            if tcfg.get("source") == "timm" and (digest := cached_weights_digest(tcfg.name, str(tcfg.weights))):
-                weights["weights_sha256"] = digest  # timm's tag names no fixed file: the cached file's contents
         # timm weights read from a local file (pretrained_cfg_overlay={file: PATH}): by the file's contents too
         overlay = OmegaConf.select(tcfg, "kwargs.pretrained_cfg_overlay.file", default=None)
         if overlay and os.path.isfile(str(overlay)):

@@ -282,34 +282,6 @@ def hf_home(tmp_path, monkeypatch):
     return state
 
 
-def test_timm_weights_are_keyed_by_the_file_in_the_cache(hf_home, tmp_path):
-    """A teacher was keyed by its tag alone: a file replaced in the hub cache reused the teacher trained from the
-    one before. The key now holds the cached file's SHA-256 (none while the file is not there)."""
-    from safetensors.torch import save_file
-
-    from kdrun.io import sha256_file
-    from kdrun.models.timm_models import cached_weights_digest
-
-    (path,) = (tmp_path / "hf" / "hub").rglob("model.safetensors")
-    first = cached_weights_digest("test_resnet", "r160_in1k")
-    assert first == sha256_file(str(path))
-    torch.manual_seed(8)
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
-    assert cached_weights_digest("test_resnet", "r160_in1k") not in (None, first)
-    from kdrun.cli import compose
-    from kdrun.run_data import RunData
-    from kdrun.stages import StageRunner
-    from kdrun.store import StoreRefs
-    from kdrun.teachers import TeacherSource
-
-    cfg = compose(["trainer=smoke", "teacher.source=timm", "teacher.name=test_resnet", "teacher.weights=r160_in1k"])
-    data = RunData(cfg, torch.device("cpu"))
-    source = TeacherSource(cfg, StageRunner(cfg, data, str(tmp_path / "run"), ("x", "x")), None, StoreRefs(None, "."))
-    assert source.recipe()["weights_sha256"] == sha256_file(str(path))  # the file's, in the teacher's store key
-    path.unlink()
-    assert cached_weights_digest("test_resnet", "r160_in1k") is None
-
-
 def test_timm_pretrained_tag_loads_from_the_hub_cache_with_a_new_classifier(hf_home):
     model = build_model("test_resnet", 10, 3, 32, key="teacher.name", source="timm", weights="r160_in1k")
     own = model.state_dict()

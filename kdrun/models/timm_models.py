@@ -13,14 +13,12 @@ classifier that ``get_classifier()`` returns.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from contextlib import contextmanager
 
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.io import first_line, sha256_file
+from kdrun.io import first_line
 
 
 def build_timm(
@@ -87,29 +85,6 @@ def _quiet_hub():
         yield
     finally:
         hub.setLevel(level)
-
-
-def cached_weights_digest(name: str, tag: str) -> str | None:
-    """The SHA-256 of the file timm reads for ``name.tag`` from the Hugging Face hub cache (None while it is not
-    there): a teacher is keyed by the weights it started from, not by their tag alone (a file replaced in the
-    cache is another teacher). The cache names a blob by its SHA-256; a plain file is hashed."""
-    try:
-        import timm
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    full = f"{name.split('.')[0]}.{tag}"
-    cfg = timm.models.get_pretrained_cfg(full)
-    repo = getattr(cfg, "hf_hub_id", None)
-    if not repo:
-        return None
-    named = getattr(cfg, "hf_hub_filename", None)
-    for filename in [named] if named else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]:
-        path = try_to_load_from_cache(repo, filename)
-        if isinstance(path, str) and os.path.isfile(path):
-            blob = os.path.basename(os.path.realpath(path))
-            return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else sha256_file(path)
-    return None
 
 
 def pretrained_tags(name: str, group: str = "model") -> list[str]:
