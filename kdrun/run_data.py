@@ -172,17 +172,28 @@ class RunData:
         self.test_loader = self.eval_loader(self.test_set)
 
     def _check_statistics(self, train: ImageSet | FileSet) -> None:
-        """A warning when an image folder is normalised with ImageNet's statistics (its config's default) that are
-        far from its own and no model starts from ImageNet weights (which want ImageNet's): the data's, to give."""
+        """A warning when an image folder held in memory is normalised with ImageNet's statistics (its config's
+        default) far from its own, and no model comes with weights of its own (ImageNet's want ImageNet's; a kdrun
+        checkpoint, those it was trained with): the data's, to give. Said by the main worker, from at most 5,000
+        images evenly spaced through the split."""
         cfg = self.cfg
         imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         given = ([round(float(v), 3) for v in cfg.dataset.mean], [round(float(v), 3) for v in cfg.dataset.std])
-        pretrained = any(cfg[who].get(k) for who in ("teacher", "student") for k in ("weights", "pretrained"))
-        if cfg.dataset.name != "imagefolder" or given != imagenet or pretrained or not isinstance(train, ImageSet):
+        weighted = any(
+            cfg[who].get(k) for who in ("teacher", "student") for k in ("weights", "pretrained", "checkpoint")
+        )
+        if cfg.dataset.name != "imagefolder" or given != imagenet or weighted or not isinstance(train, ImageSet):
             return
-        step = max(1, len(train) // 5000)
-        x = train.images[::step].float() / 255  # [n, C, H, W], at most about 5,000 images
-        mean, std = x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+        if not distributed.is_main():
+            return
+        picked = train.images[:: -(-len(train) // 5000)]  # uint8 [n <= 5000, C, H, W]
+        sums = torch.zeros(2, picked.shape[1], dtype=torch.float64)
+        for chunk in picked.split(256):  # float64 sums a chunk at a time: no float copy of the whole sample
+            x = chunk.to(torch.float64).div_(255).transpose(0, 1).flatten(1)  # [C, pixels]
+            sums += torch.stack([x.sum(1), x.square().sum(1)])
+        count = picked.shape[0] * picked.shape[2] * picked.shape[3]
+        mean_t = sums[0] / count
+        mean, std = mean_t.tolist(), (sums[1] / count - mean_t.square()).clamp_min(0).sqrt().tolist()
         if max(abs(a - b) for a, b in zip(mean + std, imagenet[0] + imagenet[1])) > 0.05:
             log.warning(
                 "data: normalised with ImageNet's statistics (the image folder default), but this training split's "

@@ -218,10 +218,13 @@ def contents(e: Entry) -> str:
     r = e.recipe
     try:
         if e.kind == "teacher":
-            data = str(r["data"]).split("-")[0]
-            return f"{r['model']['arch']} on {data}, {r['epochs']} epochs, seed {r['seed']}"
+            data = str(r["data"])  # a named data set's identity begins with its name; an image folder's is a hash
+            data = data.split("-")[0] if "-" in data else f"data {data[:8]}"
+            start = f", from {r['weights']}" if r.get("weights") else ", from a file" if r.get("pretrained") else ""
+            return f"{r['model']['arch']} on {data}{start}, {r['epochs']} epochs, seed {r['seed']}"
         if e.kind == "logits":
-            return f"of teacher {r['teacher']}, {r['views']} views, {r['filled']}/{r['train']} rows"
+            views = f"{r['views']} views" if r["views"] else "plain images"
+            return f"of teacher {r['teacher']}, {views}, {r['filled']}/{r['train']} rows"
     except (KeyError, TypeError):
         pass
     return "-"

@@ -685,7 +685,8 @@ def test_an_image_folder_normalised_with_imagenet_statistics_far_from_its_own_is
     make_folder(tmp_path / "imgs", per_split={"train": 4, "test": 2}, size=8)
     base = ["trainer=smoke", "dataset=imagefolder", f"dataset.root={tmp_path / 'imgs'}", "dataset.image_size=8"]
     base += [f"dataset.cache_dir={tmp_path / 'c'}", "dataset.workers=1"]
-    for extra, warned in [([], True), (["dataset.mean=[0.5,0.5,0.5]"], False), (["teacher.pretrained=x.pt"], False)]:
+    cases = [([], True), (["dataset.mean=[0.5,0.5,0.5]"], False), (["teacher.pretrained=x.pt"], False)]
+    for extra, warned in [*cases, (["teacher.checkpoint=t.pt"], False)]:  # trained with these statistics
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kdrun"):
             RunData(compose([*base, *extra]), torch.device("cpu"))

@@ -83,7 +83,7 @@ def test_two_runs_share_teacher_and_logits(kdrun, tmp_path):
     # what each entry holds, not its hash alone
     teacher_key = m1["stages"]["teacher"].get("store_key") or m2["stages"]["teacher"]["store_key"]
     assert "resnet8 on digits, 1 epochs, seed 0" in p.stdout, p.stdout
-    assert f"of teacher {teacher_key}, 0 views, 143/1438 rows" in p.stdout, p.stdout
+    assert f"of teacher {teacher_key}, plain images, 143/1438 rows" in p.stdout, p.stdout
     p = kdrun("store", "gc", f"dir={store}", f"runs={tmp_path}")
     assert p.returncode == 0 and "freed 0.00 MB" in p.stdout  # both entries referenced by the runs
     import shutil
