@@ -850,8 +850,11 @@ def test_trainer_pre_stage_epochs_caps_the_methods_own_stages(kdrun, tmp_path):
 @pytest.mark.parametrize(
     "student_name, post_relu", [("vgg8", False), ("shufflenet_v2_cifar", False), ("resnet18", True)]
 )
-def test_ab_and_ofd_say_when_a_student_has_no_pre_activation_features(caplog, student_name, post_relu):
+def test_ab_and_ofd_say_when_a_student_has_no_pre_activation_features(caplog, monkeypatch, student_name, post_relu):
+    from kdrun.losses import base
     from kdrun.losses.base import preact_stages
+
+    monkeypatch.setattr(base, "_SAID", set())  # said once a process: not yet in this one (other tests ran here)
     from kdrun.models import build_model
 
     teacher, student = build_model("resnet32x4", 10, 3, 32), build_model(student_name, 10, 3, 32)
