@@ -604,13 +604,13 @@ def export_model(
             with torch.inference_mode():
                 torch.jit.save(torch.jit.trace(model, test.x[:2]), out, _extra_files=extra)
             run = eager_fn(torch.jit.load(out).eval())
-        if any(issubclass(w.category, FutureWarning) and "deprecated" in str(w.message) for w in said):
-            if not _JIT_DEPRECATION_SAID[0]:
-                log.warning(
-                    "export: torch %s deprecates TorchScript (torch.jit); format=onnx is the lasting format",
-                    torch.__version__.split("+")[0],
-                )
-                _JIT_DEPRECATION_SAID[0] = True
+        deprecated = any(issubclass(w.category, FutureWarning) and "deprecated" in str(w.message) for w in said)
+        if deprecated and not _JIT_DEPRECATION_SAID[0]:
+            log.warning(
+                "export: torch %s deprecates TorchScript (torch.jit); format=onnx is the lasting format",
+                torch.__version__.split("+")[0],
+            )
+            _JIT_DEPRECATION_SAID[0] = True
     got = in_chunks(run, test.x)
     diff = float(np.abs(got[:n_par] - ref[:n_par]).max())
     if not diff <= opts.atol:

@@ -14,12 +14,10 @@ import sys
 
 from kdrun.errors import ConfigError
 
-_LOADED: set[str] = set()
-
 
 def load(modules, launch_dir: str | None = None) -> None:
-    """Import each module of ``modules`` (the ``plugins`` config value) once per process; a ConfigError (one line)
-    names a module that cannot be found or fails to import."""
+    """Import each module of ``modules`` (the ``plugins`` config value; once per process, as every import); a
+    ConfigError (one line) names a module that cannot be found or fails to import."""
     if not modules:
         return
     names = [modules] if isinstance(modules, str) else list(modules)
@@ -29,8 +27,6 @@ def load(modules, launch_dir: str | None = None) -> None:
     if where not in sys.path:
         sys.path.append(where)  # after PYTHONPATH and the installed packages: a plugin never shadows them
     for name in names:
-        if name in _LOADED:
-            continue
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -43,4 +39,3 @@ def load(modules, launch_dir: str | None = None) -> None:
             raise ConfigError(
                 f"plugins: importing {name} failed ({type(e).__name__}: {e}); HYDRA_FULL_ERROR=1 shows where"
             ) from e
-        _LOADED.add(name)

@@ -49,52 +49,52 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
-# run directories whose lock this process took before Hydra started its job (:func:`take`): their descriptors
+# the run directories (absolute) whose lock this process holds, with the descriptor holding it; any still held
+# at exit (taken by a command whose job never came to hold it) are released then
 _TAKEN: dict[str, int] = {}
 
 
 def take(run_dir: str) -> None:
-    """Take ``run_dir``'s lock now, for :func:`held` to keep (:class:`RunInProgress` when another process has it).
-    ``kdrun train`` takes it before Hydra writes the run's ``.hydra/``: a second command in the same directory is
-    refused before it rewrites the first one's configuration. Released at exit if no job came to hold it."""
+    """Take ``run_dir``'s lock now and keep it (:class:`RunInProgress` when another process has it): ``kdrun train``
+    takes it before Hydra writes the run's ``.hydra/``, so a second command in the same directory is refused before
+    it rewrites the first one's configuration; :func:`held` then keeps it for the job."""
     key = os.path.abspath(run_dir)
     if key not in _TAKEN:
-        os.makedirs(run_dir, exist_ok=True)
-        _TAKEN[key] = _take_fd(os.path.join(run_dir, FILE))
-        atexit.register(_release, os.path.join(run_dir, FILE), key)
+        os.makedirs(key, exist_ok=True)
+        fd = _lock(os.path.join(key, FILE))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}, since {time.ctime()}".encode(), 0)
+        _TAKEN[key] = fd
 
 
 @contextmanager
 def held(run_dir: str) -> Iterator[None]:
     """Hold ``run_dir``'s lock for the block (the one :func:`take` took, or now); :class:`RunInProgress` naming the
     holder when another process has it."""
-    path = os.path.join(run_dir, FILE)
-    os.makedirs(run_dir, exist_ok=True)
-    key = os.path.abspath(run_dir)
-    if key not in _TAKEN:
-        _TAKEN[key] = _take_fd(path)
+    take(run_dir)
     try:
         yield
     finally:
-        _release(path, key)
+        _release(os.path.abspath(run_dir))
 
 
-def _take_fd(path: str) -> int:
-    fd = _lock(path)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}, since {time.ctime()}".encode(), 0)
-    return fd
-
-
-def _release(path: str, key: str) -> None:
+def _release(key: str) -> None:
     fd = _TAKEN.pop(key, None)
     if fd is None:
         return
     try:
-        os.remove(path)  # still locked: a process waiting on this file finds it gone and locks a new one
+        os.remove(
+            os.path.join(key, FILE)
+        )  # still locked: a process waiting on this file finds it gone, locks a new one
     except OSError:
         pass
     os.close(fd)
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_TAKEN):
+        _release(key)
 
 
 def hold_for_group(stack: ExitStack, run_dir: str) -> None:

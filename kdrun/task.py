@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -149,7 +148,7 @@ def _resume_hint(err: KdrunError, run_dir: str) -> str:
 # a finished run's .hydra/ files as they were before this command (Hydra rewrites them with its overrides once
 # the job starts): restored when the command fails without changing the run (:func:`_kept`). Held here, not in
 # kdrun.cli, which may also run as __main__ (python -m kdrun.cli): another copy of its module state
-_FINISHED_RUN_FILES: dict[str, dict[str, bytes]] = {}
+_FINISHED_RUN_FILES: dict[str, dict[str, str]] = {}
 
 
 def keep_finished_run(run_dir: str) -> None:
@@ -159,22 +158,18 @@ def keep_finished_run(run_dir: str) -> None:
         return
     files = {}
     for name in os.listdir(hydra_dir):
-        with contextlib.suppress(OSError), open(os.path.join(hydra_dir, name), "rb") as f:
+        with contextlib.suppress(OSError), open(os.path.join(hydra_dir, name), encoding="utf-8") as f:
             files[name] = f.read()
     _FINISHED_RUN_FILES[os.path.abspath(run_dir)] = files
 
 
 def restore_finished_run(run_dir: str) -> None:
     """Write back the ``.hydra/`` files :func:`keep_finished_run` remembered for ``run_dir`` (if any)."""
-    from kdrun.io import atomic_write
+    from kdrun.io import write_text
 
-    for name, data in _FINISHED_RUN_FILES.pop(os.path.abspath(run_dir), {}).items():
+    for name, text in _FINISHED_RUN_FILES.pop(os.path.abspath(run_dir), {}).items():
         with contextlib.suppress(KdrunError):  # an unwritable folder: the run is still complete
-            atomic_write(os.path.join(run_dir, ".hydra", name), functools.partial(_write_bytes, data))
-
-
-def _write_bytes(data: bytes, f) -> None:
-    f.write(data)
+            write_text(os.path.join(run_dir, ".hydra", name), text)
 
 
 def _checkpoint_files(run_dir: str) -> dict[str, tuple[int, int]]:
